@@ -1,0 +1,1 @@
+"""coordinator: the signalling server of the mesh VPN."""

@@ -1,0 +1,1 @@
+"""meshd: the per-host daemon of the mesh VPN."""
