@@ -46,7 +46,7 @@ def test_pcp_map_request_and_response() -> None:
     resp[1] |= 0x80
     resp[3] = 0  # result SUCCESS
     struct.pack_into("!II", resp, 4, 3600, 42)  # granted lifetime, epoch
-    resp[8:24] = bytes(16)  # reserved in responses
+    resp[12:24] = bytes(12)  # reserved in responses (RFC 6887 §7.2)
     struct.pack_into("!H", resp, 42, 50001)
     resp[44:60] = bytes(10) + b"\xff\xff" + bytes([6, 0, 0, 1])
     m = natpmp.decode_response(bytes(resp))
