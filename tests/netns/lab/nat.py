@@ -1,0 +1,129 @@
+"""Router kinds and the nftables ruleset each one loads (pure text, no I/O).
+
+Every NATing kind masquerades what leaves ``wan0``. Unless said otherwise a router behaves like a home router:
+new connections arriving on ``wan0`` are dropped on the input hook (so an unsolicited packet never creates a
+conntrack entry for the router itself) and on the forward hook unless a port map (DNAT) sent them.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+WAN = "wan0"
+LAN = "lan0"
+TABLE = "meshlab"
+
+
+class NatKind(StrEnum):
+    """What kind of network a host sits behind."""
+
+    PUBLIC = "public"  #: no router, no NAT: the host is directly on the internet
+    EIM = "eim"  #: endpoint-independent mapping (masquerade keeps the port), WAN input drop
+    EIM_NOFW = "eim-nofw"  #: as EIM without the WAN input drop: a peer's early packet moves the mapping
+    EDM = "edm"  #: endpoint-dependent mapping (masquerade random,fully-random), WAN input drop
+    UPNP = "upnp"  #: as EIM plus miniupnpd (UPnP IGD, NAT-PMP, PCP) on the LAN
+    UDP_BLOCKED = "udp-blocked"  #: as EIM, and UDP leaving through the WAN is dropped (TCP only)
+    CGNAT = "cgnat"  #: an EIM home router whose WAN is on 100.64.0.0/10 behind a carrier EIM NAT
+
+
+def parse_kind(value: str | NatKind) -> NatKind:
+    """The :class:`NatKind` for ``value``; ``ValueError`` naming the valid kinds otherwise."""
+    try:
+        return NatKind(value)
+    except ValueError:
+        valid = ", ".join(k.value for k in NatKind)
+        raise ValueError(f"unknown NAT kind {value!r} (valid: {valid})") from None
+
+
+def ruleset(kind: NatKind) -> str:
+    """The ``nft -f`` input for a router of ``kind`` (its own table; miniupnpd's tables are separate)."""
+    if kind is NatKind.PUBLIC:
+        raise ValueError("a public host has no router")
+    input_rules = "" if kind is NatKind.EIM_NOFW else f'iifname "{WAN}" ct state new drop\n'
+    forward_rules = (
+        f'iifname "{WAN}" ct state new ct status dnat accept\n'
+        f'iifname "{WAN}" ct state new drop\n'
+    )
+    if kind is NatKind.UDP_BLOCKED:
+        forward_rules += f'oifname "{WAN}" meta l4proto udp drop\n'
+    masq = "masquerade random,fully-random" if kind is NatKind.EDM else "masquerade"
+    return f"""
+table ip {TABLE} {{
+    chain input {{
+        type filter hook input priority filter; policy accept;
+        {input_rules}
+    }}
+    chain forward {{
+        type filter hook forward priority filter; policy accept;
+        {forward_rules}
+    }}
+    chain postrouting {{
+        type nat hook postrouting priority srcnat; policy accept;
+        oifname "{WAN}" {masq}
+    }}
+}}
+"""
+
+
+#: miniupnpd's own tables and chains (it adds DNAT and filter rules to these, never creates them).
+MINIUPNPD_TABLE = "miniupnpd"
+MINIUPNPD_NAT_TABLE = "miniupnpd_nat"
+MINIUPNPD_FORWARD_CHAIN = "miniupnpd"
+MINIUPNPD_NAT_CHAIN = "prerouting_miniupnpd"
+MINIUPNPD_POSTROUTING_CHAIN = "postrouting_miniupnpd"
+
+
+def miniupnpd_ruleset(family: str = "inet") -> str:
+    """The tables/chains miniupnpd expects (what Debian's broken ``nft_init.sh`` would have made)."""
+    return f"""
+table {family} {MINIUPNPD_TABLE} {{
+    chain forward {{
+        type filter hook forward priority filter; policy accept;
+        jump {MINIUPNPD_FORWARD_CHAIN}
+    }}
+    chain {MINIUPNPD_FORWARD_CHAIN} {{
+    }}
+}}
+table {family} {MINIUPNPD_NAT_TABLE} {{
+    chain prerouting {{
+        type nat hook prerouting priority dstnat; policy accept;
+        jump {MINIUPNPD_NAT_CHAIN}
+    }}
+    chain postrouting {{
+        type nat hook postrouting priority srcnat; policy accept;
+        jump {MINIUPNPD_POSTROUTING_CHAIN}
+    }}
+    chain {MINIUPNPD_NAT_CHAIN} {{
+    }}
+    chain {MINIUPNPD_POSTROUTING_CHAIN} {{
+    }}
+}}
+"""
+
+
+def miniupnpd_conf(
+    *, ext_ifname: str, listening_ip: str, lan_cidr: str, uuid: str, lease_file: str, http_port: int = 0
+) -> str:
+    """A miniupnpd.conf: IGD + NAT-PMP + PCP, secure mode, maps allowed only for the LAN."""
+    return f"""\
+ext_ifname={ext_ifname}
+listening_ip={listening_ip}
+http_port={http_port}
+enable_upnp=yes
+enable_natpmp=yes
+secure_mode=yes
+system_uptime=yes
+notify_interval=60
+clean_ruleset_interval=600
+uuid={uuid}
+lease_file={lease_file}
+min_lifetime=120
+max_lifetime=86400
+upnp_table_name={MINIUPNPD_TABLE}
+upnp_nat_table_name={MINIUPNPD_NAT_TABLE}
+upnp_forward_chain={MINIUPNPD_FORWARD_CHAIN}
+upnp_nat_chain={MINIUPNPD_NAT_CHAIN}
+upnp_nat_postrouting_chain={MINIUPNPD_POSTROUTING_CHAIN}
+allow 1024-65535 {lan_cidr} 1024-65535
+deny 0-65535 0.0.0.0/0 0-65535
+"""
