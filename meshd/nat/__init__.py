@@ -1,0 +1,1 @@
+"""NAT traversal: STUN on the WireGuard port, port maps, probes."""
