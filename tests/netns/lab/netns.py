@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -123,17 +123,19 @@ def delete_namespace(name: str) -> None:
     subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
 
 
-def sweep_stale(now: float | None = None, older_than: float = STALE_AFTER) -> list[str]:
-    """Delete this harness's namespaces whose owner is dead and that are older than ``older_than`` s.
+def sweep_stale(
+    now: float | None = None, older_than: float = STALE_AFTER, owners: Collection[str] | None = None
+) -> list[str]:
+    """Delete this harness's namespaces whose owner is dead and that are older than ``older_than`` s
+    (only those of ``owners`` if given). Returns the names deleted.
 
     Safe while other runs are active: a namespace whose owner still holds its lock is never touched.
-    Returns the names deleted.
     """
     now = time.time() if now is None else now
     swept: list[str] = []
     for name in list_namespaces():
         m = _OWNER_RE.match(name)
-        if m is None:
+        if m is None or (owners is not None and m["owner"] not in owners):
             continue
         try:
             age = now - (NETNS_DIR / name).stat().st_mtime
