@@ -91,6 +91,11 @@ def _from_v6(raw: bytes) -> str:
     return str(addr.ipv4_mapped) if addr.ipv4_mapped is not None else str(addr)
 
 
+def pcp_announce_request(client_ip: str) -> bytes:
+    """RFC 6887 §14.1: ANNOUNCE (opcode 0, lifetime 0): a probe that maps nothing."""
+    return struct.pack("!BBHI", PCP_VERSION, PcpOpcode.ANNOUNCE, 0, 0) + _v6(client_ip)
+
+
 def pcp_map_request(
     client_ip: str,
     nonce: bytes,
