@@ -6,6 +6,7 @@ import ipaddress
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from tests.netns.lab import Lab, LabError, Namespace, list_namespaces, sweep_sta
 from tests.netns.lab.netns import LOCK_DIR, PREFIX, STALE_AFTER, new_owner, ns_pids, owner_alive
 
 pytestmark = pytest.mark.netns
+
+REPO = Path(__file__).resolve().parents[2]
 
 ALL_KINDS = ("eim", "eim-nofw", "edm", "upnp", "udp-blocked", "cgnat", "public")
 
@@ -149,3 +152,52 @@ def test_the_lab_cannot_reach_outside(lab):
     for h in hosts:
         for ip in outside:
             assert h.run(["ping", "-c1", "-W1", ip]).returncode != 0, f"{h.name} reached {ip}"
+
+
+KILLED_RUN = """
+import sys, time
+from tests.netns.lab import Lab
+from tests.netns.lab.netns import ns_pids
+lab = Lab()
+a = lab.host(nat="upnp")
+p = a.popen(["sleep", "300"])
+for _ in range(100):  # until it has entered the namespace
+    if p.pid in ns_pids(a.ns):
+        break
+    time.sleep(0.02)
+print(lab.owner, lab.watchdog_pid, lab.tmpdir, flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_killed_run_is_cleaned_up_by_its_watchdog():
+    run = subprocess.Popen(
+        [sys.executable, "-c", KILLED_RUN],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        start_new_session=True,
+    )
+    try:
+        assert run.stdout is not None
+        owner, watchdog, tmpdir = run.stdout.readline().split()
+        names = list_namespaces(f"{PREFIX}{owner}-")
+        assert len(names) == 3  # inet, the upnp router, the host
+        pids = [pid for name in names for pid in ns_pids(name)]
+        assert len(pids) >= 2  # miniupnpd and sleep
+        run.kill()
+        run.wait(5)
+        deadline = time.monotonic() + 15
+        while list_namespaces(f"{PREFIX}{owner}-") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert list_namespaces(f"{PREFIX}{owner}-") == []
+        assert not any(alive(pid) for pid in pids)
+        deadline = time.monotonic() + 5
+        while alive(int(watchdog)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive(int(watchdog))
+        assert not Path(tmpdir).exists()
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait(5)

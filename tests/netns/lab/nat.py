@@ -40,10 +40,7 @@ def ruleset(kind: NatKind) -> str:
     if kind is NatKind.PUBLIC:
         raise ValueError("a public host has no router")
     input_rules = "" if kind is NatKind.EIM_NOFW else f'iifname "{WAN}" ct state new drop\n'
-    forward_rules = (
-        f'iifname "{WAN}" ct state new ct status dnat accept\n'
-        f'iifname "{WAN}" ct state new drop\n'
-    )
+    forward_rules = f'iifname "{WAN}" ct state new ct status dnat accept\niifname "{WAN}" ct state new drop\n'
     if kind is NatKind.UDP_BLOCKED:
         forward_rules += f'oifname "{WAN}" meta l4proto udp drop\n'
     masq = "masquerade random,fully-random" if kind is NatKind.EDM else "masquerade"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import ipaddress
 import re
+import secrets
 import selectors
 import shutil
 import subprocess
@@ -37,6 +38,7 @@ from tests.netns.lab.nat import LAN, WAN, NatKind, parse_kind
 from tests.netns.lab.netns import PREFIX, LabError, Namespace, OwnerLock, new_owner, sweep_stale
 
 ECHO_SCRIPT = Path(__file__).with_name("echo.py")
+WATCHDOG_SCRIPT = Path(__file__).with_name("watchdog.py")
 INET_BRIDGE = "inet0"
 INET_GW = "6.0.0.1"
 INET_PREFIXLEN = 7
@@ -244,6 +246,13 @@ class Lab:
         self.owner = new_owner()
         self._lock = OwnerLock(self.owner)
         self.tmpdir = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{self.owner}-"))
+        # Cleans up even if this process is SIGKILLed: it waits for EOF on the pipe we hold.
+        self._watchdog = subprocess.Popen(
+            [sys.executable, str(WATCHDOG_SCRIPT), self.owner, str(self.tmpdir)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         self.namespaces: list[Namespace] = []
         self.routers: list[Router] = []
         self.hosts: list[Host] = []
@@ -291,10 +300,29 @@ class Lab:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
             self._lock.release()
             _OPEN_LABS.discard(self)
+            if self._watchdog.stdin is not None:
+                self._watchdog.stdin.close()
+            try:
+                self._watchdog.wait(10)
+            except subprocess.TimeoutExpired:
+                self._watchdog.kill()
+                self._watchdog.wait(5)
 
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def watchdog_pid(self) -> int:
+        """Pid of the process that cleans up if this one dies without :meth:`close`."""
+        return self._watchdog.pid
+
+    def unique_ifname(self, stem: str = "wg") -> str:
+        """An interface name unique on this machine (<= 15 chars), for interfaces whose names must not
+        collide across namespaces, e.g. wireguard-go's (its UAPI sockets share /var/run/wireguard)."""
+        if not re.fullmatch(r"[a-z][a-z0-9]{0,6}", stem):
+            raise ValueError(f"bad interface name stem {stem!r}: 1-7 lowercase letters/digits")
+        return f"{stem}{secrets.token_hex(4)}"
 
     # -- building ----------------------------------------------------------------------------------
     def _namespace(self, role: str) -> Namespace:
@@ -504,4 +532,3 @@ class Lab:
             if r.kind is NatKind.UPNP:
                 parts.append(f"--- {r.name} miniupnpd ---\n{r.miniupnpd_log()}")
         return "\n".join(parts)
-
