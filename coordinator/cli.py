@@ -1,19 +1,351 @@
-"""coordinator command line (DESIGN.md §2)."""
+"""coordinator command line (DESIGN.md §2).
+
+Expected failures print `error: <what happened>; <what to do>` on stderr and exit non-zero; `--json`
+prints exactly one JSON document on stdout.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
 import typer
+from rich.console import Console
+from rich.table import Table
 
-app = typer.Typer(help="coordinator: the mesh VPN control plane", no_args_is_help=True, add_completion=False)
+from coordinator.adminclient import AdminClient, AdminError
+from coordinator.errors import CoordinatorError
+from coordinator.settings import DEFAULT_STATE_DIR, load_settings, parse_duration
+
+app = typer.Typer(
+    help="coordinator: the mesh VPN control plane",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+users_app = typer.Typer(help="Manage users.", no_args_is_help=True)
+keys_app = typer.Typer(help="Manage pre-auth keys.", no_args_is_help=True)
+nodes_app = typer.Typer(help="Manage nodes.", no_args_is_help=True)
+policy_app = typer.Typer(help="Show or set the policy.", no_args_is_help=True)
+audit_app = typer.Typer(help="Read and verify the audit trail.", no_args_is_help=True)
+relay_app = typer.Typer(help="Standalone relay regions.", no_args_is_help=True)
+for sub, name in (
+    (users_app, "users"),
+    (keys_app, "keys"),
+    (nodes_app, "nodes"),
+    (policy_app, "policy"),
+    (audit_app, "audit"),
+    (relay_app, "relay"),
+):
+    app.add_typer(sub, name=name)
+
+out = Console(highlight=False, soft_wrap=True)
 
 
+class CliError(Exception):
+    pass
+
+
+@dataclass
+class Ctx:
+    state_dir: Path
+    state_dir_given: bool
+
+
+def _ctx() -> Ctx:
+    obj = click.get_current_context().find_root().obj
+    assert isinstance(obj, Ctx)
+    return obj
+
+
+def _admin(method: str, path: str, body: Any = None) -> Any:
+    client = AdminClient(_ctx().state_dir / "admin.sock")
+    try:
+        return client.call(method, path, body)
+    except AdminError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        client.close()
+
+
+def _json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+StateDir = Annotated[
+    Path | None, typer.Option("--state-dir", help="State directory (admin.sock lives here).")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
+
+
+@app.callback()
+def root(state_dir: StateDir = None) -> None:
+    """The coordinator of the mesh: server and admin commands."""
+    env = os.environ.get("COORDINATOR_STATE_DIR")
+    chosen = state_dir or (Path(env) if env else DEFAULT_STATE_DIR)
+    click.get_current_context().obj = Ctx(chosen, state_dir is not None)
+
+
+# ------------------------------------------------------------------------------------------------- serve
 @app.command()
-def version() -> None:
-    """Print the version."""
-    from importlib.metadata import version as v
+def serve(
+    listen: Annotated[str | None, typer.Option(help="HOST:PORT for nodes.")] = None,
+    state_dir: StateDir = None,
+    database: Annotated[
+        str | None, typer.Option(help="SQLAlchemy URL (default SQLite in the state dir).")
+    ] = None,
+    tls_cert: Annotated[Path | None, typer.Option("--tls-cert", help="PEM certificate for HTTPS.")] = None,
+    tls_key: Annotated[Path | None, typer.Option("--tls-key", help="PEM private key for HTTPS.")] = None,
+    prefix: Annotated[str | None, typer.Option(help="IPv4 overlay prefix (default 100.64.0.0/10).")] = None,
+    stun_port: Annotated[int | None, typer.Option("--stun-port", help="STUN UDP port.")] = None,
+    no_relay: Annotated[bool, typer.Option("--no-relay", help="Do not run the embedded relay.")] = False,
+    cert_lifetime: Annotated[
+        str | None, typer.Option("--cert-lifetime", help="Node certificate lifetime.")
+    ] = None,
+    public_url: Annotated[str | None, typer.Option("--public-url", help="URL nodes use to reach us.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="TOML settings file.")] = None,
+) -> None:
+    """Run the coordinator server (foreground)."""
+    from coordinator.server import serve as run_server
 
-    typer.echo(v("meshvpn"))
+    root_ctx = _ctx()
+    flags: dict[str, Any] = {
+        "listen": listen,
+        "database": database,
+        "tls_cert": tls_cert,
+        "tls_key": tls_key,
+        "prefix": prefix,
+        "stun_port": stun_port,
+        "relay": False if no_relay else None,
+        "cert_lifetime": cert_lifetime,
+        "public_url": public_url,
+        "state_dir": state_dir or (root_ctx.state_dir if root_ctx.state_dir_given else None),
+    }
+    settings = load_settings(flags, config_file=config)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run_server(settings))
 
 
-def main() -> None:
-    app()
+# ------------------------------------------------------------------------------------------------- users
+@users_app.command("create")
+def users_create(name: str, as_json: JsonOpt = False) -> None:
+    """Create a user."""
+    user = _admin("POST", "/admin/users", {"name": name})
+    if as_json:
+        _json(user)
+    else:
+        out.print(f"created user {user['name']}")
+
+
+@users_app.command("list")
+def users_list(as_json: JsonOpt = False) -> None:
+    """List users."""
+    users = _admin("GET", "/admin/users")
+    if as_json:
+        _json(users)
+        return
+    table = Table("ID", "NAME", "CREATED")
+    for u in users:
+        table.add_row(str(u["id"]), u["name"], _when(u["created_at"]))
+    out.print(table)
+
+
+# -------------------------------------------------------------------------------------------------- keys
+@keys_app.command("create")
+def keys_create(
+    user: Annotated[str, typer.Option("--user", help="Owner of the nodes enrolled with the key.")],
+    reusable: Annotated[bool, typer.Option("--reusable", help="Allow many enrollments.")] = False,
+    expiration: Annotated[str, typer.Option("--expiration", help="Lifetime, e.g. 30m, 1h, 7d.")] = "1h",
+    tag: Annotated[
+        list[str] | None, typer.Option("--tag", help="Tag for enrolled nodes (repeatable).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a pre-auth key; the key is the last word printed."""
+    try:
+        seconds = parse_duration(expiration)
+    except CoordinatorError as exc:
+        raise CliError(exc.message) from None
+    key = _admin(
+        "POST", "/admin/keys", {"user": user, "reusable": reusable, "expiration": seconds, "tags": tag or []}
+    )
+    if as_json:
+        _json(key)
+        return
+    kind = "reusable" if key["reusable"] else "single-use"
+    sys.stdout.write(f"{kind} key for {key['user']}, expires {_when(key['expires_at'])}:\n{key['key']}\n")
+
+
+# ------------------------------------------------------------------------------------------------- nodes
+@nodes_app.command("list")
+def nodes_list(as_json: JsonOpt = False) -> None:
+    """List nodes."""
+    nodes = _admin("GET", "/admin/nodes")
+    if as_json:
+        _json(nodes)
+        return
+    table = Table("ID", "NAME", "USER", "IPS", "TAGS", "STATE", "CERT UNTIL")
+    for n in nodes:
+        state = "expired" if n["expired"] else ("online" if n["online"] else "offline")
+        table.add_row(
+            str(n["id"]),
+            n["name"],
+            n["user"] or "-",
+            " ".join(n["ips"]),
+            ",".join(n["tags"]) or "-",
+            state,
+            _when(n["cert_not_after"]),
+        )
+    out.print(table)
+
+
+@nodes_app.command("remove")
+def nodes_remove(name: str) -> None:
+    """Remove a node (revoked at once)."""
+    _admin("DELETE", f"/admin/nodes/{_seg(name)}")
+    out.print(f"removed node {name}")
+
+
+@nodes_app.command("expire")
+def nodes_expire(name: str) -> None:
+    """Expire a node: it leaves every map and can no longer renew."""
+    _admin("POST", f"/admin/nodes/{_seg(name)}/expire")
+    out.print(f"expired node {name}")
+
+
+@nodes_app.command("rename")
+def nodes_rename(old: str, new: str) -> None:
+    """Rename a node."""
+    _admin("POST", f"/admin/nodes/{_seg(old)}/rename", {"new_name": new})
+    out.print(f"renamed node {old} to {new}")
+
+
+@nodes_app.command("approve")
+def nodes_approve(code: str, as_json: JsonOpt = False) -> None:
+    """Enroll a machine that is waiting with CODE."""
+    node = _admin("POST", "/admin/approve", {"code": code})
+    if as_json:
+        _json(node)
+    else:
+        out.print(f"approved node {node['name']} ({' '.join(node['ips'])})")
+
+
+@nodes_app.command("tag")
+def nodes_tag(name: str, tags: list[str]) -> None:
+    """Set a node's tags."""
+    result = _admin("POST", f"/admin/nodes/{_seg(name)}/tags", {"tags": tags})
+    out.print(f"node {name} tags: {', '.join(result['tags']) or '-'}")
+
+
+def _seg(name: str) -> str:
+    if not name or "/" in name or name in (".", ".."):
+        raise CliError(f"bad node name {name!r}")
+    return name
+
+
+# ------------------------------------------------------------------------------------------------ policy
+@policy_app.command("get")
+def policy_get() -> None:
+    """Print the policy."""
+    policy = _admin("GET", "/admin/policy")
+    if not policy["set"]:
+        out.print("no policy set: everything is allowed")
+    else:
+        sys.stdout.write(policy["policy"] if policy["policy"].endswith("\n") else policy["policy"] + "\n")
+
+
+@policy_app.command("set")
+def policy_set(file: Path) -> None:
+    """Replace the policy with the contents of FILE."""
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        raise CliError(f"cannot read {file}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise CliError(f"{file} is not UTF-8 text") from None
+    _admin("PUT", "/admin/policy", {"policy": text})
+    out.print("policy updated")
+
+
+# ------------------------------------------------------------------------------------------------- audit
+@audit_app.command("list")
+def audit_list(as_json: JsonOpt = False) -> None:
+    """Show the audit trail."""
+    records = _admin("GET", "/admin/audit")
+    if as_json:
+        _json(records)
+        return
+    table = Table("ID", "TIME", "ACTOR", "ACTION", "OBJECT")
+    for r in records:
+        table.add_row(str(r["id"]), r["time"], r["actor"], r["action"], r["object"])
+    out.print(table)
+
+
+@audit_app.command("verify")
+def audit_verify() -> None:
+    """Check the hash chain; exits 1 when a record was edited or deleted."""
+    result = _admin("GET", "/admin/audit/verify")
+    if not result["ok"]:
+        raise CliError(f"audit trail is broken: {result['problem']}")
+    out.print(f"audit trail ok: {result['records']} records, chain intact")
+
+
+# ---------------------------------------------------------------------------------------- later issues
+@app.command("rotate-signing-key")
+def rotate_signing_key() -> None:
+    """Rotate the coordinator's certificate signing key (not in this version)."""
+    raise CliError(
+        "rotate-signing-key is not implemented in this version; the key store already trusts several keys"
+    )
+
+
+@relay_app.command("serve")
+def relay_serve(
+    listen: Annotated[str, typer.Option(help="HOST:PORT")],
+    coordinator: Annotated[str, typer.Option(help="Coordinator URL")],
+) -> None:
+    """Run a standalone relay region (not in this version)."""
+    raise CliError("the standalone relay is not part of this version")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: turn expected failures into one line on stderr and a non-zero exit."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except CliError as exc:
+        _fail(str(exc), 1)
+    except CoordinatorError as exc:
+        _fail(exc.message, 1)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        exc.ctx.get_help() if exc.ctx else None  # help already printed by click
+        sys.exit(2)
+    except click.UsageError as exc:
+        hint = f"; see `{exc.ctx.command_path} --help`" if exc.ctx else ""
+        _fail(f"{exc.format_message()}{hint}", 2)
+    except click.exceptions.Abort:
+        _fail("aborted", 130)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except BrokenPipeError:
+        sys.exit(1)
+
+
+def _fail(message: str, code: int) -> None:
+    sys.stderr.write(f"error: {message}\n")
+    sys.exit(code)

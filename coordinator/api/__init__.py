@@ -1,0 +1,1 @@
+"""HTTP routers: node-facing API (TCP listener) and the admin API (unix socket only)."""

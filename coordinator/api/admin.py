@@ -1,0 +1,153 @@
+"""Admin API, served only on `<state-dir>/admin.sock` (never on the TCP listener)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+
+from coordinator import audit, enrollment, identity, nodes
+from coordinator.api.deps import CoreDep
+from coordinator.api.schemas import (
+    ApproveBody,
+    AuditPublic,
+    AuditVerifyPublic,
+    KeyCreate,
+    KeyPublic,
+    NodePublic,
+    PolicyBody,
+    PolicyPublic,
+    RenameBody,
+    TagsBody,
+    UserCreate,
+    UserPublic,
+)
+
+router = APIRouter(prefix="/admin", tags=["admin"])
+ACTOR = "admin"
+
+
+@router.post("/users", response_model=UserPublic, status_code=201)
+async def create_user(body: UserCreate, core: CoreDep) -> UserPublic:
+    u = await identity.create_user(core, body.name, ACTOR)
+    return UserPublic(id=u.id, name=u.name, created_at=u.created_at)
+
+
+@router.get("/users", response_model=list[UserPublic])
+async def list_users(core: CoreDep) -> list[UserPublic]:
+    return [
+        UserPublic(id=u.id, name=u.name, created_at=u.created_at) for u in await identity.list_users(core)
+    ]
+
+
+@router.post("/keys", response_model=KeyPublic, status_code=201)
+async def create_key(body: KeyCreate, core: CoreDep) -> KeyPublic:
+    k = await identity.create_key(core, body.user, body.reusable, body.expiration, body.tags, ACTOR)
+    return KeyPublic(
+        key=k.key,
+        prefix=k.prefix,
+        user=k.user,
+        reusable=k.reusable,
+        expires_at=k.expires_at,
+        tags=list(k.tags),
+    )
+
+
+@router.get("/nodes", response_model=list[NodePublic])
+async def list_nodes(core: CoreDep) -> list[NodePublic]:
+    return [
+        NodePublic(
+            id=n.id,
+            name=n.name,
+            user=n.user,
+            ips=[f"{n.ipv4}/32", f"{n.ipv6}/128"],
+            wg_public_key=n.wg_public_key,
+            node_public_key=n.node_public_key,
+            tags=list(n.tags),
+            created_at=n.created_at,
+            expired=n.expired,
+            online=n.online,
+            endpoints=list(n.endpoints),
+            cert_not_after=n.cert_not_after,
+        )
+        for n in await nodes.list_nodes(core)
+    ]
+
+
+@router.delete("/nodes/{name}", status_code=204)
+async def remove_node(name: str, core: CoreDep) -> Response:
+    await nodes.remove_node(core, name, ACTOR)
+    return Response(status_code=204)
+
+
+@router.post("/nodes/{name}/expire", status_code=204)
+async def expire_node(name: str, core: CoreDep) -> Response:
+    await nodes.expire_node(core, name, ACTOR)
+    return Response(status_code=204)
+
+
+@router.post("/nodes/{name}/rename", status_code=204)
+async def rename_node(name: str, body: RenameBody, core: CoreDep) -> Response:
+    await nodes.rename_node(core, name, body.new_name, ACTOR)
+    return Response(status_code=204)
+
+
+@router.post("/nodes/{name}/tags", response_model=TagsBody)
+async def tag_node(name: str, body: TagsBody, core: CoreDep) -> TagsBody:
+    return TagsBody(tags=list(await nodes.tag_node(core, name, body.tags, ACTOR)))
+
+
+@router.post("/approve", response_model=NodePublic)
+async def approve(body: ApproveBody, core: CoreDep) -> NodePublic:
+    e = await enrollment.approve(core, body.code, ACTOR)
+    n = next(n for n in await nodes.list_nodes(core) if n.id == e.node_id)
+    return NodePublic(
+        id=n.id,
+        name=n.name,
+        user=n.user,
+        ips=list(e.ips),
+        wg_public_key=n.wg_public_key,
+        node_public_key=n.node_public_key,
+        tags=list(n.tags),
+        created_at=n.created_at,
+        expired=n.expired,
+        online=n.online,
+        endpoints=list(n.endpoints),
+        cert_not_after=n.cert_not_after,
+    )
+
+
+@router.get("/policy", response_model=PolicyPublic)
+async def get_policy(core: CoreDep) -> PolicyPublic:
+    text = await nodes.get_policy(core)
+    return PolicyPublic(policy=text, set=bool(text))
+
+
+@router.put("/policy", response_model=PolicyPublic)
+async def set_policy(body: PolicyBody, core: CoreDep) -> PolicyPublic:
+    await nodes.set_policy(core, body.policy, ACTOR)
+    return PolicyPublic(policy=body.policy, set=bool(body.policy))
+
+
+@router.get("/audit", response_model=list[AuditPublic])
+async def list_audit(core: CoreDep) -> list[AuditPublic]:
+    async with core.read() as s:
+        entries = await audit.list_records(s)
+    return [
+        AuditPublic(
+            id=e.id,
+            time=e.time,
+            actor=e.actor,
+            action=e.action,
+            object=e.object,
+            details=e.details,
+            prev_hash=e.prev_hash,
+            hash=e.hash,
+        )
+        for e in entries
+    ]
+
+
+@router.get("/audit/verify", response_model=AuditVerifyPublic)
+async def verify_audit(core: CoreDep) -> AuditVerifyPublic:
+    async with core.read() as s:
+        r = await audit.verify(s)
+    return AuditVerifyPublic(ok=r.ok, records=r.records, problem=r.problem)

@@ -1,0 +1,54 @@
+"""Signed node endpoints: certificate renewal, long-poll map, and stream messages over plain HTTP."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import APIRouter, Query, Request, Response
+
+from coordinator import nodes
+from coordinator.api.deps import CoreDep, NodeDep
+from coordinator.api.schemas import CertPublic
+from coordinator.api.stream import handle_client_message
+from coordinator.errors import BadRequest, Forbidden
+from meshd.proto import netmap
+from meshd.proto.encoding import b64encode
+
+router = APIRouter(prefix="/api/v1", tags=["node"])
+
+
+@router.post("/cert/renew", response_model=CertPublic)
+async def renew(node_id: NodeDep, core: CoreDep) -> CertPublic:
+    cert = await nodes.renew_cert(core, node_id)
+    return CertPublic(cert=cert, trusted_keys=[b64encode(k) for k in core.keys.trusted])
+
+
+@router.get("/map")
+async def long_poll(
+    node_id: NodeDep,
+    core: CoreDep,
+    since: int | None = Query(default=None, ge=0),
+    wait: float = Query(default=0.0, ge=0, le=120),
+) -> Response:
+    """The full map (no `since`, or too old) or the delta since `since`, waiting up to `wait` seconds."""
+    state = core.state
+    if since is not None and since >= state.version and wait > 0:
+        await core.hub.wait_for_version(since, wait)
+    if node_id not in state.peers:
+        raise Forbidden("node removed or expired")
+    pending = state.pending_since(since) if since is not None else None
+    text = state.full_map_message(node_id) if pending is None else state.delta_message(pending, node_id)
+    return Response(content=text, media_type="application/json")
+
+
+@router.post("/messages", status_code=204)
+async def post_message(node_id: NodeDep, core: CoreDep, request: Request) -> Response:
+    """One node->server stream message (endpoints or signal) for nodes on the long-poll fallback."""
+    try:
+        msg = netmap.decode_client_message(await request.body())
+    except netmap.NetmapError as exc:
+        raise BadRequest(str(exc)) from None
+    reply = await handle_client_message(core, node_id, msg)
+    if reply is not None:
+        raise BadRequest(json.loads(reply)["message"])
+    return Response(status_code=204)

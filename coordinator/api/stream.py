@@ -1,0 +1,109 @@
+"""The map stream: one WebSocket per node. Full map (or the missed delta) on connect, then deltas.
+
+Handshake: ``GET /api/v1/stream?since=V`` signed like every node request. The server sends
+``map``/``delta``/``signal``/``error`` messages; the node sends ``endpoints`` and ``signal`` messages
+(format: meshd.proto.netmap). Removing or expiring the node closes its stream (close code 4403).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+
+from coordinator import nodes
+from coordinator.api.auth import authenticate_node
+from coordinator.core import Core
+from coordinator.errors import CoordinatorError
+from coordinator.hub import CLOSE, Subscriber
+from meshd.proto import netmap
+
+router = APIRouter(tags=["stream"])
+log = logging.getLogger(__name__)
+
+CLOSE_REVOKED = 4403
+CLOSE_POLICY = 1008
+
+
+async def handle_client_message(core: Core, node_id: int, msg: netmap.ClientMessage) -> str | None:
+    """Apply one message from a node; returns an error message to send back, if any."""
+    if isinstance(msg, netmap.EndpointsMessage):
+        await nodes.set_endpoints(core, node_id, msg.candidates, None)
+        return None
+    if msg.peer == node_id or msg.peer not in core.state.peers:
+        return netmap.encode_server_message(netmap.ErrorMessage(f"signal: unknown peer {msg.peer}"))
+    if len(netmap.encode_client_message(msg)) > 8192:
+        return netmap.encode_server_message(netmap.ErrorMessage("signal: payload larger than 8 KiB"))
+    forwarded = netmap.encode_server_message(netmap.SignalMessage(node_id, msg.payload))
+    if not core.hub.send_to(msg.peer, forwarded):
+        return netmap.encode_server_message(netmap.ErrorMessage(f"signal: peer {msg.peer} is not connected"))
+    return None
+
+
+@router.websocket("/api/v1/stream")
+async def stream(ws: WebSocket) -> None:
+    core: Core = ws.app.state.core
+    try:
+        node_id = await authenticate_node(core, ws.headers, "GET", ws.url, b"")
+    except CoordinatorError as exc:
+        await ws.close(code=CLOSE_POLICY, reason=exc.message[:120])
+        return
+    if node_id not in core.state.peers:
+        await ws.close(code=CLOSE_REVOKED, reason="node removed or expired")
+        return
+    since_text = ws.query_params.get("since")
+    since = int(since_text) if since_text and since_text.isdigit() and len(since_text) < 19 else None
+    await ws.accept()
+    state = core.state
+    pending = state.pending_since(since) if since is not None else None
+    first = state.full_map_message(node_id) if pending is None else state.delta_message(pending, node_id)
+    sub = Subscriber(node_id=node_id, version=state.version)
+    core.hub.add(sub)
+    core.metrics.connected.set(core.hub.connected)
+    sender = asyncio.create_task(_send_loop(ws, sub, first))
+    try:
+        await nodes.set_endpoints(core, node_id, None, True)
+        await _receive_loop(ws, core, node_id, sub)
+    except (WebSocketDisconnect, RuntimeError):
+        pass
+    finally:
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await sender
+        last = core.hub.remove(sub)
+        core.metrics.connected.set(core.hub.connected)
+        if last:
+            with contextlib.suppress(Exception):
+                await nodes.set_endpoints(core, node_id, None, False)
+        if sub.close_reason:
+            with contextlib.suppress(Exception):
+                await ws.close(code=CLOSE_REVOKED, reason=sub.close_reason[:120])
+
+
+async def _send_loop(ws: WebSocket, sub: Subscriber, first: str) -> None:
+    await ws.send_text(first)
+    while True:
+        item = await sub.queue.get()
+        if item is CLOSE:
+            await ws.close(code=CLOSE_REVOKED, reason=sub.close_reason[:120])
+            return
+        assert isinstance(item, str)
+        await ws.send_text(item)
+
+
+async def _receive_loop(ws: WebSocket, core: Core, node_id: int, sub: Subscriber) -> None:
+    while not sub.close_reason:
+        message = await ws.receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        data = message.get("text") or message.get("bytes") or b""
+        try:
+            msg = netmap.decode_client_message(data)
+        except netmap.NetmapError as exc:
+            sub.push(netmap.encode_server_message(netmap.ErrorMessage(str(exc))))
+            continue
+        reply = await handle_client_message(core, node_id, msg)
+        if reply is not None:
+            sub.push(reply)

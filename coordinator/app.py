@@ -1,0 +1,126 @@
+"""FastAPI app factories: `create_app` (node-facing, TCP) and `create_admin_app` (unix socket only)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from coordinator.api import admin, health, node, register, stream
+from coordinator.core import Core
+from coordinator.errors import CoordinatorError
+from coordinator.settings import Settings
+
+ASGIApp = Callable[
+    [dict[str, Any], Callable[[], Awaitable[dict[str, Any]]], Callable[[dict[str, Any]], Awaitable[None]]],
+    Awaitable[None],
+]
+
+
+class BodyLimit:
+    """Reject request bodies above `limit` bytes with 413 before the app parses them."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and (not value.isdigit() or int(value) > self.limit):
+                await _too_large(send, self.limit)
+                return
+        seen = 0
+
+        async def limited() -> dict[str, Any]:
+            nonlocal seen
+            message: dict[str, Any] = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _BodyTooLarge:
+            await _too_large(send, self.limit)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _too_large(send: Any, limit: int) -> None:
+    body = f'{{"detail":"request body larger than {limit} bytes"}}'.encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def _install_common(app: FastAPI, core: Core) -> None:
+    app.state.core = core
+
+    @app.exception_handler(CoordinatorError)
+    async def _coordinator_error(_: Request, exc: CoordinatorError) -> JSONResponse:
+        return JSONResponse({"detail": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        message = f"invalid request: {where}: {first.get('msg', 'malformed')}" if where else "invalid request"
+        return JSONResponse({"detail": message}, status_code=422)
+
+    @app.middleware("http")
+    async def _timing(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        label = getattr(route, "path", "unmatched")
+        core.metrics.latency.labels(label).observe(time.perf_counter() - start)
+        return response
+
+
+def create_app(settings: Settings, core: Core | None = None) -> FastAPI:
+    """The node-facing app. Without `core`, its lifespan starts and stops one."""
+    owned = core is None
+    the_core = core or Core(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if owned:
+            await the_core.start()
+        try:
+            yield
+        finally:
+            if owned:
+                await the_core.stop()
+
+    app = FastAPI(title="coordinator", version="0.1.0", lifespan=lifespan)
+    _install_common(app, the_core)
+    for r in (health.router, register.router, node.router, stream.router):
+        app.include_router(r)
+    app.add_middleware(BodyLimit, limit=settings.max_body)
+    return app
+
+
+def create_admin_app(core: Core) -> FastAPI:
+    """The admin app; bind it only to the unix socket."""
+    app = FastAPI(title="coordinator admin", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
+    _install_common(app, core)
+    app.include_router(admin.router)
+    app.include_router(health.router)
+    app.add_middleware(BodyLimit, limit=2 * 1024 * 1024)
+    return app

@@ -1,0 +1,202 @@
+"""The running coordinator: database, signing keys, in-memory map state, the stream hub and metrics.
+
+All mutations go through :meth:`Core.transaction`, which serialises writers (one asyncio lock per
+process; the audit chain adds a PostgreSQL advisory lock), allocates map versions, and applies the
+in-memory effects and wakes the hub only after the commit succeeded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from sqlalchemy import delete, func, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from coordinator import audit, certs
+from coordinator.db.engine import make_engine, migrate
+from coordinator.db.models import MapChange, Meta, Node
+from coordinator.hub import Hub
+from coordinator.ipam import AddressPool, random_ula48
+from coordinator.mapstate import Change, MapState
+from coordinator.settings import Settings
+from meshd.proto.encoding import b64decode
+from meshd.proto.netmap import Peer, RelayRegion
+
+log = logging.getLogger("coordinator")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.connected = Gauge(
+            "coordinator_connected_nodes", "Nodes with an open map stream", registry=self.registry
+        )
+        self.version = Gauge("coordinator_map_version", "Current network map version", registry=self.registry)
+        self.nodes = Gauge("coordinator_nodes", "Enrolled, unexpired nodes", registry=self.registry)
+        self.enrollments = Counter("coordinator_enrollments", "Nodes enrolled", registry=self.registry)
+        self.pushes = Counter(
+            "coordinator_map_messages_sent", "Map messages queued to streams", registry=self.registry
+        )
+        self.latency = Histogram(
+            "coordinator_request_seconds", "HTTP request latency", ["route"], registry=self.registry
+        )
+
+
+@dataclass
+class Tx:
+    """One write transaction: a session plus effects to run after commit."""
+
+    core: Core
+    session: AsyncSession
+    after: list[Callable[[], None]] = field(default_factory=list)
+    changes: list[Change] = field(default_factory=list)
+    undo: list[Callable[[], None]] = field(default_factory=list)
+
+    def change(self, kind: str, node_id: int | None = None) -> int:
+        version = self.core.state.version + len(self.changes) + 1
+        self.changes.append(Change(version, kind, node_id))
+        self.session.add(MapChange(version=version, kind=kind, node_id=node_id))
+        return version
+
+    def on_commit(self, fn: Callable[[], None]) -> None:
+        self.after.append(fn)
+
+    def on_rollback(self, fn: Callable[[], None]) -> None:
+        self.undo.append(fn)
+
+    async def audit(self, actor: str, action: str, obj: str, details: dict[str, Any] | None = None) -> None:
+        await audit.append(self.session, actor, action, obj, details)
+
+
+class Core:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engine = make_engine(settings.database_url)
+        self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        self.keys: certs.SigningKeys
+        self.state = MapState(
+            domain=settings.domain,
+            relays=(RelayRegion(1, "default", settings.url, settings.stun_port),) if settings.relay else (),
+            log_keep=settings.change_log_keep,
+        )
+        self.hub = Hub(self.state, settings.coalesce, on_sent=self._count_pushes)
+        self.pool: AddressPool
+        self.node_keys: dict[int, tuple[bytes, bool]] = {}  #: node id -> (Ed25519 public key, expired)
+        self.metrics = Metrics()
+        self._lock = asyncio.Lock()
+        self._started = False
+        self._janitor: asyncio.Task[None] | None = None
+
+    def _count_pushes(self, n: int) -> None:
+        self.metrics.pushes.inc(n)
+
+    # ------------------------------------------------------------------------------ life cycle
+    async def start(self) -> None:
+        self.settings.state_dir.mkdir(parents=True, exist_ok=True)
+        await migrate(self.engine)
+        self.keys = certs.load_or_create(self.settings.state_dir)
+        async with self.transaction() as tx:
+            s = tx.session
+            ula = await s.get(Meta, "ula48")
+            if ula is None:
+                ula = Meta(key="ula48", value=random_ula48())
+                s.add(ula)
+            policy = await s.get(Meta, "policy")
+            self.state.policy = policy.value if policy else ""
+            self.pool = AddressPool(self.settings.prefix, ula.value)
+            last = (await s.execute(select(func.max(MapChange.version)))).scalar()
+            self.state.version = int(last or 0)
+            recent = (
+                (
+                    await s.execute(
+                        select(MapChange)
+                        .where(MapChange.version > self.state.version - self.settings.change_log_keep)
+                        .order_by(MapChange.version)
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            for row in recent:
+                self.state.log.append(Change(row.version, row.kind, row.node_id))
+            for node in (await s.execute(select(Node))).scalars().all():
+                self.pool.mark(node.ipv4)
+                self.node_keys[node.id] = (b64decode(node.node_public_key), node.expired)
+                if not node.expired:
+                    self.state.put_peer(peer_of(node))
+            tx.change("restart")  # streams from before this start get a full map
+        self.metrics.nodes.set(len(self.state.peers))
+        self.hub.start()
+        self._janitor = asyncio.create_task(self._clean_up(), name="janitor")
+        self._started = True
+        log.info("coordinator started: map version %d, %d nodes", self.state.version, len(self.state.peers))
+
+    async def stop(self) -> None:
+        if self._janitor:
+            self._janitor.cancel()
+        await self.hub.stop()
+        await self.engine.dispose()
+
+    async def _clean_up(self) -> None:
+        """Forget expired nonces, challenges and old change-log rows once a minute."""
+        from coordinator.db.models import Challenge, Nonce
+
+        while True:
+            await asyncio.sleep(60)
+            try:
+                now = time.time()
+                async with self.transaction() as tx:
+                    await tx.session.execute(delete(Nonce).where(Nonce.expires_at < now))
+                    await tx.session.execute(delete(Challenge).where(Challenge.expires_at < now))
+                    floor = self.state.version - self.settings.change_log_keep
+                    await tx.session.execute(delete(MapChange).where(MapChange.version < floor))
+            except Exception:  # pragma: no cover - retried next minute
+                log.exception("clean-up failed")
+
+    # ----------------------------------------------------------------------------- transactions
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Tx]:
+        async with self._lock, self.sessions() as session:
+            tx = Tx(self, session)
+            try:
+                async with session.begin():
+                    yield tx
+            except BaseException:
+                for fn in tx.undo:
+                    fn()
+                raise
+            for change in tx.changes:
+                self.state.record(change)
+            for fn in tx.after:
+                fn()
+            if tx.changes:
+                self.metrics.version.set(self.state.version)
+                self.hub.notify()
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncSession]:
+        async with self.sessions() as session:
+            yield session
+
+
+def peer_of(node: Node, online: bool = False) -> Peer:
+    return Peer(
+        node_id=node.id,
+        name=node.name,
+        ips=(f"{node.ipv4}/32", f"{node.ipv6}/128"),
+        wg_public_key=node.wg_public_key,
+        node_public_key=node.node_public_key,
+        cert=node.cert,
+        endpoints=tuple(json.loads(node.endpoints)),
+        relay_home=1,
+        online=online,
+        tags=tuple(json.loads(node.tags)),
+    )

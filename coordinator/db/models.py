@@ -1,0 +1,109 @@
+"""Tables. Times are unix seconds (float) unless named otherwise; JSON lists are stored as text."""
+
+from __future__ import annotations
+
+from sqlalchemy import Boolean, Float, ForeignKey, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Meta(Base):
+    """Small key/value facts about the network: map version, ULA prefix, policy, audit head, serials."""
+
+    __tablename__ = "meta"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+class User(Base):
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class PreAuthKey(Base):
+    """A pre-auth key: only its SHA-256 is stored; `prefix` is the first characters for display."""
+
+    __tablename__ = "preauth_keys"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    reusable: Mapped[bool] = mapped_column(Boolean)
+    tags: Mapped[str] = mapped_column(Text, default="[]")
+    created_at: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[float] = mapped_column(Float)
+    used_count: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Node(Base):
+    __tablename__ = "nodes"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), nullable=True)
+    ipv4: Mapped[str] = mapped_column(String(45), unique=True)
+    ipv6: Mapped[str] = mapped_column(String(45), unique=True)
+    wg_public_key: Mapped[str] = mapped_column(String(64), unique=True)
+    node_public_key: Mapped[str] = mapped_column(String(64), unique=True)
+    tags: Mapped[str] = mapped_column(Text, default="[]")
+    endpoints: Mapped[str] = mapped_column(Text, default="[]")
+    cert: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[float] = mapped_column(Float)
+    expired: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Challenge(Base):
+    """A single-use enrollment challenge and the server's ephemeral X25519 private key for it."""
+
+    __tablename__ = "challenges"
+    challenge: Mapped[str] = mapped_column(String(64), primary_key=True)
+    ephemeral_private: Mapped[str] = mapped_column(String(64))
+    expires_at: Mapped[float] = mapped_column(Float)
+
+
+class PendingEnrollment(Base):
+    """A node waiting for `coordinator nodes approve CODE`."""
+
+    __tablename__ = "pending_enrollments"
+    code: Mapped[str] = mapped_column(String(16), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(255))
+    wg_public_key: Mapped[str] = mapped_column(String(64))
+    node_public_key: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[float] = mapped_column(Float)
+    node_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+class Nonce(Base):
+    """Nonces of signed requests seen within the timestamp window (replay protection across replicas)."""
+
+    __tablename__ = "nonces"
+    nonce: Mapped[str] = mapped_column(String(100), primary_key=True)
+    expires_at: Mapped[float] = mapped_column(Float, index=True)
+
+
+class MapChange(Base):
+    """The change log behind map versions: which node (or map-wide item) changed at which version."""
+
+    __tablename__ = "map_changes"
+    version: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    kind: Mapped[str] = mapped_column(String(16))  # added | changed | endpoints | removed | policy | relays
+    node_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+class AuditRecord(Base):
+    """Append-only audit trail; `hash` = SHA-256 over the canonical record including `prev_hash`."""
+
+    __tablename__ = "audit"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    time: Mapped[str] = mapped_column(String(40))
+    actor: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(64))
+    object: Mapped[str] = mapped_column(String(255))
+    details: Mapped[str] = mapped_column(Text)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))

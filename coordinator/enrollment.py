@@ -1,0 +1,219 @@
+"""Enrollment with proof of possession of both node keys.
+
+1. ``POST /api/v1/register/challenge`` -> a random 32-byte challenge (single use, short expiry) and a
+   fresh server X25519 public key.
+2. ``POST /api/v1/register`` carries the public keys, the challenge, an Ed25519 signature by the node key
+   over :func:`meshd.proto.signing.enrollment_message`, and a NaCl box (XSalsa20-Poly1305 with the
+   X25519 shared secret of the node's WireGuard private key and the server's ephemeral key) of the
+   challenge: only the holder of the WireGuard private key can make it.
+3. With a pre-auth key the node is enrolled at once; without, it gets a code for
+   ``coordinator nodes approve CODE`` and polls a status endpoint signed with its node key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import time
+from dataclasses import dataclass
+
+from nacl.exceptions import CryptoError
+from nacl.public import Box, PrivateKey, PublicKey
+from sqlalchemy import select
+
+from coordinator.core import Core
+from coordinator.db.models import Challenge, Node, PendingEnrollment
+from coordinator.errors import BadRequest, Conflict, Gone, NotFound, Unauthorized
+from coordinator.identity import redeem_key
+from coordinator.nodes import Enrolled, create_node
+from meshd.proto import signing
+from meshd.proto.encoding import b64decode, b64encode
+
+CODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no I, O, 0, 1
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedChallenge:
+    challenge: str
+    server_ephemeral_x25519_pub: str
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    hostname: str
+    wg_public_key: str
+    node_public_key: str
+    auth_key: str | None
+    challenge: str
+    signature: str
+    box: str
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    code: str
+    expires_at: float
+
+
+def _challenge_id(challenge: bytes) -> str:
+    return hashlib.sha256(challenge).hexdigest()
+
+
+def normalize_code(code: str) -> str:
+    raw = code.strip().upper().replace("-", "")
+    if len(raw) != 8 or any(c not in CODE_ALPHABET for c in raw):
+        raise BadRequest(f"bad code {code!r}: expected 8 characters like ABCD-EFGH")
+    return f"{raw[:4]}-{raw[4:]}"
+
+
+async def issue_challenge(core: Core) -> IssuedChallenge:
+    challenge = os.urandom(32)
+    ephemeral = PrivateKey.generate()
+    expires = time.time() + core.settings.challenge_lifetime
+    async with core.transaction() as tx:
+        tx.session.add(
+            Challenge(
+                challenge=_challenge_id(challenge),
+                ephemeral_private=b64encode(bytes(ephemeral)),
+                expires_at=expires,
+            )
+        )
+    return IssuedChallenge(b64encode(challenge), b64encode(bytes(ephemeral.public_key)), expires)
+
+
+def _keys(reg: Registration) -> tuple[bytes, bytes, bytes, bytes, bytes]:
+    try:
+        wg = b64decode(reg.wg_public_key, length=32, what="wg_public_key")
+        node = b64decode(reg.node_public_key, length=32, what="node_public_key")
+        challenge = b64decode(reg.challenge, length=32, what="challenge")
+        sig = b64decode(reg.signature, length=64, what="signature")
+        box = b64decode(reg.box, what="box")
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+    if not 1 <= len(reg.hostname) <= 255:
+        raise BadRequest("hostname must be 1 to 255 characters")
+    return wg, node, challenge, sig, box
+
+
+async def register(core: Core, reg: Registration) -> Enrolled | Pending:
+    """Verify the proofs and enroll (with a key) or park the node for approval (without)."""
+    wg, node_pub, challenge, sig, box = _keys(reg)
+    now = time.time()
+    try:
+        signing.verify_enrollment(sig, challenge, wg, node_pub, reg.hostname)
+    except signing.SignatureError as exc:
+        raise Unauthorized(f"{exc}: the node key did not sign this enrollment") from None
+    async with core.transaction() as tx:
+        row = await tx.session.get(Challenge, _challenge_id(challenge))
+        if row is None:
+            raise Unauthorized("unknown or already used challenge: request a new one")
+        await tx.session.delete(row)
+        if row.expires_at <= now:
+            expired = True
+        else:
+            expired = False
+            try:
+                opened = Box(PrivateKey(b64decode(row.ephemeral_private)), PublicKey(wg)).decrypt(box)
+            except (CryptoError, ValueError, TypeError):
+                opened = b""
+            if opened != challenge:
+                raise Unauthorized("bad proof of the WireGuard key: the box does not open to the challenge")
+            if reg.auth_key is not None:
+                key = await redeem_key(tx, reg.auth_key, now)
+                return await create_node(
+                    tx,
+                    hostname=reg.hostname,
+                    wg_public_key=reg.wg_public_key,
+                    node_public_key=reg.node_public_key,
+                    user_id=key.user_id,
+                    tags=key.tags,
+                    actor=f"user:{key.user}",
+                    how=f"pre-auth key {key.prefix}",
+                )
+            clash = (
+                await tx.session.execute(select(Node.id).where(Node.node_public_key == reg.node_public_key))
+            ).first()
+            if clash is not None:
+                raise Conflict("this node key is already enrolled")
+            existing = (
+                await tx.session.execute(
+                    select(PendingEnrollment).where(PendingEnrollment.node_public_key == reg.node_public_key)
+                )
+            ).scalar_one_or_none()
+            if existing is not None:
+                await tx.session.delete(existing)
+                await tx.session.flush()
+            code = "".join(secrets.choice(CODE_ALPHABET) for _ in range(8))
+            code = f"{code[:4]}-{code[4:]}"
+            pending = PendingEnrollment(
+                code=code,
+                hostname=reg.hostname,
+                wg_public_key=reg.wg_public_key,
+                node_public_key=reg.node_public_key,
+                created_at=now,
+                expires_at=now + core.settings.enroll_code_lifetime,
+                node_id=None,
+            )
+            tx.session.add(pending)
+            await tx.audit(
+                "node",
+                "enrollment.requested",
+                f"code:{code}",
+                {"hostname": reg.hostname, "node_public_key": reg.node_public_key},
+            )
+            return Pending(code, pending.expires_at)
+    # the consumed expired challenge is committed before we complain
+    assert expired
+    raise Unauthorized("challenge expired: request a new one")
+
+
+async def pending_public_key(core: Core, code: str) -> bytes:
+    async with core.read() as s:
+        row = await s.get(PendingEnrollment, normalize_code(code))
+    if row is None:
+        raise NotFound("unknown enrollment code")
+    return b64decode(row.node_public_key)
+
+
+async def status(core: Core, code: str) -> Enrolled | Pending:
+    """The enrollment behind `code` once approved; Gone when it expired."""
+    code = normalize_code(code)
+    async with core.read() as s:
+        row = await s.get(PendingEnrollment, code)
+        if row is None:
+            raise NotFound("unknown enrollment code")
+        if row.node_id is not None:
+            node = await s.get(Node, row.node_id)
+            if node is None or node.expired:
+                raise Gone("the node enrolled with this code was removed or expired")
+            return Enrolled(node.id, node.name, (f"{node.ipv4}/32", f"{node.ipv6}/128"), node.cert)
+        if row.expires_at <= time.time():
+            raise Gone("enrollment code expired: run the enrollment again")
+        return Pending(row.code, row.expires_at)
+
+
+async def approve(core: Core, code: str, actor: str) -> Enrolled:
+    code = normalize_code(code)
+    async with core.transaction() as tx:
+        row = await tx.session.get(PendingEnrollment, code)
+        if row is None:
+            raise NotFound(f"unknown enrollment code {code}")
+        if row.node_id is not None:
+            raise Conflict(f"code {code} was already approved")
+        if row.expires_at <= time.time():
+            raise Gone(f"enrollment code {code} expired")
+        enrolled = await create_node(
+            tx,
+            hostname=row.hostname,
+            wg_public_key=row.wg_public_key,
+            node_public_key=row.node_public_key,
+            user_id=None,
+            tags=(),
+            actor=actor,
+            how=f"approved code {code}",
+        )
+        row.node_id = enrolled.node_id
+        await tx.audit(actor, "node.approved", f"node:{enrolled.name}", {"code": code})
+        return enrolled

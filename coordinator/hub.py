@@ -1,0 +1,163 @@
+"""Pushes map changes to connected nodes: coalesces for a short window, then one delta per stream.
+
+Each connected stream is a :class:`Subscriber` with an outbound queue; the WebSocket handler drains it.
+Long-poll requests wait on :meth:`Hub.wait_for_version`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from coordinator.mapstate import MapState, PendingDelta
+
+log = logging.getLogger(__name__)
+
+CLOSE = object()  #: put in a subscriber queue to close its stream
+QUEUE_LIMIT = 256
+
+
+@dataclass(eq=False)
+class Subscriber:
+    node_id: int
+    version: int
+    queue: asyncio.Queue[object] = field(default_factory=lambda: asyncio.Queue(QUEUE_LIMIT))
+    close_reason: str = ""
+
+    def push(self, item: object) -> bool:
+        try:
+            self.queue.put_nowait(item)
+            return True
+        except asyncio.QueueFull:
+            return False
+
+    def close(self, reason: str) -> None:
+        self.close_reason = reason
+        with contextlib.suppress(asyncio.QueueFull):
+            self.queue.put_nowait(CLOSE)
+
+
+class Hub:
+    def __init__(
+        self, state: MapState, coalesce: float, on_sent: Callable[[int], None] | None = None
+    ) -> None:
+        self.state = state
+        self.coalesce = coalesce
+        self.subscribers: dict[int, set[Subscriber]] = {}
+        self._wake = asyncio.Event()
+        self._cycle: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._on_sent = on_sent
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="map-hub")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for subs in list(self.subscribers.values()):
+            for sub in subs:
+                sub.close("coordinator shutting down")
+
+    @property
+    def connected(self) -> int:
+        return len(self.subscribers)
+
+    def add(self, sub: Subscriber) -> None:
+        self.subscribers.setdefault(sub.node_id, set()).add(sub)
+
+    def remove(self, sub: Subscriber) -> bool:
+        """Forget `sub`; True when it was that node's last stream."""
+        subs = self.subscribers.get(sub.node_id)
+        if subs is None:
+            return False
+        subs.discard(sub)
+        if not subs:
+            del self.subscribers[sub.node_id]
+            return True
+        return False
+
+    def is_connected(self, node_id: int) -> bool:
+        return node_id in self.subscribers
+
+    def send_to(self, node_id: int, message: str) -> bool:
+        """Deliver a message (e.g. a signal) to every stream of a node; False when it has none."""
+        subs = self.subscribers.get(node_id)
+        if not subs:
+            return False
+        for sub in subs:
+            sub.push(message)
+        return True
+
+    def disconnect(self, node_id: int, reason: str) -> None:
+        for sub in self.subscribers.get(node_id, set()).copy():
+            sub.close(reason)
+
+    def notify(self) -> None:
+        """Something changed: push within the coalescing window."""
+        self._wake.set()
+
+    async def wait_for_version(self, since: int, wait: float) -> None:
+        """Return when the map version passes `since` (after a push cycle) or after `wait` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while self.state.version <= since:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            if self._cycle is None or self._cycle.done():
+                self._cycle = loop.create_future()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._cycle), remaining)
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            await asyncio.sleep(self.coalesce)
+            self._wake.clear()
+            try:
+                self.push_all()
+            except Exception:  # pragma: no cover - keep the hub alive, the next change retries
+                log.exception("map push failed")
+            if self._cycle is not None and not self._cycle.done():
+                self._cycle.set_result(None)
+
+    def push_all(self) -> None:
+        state = self.state
+        current = state.version
+        generic: dict[int, tuple[PendingDelta | None, str, frozenset[int]]] = {}
+        sent = 0
+        for node_id, subs in list(self.subscribers.items()):
+            for sub in subs:
+                if sub.version >= current:
+                    continue
+                if node_id not in state.peers:
+                    sub.close("node removed or expired")
+                    continue
+                cached = generic.get(sub.version)
+                if cached is None:
+                    pending = state.pending_since(sub.version)
+                    if pending is None:
+                        cached = (None, "", frozenset())
+                    else:
+                        cached = (pending, state.delta_message(pending, -1), pending.touched)
+                    generic[sub.version] = cached
+                pending, text, touched = cached
+                if pending is None:
+                    message = state.full_map_message(node_id)
+                elif node_id in touched:
+                    message = state.delta_message(pending, node_id)
+                else:
+                    message = text
+                if sub.push(message):
+                    sub.version = current
+                    sent += 1
+                else:
+                    sub.close("too slow: stream queue full")
+        if self._on_sent is not None and sent:
+            self._on_sent(sent)

@@ -1,0 +1,85 @@
+"""Overlay address and name management (pure: the caller passes the set of live addresses and names)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Container
+
+
+class IpamError(Exception):
+    """The address pool is exhausted or a name is unusable."""
+
+
+_LABEL_BAD = re.compile(r"[^a-z0-9-]+")
+
+
+def random_ula48() -> str:
+    """An RFC 4193 §3.2 unique local /48: fd00::/8 plus a random 40-bit global ID."""
+    gid = os.urandom(5)
+    net = ipaddress.IPv6Network((int.from_bytes(b"\xfd" + gid, "big") << 80, 48))
+    return str(net)
+
+
+def dns_label(hostname: str) -> str:
+    """Reduce a hostname to one DNS-safe label (RFC 1035 §2.3.1 letters, digits, hyphen; 1-63 chars)."""
+    first = hostname.strip().lower().split(".")[0]
+    label = _LABEL_BAD.sub("-", first).strip("-")[:63].strip("-")
+    return label or "node"
+
+
+def is_dns_label(name: str) -> bool:
+    return bool(re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", name))
+
+
+def unique_name(base: str, taken: Container[str]) -> str:
+    """`base`, or `base-1`, `base-2`, ... whichever is free first."""
+    if base not in taken:
+        return base
+    n = 1
+    while True:
+        suffix = f"-{n}"
+        candidate = base[: 63 - len(suffix)].rstrip("-") + suffix
+        if candidate not in taken:
+            return candidate
+        n += 1
+
+
+class AddressPool:
+    """Hands out host indexes of the IPv4 prefix; IPv6 uses the same index inside the ULA /48.
+
+    The pool remembers live indexes; `allocate` scans from a moving cursor so allocation stays O(1)
+    on average, and an index is never handed out twice while it is live.
+    """
+
+    def __init__(self, prefix: str, ula48: str) -> None:
+        self.v4 = ipaddress.IPv4Network(prefix)
+        self.v6 = ipaddress.IPv6Network(ula48)
+        self.size = self.v4.num_addresses
+        self.live: set[int] = set()
+        self._cursor = 1
+
+    def index_of(self, ipv4: str) -> int:
+        return int(ipaddress.IPv4Address(ipv4)) - int(self.v4.network_address)
+
+    def mark(self, ipv4: str) -> None:
+        self.live.add(self.index_of(ipv4))
+
+    def release(self, ipv4: str) -> None:
+        self.live.discard(self.index_of(ipv4))
+
+    def allocate(self) -> tuple[str, str]:
+        """Reserve the next free (ipv4, ipv6) pair (network and broadcast addresses are skipped)."""
+        usable = self.size - 2
+        if len(self.live) >= usable:
+            raise IpamError(f"address pool {self.v4} is exhausted")
+        for _ in range(usable):
+            idx = self._cursor
+            self._cursor = idx + 1 if idx + 1 < self.size - 1 else 1
+            if idx not in self.live:
+                self.live.add(idx)
+                v4 = self.v4.network_address + idx
+                v6 = self.v6.network_address + idx
+                return str(v4), str(v6)
+        raise IpamError(f"address pool {self.v4} is exhausted")

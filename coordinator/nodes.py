@@ -1,0 +1,332 @@
+"""Nodes: creation (shared by both enrollment paths), certificates, admin actions, endpoints, policy."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import or_, select
+
+from coordinator.certs import issue_node_cert
+from coordinator.core import Core, Tx, peer_of
+from coordinator.db.models import Meta, Node, User
+from coordinator.errors import BadRequest, Conflict, Forbidden, NotFound
+from coordinator.identity import check_tags
+from coordinator.ipam import IpamError, dns_label, is_dns_label, unique_name
+from meshd.proto.encoding import b64decode
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    id: int
+    name: str
+    user: str | None
+    ipv4: str
+    ipv6: str
+    wg_public_key: str
+    node_public_key: str
+    tags: tuple[str, ...]
+    created_at: float
+    expired: bool
+    online: bool
+    endpoints: tuple[str, ...]
+    cert_not_after: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Enrolled:
+    node_id: int
+    name: str
+    ips: tuple[str, ...]
+    cert: str
+
+
+async def _next_serial(tx: Tx) -> int:
+    row = await tx.session.get(Meta, "cert_serial")
+    if row is None:
+        row = Meta(key="cert_serial", value="0")
+        tx.session.add(row)
+    serial = int(row.value) + 1
+    row.value = str(serial)
+    return serial
+
+
+async def _issue(tx: Tx, node: Node, now: float) -> str:
+    core = tx.core
+    serial = await _next_serial(tx)
+    cert, payload = issue_node_cert(
+        core.keys,
+        serial=serial,
+        name=node.name,
+        node_id=node.id,
+        ips=(f"{node.ipv4}/32", f"{node.ipv6}/128"),
+        wg_public_key=node.wg_public_key,
+        node_public_key=node.node_public_key,
+        tags=tuple(json.loads(node.tags)),
+        now=now,
+        lifetime=core.settings.cert_lifetime,
+    )
+    node.cert = cert
+    await tx.audit(
+        "coordinator",
+        "cert.issued",
+        f"node:{node.name}",
+        {"serial": serial, "not_after": payload.not_after, "issuer": payload.issuer},
+    )
+    return cert
+
+
+async def create_node(
+    tx: Tx,
+    *,
+    hostname: str,
+    wg_public_key: str,
+    node_public_key: str,
+    user_id: int | None,
+    tags: tuple[str, ...],
+    actor: str,
+    how: str,
+) -> Enrolled:
+    s = tx.session
+    clash = (
+        await s.execute(
+            select(Node.id).where(
+                or_(Node.wg_public_key == wg_public_key, Node.node_public_key == node_public_key)
+            )
+        )
+    ).first()
+    if clash is not None:
+        raise Conflict("this WireGuard or node key is already enrolled")
+    base = dns_label(hostname)
+    taken = set(
+        (await s.execute(select(Node.name).where(or_(Node.name == base, Node.name.like(f"{base}-%")))))
+        .scalars()
+        .all()
+    )
+    name = unique_name(base, taken)
+    try:
+        ipv4, ipv6 = tx.core.pool.allocate()
+    except IpamError as exc:
+        raise Conflict(str(exc)) from None
+    tx.on_rollback(lambda: tx.core.pool.release(ipv4))
+    now = time.time()
+    node = Node(
+        name=name,
+        user_id=user_id,
+        ipv4=ipv4,
+        ipv6=ipv6,
+        wg_public_key=wg_public_key,
+        node_public_key=node_public_key,
+        tags=json.dumps(list(tags)),
+        endpoints="[]",
+        cert="",
+        created_at=now,
+        expired=False,
+    )
+    s.add(node)
+    await s.flush()
+    cert = await _issue(tx, node, now)
+    tx.change("added", node.id)
+    await tx.audit(
+        actor,
+        "node.enrolled",
+        f"node:{name}",
+        {
+            "node_id": node.id,
+            "how": how,
+            "ipv4": ipv4,
+            "ipv6": ipv6,
+            "wg_public_key": wg_public_key,
+            "node_public_key": node_public_key,
+        },
+    )
+    core = tx.core
+    peer = peer_of(node)
+    node_key = b64decode(node_public_key)
+
+    def commit() -> None:
+        core.state.put_peer(peer)
+        core.node_keys[peer.node_id] = (node_key, False)
+        core.metrics.enrollments.inc()
+        core.metrics.nodes.set(len(core.state.peers))
+
+    tx.on_commit(commit)
+    return Enrolled(node.id, name, peer.ips, cert)
+
+
+async def list_nodes(core: Core) -> list[NodeInfo]:
+    from meshd.proto import cert as certfmt
+
+    async with core.read() as s:
+        rows = (
+            await s.execute(
+                select(Node, User.name).outerjoin(User, Node.user_id == User.id).order_by(Node.id)
+            )
+        ).all()
+    out = []
+    for node, user in rows:
+        try:
+            not_after: int | None = certfmt.decode(node.cert)[0].not_after
+        except certfmt.CertError:
+            not_after = None
+        peer = core.state.peers.get(node.id)
+        out.append(
+            NodeInfo(
+                node.id,
+                node.name,
+                user,
+                node.ipv4,
+                node.ipv6,
+                node.wg_public_key,
+                node.node_public_key,
+                tuple(json.loads(node.tags)),
+                node.created_at,
+                node.expired,
+                bool(peer and peer.online),
+                peer.endpoints if peer else (),
+                not_after,
+            )
+        )
+    return out
+
+
+async def _by_name(tx: Tx, name: str) -> Node:
+    node = (await tx.session.execute(select(Node).where(Node.name == name))).scalar_one_or_none()
+    if node is None:
+        raise NotFound(f"unknown node {name!r}")
+    return node
+
+
+def _revoke(tx: Tx, node_id: int, reason: str, expired: bool, key: bytes) -> None:
+    core = tx.core
+
+    def commit() -> None:
+        core.state.drop_peer(node_id)
+        if expired:
+            core.node_keys[node_id] = (key, True)
+        else:
+            core.node_keys.pop(node_id, None)
+        core.hub.disconnect(node_id, reason)
+        core.metrics.nodes.set(len(core.state.peers))
+
+    tx.on_commit(commit)
+
+
+async def remove_node(core: Core, name: str, actor: str) -> None:
+    async with core.transaction() as tx:
+        node = await _by_name(tx, name)
+        await tx.session.delete(node)
+        tx.change("removed", node.id)
+        await tx.audit(actor, "node.removed", f"node:{name}", {"node_id": node.id})
+        _revoke(tx, node.id, "node removed", False, b"")
+        ipv4 = node.ipv4
+        tx.on_commit(lambda: core.pool.release(ipv4))
+
+
+async def expire_node(core: Core, name: str, actor: str) -> None:
+    async with core.transaction() as tx:
+        node = await _by_name(tx, name)
+        if node.expired:
+            raise Conflict(f"node {name!r} is already expired")
+        node.expired = True
+        tx.change("removed", node.id)
+        await tx.audit(actor, "node.expired", f"node:{name}", {"node_id": node.id})
+        _revoke(tx, node.id, "node expired", True, b64decode(node.node_public_key))
+
+
+async def _reissue_and_publish(tx: Tx, node: Node) -> None:
+    await _issue(tx, node, time.time())
+    tx.change("changed", node.id)
+    core = tx.core
+    if not node.expired:
+        peer = core.state.peers.get(node.id)
+        online = bool(peer and peer.online)
+        new = peer_of(node, online=online)
+        tx.on_commit(lambda: core.state.put_peer(new))
+
+
+async def rename_node(core: Core, old: str, new: str, actor: str) -> None:
+    if not is_dns_label(new):
+        raise BadRequest(f"bad node name {new!r}: one DNS label (a-z, 0-9, '-'), at most 63 characters")
+    async with core.transaction() as tx:
+        node = await _by_name(tx, old)
+        if old == new:
+            return
+        if (await tx.session.execute(select(Node.id).where(Node.name == new))).first() is not None:
+            raise Conflict(f"node name {new!r} is taken")
+        node.name = new
+        await tx.session.flush()
+        await tx.audit(actor, "node.renamed", f"node:{new}", {"node_id": node.id, "old_name": old})
+        await _reissue_and_publish(tx, node)
+
+
+async def tag_node(core: Core, name: str, tags: list[str], actor: str) -> tuple[str, ...]:
+    clean = check_tags(tags)
+    async with core.transaction() as tx:
+        node = await _by_name(tx, name)
+        node.tags = json.dumps(list(clean))
+        await tx.audit(actor, "node.tagged", f"node:{name}", {"node_id": node.id, "tags": list(clean)})
+        await _reissue_and_publish(tx, node)
+    return clean
+
+
+async def renew_cert(core: Core, node_id: int) -> str:
+    async with core.transaction() as tx:
+        node = await tx.session.get(Node, node_id)
+        if node is None:
+            raise Forbidden("unknown node")
+        if node.expired:
+            raise Forbidden("node expired: re-enroll it")
+        await _reissue_and_publish(tx, node)
+        return node.cert
+
+
+async def set_endpoints(
+    core: Core, node_id: int, endpoints: tuple[str, ...] | None, online: bool | None
+) -> None:
+    """Record reported candidates and/or the online flag and tell peers (compact endpoints delta)."""
+    peer = core.state.peers.get(node_id)
+    if peer is None:
+        return
+    if (endpoints is None or endpoints == peer.endpoints) and (online is None or online == peer.online):
+        return
+    async with core.transaction() as tx:
+        if endpoints is not None and endpoints != peer.endpoints:
+            node = await tx.session.get(Node, node_id)
+            if node is None:
+                return
+            node.endpoints = json.dumps(list(endpoints))
+        tx.change("endpoints", node_id)
+
+        def commit() -> None:
+            core.state.set_endpoints(node_id, endpoints, online)
+
+        tx.on_commit(commit)
+
+
+async def get_policy(core: Core) -> str:
+    return core.state.policy
+
+
+async def set_policy(core: Core, text: str, actor: str) -> None:
+    async with core.transaction() as tx:
+        row = await tx.session.get(Meta, "policy")
+        if row is None:
+            tx.session.add(Meta(key="policy", value=text))
+        else:
+            row.value = text
+        tx.change("policy")
+        import hashlib
+
+        await tx.audit(
+            actor,
+            "policy.changed",
+            "policy",
+            {"sha256": hashlib.sha256(text.encode()).hexdigest(), "bytes": len(text.encode())},
+        )
+
+        def commit() -> None:
+            core.state.policy = text
+
+        tx.on_commit(commit)

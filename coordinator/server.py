@@ -1,0 +1,122 @@
+"""`coordinator serve`: the node app on TCP (optionally TLS) and the admin app on the unix socket."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from collections.abc import Iterator
+
+import uvicorn
+
+from coordinator.app import create_admin_app, create_app
+from coordinator.core import Core
+from coordinator.errors import CoordinatorError
+from coordinator.settings import Settings
+
+log = logging.getLogger("coordinator")
+
+
+class ServeError(CoordinatorError):
+    pass
+
+
+class _Server(uvicorn.Server):
+    """uvicorn server that leaves signal handling to `serve` (two servers share one process)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _admin_socket(settings: Settings) -> socket.socket:
+    path = settings.admin_socket
+    if path.exists():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # stale socket from a previous run
+        else:
+            raise ServeError(f"another coordinator is already serving {path}")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    return sock
+
+
+def _tcp_socket(settings: Settings) -> socket.socket:
+    host, port = settings.listen_host_port
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ServeError(f"cannot listen on {settings.listen}: {exc.strerror}") from None
+    return sock
+
+
+async def serve(settings: Settings) -> None:
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    tcp = _tcp_socket(settings)
+    uds = _admin_socket(settings)
+    core = Core(settings)
+    try:
+        await core.start()
+        node_app = create_app(settings, core=core)
+        admin_app = create_admin_app(core)
+        if not settings.tls_cert:
+            log.warning("serving plain HTTP on %s: use --tls-cert/--tls-key outside a lab", settings.listen)
+        node_server = _Server(
+            uvicorn.Config(
+                node_app,
+                log_level="warning",
+                lifespan="off",
+                timeout_graceful_shutdown=2,
+                ws_max_size=1 << 20,
+                ws_ping_interval=20,
+                ws_ping_timeout=20,
+                backlog=4096,
+                ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
+                ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
+            )
+        )
+        admin_server = _Server(
+            uvicorn.Config(admin_app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2)
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        tasks = [
+            asyncio.create_task(node_server.serve(sockets=[tcp])),
+            asyncio.create_task(admin_server.serve(sockets=[uds])),
+        ]
+        host, port = tcp.getsockname()[:2]
+        log.info("coordinator listening on %s:%d, admin socket %s", host, port, settings.admin_socket)
+        print(f"coordinator listening on {host}:{port} (admin socket {settings.admin_socket})", flush=True)
+        waiter = asyncio.create_task(stop.wait())
+        await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        node_server.should_exit = True
+        admin_server.should_exit = True
+        # close streams so graceful shutdown doesn't wait on them
+        await core.hub.stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
+    finally:
+        await core.stop()
+        with contextlib.suppress(OSError):
+            settings.admin_socket.unlink()
+        tcp.close()
+        uds.close()

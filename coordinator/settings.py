@@ -1,0 +1,157 @@
+"""Server settings from CLI flags, `COORDINATOR_*` environment variables and an optional TOML file.
+
+Precedence: flag > environment > TOML file > default. Durations accept `90`, `30s`, `15m`, `1h`, `7d`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from coordinator.errors import BadRequest
+
+DEFAULT_STATE_DIR = Path("/var/lib/coordinator")
+
+
+class SettingsError(BadRequest):
+    """A setting is missing or malformed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    state_dir: Path = DEFAULT_STATE_DIR
+    listen: str = "127.0.0.1:8080"
+    database: str | None = None  #: SQLAlchemy URL; default SQLite in the state dir
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    prefix: str = "100.64.0.0/10"
+    domain: str = "mesh"
+    public_url: str | None = None  #: how nodes reach us (relay map); default from `listen`
+    cert_lifetime: float = 24 * 3600.0
+    enroll_code_lifetime: float = 3600.0
+    challenge_lifetime: float = 60.0
+    coalesce: float = 0.05  #: seconds to gather changes before pushing them to streams
+    stun_port: int = 3478
+    relay: bool = True
+    max_body: int = 64 * 1024
+    change_log_keep: int = 100_000
+
+    @property
+    def database_url(self) -> str:
+        return self.database or f"sqlite+aiosqlite:///{self.state_dir / 'coordinator.db'}"
+
+    @property
+    def admin_socket(self) -> Path:
+        return self.state_dir / "admin.sock"
+
+    @property
+    def listen_host_port(self) -> tuple[str, int]:
+        return parse_listen(self.listen)
+
+    @property
+    def url(self) -> str:
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host, port = self.listen_host_port
+        scheme = "https" if self.tls_cert else "http"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{scheme}://{host}:{port}"
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str | float | int) -> float:
+    """`1h` -> 3600.0; raises SettingsError for anything else than a positive number with unit s/m/h/d."""
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        value = float(text)
+    else:
+        m = _DURATION.match(str(text).strip())
+        if not m:
+            raise SettingsError(f"bad duration {text!r}: expected e.g. 30s, 15m, 1h, 7d")
+        value = float(m.group(1)) * _UNITS[m.group(2)]
+    if value <= 0:
+        raise SettingsError(f"bad duration {text!r}: must be positive")
+    return value
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """`HOST:PORT` or `[v6]:PORT` -> (host, port)."""
+    m = re.match(r"^\[([^\]]+)\]:(\d+)$", text) or re.match(r"^([^:\[\]]*):(\d+)$", text)
+    if not m or not 0 <= int(m.group(2)) <= 65535:
+        raise SettingsError(f"bad listen address {text!r}: expected HOST:PORT")
+    return (m.group(1) or "0.0.0.0", int(m.group(2)))
+
+
+_CONVERT: dict[str, Any] = {
+    "state_dir": Path,
+    "tls_cert": Path,
+    "tls_key": Path,
+    "cert_lifetime": parse_duration,
+    "enroll_code_lifetime": parse_duration,
+    "challenge_lifetime": parse_duration,
+    "coalesce": float,
+    "stun_port": int,
+    "max_body": int,
+    "change_log_keep": int,
+    "relay": lambda v: v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes", "on"),
+}
+
+
+def load_settings(
+    flags: Mapping[str, Any], env: Mapping[str, str] | None = None, config_file: Path | None = None
+) -> Settings:
+    """Merge the sources; `flags` entries whose value is None are treated as not given."""
+    env = os.environ if env is None else env
+    names = {f.name for f in fields(Settings)}
+    merged: dict[str, Any] = {}
+    config_file = config_file or (Path(env["COORDINATOR_CONFIG"]) if env.get("COORDINATOR_CONFIG") else None)
+    if config_file is not None:
+        try:
+            data = tomllib.loads(config_file.read_text())
+        except OSError as exc:
+            raise SettingsError(f"cannot read config file {config_file}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"config file {config_file} is not valid TOML: {exc}") from None
+        for key, value in data.items():
+            name = key.replace("-", "_")
+            if name not in names:
+                raise SettingsError(f"config file {config_file}: unknown setting {key!r}")
+            merged[name] = value
+    for name in names:
+        value = env.get(f"COORDINATOR_{name.upper()}")
+        if value is not None:
+            merged[name] = value
+    merged.update({k: v for k, v in flags.items() if v is not None and k in names})
+    settings = Settings()
+    try:
+        converted = {k: _CONVERT.get(k, _identity)(v) for k, v in merged.items()}
+    except (ValueError, TypeError) as exc:
+        raise SettingsError(f"bad setting: {exc}") from None
+    settings = replace(settings, **converted)
+    validate(settings)
+    return settings
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def validate(settings: Settings) -> None:
+    settings.listen_host_port  # noqa: B018 - raises SettingsError when malformed
+    try:
+        net = ipaddress.ip_network(settings.prefix, strict=True)
+    except ValueError as exc:
+        raise SettingsError(f"bad prefix {settings.prefix!r}: {exc}") from None
+    if net.version != 4 or net.prefixlen > 30:
+        raise SettingsError(f"bad prefix {settings.prefix!r}: need an IPv4 network of /30 or larger")
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        raise SettingsError("--tls-cert and --tls-key go together")

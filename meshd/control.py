@@ -1,0 +1,322 @@
+"""Node-side client of the coordinator's control plane (async; the one implementation of that protocol).
+
+    keys = NodeKeys.generate()
+    client = ControlClient("http://coordinator:8080", keys)
+    result = await client.register("laptop", auth_key=key)      # Enrollment or PendingApproval
+    async with client.stream() as stream:                        # full map, then deltas
+        netmap = await stream.next_map()
+        await stream.send_endpoints(["6.0.0.2:41641"])
+
+Wire formats: meshd.proto.signing (request envelope), meshd.proto.cert, meshd.proto.netmap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import httpx
+from nacl.public import Box, PrivateKey, PublicKey
+from nacl.signing import SigningKey
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
+
+from meshd.proto import netmap, signing
+from meshd.proto.encoding import b64decode, b64encode
+
+
+class ControlError(Exception):
+    """The coordinator refused or could not be reached; `status` is the HTTP status (0: no answer)."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class NodeKeys:
+    """The node's two private keys (kept on the host, 0600): WireGuard X25519 and node Ed25519 seed."""
+
+    wg_private: bytes
+    node_private: bytes
+
+    @classmethod
+    def generate(cls) -> NodeKeys:
+        return cls(bytes(PrivateKey.generate()), os.urandom(32))
+
+    @property
+    def wg_public(self) -> bytes:
+        return bytes(PrivateKey(self.wg_private).public_key)
+
+    @property
+    def node_public(self) -> bytes:
+        return bytes(SigningKey(self.node_private).verify_key)
+
+
+@dataclass(frozen=True, slots=True)
+class Enrollment:
+    node_id: int
+    name: str
+    ips: tuple[str, ...]
+    cert: str
+    coordinator_public_key: bytes  #: pin this
+    trusted_keys: tuple[bytes, ...]
+    domain: str
+    ipv4_prefix: str
+    ipv6_prefix: str
+
+
+@dataclass(frozen=True, slots=True)
+class PendingApproval:
+    code: str  #: for `coordinator nodes approve CODE`
+    expires_at: float
+
+
+def _enrollment(data: dict[str, Any]) -> Enrollment:
+    try:
+        return Enrollment(
+            node_id=int(data["node_id"]),
+            name=str(data["name"]),
+            ips=tuple(data["ips"]),
+            cert=str(data["cert"]),
+            coordinator_public_key=b64decode(data["coordinator_public_key"], length=32),
+            trusted_keys=tuple(b64decode(k, length=32) for k in data["trusted_keys"]),
+            domain=str(data["network"]["domain"]),
+            ipv4_prefix=str(data["network"]["ipv4_prefix"]),
+            ipv6_prefix=str(data["network"]["ipv6_prefix"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ControlError(f"malformed enrollment response: {exc}") from None
+
+
+class ControlClient:
+    """HTTP + WebSocket client for one node. `transport` lets tests use an in-process ASGI app."""
+
+    def __init__(
+        self,
+        url: str,
+        keys: NodeKeys,
+        node_id: int | None = None,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        timeout: float = 30.0,
+        verify: bool | str = True,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.keys = keys
+        self.node_id = node_id
+        self._verify = verify
+        self._http = httpx.AsyncClient(base_url=self.url, transport=transport, timeout=timeout, verify=verify)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> ControlClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # ------------------------------------------------------------------------------------ plumbing
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        signer: str | None = None,
+        params: dict[str, Any] | None = None,
+        request_timeout: float | None = None,
+    ) -> httpx.Response:
+        content = b"" if body is None else json.dumps(body).encode()
+        headers = {"content-type": "application/json"} if body is not None else {}
+        request = self._http.build_request(
+            method,
+            path,
+            content=content,
+            headers=headers,
+            params=params,
+            timeout=request_timeout if request_timeout is not None else httpx.USE_CLIENT_DEFAULT,
+        )
+        if signer is not None:
+            target = request.url.raw_path.decode("ascii")
+            request.headers.update(
+                signing.sign_request(self.keys.node_private, signer, method, target, content, time.time())
+            )
+        try:
+            response = await self._http.send(request)
+        except httpx.HTTPError as exc:
+            raise ControlError(f"cannot reach the coordinator at {self.url}: {exc}") from None
+        if response.status_code >= 400:
+            try:
+                detail = response.json().get("detail", response.text)
+            except ValueError:
+                detail = response.text
+            raise ControlError(f"coordinator said {response.status_code}: {detail}", response.status_code)
+        return response
+
+    def _need_id(self) -> str:
+        if self.node_id is None:
+            raise ControlError("not enrolled yet")
+        return str(self.node_id)
+
+    # ---------------------------------------------------------------------------------- enrollment
+    async def register(self, hostname: str, auth_key: str | None = None) -> Enrollment | PendingApproval:
+        """Prove possession of both keys and enroll (with a key) or get an approval code (without)."""
+        ch = (await self._request("POST", "/api/v1/register/challenge")).json()
+        challenge = b64decode(ch["challenge"], length=32)
+        server_pub = b64decode(ch["server_ephemeral_x25519_pub"], length=32)
+        box = Box(PrivateKey(self.keys.wg_private), PublicKey(server_pub)).encrypt(challenge)
+        sig = signing.sign_enrollment(
+            self.keys.node_private, challenge, self.keys.wg_public, self.keys.node_public, hostname
+        )
+        body = {
+            "hostname": hostname,
+            "wg_public_key": b64encode(self.keys.wg_public),
+            "node_public_key": b64encode(self.keys.node_public),
+            "auth_key": auth_key,
+            "challenge": ch["challenge"],
+            "signature": b64encode(sig),
+            "box": b64encode(bytes(box)),
+        }
+        return self._registration_result(await self._request("POST", "/api/v1/register", body))
+
+    def _registration_result(self, response: httpx.Response) -> Enrollment | PendingApproval:
+        data = response.json()
+        if response.status_code == 202:
+            return PendingApproval(str(data["code"]), float(data["expires_at"]))
+        enrollment = _enrollment(data)
+        self.node_id = enrollment.node_id
+        return enrollment
+
+    async def enrollment_status(self, code: str) -> Enrollment | PendingApproval:
+        response = await self._request("GET", f"/api/v1/register/status/{code}", signer=code)
+        return self._registration_result(response)
+
+    async def wait_for_approval(self, code: str, poll: float = 1.0, within: float = 3600.0) -> Enrollment:
+        deadline = time.monotonic() + within
+        while True:
+            result = await self.enrollment_status(code)
+            if isinstance(result, Enrollment):
+                return result
+            if time.monotonic() + poll > deadline:
+                raise ControlError("gave up waiting for approval")
+            await asyncio.sleep(poll)
+
+    # --------------------------------------------------------------------------------- signed calls
+    async def renew_cert(self) -> str:
+        data = (await self._request("POST", "/api/v1/cert/renew", signer=self._need_id())).json()
+        return str(data["cert"])
+
+    async def fetch_map(self, since: int | None = None, wait: float = 0.0) -> netmap.ServerMessage:
+        """Long-poll fallback: the full map, or the delta since `since` (blocking up to `wait` s)."""
+        params: dict[str, Any] = {}
+        if since is not None:
+            params["since"] = since
+        if wait:
+            params["wait"] = wait
+        response = await self._request(
+            "GET", "/api/v1/map", signer=self._need_id(), params=params or None, request_timeout=wait + 30
+        )
+        try:
+            return netmap.decode_server_message(response.content)
+        except netmap.NetmapError as exc:
+            raise ControlError(f"malformed map from the coordinator: {exc}") from None
+
+    async def post_message(self, message: netmap.ClientMessage) -> None:
+        """Send an endpoints/signal message without a stream (long-poll fallback)."""
+        await self._request(
+            "POST",
+            "/api/v1/messages",
+            json.loads(netmap.encode_client_message(message)),
+            signer=self._need_id(),
+        )
+
+    @asynccontextmanager
+    async def stream(self, since: int | None = None) -> AsyncIterator[MapStream]:
+        """Open the map WebSocket (signed handshake)."""
+        path = "/api/v1/stream" + (f"?since={since}" if since is not None else "")
+        ws_url = "ws" + self.url[len("http") :] + path
+        headers = signing.sign_request(self.keys.node_private, self._need_id(), "GET", path, b"", time.time())
+        ssl: Any = None
+        if ws_url.startswith("wss") and isinstance(self._verify, str):
+            import ssl as ssl_mod
+
+            ssl = ssl_mod.create_default_context(cafile=self._verify)
+        try:
+            ws = await connect(
+                ws_url, additional_headers=headers, max_size=None, open_timeout=30, ssl=ssl, compression=None
+            )
+        except InvalidStatus as exc:
+            raise ControlError(
+                f"stream refused: HTTP {exc.response.status_code}", exc.response.status_code
+            ) from None
+        except (OSError, WebSocketException, TimeoutError) as exc:
+            raise ControlError(f"cannot open the map stream: {exc}") from None
+        s = MapStream(ws)
+        try:
+            yield s
+        finally:
+            await ws.close()
+
+
+class MapStream:
+    """One open map stream. `recv()` returns the next server message and keeps `map` current."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.map: netmap.NetMap | None = None
+        self.signals: asyncio.Queue[netmap.SignalMessage] = asyncio.Queue()
+
+    async def recv(self, within: float | None = None) -> netmap.ServerMessage:
+        """Next message; raises ControlError when the coordinator closed the stream (e.g. node removed)."""
+        try:
+            async with asyncio.timeout(within):
+                text = await self.ws.recv()
+        except ConnectionClosed as exc:
+            reason = exc.rcvd.reason if exc.rcvd else "connection lost"
+            code = exc.rcvd.code if exc.rcvd else 0
+            raise ControlError(f"map stream closed: {reason}", code) from None
+        try:
+            msg = netmap.decode_server_message(text)
+        except netmap.NetmapError as exc:
+            raise ControlError(f"malformed stream message: {exc}") from None
+        if isinstance(msg, netmap.MapMessage):
+            self.map = msg.map
+        elif isinstance(msg, netmap.DeltaMessage) and self.map is not None:
+            self.map = netmap.apply(self.map, msg.delta)
+        elif isinstance(msg, netmap.SignalMessage):
+            self.signals.put_nowait(msg)
+        return msg
+
+    async def next_map(self, within: float | None = None) -> netmap.NetMap:
+        """Receive until the map changes, then return it."""
+        while True:
+            msg = await self.recv(within)
+            if isinstance(msg, netmap.MapMessage | netmap.DeltaMessage) and self.map is not None:
+                return self.map
+
+    @property
+    def version(self) -> int | None:
+        return self.map.version if self.map else None
+
+    async def send_endpoints(self, candidates: list[str]) -> None:
+        await self.ws.send(netmap.encode_client_message(netmap.EndpointsMessage(tuple(candidates))))
+
+    async def send_signal(self, to: int, payload: dict[str, Any]) -> None:
+        await self.ws.send(netmap.encode_client_message(netmap.SignalMessage(to, payload)))
+
+    async def __aenter__(self) -> MapStream:
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.ws.close()
