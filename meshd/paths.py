@@ -1,0 +1,389 @@
+"""Which way packets to one peer go: relay, direct, or none (sans-IO).
+
+One :class:`PeerPath` per peer decides where that peer's WireGuard endpoint points. It owns no socket,
+clock or task: the daemon feeds it what happened (a probe was answered, candidates changed, the relay
+came up, WireGuard's last handshake) together with ``now`` and drains the decisions it makes with
+:meth:`PeerPath.next_event`; it sleeps until :meth:`PeerPath.next_timer` and then calls
+:meth:`PeerPath.handle_timer`. ``now`` is any monotonic clock in seconds (tests use a virtual one).
+
+The rules (DESIGN.md §1 "Paths"):
+
+* Every peer starts on the relay. Whenever the peer is not on a direct path the machine runs upgrade
+  *attempts*: bursts of probes to every candidate (``probe_interval`` apart, for ``attempt_duration``).
+  An attempt that gets no answer is retried after an exponential backoff capped at ``backoff_max`` and
+  never abandoned; new candidates (or losing the relay) start an attempt at once with the backoff reset.
+  This mirrors ICE connectivity checks (RFC 8445 §6.1.4, §7.2.5) without its nomination dance: both
+  sides probe at once, which is what opens the NATs.
+* A direct endpoint is set only after a probe *to that address* was answered (RFC 8445 §7.2.5.2.1: a
+  check is valid only if the response comes from where the request went). An answer from another
+  address (a NAT rebinding, a peer-reflexive address, RFC 8445 §7.2.5.3.1) makes that address a
+  candidate which is probed at once, and used when it answers in turn.
+* Choice among answered addresses: LAN before public, then lowest round-trip time; a path in the same
+  class replaces the current one only when it is clearly faster (``switch_ratio``), to avoid flapping.
+* On a direct path the current endpoint gets a heartbeat probe every ``heartbeat_interval``; with no
+  answer for ``dead_after`` seconds the path is dead and the peer goes to another live direct address
+  or back to the relay (with the defaults, within 3 s of the last answer, so within 5 s of a failure).
+  All candidates are re-probed every ``discovery_interval`` to find a better path.
+* A direct path whose WireGuard handshake does not advance for ``handshake_stall`` seconds (while
+  probes still answer, e.g. a firewall that passes probes but not WireGuard, or a peer that did not
+  switch) falls back to the relay and that address is avoided for ``stall_penalty`` seconds (or until
+  the candidates change). WireGuard renews its session at least every REKEY_AFTER_TIME (120 s) while
+  packets flow and rejects a session older than REJECT_AFTER_TIME (180 s) (WireGuard paper §6.1), so
+  a handshake older than 185 s on a path that carries keepalives means the path does not work.
+* Answers whose round-trip time exceeds ``late_after`` are too late to trust and are ignored.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+Endpoint = tuple[str, int]
+
+
+class PathKind(enum.StrEnum):
+    """The ``path`` field of ``meshd status`` (DESIGN.md §2)."""
+
+    DIRECT = "direct"
+    RELAY = "relay"
+    NONE = "none"
+
+
+class CandidateKind(enum.IntEnum):
+    """Where a candidate address came from; lower is preferred."""
+
+    LAN = 0  #: an address of the peer's own interfaces
+    PUBLIC = 1  #: STUN-reflexive or port-mapped
+    PEER_REFLEXIVE = 2  #: learned from where an answer or probe came from (RFC 8445 §7.2.5.3.1)
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """An address the peer may be reachable at."""
+
+    addr: Endpoint
+    kind: CandidateKind
+
+
+@dataclass(frozen=True, slots=True)
+class PathConfig:
+    """Timing of the path machine, in seconds."""
+
+    probe_interval: float = 0.5
+    attempt_duration: float = 3.0
+    backoff_initial: float = 1.0
+    backoff_max: float = 60.0
+    heartbeat_interval: float = 1.0
+    dead_after: float = 3.0
+    discovery_interval: float = 30.0
+    late_after: float = 2.0
+    handshake_stall: float = 185.0
+    stall_penalty: float = 600.0
+    switch_ratio: float = 0.7
+
+
+# --- decisions (drained with next_event) ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class UseRelay:
+    """Point the peer's WireGuard endpoint at the local relay proxy."""
+
+    peer: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class UseDirect:
+    """Point the peer's WireGuard endpoint at ``endpoint``."""
+
+    peer: str
+    endpoint: Endpoint
+    rtt: float
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class SendProbes:
+    """Send one authenticated probe to each of ``endpoints`` now (from the WireGuard port)."""
+
+    peer: str
+    endpoints: tuple[Endpoint, ...]
+
+
+PathEvent = UseRelay | UseDirect | SendProbes
+
+
+@dataclass(frozen=True, slots=True)
+class PathStatus:
+    """What ``meshd status`` shows for the peer's path."""
+
+    path: PathKind
+    endpoint: Endpoint | None
+    rtt: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    at: float
+    rtt: float
+
+
+class PeerPath:
+    """Path state for one peer. See the module docstring for the rules."""
+
+    def __init__(
+        self, peer: str, now: float, *, config: PathConfig | None = None, relay_up: bool = True
+    ) -> None:
+        self.peer = peer
+        self.config = config or PathConfig()
+        self._relay_up = relay_up
+        self._candidates: dict[Endpoint, CandidateKind] = {}
+        self._answers: dict[Endpoint, _Answer] = {}
+        self._avoid: dict[Endpoint, float] = {}  # address -> avoided until
+        self._direct: Endpoint | None = None
+        self._direct_since = 0.0
+        self._handshake_known = False
+        self._last_handshake: float | None = None
+        self._backoff = self.config.backoff_initial
+        self._attempt_until: float | None = None
+        self._next_probe: float | None = None
+        self._next_attempt: float | None = None
+        self._next_heartbeat: float | None = None
+        self._next_discovery: float | None = None
+        self._events: deque[PathEvent] = deque()
+        self._events.append(UseRelay(peer, "start"))
+
+    # --- inputs ----------------------------------------------------------------------------------------
+
+    def set_candidates(self, candidates: Iterable[Candidate], now: float) -> None:
+        """The peer's candidate addresses changed: try them at once, forgetting earlier failures."""
+        self._candidates = {c.addr: c.kind for c in candidates}
+        if self._direct is not None and self._direct not in self._candidates:
+            self._candidates[self._direct] = CandidateKind.PEER_REFLEXIVE
+        self._avoid.clear()
+        self._backoff = self.config.backoff_initial
+        if self._direct is None:
+            self._start_attempt(now)
+        else:
+            self._discover(now)
+
+    def probe_answered(self, sent_to: Endpoint, answered_from: Endpoint, rtt: float, now: float) -> None:
+        """A probe sent to ``sent_to`` was answered from ``answered_from`` after ``rtt`` seconds."""
+        if rtt > self.config.late_after or rtt < 0:
+            return
+        if answered_from != sent_to:
+            self._learn(answered_from, now)
+            return
+        if sent_to not in self._candidates:
+            return  # an answer to a probe for a candidate since withdrawn
+        self._answers[sent_to] = _Answer(now, rtt)
+        self._reselect(now)
+
+    def probe_received(self, src: Endpoint, now: float) -> None:
+        """The peer's probe arrived from ``src``: if that is new, probe it back (peer-reflexive)."""
+        self._learn(src, now)
+
+    def handshake(self, last_handshake: float | None, now: float) -> None:
+        """WireGuard's last handshake with this peer, converted by the caller to the clock of ``now``.
+
+        Call it regularly (every second or so); the stall rule is active only once it has been called.
+        """
+        advanced = last_handshake is not None and (
+            self._last_handshake is None or last_handshake > self._last_handshake
+        )
+        self._handshake_known = True
+        self._last_handshake = last_handshake
+        if advanced and self._direct is not None and (last_handshake or 0.0) >= self._direct_since:
+            self._backoff = self.config.backoff_initial  # the direct path proved itself
+        self._check_stall(now)
+
+    def relay_up(self, now: float) -> None:
+        """The relay connection is up."""
+        self._relay_up = True
+
+    def relay_down(self, now: float) -> None:
+        """The relay connection is down: without a direct path the peer is unreachable, so try at once."""
+        self._relay_up = False
+        if self._direct is None:
+            self._backoff = self.config.backoff_initial
+            self._start_attempt(now)
+
+    # --- timers ----------------------------------------------------------------------------------------
+
+    def next_timer(self) -> float | None:
+        """When :meth:`handle_timer` must next be called, or None."""
+        times = [
+            t
+            for t in (
+                self._next_probe,
+                self._attempt_until,
+                self._next_attempt,
+                self._next_heartbeat,
+                self._next_discovery,
+                self._dead_at(),
+                self._stall_at(),
+            )
+            if t is not None
+        ]
+        return min(times) if times else None
+
+    def handle_timer(self, now: float) -> None:
+        """Do whatever is due at ``now``."""
+        cfg = self.config
+        self._avoid = {a: t for a, t in self._avoid.items() if t > now}
+        self._check_stall(now)
+        self._reselect(now)
+        if self._direct is None:
+            if self._attempt_until is not None and now >= self._attempt_until:
+                self._attempt_until = self._next_probe = None
+                self._next_attempt = now + self._backoff
+                self._backoff = min(self._backoff * 2, cfg.backoff_max)
+            elif self._next_probe is not None and now >= self._next_probe:
+                self._send_probes(self._probe_targets())
+                self._next_probe = now + cfg.probe_interval
+            if self._next_attempt is not None and now >= self._next_attempt:
+                self._start_attempt(now)
+        else:
+            if self._next_heartbeat is not None and now >= self._next_heartbeat:
+                quiet = now - self._answers[self._direct].at > 1.5 * cfg.heartbeat_interval
+                # a missed heartbeat: probe everything, so a rebound or other address is fresh when needed
+                self._send_probes(self._probe_targets() if quiet else (self._direct,))
+                self._next_heartbeat = now + cfg.heartbeat_interval
+            if self._next_discovery is not None and now >= self._next_discovery:
+                self._discover(now)
+
+    # --- outputs ---------------------------------------------------------------------------------------
+
+    def next_event(self) -> PathEvent | None:
+        """The next decision to carry out, or None."""
+        return self._events.popleft() if self._events else None
+
+    @property
+    def status(self) -> PathStatus:
+        if self._direct is not None:
+            return PathStatus(PathKind.DIRECT, self._direct, self._answers[self._direct].rtt)
+        return PathStatus(PathKind.RELAY if self._relay_up else PathKind.NONE, None, None)
+
+    # --- internals -------------------------------------------------------------------------------------
+
+    def _learn(self, addr: Endpoint, now: float) -> None:
+        if addr in self._candidates or addr in self._avoid:
+            return
+        self._candidates[addr] = CandidateKind.PEER_REFLEXIVE
+        self._send_probes((addr,))
+
+    def _probe_targets(self) -> tuple[Endpoint, ...]:
+        return tuple(sorted(a for a in self._candidates if a not in self._avoid))
+
+    def _send_probes(self, targets: tuple[Endpoint, ...]) -> None:
+        if targets:
+            self._events.append(SendProbes(self.peer, targets))
+
+    def _start_attempt(self, now: float) -> None:
+        self._next_attempt = None
+        targets = self._probe_targets()
+        if not targets:
+            self._attempt_until = self._next_probe = None
+            return  # nothing to try until candidates arrive
+        self._send_probes(targets)
+        self._attempt_until = now + self.config.attempt_duration
+        self._next_probe = now + self.config.probe_interval
+
+    def _discover(self, now: float) -> None:
+        self._send_probes(self._probe_targets())
+        self._next_discovery = now + self.config.discovery_interval
+
+    def _alive(self, now: float) -> dict[Endpoint, _Answer]:
+        return {
+            a: ans
+            for a, ans in self._answers.items()
+            if now - ans.at < self.config.dead_after and a not in self._avoid and a in self._candidates
+        }
+
+    def _rank(self, addr: Endpoint, ans: _Answer) -> tuple[int, float]:
+        return (int(self._candidates[addr]), ans.rtt)
+
+    def _reselect(self, now: float) -> None:
+        alive = self._alive(now)
+        best = min(alive, key=lambda a: self._rank(a, alive[a])) if alive else None
+        current = self._direct
+        if current is None:
+            if best is not None:
+                self._go_direct(best, alive[best], now, "probe answered")
+        elif current not in alive:
+            if best is not None:
+                self._go_direct(best, alive[best], now, f"{_fmt(current)} stopped answering")
+            else:
+                self._go_relay(now, f"heartbeat lost from {_fmt(current)}")
+        elif best is not None and best != current:
+            b, c = self._rank(best, alive[best]), self._rank(current, alive[current])
+            if b[0] < c[0] or (b[0] == c[0] and b[1] < c[1] * self.config.switch_ratio):
+                self._go_direct(best, alive[best], now, "better path")
+
+    def _go_direct(self, addr: Endpoint, ans: _Answer, now: float, reason: str) -> None:
+        if self._direct is None:
+            self._direct_since = now
+            self._next_discovery = now + self.config.discovery_interval
+        self._direct = addr
+        self._attempt_until = self._next_probe = self._next_attempt = None
+        self._next_heartbeat = now + self.config.heartbeat_interval
+        self._events.append(UseDirect(self.peer, addr, ans.rtt, reason))
+
+    def _go_relay(self, now: float, reason: str) -> None:
+        self._direct = None
+        self._next_heartbeat = self._next_discovery = None
+        self._events.append(UseRelay(self.peer, reason))
+        self._attempt_until = self._next_probe = None
+        self._next_attempt = now + self._backoff
+        self._backoff = min(self._backoff * 2, self.config.backoff_max)
+
+    def _dead_at(self) -> float | None:
+        if self._direct is None:
+            return None
+        return self._answers[self._direct].at + self.config.dead_after
+
+    def _stall_at(self) -> float | None:
+        if self._direct is None or not self._handshake_known:
+            return None
+        since = self._direct_since
+        if self._last_handshake is not None:
+            since = max(since, self._last_handshake)
+        return since + self.config.handshake_stall
+
+    def _check_stall(self, now: float) -> None:
+        stall_at = self._stall_at()
+        if self._direct is None or stall_at is None or now < stall_at:
+            return
+        bad = self._direct
+        self._avoid[bad] = now + self.config.stall_penalty
+        self._answers.pop(bad, None)
+        alive = self._alive(now)
+        if alive:
+            best = min(alive, key=lambda a: self._rank(a, alive[a]))
+            self._direct = None  # a fresh direct period for the stall rule
+            self._go_direct(best, alive[best], now, f"WireGuard handshake stalled on {_fmt(bad)}")
+        else:
+            self._go_relay(now, f"WireGuard handshake stalled on {_fmt(bad)}")
+
+
+def _fmt(addr: Endpoint) -> str:
+    host, port = addr
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+__all__ = [
+    "Candidate",
+    "CandidateKind",
+    "Endpoint",
+    "PathConfig",
+    "PathEvent",
+    "PathKind",
+    "PathStatus",
+    "PeerPath",
+    "SendProbes",
+    "UseDirect",
+    "UseRelay",
+]
