@@ -300,7 +300,7 @@ class PeerPath:
         return {
             a: ans
             for a, ans in self._answers.items()
-            if now - ans.at < self.config.dead_after and a not in self._avoid and a in self._candidates
+            if ans.at + self.config.dead_after > now and a not in self._avoid and a in self._candidates
         }
 
     def _rank(self, addr: Endpoint, ans: _Answer) -> tuple[int, float]:
