@@ -1,0 +1,195 @@
+"""meshd's block of names in a hosts file (DESIGN.md §1 "Names").
+
+The block looks like::
+
+    # BEGIN meshd mesh0 (managed by meshd; edits inside are overwritten)
+    100.64.0.2 b.mesh b
+    100.64.0.3 c.mesh c
+    # END meshd mesh0
+
+``mesh0`` is the block's *tag* (the interface name, or anything that tells daemons sharing the file
+apart), so several daemons can keep their own blocks in one file. :func:`render` and :func:`remove`
+are pure text transforms; :class:`HostsFile` applies them to a file **in place** (the file may be a
+bind mount, e.g. in containers, where rename-over does not work): read, transform, and when the text
+changed rewrite it from offset 0 and truncate, all under an exclusive ``flock``. Every line outside
+our block stays byte-identical (the file is handled as bytes via ``surrogateescape``).
+
+A block left incomplete by a crash (a BEGIN without END) is repaired on the next update: the BEGIN line
+and the entry lines after it that look like ours are replaced; other lines are kept.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_HOSTS_FILE = Path("/etc/hosts")
+DEFAULT_DOMAIN = "mesh"
+
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_TAG = re.compile(r"^[A-Za-z0-9._@:/+-]{1,200}$")
+
+_Transform = Callable[[str], str]
+
+
+class HostsError(Exception):
+    """A hosts file could not be read or written, or an entry is not a valid name/address."""
+
+
+@dataclass(frozen=True, slots=True)
+class HostEntry:
+    """One line of the block: ``<ip> <name>.<domain> <name>``."""
+
+    ip: str
+    name: str
+
+    def __post_init__(self) -> None:
+        try:
+            ipaddress.ip_address(self.ip)
+        except ValueError:
+            raise HostsError(f"not an IP address: {self.ip!r}") from None
+        if not _LABEL.match(self.name):
+            raise HostsError(f"not a valid host name (lowercase letters, digits, '-'): {self.name!r}")
+
+    @classmethod
+    def for_peer(cls, name: str, ips: Iterable[str]) -> HostEntry:
+        """The entry for a peer: its first IPv4 overlay address (else its first IPv6); prefixes dropped."""
+        addrs = [ipaddress.ip_interface(ip).ip for ip in ips]
+        if not addrs:
+            raise HostsError(f"peer {name!r} has no overlay address")
+        addrs.sort(key=lambda a: a.version)
+        return cls(str(addrs[0]), name)
+
+
+def _markers(tag: str) -> tuple[str, str]:
+    if not _TAG.match(tag):
+        raise HostsError(f"invalid hosts block tag {tag!r} (letters, digits and ._@:/+- only)")
+    return (f"# BEGIN meshd {tag} (managed by meshd; edits inside are overwritten)", f"# END meshd {tag}")
+
+
+def _is_begin(line: str, tag: str) -> bool:
+    words = line.split()
+    return words[:4] == ["#", "BEGIN", "meshd", tag]
+
+
+def _is_end(line: str, tag: str) -> bool:
+    return line.split() == ["#", "END", "meshd", tag]
+
+
+def _looks_like_entry(line: str, domain: str) -> bool:
+    words = line.split()
+    return len(words) == 3 and words[1] == f"{words[2]}.{domain}"
+
+
+def _lines(text: str) -> list[str]:
+    """Lines with their "\\n" (only "\\n" ends a line in a hosts file, unlike str.splitlines)."""
+    parts = text.split("\n")
+    return [p + "\n" for p in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
+
+
+def _strip_block(lines: list[str], tag: str, domain: str) -> tuple[list[str], int | None]:
+    """Lines without our block(s), and the index where the first block was."""
+    out: list[str] = []
+    at: int | None = None
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if _is_begin(line, tag):
+            if at is None:
+                at = len(out)
+            j = i + 1
+            while j < len(lines) and not _is_end(lines[j], tag) and not _is_begin(lines[j], tag):
+                j += 1
+            if j < len(lines) and _is_end(lines[j], tag):
+                i = j + 1  # a complete block: drop it whole
+                continue
+            # no END: a block cut short by a crash; drop the BEGIN and the entries that follow it
+            i += 1
+            while i < len(lines) and _looks_like_entry(lines[i], domain):
+                i += 1
+            continue
+        if _is_end(line, tag):
+            i += 1  # an orphan END line
+            continue
+        out.append(line)
+        i += 1
+    return out, at
+
+
+def render(text: str, tag: str, entries: Sequence[HostEntry], domain: str = DEFAULT_DOMAIN) -> str:
+    """``text`` with our block set to ``entries`` (sorted by name), in its old place or at the end."""
+    if not all(_LABEL.match(label) for label in domain.split(".")):
+        raise HostsError(f"invalid domain {domain!r}")
+    begin, end = _markers(tag)
+    rest, at = _strip_block(_lines(text), tag, domain)
+    block = [begin + "\n"]
+    block += [f"{e.ip} {e.name}.{domain} {e.name}\n" for e in sorted(entries, key=lambda e: (e.name, e.ip))]
+    block.append(end + "\n")
+    if at is None:
+        at = len(rest)
+    if at > 0 and not rest[at - 1].endswith("\n"):
+        rest[at - 1] += "\n"
+    return "".join(rest[:at] + block + rest[at:])
+
+
+def remove(text: str, tag: str, domain: str = DEFAULT_DOMAIN) -> str:
+    """``text`` without our block."""
+    _markers(tag)
+    rest, _ = _strip_block(_lines(text), tag, domain)
+    return "".join(rest)
+
+
+class HostsFile:
+    """Our block in one hosts file, edited in place under an exclusive flock."""
+
+    def __init__(self, path: Path = DEFAULT_HOSTS_FILE, tag: str = "mesh0", domain: str = DEFAULT_DOMAIN):
+        _markers(tag)
+        self.path = Path(path)
+        self.tag = tag
+        self.domain = domain
+
+    def update(self, entries: Sequence[HostEntry]) -> bool:
+        """Set our block to ``entries``; True when the file changed (no write when it would not)."""
+        return self._edit(lambda text: render(text, self.tag, entries, self.domain), create=True)
+
+    def remove(self) -> bool:
+        """Delete our block; True when the file changed. A missing file is left missing."""
+        return self._edit(lambda text: remove(text, self.tag, self.domain), create=False)
+
+    def _edit(self, transform: _Transform, *, create: bool) -> bool:
+        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+        try:
+            fd = os.open(self.path, flags, 0o644)
+        except FileNotFoundError:
+            if create:
+                raise HostsError(f"cannot create hosts file {self.path}: directory missing") from None
+            return False
+        except OSError as e:
+            raise HostsError(f"cannot open hosts file {self.path}: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            with os.fdopen(os.dup(fd), "rb") as f:
+                old = f.read()
+            text = old.decode("utf-8", "surrogateescape")
+            new = transform(text).encode("utf-8", "surrogateescape")
+            if new == old:
+                return False
+            os.lseek(fd, 0, os.SEEK_SET)
+            view = memoryview(new)
+            while view:  # write everything before cutting the tail: a crash leaves extra, not less
+                n = os.write(fd, view)
+                view = view[n:]
+            os.ftruncate(fd, len(new))
+            os.fsync(fd)
+            return True
+        except OSError as e:
+            what = "read-only file system" if e.errno == errno.EROFS else e.strerror
+            raise HostsError(f"cannot write hosts file {self.path}: {what}") from None
+        finally:
+            os.close(fd)  # also releases the lock
