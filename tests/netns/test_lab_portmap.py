@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import secrets
 import struct
+from functools import partial
 
 import pytest
 
@@ -60,16 +61,14 @@ def upnp(lab: Lab) -> tuple[Host, Host]:
 
 def assert_forwarded(a: Host, s: Host, external_port: int) -> None:
     """An unsolicited datagram from the server to wan_ip:external_port reaches the host's INTERNAL port."""
-    listener = a.listen_udp(INTERNAL, timeout=2.0)
-    s.send_udp(f"{a.router.wan_ip}:{external_port}", "via portmap", port=ECHO_PORT)
-    assert listener.result() == f"{s.ip}:{ECHO_PORT} via portmap"
+    send = partial(s.send_udp, f"{a.router.wan_ip}:{external_port}", "via portmap", port=ECHO_PORT)
+    assert a.first_arrival(INTERNAL, send) == f"{s.ip}:{ECHO_PORT} via portmap"
 
 
 def test_without_a_map_nothing_gets_in(upnp):
     a, s = upnp
-    listener = a.listen_udp(INTERNAL, timeout=1.0)
-    s.send_udp(f"{a.router.wan_ip}:{INTERNAL}", "no map", port=ECHO_PORT)
-    assert listener.result() is None
+    send = partial(s.send_udp, f"{a.router.wan_ip}:{INTERNAL}", "no map", port=ECHO_PORT)
+    assert a.first_arrival(INTERNAL, send) is None
 
 
 def test_upnp_igd_map_forwards(upnp):

@@ -12,7 +12,8 @@
                                                   "mapped ip:port" (opens the NAT mapping) before "ready"
     echo.py send --port P HOST:PORT [PAYLOAD]    send one datagram from local port P (0: any)
 
-Every wait is bounded; timeouts default to 1 s. Only addresses given on the command line are contacted.
+Every wait is bounded (ask: 3 s over 6 tries per server; listen: 5 s). Only addresses given on the
+command line are contacted.
 """
 
 from __future__ import annotations
@@ -95,9 +96,9 @@ def ask_tcp(server: tuple[str, int], timeout: float) -> int:
 def listen(port: int, timeout: float, punch: tuple[str, int] | None) -> int:
     s = _udp(port)
     if punch is not None:
-        s.settimeout(0.3)
+        s.settimeout(0.5)
         mapped = "-"
-        for _ in range(3):
+        for _ in range(6):
             s.sendto(b"?", punch)
             try:
                 data, src = s.recvfrom(2048)
@@ -133,15 +134,15 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--tcp", type=int)
     ap = sub.add_parser("ask")
     ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--timeout", type=float, default=1.0)
-    ap.add_argument("--tries", type=int, default=3)
+    ap.add_argument("--timeout", type=float, default=3.0)
+    ap.add_argument("--tries", type=int, default=6)
     ap.add_argument("servers", type=_addr, nargs="+")
     tp = sub.add_parser("ask-tcp")
     tp.add_argument("server", type=_addr)
-    tp.add_argument("--timeout", type=float, default=1.0)
+    tp.add_argument("--timeout", type=float, default=3.0)
     lp = sub.add_parser("listen")
     lp.add_argument("--port", type=int, required=True)
-    lp.add_argument("--timeout", type=float, default=1.0)
+    lp.add_argument("--timeout", type=float, default=5.0)
     lp.add_argument("--punch", type=_addr)
     np = sub.add_parser("send")
     np.add_argument("--port", type=int, default=0)

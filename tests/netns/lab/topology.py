@@ -28,7 +28,7 @@ import tempfile
 import time
 import uuid
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO
@@ -43,6 +43,7 @@ INET_BRIDGE = "inet0"
 INET_GW = "6.0.0.1"
 INET_PREFIXLEN = 7
 ECHO_PORT = 4000
+SENTINEL = "lab-sentinel"
 _NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,19}$")
 
 
@@ -221,6 +222,20 @@ class Host(Node):
     def send_udp(self, target: str, payload: str = "hello", *, port: int = 0) -> None:
         """Send one datagram to "ip:port" from local UDP ``port`` (0: any)."""
         self.echo("send", "--port", str(port), target, payload, check=True)
+
+    def first_arrival(self, port: int, send: Callable[[], object], *, timeout: float = 10.0) -> str | None:
+        """Listen on UDP ``port``, call ``send()``, then send a sentinel to ourselves over loopback.
+
+        Returns ``"ip:port payload"`` of the datagram that arrived first, or None if the sentinel came first
+        (what ``send()`` sent was dropped). No timing guess: the sentinel proves the listener was alive.
+        """
+        listener = self.listen_udp(port, timeout=timeout)
+        send()
+        self.send_udp(f"127.0.0.1:{port}", SENTINEL)
+        got = listener.result(timeout + 5.0)
+        if got is None:
+            raise LabError(f"listener on {self.name}:{port} got nothing, not even the sentinel")
+        return None if got.endswith(f" {SENTINEL}") and got.startswith("127.0.0.1:") else got
 
 
 _OPEN_LABS: weakref.WeakSet[Lab] = weakref.WeakSet()
