@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer vendors click since 0.20
+from typer._click.globals import get_current_context
 
 from coordinator.adminclient import AdminClient, AdminError
 from coordinator.errors import CoordinatorError
@@ -62,7 +63,7 @@ class Ctx:
 
 
 def _ctx() -> Ctx:
-    obj = click.get_current_context().find_root().obj
+    obj = get_current_context().find_root().obj
     assert isinstance(obj, Ctx)
     return obj
 
@@ -98,7 +99,7 @@ def root(state_dir: StateDir = None) -> None:
     """The coordinator of the mesh: server and admin commands."""
     env = os.environ.get("COORDINATOR_STATE_DIR")
     chosen = state_dir or (Path(env) if env else DEFAULT_STATE_DIR)
-    click.get_current_context().obj = Ctx(chosen, state_dir is not None)
+    get_current_context().obj = Ctx(chosen, state_dir is not None)
 
 
 # ------------------------------------------------------------------------------------------------- serve
@@ -332,15 +333,14 @@ def main(argv: list[str] | None = None) -> None:
         _fail(str(exc), 1)
     except CoordinatorError as exc:
         _fail(exc.message, 1)
-    except click.exceptions.NoArgsIsHelpError as exc:
-        exc.ctx.get_help() if exc.ctx else None  # help already printed by click
-        sys.exit(2)
-    except click.UsageError as exc:
+    except NoArgsIsHelpError:
+        sys.exit(2)  # help already printed
+    except UsageError as exc:
         hint = f"; see `{exc.ctx.command_path} --help`" if exc.ctx else ""
         _fail(f"{exc.format_message()}{hint}", 2)
-    except click.exceptions.Abort:
+    except typer.Abort:
         _fail("aborted", 130)
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except BrokenPipeError:
         sys.exit(1)
