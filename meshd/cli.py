@@ -1,19 +1,173 @@
-"""meshd command line (DESIGN.md §2)."""
+"""meshd command line (DESIGN.md §2). ``--state-dir`` is accepted before or after the subcommand.
+
+Every expected failure is one line on stderr, ``error: <what>; <what to do>``, and exit status 1.
+"""
 
 from __future__ import annotations
 
-import typer
+import asyncio
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, NoReturn
 
-app = typer.Typer(help="meshd: the mesh VPN host daemon", no_args_is_help=True, add_completion=False)
+import typer
+from rich.console import Console
+
+from meshd import api, hosts
+from meshd import status as st
+from meshd.logfmt import setup_logging
+from meshd.state import DEFAULT_STATE_DIR, StateDir
+
+app = typer.Typer(
+    help="meshd: the mesh VPN host daemon",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+StateDirOpt = Annotated[
+    Path | None, typer.Option("--state-dir", help="state directory (default /var/lib/meshd)")
+]
+
+
+def fail(message: str) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+@app.callback()
+def _global(ctx: typer.Context, state_dir: StateDirOpt = None) -> None:
+    ctx.obj = state_dir
+
+
+def _state_dir(ctx: typer.Context, local: Path | None) -> Path:
+    return local or ctx.obj or DEFAULT_STATE_DIR
+
+
+def _call(
+    ctx: typer.Context,
+    local: Path | None,
+    command: str,
+    args: dict[str, object] | None = None,
+    timeout: float = 10.0,
+) -> object:
+    try:
+        return api.call(StateDir(_state_dir(ctx, local)).socket_path, command, args, timeout=timeout)
+    except api.ApiError as e:
+        fail(str(e))
 
 
 @app.command()
-def version() -> None:
-    """Print the version."""
-    from importlib.metadata import version as v
+def up(
+    ctx: typer.Context,
+    coordinator: Annotated[
+        str | None, typer.Option(help="coordinator URL, e.g. http://10.0.0.1:8080")
+    ] = None,
+    auth_key: Annotated[
+        str | None, typer.Option(help="pre-auth key (or env MESHD_AUTH_KEY)", envvar="MESHD_AUTH_KEY")
+    ] = None,
+    hostname: Annotated[str | None, typer.Option(help="name in the mesh (default: the host name)")] = None,
+    state_dir: StateDirOpt = None,
+    interface: Annotated[str, typer.Option(help="WireGuard interface name (unique per machine)")] = "mesh0",
+    wg_backend: Annotated[str, typer.Option(help="auto, kernel or userspace")] = "auto",
+    listen_port: Annotated[int, typer.Option(help="WireGuard UDP port (0: any)", min=0, max=65535)] = 41641,
+    hosts_file: Annotated[Path, typer.Option(help="hosts file for peer names")] = hosts.DEFAULT_HOSTS_FILE,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error")] = "info",
+) -> None:
+    """Run the daemon in the foreground (enrolls on first start)."""
+    from meshd.daemon import Daemon, DaemonError, Options
 
-    typer.echo(v("meshvpn"))
+    if wg_backend not in ("auto", "kernel", "userspace"):
+        fail(f"--wg-backend must be auto, kernel or userspace, not {wg_backend!r}")
+    if log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        fail(f"--log-level must be debug, info, warning or error, not {log_level!r}")
+    setup_logging(log_level.upper())
+    opts = Options(
+        coordinator=coordinator,
+        state_dir=_state_dir(ctx, state_dir),
+        interface=interface,
+        auth_key=auth_key,
+        hostname=hostname,
+        wg_backend=wg_backend,
+        listen_port=listen_port,
+        hosts_file=hosts_file,
+    )
+    daemon = Daemon(opts)
+    try:
+        asyncio.run(daemon.run())
+    except DaemonError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        pass
+    if daemon.stop_reason.startswith("this node was removed"):
+        fail(daemon.stop_reason)
+
+
+@app.command()
+def down(ctx: typer.Context, state_dir: StateDirOpt = None) -> None:
+    """Stop the daemon; it removes its interface and hosts block on the way out."""
+    sd = _state_dir(ctx, state_dir)
+    sock = StateDir(sd).socket_path
+    try:
+        api.call(sock, "down")
+    except api.ApiError as e:
+        from meshd import runtime
+
+        left = asyncio.run(runtime.clean_leftovers(sd))
+        if left is None:
+            fail(str(e))
+        typer.echo(f"meshd was not running; removed its leftovers ({left.interface}, {left.hosts_file})")
+        return
+    deadline = time.monotonic() + 15
+    while sock.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if sock.exists():
+        fail(f"meshd did not stop within 15 s (socket {sock} still there)")
+    typer.echo("meshd stopped")
+
+
+@app.command()
+def status(
+    ctx: typer.Context,
+    json_out: Annotated[bool, typer.Option("--json", help="print the status document as JSON")] = False,
+    state_dir: StateDirOpt = None,
+) -> None:
+    """Show this node, the coordinator connection and every peer with its path."""
+    doc = _call(ctx, state_dir, "status")
+    if json_out:
+        typer.echo(json.dumps(doc, indent=2))
+        return
+    try:
+        Console().print(st.render(st.Status.from_json(doc)))
+    except st.StatusError as e:
+        fail(f"meshd sent a status this CLI cannot read: {e}")
+
+
+@app.command()
+def ping(
+    ctx: typer.Context,
+    peer: Annotated[str, typer.Argument(help="peer name")],
+    state_dir: StateDirOpt = None,
+) -> None:
+    """Ping a peer over the mesh and say which path answered."""
+    r = _call(ctx, state_dir, "ping", {"peer": peer}, timeout=15.0)
+    assert isinstance(r, dict)
+    if not r.get("answered"):
+        fail(f"no answer from {r.get('peer')} ({r.get('ip')}) over the mesh; path: {r.get('path')}")
+    via = r["path"] + (f" {r['endpoint']}" if r.get("endpoint") else "")
+    typer.echo(f"pong from {r['peer']} ({r['ip']}) via {via} in {r['rtt_ms']:.2f} ms")
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
+    logging.shutdown()

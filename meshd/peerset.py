@@ -75,7 +75,7 @@ def wg_peers(
     return tuple(
         PeerConfig(
             public_key=v.peer.wg_public_key,
-            allowed_ips=tuple(_host_prefix(ip) for ip in v.ips),
+            allowed_ips=tuple(host_prefix(ip) for ip in v.ips),
             endpoint=endpoint_for(v),
             persistent_keepalive=KEEPALIVE_SECONDS,
         )
@@ -130,6 +130,6 @@ def first_reachable_candidate(
     return None
 
 
-def _host_prefix(ip: str) -> str:
+def host_prefix(ip: str) -> str:
     iface = ipaddress.ip_interface(ip)
     return f"{iface.ip}/{iface.max_prefixlen}"

@@ -1,0 +1,494 @@
+"""The meshd daemon: enroll, hold the coordinator stream, keep WireGuard and the hosts block in step.
+
+Life of ``meshd up`` (DESIGN.md §1):
+
+1. Load or create the state dir (keys are made here and never leave the host). Enroll when not
+   enrolled yet: with ``--auth-key``, or by printing a code for ``coordinator nodes approve``.
+2. Bring up the WireGuard interface (backend ``auto|kernel|userspace``) with our overlay addresses,
+   remove a block a crashed daemon left in the hosts file, start the local control socket.
+3. Hold the map stream (WebSocket) with reconnect, backoff and jitter. On every full map or delta:
+   verify every peer's certificate against the pinned coordinator keys, reconcile WireGuard by diff
+   (unchanged peers keep their sessions), rewrite our hosts block. Report our endpoint candidates.
+   While the coordinator is unreachable nothing is torn down: tunnels keep passing traffic.
+4. Renew the node certificate at two thirds of its lifetime.
+5. On SIGTERM/SIGINT or ``meshd down``: remove the interface and our hosts block, close the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import random
+import re
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from meshd import api, hosts, peerset, runtime, sdnotify
+from meshd import status as st
+from meshd.control import ControlClient, ControlError, Enrollment, PendingApproval
+from meshd.proto import cert, netmap
+from meshd.proto.encoding import b64encode
+from meshd.state import NodeState, StateDir, StateError
+from meshd.wg.base import WireGuardBackend
+from meshd.wg.errors import WgError
+from meshd.wg.keys import b64_from_bytes
+from meshd.wg.model import Endpoint, InterfaceConfig, InterfaceState
+from meshd.wg.select import open_backend
+
+log = logging.getLogger("meshd")
+
+DEFAULT_LISTEN_PORT = 41641
+RECONNECT_MIN = 0.5
+RECONNECT_MAX = 30.0
+HANDSHAKE_FRESH = 180.0  #: WireGuard REJECT_AFTER_TIME: an older handshake means no live session
+
+
+class DaemonError(Exception):
+    """A failure the user must act on; the message says what to do (printed as one line)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    coordinator: str | None
+    state_dir: Path
+    interface: str = "mesh0"
+    auth_key: str | None = field(default=None, repr=False)
+    hostname: str | None = None
+    wg_backend: str = "auto"
+    listen_port: int = DEFAULT_LISTEN_PORT
+    hosts_file: Path = hosts.DEFAULT_HOSTS_FILE
+    approval_wait: float = 3600.0
+
+
+def local_networks(exclude: str) -> dict[str, ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """Networks of this host's own interfaces (not loopback, not the mesh interface)."""
+    from pyroute2 import IPRoute
+
+    out: dict[str, ipaddress.IPv4Network | ipaddress.IPv6Network] = {}
+    with IPRoute() as ipr:
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        for msg in ipr.get_addr():
+            name = names.get(msg["index"], "")
+            addr = msg.get_attr("IFA_ADDRESS")
+            if not addr or name in ("lo", exclude):
+                continue
+            ip = ipaddress.ip_address(addr)
+            if ip.is_loopback or ip.is_link_local:
+                continue
+            out[f"{name}/{addr}"] = ipaddress.ip_network(f"{addr}/{msg['prefixlen']}", strict=False)
+    return out
+
+
+def endpoint_candidates(networks: dict[str, Any], port: int) -> list[str]:
+    """Our LAN candidates: every local address with the WireGuard port (traversal adds more later)."""
+    out = []
+    for key in sorted(networks):
+        addr = key.split("/", 1)[1]
+        out.append(f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}")
+    return out
+
+
+def _ping_rtt(output: str) -> float | None:
+    """The first ``time=1.23 ms`` of ping's output, in ms."""
+    m = re.search(r"time[=<]([0-9.]+) ?ms", output)
+    return float(m.group(1)) if m else None
+
+
+class Daemon:
+    """One running meshd. ``run()`` returns when stopped; DaemonError for problems the user must fix."""
+
+    def __init__(self, opts: Options, *, clock: Callable[[], float] = time.time) -> None:
+        self.opts = opts
+        self.clock = clock
+        self.store = StateDir(opts.state_dir)
+        self.state: NodeState | None = None
+        self.client: ControlClient | None = None
+        self.backend: WireGuardBackend | None = None
+        self.hosts = hosts.HostsFile(opts.hosts_file, tag=opts.interface)
+        self.map: netmap.NetMap | None = None
+        self.verified: list[peerset.VerifiedPeer] = []
+        self.connected = False
+        self.stop_event = asyncio.Event()
+        self.stop_reason = ""
+        self._applied: InterfaceConfig | None = None
+        self._apply_lock = asyncio.Lock()
+        self._stream: Any = None
+        self._candidates: list[str] = []
+        self._networks: dict[str, Any] = {}
+        self._port = opts.listen_port
+        self._latency: dict[str, float] = {}
+        self._api: api.ControlServer | None = None
+
+    # -- life cycle ----------------------------------------------------------------------------------------
+
+    async def run(self, *, on_ready: Callable[[], None] | None = None) -> None:
+        if os.geteuid() != 0:
+            raise DaemonError("meshd up must run as root (it configures network interfaces); use sudo")
+        try:
+            self.state = self.store.load_or_create()
+        except StateError as e:
+            raise DaemonError(str(e)) from None
+        url = self._coordinator_url()
+        self.client = ControlClient(url, self.state.keys, self._node_id())
+        try:
+            if self.state.enrollment is None:
+                await self._enroll(url)
+            await self._bring_up()
+            self._api = api.ControlServer(self.store.socket_path, self._handlers())
+            try:
+                await self._api.start()
+            except api.ApiError as e:
+                raise DaemonError(str(e)) from None
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stop, f"signal {sig.name}")
+            tasks = [
+                asyncio.create_task(self._stream_loop(), name="stream"),
+                asyncio.create_task(self._renew_loop(), name="renew"),
+                asyncio.create_task(self._watch_loop(), name="watch"),
+            ]
+            sdnotify.notify("READY=1")
+            log.info("meshd up: %s on %s (%s)", self._enrollment().name, self.opts.interface, self._kind())
+            if on_ready is not None:
+                on_ready()
+            await self.stop_event.wait()
+            sdnotify.notify("STOPPING=1")
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+        finally:
+            await self._tear_down()
+            await self.client.aclose()
+
+    def stop(self, reason: str = "stop requested") -> None:
+        if not self.stop_event.is_set():
+            log.info("stopping: %s", reason)
+            self.stop_reason = reason
+            self.stop_event.set()
+
+    def _coordinator_url(self) -> str:
+        assert self.state is not None
+        saved = self.state.coordinator_url
+        url = self.opts.coordinator or saved
+        if url is None:
+            raise DaemonError("no coordinator: give --coordinator URL (e.g. http://coord.example:8080)")
+        url = url.rstrip("/")
+        if not url.startswith(("http://", "https://")):
+            raise DaemonError(f"coordinator URL {url!r} must start with http:// or https://")
+        if saved and self.state.enrolled and saved.rstrip("/") != url:
+            raise DaemonError(
+                f"this node is enrolled with {saved}, not {url}; "
+                f"use --state-dir for another mesh or move {self.store.state_file} away to re-enroll"
+            )
+        return url
+
+    def _node_id(self) -> int | None:
+        assert self.state is not None
+        return self.state.enrollment.node_id if self.state.enrollment else None
+
+    def _enrollment(self) -> Enrollment:
+        assert self.state is not None and self.state.enrollment is not None
+        return self.state.enrollment
+
+    def _kind(self) -> str:
+        return self.backend.kind if self.backend else "none"
+
+    async def _enroll(self, url: str) -> None:
+        assert self.state is not None and self.client is not None
+        hostname = self.opts.hostname or os.uname().nodename.split(".")[0]
+        try:
+            result = await self.client.register(hostname, self.opts.auth_key)
+            if isinstance(result, PendingApproval):
+                print(
+                    f"To add this machine to the mesh, run on the coordinator:\n"
+                    f"    coordinator nodes approve {result.code}",
+                    flush=True,
+                )
+                result = await self.client.wait_for_approval(result.code, within=self.opts.approval_wait)
+        except ControlError as e:
+            hint = ""
+            if e.status in (401, 403):
+                hint = "; ask the admin for a fresh key (coordinator keys create --user NAME)"
+            elif e.status == 0:
+                hint = "; check the URL and that `coordinator serve` runs there"
+            raise DaemonError(f"enrollment failed: {e}{hint}") from None
+        self.state = self.state.with_enrollment(url, result)
+        self.store.save(self.state)
+        log.info("enrolled as %s (%s)", result.name, ", ".join(result.ips))
+
+    async def _bring_up(self) -> None:
+        old = await runtime.clean_leftovers(self.opts.state_dir)
+        if old is not None:
+            log.info("removed leftovers of a meshd that did not stop cleanly (%s)", old.interface)
+        try:
+            self.backend = await open_backend(self.opts.wg_backend, self.opts.interface)
+            await self.backend.create()
+            await self._apply([])
+            self._port = await self.backend.listen_port()
+        except WgError as e:
+            if self.backend is not None:
+                with contextlib.suppress(Exception):
+                    await self.backend.close()
+            self.backend = None
+            raise DaemonError(str(e)) from None
+        runtime.write(
+            self.opts.state_dir,
+            runtime.Runtime(os.getpid(), self.opts.interface, str(self.opts.hosts_file), self._kind()),
+        )
+        try:
+            self.hosts.update([])  # a crashed daemon's block goes; ours is rewritten with every map
+        except hosts.HostsError as e:
+            raise DaemonError(str(e)) from None
+
+    def _handlers(self) -> dict[str, api.Handler]:
+        async def status(args: dict[str, Any]) -> Any:
+            return (await self.status()).to_json()
+
+        async def ping(args: dict[str, Any]) -> Any:
+            peer = args.get("peer")
+            if not isinstance(peer, str) or not peer:
+                raise api.ApiError("ping needs a peer name")
+            return await self.ping(peer)
+
+        async def down(args: dict[str, Any]) -> Any:
+            asyncio.get_running_loop().call_soon(self.stop, "meshd down")
+            return {"stopping": True}
+
+        return {"status": status, "ping": ping, "down": down}
+
+    async def _tear_down(self) -> None:
+        if self._api is not None:
+            await self._api.close()
+            self._api = None
+        if self.backend is not None:
+            try:
+                await self.backend.close()
+            except Exception as e:  # tear-down goes on whatever broke
+                log.warning("removing %s: %s", self.opts.interface, e)
+            self.backend = None
+        with contextlib.suppress(hosts.HostsError):
+            self.hosts.remove()
+        runtime.clear(self.opts.state_dir)
+
+    # -- reconcile -----------------------------------------------------------------------------------------
+
+    def _endpoint_for(self, v: peerset.VerifiedPeer) -> Endpoint | None:
+        cands = peerset.parse_candidates(v.peer.endpoints)
+        return peerset.first_reachable_candidate(cands, self._networks)
+
+    async def _apply(self, peers: list[peerset.VerifiedPeer]) -> None:
+        assert self.state is not None and self.backend is not None
+        e = self._enrollment()
+        addresses = tuple(peerset.host_prefix(ip) for ip in e.ips)
+        desired = InterfaceConfig(
+            name=self.opts.interface,
+            private_key=b64_from_bytes(self.state.keys.wg_private),
+            listen_port=self.opts.listen_port,
+            addresses=addresses,
+            mtu=1280,
+            peers=peerset.wg_peers(peers, self._endpoint_for),
+        )
+        async with self._apply_lock:
+            ops = await self.backend.apply(desired)
+            self._applied = desired
+        if ops:
+            log.info("wireguard: %d change(s)", len(ops))
+
+    async def on_map(self, new: netmap.NetMap) -> None:
+        """Verify, reconcile WireGuard, rewrite the hosts block."""
+        assert self.state is not None
+        self.map = new
+        keys = list(self._enrollment().trusted_keys) or [self._enrollment().coordinator_public_key]
+        good, bad = peerset.verify_peers(new, keys, self.clock())
+        for r in bad:
+            log.warning("not configuring peer %s (node %d): %s", r.name, r.node_id, r.reason)
+        self.verified = good
+        await self._apply(good)
+        entries = [hosts.HostEntry.for_peer(v.name, v.ips) for v in good]
+        try:
+            self.hosts.update(entries)
+        except hosts.HostsError as e:
+            log.error("hosts file: %s", e)
+
+    # -- tasks ---------------------------------------------------------------------------------------------
+
+    async def _stream_loop(self) -> None:
+        assert self.client is not None
+        delay = RECONNECT_MIN
+        while not self.stop_event.is_set():
+            try:
+                since = self.map.version if self.map else None
+                async with self.client.stream(since=since) as stream:
+                    stream.map = self.map
+                    self._stream = stream
+                    self.connected = True
+                    delay = RECONNECT_MIN
+                    log.info("coordinator stream connected (since=%s)", since)
+                    await self._send_candidates(force=True)
+                    while True:
+                        msg = await stream.recv()
+                        if isinstance(msg, netmap.MapMessage | netmap.DeltaMessage) and stream.map:
+                            await self.on_map(stream.map)
+                        elif isinstance(msg, netmap.ErrorMessage):
+                            log.warning("coordinator: %s", msg.message)
+            except ControlError as e:
+                if e.status in (401, 403, 4401, 4403):
+                    log.error("the coordinator no longer accepts this node: %s", e)
+                    self.stop_reason = (
+                        f"this node was removed or expired ({e}); re-enroll with --auth-key "
+                        f"after moving {self.store.state_file} away"
+                    )
+                    await self._drop_peers()
+                    self.stop_event.set()
+                    return
+                log.warning("%s; retrying in %.1f s", e, delay)
+            except WgError as e:
+                log.error("wireguard: %s", e)
+            finally:
+                self.connected = False
+                self._stream = None
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(RECONNECT_MAX, delay * 2)
+
+    async def _drop_peers(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._apply([])
+        with contextlib.suppress(hosts.HostsError):
+            self.hosts.update([])
+
+    async def _send_candidates(self, force: bool = False) -> None:
+        cands = endpoint_candidates(self._networks, self._port)
+        if (force or cands != self._candidates) and self._stream is not None:
+            self._candidates = cands
+            with contextlib.suppress(Exception):
+                await self._stream.send_endpoints(cands)
+
+    async def _watch_loop(self) -> None:
+        """Every few seconds: notice new local addresses (roaming) and re-announce them."""
+        while True:
+            try:
+                nets = await asyncio.to_thread(local_networks, self.opts.interface)
+            except Exception as e:  # netlink trouble must not kill the daemon
+                log.warning("reading local addresses: %s", e)
+                nets = self._networks
+            if nets != self._networks:
+                self._networks = nets
+                if self.map is not None:
+                    await self.on_map(self.map)
+            await self._send_candidates()
+            await asyncio.sleep(5.0)
+
+    async def _renew_loop(self) -> None:
+        """Renew the node certificate at two thirds of its lifetime (retry every 30 s on failure)."""
+        assert self.client is not None
+        while True:
+            payload = cert.decode(self._enrollment().cert)[0]
+            renew_at = payload.not_before + (payload.not_after - payload.not_before) * 2 / 3
+            await asyncio.sleep(max(1.0, renew_at - self.clock()))
+            try:
+                new = await self.client.renew_cert()
+                cert.verify(new, self._enrollment().trusted_keys, self.clock())
+            except (ControlError, cert.CertError) as e:
+                log.warning("certificate renewal failed: %s; retrying in 30 s", e)
+                await asyncio.sleep(30)
+                continue
+            assert self.state is not None
+            self.state = self.state.with_cert(new)
+            self.store.save(self.state)
+            log.info("node certificate renewed")
+
+    # -- status --------------------------------------------------------------------------------------------
+
+    async def status(self) -> st.Status:
+        """The ``meshd status`` document (DESIGN.md §2)."""
+        e = self._enrollment()
+        wg: InterfaceState | None = None
+        if self.backend is not None:
+            with contextlib.suppress(WgError):
+                wg = await self.backend.state()
+        now = self.clock()
+        peers = []
+        for v in self.verified:
+            ps = wg.peer(v.peer.wg_public_key) if wg else None
+            fresh = bool(ps and ps.last_handshake and now - ps.last_handshake < HANDSHAKE_FRESH)
+            endpoint = ps.endpoint if ps else None
+            hs = ps.last_handshake if ps and ps.last_handshake else None
+            peers.append(
+                st.PeerStatus(
+                    name=v.name,
+                    ips=tuple(v.ips),
+                    public_key=v.peer.wg_public_key,
+                    path="direct" if fresh and endpoint else "none",
+                    endpoint=f"{endpoint[0]}:{endpoint[1]}" if endpoint and fresh else None,
+                    latency_ms=self._latency.get(v.name),
+                    last_handshake=datetime.fromtimestamp(hs, UTC) if hs else None,
+                    rx_bytes=ps.rx_bytes if ps else 0,
+                    tx_bytes=ps.tx_bytes if ps else 0,
+                )
+            )
+        assert self.state is not None
+        return st.Status(
+            self_=st.SelfStatus(
+                name=e.name,
+                ips=tuple(e.ips),
+                public_key=b64encode(self.state.keys.wg_public),
+                interface=self.opts.interface,
+                backend=self._kind(),
+                endpoints=tuple(self._candidates),
+            ),
+            coordinator=st.CoordinatorStatus(url=self.state.coordinator_url or "", connected=self.connected),
+            peers=tuple(peers),
+        )
+
+    async def ping(self, name: str, count: int = 1) -> dict[str, Any]:
+        """Ping ``name`` over the mesh (ICMP to its overlay address) and say which path answered."""
+        v = self.peer_by_name(name)
+        if v is None:
+            known = ", ".join(sorted(p.name for p in self.verified)) or "none"
+            raise api.ApiError(f"no peer named {name!r} (peers: {known})")
+        ip = str(ipaddress.ip_interface(sorted(v.ips, key=lambda i: ":" in i)[0]).ip)
+        proc = await asyncio.create_subprocess_exec(
+            "ping",
+            "-n",
+            "-c",
+            str(count),
+            "-W",
+            "2",
+            "-I",
+            self.opts.interface,
+            ip,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await proc.communicate()
+        rtt = _ping_rtt(out.decode(errors="replace"))
+        status = await self.status()
+        peer = next((p for p in status.peers if p.name == v.name), None)
+        if rtt is None:
+            return {"peer": v.name, "ip": ip, "answered": False, "path": peer.path if peer else "none"}
+        self._latency[v.name] = round(rtt, 3)
+        return {
+            "peer": v.name,
+            "ip": ip,
+            "answered": True,
+            "rtt_ms": rtt,
+            "path": peer.path if peer else "none",
+            "endpoint": peer.endpoint if peer else None,
+        }
+
+    def peer_by_name(self, name: str) -> peerset.VerifiedPeer | None:
+        bare = name.removesuffix("." + self._enrollment().domain)
+        for v in self.verified:
+            if v.name == bare:
+                return v
+        return None

@@ -1,0 +1,77 @@
+"""What a running meshd created, recorded in ``<state-dir>/runtime.json`` so that leftovers of a crashed
+daemon (its interface, its hosts block) can be removed by the next ``meshd up`` or by ``meshd down``."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from meshd import hosts
+from meshd.wg import link
+from meshd.wg.errors import WgError
+
+RUNTIME_FILE = "runtime.json"
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    pid: int
+    interface: str
+    hosts_file: str
+    backend: str
+
+
+def path(state_dir: Path) -> Path:
+    return state_dir / RUNTIME_FILE
+
+
+def write(state_dir: Path, rt: Runtime) -> None:
+    p = path(state_dir)
+    tmp = p.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(asdict(rt), f)
+    os.replace(tmp, p)
+
+
+def read(state_dir: Path) -> Runtime | None:
+    try:
+        raw = json.loads(path(state_dir).read_text())
+        return Runtime(int(raw["pid"]), str(raw["interface"]), str(raw["hosts_file"]), str(raw["backend"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def clear(state_dir: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path(state_dir).unlink()
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+async def clean_leftovers(state_dir: Path) -> Runtime | None:
+    """Remove what a dead meshd of this state dir left behind; returns that record (None if nothing).
+
+    Does nothing when the recorded daemon still runs (the caller finds that out from the socket).
+    """
+    rt = read(state_dir)
+    if rt is None or (rt.pid != os.getpid() and alive(rt.pid)):
+        return None
+    with contextlib.suppress(WgError):
+        if await link.link_index(rt.interface) is not None:
+            await link.delete_link(rt.interface)
+    with contextlib.suppress(hosts.HostsError):
+        hosts.HostsFile(Path(rt.hosts_file), tag=rt.interface).remove()
+    clear(state_dir)
+    return rt
