@@ -259,7 +259,7 @@ class Mesh:
     # -- ssh -------------------------------------------------------------------------------------------
 
     def start_sshd(self, host: Host) -> Path:
-        """A real sshd in ``host``'s namespace (port 22, key-only, its own host key); returns the client key."""
+        """A real sshd in ``host``'s namespace (port 22, keys only); returns the client's key file."""
         d = self.dir / f"ssh-{host.ns}"
         d.mkdir(exist_ok=True)
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "host_key")], check=True)
@@ -273,9 +273,8 @@ class Mesh:
             f"PidFile {d}/sshd.pid\n"
         )
         Path("/run/sshd").mkdir(exist_ok=True)
-        proc = host.popen(
-            ["/usr/sbin/sshd", "-D", "-e", "-f", str(d / "sshd_config")], stderr=open(d / "sshd.log", "ab")
-        )  # noqa: SIM115
+        with open(d / "sshd.log", "ab") as log:
+            proc = host.popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(d / "sshd_config")], stderr=log)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if host.run(["sh", "-c", "ss -ltn | grep -q ':22 '"]).returncode == 0:
