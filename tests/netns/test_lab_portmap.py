@@ -108,3 +108,13 @@ def test_secure_mode_refuses_a_map_for_another_lan_host(upnp, lab):
     assert res.returncode != 0
     assert "failed with code 718" in res.stdout  # miniupnpd's answer in secure mode
     assert f"dnat ip to {b.ip}" not in a.router.nft()
+
+
+@pytest.mark.parametrize(("min_lifetime", "granted"), [(None, 3), (120, 120)])
+def test_pcp_min_lifetime_is_configurable(lab, min_lifetime, granted):
+    kwargs = {} if min_lifetime is None else {"pcp_min_lifetime": min_lifetime}
+    a = lab.host(router=lab.router("upnp", **kwargs))
+    request = pcp_map_request(a.ip, INTERNAL, secrets.token_bytes(12), lifetime=3)
+    out = a.python(PCP_CLIENT, request.hex(), a.router.lan_ip, a.ip)
+    result, lifetime, *_ = parse_pcp_map_response(bytes.fromhex(out.strip()))
+    assert (result, lifetime) == (0, granted)

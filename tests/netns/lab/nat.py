@@ -99,9 +99,17 @@ table {family} {MINIUPNPD_NAT_TABLE} {{
 
 
 def miniupnpd_conf(
-    *, ext_ifname: str, listening_ip: str, lan_cidr: str, uuid: str, lease_file: str, http_port: int = 0
+    *,
+    ext_ifname: str,
+    listening_ip: str,
+    lan_cidr: str,
+    uuid: str,
+    lease_file: str,
+    http_port: int = 0,
+    min_lifetime: int = 120,
 ) -> str:
-    """A miniupnpd.conf: IGD + NAT-PMP + PCP, secure mode, maps allowed only for the LAN."""
+    """A miniupnpd.conf: IGD + NAT-PMP + PCP, secure mode, maps allowed only for the LAN. ``min_lifetime``
+    is the shortest PCP lease granted (shorter requests are raised to it; miniupnpd's default is 120 s)."""
     return f"""\
 ext_ifname={ext_ifname}
 listening_ip={listening_ip}
@@ -114,7 +122,7 @@ notify_interval=60
 clean_ruleset_interval=600
 uuid={uuid}
 lease_file={lease_file}
-min_lifetime=120
+min_lifetime={min_lifetime}
 max_lifetime=86400
 upnp_table_name={MINIUPNPD_TABLE}
 upnp_nat_table_name={MINIUPNPD_NAT_TABLE}

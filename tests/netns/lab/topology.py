@@ -44,6 +44,7 @@ INET_GW = "6.0.0.1"
 INET_PREFIXLEN = 7
 ECHO_PORT = 4000
 SENTINEL = "lab-sentinel"
+PCP_MIN_LIFETIME = 2  #: seconds; see Lab.router
 _NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,19}$")
 
 
@@ -388,9 +389,20 @@ class Lab:
         )
 
     def router(
-        self, nat: str | NatKind = "eim", *, name: str | None = None, carrier: Router | None = None
+        self,
+        nat: str | NatKind = "eim",
+        *,
+        name: str | None = None,
+        carrier: Router | None = None,
+        pcp_min_lifetime: int = PCP_MIN_LIFETIME,
     ) -> Router:
-        """A new router of kind ``nat`` on the internet (for ``cgnat``: behind ``carrier`` or a new one)."""
+        """A new router of kind ``nat`` on the internet (for ``cgnat``: behind ``carrier`` or a new one).
+
+        ``pcp_min_lifetime`` (upnp only): the shortest PCP lease miniupnpd grants. The lab default is short
+        so renewal can be tested in seconds; pass 120 for miniupnpd's (and many routers') default.
+        """
+        if pcp_min_lifetime < 1:
+            raise ValueError("pcp_min_lifetime must be at least 1 s")
         kind = parse_kind(nat)
         if kind is NatKind.PUBLIC:
             raise ValueError("nat='public' has no router: use lab.host(nat='public') or lab.server()")
@@ -424,7 +436,7 @@ class Lab:
             self._attach_to_lan(upstream, netns, WAN, wan_ip, upstream.lan_net.prefixlen)
         netns.run(["nft", "-f", "-"], input=rules.ruleset(kind), check=True)
         if kind is NatKind.UPNP:
-            self._start_miniupnpd(r)
+            self._start_miniupnpd(r, pcp_min_lifetime)
         return r
 
     def _carrier(self) -> Router:
@@ -450,7 +462,7 @@ class Lab:
         self.carriers.append(r)
         return r
 
-    def _start_miniupnpd(self, r: Router) -> None:
+    def _start_miniupnpd(self, r: Router, min_lifetime: int) -> None:
         conf = self.tmpdir / f"{r.name}-miniupnpd.conf"
         conf.write_text(
             rules.miniupnpd_conf(
@@ -459,6 +471,7 @@ class Lab:
                 lan_cidr=str(r.lan_net),
                 uuid=str(uuid.uuid4()),
                 lease_file=str(self.tmpdir / f"{r.name}-miniupnpd.leases"),
+                min_lifetime=min_lifetime,
             )
         )
         r.netns.run(["nft", "-f", "-"], input=rules.miniupnpd_ruleset(), check=True)
