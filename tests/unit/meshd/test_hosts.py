@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -180,3 +184,32 @@ def test_two_daemons_sharing_a_file_keep_both_blocks(tmp_path: Path) -> None:
     assert "# BEGIN meshd wg-a" in text and "# BEGIN meshd wg-b" in text
     assert "100.64.0.2 b.mesh b" in text and "100.64.0.3 c.mesh c" in text
     assert remove(remove(text, "wg-a"), "wg-b") == SYSTEM
+
+
+def test_bind_mounted_hosts_file_is_updated_through_the_mount(tmp_path: Path) -> None:
+    """As in containers: /etc/hosts is a bind mount, which rename-over cannot replace (EBUSY)."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1) for a private mount namespace")
+    real = tmp_path / "real"
+    real.write_text(SYSTEM)
+    target = tmp_path / "target"
+    target.write_text("")
+    code = (
+        "import sys; from pathlib import Path; from meshd.hosts import HostEntry, HostsFile\n"
+        "hf = HostsFile(Path(sys.argv[1]))\n"
+        "print(hf.update([HostEntry('100.64.0.2', 'b'), HostEntry('100.64.0.3', 'c')]))\n"
+        "try:\n"
+        "    Path(sys.argv[1] + '.new').write_text('x'); Path(sys.argv[1] + '.new').rename(sys.argv[1])\n"
+        "except OSError as e:\n"
+        "    print(e.errno)\n"
+    )
+    script = 'mount --bind "$1" "$2" && exec "$3" -c "$4" "$2"'
+    out = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
+         str(real), str(target), sys.executable, code],
+        capture_output=True, text=True, timeout=60, check=False, cwd=Path(__file__).resolve().parents[3],
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", str(errno.EBUSY)]  # ours worked; a rename would not have
+    assert real.read_text() == SYSTEM + BLOCK_BC
+    assert target.read_text() == ""  # outside the namespace nothing was mounted
