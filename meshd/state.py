@@ -5,6 +5,7 @@ Layout (directory 0700, files 0600, owned by the daemon's user)::
     state.json   {"version": 1, "wireguard_private_key": b64, "node_private_key": b64,
                   "coordinator_url": str | null, "enrollment": {...} | null}
     meshd.sock   the local control socket (meshd.api)
+    lock         flock()ed by the running daemon (one daemon per state dir)
 
 The WireGuard key (X25519) and the node key (Ed25519 seed) are generated here on first start and never
 leave the host (DESIGN.md §1 "Identity"). The file is replaced atomically (temporary file, fsync,
@@ -15,6 +16,7 @@ one-line message saying what to do.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import stat
@@ -28,6 +30,7 @@ from meshd.proto.encoding import b64decode, b64encode
 DEFAULT_STATE_DIR = Path("/var/lib/meshd")
 STATE_FILE = "state.json"
 SOCKET_FILE = "meshd.sock"
+LOCK_FILE = "lock"
 VERSION = 1
 
 
@@ -151,6 +154,24 @@ def decode_state(data: bytes) -> NodeState:
 # --- the directory -------------------------------------------------------------------------------------
 
 
+class StateLock:
+    """The held lock on a state dir; ``close()`` (or process exit) releases it."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> StateLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class StateDir:
     """The state directory. Nothing touches the disk until a method is called."""
 
@@ -173,6 +194,26 @@ class StateDir:
         except OSError as exc:
             raise StateError(f"cannot create state dir {self.path}: {exc.strerror}") from None
         self._check_private(st, self.path, "state dir", "700")
+
+    def lock(self) -> StateLock:
+        """Take the state dir for this process (released on close/exit); StateError if another has it."""
+        self.ensure()
+        path = self.path / LOCK_FILE
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            raise StateError(f"cannot open {path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StateError(
+                f"another meshd is using {self.path}; stop it first (`meshd down`) or use another --state-dir"
+            ) from None
+        except OSError as exc:
+            os.close(fd)
+            raise StateError(f"cannot lock {path}: {exc.strerror}") from None
+        return StateLock(fd)
 
     def load(self) -> NodeState | None:
         """The saved state, or None when there is none yet."""

@@ -179,3 +179,12 @@ def test_any_state_file_loads_or_raises_state_error(
             sd.load()
         except StateError as exc:
             assert "\n" not in str(exc)
+
+
+def test_one_daemon_per_state_dir(tmp_path: Path) -> None:
+    sd = StateDir(tmp_path / "s")
+    with sd.lock(), pytest.raises(StateError, match=r"another meshd is using .*; stop it first"):
+        StateDir(tmp_path / "s").lock()
+    with sd.lock():  # released: a restart gets it again
+        pass
+    assert stat.S_IMODE((sd.path / "lock").stat().st_mode) == 0o600
