@@ -2,6 +2,7 @@
 daemon-like driver (this file run as a script inside the namespace with `ip netns exec`) that configures
 its interface only through meshd.wg; then ping through the tunnel and compare with `wg show`.
 
+The drivers are forked from one pre-imported server process (importing pyroute2 is slow under TCG).
 Backend under test: userspace (wireguard-go) by default. The microVM test (tests/microvm/) runs this same
 module inside a VM booted with a kernel that has wireguard.ko, with MESHD_WG_TEST_BACKEND=kernel.
 """
@@ -15,6 +16,7 @@ import json
 import os
 import secrets
 import select
+import socket
 import subprocess
 import sys
 import time
@@ -37,18 +39,15 @@ pytestmark = [pytest.mark.netns, pytest.mark.timeout(120)]
 # Runs inside a namespace: one JSON request per stdin line, one JSON reply per stdout line.
 
 
-async def _driver(ifname: str, kind: str) -> None:
+async def _driver(ifname: str, kind: str, sock: socket.socket) -> None:
     from meshd.wg import InterfaceConfig, PeerConfig, WgError, open_backend
     from meshd.wg.userspace import UserspaceBackend
 
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    reader, writer = await asyncio.open_connection(sock=sock)
     backend = None
 
     def reply(obj: dict[str, Any]) -> None:
-        sys.stdout.write(json.dumps(obj) + "\n")
-        sys.stdout.flush()
+        writer.write((json.dumps(obj) + "\n").encode())
 
     async for raw in reader:
         req = json.loads(raw)
@@ -98,8 +97,48 @@ async def _driver(ifname: str, kind: str) -> None:
             reply({"ok": False, "error": str(e), "type": type(e).__name__})
             continue
         reply({"ok": True, "result": result})
+        await writer.drain()
         if op == "close":
             return
+
+
+def _fork_server() -> None:
+    """Pre-imports meshd.wg once, then forks one driver per request into the named network namespace.
+
+    Python start-up with pyroute2 takes ~30 s under TCG in the microVM; forking keeps that to once.
+    Request (stdin line): {"ns", "ifname", "kind", "connect": unix socket path}; reply: {"pid"}.
+    """
+    import ctypes
+    import signal
+
+    import meshd.wg  # noqa: F401  (the point: import once, before forking)
+
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
+    libc = ctypes.CDLL(None, use_errno=True)
+    for line in sys.stdin:
+        req = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                fd = os.open(f"/run/netns/{req['ns']}", os.O_RDONLY)
+                if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
+                    raise OSError(ctypes.get_errno(), "setns")
+                os.close(fd)
+                devnull = os.open(os.devnull, os.O_RDWR)
+                os.dup2(devnull, 0)
+                os.dup2(devnull, 1)
+                sock = socket.socket(socket.AF_UNIX)
+                sock.connect(req["connect"])
+                asyncio.run(_driver(req["ifname"], req["kind"], sock))
+            except BaseException as e:  # report and leave; never return into the server loop
+                print(f"driver {req}: {type(e).__name__}: {e}", file=sys.stderr)
+                code = 1
+            finally:
+                os._exit(code)
+        sys.stdout.write(json.dumps({"pid": pid}) + "\n")
+        sys.stdout.flush()
 
 
 def _op_key(op: Any) -> str:
@@ -114,6 +153,50 @@ def sh(*args: str, ns: str | None = None, check: bool = True) -> subprocess.Comp
     return subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=check)
 
 
+class DriverServer:
+    """The fork server (this file run with --fork-server), one per test session."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.log = tmp / "fork-server.log"
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        with self.log.open("w") as log:
+            self.proc = subprocess.Popen(
+                [PY, __file__, "--fork-server"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=env,
+            )  # fmt: skip
+
+    def spawn(self, ns: str, ifname: str, connect: Path) -> int:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(
+            json.dumps({"ns": ns, "ifname": ifname, "kind": BACKEND, "connect": str(connect)})
+        )
+        self.proc.stdin.write("\n")
+        self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], 180)
+        line = self.proc.stdout.readline() if ready else ""
+        assert line, f"fork server did not answer; its log: {self.log.read_text()[-2000:]}"
+        return int(json.loads(line)["pid"])
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+@pytest.fixture(scope="session")
+def driver_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DriverServer]:
+    server = DriverServer(tmp_path_factory.mktemp("wgdrv"))
+    try:
+        yield server
+    finally:
+        server.close()
+
+
 class Node:
     """A namespace with a driver process that owns one WireGuard interface."""
 
@@ -121,14 +204,26 @@ class Node:
         self.ns, self.ifname, self.lan_ip = ns, ifname, lan_ip
         self.private_key = generate_private_key()
         self.public_key = public_key(self.private_key)
-        self.proc: subprocess.Popen[str] | None = None
+        self.pid: int | None = None
+        self.conn: socket.socket | None = None
+        self.file: Any = None
 
-    def start_driver(self) -> None:
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns, PY, __file__, "--driver", self.ifname, BACKEND],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        )  # fmt: skip
+    def start_driver(self, server: DriverServer) -> None:
+        path = server.tmp / f"{self.ns}-{self.ifname}.sock"
+        with socket.socket(socket.AF_UNIX) as listener:
+            listener.bind(str(path))
+            listener.listen(1)
+            listener.settimeout(120)
+            self.pid = server.spawn(self.ns, self.ifname, path)
+            try:
+                self.conn, _ = listener.accept()
+            except TimeoutError:
+                raise AssertionError(
+                    f"driver for {self.ns} did not connect; {server.log.read_text()}"
+                ) from None
+        path.unlink()
+        self.conn.settimeout(None)
+        self.file = self.conn.makefile("rw")
 
     def call(self, op: str, timeout: float = 15.0, **kw: Any) -> Any:
         r = self.try_call(op, timeout, **kw)
@@ -136,33 +231,41 @@ class Node:
         return r["result"]
 
     def try_call(self, op: str, timeout: float = 15.0, **kw: Any) -> dict[str, Any]:
-        assert self.proc is not None and self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps({"op": op, **kw}) + "\n")
-        self.proc.stdin.flush()
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        assert self.conn is not None
+        self.file.write(json.dumps({"op": op, **kw}) + "\n")
+        self.file.flush()
+        ready, _, _ = select.select([self.conn], [], [], timeout)
         if not ready:
             raise AssertionError(f"driver in {self.ns} did not answer {op} within {timeout} s")
-        line = self.proc.stdout.readline()
+        line = self.file.readline()
         if not line:
-            err = self.proc.stderr.read() if self.proc.stderr else ""
-            raise AssertionError(f"driver in {self.ns} died during {op}: {err[-2000:]}")
+            raise AssertionError(f"driver in {self.ns} died during {op} (see the fork server log)")
         reply: dict[str, Any] = json.loads(line)
         return reply
 
+    def alive(self) -> bool:
+        if self.pid is None:
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
     def stop(self) -> None:
-        if self.proc is None:
+        if self.conn is None:
             return
         with contextlib.suppress(Exception):
-            if self.proc.poll() is None:
-                self.try_call("close", timeout=10)
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-        self.proc = None
+            self.try_call("close", timeout=10)
+        self.file.close()
+        self.conn.close()
+        self.conn = None
+        deadline = time.monotonic() + 5
+        while self.alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.alive():
+            assert self.pid is not None
+            os.kill(self.pid, 9)
 
     def config(self, *peers: dict[str, Any], listen_port: int = 0, **kw: Any) -> dict[str, Any]:
         return {
@@ -205,7 +308,8 @@ class Node:
 
 
 class Lab:
-    def __init__(self) -> None:
+    def __init__(self, server: DriverServer) -> None:
+        self.server = server
         self.tag = secrets.token_hex(3)
         self.namespaces: list[str] = []
         self.nodes: list[Node] = []
@@ -229,7 +333,7 @@ class Lab:
     def node(self, ns: str, ifname: str, lan_ip: str) -> Node:
         n = Node(ns, ifname, lan_ip)
         self.nodes.append(n)
-        n.start_driver()
+        n.start_driver(self.server)
         return n
 
     def close(self) -> None:
@@ -243,8 +347,8 @@ class Lab:
 
 
 @pytest.fixture
-def lab() -> Iterator[Lab]:
-    lab = Lab()
+def lab(driver_server: DriverServer) -> Iterator[Lab]:
+    lab = Lab(driver_server)
     try:
         yield lab
     finally:
@@ -403,5 +507,5 @@ def _peer(state: dict[str, Any], key: str) -> dict[str, Any]:
     return p
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["--driver"]:
-    asyncio.run(_driver(sys.argv[2], sys.argv[3]))
+if __name__ == "__main__" and sys.argv[1:2] == ["--fork-server"]:
+    _fork_server()
