@@ -36,7 +36,7 @@ from meshd import status as st
 from meshd.control import ControlClient, ControlError, Enrollment, PendingApproval
 from meshd.proto import cert, netmap
 from meshd.proto.encoding import b64encode
-from meshd.state import NodeState, StateDir, StateError
+from meshd.state import NodeState, StateDir, StateError, StateLock
 from meshd.wg.base import WireGuardBackend
 from meshd.wg.errors import WgError
 from meshd.wg.keys import b64_from_bytes
@@ -126,6 +126,7 @@ class Daemon:
         self._port = opts.listen_port
         self._latency: dict[str, float] = {}
         self._api: api.ControlServer | None = None
+        self._lock: StateLock | None = None
 
     # -- life cycle ----------------------------------------------------------------------------------------
 
@@ -133,6 +134,7 @@ class Daemon:
         if os.geteuid() != 0:
             raise DaemonError("meshd up must run as root (it configures network interfaces); use sudo")
         try:
+            self._lock = self.store.lock()  # one daemon per state dir, held until we exit
             self.state = self.store.load_or_create()
         except StateError as e:
             raise DaemonError(str(e)) from None
@@ -169,6 +171,8 @@ class Daemon:
         finally:
             await self._tear_down()
             await self.client.aclose()
+            if self._lock is not None:
+                self._lock.close()
 
     def stop(self, reason: str = "stop requested") -> None:
         if not self.stop_event.is_set():
@@ -314,9 +318,8 @@ class Daemon:
             log.warning("not configuring peer %s (node %d): %s", r.name, r.node_id, r.reason)
         self.verified = good
         await self._apply(good)
-        entries = [hosts.HostEntry.for_peer(v.name, v.ips) for v in good]
         try:
-            self.hosts.update(entries)
+            self.hosts.update([hosts.HostEntry.for_peer(v.name, v.ips) for v in good])
         except hosts.HostsError as e:
             log.error("hosts file: %s", e)
 
@@ -342,7 +345,7 @@ class Daemon:
                         elif isinstance(msg, netmap.ErrorMessage):
                             log.warning("coordinator: %s", msg.message)
             except ControlError as e:
-                if e.status in (401, 403, 4401, 4403):
+                if e.status in (401, 403, 4401, 4403) and await self._revoked():
                     log.error("the coordinator no longer accepts this node: %s", e)
                     self.stop_reason = (
                         f"this node was removed or expired ({e}); re-enroll with --auth-key "
@@ -359,6 +362,16 @@ class Daemon:
                 self._stream = None
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(RECONNECT_MAX, delay * 2)
+
+    async def _revoked(self) -> bool:
+        """Confirm with a signed request that the coordinator refuses us (a closed stream alone may just
+        be the coordinator restarting): True only on an explicit 401/403."""
+        assert self.client is not None
+        try:
+            await self.client.fetch_map(since=self.map.version if self.map else None)
+        except ControlError as e:
+            return e.status in (401, 403)
+        return False
 
     async def _drop_peers(self) -> None:
         with contextlib.suppress(Exception):

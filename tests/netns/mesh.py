@@ -253,8 +253,10 @@ class Mesh:
             f"\n{src.log_tail()}"
         )
 
-    def hosts_block(self, node: Node) -> str:
-        return (Path("/etc/netns") / node.host.ns / "hosts").read_text()
+    def hosts_block(self, where: Node | Host) -> str:
+        """The hosts file meshd edits on that node's host (its /etc/netns/<ns>/hosts)."""
+        host = where.host if isinstance(where, Node) else where
+        return (Path("/etc/netns") / host.ns / "hosts").read_text()
 
     # -- ssh -------------------------------------------------------------------------------------------
 
