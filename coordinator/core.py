@@ -179,7 +179,7 @@ class Core:
                 fn()
             if tx.changes:
                 self.metrics.version.set(self.state.version)
-                self.hub.notify()
+                self.hub.notify(urgent=any(c.kind != "endpoints" for c in tx.changes))
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:

@@ -48,6 +48,8 @@ class Hub:
         self.coalesce = coalesce
         self.subscribers: dict[int, set[Subscriber]] = {}
         self._wake = asyncio.Event()
+        self._urgent = asyncio.Event()
+        self.slow_coalesce = max(coalesce, 0.4)
         self._cycle: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._on_sent = on_sent
@@ -98,8 +100,15 @@ class Hub:
         for sub in self.subscribers.get(node_id, set()).copy():
             sub.close(reason)
 
-    def notify(self) -> None:
-        """Something changed: push within the coalescing window."""
+    def notify(self, urgent: bool = True) -> None:
+        """Something changed: push within the coalescing window.
+
+        Non-urgent changes (endpoint candidates, online flags) wait up to `slow_coalesce` so that a storm
+        of connects does not turn into one push to every node per connect; anything urgent arriving
+        meanwhile cuts the wait short. Either way every change is pushed well within a second.
+        """
+        if urgent:
+            self._urgent.set()
         self._wake.set()
 
     async def wait_for_version(self, since: int, wait: float) -> None:
@@ -118,8 +127,12 @@ class Hub:
     async def _run(self) -> None:
         while True:
             await self._wake.wait()
+            if not self._urgent.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._urgent.wait(), self.slow_coalesce - self.coalesce)
             await asyncio.sleep(self.coalesce)
             self._wake.clear()
+            self._urgent.clear()
             try:
                 self.push_all()
             except Exception:  # pragma: no cover - keep the hub alive, the next change retries

@@ -60,9 +60,11 @@ async def stream(ws: WebSocket) -> None:
     pending = state.pending_since(since) if since is not None else None
     first = state.full_map_message(node_id) if pending is None else state.delta_message(pending, node_id)
     sub = Subscriber(node_id=node_id, version=state.version)
+    sub.push(first)  # via the queue: a full map can be megabytes, keep no reference once it is sent
+    del first
     core.hub.add(sub)
     core.metrics.connected.set(core.hub.connected)
-    sender = asyncio.create_task(_send_loop(ws, sub, first))
+    sender = asyncio.create_task(_send_loop(ws, sub))
     try:
         await nodes.set_endpoints(core, node_id, None, True)
         await _receive_loop(ws, core, node_id, sub)
@@ -82,8 +84,7 @@ async def stream(ws: WebSocket) -> None:
                 await ws.close(code=CLOSE_REVOKED, reason=sub.close_reason[:120])
 
 
-async def _send_loop(ws: WebSocket, sub: Subscriber, first: str) -> None:
-    await ws.send_text(first)
+async def _send_loop(ws: WebSocket, sub: Subscriber) -> None:
     while True:
         item = await sub.queue.get()
         if item is CLOSE:
@@ -91,6 +92,7 @@ async def _send_loop(ws: WebSocket, sub: Subscriber, first: str) -> None:
             return
         assert isinstance(item, str)
         await ws.send_text(item)
+        del item
 
 
 async def _receive_loop(ws: WebSocket, core: Core, node_id: int, sub: Subscriber) -> None:

@@ -93,7 +93,7 @@ async def coord(core: Core, settings: Settings) -> AsyncIterator[Coord]:
 @pytest.fixture
 async def live(coord: Coord, settings: Settings) -> AsyncIterator[Coord]:
     """The same coordinator also served by uvicorn on a random loopback port (for WebSocket tests)."""
-    sock = socket.socket()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # TCP_NODELAY on accept
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     server = uvicorn.Server(

@@ -1,0 +1,282 @@
+#!/usr/bin/env python3
+"""Coordinator scale benchmark: simulated nodes speaking the real protocol over loopback.
+
+Starts a real `coordinator serve` (SQLite, temp state dir, random loopback port), then in this process:
+
+1. enrolls N nodes with a reusable pre-auth key (proof of possession, real crypto) -> enrollment rate;
+2. opens N signed map WebSockets and waits until every node has its full map -> connect time;
+3. makes admin changes (`nodes rename` over the admin socket) and records, per node, when the delta
+   naming the change arrives -> p50/p99/max from the admin call to the node, and to the LAST node;
+4. samples the coordinator's RSS and CPU time from /proc.
+
+Everything is bounded: --max-seconds for the whole run, per-phase timeouts, N <= 20000.
+
+    .venv/bin/python benchmarks/coordinator_scale.py --nodes 1000
+    .venv/bin/python benchmarks/coordinator_scale.py --nodes 10000 --max-seconds 1500
+
+Simulated nodes keep the raw text of the full map (they do not build dataclasses for thousands of peers:
+that is the daemon's cost, not the coordinator's) and decode every delta with meshd.proto.netmap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from coordinator.adminclient import AdminClient
+from meshd.control import ControlClient, Enrollment, NodeKeys
+from meshd.proto import netmap, signing
+
+BIN = Path(sys.executable).parent / "coordinator"
+
+
+@dataclass
+class SimNode:
+    keys: NodeKeys
+    node_id: int = 0
+    name: str = ""
+    got_map: float | None = None
+    map_bytes: int = 0
+    received: dict[str, float] = field(default_factory=dict)  # new name -> arrival time
+    messages: int = 0
+
+
+def proc_stats(pid: int) -> tuple[float, float]:
+    """(RSS MiB, user+system CPU seconds) of a process."""
+    with open(f"/proc/{pid}/status") as f:
+        rss_kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return rss_kb / 1024, (int(fields[11]) + int(fields[12])) / ticks
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
+
+
+async def enroll_all(url: str, key: str, nodes: list[SimNode], concurrency: int) -> float:
+    """`concurrency` workers, each one HTTP client reused for many nodes (only the keys change)."""
+    queue: asyncio.Queue[tuple[int, SimNode]] = asyncio.Queue()
+    for item in enumerate(nodes):
+        queue.put_nowait(item)
+
+    async def worker() -> None:
+        async with ControlClient(url, NodeKeys.generate()) as client:
+            while not queue.empty():
+                i, n = queue.get_nowait()
+                client.keys = n.keys
+                result = await client.register(f"sim{i}", auth_key=key)
+                assert isinstance(result, Enrollment)
+                n.node_id, n.name = result.node_id, result.name
+
+    start = time.monotonic()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return time.monotonic() - start
+
+
+async def run_stream(url: str, n: SimNode, ready: asyncio.Event, stop: asyncio.Event) -> None:
+    from websockets.asyncio.client import connect
+
+    path = "/api/v1/stream"
+    headers = signing.sign_request(n.keys.node_private, str(n.node_id), "GET", path, b"", time.time())
+    async with connect(
+        "ws" + url[4:] + path,
+        additional_headers=headers,
+        max_size=None,
+        compression=None,
+        open_timeout=120,
+        ping_interval=None,
+    ) as ws:
+        first = await ws.recv()
+        n.got_map = time.monotonic()
+        n.map_bytes = len(first)
+        assert first.startswith('{"type":"map"')
+        ready.set()
+        stop_task = asyncio.ensure_future(stop.wait())
+        while not stop.is_set():
+            recv = asyncio.ensure_future(ws.recv())
+            recv.add_done_callback(lambda f: f.cancelled() or f.exception())
+            done, _ = await asyncio.wait({recv, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+            if recv not in done:
+                recv.cancel()
+                break
+            if recv.exception() is not None:
+                if stop.is_set():
+                    break
+                raise recv.exception()  # type: ignore[misc]
+            text = recv.result()
+            now = time.monotonic()
+            n.messages += 1
+            msg = netmap.decode_server_message(text)
+            if isinstance(msg, netmap.DeltaMessage):
+                for p in msg.delta.peers_changed:
+                    n.received.setdefault(p.name, now)
+                if msg.delta.self_node is not None:
+                    n.received.setdefault(msg.delta.self_node.name, now)
+
+
+async def main_async(
+    args: argparse.Namespace, server: subprocess.Popen[str], state: Path, url: str
+) -> dict[str, object]:
+    deadline = time.monotonic() + args.max_seconds
+    results: dict[str, object] = {"nodes": args.nodes}
+    tasks: list[asyncio.Task[None]] = []
+    stop = asyncio.Event()
+    try:
+        admin = AdminClient(state / "admin.sock")
+        while True:
+            try:
+                admin.call("GET", "/admin/users")
+                break
+            except Exception:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("coordinator did not start (see its log)") from None
+                await asyncio.sleep(0.1)
+        admin.call("POST", "/admin/users", {"name": "bench"})
+        key = admin.call("POST", "/admin/keys", {"user": "bench", "reusable": True, "expiration": 86400})[
+            "key"
+        ]
+        rss0, cpu0 = proc_stats(server.pid)
+
+        nodes = [SimNode(NodeKeys.generate()) for _ in range(args.nodes)]
+        t_enroll = await asyncio.wait_for(
+            enroll_all(url, key, nodes, args.concurrency), deadline - time.monotonic()
+        )
+        _rss1, cpu1 = proc_stats(server.pid)
+        results["enroll_seconds"] = round(t_enroll, 2)
+        results["enroll_per_second"] = round(args.nodes / t_enroll, 1)
+        results["enroll_server_cpu_seconds"] = round(cpu1 - cpu0, 2)
+        print(f"enrolled {args.nodes} nodes in {t_enroll:.1f} s ({args.nodes / t_enroll:.0f}/s)", flush=True)
+
+        start = time.monotonic()
+        sem = asyncio.Semaphore(args.concurrency)
+
+        async def connect(n: SimNode) -> None:
+            ready = asyncio.Event()
+            async with sem:
+                task = asyncio.create_task(run_stream(url, n, ready, stop))
+                tasks.append(task)
+                waiter = asyncio.ensure_future(ready.wait())
+                await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                if task.done():
+                    task.result()
+
+        await asyncio.wait_for(asyncio.gather(*(connect(n) for n in nodes)), deadline - time.monotonic())
+        t_connect = time.monotonic() - start
+        rss2, cpu2 = proc_stats(server.pid)
+        results["connect_all_seconds"] = round(t_connect, 2)
+        results["full_map_bytes_per_node"] = nodes[-1].map_bytes
+        results["connect_server_cpu_seconds"] = round(cpu2 - cpu1, 2)
+        print(
+            f"{args.nodes} streams open with full maps in {t_connect:.1f} s "
+            f"(map {nodes[-1].map_bytes / 1024:.0f} KiB)",
+            flush=True,
+        )
+        await asyncio.sleep(1.5)  # let the online-flag deltas of the connect storm drain
+
+        lat_all: list[float] = []
+        lat_last: list[float] = []
+        for round_no in range(args.changes):
+            target = nodes[round_no % len(nodes)]
+            new_name = f"renamed{round_no}"
+            t0 = time.monotonic()
+            await asyncio.to_thread(
+                admin.call, "POST", f"/admin/nodes/{target.name}/rename", {"new_name": new_name}
+            )
+            target.name = new_name
+            wait_until = time.monotonic() + 30
+            while time.monotonic() < wait_until and not all(new_name in n.received for n in nodes):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)  # bounded poll: 30 s
+            arrivals = [n.received[new_name] - t0 for n in nodes if new_name in n.received]
+            missing = len(nodes) - len(arrivals)
+            lat_all.extend(arrivals)
+            if arrivals:
+                lat_last.append(max(arrivals))
+            print(
+                f"change {round_no}: {len(arrivals)} nodes, p50 {pct(arrivals, 50) * 1000:.0f} ms, "
+                f"p99 {pct(arrivals, 99) * 1000:.0f} ms, last {max(arrivals, default=0) * 1000:.0f} ms"
+                + (f", {missing} MISSING" if missing else ""),
+                flush=True,
+            )
+            await asyncio.sleep(0.3)
+        rss3, cpu3 = proc_stats(server.pid)
+        results["change_to_node_p50_ms"] = round(pct(lat_all, 50) * 1000, 1)
+        results["change_to_node_p99_ms"] = round(pct(lat_all, 99) * 1000, 1)
+        results["change_to_last_node_median_ms"] = (
+            round(statistics.median(lat_last) * 1000, 1) if lat_last else None
+        )
+        results["change_to_last_node_max_ms"] = round(max(lat_last) * 1000, 1) if lat_last else None
+        results["server_rss_mib_idle"] = round(rss0, 1)
+        results["server_rss_mib_connected"] = round(max(rss2, rss3), 1)
+        results["server_cpu_seconds_total"] = round(cpu3 - cpu0, 1)
+        return results
+    finally:
+        stop.set()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--nodes", type=int, default=1000)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--changes", type=int, default=5)
+    parser.add_argument("--max-seconds", type=float, default=900)
+    args = parser.parse_args()
+    if not 1 <= args.nodes <= 20000:
+        parser.error("--nodes must be between 1 and 20000")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, args.nodes * 2 + 1024)
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))  # inherited by the coordinator
+    state = Path(tempfile.mkdtemp(prefix=f"coordbench-{os.getpid()}-"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(state.with_suffix(".log"), "w+")  # noqa: SIM115 - closed below
+    server = subprocess.Popen(
+        [str(BIN), "serve", "--listen", f"127.0.0.1:{port}", "--state-dir", str(state)],
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+        text=True,
+    )
+    try:
+        results = asyncio.run(main_async(args, server, state, f"http://127.0.0.1:{port}"))
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.seek(0)
+        errors = [line for line in log.read().splitlines() if "Traceback" in line or "ERROR" in line]
+        log.close()
+        os.unlink(log.name)
+        shutil.rmtree(state, ignore_errors=True)
+    results["server_errors_logged"] = len(errors)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
