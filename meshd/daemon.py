@@ -34,8 +34,9 @@ from typing import Any
 from meshd import api, hosts, peerset, runtime, sdnotify
 from meshd import status as st
 from meshd.control import ControlClient, ControlError, Enrollment, PendingApproval
+from meshd.nat.engine import Traversal
 from meshd.proto import cert, netmap
-from meshd.proto.encoding import b64encode
+from meshd.proto.encoding import b64decode, b64encode
 from meshd.state import NodeState, StateDir, StateError, StateLock
 from meshd.wg.base import WireGuardBackend
 from meshd.wg.errors import WgError
@@ -127,6 +128,7 @@ class Daemon:
         self._latency: dict[str, float] = {}
         self._api: api.ControlServer | None = None
         self._lock: StateLock | None = None
+        self.traversal: Traversal | None = None
 
     # -- life cycle ----------------------------------------------------------------------------------------
 
@@ -144,6 +146,7 @@ class Daemon:
             if self.state.enrollment is None:
                 await self._enroll(url)
             await self._bring_up()
+            await self._start_traversal()
             self._api = api.ControlServer(self.store.socket_path, self._handlers())
             try:
                 await self._api.start()
@@ -254,6 +257,28 @@ class Daemon:
         except hosts.HostsError as e:
             raise DaemonError(str(e)) from None
 
+    async def _start_traversal(self) -> None:
+        assert self.state is not None and self.backend is not None
+        self.traversal = Traversal(
+            backend=self.backend,
+            node_seed=self.state.keys.node_private,
+            port=self._port,
+            stun_servers=(),
+            send_signal=self._send_signal,
+        )
+        self.traversal.on_candidates = self._announce
+        await self.traversal.start()
+
+    async def _send_signal(self, node_id: int, payload: dict[str, Any]) -> None:
+        if self._stream is not None:
+            await self._stream.send_signal(node_id, payload)
+
+    async def _announce(self, candidates: list[str]) -> None:
+        self._candidates = candidates
+        if self._stream is not None:
+            with contextlib.suppress(Exception):
+                await self._stream.send_endpoints(candidates)
+
     def _handlers(self) -> dict[str, api.Handler]:
         async def status(args: dict[str, Any]) -> Any:
             return (await self.status()).to_json()
@@ -271,6 +296,9 @@ class Daemon:
         return {"status": status, "ping": ping, "down": down}
 
     async def _tear_down(self) -> None:
+        if self.traversal is not None:
+            await self.traversal.close()
+            self.traversal = None
         if self._api is not None:
             await self._api.close()
             self._api = None
@@ -287,6 +315,8 @@ class Daemon:
     # -- reconcile -----------------------------------------------------------------------------------------
 
     def _endpoint_for(self, v: peerset.VerifiedPeer) -> Endpoint | None:
+        if self.traversal is not None and self.traversal.active:
+            return None  # the traversal engine sets endpoints once a probe was answered
         cands = peerset.parse_candidates(v.peer.endpoints)
         return peerset.first_reachable_candidate(cands, self._networks)
 
@@ -318,6 +348,17 @@ class Daemon:
             log.warning("not configuring peer %s (node %d): %s", r.name, r.node_id, r.reason)
         self.verified = good
         await self._apply(good)
+        if self.traversal is not None:
+            self.traversal.set_peers(
+                (
+                    v.name,
+                    v.peer.node_id,
+                    v.peer.wg_public_key,
+                    b64decode(v.peer.node_public_key, length=32),
+                    peerset.parse_candidates(v.peer.endpoints),
+                )
+                for v in good
+            )
         try:
             self.hosts.update([hosts.HostEntry.for_peer(v.name, v.ips) for v in good])
         except hosts.HostsError as e:
@@ -342,6 +383,8 @@ class Daemon:
                         msg = await stream.recv()
                         if isinstance(msg, netmap.MapMessage | netmap.DeltaMessage) and stream.map:
                             await self.on_map(stream.map)
+                        elif isinstance(msg, netmap.SignalMessage) and self.traversal is not None:
+                            self.traversal.on_signal(msg.peer, msg.payload)
                         elif isinstance(msg, netmap.ErrorMessage):
                             log.warning("coordinator: %s", msg.message)
             except ControlError as e:
@@ -380,7 +423,10 @@ class Daemon:
             self.hosts.update([])
 
     async def _send_candidates(self, force: bool = False) -> None:
-        cands = endpoint_candidates(self._networks, self._port)
+        if self.traversal is not None:
+            cands = self.traversal.candidates()
+        else:
+            cands = endpoint_candidates(self._networks, self._port)
         if (force or cands != self._candidates) and self._stream is not None:
             self._candidates = cands
             with contextlib.suppress(Exception):
@@ -396,6 +442,8 @@ class Daemon:
                 nets = self._networks
             if nets != self._networks:
                 self._networks = nets
+                if self.traversal is not None:
+                    self.traversal.set_local([k.split("/", 1)[1] for k in nets], nets.values())
                 if self.map is not None:
                     await self.on_map(self.map)
             await self._send_candidates()
@@ -436,14 +484,22 @@ class Daemon:
             fresh = bool(ps and ps.last_handshake and now - ps.last_handshake < HANDSHAKE_FRESH)
             endpoint = ps.endpoint if ps else None
             hs = ps.last_handshake if ps and ps.last_handshake else None
+            path = "direct" if fresh and endpoint else "none"
+            latency = self._latency.get(v.name)
+            tstat = self.traversal.status(v.peer.wg_public_key) if self.traversal else None
+            if tstat is not None and self.traversal is not None and self.traversal.active:
+                path = str(tstat.path)
+                endpoint = tstat.endpoint
+                if tstat.rtt is not None:
+                    latency = round(tstat.rtt * 1000, 3)
             peers.append(
                 st.PeerStatus(
                     name=v.name,
                     ips=tuple(v.ips),
                     public_key=v.peer.wg_public_key,
-                    path="direct" if fresh and endpoint else "none",
-                    endpoint=f"{endpoint[0]}:{endpoint[1]}" if endpoint and fresh else None,
-                    latency_ms=self._latency.get(v.name),
+                    path=path,
+                    endpoint=f"{endpoint[0]}:{endpoint[1]}" if endpoint and path == "direct" else None,
+                    latency_ms=latency,
                     last_handshake=datetime.fromtimestamp(hs, UTC) if hs else None,
                     rx_bytes=ps.rx_bytes if ps else 0,
                     tx_bytes=ps.tx_bytes if ps else 0,

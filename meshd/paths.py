@@ -200,6 +200,15 @@ class PeerPath:
             self._backoff = self.config.backoff_initial  # the direct path proved itself
         self._check_stall(now)
 
+    def peer_asked(self, now: float) -> None:
+        """The peer asked us to probe now ("call me maybe"): both sides probing together opens the NATs.
+
+        Without a direct path an attempt starts at once (backoff reset) unless one is running already.
+        """
+        if self._direct is None and self._attempt_until is None:
+            self._backoff = self.config.backoff_initial
+            self._start_attempt(now)
+
     def relay_up(self, now: float) -> None:
         """The relay connection is up."""
         self._relay_up = True

@@ -357,3 +357,24 @@ def test_any_sequence_keeps_invariants(script: list[tuple[float, str, float]]) -
         if isinstance(ev, UseDirect):
             assert ev.endpoint in answered
     assert lab.path.next_timer() is not None  # it never stops trying or heart-beating
+
+
+def test_call_me_maybe_starts_an_attempt_at_once_deep_in_backoff() -> None:
+    lab = make({}, [Candidate(PUB, CandidateKind.PUBLIC)])
+    lab.run(600.0)  # deep in backoff: next attempt up to a minute away
+    lab.routes[PUB] = Route(rtt=0.02)  # the peer's NAT opens because it probes us at the same time
+    before = len(lab.probes)
+    lab.path.peer_asked(600.0)
+    lab.run(600.1)
+    assert len(lab.probes) > before and lab.probes[before][0] == 600.0
+    assert lab.path.status.endpoint == PUB
+
+
+def test_call_me_maybe_during_an_attempt_or_on_direct_sends_nothing_extra() -> None:
+    lab = make({PUB: Route(rtt=0.01)}, [Candidate(PUB, CandidateKind.PUBLIC)])
+    lab.run(0.5)
+    assert lab.path.status.path is PathKind.DIRECT
+    n = len(lab.probes)
+    lab.path.peer_asked(0.5)
+    lab.drain()
+    assert len(lab.probes) == n
