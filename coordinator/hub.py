@@ -17,6 +17,9 @@ from coordinator.mapstate import MapState, PendingDelta
 log = logging.getLogger(__name__)
 
 CLOSE = object()  #: put in a subscriber queue to close its stream
+CLOSE_REVOKED = 4403  #: WebSocket close code: the node was removed or expired (do not reconnect)
+CLOSE_RESTART = 1012  #: the coordinator is shutting down (reconnect later with since=V)
+CLOSE_TOO_SLOW = 4408  #: the node did not keep up with its stream (reconnect with since=V)
 QUEUE_LIMIT = 256
 
 
@@ -26,6 +29,7 @@ class Subscriber:
     version: int
     queue: asyncio.Queue[object] = field(default_factory=lambda: asyncio.Queue(QUEUE_LIMIT))
     close_reason: str = ""
+    close_code: int = CLOSE_REVOKED
 
     def push(self, item: object) -> bool:
         try:
@@ -34,8 +38,9 @@ class Subscriber:
         except asyncio.QueueFull:
             return False
 
-    def close(self, reason: str) -> None:
+    def close(self, reason: str, code: int = CLOSE_REVOKED) -> None:
         self.close_reason = reason
+        self.close_code = code
         with contextlib.suppress(asyncio.QueueFull):
             self.queue.put_nowait(CLOSE)
 
@@ -64,7 +69,7 @@ class Hub:
                 await self._task
         for subs in list(self.subscribers.values()):
             for sub in subs:
-                sub.close("coordinator shutting down")
+                sub.close("coordinator shutting down", CLOSE_RESTART)
 
     @property
     def connected(self) -> int:
@@ -171,6 +176,6 @@ class Hub:
                     sub.version = current
                     sent += 1
                 else:
-                    sub.close("too slow: stream queue full")
+                    sub.close("too slow: stream queue full", CLOSE_TOO_SLOW)
         if self._on_sent is not None and sent:
             self._on_sent(sent)

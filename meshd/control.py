@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import ssl
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -107,12 +108,19 @@ class ControlClient:
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         timeout: float = 30.0,
-        verify: bool | str = True,
+        verify: bool | str | ssl.SSLContext = True,
     ) -> None:
+        """`verify`: True (system CAs), False, a CA bundle path, or an SSLContext."""
         self.url = url.rstrip("/")
         self.keys = keys
         self.node_id = node_id
-        self._verify = verify
+        if isinstance(verify, str):
+            verify = ssl.create_default_context(cafile=verify)
+        self._ssl: ssl.SSLContext | None = verify if isinstance(verify, ssl.SSLContext) else None
+        if verify is False:
+            self._ssl = ssl.create_default_context()
+            self._ssl.check_hostname = False
+            self._ssl.verify_mode = ssl.CERT_NONE
         self._http = httpx.AsyncClient(base_url=self.url, transport=transport, timeout=timeout, verify=verify)
 
     async def aclose(self) -> None:
@@ -245,14 +253,15 @@ class ControlClient:
         path = "/api/v1/stream" + (f"?since={since}" if since is not None else "")
         ws_url = "ws" + self.url[len("http") :] + path
         headers = signing.sign_request(self.keys.node_private, self._need_id(), "GET", path, b"", time.time())
-        ssl: Any = None
-        if ws_url.startswith("wss") and isinstance(self._verify, str):
-            import ssl as ssl_mod
-
-            ssl = ssl_mod.create_default_context(cafile=self._verify)
+        context = self._ssl if ws_url.startswith("wss") else None
         try:
             ws = await connect(
-                ws_url, additional_headers=headers, max_size=None, open_timeout=30, ssl=ssl, compression=None
+                ws_url,
+                additional_headers=headers,
+                max_size=None,
+                open_timeout=30,
+                ssl=context,
+                compression=None,
             )
         except InvalidStatus as exc:
             raise ControlError(

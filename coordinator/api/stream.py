@@ -2,7 +2,12 @@
 
 Handshake: ``GET /api/v1/stream?since=V`` signed like every node request. The server sends
 ``map``/``delta``/``signal``/``error`` messages; the node sends ``endpoints`` and ``signal`` messages
-(format: meshd.proto.netmap). Removing or expiring the node closes its stream (close code 4403).
+(format: meshd.proto.netmap).
+
+Close codes: 4403 the node was removed or expired (also sent instead of accepting, as HTTP 403, when a
+revoked node connects); 1008 the handshake signature was refused; 1012 the coordinator is restarting;
+4408 the node fell behind (its queue filled). After 1012/4408/network loss, reconnect with
+``since=<last version>`` to receive only what was missed.
 """
 
 from __future__ import annotations
@@ -17,13 +22,12 @@ from coordinator import nodes
 from coordinator.api.auth import authenticate_node
 from coordinator.core import Core
 from coordinator.errors import CoordinatorError
-from coordinator.hub import CLOSE, Subscriber
+from coordinator.hub import CLOSE, CLOSE_REVOKED, Subscriber
 from meshd.proto import netmap
 
 router = APIRouter(tags=["stream"])
 log = logging.getLogger(__name__)
 
-CLOSE_REVOKED = 4403
 CLOSE_POLICY = 1008
 
 
@@ -81,14 +85,14 @@ async def stream(ws: WebSocket) -> None:
                 await nodes.set_endpoints(core, node_id, None, False)
         if sub.close_reason:
             with contextlib.suppress(Exception):
-                await ws.close(code=CLOSE_REVOKED, reason=sub.close_reason[:120])
+                await ws.close(code=sub.close_code, reason=sub.close_reason[:120])
 
 
 async def _send_loop(ws: WebSocket, sub: Subscriber) -> None:
     while True:
         item = await sub.queue.get()
         if item is CLOSE:
-            await ws.close(code=CLOSE_REVOKED, reason=sub.close_reason[:120])
+            await ws.close(code=sub.close_code, reason=sub.close_reason[:120])
             return
         assert isinstance(item, str)
         await ws.send_text(item)

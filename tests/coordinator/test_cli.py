@@ -33,8 +33,12 @@ def free_port() -> int:
 
 
 def start_server(state: Path, port: int) -> subprocess.Popen[str]:
+    return start_server_args(state, port)
+
+
+def start_server_args(state: Path, port: int, *extra: str) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
-        [str(BIN), "serve", "--listen", f"127.0.0.1:{port}", "--state-dir", str(state)],
+        [str(BIN), "serve", "--listen", f"127.0.0.1:{port}", "--state-dir", str(state), *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
