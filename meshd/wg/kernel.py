@@ -61,7 +61,8 @@ class KernelBackend(ReconcilingBackend):
     async def _read(self) -> InterfaceState:
         try:
             async with AsyncWireGuard() as wg:
-                msgs: list[Any] = list(await wg.info(self._name))
+                await wg.setup_endpoint()  # binds the "wireguard" genl family (ENOENT: no module)
+                msgs: list[Any] = [m async for m in await wg.info(self._name)]
         except NetlinkError as e:
             raise _failure(f"reading {self._name}", e) from None
         return _decode_device(self._name, msgs)
@@ -69,6 +70,7 @@ class KernelBackend(ReconcilingBackend):
     async def _write(self, ops: list[DeviceOp]) -> None:
         try:
             async with AsyncWireGuard() as wg:
+                await wg.setup_endpoint()
                 for op in ops:
                     if isinstance(op, SetDevice):
                         await wg.set(
@@ -121,9 +123,10 @@ def _peer_request(op: AddPeer | UpdatePeer | RemovePeer) -> dict[str, Any]:
 
 
 def _key(nla: Any) -> str | None:
+    """A key attribute: pyroute2 gives either the base64 bytes or the nla holding them in 'value'."""
     if nla is None:
         return None
-    value = nla["value"]
+    value = nla if isinstance(nla, bytes | str) else nla["value"]
     text = value.decode() if isinstance(value, bytes) else str(value)
     return None if text == ZERO_KEY_B64 else text
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -76,11 +77,17 @@ def kernel_vm(tmp_path_factory: pytest.TempPathFactory) -> VmRun:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     cmd = ["vng", "--run", str(KERNEL), "--disable-kvm", "--user", "root", "--memory", "1G",
            "--rwdir", str(out), "--exec", inner]  # fmt: skip
+    # own session, so that a timeout (or Ctrl-C) takes down vng, virtme-run and qemu together
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
+        start_new_session=True,
+    )  # fmt: skip
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=780, env=env, cwd=ROOT)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"microVM run did not finish in 780 s; output so far:\n{e.stdout!r}"[-6000:])
-    output = proc.stdout + proc.stderr
+        output, _ = proc.communicate(timeout=780)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"microVM run did not finish in 780 s; output:\n{output[-6000:]}")
     results: dict[str, str] = {}
     if junit.exists():
         for case in ET.parse(junit).getroot().iter("testcase"):

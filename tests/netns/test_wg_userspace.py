@@ -96,6 +96,11 @@ async def _driver(ifname: str, kind: str, sock: socket.socket) -> None:
         except WgError as e:
             reply({"ok": False, "error": str(e), "type": type(e).__name__})
             continue
+        except Exception as e:  # a bug: send the traceback to the test instead of dying silently
+            import traceback
+
+            reply({"ok": False, "error": traceback.format_exc(), "type": f"crash:{type(e).__name__}"})
+            continue
         reply({"ok": True, "result": result})
         await writer.drain()
         if op == "close":
