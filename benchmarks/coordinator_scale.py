@@ -272,7 +272,7 @@ def main() -> None:
         port = s.getsockname()[1]
     log = open(state.with_suffix(".log"), "w+")  # noqa: SIM115 - closed below
     server = subprocess.Popen(
-        [str(BIN), "serve", "--listen", f"127.0.0.1:{port}", "--state-dir", str(state)],
+        [str(BIN), "serve", "--listen", f"127.0.0.1:{port}", "--state-dir", str(state), "--stun-port", "0"],
         stdout=subprocess.DEVNULL,
         stderr=log,
         text=True,

@@ -16,6 +16,8 @@ from coordinator.app import create_admin_app, create_app
 from coordinator.core import Core
 from coordinator.errors import CoordinatorError
 from coordinator.settings import Settings
+from coordinator.stun import start_stun
+from meshd import sdnotify
 
 log = logging.getLogger("coordinator")
 
@@ -75,8 +77,17 @@ async def serve(settings: Settings) -> None:
     tcp = _tcp_socket(settings)
     uds = _admin_socket(settings)
     core = Core(settings)
+    stun_transports: list[asyncio.DatagramTransport] = []
     try:
         await core.start()
+        if settings.stun_port:
+            try:
+                stun_transports = await start_stun(settings.listen_host_port[0], settings.stun_port)
+            except OSError as exc:
+                raise ServeError(
+                    f"cannot serve STUN on udp/{settings.stun_port}+1: {exc.strerror}; "
+                    "pick another --stun-port (0 disables STUN)"
+                ) from None
         node_app = create_app(settings, core=core)
         admin_app = create_admin_app(core)
         if not settings.tls_cert:
@@ -109,8 +120,10 @@ async def serve(settings: Settings) -> None:
         host, port = tcp.getsockname()[:2]
         log.info("coordinator listening on %s:%d, admin socket %s", host, port, settings.admin_socket)
         print(f"coordinator listening on {host}:{port} (admin socket {settings.admin_socket})", flush=True)
+        sdnotify.ready(f"listening on {host}:{port}")
         waiter = asyncio.create_task(stop.wait())
         await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        sdnotify.stopping()
         node_server.should_exit = True
         admin_server.should_exit = True
         # close streams so graceful shutdown doesn't wait on them
@@ -118,6 +131,8 @@ async def serve(settings: Settings) -> None:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
     finally:
+        for t in stun_transports:
+            t.close()
         await core.stop()
         with contextlib.suppress(OSError):
             settings.admin_socket.unlink()

@@ -38,7 +38,17 @@ def start_server(state: Path, port: int) -> subprocess.Popen[str]:
 
 def start_server_args(state: Path, port: int, *extra: str) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
-        [str(BIN), "serve", "--listen", f"127.0.0.1:{port}", "--state-dir", str(state), *extra],
+        [
+            str(BIN),
+            "serve",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--state-dir",
+            str(state),
+            "--stun-port",
+            "0",
+            *extra,
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
