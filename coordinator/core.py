@@ -94,6 +94,8 @@ class Core:
         self._lock = asyncio.Lock()
         self._started = False
         self._janitor: asyncio.Task[None] | None = None
+        #: called with (node id, reason) right after a node is removed or expired (the relay drops it)
+        self.revoke_hooks: list[Callable[[int, str], None]] = []
 
     def _count_pushes(self, n: int) -> None:
         self.metrics.pushes.inc(n)
@@ -179,7 +181,7 @@ class Core:
                 fn()
             if tx.changes:
                 self.metrics.version.set(self.state.version)
-                self.hub.notify(urgent=any(c.kind != "endpoints" for c in tx.changes))
+                self.hub.notify(self.hub.delay_for({c.kind for c in tx.changes}))
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:
@@ -187,7 +189,7 @@ class Core:
             yield session
 
 
-def peer_of(node: Node, online: bool = False) -> Peer:
+def peer_of(node: Node, online: bool = False, relay_home: int | None = 1) -> Peer:
     return Peer(
         node_id=node.id,
         name=node.name,
@@ -196,7 +198,7 @@ def peer_of(node: Node, online: bool = False) -> Peer:
         node_public_key=node.node_public_key,
         cert=node.cert,
         endpoints=tuple(json.loads(node.endpoints)),
-        relay_home=1,
+        relay_home=relay_home,
         online=online,
         tags=tuple(json.loads(node.tags)),
     )

@@ -53,8 +53,7 @@ class Hub:
         self.coalesce = coalesce
         self.subscribers: dict[int, set[Subscriber]] = {}
         self._wake = asyncio.Event()
-        self._urgent = asyncio.Event()
-        self.slow_coalesce = max(coalesce, 0.4)
+        self._due: float | None = None  #: loop time of the next push
         self._cycle: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._on_sent = on_sent
@@ -105,16 +104,26 @@ class Hub:
         for sub in self.subscribers.get(node_id, set()).copy():
             sub.close(reason)
 
-    def notify(self, urgent: bool = True) -> None:
-        """Something changed: push within the coalescing window.
+    def delay_for(self, kinds: set[str]) -> float:
+        """How long changes of these kinds may wait to be coalesced.
 
-        Non-urgent changes (endpoint candidates, online flags) wait up to `slow_coalesce` so that a storm
-        of connects does not turn into one push to every node per connect; anything urgent arriving
-        meanwhile cuts the wait short. Either way every change is pushed well within a second.
+        Map changes (joins, removals, keys, names, policy): `coalesce` (50 ms). Endpoint candidates:
+        up to 400 ms. Presence (a node's online flag) alone: up to 2 s, so that a storm of (re)connects
+        does not become one push to every node per connect. Anything more urgent cuts a wait short.
         """
-        if urgent:
-            self._urgent.set()
-        self._wake.set()
+        if kinds - {"endpoints", "presence"}:
+            return self.coalesce
+        if "endpoints" in kinds:
+            return max(self.coalesce, 0.4)
+        return max(self.coalesce, 2.0)
+
+    def notify(self, delay: float | None = None) -> None:
+        """Something changed: push within `delay` seconds (default: the coalescing window)."""
+        loop = asyncio.get_running_loop()
+        when = loop.time() + (self.coalesce if delay is None else delay)
+        if self._due is None or when < self._due:
+            self._due = when
+            self._wake.set()
 
     async def wait_for_version(self, since: int, wait: float) -> None:
         """Return when the map version passes `since` (after a push cycle) or after `wait` seconds."""
@@ -132,12 +141,13 @@ class Hub:
     async def _run(self) -> None:
         while True:
             await self._wake.wait()
-            if not self._urgent.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._urgent.wait(), self.slow_coalesce - self.coalesce)
-            await asyncio.sleep(self.coalesce)
             self._wake.clear()
-            self._urgent.clear()
+            loop = asyncio.get_running_loop()
+            while self._due is not None and (remaining := self._due - loop.time()) > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), remaining)  # an earlier deadline may arrive
+                self._wake.clear()
+            self._due = None
             try:
                 self.push_all()
             except Exception:  # pragma: no cover - keep the hub alive, the next change retries

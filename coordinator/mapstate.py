@@ -20,7 +20,7 @@ _DUMPS = json.JSONEncoder(separators=(",", ":")).encode
 @dataclass(frozen=True, slots=True)
 class Change:
     version: int
-    kind: str  #: added | changed | endpoints | removed | policy | relays | restart
+    kind: str  #: added | changed | endpoints | presence | removed | policy | relays | restart
     node_id: int | None
 
 
@@ -150,7 +150,7 @@ class MapState:
             if node_id in self.peers:
                 if "added" in ks:
                     added.append(node_id)
-                elif ks == {"endpoints"}:
+                elif ks <= {"endpoints", "presence"}:
                     endpoints.append(node_id)
                 else:
                     changed.append(node_id)

@@ -208,6 +208,8 @@ def _revoke(tx: Tx, node_id: int, reason: str, expired: bool, key: bytes) -> Non
         else:
             core.node_keys.pop(node_id, None)
         core.hub.disconnect(node_id, reason)
+        for hook in core.revoke_hooks:
+            hook(node_id, reason)
         core.metrics.nodes.set(len(core.state.peers))
 
     tx.on_commit(commit)
@@ -242,7 +244,7 @@ async def _reissue_and_publish(tx: Tx, node: Node) -> None:
     if not node.expired:
         peer = core.state.peers.get(node.id)
         online = bool(peer and peer.online)
-        new = peer_of(node, online=online)
+        new = peer_of(node, online=online, relay_home=peer.relay_home if peer else 1)
         tx.on_commit(lambda: core.state.put_peer(new))
 
 
@@ -297,7 +299,9 @@ async def set_endpoints(
             if node is None:
                 return
             node.endpoints = json.dumps(list(endpoints))
-        tx.change("endpoints", node_id)
+        tx.change(
+            "endpoints" if endpoints is not None and endpoints != peer.endpoints else "presence", node_id
+        )
 
         def commit() -> None:
             core.state.set_endpoints(node_id, endpoints, online)

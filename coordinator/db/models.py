@@ -91,7 +91,8 @@ class MapChange(Base):
 
     __tablename__ = "map_changes"
     version: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
-    kind: Mapped[str] = mapped_column(String(16))  # added | changed | endpoints | removed | policy | relays
+    #: added | changed | endpoints | presence | removed | policy | relays | restart
+    kind: Mapped[str] = mapped_column(String(16))
     node_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
