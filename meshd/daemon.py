@@ -24,12 +24,14 @@ import os
 import random
 import re
 import signal
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from meshd import api, hosts, peerset, runtime, sdnotify
 from meshd import status as st
@@ -129,6 +131,7 @@ class Daemon:
         self._api: api.ControlServer | None = None
         self._lock: StateLock | None = None
         self.traversal: Traversal | None = None
+        self._resolved: dict[str, str] = {}
 
     # -- life cycle ----------------------------------------------------------------------------------------
 
@@ -269,6 +272,24 @@ class Daemon:
         self.traversal.on_candidates = self._announce
         await self.traversal.start()
 
+    async def _stun_servers(self, m: netmap.NetMap) -> list[Endpoint]:
+        """Each relay region's STUN port and the one after it (two destinations: mapping variance)."""
+        out: list[Endpoint] = []
+        for region in m.relays:
+            if not region.stun_port:
+                continue
+            host = urlsplit(region.url).hostname or ""
+            ip = self._resolved.get(host)
+            if ip is None:
+                try:
+                    infos = await asyncio.get_running_loop().getaddrinfo(host, None, family=socket.AF_INET)
+                    ip = self._resolved[host] = str(infos[0][4][0])
+                except (OSError, IndexError):
+                    log.warning("cannot resolve relay region %s (%s)", region.name, host)
+                    continue
+            out += [(ip, region.stun_port), (ip, region.stun_port + 1)]
+        return out
+
     async def _send_signal(self, node_id: int, payload: dict[str, Any]) -> None:
         if self._stream is not None:
             await self._stream.send_signal(node_id, payload)
@@ -320,6 +341,9 @@ class Daemon:
         cands = peerset.parse_candidates(v.peer.endpoints)
         return peerset.first_reachable_candidate(cands, self._networks)
 
+    def _has_path(self, v: peerset.VerifiedPeer) -> bool:
+        return self.traversal is not None and self.traversal.endpoint_of(v.peer.wg_public_key) is not None
+
     async def _apply(self, peers: list[peerset.VerifiedPeer]) -> None:
         assert self.state is not None and self.backend is not None
         e = self._enrollment()
@@ -330,7 +354,7 @@ class Daemon:
             listen_port=self.opts.listen_port,
             addresses=addresses,
             mtu=1280,
-            peers=peerset.wg_peers(peers, self._endpoint_for),
+            peers=peerset.wg_peers(peers, self._endpoint_for, self._has_path),
         )
         async with self._apply_lock:
             ops = await self.backend.apply(desired)
@@ -349,6 +373,7 @@ class Daemon:
         self.verified = good
         await self._apply(good)
         if self.traversal is not None:
+            self.traversal.set_stun_servers(await self._stun_servers(new))
             self.traversal.set_peers(
                 (
                     v.name,

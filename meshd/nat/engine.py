@@ -38,6 +38,7 @@ from meshd.paths import (
     UseDirect,
     UseRelay,
 )
+from meshd.peerset import KEEPALIVE_SECONDS
 from meshd.proto import disco, stun
 from meshd.wg.base import WireGuardBackend
 from meshd.wg.errors import WgError
@@ -61,6 +62,7 @@ class _Peer:
     candidates: tuple[Endpoint, ...] = ()
     last_cmm: float = -1e9
     direct: Endpoint | None = None
+    endpoint: Endpoint | None = None  #: what WireGuard was last pointed at (direct or relay proxy)
 
 
 @dataclass
@@ -162,6 +164,17 @@ class Traversal:
         self.local_nets = list(networks)
         self._candidates_changed()
 
+    def set_stun_servers(self, servers: Iterable[Endpoint]) -> None:
+        """Where to learn our public address (the relay regions' STUN ports); asks them at once if new."""
+        new = list(dict.fromkeys(servers))
+        if new != self.stun_servers:
+            self.stun_servers = new
+            self.nat.reflexive = {k: v for k, v in self.nat.reflexive.items() if k in new}
+            now = self.clock()
+            for server in new:
+                self._stun.query(server, now)
+            self._wake.set()
+
     def candidates(self) -> list[str]:
         """Every address a peer may reach us at: LAN, STUN-reflexive, port-mapped (in that order)."""
         out: list[Endpoint] = list(self.local)
@@ -219,6 +232,10 @@ class Traversal:
         for p in self._peers.values():
             p.path.relay_up(now) if up else p.path.relay_down(now)
         self._drain(now)
+
+    def endpoint_of(self, wg_key: str) -> Endpoint | None:
+        p = self._peers.get(wg_key)
+        return p.endpoint if p else None
 
     @property
     def active(self) -> bool:
@@ -384,7 +401,8 @@ class Traversal:
             p.direct = ev.endpoint if isinstance(ev, UseDirect) else None
             if target is not None:
                 try:
-                    await self.backend.set_endpoint(p.wg_key, target)
+                    await self.backend.set_endpoint(p.wg_key, target, KEEPALIVE_SECONDS)
+                    p.endpoint = target
                 except WgError as e:
                     log.warning("%s: setting endpoint %s: %s", p.name, format_endpoint(target), e)
 

@@ -58,8 +58,16 @@ class WireGuardBackend(Protocol):
         """What the interface is doing now."""
         ...
 
-    async def set_endpoint(self, public_key: str, endpoint: Endpoint) -> None:
-        """Point one existing peer at `endpoint` without touching anything else."""
+    async def set_endpoint(
+        self, public_key: str, endpoint: Endpoint, persistent_keepalive: int | None = None
+    ) -> None:
+        """Point one existing peer at `endpoint` without touching anything else.
+
+        With `persistent_keepalive`, set that too, after the endpoint: turning keepalive on makes WireGuard
+        send at once, so a session is set up right away on the new path. (A peer added without an
+        endpoint must not have keepalive on: WireGuard would try a handshake it cannot send and then wait
+        REKEY_TIMEOUT, 5 s, before trying again.)
+        """
         ...
 
     async def listen_port(self) -> int:
@@ -107,9 +115,15 @@ class ReconcilingBackend(abc.ABC):
         await link.sync_link(self._name, desired.addresses, desired.mtu, sorted(desired_routes(desired)))
         return ops
 
-    async def set_endpoint(self, public_key: str, endpoint: Endpoint) -> None:
+    async def set_endpoint(
+        self, public_key: str, endpoint: Endpoint, persistent_keepalive: int | None = None
+    ) -> None:
         key = canonical_key(public_key, "peer public key")
         state = await self._read()
-        if state.peer(key) is None:
+        have = state.peer(key)
+        if have is None:
             raise WgConfigError(f"peer {key} is not configured on {self._name}")
-        await self._write([UpdatePeer(key, endpoint=canonical_endpoint(endpoint))])
+        keepalive = None if persistent_keepalive == have.persistent_keepalive else persistent_keepalive
+        await self._write(
+            [UpdatePeer(key, endpoint=canonical_endpoint(endpoint), persistent_keepalive=keepalive)]
+        )
