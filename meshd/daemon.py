@@ -37,6 +37,7 @@ from meshd import api, hosts, peerset, runtime, sdnotify
 from meshd import status as st
 from meshd.control import ControlClient, ControlError, Enrollment, PendingApproval
 from meshd.nat.engine import Traversal
+from meshd.nat.mapper import PortMapShell
 from meshd.proto import cert, netmap
 from meshd.proto.encoding import b64decode, b64encode
 from meshd.state import NodeState, StateDir, StateError, StateLock
@@ -131,6 +132,7 @@ class Daemon:
         self._api: api.ControlServer | None = None
         self._lock: StateLock | None = None
         self.traversal: Traversal | None = None
+        self.portmap: PortMapShell | None = None
         self._resolved: dict[str, str] = {}
 
     # -- life cycle ----------------------------------------------------------------------------------------
@@ -271,6 +273,14 @@ class Daemon:
         )
         self.traversal.on_candidates = self._announce
         await self.traversal.start()
+        if self.traversal.active:
+            self.portmap = PortMapShell(
+                self._port, f"{self._enrollment().name}/{self.opts.interface}", self.traversal.set_portmap
+            )
+            try:
+                await self.portmap.start()
+            except OSError as e:
+                log.warning("no port maps: %s", e)
 
     async def _stun_servers(self, m: netmap.NetMap) -> list[Endpoint]:
         """Each relay region's STUN port and the one after it (two destinations: mapping variance)."""
@@ -317,6 +327,9 @@ class Daemon:
         return {"status": status, "ping": ping, "down": down}
 
     async def _tear_down(self) -> None:
+        if self.portmap is not None:
+            await self.portmap.close()  # delete our port maps (meshd down, clean exit)
+            self.portmap = None
         if self.traversal is not None:
             await self.traversal.close()
             self.traversal = None
@@ -539,6 +552,12 @@ class Daemon:
                 interface=self.opts.interface,
                 backend=self._kind(),
                 endpoints=tuple(self._candidates),
+                nat=st.NatStatus(
+                    mapping_varies_by_dest=self.traversal.nat.mapping_varies_by_dest
+                    if self.traversal
+                    else None,
+                    portmap=self.traversal.nat.portmap if self.traversal else None,
+                ),
             ),
             coordinator=st.CoordinatorStatus(url=self.state.coordinator_url or "", connected=self.connected),
             peers=tuple(peers),

@@ -1,0 +1,99 @@
+"""UPnP IGD port maps through miniupnpc (blocking calls: the asyncio shell runs them in a thread).
+
+Our mappings carry the description ``meshd <tag>`` so that, after a crash, the next start finds and
+replaces its own stale maps (and never touches anyone else's).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger("meshd.nat.upnp")
+
+
+class UpnpError(Exception):
+    """No IGD answered, or it refused the mapping; the text says which."""
+
+
+@dataclass(frozen=True, slots=True)
+class UpnpMapping:
+    external_ip: str
+    external_port: int
+    internal_ip: str
+    internal_port: int
+    lease: int
+
+
+def _client(discover_ms: int) -> Any:
+    try:
+        import miniupnpc
+    except ImportError as e:  # pragma: no cover - a dependency of the project
+        raise UpnpError(f"miniupnpc is not installed: {e}") from None
+    u = miniupnpc.UPnP()
+    u.discoverdelay = discover_ms
+    try:
+        if u.discover() == 0:
+            raise UpnpError("no UPnP device answered")
+        u.selectigd()
+    except Exception as e:  # miniupnpc raises plain Exception
+        raise UpnpError(f"no UPnP IGD: {e}") from None
+    return u
+
+
+def description(tag: str) -> str:
+    return f"meshd {tag}"[:64]
+
+
+def add_mapping(internal_port: int, lease: int, tag: str, *, discover_ms: int = 300) -> UpnpMapping:
+    """Map UDP ``internal_port`` (same external port if free, else the next free ones); replaces our own
+    stale entries first."""
+    u = _client(discover_ms)
+    desc = description(tag)
+    _remove_ours(u, desc)
+    try:
+        external_ip = str(u.externalipaddress())
+    except Exception as e:
+        raise UpnpError(f"IGD has no external address: {e}") from None
+    lan = str(u.lanaddr)
+    for eport in (internal_port, *range(internal_port + 1, internal_port + 8)):
+        if not 0 < eport < 65536:
+            continue
+        try:
+            ok = u.addportmapping(eport, "UDP", lan, internal_port, desc, "", lease)
+        except Exception as e:
+            log.debug("UPnP map %d failed: %s", eport, e)
+            continue
+        if ok:
+            return UpnpMapping(external_ip, eport, lan, internal_port, lease)
+    raise UpnpError("the IGD refused every port we asked for")
+
+
+def delete_mapping(external_port: int, *, discover_ms: int = 300) -> None:
+    u = _client(discover_ms)
+    try:
+        u.deleteportmapping(external_port, "UDP")
+    except Exception as e:
+        raise UpnpError(f"deleting UDP {external_port}: {e}") from None
+
+
+def _remove_ours(u: Any, desc: str) -> None:
+    """Delete mappings with our description (left by a crashed run of this same daemon)."""
+    stale = []
+    for i in range(256):
+        try:
+            entry = u.getgenericportmapping(i)
+        except Exception:
+            break
+        if entry is None:
+            break
+        # (eport, proto, (iaddr, iport), desc, enabled, rhost, lease)
+        if len(entry) >= 4 and entry[3] == desc:
+            stale.append((entry[0], entry[1]))
+    for eport, proto in stale:
+        try:
+            u.deleteportmapping(eport, proto)
+            log.info("removed our stale UPnP mapping %s %s", proto, eport)
+        except Exception as e:
+            log.debug("removing stale UPnP mapping %s: %s", eport, e)
