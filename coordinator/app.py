@@ -14,6 +14,8 @@ from fastapi.responses import JSONResponse
 from coordinator.api import admin, health, node, register, stream
 from coordinator.core import Core
 from coordinator.errors import CoordinatorError
+from coordinator.relay.service import RelayService
+from coordinator.relay.service import router as relay_router
 from coordinator.settings import Settings
 
 ASGIApp = Callable[
@@ -102,15 +104,19 @@ def create_app(settings: Settings, core: Core | None = None) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if owned:
             await the_core.start()
+        relay.start()
         try:
             yield
         finally:
+            await relay.stop()
             if owned:
                 await the_core.stop()
 
     app = FastAPI(title="coordinator", version="0.1.0", lifespan=lifespan)
     _install_common(app, the_core)
-    for r in (health.router, register.router, node.router, stream.router):
+    relay = RelayService.for_core(the_core, embedded=settings.relay)
+    app.state.relay = relay
+    for r in (health.router, register.router, node.router, stream.router, relay_router(relay)):
         app.include_router(r)
     app.add_middleware(BodyLimit, limit=settings.max_body)
     return app

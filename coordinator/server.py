@@ -15,6 +15,8 @@ import uvicorn
 from coordinator.app import create_admin_app, create_app
 from coordinator.core import Core
 from coordinator.errors import CoordinatorError
+from coordinator.relay.front import install as install_front
+from coordinator.relay.service import RelayService
 from coordinator.settings import Settings
 from coordinator.stun import start_stun
 from meshd import sdnotify
@@ -92,20 +94,23 @@ async def serve(settings: Settings) -> None:
         admin_app = create_admin_app(core)
         if not settings.tls_cert:
             log.warning("serving plain HTTP on %s: use --tls-cert/--tls-key outside a lab", settings.listen)
-        node_server = _Server(
-            uvicorn.Config(
-                node_app,
-                log_level="warning",
-                lifespan="off",
-                timeout_graceful_shutdown=2,
-                ws_max_size=1 << 20,
-                ws_ping_interval=20,
-                ws_ping_timeout=20,
-                backlog=4096,
-                ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
-                ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
-            )
+        relay: RelayService = node_app.state.relay
+        relay.start()
+        node_config = uvicorn.Config(
+            node_app,
+            log_level="warning",
+            lifespan="off",
+            timeout_graceful_shutdown=2,
+            ws_max_size=1 << 20,
+            ws_ping_interval=20,
+            ws_ping_timeout=20,
+            backlog=4096,
+            ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
+            ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
         )
+        if relay.hub is not None:
+            install_front(node_config, relay.hub)  # relay Upgrade on the API port
+        node_server = _Server(node_config)
         admin_server = _Server(
             uvicorn.Config(admin_app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2)
         )
@@ -126,6 +131,7 @@ async def serve(settings: Settings) -> None:
         sdnotify.stopping()
         node_server.should_exit = True
         admin_server.should_exit = True
+        await relay.stop()
         # close streams so graceful shutdown doesn't wait on them
         await core.hub.stop()
         with contextlib.suppress(Exception):

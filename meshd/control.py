@@ -223,6 +223,11 @@ class ControlClient:
         data = (await self._request("POST", "/api/v1/cert/renew", signer=self._need_id())).json()
         return str(data["cert"])
 
+    async def relay_ticket(self) -> tuple[str, float]:
+        """A short-lived relay ticket (meshd.proto.ticket) and its expiry (unix seconds)."""
+        data = (await self._request("POST", "/api/v1/relay/ticket", signer=self._need_id())).json()
+        return str(data["ticket"]), float(data["not_after"])
+
     async def fetch_map(self, since: int | None = None, wait: float = 0.0) -> netmap.ServerMessage:
         """Long-poll fallback: the full map, or the delta since `since` (blocking up to `wait` s)."""
         params: dict[str, Any] = {}

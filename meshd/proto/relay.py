@@ -33,7 +33,7 @@ class RelayProtocolError(ValueError):
 
 
 class FrameType(IntEnum):
-    CLIENT_HELLO = 0x01  #: key(32) + ticket (opaque, signed by the coordinator)
+    CLIENT_HELLO = 0x01  #: key(32) + flags(1) + ticket (meshd.proto.ticket); again later = ticket renewal
     SERVER_HELLO = 0x02  #: utf-8 JSON with server info (region, keepalive interval)
     SEND_PACKET = 0x03  #: dst key(32) + packet
     RECV_PACKET = 0x04  #: src key(32) + packet
@@ -51,7 +51,7 @@ class GoneReason(IntEnum):
 
 
 _LIMITS: dict[int, tuple[int, int]] = {
-    FrameType.CLIENT_HELLO: (KEY_LEN, KEY_LEN + MAX_HELLO),
+    FrameType.CLIENT_HELLO: (KEY_LEN + 1, KEY_LEN + 1 + MAX_HELLO),
     FrameType.SERVER_HELLO: (0, MAX_HELLO),
     FrameType.SEND_PACKET: (KEY_LEN, MAX_FRAME),
     FrameType.RECV_PACKET: (KEY_LEN, MAX_FRAME),
@@ -98,8 +98,32 @@ def recv_packet(src: bytes, packet: bytes) -> bytes:
     return encode(FrameType.RECV_PACKET, _key(src) + packet)
 
 
-def client_hello(key: bytes, ticket: bytes) -> bytes:
-    return encode(FrameType.CLIENT_HELLO, _key(key) + ticket)
+#: CLIENT_HELLO flag: this region is the client's home (the coordinator publishes it as ``relay_home``)
+HELLO_HOME = 0x01
+
+
+def client_hello(key: bytes, ticket: bytes, home: bool = True) -> bytes:
+    return encode(FrameType.CLIENT_HELLO, _key(key) + bytes([HELLO_HOME if home else 0]) + ticket)
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    key: bytes
+    home: bool
+    ticket: bytes
+
+
+def parse_hello(frame: Frame) -> Hello:
+    """The parts of a CLIENT_HELLO frame (its length was checked by the decoder)."""
+    if frame.type != FrameType.CLIENT_HELLO or len(frame.payload) < KEY_LEN + 1:
+        raise RelayProtocolError("expected a CLIENT_HELLO frame")
+    p = frame.payload
+    return Hello(p[:KEY_LEN], bool(p[KEY_LEN] & HELLO_HOME), p[KEY_LEN + 1 :])
+
+
+def frame_header(ftype: FrameType, length: int) -> bytes:
+    """Just the 5-byte header (the hot path writes header and payload parts without joining them)."""
+    return HEADER.pack(ftype, length)
 
 
 def peer_gone(key: bytes, reason: GoneReason = GoneReason.NOT_CONNECTED) -> bytes:

@@ -1,0 +1,318 @@
+"""Relay hub: clients by WireGuard key, SEND_PACKET -> RECV_PACKET routing, bounded per-client queues.
+
+Transport-independent: a :class:`ClientConn` subclass (raw TCP after HTTP Upgrade, or WebSocket) feeds
+received bytes to :meth:`ClientConn.feed` and implements ``_write``/``_close``. Each connection owns a
+bounded queue used while its transport is paused (its socket buffer is full): when the queue is full
+the OLDEST frame is dropped and counted, so a slow client never stalls the sender or anyone else.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from meshd.proto import relay
+from meshd.proto.encoding import b64encode
+from meshd.proto.relay import FrameType, RelayProtocolError
+from meshd.proto.ticket import TicketError, TicketPayload
+
+log = logging.getLogger("coordinator.relay")
+
+QUEUE_FRAMES = 2048  #: frames held per client while its socket is full (then drop oldest)
+WRITE_HIGH = 4 << 20  #: asyncio transport buffer above which a client counts as slow
+KEEPALIVE = 20.0
+_RECV_HDR = relay.HEADER
+
+
+class RelayMetrics:
+    """Prometheus metrics per region (registered on the coordinator's or the standalone relay's registry)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.clients = Gauge("relay_clients", "Connected relay clients", ["region"], registry=registry)
+        self.packets = Counter("relay_packets", "Packets relayed", ["region"], registry=registry)
+        self.bytes = Counter("relay_bytes", "Packet bytes relayed", ["region"], registry=registry)
+        self.drops = Counter(
+            "relay_drops",
+            "Packets dropped (queue full: drop oldest; or unknown peer)",
+            ["region", "reason"],
+            registry=registry,
+        )
+        self.closed = Counter(
+            "relay_protocol_errors",
+            "Connections closed for breaking the framing",
+            ["region"],
+            registry=registry,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    """One finished relay session, for the audit trail (never payload)."""
+
+    node_id: int
+    key: str
+    region: str
+    transport: str
+    opened: float
+    duration: float
+    rx_bytes: int  #: packet bytes the client sent us
+    tx_bytes: int  #: packet bytes we delivered to it
+    drops: int
+    reason: str
+
+
+class ClientConn:
+    """One client connection; subclasses provide the transport."""
+
+    transport_name = "?"
+
+    def __init__(self, hub: RelayHub, peer: str) -> None:
+        self.hub = hub
+        self.peer = peer  #: remote address for logs
+        self.key: bytes | None = None
+        self.node_id = -1
+        self.home = False
+        self.not_after = 0.0
+        self.decoder = relay.FrameDecoder()
+        self.queue: collections.deque[bytes] = collections.deque()
+        self.paused = False
+        self.closed = False
+        self.opened = time.time()
+        self.rx_bytes = 0
+        self.tx_bytes = 0
+        self.drops = 0
+
+    # -- transport side ------------------------------------------------------------------------------
+    def _write(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _close_transport(self) -> None:
+        raise NotImplementedError
+
+    def feed(self, data: bytes) -> None:
+        """Bytes from the client: decode and act; a protocol error closes this connection only."""
+        if self.closed:
+            return
+        try:
+            for frame in self.decoder.feed(data):
+                self._frame(frame)
+        except RelayProtocolError as exc:
+            self.hub.metrics.closed.labels(self.hub.region).inc()
+            self.close(f"protocol error: {exc}", tell=True)
+        except TicketError as exc:
+            self.close(f"refused: {exc}", tell=True)
+
+    def eof(self) -> None:
+        try:
+            self.decoder.eof()
+        except RelayProtocolError as exc:
+            self.close(f"protocol error: {exc}")
+            return
+        self.close("client closed")
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+        q = self.queue
+        while q and not self.paused and not self.closed:
+            self._write(q.popleft())
+
+    def send(self, data: bytes) -> None:
+        if self.closed:
+            return
+        if not self.paused:
+            self._write(data)
+            return
+        q = self.queue
+        q.append(data)
+        if len(q) > QUEUE_FRAMES:
+            q.popleft()
+            self.drops += 1
+            self.hub.metrics.drops.labels(self.hub.region, "queue").inc()
+
+    def close(self, reason: str, tell: bool = False) -> None:
+        if self.closed:
+            return
+        if tell:
+            with contextlib.suppress(Exception):  # the transport may already be gone
+                self._write(relay.encode(FrameType.CLOSE, reason.encode()[:1024]))
+        self.closed = True
+        self.queue.clear()
+        self.hub.unregister(self, reason)
+        self._close_transport()
+
+    # -- frames --------------------------------------------------------------------------------------
+    def _frame(self, frame: relay.Frame) -> None:
+        t = frame.type
+        if t == FrameType.SEND_PACKET and self.key is not None:
+            p = frame.payload
+            dst = p[:32]
+            n = len(p) - 32
+            self.rx_bytes += n
+            target = self.hub.clients.get(dst)
+            if target is None:
+                self.hub.metrics.drops.labels(self.hub.region, "no_peer").inc()
+                self.send(relay.peer_gone(dst))
+                return
+            target.tx_bytes += n
+            target.send(_RECV_HDR.pack(FrameType.RECV_PACKET, len(p)) + self.key + p[32:])
+            self.hub.count(n)
+        elif t == FrameType.CLIENT_HELLO:
+            self.hub.hello(self, relay.parse_hello(frame))
+        elif self.key is None:
+            raise RelayProtocolError(f"{t.name} before CLIENT_HELLO")
+        elif t == FrameType.PING:
+            self.hub.pong(self, frame.payload)
+        elif t in (FrameType.KEEPALIVE, FrameType.PONG, FrameType.HEALTH):
+            pass
+        elif t == FrameType.CLOSE:
+            self.close("client said close: " + frame.payload.decode("utf-8", "replace"))
+        else:
+            raise RelayProtocolError(f"{t.name} is not a client frame")
+
+
+class RelayHub:
+    """Clients by key for one region. ``verify`` checks a ticket and that its node may use the relay."""
+
+    def __init__(
+        self,
+        region: str,
+        region_id: int,
+        verify: Callable[[bytes, float], TicketPayload],
+        metrics: RelayMetrics,
+        *,
+        on_session: Callable[[SessionRecord], None] | None = None,
+        on_open: Callable[[ClientConn], None] | None = None,
+        on_home: Callable[[ClientConn], None] | None = None,
+        pong_delay: float = 0.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.region = region
+        self.region_id = region_id
+        self.verify = verify
+        self.metrics = metrics
+        self.on_session = on_session
+        self.on_open = on_open
+        self.on_home = on_home
+        #: TEST-ONLY knob: answer PINGs this much later, so a lab can make one region measurably "far"
+        #: (tc netem is not available on the test machine). Zero in production.
+        self.pong_delay = pong_delay
+        self.clock = clock
+        self.clients: dict[bytes, ClientConn] = {}
+        self.conns: set[ClientConn] = set()
+        self._packets = 0
+        self._bytes = 0
+
+    def count(self, n: int) -> None:
+        self._packets += 1
+        self._bytes += n
+        if self._packets >= 256:
+            self.flush_counts()
+
+    def flush_counts(self) -> None:
+        """Prometheus counters are updated in batches (a lock per packet costs ~10% throughput)."""
+        if self._packets:
+            self.metrics.packets.labels(self.region).inc(self._packets)
+            self.metrics.bytes.labels(self.region).inc(self._bytes)
+            self._packets = self._bytes = 0
+
+    def add(self, conn: ClientConn) -> None:
+        self.conns.add(conn)
+
+    def hello(self, conn: ClientConn, hello: relay.Hello) -> None:
+        now = self.clock()
+        payload = self.verify(hello.ticket, now)
+        if payload.key != hello.key:
+            raise TicketError("the ticket is for another WireGuard key")
+        if conn.key is not None:  # renewal over the open connection
+            if hello.key != conn.key:
+                raise TicketError("a renewed ticket must keep the connection's key")
+            conn.not_after = payload.not_after
+            if hello.home and not conn.home:  # the client chose this region as home after probing
+                conn.home = True
+                if self.on_home is not None:
+                    self.on_home(conn)
+            return
+        conn.key = hello.key
+        conn.node_id = payload.node_id
+        conn.home = hello.home
+        conn.not_after = payload.not_after
+        old = self.clients.get(hello.key)
+        self.clients[hello.key] = conn
+        if old is not None and old is not conn:
+            old.close("replaced by a newer connection of the same node", tell=True)
+        self.metrics.clients.labels(self.region).set(len(self.clients))
+        info = {"region": self.region, "region_id": self.region_id, "keepalive": KEEPALIVE}
+        conn.send(relay.encode(FrameType.SERVER_HELLO, json.dumps(info).encode()))
+        log.info("relay session open: node %d (%s) from %s", conn.node_id, conn.transport_name, conn.peer)
+        if self.on_open is not None:
+            self.on_open(conn)
+
+    def pong(self, conn: ClientConn, data: bytes) -> None:
+        frame = relay.encode(FrameType.PONG, data)
+        if self.pong_delay > 0:
+            import asyncio
+
+            asyncio.get_running_loop().call_later(self.pong_delay, conn.send, frame)
+        else:
+            conn.send(frame)
+
+    def unregister(self, conn: ClientConn, reason: str) -> None:
+        self.conns.discard(conn)
+        if conn.key is None:
+            log.info("relay connection from %s closed before hello: %s", conn.peer, reason)
+            return
+        if self.clients.get(conn.key) is conn:
+            del self.clients[conn.key]
+        self.metrics.clients.labels(self.region).set(len(self.clients))
+        self.flush_counts()
+        now = time.time()
+        log.info(
+            "relay session close: node %d from %s after %.1f s: %s",
+            conn.node_id,
+            conn.peer,
+            now - conn.opened,
+            reason,
+        )
+        if self.on_session is not None:
+            self.on_session(
+                SessionRecord(
+                    node_id=conn.node_id,
+                    key=b64encode(conn.key),
+                    region=self.region,
+                    transport=conn.transport_name,
+                    opened=conn.opened,
+                    duration=round(now - conn.opened, 3),
+                    rx_bytes=conn.rx_bytes,
+                    tx_bytes=conn.tx_bytes,
+                    drops=conn.drops,
+                    reason=reason,
+                )
+            )
+
+    def revoke_node(self, node_id: int, reason: str) -> int:
+        """Disconnect every session of `node_id` at once (node removed or expired); returns how many."""
+        victims = [c for c in self.clients.values() if c.node_id == node_id]
+        for c in victims:
+            c.close(reason, tell=True)
+        return len(victims)
+
+    def tick(self) -> None:
+        """Periodic: close sessions whose ticket expired without renewal, flush counters, keepalives."""
+        now = self.clock()
+        for c in [c for c in self.clients.values() if now >= c.not_after]:
+            c.close("relay ticket expired", tell=True)
+        self.flush_counts()
+
+    def close_all(self, reason: str) -> None:
+        for c in list(self.conns):
+            c.close(reason, tell=True)

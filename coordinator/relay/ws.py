@@ -1,0 +1,74 @@
+"""WebSocket fallback transport: binary messages carry relay frames (for proxies that only pass WebSocket)."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from coordinator.relay.hub import QUEUE_FRAMES, ClientConn, RelayHub
+
+WS_PATH = "/api/v1/relay/ws"
+
+
+class WsClient(ClientConn):
+    transport_name = "websocket"
+
+    def __init__(self, hub: RelayHub, ws: WebSocket, peer: str) -> None:
+        super().__init__(hub, peer)
+        self.ws = ws
+        self.out: collections.deque[bytes] = collections.deque()
+        self.wake = asyncio.Event()
+        hub.add(self)
+
+    def _write(self, data: bytes) -> None:
+        self.out.append(data)
+        if len(self.out) > QUEUE_FRAMES:  # the writer task is behind: drop oldest
+            self.out.popleft()
+            self.drops += 1
+            self.hub.metrics.drops.labels(self.hub.region, "queue").inc()
+        self.wake.set()
+
+    def _close_transport(self) -> None:
+        self.wake.set()
+
+    async def writer(self) -> None:
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            while self.out:
+                batch = b"".join(self.out)
+                self.out.clear()
+                await self.ws.send_bytes(batch)
+            if self.closed:
+                return
+
+
+async def serve_websocket(ws: WebSocket, hub: RelayHub) -> None:
+    """Run one WebSocket relay client until it or we close."""
+    await ws.accept()
+    client = ws.client
+    conn = WsClient(hub, ws, f"{client.host}:{client.port}" if client else "?")
+    writer = asyncio.create_task(conn.writer())
+    try:
+        while not conn.closed:
+            msg = await ws.receive()
+            if msg["type"] == "websocket.disconnect":
+                conn.close("websocket closed")
+                break
+            data = msg.get("bytes")
+            if data is None:
+                conn.close("protocol error: text message on the relay websocket", tell=True)
+                break
+            conn.feed(data)
+    except WebSocketDisconnect:
+        conn.close("websocket closed")
+    finally:
+        conn.close("websocket closed")
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(writer, 1.0)
+        writer.cancel()
+        with contextlib.suppress(Exception):
+            await ws.close()

@@ -1,0 +1,267 @@
+"""The embedded relay on the coordinator's own port: Upgrade and WebSocket transports next to the API,
+tickets, routing between real meshd relay clients and their UDP proxies, revocation, bad frames, queues."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+import uvicorn
+
+from coordinator.app import create_app
+from coordinator.relay import hub as relay_hub
+from coordinator.relay.front import install
+from coordinator.settings import Settings
+from meshd.control import ControlClient, Enrollment
+from meshd.proto import relay
+from meshd.proto.netmap import RelayRegion
+from meshd.relay import link as rlink
+from meshd.relay.manager import RelayManager
+from tests.coordinator.conftest import Coord
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+async def relayed(coord: Coord, settings: Settings) -> AsyncIterator[Coord]:
+    """The coordinator served by uvicorn on loopback with the relay front installed (as `serve` does)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    app = create_app(settings, core=coord.core)
+    app.state.relay.start()
+    config = uvicorn.Config(app, log_level="warning", lifespan="off")
+    install(config, app.state.relay.hub)
+    server = uvicorn.Server(config)
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        for _ in range(200):
+            if server.started:
+                break
+            await asyncio.sleep(0.01)
+        c = Coord(coord.core, coord.api, coord.admin, coord.transport, f"http://127.0.0.1:{port}")
+        c.relay = app.state.relay  # type: ignore[attr-defined]
+        yield c
+    finally:
+        await app.state.relay.stop()
+        server.should_exit = True
+        await coord.core.hub.stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 10)
+        sock.close()
+
+
+@dataclass
+class Node:
+    client: ControlClient
+    enrollment: Enrollment
+
+    @property
+    def key(self) -> bytes:
+        return self.client.keys.wg_public
+
+    async def ticket(self) -> bytes:
+        return (await self.client.relay_ticket())[0].encode()
+
+
+async def enroll(c: Coord, name: str) -> Node:
+    keys_client, e = await c.enroll(name)
+    client = ControlClient(c.url, keys_client.keys, e.node_id)
+    return Node(client, e)
+
+
+async def link(c: Coord, n: Node, inbox: asyncio.Queue[tuple[bytes, bytes]], **kw: object) -> rlink.RelayLink:
+    return await rlink.connect(
+        c.url, n.key, await n.ticket(), home=True, on_packet=lambda s, p: inbox.put_nowait((s, p)), **kw
+    )
+
+
+async def test_upgrade_relays_packets_and_the_api_still_answers_on_the_same_port(relayed: Coord) -> None:
+    a, b = await enroll(relayed, "a"), await enroll(relayed, "b")
+    inbox_a: asyncio.Queue[tuple[bytes, bytes]] = asyncio.Queue()
+    inbox_b: asyncio.Queue[tuple[bytes, bytes]] = asyncio.Queue()
+    la = await link(relayed, a, inbox_a)
+    lb = await link(relayed, b, inbox_b, transports=("websocket",))
+    assert (la.transport, lb.transport) == ("upgrade", "websocket")
+    assert la.info["region"] == "default"
+    la.send_packet(b.key, b"hello b")
+    assert await asyncio.wait_for(inbox_b.get(), 2) == (a.key, b"hello b")
+    lb.send_packet(a.key, b"x" * 1400)
+    assert await asyncio.wait_for(inbox_a.get(), 2) == (b.key, b"x" * 1400)
+    assert await la.ping() < 1.0
+    await asyncio.sleep(0.3)  # packet counters are flushed in batches, at least every 0.2 s
+    async with httpx.AsyncClient(base_url=relayed.url) as http:
+        assert (await http.get("/healthz")).status_code == 200
+        metrics = (await http.get("/metrics")).text
+    assert 'relay_clients{region="default"} 2.0' in metrics
+    assert 'relay_packets_total{region="default"}' in metrics
+    la.close()
+    lb.close()
+    await asyncio.sleep(0.3)
+    r = await relayed.admin.get("/admin/audit")
+    actions = [x["action"] for x in r.json()]
+    assert actions.count("relay.session.open") == 2 and actions.count("relay.session.close") == 2
+    close = next(x for x in r.json() if x["action"] == "relay.session.close" and x["object"] == "node:a")
+    assert close["details"]["tx_bytes"] == 1400 and close["details"]["rx_bytes"] == 7
+
+
+async def test_home_region_is_published_as_relay_home(relayed: Coord) -> None:
+    a = await enroll(relayed, "a")
+    relayed.core.state.put_peer(
+        __import__("dataclasses").replace(relayed.core.state.peers[a.enrollment.node_id], relay_home=None)
+    )
+    inbox: asyncio.Queue[tuple[bytes, bytes]] = asyncio.Queue()
+    la = await link(relayed, a, inbox)
+    for _ in range(50):
+        if relayed.core.state.peers[a.enrollment.node_id].relay_home == 1:
+            break
+        await asyncio.sleep(0.02)
+    assert relayed.core.state.peers[a.enrollment.node_id].relay_home == 1
+    la.close()
+
+
+async def test_ticket_for_another_key_or_forged_is_refused(relayed: Coord) -> None:
+    a, b = await enroll(relayed, "a"), await enroll(relayed, "b")
+    with pytest.raises(rlink.RelayLinkError, match="another WireGuard key"):
+        await rlink.connect(relayed.url, b.key, await a.ticket(), home=True, on_packet=lambda s, p: None)
+    with pytest.raises(rlink.RelayLinkError, match="malformed ticket"):
+        await rlink.connect(relayed.url, a.key, b"forged", home=True, on_packet=lambda s, p: None)
+
+
+async def test_removed_node_is_dropped_within_a_second(relayed: Coord) -> None:
+    a = await enroll(relayed, "a")
+    inbox: asyncio.Queue[tuple[bytes, bytes]] = asyncio.Queue()
+    la = await link(relayed, a, inbox)
+    ticket = await a.ticket()
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    r = await relayed.admin.delete("/admin/nodes/a")
+    assert r.status_code == 204, r.text
+    reason = await asyncio.wait_for(asyncio.shield(la.closed), 1.0)
+    assert loop.time() - start < 1.0
+    assert "removed" in reason
+    with pytest.raises(rlink.RelayLinkError, match="removed or expired"):  # its unexpired ticket is dead too
+        await rlink.connect(relayed.url, a.key, ticket, home=True, on_packet=lambda s, p: None)
+
+
+async def raw(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"GET /api/v1/relay HTTP/1.1\r\nHost: x\r\nUpgrade: meshrelay\r\nConnection: Upgrade\r\n\r\n"
+    )
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101")
+    return reader, writer
+
+
+@pytest.mark.parametrize(
+    ("garbage", "reason"),
+    [
+        (b"\x7f\x00\x00\x00\x00", "unknown frame type 0x7f"),
+        (relay.HEADER.pack(relay.FrameType.SEND_PACKET, relay.MAX_FRAME + 1), "outside"),
+        (relay.encode(relay.FrameType.PING, b"12345678"), "PING before CLIENT_HELLO"),
+        (relay.HEADER.pack(relay.FrameType.SEND_PACKET, 100) + b"short", "stream ended inside a frame"),
+        (relay.encode(relay.FrameType.RECV_PACKET, bytes(40)), "not a client frame"),
+    ],
+)
+async def test_bad_frames_close_only_that_connection_with_a_logged_reason(
+    relayed: Coord, garbage: bytes, reason: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "coordinator.relay")
+    a, b = await enroll(relayed, "a"), await enroll(relayed, "b")
+    inbox_a: asyncio.Queue[tuple[bytes, bytes]] = asyncio.Queue()
+    inbox_b: asyncio.Queue[tuple[bytes, bytes]] = asyncio.Queue()
+    la, lb = await link(relayed, a, inbox_a), await link(relayed, b, inbox_b)
+    if reason == "not a client frame":
+        bad = await link(relayed, await enroll(relayed, "c"), asyncio.Queue())
+        bad._impl.write(garbage)
+        await asyncio.wait_for(asyncio.shield(bad.closed), 2)
+    else:
+        reader, writer = await raw(relayed.url)
+        writer.write(garbage)
+        if reason.startswith("stream ended"):
+            writer.write_eof()
+        data = await asyncio.wait_for(reader.read(), 2)  # the relay closes the connection
+        assert data == b"" or data.startswith(bytes([relay.FrameType.CLOSE]))
+        writer.close()
+    await asyncio.sleep(0.05)
+    assert reason in caplog.text
+    la.send_packet(b.key, b"still working")
+    assert await asyncio.wait_for(inbox_b.get(), 2) == (a.key, b"still working")
+    la.close()
+    lb.close()
+
+
+async def test_slow_client_loses_oldest_packets_and_nobody_stalls(
+    relayed: Coord, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(relay_hub, "QUEUE_FRAMES", 50)
+    a, b, c = await enroll(relayed, "a"), await enroll(relayed, "b"), await enroll(relayed, "c")
+    inbox_c: asyncio.Queue[tuple[bytes, bytes]] = asyncio.Queue()
+    la = await link(relayed, a, asyncio.Queue())
+    lb = await link(relayed, b, asyncio.Queue())
+    lc = await link(relayed, c, inbox_c)
+    hub = relayed.relay.hub  # type: ignore[attr-defined]
+    slow = hub.clients[b.key]
+    slow.pause()  # b's socket is "full": everything for b now goes through its bounded queue
+    for i in range(200):
+        la.send_packet(b.key, i.to_bytes(4, "big"))
+    la.send_packet(c.key, b"for c")
+    assert await asyncio.wait_for(inbox_c.get(), 2) == (a.key, b"for c")
+    assert slow.drops == 150
+    assert [int.from_bytes(f[-4:], "big") for f in slow.queue] == list(range(150, 200))  # oldest dropped
+    for x in (la, lb, lc):
+        x.close()
+
+
+async def test_relay_manager_proxies_udp_between_two_wireguard_ports(relayed: Coord) -> None:
+    """Two managers stand in for two daemons; two UDP sockets stand in for the WireGuard ports."""
+    a, b = await enroll(relayed, "a"), await enroll(relayed, "b")
+    wg_a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    wg_b = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for s in (wg_a, wg_b):
+        s.bind(("127.0.0.1", 0))
+        s.settimeout(2)
+    states: list[bool] = []
+    region = RelayRegion(1, "default", relayed.url, 0)
+    ma = RelayManager(
+        wg_key=a.key, wg_port=wg_a.getsockname()[1], tickets=a.client.relay_ticket, on_state=states.append
+    )
+    mb = RelayManager(wg_key=b.key, wg_port=wg_b.getsockname()[1], tickets=b.client.relay_ticket)
+    from meshd.proto.encoding import b64encode
+
+    try:
+        for m, other in ((ma, b), (mb, a)):
+            m.start()
+            m.set_regions([region])
+            m.set_peers([(b64encode(other.key), 1)])
+        # relay first: the endpoint exists before the link is up; what is sent now is delivered later
+        ep_b_at_a = ma.endpoint(b64encode(b.key))
+        assert ep_b_at_a is not None and ep_b_at_a[0] == "127.0.0.1"
+        for _ in range(100):  # b must be connected for the relay to deliver to it
+            if mb.up:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.to_thread(wg_a.sendto, b"handshake initiation", ep_b_at_a)
+        data, src = await asyncio.to_thread(wg_b.recvfrom, 2000)
+        assert data == b"handshake initiation"
+        assert src == mb.endpoint(b64encode(a.key))  # b's WireGuard sees a at a's proxy on b's side
+        await asyncio.to_thread(wg_b.sendto, b"response", src)
+        data, src = await asyncio.to_thread(wg_a.recvfrom, 2000)
+        assert (data, src) == (b"response", ep_b_at_a)
+        assert states == [True] and ma.up and ma.home_name() == "default"
+        [st] = ma.status()
+        assert st.connected and st.home
+    finally:
+        await ma.close()
+        await mb.close()
+        wg_a.close()
+        wg_b.close()
