@@ -91,3 +91,22 @@ def test_mapping_forwards_inbound_while_held(lab: Lab) -> None:
     got = listener.result()
     assert got is not None and got.endswith("through-the-map"), got
     proc.wait(timeout=20)
+
+
+@pytest.mark.parametrize(
+    ("speaks", "expect"), [(("natpmp",), "natpmp"), (("pcp",), "pcp"), (("upnp",), None)]
+)
+def test_router_speaking_one_protocol_is_mapped_with_it(
+    lab: Lab, speaks: tuple[str, ...], expect: str | None
+) -> None:
+    a = lab.host(nat="upnp", portmap=speaks)
+    router = a.router
+    assert router is not None
+    out = a.python(MAPPER, router.lan_ip, a.ip, str(INTERNAL), "60", "1", timeout=30)
+    events = [json.loads(line) for line in out.splitlines()]
+    grants = [e for e in events if "granted" in e]
+    if expect is None:
+        assert not grants, events  # UPnP only: NAT-PMP and PCP get no answer
+        assert any("lost" in e for e in events) or events[-1] == {"closed": True}
+    else:
+        assert grants and all(g["granted"] == expect for g in grants), events

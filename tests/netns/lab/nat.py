@@ -98,6 +98,34 @@ table {family} {MINIUPNPD_NAT_TABLE} {{
 """
 
 
+PORTMAP_PROTOCOLS = ("upnp", "natpmp", "pcp")
+
+
+def portmap_filter(protocols: tuple[str, ...], lan_ifname: str) -> str:
+    """nft rules that make miniupnpd look like a router speaking only ``protocols``.
+
+    NAT-PMP and PCP share udp/5351 and one miniupnpd switch; the first payload byte is the version
+    (0: NAT-PMP, RFC 6886 §3; 2: PCP, RFC 6887 §7), so the unwanted one is dropped by that byte.
+    """
+    unknown = set(protocols) - set(PORTMAP_PROTOCOLS)
+    if unknown or not protocols:
+        raise ValueError(f"portmap protocols must be a non-empty subset of {PORTMAP_PROTOCOLS}: {protocols}")
+    drops = []
+    if "natpmp" not in protocols:
+        drops.append(f'iifname "{lan_ifname}" udp dport 5351 @th,64,8 0 drop')
+    if "pcp" not in protocols:
+        drops.append(f'iifname "{lan_ifname}" udp dport 5351 @th,64,8 2 drop')
+    body = "\n        ".join(drops)
+    return f"""
+table ip meshlab_pmp {{
+    chain input {{
+        type filter hook input priority filter - 1; policy accept;
+        {body}
+    }}
+}}
+"""
+
+
 def miniupnpd_conf(
     *,
     ext_ifname: str,
@@ -107,6 +135,7 @@ def miniupnpd_conf(
     lease_file: str,
     http_port: int = 0,
     min_lifetime: int = 120,
+    protocols: tuple[str, ...] = PORTMAP_PROTOCOLS,
 ) -> str:
     """A miniupnpd.conf: IGD + NAT-PMP + PCP, secure mode, maps allowed only for the LAN. ``min_lifetime``
     is the shortest PCP lease granted (shorter requests are raised to it; miniupnpd's default is 120 s)."""
@@ -114,8 +143,8 @@ def miniupnpd_conf(
 ext_ifname={ext_ifname}
 listening_ip={listening_ip}
 http_port={http_port}
-enable_upnp=yes
-enable_natpmp=yes
+enable_upnp={"yes" if "upnp" in protocols else "no"}
+enable_natpmp={"yes" if "natpmp" in protocols or "pcp" in protocols else "no"}
 secure_mode=yes
 system_uptime=yes
 notify_interval=60

@@ -395,11 +395,13 @@ class Lab:
         name: str | None = None,
         carrier: Router | None = None,
         pcp_min_lifetime: int = PCP_MIN_LIFETIME,
+        portmap: tuple[str, ...] = rules.PORTMAP_PROTOCOLS,
     ) -> Router:
         """A new router of kind ``nat`` on the internet (for ``cgnat``: behind ``carrier`` or a new one).
 
         ``pcp_min_lifetime`` (upnp only): the shortest PCP lease miniupnpd grants. The lab default is short
         so renewal can be tested in seconds; pass 120 for miniupnpd's (and many routers') default.
+        ``portmap`` (upnp only): the protocols the router speaks, a subset of ("upnp", "natpmp", "pcp").
         """
         if pcp_min_lifetime < 1:
             raise ValueError("pcp_min_lifetime must be at least 1 s")
@@ -436,7 +438,9 @@ class Lab:
             self._attach_to_lan(upstream, netns, WAN, wan_ip, upstream.lan_net.prefixlen)
         netns.run(["nft", "-f", "-"], input=rules.ruleset(kind), check=True)
         if kind is NatKind.UPNP:
-            self._start_miniupnpd(r, pcp_min_lifetime)
+            if tuple(portmap) != rules.PORTMAP_PROTOCOLS:
+                netns.run(["nft", "-f", "-"], input=rules.portmap_filter(tuple(portmap), LAN), check=True)
+            self._start_miniupnpd(r, pcp_min_lifetime, tuple(portmap))
         return r
 
     def _carrier(self) -> Router:
@@ -462,7 +466,7 @@ class Lab:
         self.carriers.append(r)
         return r
 
-    def _start_miniupnpd(self, r: Router, min_lifetime: int) -> None:
+    def _start_miniupnpd(self, r: Router, min_lifetime: int, protocols: tuple[str, ...]) -> None:
         conf = self.tmpdir / f"{r.name}-miniupnpd.conf"
         conf.write_text(
             rules.miniupnpd_conf(
@@ -472,6 +476,7 @@ class Lab:
                 uuid=str(uuid.uuid4()),
                 lease_file=str(self.tmpdir / f"{r.name}-miniupnpd.leases"),
                 min_lifetime=min_lifetime,
+                protocols=protocols,
             )
         )
         r.netns.run(["nft", "-f", "-"], input=rules.miniupnpd_ruleset(), check=True)
@@ -487,14 +492,22 @@ class Lab:
         while time.monotonic() < deadline:
             if r.miniupnpd.poll() is not None:
                 raise LabError(f"miniupnpd on {r.name} exited {r.miniupnpd.returncode}: {r.miniupnpd_log()}")
-            ss = r.run(["ss", "-Hlnu", "sport", "= :5351"], timeout=5).stdout
+            if "natpmp" in protocols or "pcp" in protocols:
+                ss = r.run(["ss", "-Hlnu", "sport", "= :5351"], timeout=5).stdout
+            else:  # UPnP only: its HTTP server (random port) on the LAN address
+                ss = r.run(["sh", "-c", "ss -Hlntp | grep miniupnpd || true"], timeout=5).stdout
             if ss.strip():
                 return
             time.sleep(0.05)
         raise LabError(f"miniupnpd on {r.name} not listening within 5 s: {r.miniupnpd_log()}")
 
     def host(
-        self, nat: str | NatKind | None = None, *, router: Router | None = None, name: str | None = None
+        self,
+        nat: str | NatKind | None = None,
+        *,
+        router: Router | None = None,
+        name: str | None = None,
+        portmap: tuple[str, ...] | None = None,
     ) -> Host:
         """A host behind a new router of kind ``nat`` (default ``eim``), or behind ``router``.
 
@@ -506,7 +519,7 @@ class Lab:
             kind = parse_kind(nat if nat is not None else "eim")
             if kind is NatKind.PUBLIC:
                 return self._public(name, "h")
-            router = self.router(kind)
+            router = self.router(kind) if portmap is None else self.router(kind, portmap=portmap)
         if router.lab is not self:
             raise ValueError(f"router {router.name} belongs to another lab")
         j = len(router.hosts) + 1
