@@ -40,6 +40,7 @@ from meshd.nat.engine import Traversal
 from meshd.nat.mapper import PortMapShell
 from meshd.proto import cert, netmap
 from meshd.proto.encoding import b64decode, b64encode
+from meshd.relay.manager import RelayManager
 from meshd.state import NodeState, StateDir, StateError, StateLock
 from meshd.wg.base import WireGuardBackend
 from meshd.wg.errors import WgError
@@ -132,6 +133,7 @@ class Daemon:
         self._api: api.ControlServer | None = None
         self._lock: StateLock | None = None
         self.traversal: Traversal | None = None
+        self.relay: RelayManager | None = None
         self.portmap: PortMapShell | None = None
         self._resolved: dict[str, str] = {}
 
@@ -262,14 +264,31 @@ class Daemon:
         except hosts.HostsError as e:
             raise DaemonError(str(e)) from None
 
+    def _start_relay(self) -> None:
+        """The relay client (meshd.relay): per-peer 127.0.0.1 proxies are every new peer's first endpoint."""
+        assert self.state is not None and self.client is not None
+        self.relay = RelayManager(
+            wg_key=self.state.keys.wg_public,
+            wg_port=self._port,
+            tickets=self.client.relay_ticket,
+            on_state=lambda up: self.traversal.relay_changed(up) if self.traversal else None,
+            ssl_context=self.client._ssl,
+        )
+        self.relay.start()
+
+    def _relay_endpoint(self, wg_key: str) -> Endpoint | None:
+        return self.relay.endpoint(wg_key) if self.relay is not None else None
+
     async def _start_traversal(self) -> None:
         assert self.state is not None and self.backend is not None
+        self._start_relay()
         self.traversal = Traversal(
             backend=self.backend,
             node_seed=self.state.keys.node_private,
             port=self._port,
             stun_servers=(),
             send_signal=self._send_signal,
+            relay_endpoint=self._relay_endpoint,
         )
         self.traversal.on_candidates = self._announce
         await self.traversal.start()
@@ -333,6 +352,9 @@ class Daemon:
         if self.traversal is not None:
             await self.traversal.close()
             self.traversal = None
+        if self.relay is not None:
+            await self.relay.close()
+            self.relay = None
         if self._api is not None:
             await self._api.close()
             self._api = None
@@ -352,7 +374,8 @@ class Daemon:
         if self.traversal is not None and self.traversal.active:
             return None  # the traversal engine sets endpoints once a probe was answered
         cands = peerset.parse_candidates(v.peer.endpoints)
-        return peerset.first_reachable_candidate(cands, self._networks)
+        lan = peerset.first_reachable_candidate(cands, self._networks)
+        return lan or self._relay_endpoint(v.peer.wg_public_key)  # no probes: LAN, else the relay
 
     def _has_path(self, v: peerset.VerifiedPeer) -> bool:
         return self.traversal is not None and self.traversal.endpoint_of(v.peer.wg_public_key) is not None
@@ -384,6 +407,9 @@ class Daemon:
         for r in bad:
             log.warning("not configuring peer %s (node %d): %s", r.name, r.node_id, r.reason)
         self.verified = good
+        if self.relay is not None:
+            self.relay.set_regions(new.relays)
+            self.relay.set_peers((v.peer.wg_public_key, v.peer.relay_home) for v in good)
         await self._apply(good)
         if self.traversal is not None:
             self.traversal.set_stun_servers(await self._stun_servers(new))
@@ -530,12 +556,16 @@ class Daemon:
                 endpoint = tstat.endpoint
                 if tstat.rtt is not None:
                     latency = round(tstat.rtt * 1000, 3)
+            no_probes = self.traversal is None or not self.traversal.active
+            if path != "direct" and self.relay is not None and no_probes:
+                path = "relay" if self.relay.up else "none"
             peers.append(
                 st.PeerStatus(
                     name=v.name,
                     ips=tuple(v.ips),
                     public_key=v.peer.wg_public_key,
                     path=path,
+                    relay=self.relay.region_name(v.peer.relay_home) if self.relay is not None else None,
                     endpoint=f"{endpoint[0]}:{endpoint[1]}" if endpoint and path == "direct" else None,
                     latency_ms=latency,
                     last_handshake=datetime.fromtimestamp(hs, UTC) if hs else None,
@@ -552,6 +582,7 @@ class Daemon:
                 interface=self.opts.interface,
                 backend=self._kind(),
                 endpoints=tuple(self._candidates),
+                relay=self.relay.home_name() if self.relay is not None and self.relay.up else None,
                 nat=st.NatStatus(
                     mapping_varies_by_dest=self.traversal.nat.mapping_varies_by_dest
                     if self.traversal
