@@ -320,9 +320,49 @@ def rotate_signing_key() -> None:
 def relay_serve(
     listen: Annotated[str, typer.Option(help="HOST:PORT")],
     coordinator: Annotated[str, typer.Option(help="Coordinator URL")],
+    secret_file: Annotated[
+        Path | None,
+        typer.Option("--secret-file", help="The coordinator's <state-dir>/relay.secret (or $RELAY_SECRET)."),
+    ] = None,
+    region_id: Annotated[int, typer.Option("--region-id", help="Region id in the relay map (not 1).")] = 2,
+    name: Annotated[str | None, typer.Option("--name", help="Region name (default region<ID>).")] = None,
+    public_url: Annotated[str | None, typer.Option("--public-url", help="URL nodes use to reach us.")] = None,
+    stun_port: Annotated[int, typer.Option("--stun-port", help="STUN UDP port (0: none).")] = 0,
+    pong_delay: Annotated[float, typer.Option("--test-pong-delay", hidden=True)] = 0.0,
 ) -> None:
-    """Run a standalone relay region (not in this version)."""
-    raise CliError("the standalone relay is not part of this version")
+    """Run a standalone relay region (foreground)."""
+    from coordinator.relay.standalone import RelayOptions
+    from coordinator.relay.standalone import serve as run_relay
+    from coordinator.settings import parse_listen
+
+    if not coordinator.startswith(("http://", "https://")):
+        raise CliError(f"coordinator URL {coordinator!r} must start with http:// or https://")
+    if region_id < 2 or region_id > 65535:
+        raise CliError("--region-id must be between 2 and 65535 (1 is the coordinator's embedded relay)")
+    secret = os.environ.get("RELAY_SECRET", "")
+    if secret_file is not None:
+        try:
+            secret = secret_file.read_text().strip()
+        except OSError as exc:
+            raise CliError(f"cannot read {secret_file}: {exc.strerror}") from None
+    if not secret:
+        raise CliError("no relay secret: give --secret-file (coordinator's relay.secret) or $RELAY_SECRET")
+    opts = RelayOptions(
+        listen=parse_listen(listen),
+        coordinator=coordinator,
+        secret=secret,
+        region_id=region_id,
+        name=name or f"region{region_id}",
+        public_url=public_url,
+        stun_port=stun_port,
+        pong_delay=pong_delay,
+    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(run_relay(opts))
+    except OSError as exc:
+        raise CliError(f"cannot serve the relay on {listen}: {exc.strerror}") from None
 
 
 def main(argv: list[str] | None = None) -> None:

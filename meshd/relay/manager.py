@@ -170,7 +170,7 @@ class RelayManager:
     def _send(self, dst: bytes, packet: bytes) -> None:
         rid = self.peer_home.get(dst) or self.home
         r = self.regions.get(rid) if rid is not None else None
-        if r is not None and (r.link is None or not r.link.is_open) and rid != self.home:
+        if r is None or ((r.link is None or not r.link.is_open) and rid != self.home):
             r = self.regions.get(self.home) if self.home is not None else None  # their region is down
         if r is None:
             self.dropped += 1
