@@ -8,6 +8,7 @@ in-memory effects and wakes the hub only after the commit succeeded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from coordinator import audit, certs
@@ -31,6 +32,9 @@ from meshd.proto.encoding import b64decode
 from meshd.proto.netmap import Peer, RelayRegion
 
 log = logging.getLogger("coordinator")
+
+_PG_WRITE_LOCK = 0x6D657368 + 1  #: cluster-wide advisory lock serialising writers across replicas
+NOTIFY_CHANNEL = "coordinator_map"
 
 
 class Metrics:
@@ -94,6 +98,7 @@ class Core:
         self._lock = asyncio.Lock()
         self._started = False
         self._janitor: asyncio.Task[None] | None = None
+        self._listener: asyncio.Task[None] | None = None
         #: called with (node id, reason) right after a node is removed or expired (the relay drops it)
         self.revoke_hooks: list[Callable[[int, str], None]] = []
 
@@ -139,11 +144,17 @@ class Core:
         self.hub.start()
         self._janitor = asyncio.create_task(self._clean_up(), name="janitor")
         self._started = True
+        if self.is_postgres:
+            self._listener = asyncio.create_task(self._listen(), name="replica-sync")
         log.info("coordinator started: map version %d, %d nodes", self.state.version, len(self.state.peers))
 
     async def stop(self) -> None:
-        if self._janitor:
-            self._janitor.cancel()
+        for task in (self._janitor, self._listener):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._janitor = self._listener = None
         await self.hub.stop()
         await self.engine.dispose()
 
@@ -166,11 +177,26 @@ class Core:
     # ----------------------------------------------------------------------------- transactions
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Tx]:
+        """A serialised write transaction.
+
+        On PostgreSQL several coordinator replicas may share the database: each write transaction takes a
+        cluster-wide advisory lock, first catches up with changes other replicas committed (so versions
+        and addresses never collide), and announces its new version with NOTIFY at commit.
+        """
         async with self._lock, self.sessions() as session:
             tx = Tx(self, session)
             try:
                 async with session.begin():
+                    if self.is_postgres:
+                        await session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_WRITE_LOCK})
+                        if self._started:
+                            await self._catch_up(session)
                     yield tx
+                    if self.is_postgres and tx.changes:
+                        await session.execute(
+                            text("SELECT pg_notify(:c, :v)"),
+                            {"c": NOTIFY_CHANNEL, "v": str(tx.changes[-1].version)},
+                        )
             except BaseException:
                 for fn in tx.undo:
                     fn()
@@ -182,6 +208,90 @@ class Core:
             if tx.changes:
                 self.metrics.version.set(self.state.version)
                 self.hub.notify(self.hub.delay_for({c.kind for c in tx.changes}))
+
+    # ------------------------------------------------------------------------------------ replicas
+    @property
+    def is_postgres(self) -> bool:
+        return self.engine.dialect.name == "postgresql"
+
+    async def _catch_up(self, session: AsyncSession) -> bool:
+        """Apply map changes committed by other replicas since our version to the in-memory state."""
+        rows = (
+            (
+                await session.execute(
+                    select(MapChange)
+                    .where(MapChange.version > self.state.version)
+                    .order_by(MapChange.version)
+                )
+            )
+            .scalars()
+            .all()
+        )
+        if not rows:
+            return False
+        ids = {r.node_id for r in rows if r.node_id is not None}
+        nodes: dict[int, Node] = {}
+        if ids:
+            found = (await session.execute(select(Node).where(Node.id.in_(ids)))).scalars().all()
+            nodes = {n.id: n for n in found}
+        if any(r.kind == "policy" for r in rows):
+            policy = await session.get(Meta, "policy")
+            self.state.policy = policy.value if policy else ""
+        for r in rows:  # another replica's restart does not invalidate our streams' versions
+            self.state.record(Change(r.version, "noop" if r.kind == "restart" else r.kind, r.node_id))
+        for i in ids:
+            node, old = nodes.get(i), self.state.peers.get(i)
+            if node is not None and not node.expired:
+                self.pool.mark(node.ipv4)
+                self.node_keys[i] = (b64decode(node.node_public_key), False)
+                self.state.put_peer(peer_of(node, online=bool(old and old.online)))
+                continue
+            if node is None:
+                self.node_keys.pop(i, None)
+                if old is not None:
+                    self.pool.release(old.ips[0].split("/")[0])
+            else:
+                self.node_keys[i] = (b64decode(node.node_public_key), True)
+            self.state.drop_peer(i)
+            self.hub.disconnect(i, "node removed or expired")
+        self.metrics.nodes.set(len(self.state.peers))
+        self.metrics.version.set(self.state.version)
+        self.hub.notify(self.hub.delay_for({r.kind for r in rows}))
+        return True
+
+    async def _listen(self) -> None:
+        """Wake up on other replicas' NOTIFY (and poll every few seconds in case one was missed)."""
+        import asyncpg
+        from sqlalchemy.engine import make_url
+
+        url = make_url(self.settings.database_url)
+        woken = asyncio.Event()
+        conn = None
+        while True:
+            try:
+                if conn is None or conn.is_closed():
+                    conn = await asyncpg.connect(
+                        user=url.username,
+                        password=url.password,
+                        database=url.database,
+                        host=url.host or url.query.get("host"),
+                        port=url.port,
+                    )
+                    await conn.add_listener(NOTIFY_CHANNEL, lambda *_: woken.set())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(woken.wait(), 5.0)
+                woken.clear()
+                async with self._lock, self.sessions() as session, session.begin():
+                    await self._catch_up(session)
+            except asyncio.CancelledError:
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await conn.close()
+                raise
+            except Exception:  # pragma: no cover - database away: retry
+                log.warning("replica sync failed; retrying", exc_info=True)
+                conn = None
+                await asyncio.sleep(1.0)
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:
