@@ -31,9 +31,10 @@ from meshd.relay import link as rlink
 
 
 def rss_mib() -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
     return 0.0
 
 
@@ -49,7 +50,9 @@ async def main(pairs: int, duration: float, size: int, rate: int) -> None:
     server = uvicorn.Server(config)
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
     task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
+    for _ in range(500):  # bounded: uvicorn has no "started" event
+        if server.started:
+            break
         await asyncio.sleep(0.01)
     received = [0]
 
