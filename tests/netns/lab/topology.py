@@ -31,13 +31,14 @@ import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, Any
 
 from tests.netns.lab import nat as rules
 from tests.netns.lab.nat import LAN, WAN, NatKind, parse_kind
 from tests.netns.lab.netns import PREFIX, LabError, Namespace, OwnerLock, new_owner, sweep_stale
 
 ECHO_SCRIPT = Path(__file__).with_name("echo.py")
+DELAY_SCRIPT = Path(__file__).with_name("delay.py")
 WATCHDOG_SCRIPT = Path(__file__).with_name("watchdog.py")
 INET_BRIDGE = "inet0"
 INET_GW = "6.0.0.1"
@@ -362,14 +363,38 @@ class Lab:
         self._names.add(name)
         return name
 
-    def _attach_to_inet(self, netns: Namespace, ifname: str, ip: str) -> None:
-        """Give ``netns`` an interface ``ifname`` with ``ip`` on the internet bridge and a default route."""
+    def _attach_to_inet(self, netns: Namespace, ifname: str, ip: str, delay_ms: float = 0.0) -> None:
+        """Give ``netns`` an interface ``ifname`` with ``ip`` on the internet bridge and a default route.
+
+        With ``delay_ms`` the link runs through a namespace of its own where ``delay.py`` forwards every
+        frame that much later in each direction (so a round trip over it costs ``2 * delay_ms``).
+        """
         self._inet_ports += 1
         port = f"i{self._inet_ports}"
-        self.inet.sh(
-            f"ip link add {port} type veth peer name {ifname} netns {netns.name}\n"
-            f"ip link set {port} master {INET_BRIDGE} up\n"
-        )
+        if delay_ms <= 0:
+            self.inet.sh(
+                f"ip link add {port} type veth peer name {ifname} netns {netns.name}\n"
+                f"ip link set {port} master {INET_BRIDGE} up\n"
+            )
+        else:
+            wire = self._namespace(f"d{self._inet_ports}")
+            self.inet.sh(
+                f"ip link add {port} type veth peer name b0 netns {wire.name}\n"
+                f"ip link set {port} master {INET_BRIDGE} up\n"
+                f"ethtool -K {port} tx off rx off tso off gso off gro off >/dev/null 2>&1 || true\n"
+            )
+            netns.sh(
+                f"ip link add {ifname} type veth peer name a0 netns {wire.name}\n"
+                f"ethtool -K {ifname} tx off rx off tso off gso off gro off >/dev/null 2>&1 || true\n"
+            )
+            offloads = "tx off rx off tso off gso off gro off"  # AF_PACKET forwards frames as they are
+            wire.sh(
+                f"for i in a0 b0; do ip link set $i up; ethtool -K $i {offloads} >/dev/null 2>&1 || :; done\n"
+            )
+            proc = wire.popen(
+                [sys.executable, str(DELAY_SCRIPT), "a0", "b0", str(delay_ms)], stdout=subprocess.PIPE
+            )
+            _wait_ready(proc, f"delay link {wire.name}", 10.0)
         netns.sh(
             f"ip addr add {ip}/{INET_PREFIXLEN} dev {ifname}\n"
             f"ip link set {ifname} up\n"
@@ -396,12 +421,14 @@ class Lab:
         carrier: Router | None = None,
         pcp_min_lifetime: int = PCP_MIN_LIFETIME,
         portmap: tuple[str, ...] = rules.PORTMAP_PROTOCOLS,
+        wan_delay_ms: float = 0.0,
     ) -> Router:
         """A new router of kind ``nat`` on the internet (for ``cgnat``: behind ``carrier`` or a new one).
 
         ``pcp_min_lifetime`` (upnp only): the shortest PCP lease miniupnpd grants. The lab default is short
         so renewal can be tested in seconds; pass 120 for miniupnpd's (and many routers') default.
         ``portmap`` (upnp only): the protocols the router speaks, a subset of ("upnp", "natpmp", "pcp").
+        ``wan_delay_ms``: one-way latency of the router's link to the internet (not for cgnat homes).
         """
         if pcp_min_lifetime < 1:
             raise ValueError("pcp_min_lifetime must be at least 1 s")
@@ -433,7 +460,7 @@ class Lab:
             f"ip link set {LAN} up\n"
         )
         if upstream is None:
-            self._attach_to_inet(netns, WAN, wan_ip)
+            self._attach_to_inet(netns, WAN, wan_ip, wan_delay_ms)
         else:
             self._attach_to_lan(upstream, netns, WAN, wan_ip, upstream.lan_net.prefixlen)
         netns.run(["nft", "-f", "-"], input=rules.ruleset(kind), check=True)
@@ -508,6 +535,7 @@ class Lab:
         router: Router | None = None,
         name: str | None = None,
         portmap: tuple[str, ...] | None = None,
+        wan_delay_ms: float = 0.0,
     ) -> Host:
         """A host behind a new router of kind ``nat`` (default ``eim``), or behind ``router``.
 
@@ -518,8 +546,11 @@ class Lab:
         if router is None:
             kind = parse_kind(nat if nat is not None else "eim")
             if kind is NatKind.PUBLIC:
-                return self._public(name, "h")
-            router = self.router(kind) if portmap is None else self.router(kind, portmap=portmap)
+                return self._public(name, "h", wan_delay_ms)
+            opts: dict[str, Any] = {"wan_delay_ms": wan_delay_ms}
+            if portmap is not None:
+                opts["portmap"] = portmap
+            router = self.router(kind, **opts)
         if router.lab is not self:
             raise ValueError(f"router {router.name} belongs to another lab")
         j = len(router.hosts) + 1
@@ -534,11 +565,12 @@ class Lab:
         self.hosts.append(h)
         return h
 
-    def server(self, *, name: str | None = None) -> Host:
-        """A public host (no NAT, no firewall) for the coordinator, STUN-like checks and echo servers."""
-        return self._public(name, "s")
+    def server(self, *, name: str | None = None, delay_ms: float = 0.0) -> Host:
+        """A public host (no NAT, no firewall) for the coordinator, STUN-like checks and echo servers;
+        ``delay_ms`` is the one-way latency of its link."""
+        return self._public(name, "s", delay_ms)
 
-    def _public(self, name: str | None, prefix: str) -> Host:
+    def _public(self, name: str | None, prefix: str, delay_ms: float = 0.0) -> Host:
         self._pub_n += 1
         if self._pub_n > 60000:
             raise LabError("too many public hosts")
@@ -546,7 +578,7 @@ class Lab:
         netns = self._namespace(name)
         ip = str(ipaddress.IPv4Address("7.0.0.0") + self._pub_n)
         h = Host(self, name, netns, ip, None)
-        self._attach_to_inet(netns, "eth0", ip)
+        self._attach_to_inet(netns, "eth0", ip, delay_ms)
         self.hosts.append(h)
         return h
 
