@@ -48,6 +48,9 @@ log = logging.getLogger("meshd.nat")
 Endpoint = tuple[str, int]
 STUN_REFRESH = 20.0
 CMM_MIN_INTERVAL = 2.0
+PUNCH_DELAY = 0.25  #: a new attempt's first probes go out this long after the call-me-maybe is sent
+MAX_PUNCH_WAIT = 1.0
+GATHER_TIMEOUT = 2.0  #: probes wait at most this long after start for our STUN answers
 TXID_TTL = 5.0
 HANDSHAKE_POLL = 1.0
 
@@ -61,6 +64,9 @@ class _Peer:
     path: PeerPath
     candidates: tuple[Endpoint, ...] = ()
     last_cmm: float = -1e9
+    hold_until: float | None = None  #: probes wait until this moment (agreed with the peer)
+    my_at: float | None = None  #: the wall-clock moment our last call-me-maybe proposed
+    held: set[Endpoint] = field(default_factory=set)
     direct: Endpoint | None = None
     endpoint: Endpoint | None = None  #: what WireGuard was last pointed at (direct or relay proxy)
 
@@ -126,6 +132,8 @@ class Traversal:
         self._tasks: list[asyncio.Task[None]] = []
         self._effects: asyncio.Queue[UseDirect | UseRelay] = asyncio.Queue()
         self._announced: list[str] = []
+        self._gathered = False  #: STUN has answered (or given up) since start: our candidates are complete
+        self._gather_deadline: float | None = None
 
     # -- life cycle ----------------------------------------------------------------------------------------
 
@@ -135,6 +143,7 @@ class Traversal:
         except (RawPortError, OSError) as e:
             log.warning("no probes on the WireGuard port (%s): peers stay on the relay", e)
             return
+        self._gather_deadline = self.clock() + GATHER_TIMEOUT
         loop = asyncio.get_running_loop()
         loop.add_reader(self._raw.fileno(), self._readable)
         self._tasks = [
@@ -173,7 +182,20 @@ class Traversal:
             now = self.clock()
             for server in new:
                 self._stun.query(server, now)
+            if not new:
+                self._gathered_now(now)
             self._wake.set()
+
+    def _gathered_now(self, now: float) -> None:
+        """Our candidates are as complete as they will get soon: start synchronised attempts."""
+        if self._gathered:
+            return
+        self._gathered = True
+        for p in self._peers.values():
+            if p.path.status.path != "direct":
+                p.last_cmm = -1e9
+                p.path.peer_asked(now)  # (an attempt already running probes again within 0.5 s)
+        self._drain(now)
 
     def candidates(self) -> list[str]:
         """Every address a peer may reach us at: LAN, STUN-reflexive, port-mapped (in that order)."""
@@ -205,6 +227,7 @@ class Traversal:
                 p.path.set_candidates(self._classify(cand_t), now)
             elif cand_t != p.candidates:
                 p.candidates = cand_t
+                p.last_cmm = -1e9  # new addresses: agree on a new moment with the peer before probing them
                 p.path.set_candidates(self._classify(cand_t), now)
         for key in [k for k in self._peers if k not in seen]:
             gone = self._peers.pop(key)
@@ -224,6 +247,13 @@ class Traversal:
             if parsed and set(parsed) != set(p.candidates):
                 p.candidates = parsed
                 p.path.set_candidates(self._classify(parsed), now)
+        at = payload.get("at")
+        if isinstance(at, int | float) and not isinstance(at, bool):
+            # both sides may have asked at once: both then use the later of the two moments
+            wall = time.time()
+            moment = float(at) if p.my_at is None or p.my_at < wall else max(float(at), p.my_at)
+            p.hold_until = now + min(max(0.0, moment - wall), MAX_PUNCH_WAIT)
+        p.last_cmm = now  # the peer is already asking; no cmm back
         p.path.peer_asked(now)
         self._drain(now)
 
@@ -264,6 +294,13 @@ class Traversal:
         if cands != self._announced and self.on_candidates is not None:
             self._announced = cands
             asyncio.get_running_loop().create_task(self.on_candidates(cands))
+            # peers without a direct path hear our new addresses at once, with a moment to punch
+            now = self.clock()
+            for p in self._peers.values():
+                if p.path.status.path != "direct":
+                    p.last_cmm = -1e9
+                    p.path.peer_asked(now)
+            self._drain(now)
 
     def _drain(self, now: float) -> None:
         """Carry out every pending decision of every path machine."""
@@ -276,9 +313,43 @@ class Traversal:
         self._wake.set()
 
     def _probe(self, p: _Peer, targets: Iterable[Endpoint], now: float) -> None:
+        """Send probes, or hold them until the moment agreed with the peer for a new attempt."""
         if self._raw is None:
             return
         targets = tuple(targets)
+        if not self._gathered:
+            # our own public address is not known yet: a punch now would reach the peer's NAT before we
+            # can tell the peer where to answer, so wait (the peer's first probes may then open ours)
+            p.held.update(targets)
+            p.last_cmm = -1e9
+            return
+        if p.hold_until is not None and now < p.hold_until:
+            p.held.update(targets)
+            return
+        if p.path.status.path != "direct" and now - p.last_cmm >= CMM_MIN_INTERVAL:
+            # A new attempt: tell the peer to probe us too, both at the same wall-clock moment, so that
+            # the first probes cross between the two NATs. A probe that arrives before the peer's own
+            # has left makes some routers (Linux without an input firewall) create a conntrack entry for
+            # themselves, and the peer's flow is then remapped to a random port (DEVELOPERS.md).
+            p.last_cmm = now
+            p.hold_until = now + PUNCH_DELAY
+            p.my_at = time.time() + PUNCH_DELAY
+            p.held.update(targets)
+            payload = {"type": "cmm", "candidates": self.candidates(), "at": p.my_at}
+            asyncio.get_running_loop().create_task(self._signal(p.node_id, payload))
+            self._wake.set()
+            return
+        self._send_probes(p, targets, now)
+
+    def _flush_held(self, now: float) -> None:
+        for p in self._peers.values():
+            if p.hold_until is not None and now >= p.hold_until:
+                p.hold_until = None
+                held, p.held = p.held, set()
+                self._send_probes(p, sorted(held), now)
+
+    def _send_probes(self, p: _Peer, targets: Iterable[Endpoint], now: float) -> None:
+        assert self._raw is not None
         for ep in targets:
             if ":" in ep[0]:
                 continue  # the raw socket speaks IPv4 only
@@ -288,10 +359,6 @@ class Traversal:
                 self._raw.send(self.keys.seal(p.node_key, disco.Ping(txid)), ep)
             except (RawPortError, disco.DiscoError) as e:
                 log.debug("probe to %s: %s", format_endpoint(ep), e)
-        if p.path.status.path != "direct" and now - p.last_cmm >= CMM_MIN_INTERVAL:
-            p.last_cmm = now
-            payload = {"type": "cmm", "candidates": self.candidates()}
-            asyncio.get_running_loop().create_task(self._signal(p.node_id, payload))
 
     async def _signal(self, node_id: int, payload: dict[str, Any]) -> None:
         with contextlib.suppress(Exception):
@@ -342,6 +409,8 @@ class Traversal:
                     changed = True
             else:
                 log.debug("STUN %s: %s", format_endpoint(ev.server), ev.reason)
+        if not self._gathered and self._stun.pending == 0 and self.stun_servers:
+            self._gathered_now(self.clock())
         if changed:
             log.info(
                 "public address(es): %s (mapping varies by destination: %s)",
@@ -364,6 +433,9 @@ class Traversal:
                 t = p.path.next_timer()
                 if t is not None and t <= now:
                     p.path.handle_timer(now)
+            if not self._gathered and self._gather_deadline is not None and now >= self._gather_deadline:
+                self._gathered_now(now)  # STUN is slow or absent: go with what we have
+            self._flush_held(now)
             self._stun.handle_timer(now)
             if self._raw is not None:
                 for data, dst in self._stun.datagrams_to_send(now):
@@ -374,6 +446,9 @@ class Traversal:
             self._drain(now)
             self._wake.clear()
             timers = [t for p in self._peers.values() if (t := p.path.next_timer()) is not None]
+            timers += [p.hold_until for p in self._peers.values() if p.hold_until is not None]
+            if not self._gathered and self._gather_deadline is not None:
+                timers.append(self._gather_deadline)
             if (t := self._stun.next_timer()) is not None:
                 timers.append(t)
             wait = max(0.0, min(timers) - self.clock()) if timers else 1.0

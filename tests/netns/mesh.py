@@ -234,6 +234,20 @@ class Mesh:
         state = "appear" if present else "disappear"
         raise MeshError(f"peer {name} did not {state} on {node.name} within {within} s:\n{node.log_tail()}")
 
+    def wait_path(self, node: Node, peer: str, path: str, *, within: float = 10.0) -> float:
+        """Wait until ``node`` reaches ``peer`` over ``path`` ("direct", "relay", "none"); seconds taken."""
+        t0 = time.monotonic()
+        last = None
+        while time.monotonic() - t0 < within:
+            last = self.peer(node, peer)
+            if last is not None and last["path"] == path:
+                return time.monotonic() - t0
+            time.sleep(0.1)
+        raise MeshError(
+            f"{node.name} -> {peer}: path {last['path'] if last else 'absent'}, not {path}, after {within} s"
+            f"\n{node.log_tail()}"
+        )
+
     def overlay_ip(self, node: Node) -> str:
         ips = self.status(node)["self"]["ips"]
         return str(next(ip for ip in ips if ":" not in ip).split("/")[0])

@@ -1,0 +1,106 @@
+"""NAT traversal in the lab: which pairs of networks get a direct path, found by real probes.
+
+Each test asserts the path in ``meshd status --json`` on both sides and a working ping; two also ssh by name.
+Pairs that cannot go direct (both endpoint-dependent, UDP blocked) are in the relay tests.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+import pytest
+
+from tests.netns.lab import Host, Lab
+from tests.netns.mesh import Mesh, Node
+
+pytestmark = pytest.mark.netns
+
+
+@pytest.fixture
+def mesh(lab: Lab) -> Iterator[Mesh]:
+    m = Mesh(lab)
+    try:
+        m.start_coordinator(lab.server(name="coord"))
+        yield m
+    finally:
+        m.close()
+
+
+def _up_all(mesh: Mesh, hosts: list[Host]) -> list[Node]:
+    nodes = [mesh.up(h, f"n{i}", wait=False) for i, h in enumerate(hosts)]
+    for n in nodes:
+        mesh.wait_ready(n)
+    return nodes
+
+
+def _assert_direct(mesh: Mesh, nodes: list[Node], *, within: float = 10.0) -> None:
+    for a, b in itertools.permutations(nodes, 2):
+        mesh.wait_path(a, b.name, "direct", within=within)
+    for a, b in itertools.permutations(nodes, 2):
+        assert mesh.ping(a, b), f"{a.name} cannot ping {b.name} on a direct path"
+
+
+def _endpoint(mesh: Mesh, a: Node, b: Node) -> str:
+    peer = mesh.peer(a, b.name)
+    assert peer is not None
+    return str(peer["endpoint"])
+
+
+def test_public_and_eim(lab: Lab, mesh: Mesh) -> None:
+    a, b = _up_all(mesh, [lab.host(nat="public"), lab.host(nat="eim")])
+    _assert_direct(mesh, [a, b])
+    assert _endpoint(mesh, b, a) == f"{a.host.ip}:41641"
+    key = mesh.start_sshd(a.host)
+    r = mesh.ssh(b, a.name, "ip netns identify", key)
+    assert r.returncode == 0 and r.stdout.strip() == a.host.ns, r.stderr
+
+
+def test_eim_and_eim(lab: Lab, mesh: Mesh) -> None:
+    ha, hb = lab.host(nat="eim"), lab.host(nat="eim")
+    a, b = _up_all(mesh, [ha, hb])
+    _assert_direct(mesh, [a, b])
+    assert _endpoint(mesh, a, b).startswith(hb.public_ip + ":")
+    status = mesh.status(a)["self"]
+    assert status["nat"]["mapping_varies_by_dest"] is False
+    assert f"{ha.public_ip}:41641" in status["endpoints"]
+
+
+@pytest.mark.parametrize("protocol", ["upnp", "natpmp", "pcp"])
+def test_portmapped_and_edm(lab: Lab, mesh: Mesh, protocol: str) -> None:
+    hm = lab.host(nat="upnp", portmap=(protocol,))
+    a, b = _up_all(mesh, [hm, lab.host(nat="edm")])
+    _assert_direct(mesh, [a, b])
+    assert mesh.status(a)["self"]["nat"]["portmap"] == protocol
+    assert mesh.status(b)["self"]["nat"]["mapping_varies_by_dest"] is True
+    assert _endpoint(mesh, b, a).startswith(hm.public_ip + ":"), "EDM side reaches the mapped port"
+
+
+def test_cgnat_and_eim(lab: Lab, mesh: Mesh) -> None:
+    hc, he = lab.host(nat="cgnat"), lab.host(nat="eim")
+    a, b = _up_all(mesh, [hc, he])
+    _assert_direct(mesh, [a, b])
+    assert _endpoint(mesh, b, a).startswith(hc.public_ip + ":"), "through the carrier's public address"
+
+
+def test_two_hosts_behind_one_nat_go_direct_over_the_lan(lab: Lab, mesh: Mesh) -> None:
+    ha = lab.host(nat="eim")
+    hb = lab.host(router=ha.router)
+    a, b = _up_all(mesh, [ha, hb])
+    _assert_direct(mesh, [a, b])
+    assert _endpoint(mesh, a, b) == f"{hb.ip}:41641", "LAN address preferred"
+    key = mesh.start_sshd(hb)
+    r = mesh.ssh(a, b.name, "ip netns identify", key)
+    assert r.returncode == 0 and r.stdout.strip() == hb.ns, r.stderr
+
+
+def test_eim_routers_without_input_firewall(lab: Lab, mesh: Mesh) -> None:
+    """Such a router turns a probe that arrives before its host's own first packet into a conntrack entry for
+    itself, and the host's flow then leaves from a random port. Both sides therefore start an attempt at the
+    same agreed moment (call-me-maybe carries it) so the first probes cross, and answer probes at the address
+    they came from. The links get 20 ms of latency each: with the lab's instant links no two processes can
+    send "at the same time" closely enough, while on real networks tens of ms is the normal case."""
+    ha = lab.host(nat="eim-nofw", wan_delay_ms=20)
+    hb = lab.host(nat="eim-nofw", wan_delay_ms=20)
+    a, b = _up_all(mesh, [ha, hb])
+    _assert_direct(mesh, [a, b], within=15)
