@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,6 +29,10 @@ log = logging.getLogger("coordinator.relay")
 QUEUE_FRAMES = 2048  #: frames held per client while its socket is full (then drop oldest)
 WRITE_HIGH = 4 << 20  #: asyncio transport buffer above which a client counts as slow
 KEEPALIVE = 20.0
+HOLD_SECONDS = 3.0  #: how long a packet for a node that is not connected yet is kept
+HOLD_PER_PEER = 8
+HOLD_TOTAL = 4096
+HOLD_MAX_BYTES = 256  #: WireGuard handshake messages are 148, 92 and 64 bytes
 _RECV_HDR = relay.HEADER
 
 
@@ -160,7 +165,8 @@ class ClientConn:
             self.rx_bytes += n
             target = self.hub.clients.get(dst)
             if target is None:
-                self.hub.metrics.drops.labels(self.hub.region, "no_peer").inc()
+                if not self.hub.hold(dst, self.key, p[32:]):
+                    self.hub.metrics.drops.labels(self.hub.region, "no_peer").inc()
                 self.send(relay.peer_gone(dst))
                 return
             target.tx_bytes += n
@@ -209,8 +215,53 @@ class RelayHub:
         self.clock = clock
         self.clients: dict[bytes, ClientConn] = {}
         self.conns: set[ClientConn] = set()
+        self._held: dict[bytes, deque[tuple[float, bytes, bytes]]] = {}
+        self._held_total = 0
         self._packets = 0
         self._bytes = 0
+
+    def hold(self, dst: bytes, src: bytes, packet: bytes) -> bool:
+        """Keep a small packet for a node that is not connected (yet) for a moment; True if kept.
+
+        Two daemons that start together reach the relay a few hundred ms apart; the first one's
+        WireGuard handshake would be lost and WireGuard waits REKEY_TIMEOUT (5 s) before trying again.
+        Handshake messages are small (148/92/64 bytes), so only small packets are held: at most
+        HOLD_PER_PEER per destination, HOLD_TOTAL in all, for HOLD_SECONDS.
+        """
+        if len(packet) > HOLD_MAX_BYTES or self._held_total >= HOLD_TOTAL:
+            return False
+        now = self.clock()
+        queue = self._held.setdefault(dst, deque())
+        while queue and now - queue[0][0] > HOLD_SECONDS:
+            queue.popleft()
+            self._held_total -= 1
+        if len(queue) >= HOLD_PER_PEER:
+            queue.popleft()
+            self._held_total -= 1
+        queue.append((now, src, packet))
+        self._held_total += 1
+        return True
+
+    def _deliver_held(self, conn: ClientConn) -> None:
+        assert conn.key is not None
+        queue = self._held.pop(conn.key, None)
+        if not queue:
+            return
+        now = self.clock()
+        self._held_total -= len(queue)
+        for at, src, packet in queue:
+            if now - at <= HOLD_SECONDS:
+                conn.send(relay.recv_packet(src, packet))
+
+    def _expire_held(self) -> None:
+        now = self.clock()
+        for dst in list(self._held):
+            queue = self._held[dst]
+            while queue and now - queue[0][0] > HOLD_SECONDS:
+                queue.popleft()
+                self._held_total -= 1
+            if not queue:
+                del self._held[dst]
 
     def count(self, n: int) -> None:
         self._packets += 1
@@ -256,6 +307,7 @@ class RelayHub:
         log.info("relay session open: node %d (%s) from %s", conn.node_id, conn.transport_name, conn.peer)
         if self.on_open is not None:
             self.on_open(conn)
+        self._deliver_held(conn)
 
     def pong(self, conn: ClientConn, data: bytes) -> None:
         frame = relay.encode(FrameType.PONG, data)
@@ -311,6 +363,7 @@ class RelayHub:
         now = self.clock()
         for c in [c for c in self.clients.values() if now >= c.not_after]:
             c.close("relay ticket expired", tell=True)
+        self._expire_held()
         self.flush_counts()
 
     def close_all(self, reason: str) -> None:

@@ -265,3 +265,21 @@ async def test_relay_manager_proxies_udp_between_two_wireguard_ports(relayed: Co
         await mb.close()
         wg_a.close()
         wg_b.close()
+
+
+async def test_small_packets_for_a_node_that_connects_a_moment_later_are_delivered(relayed: Coord) -> None:
+    """Two daemons reach the relay some hundred ms apart: the first one's WireGuard handshake must not be
+    lost (WireGuard would wait 5 s to retry), so the relay holds small packets for a short while."""
+    a, b = await enroll(relayed, "a"), await enroll(relayed, "b")
+    inbox_a: asyncio.Queue[tuple[bytes, bytes]] = asyncio.Queue()
+    inbox_b: asyncio.Queue[tuple[bytes, bytes]] = asyncio.Queue()
+    la = await link(relayed, a, inbox_a)
+    la.send_packet(b.key, b"\x01" + bytes(147))  # the size of a handshake initiation
+    la.send_packet(b.key, b"y" * 1400)  # data is not held
+    await asyncio.sleep(0.3)
+    lb = await link(relayed, b, inbox_b)
+    assert await asyncio.wait_for(inbox_b.get(), 2) == (a.key, b"\x01" + bytes(147))
+    await asyncio.sleep(0.2)
+    assert inbox_b.empty()
+    la.close()
+    lb.close()
