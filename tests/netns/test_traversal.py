@@ -7,6 +7,9 @@ Pairs that cannot go direct (both endpoint-dependent, UDP blocked) are in the re
 from __future__ import annotations
 
 import itertools
+import re
+import subprocess
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -38,7 +41,7 @@ def _assert_direct(mesh: Mesh, nodes: list[Node], *, within: float = 10.0) -> No
     for a, b in itertools.permutations(nodes, 2):
         mesh.wait_path(a, b.name, "direct", within=within)
     for a, b in itertools.permutations(nodes, 2):
-        assert mesh.ping(a, b), f"{a.name} cannot ping {b.name} on a direct path"
+        mesh.wait_ping(a, b, within=10.0)
 
 
 def _endpoint(mesh: Mesh, a: Node, b: Node) -> str:
@@ -104,3 +107,66 @@ def test_eim_routers_without_input_firewall(lab: Lab, mesh: Mesh) -> None:
     hb = lab.host(nat="eim-nofw", wan_delay_ms=20)
     a, b = _up_all(mesh, [ha, hb])
     _assert_direct(mesh, [a, b], within=15)
+
+
+@pytest.mark.parametrize("kinds", [("edm", "edm"), ("udp-blocked", "eim")])
+def test_pairs_without_a_direct_path_stay_on_the_relay_and_work(
+    lab: Lab, mesh: Mesh, kinds: tuple[str, str]
+) -> None:
+    a, b = _up_all(mesh, [lab.host(nat=kinds[0]), lab.host(nat=kinds[1])])
+    for x, y in ((a, b), (b, a)):
+        mesh.wait_path(x, y.name, "relay")
+        mesh.wait_ping(x, y)
+    time.sleep(4)  # several upgrade attempts later: still relay, still working
+    assert mesh.peer(a, b.name)["path"] == "relay"  # type: ignore[index]
+    assert mesh.ping(a, b)
+
+
+def test_dead_direct_path_falls_back_to_the_relay_within_5s_and_upgrades_again(lab: Lab, mesh: Mesh) -> None:
+    ha, hb = lab.host(nat="eim"), lab.host(nat="eim")
+    a, b = _up_all(mesh, [ha, hb])
+    _assert_direct(mesh, [a, b])
+    assert ha.router is not None
+    target = mesh.overlay_ip(b)
+    pinger = ha.popen(
+        ["ping", "-n", "-i", "0.1", "-W", "1", "-w", "25", "-D", target], stdout=subprocess.PIPE
+    )
+    time.sleep(1.0)
+    # kill the direct flow on a's router (UDP between the two public addresses), not the relay (TCP)
+    rule = f"ip daddr {hb.public_ip} udp dport 41641 drop"
+    ha.router.run(["nft", "insert", "rule", "ip", "meshlab", "forward", *rule.split()], check=True)
+    t_kill = time.time()
+    took = mesh.wait_path(a, b.name, "relay", within=8.0)
+    assert took < 5.0 + 0.5, f"fell back after {took:.1f} s"
+    time.sleep(2.0)
+    handle = next(
+        line.split("# handle ")[1]
+        for line in ha.router.run(
+            ["nft", "-a", "list", "chain", "ip", "meshlab", "forward"]
+        ).stdout.splitlines()
+        if "udp dport 41641 drop" in line
+    )
+    ha.router.run(["nft", "delete", "rule", "ip", "meshlab", "forward", "handle", handle.strip()], check=True)
+    t_back = time.time()
+    mesh.wait_path(a, b.name, "direct", within=70.0)  # the next upgrade attempt (backoff up to 60 s)
+    mesh.wait_path(b, a.name, "direct", within=70.0)
+    pinger.terminate()
+    out, _ = pinger.communicate(timeout=10)
+    replies = [float(m.group(1)) for m in re.finditer(rb"^\[([0-9.]+)\] \d+ bytes from", out, re.M)]
+    during = [t for t in replies if t_kill - 1 <= t <= t_back + 2]
+    gaps = [b2 - b1 for b1, b2 in itertools.pairwise(during)]
+    assert during and max(gaps) < 5.0, f"traffic stopped for {max(gaps, default=0):.1f} s"
+
+
+def test_three_nodes_eim_edm_upnp(lab: Lab, mesh: Mesh) -> None:
+    """Every pair with at least one side reachable goes direct. EIM-EDM cannot: the EDM NAT picks a new
+    random port for every destination and the EIM router only lets in what its host sent to exactly that
+    address and port, so neither side ever learns a port that passes the other's NAT: it stays on the
+    relay (as in Tailscale's "hard NAT" case without port prediction)."""
+    he, hd, hu = lab.host(nat="eim"), lab.host(nat="edm"), lab.host(nat="upnp")
+    e, d, u = _up_all(mesh, [he, hd, hu])
+    _assert_direct(mesh, [e, u])
+    _assert_direct(mesh, [d, u])
+    mesh.wait_path(e, d.name, "relay")
+    mesh.wait_path(d, e.name, "relay")
+    assert mesh.ping(e, d) and mesh.ping(d, e)
