@@ -1,0 +1,337 @@
+"""Time to first ping and to a direct path for every NAT pairing of the lab (issue "NAT traversal").
+
+For each scenario and run: a fresh lab (coordinator with its embedded relay and STUN on a public server, two
+hosts behind the scenario's routers), two pre-auth keys created beforehand, then the clock starts and both
+``meshd up`` are launched (enrollment included). Measured from that moment:
+
+* first ping: the first ``ping -c1 -W 0.2`` from the first host to the second one's overlay address that
+  is answered, in a tight loop; the address is read from the hosts block meshd writes
+  (``/etc/netns/<ns>/hosts``), so the figure includes enrollment, the network map and the hosts file.
+* direct: both daemons report ``path == "direct"`` for each other (the ``status`` document that
+  ``meshd status --json`` prints, read from the control socket every 50 ms so polling costs no CPU). For the
+  relay-only pairs (EDM-EDM, UDP blocked) the path must be ``relay`` and never ``direct``.
+* hold: after the path is reached it is watched for ``--hold`` seconds; any change away from it is a flap.
+
+Also prints where the first-ping time goes (phases from the daemons' own log lines, later of the two
+daemons, p50 over runs) and meshd's Python start-up cost.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/time_to_direct.py [--runs N] [--quick] [--only eim-eim,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from rich.console import Console
+from rich.table import Table
+
+from meshd import api
+from tests.netns.lab import Host, Lab, LabError
+from tests.netns.mesh import MESHD, Mesh, MeshError, Node
+
+TARGET_PING = 1.0
+TARGET_DIRECT = 2.0
+RUN_TIMEOUT = 30.0  #: seconds per run, from starting the daemons
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    build: Callable[[Lab], tuple[Host, Host]]
+    expect: str  #: "direct" or "relay"
+    quick: bool = False
+
+
+def _pair(a: dict[str, object], b: dict[str, object]) -> Callable[[Lab], tuple[Host, Host]]:
+    return lambda lab: (lab.host(**a), lab.host(**b))  # type: ignore[arg-type]
+
+
+def _same_lan(lab: Lab) -> tuple[Host, Host]:
+    ha = lab.host(nat="eim")
+    return ha, lab.host(router=ha.router)
+
+
+SCENARIOS = [
+    Scenario("public-eim", _pair({"nat": "public"}, {"nat": "eim"}), "direct", quick=True),
+    Scenario("eim-eim", _pair({"nat": "eim"}, {"nat": "eim"}), "direct", quick=True),
+    Scenario("upnp-edm", _pair({"nat": "upnp", "portmap": ("upnp",)}, {"nat": "edm"}), "direct"),
+    Scenario("natpmp-edm", _pair({"nat": "upnp", "portmap": ("natpmp",)}, {"nat": "edm"}), "direct"),
+    Scenario("pcp-edm", _pair({"nat": "upnp", "portmap": ("pcp",)}, {"nat": "edm"}), "direct"),
+    Scenario("cgnat-eim", _pair({"nat": "cgnat"}, {"nat": "eim"}), "direct"),
+    Scenario("same-lan", _same_lan, "direct"),
+    Scenario(
+        "eim-nofw-20ms",
+        _pair({"nat": "eim-nofw", "wan_delay_ms": 20}, {"nat": "eim-nofw", "wan_delay_ms": 20}),
+        "direct",
+    ),
+    Scenario("edm-edm", _pair({"nat": "edm"}, {"nat": "edm"}), "relay", quick=True),
+    Scenario("udpblocked-eim", _pair({"nat": "udp-blocked"}, {"nat": "eim"}), "relay"),
+]
+
+#: Phases of a daemon's start, from its own log lines (first match of each).
+PHASES = [
+    ("enrolled", 'msg="enrolled as '),
+    ("wg-go", "wireguard-go running"),
+    ("up", 'msg="meshd up: '),
+    ("stream", "coordinator stream connected"),
+    ("peer", "AddPeer("),
+    ("relay", "relay default connected"),
+]
+_TS = re.compile(r"^ts=(\S+) ")
+
+
+@dataclass
+class Run:
+    ping: float | None = None  #: seconds from start to the first answered ping (a -> b)
+    hosts: float | None = None  #: seconds until b's name was in a's hosts block
+    path: float | None = None  #: seconds until both sides report the expected path
+    flaps: int = 0  #: changes away from the expected path during the hold window
+    wrong: bool = False  #: a relay-only pair went direct
+    phases: dict[str, float] = field(default_factory=dict)
+    error: str = ""
+
+
+def _peer_ip(mesh: Mesh, node: Node, peer: str) -> str | None:
+    try:
+        text = mesh.hosts_block(node)
+    except OSError:
+        return None
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) >= 2 and f"{peer}.mesh" in words[1:] and ":" not in words[0]:
+            return words[0]
+    return None
+
+
+def _path(node: Node, peer: str) -> str | None:
+    """The peer's path in the daemon's status document (None while the daemon or the peer is not there)."""
+    try:
+        doc = api.call(node.state_dir / "meshd.sock", "status", timeout=2.0)
+    except api.ApiError:
+        return None
+    return next((str(p["path"]) for p in doc.get("peers", []) if p.get("name") == peer), None)
+
+
+def _phases(node: Node, t0_wall: float) -> dict[str, float]:
+    out: dict[str, float] = {}
+    try:
+        lines = node.log.read_text(errors="replace").splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        m = _TS.match(line)
+        if not m:
+            continue
+        for name, needle in PHASES:
+            if name not in out and needle in line:
+                ts = datetime.fromisoformat(m[1].replace("Z", "+00:00")).timestamp()
+                out[name] = ts - t0_wall
+    return out
+
+
+def one_run(sc: Scenario, hold: float) -> Run:
+    run = Run()
+    with Lab() as lab, Mesh(lab) as mesh:
+        mesh.start_coordinator(lab.server(name="coord"))
+        ha, hb = sc.build(lab)
+        keys = (mesh.new_key(), mesh.new_key())
+        stop = threading.Event()
+        t0 = time.monotonic()
+        t0_wall = time.time()
+        a = mesh.up(ha, "alpha", key=keys[0], wait=False)
+        b = mesh.up(hb, "beta", key=keys[1], wait=False)
+        deadline = t0 + RUN_TIMEOUT
+
+        def pinger() -> None:
+            ip = None
+            while not stop.is_set() and time.monotonic() < deadline:
+                if ip is None:
+                    ip = _peer_ip(mesh, a, "beta")
+                    if ip is None:
+                        time.sleep(0.01)
+                        continue
+                    run.hosts = time.monotonic() - t0
+                t = time.monotonic()
+                r = subprocess.run(
+                    ["ip", "netns", "exec", ha.ns, "ping", "-n", "-q", "-c1", "-W", "0.2", ip],
+                    capture_output=True,
+                    timeout=5,
+                )
+                if r.returncode == 0:
+                    run.ping = time.monotonic() - t0
+                    return
+                time.sleep(max(0.0, 0.05 - (time.monotonic() - t)))  # an instant failure: don't spin
+
+        th = threading.Thread(target=pinger, daemon=True)
+        th.start()
+        reached = {"a": False, "b": False}
+        while time.monotonic() < deadline and not all(reached.values()):
+            for key, node, peer in (("a", a, "beta"), ("b", b, "alpha")):
+                p = _path(node, peer)
+                if p == "direct" and sc.expect == "relay":
+                    run.wrong = True
+                if p == sc.expect:
+                    reached[key] = True
+            if run.wrong:
+                break
+            time.sleep(0.05)
+        if all(reached.values()):
+            run.path = time.monotonic() - t0
+        th.join(max(0.0, deadline - time.monotonic()) + 6)
+        stop.set()
+        if run.path is not None:
+            end = time.monotonic() + hold
+            last = {"a": sc.expect, "b": sc.expect}
+            while time.monotonic() < end:
+                for key, node, peer in (("a", a, "beta"), ("b", b, "alpha")):
+                    p = _path(node, peer)
+                    if p != last[key]:
+                        if last[key] == sc.expect:
+                            run.flaps += 1
+                        last[key] = p or "none"
+                    if p == "direct" and sc.expect == "relay":
+                        run.wrong = True
+                time.sleep(0.1)
+        pa, pb = _phases(a, t0_wall), _phases(b, t0_wall)
+        run.phases = {k: max(pa[k], pb[k]) for k in pa.keys() & pb.keys()}
+        if run.ping is None or run.path is None:
+            run.error = f"alpha log:\n{a.log_tail(12)}\nbeta log:\n{b.log_tail(12)}"
+    return run
+
+
+def _fmt(values: list[float], target: float | None) -> tuple[str, str]:
+    if not values:
+        return "-", "-"
+    p50, mx = statistics.median(values), max(values)
+    mark = "" if target is None else (" ok" if mx <= target else " MISS")
+    return f"{p50:.2f}", f"{mx:.2f}{mark}"
+
+
+def startup_cost() -> list[str]:
+    """meshd's own process start: `meshd --help` wall time and the heaviest imports of meshd.cli."""
+    lines = []
+    walls = []
+    for _ in range(3):
+        t = time.monotonic()
+        subprocess.run([MESHD, "--help"], capture_output=True, timeout=30)
+        walls.append(time.monotonic() - t)
+    lines.append(f"`meshd --help` wall time: p50 {statistics.median(walls):.2f} s (3 runs)")
+    r = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "import meshd.cli, meshd.daemon"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    rows: list[tuple[int, str]] = []
+    for line in r.stderr.splitlines():
+        parts = line.split("|")
+        if len(parts) == 3 and parts[1].strip().isdigit():
+            rows.append((int(parts[1]), parts[2].strip()))
+    total = sum(us for us, name in rows if name in ("meshd.cli", "meshd.daemon"))
+    libs = sorted(((us, n) for us, n in rows if "." not in n and n != "meshd"), reverse=True)[:6]
+    lines.append(
+        f"import meshd.cli + meshd.daemon: {total / 1e6:.2f} s (-X importtime); heaviest packages: "
+        + ", ".join(f"{n} {us / 1e6:.2f} s" for us, n in libs)
+    )
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=3, help="runs per scenario (default 3)")
+    ap.add_argument("--quick", action="store_true", help="1 run of a few scenarios")
+    ap.add_argument("--only", default="", help="comma-separated scenario names")
+    ap.add_argument("--hold", type=float, default=5.0, help="seconds to watch the path after reaching it")
+    ap.add_argument("--verbose", action="store_true", help="print each run as it ends")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("error: needs root (network namespaces); run it as root")
+    runs = 1 if args.quick else max(1, min(args.runs, 50))
+    hold = min(max(0.0, args.hold), 60.0) if not args.quick else min(args.hold, 3.0)
+    scenarios = [s for s in SCENARIOS if (not args.quick or s.quick)]
+    if args.only:
+        wanted = set(args.only.split(","))
+        unknown = wanted - {s.name for s in SCENARIOS}
+        if unknown:
+            sys.exit(
+                f"error: unknown scenario(s) {', '.join(sorted(unknown))}; "
+                f"choose from {', '.join(s.name for s in SCENARIOS)}"
+            )
+        scenarios = [s for s in SCENARIOS if s.name in wanted]
+    console = Console(width=150)
+    load0 = os.getloadavg()
+    results: dict[str, list[Run]] = {}
+    t_all = time.monotonic()
+    for sc in scenarios:
+        results[sc.name] = []
+        for i in range(runs):
+            try:
+                r = one_run(sc, hold)
+            except (LabError, MeshError) as e:
+                r = Run(error=str(e).splitlines()[0])
+            results[sc.name].append(r)
+            if args.verbose or r.error:
+                console.print(
+                    f"{sc.name} run {i + 1}: ping {r.ping} path {r.path} flaps {r.flaps}"
+                    + (f"\n{r.error}" if r.error else ""),
+                    markup=False,
+                    highlight=False,
+                )
+    table = Table(
+        title=f"time to first ping / direct path ({runs} run(s) each; targets: ping <= "
+        f"{TARGET_PING:g} s, direct <= {TARGET_DIRECT:g} s)"
+    )
+    for col in ("scenario", "first ping p50", "first ping max", "direct p50", "direct max", "hold", "failed"):
+        table.add_column(col, justify="left" if col == "scenario" else "right")
+    for sc in scenarios:
+        rs = results[sc.name]
+        ping = _fmt([r.ping for r in rs if r.ping is not None], TARGET_PING)
+        paths = [r.path for r in rs if r.path is not None]
+        if sc.expect == "direct":
+            direct = _fmt(paths, TARGET_DIRECT)
+        else:
+            direct = ("relay only", "went direct!" if any(r.wrong for r in rs) else "relay only")
+        flaps = sum(r.flaps for r in rs)
+        hold_txt = f"{flaps} flap(s)" if flaps else f"stable {hold:g} s"
+        failed = sum(1 for r in rs if r.ping is None or r.path is None)
+        table.add_row(sc.name, *ping, *direct, hold_txt, f"{failed}/{len(rs)}")
+    console.print(table)
+    phase_table = Table(title="where the first-ping time goes (s after start, later daemon, p50)")
+    names = [n for n, _ in PHASES]
+    for col in ("scenario", *names, "hosts entry", "first ping"):
+        phase_table.add_column(col, justify="left" if col == "scenario" else "right")
+    for sc in scenarios:
+        rs = results[sc.name]
+        cells = []
+        for n in names:
+            vals = [r.phases[n] for r in rs if n in r.phases]
+            cells.append(f"{statistics.median(vals):.2f}" if vals else "-")
+        hv = [r.hosts for r in rs if r.hosts is not None]
+        pv = [r.ping for r in rs if r.ping is not None]
+        cells.append(f"{statistics.median(hv):.2f}" if hv else "-")
+        cells.append(f"{statistics.median(pv):.2f}" if pv else "-")
+        phase_table.add_row(sc.name, *cells)
+    console.print(phase_table)
+    for line in startup_cost():
+        console.print(line, markup=False, highlight=False)
+    load1 = os.getloadavg()
+    console.print(
+        f"wall {time.monotonic() - t_all:.0f} s; load average (1 min) {load0[0]:.2f} before, "
+        f"{load1[0]:.2f} after ({os.cpu_count()} CPUs, shared)",
+        markup=False,
+        highlight=False,
+    )
+
+
+if __name__ == "__main__":
+    main()
