@@ -161,6 +161,39 @@ def ping(
     typer.echo(f"pong from {r['peer']} ({r['ip']}) via {via} in {r['rtt_ms']:.2f} ms")
 
 
+@app.command()
+def netcheck(
+    ctx: typer.Context,
+    json_out: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+    state_dir: StateDirOpt = None,
+) -> None:
+    """What this network allows: UDP, public address(es), NAT mapping, port mapping, relay latency."""
+    r = _call(ctx, state_dir, "netcheck", timeout=15.0)
+    assert isinstance(r, dict)
+    if json_out:
+        typer.echo(json.dumps(r, indent=2))
+        return
+    pm = r["portmap"]
+    spoken = ", ".join(p for p in ("upnp", "natpmp", "pcp") if pm.get(p)) or "none"
+    varies = {
+        True: "yes (endpoint-dependent: direct paths need the peer's help)",
+        False: "no",
+        None: "unknown",
+    }[r["mapping_varies_by_dest"]]
+    lines = [
+        f"UDP:                 {'yes' if r['udp'] else 'no (relay only)'}",
+        f"public address(es):  {', '.join(r['public_addresses']) or '-'}",
+        f"mapping varies:      {varies}",
+        f"port mapping:        {spoken}"
+        + (f" (using {pm['active']}: {pm['mapped']})" if pm.get("active") else ""),
+        f"preferred relay:     {r['preferred_relay'] or '-'}",
+    ]
+    for reg in r["relays"]:
+        lat = f"{reg['latency_ms']:.1f} ms" if reg["latency_ms"] is not None else "-"
+        lines.append(f"  relay {reg['name']:<12} {lat:>10}  {'connected' if reg['connected'] else ''}")
+    typer.echo("\n".join(lines))
+
+
 def main() -> None:
     try:
         app()

@@ -343,7 +343,43 @@ class Daemon:
             asyncio.get_running_loop().call_soon(self.stop, "meshd down")
             return {"stopping": True}
 
-        return {"status": status, "ping": ping, "down": down}
+        async def netcheck(args: dict[str, Any]) -> Any:
+            return await self.netcheck()
+
+        return {"status": status, "ping": ping, "down": down, "netcheck": netcheck}
+
+    async def netcheck(self) -> dict[str, Any]:
+        """What the network lets us do: UDP, public addresses, NAT mapping, port mapping, relay latency."""
+        t = self.traversal
+        if t is not None:
+            await t.refresh_stun()
+        spoken = self.portmap.spoken if self.portmap is not None else []
+        regions = self.relay.status() if self.relay is not None else []
+        return {
+            "udp": bool(t is not None and t.nat.reflexive),
+            "public_addresses": sorted({f"{ip}:{port}" for ip, port in t.nat.reflexive.values()})
+            if t
+            else [],
+            "mapping_varies_by_dest": t.nat.mapping_varies_by_dest if t else None,
+            "portmap": {
+                "upnp": "upnp" in spoken,
+                "natpmp": "natpmp" in spoken,
+                "pcp": "pcp" in spoken,
+                "active": t.nat.portmap if t else None,
+                "mapped": f"{t.nat.portmapped[0]}:{t.nat.portmapped[1]}" if t and t.nat.portmapped else None,
+            },
+            "relays": [
+                {
+                    "id": r.id,
+                    "name": r.name,
+                    "latency_ms": r.rtt_ms,
+                    "connected": r.connected,
+                    "transport": r.transport,
+                }
+                for r in regions
+            ],
+            "preferred_relay": self.relay.home_name() if self.relay is not None else None,
+        }
 
     async def _tear_down(self) -> None:
         if self.portmap is not None:

@@ -133,6 +133,7 @@ class Traversal:
         self._effects: asyncio.Queue[UseDirect | UseRelay] = asyncio.Queue()
         self._announced: list[str] = []
         self._gathered = False  #: STUN has answered (or given up) since start: our candidates are complete
+        self._stun_idle = asyncio.Event()
         self._gather_deadline: float | None = None
 
     # -- life cycle ----------------------------------------------------------------------------------------
@@ -196,6 +197,18 @@ class Traversal:
                 p.last_cmm = -1e9
                 p.path.peer_asked(now)  # (an attempt already running probes again within 0.5 s)
         self._drain(now)
+
+    async def refresh_stun(self, within: float = 2.0) -> None:
+        """Ask every STUN server again now and wait (up to ``within`` s) for the answers (netcheck)."""
+        if self._raw is None or not self.stun_servers:
+            return
+        now = self.clock()
+        for server in self.stun_servers:
+            self._stun.query(server, now)
+        self._stun_idle.clear()
+        self._wake.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stun_idle.wait(), within)
 
     def candidates(self) -> list[str]:
         """Every address a peer may reach us at: LAN, STUN-reflexive, port-mapped (in that order)."""
@@ -409,6 +422,8 @@ class Traversal:
                     changed = True
             else:
                 log.debug("STUN %s: %s", format_endpoint(ev.server), ev.reason)
+        if self._stun.pending == 0:
+            self._stun_idle.set()
         if not self._gathered and self._stun.pending == 0 and self.stun_servers:
             self._gathered_now(self.clock())
         if changed:

@@ -72,6 +72,7 @@ class PortMapShell:
         self._upnp: upnp.UpnpMapping | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
+        self.upnp_seen = False
 
     async def start(self) -> None:
         gw = await asyncio.to_thread(default_gateway)
@@ -92,6 +93,14 @@ class PortMapShell:
             asyncio.create_task(self._pm_loop(), name="portmap"),
             asyncio.create_task(self._upnp_loop(), name="upnp"),
         ]
+
+    @property
+    def spoken(self) -> list[str]:
+        """The port-mapping protocols the gateway answered (for netcheck)."""
+        out = set(self._pm.spoken) if self._pm is not None else set()
+        if self.upnp_seen:
+            out.add("upnp")
+        return sorted(out)
 
     async def close(self) -> None:
         for t in self._tasks:
@@ -161,6 +170,13 @@ class PortMapShell:
     async def _upnp_loop(self) -> None:
         """Discover an IGD in parallel; map only if NAT-PMP/PCP have not already; renew at half-lease."""
         while True:
+            try:
+                await asyncio.to_thread(upnp.probe)  # maps nothing: tells netcheck the router speaks UPnP
+                self.upnp_seen = True
+            except upnp.UpnpError as e:
+                log.debug("UPnP: %s", e)
+                await asyncio.sleep(300)  # routers gain UPnP when reconfigured: ask again later
+                continue
             if self.protocol not in (None, "upnp"):
                 return  # NAT-PMP or PCP got there first
             try:

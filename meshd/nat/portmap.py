@@ -87,6 +87,7 @@ class PortMapper:
         self.nonce = nonce or os.urandom(12)
         self.protocol: str | None = None
         self.external: Address | None = None
+        self.spoken: set[str] = set()  #: protocols whose probe the gateway answered ("natpmp", "pcp")
         self.expires: float | None = None
         self._phase = _Phase.IDLE
         self._pending: dict[str, _Pending] = {}
@@ -181,11 +182,13 @@ class PortMapper:
         if isinstance(resp, natpmp.Announce):
             self._pending.pop("pcp-announce", None)
             if resp.result == 0:
+                self.spoken.add("pcp")
                 self._choose("pcp", now)
             return
         if isinstance(resp, natpmp.ExternalAddress):
             self._pending.pop("natpmp-addr", None)
             if resp.result == 0:
+                self.spoken.add("natpmp")
                 self._natpmp_ip = resp.address
                 self._choose("natpmp", now)
             return

@@ -42,6 +42,15 @@ def _client(discover_ms: int) -> Any:
     return u
 
 
+def probe(*, discover_ms: int = 300) -> str:
+    """Find an IGD without mapping anything; its external address (UpnpError when there is none)."""
+    u = _client(discover_ms)
+    try:
+        return str(u.externalipaddress())
+    except Exception as e:
+        raise UpnpError(f"IGD has no external address: {e}") from None
+
+
 def description(tag: str) -> str:
     return f"meshd {tag}"[:64]
 
