@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from coordinator import audit, certs
 from coordinator.db.engine import make_engine, migrate
-from coordinator.db.models import MapChange, Meta, Node
+from coordinator.db.models import MapChange, Meta, Node, User
 from coordinator.hub import Hub
 from coordinator.ipam import AddressPool, random_ula48
 from coordinator.mapstate import Change, MapState
@@ -134,6 +134,8 @@ class Core:
             )
             for row in recent:
                 self.state.log.append(Change(row.version, row.kind, row.node_id))
+            owners = await s.execute(select(Node.id, User.name).join(User, Node.user_id == User.id))
+            self.state.owners.update({i: name for i, name in owners.all()})
             for node in (await s.execute(select(Node))).scalars().all():
                 self.pool.mark(node.ipv4)
                 self.node_keys[node.id] = (b64decode(node.node_public_key), node.expired)
@@ -234,6 +236,10 @@ class Core:
         if ids:
             found = (await session.execute(select(Node).where(Node.id.in_(ids)))).scalars().all()
             nodes = {n.id: n for n in found}
+            owners = await session.execute(
+                select(Node.id, User.name).join(User, Node.user_id == User.id).where(Node.id.in_(ids))
+            )
+            self.state.owners.update({i: name for i, name in owners.all()})
         if any(r.kind == "policy" for r in rows):
             policy = await session.get(Meta, "policy")
             self.state.policy = policy.value if policy else ""

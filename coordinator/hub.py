@@ -178,7 +178,7 @@ class Hub:
                 pending, text, touched = cached
                 if pending is None:
                     message = state.full_map_message(node_id)
-                elif node_id in touched:
+                elif node_id in touched or state.filtering:  # a policy: each node sees its own peers
                     message = state.delta_message(pending, node_id)
                 else:
                     message = text

@@ -7,12 +7,18 @@ peers are cached, and a delta for all nodes that were at the same version is bui
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import logging
 from collections import deque
 from dataclasses import dataclass, replace
 
+from coordinator import policy as access
 from meshd.proto import netmap
+from meshd.proto import policy as rules
 from meshd.proto.netmap import Peer, RelayRegion
+
+log = logging.getLogger("coordinator.mapstate")
 
 _DUMPS = json.JSONEncoder(separators=(",", ":")).encode
 
@@ -46,13 +52,64 @@ class MapState:
     def __init__(self, domain: str, relays: tuple[RelayRegion, ...], log_keep: int = 100_000) -> None:
         self.domain = domain
         self.relays = relays
-        self.policy = ""
+        self._policy_text = ""
+        self._policy: access.Policy | None = None
+        self._compiled: access.Compiled | None = None
+        self.owners: dict[int, str] = {}  #: node id -> user name (policy: a user's nodes)
         self.version = 0
         self.full_map_before = 0  #: a node asking `since` below this gets a full map
         self.peers: dict[int, Peer] = {}
         self.log: deque[Change] = deque(maxlen=log_keep)
         self._peer_json: dict[int, str] = {}
         self._sorted_ids: list[int] | None = None
+
+    # ------------------------------------------------------------------------------------- policy
+    @property
+    def policy(self) -> str:
+        return self._policy_text
+
+    @policy.setter
+    def policy(self, text: str) -> None:
+        """Set the policy text ("" = none: allow all). Stored text that no longer parses denies all."""
+        self._policy_text = text
+        if not text.strip():
+            self._policy = None
+        else:
+            try:
+                self._policy = access.parse(text)
+            except access.PolicyError as exc:
+                log.warning("stored policy does not parse, denying all traffic: %s", exc.problems[0])
+                self._policy = access.Policy()
+        self._compiled = None
+
+    @property
+    def filtering(self) -> bool:
+        """A policy is set: maps and deltas differ per node."""
+        return self._policy is not None
+
+    def member(self, node_id: int) -> access.Member:
+        p = self.peers[node_id]
+        return access.Member(
+            node_id,
+            p.name,
+            self.owners.get(node_id, ""),
+            frozenset(access.tag_name(t) for t in p.tags),
+            tuple(ipaddress.ip_network(ip, strict=False) for ip in p.ips),
+        )
+
+    @property
+    def compiled(self) -> access.Compiled:
+        if self._compiled is None:
+            members = [self.member(i) for i in self.sorted_ids()] if self._policy is not None else []
+            self._compiled = access.Compiled(self._policy, members)
+        return self._compiled
+
+    def visible_ids(self, node_id: int) -> list[int]:
+        seen = self.compiled.visible(node_id)
+        return [i for i in self.sorted_ids() if i != node_id and (seen is None or i in seen)]
+
+    def inbound(self, node_id: int) -> tuple[rules.InboundRule, ...]:
+        return self.compiled.inbound(node_id) if node_id in self.peers else rules.ALLOW_ALL
 
     # ----------------------------------------------------------------------------------- mutation
     def record(self, change: Change) -> None:
@@ -64,14 +121,18 @@ class MapState:
             self.full_map_before = change.version
 
     def put_peer(self, peer: Peer) -> None:
-        if peer.node_id not in self.peers:
+        old = self.peers.get(peer.node_id)
+        if old is None:
             self._sorted_ids = None
+        if old is None or (old.name, old.ips, old.tags) != (peer.name, peer.ips, peer.tags):
+            self._compiled = None
         self.peers[peer.node_id] = peer
         self._peer_json.pop(peer.node_id, None)
 
     def drop_peer(self, node_id: int) -> None:
         if self.peers.pop(node_id, None) is not None:
             self._sorted_ids = None
+            self._compiled = None
         self._peer_json.pop(node_id, None)
 
     def set_endpoints(self, node_id: int, endpoints: tuple[str, ...] | None, online: bool | None) -> bool:
@@ -106,20 +167,22 @@ class MapState:
         return netmap.NetMap(
             version=self.version,
             self_node=self.peers[node_id],
-            peers=tuple(self.peers[i] for i in self.sorted_ids() if i != node_id),
+            peers=tuple(self.peers[i] for i in self.visible_ids(node_id)),
             relays=self.relays,
             policy=self.policy,
             domain=self.domain,
+            inbound=self.inbound(node_id),
         )
 
     def full_map_message(self, node_id: int) -> str:
         """`{"type":"map",...}` for one node, assembled from cached peer JSON."""
-        peers = ",".join(self.peer_json(i) for i in self.sorted_ids() if i != node_id)
+        peers = ",".join(self.peer_json(i) for i in self.visible_ids(node_id))
         relays = _DUMPS([netmap.relay_to_json(r) for r in self.relays])
+        inbound = _DUMPS(rules.rules_to_json(self.inbound(node_id)))
         return (
             f'{{"type":"map","map":{{"version":{self.version},"self":{self.peer_json(node_id)},'
             f'"peers":[{peers}],"relays":{relays},"policy":{_DUMPS(self.policy)},'
-            f'"domain":{_DUMPS(self.domain)}}}}}'
+            f'"domain":{_DUMPS(self.domain)},"inbound":{inbound}}}}}'
         )
 
     def pending_since(self, since: int) -> PendingDelta | None:
@@ -168,24 +231,43 @@ class MapState:
         )
 
     def delta_for(self, pending: PendingDelta, node_id: int) -> netmap.Delta:
-        """The delta as one node sees it (its own record goes to `self`, never among peers)."""
+        """The delta as one node sees it (its own record goes to `self`, never among peers).
 
-        def others(ids: tuple[int, ...]) -> tuple[Peer, ...]:
-            return tuple(self.peers[i] for i in ids if i != node_id)
+        With a policy, only peers the node may talk to are sent; peers it may no longer see are removed.
+        After a policy change or a change of the node itself (tags), every visible peer is upserted and
+        every other one removed, which is right whatever the node had before.
+        """
+        seen = self.compiled.visible(node_id) if node_id in self.peers else None
+
+        def ok(i: int) -> bool:
+            return i != node_id and (seen is None or i in seen)
+
+        def others(ids: tuple[int, ...] | list[int]) -> tuple[Peer, ...]:
+            return tuple(self.peers[i] for i in ids if ok(i))
 
         self_node = self.peers.get(node_id) if node_id in pending.touched else None
+        structural = pending.policy or bool(pending.added or pending.changed or pending.removed)
+        if pending.policy or (node_id in pending.changed and self.filtering):
+            added: tuple[Peer, ...] = ()
+            changed = others(self.sorted_ids())
+            removed = tuple(i for i in (*pending.removed, *self.sorted_ids()) if i != node_id and not ok(i))
+        else:
+            added, changed = others(pending.added), others(pending.changed)
+            hidden = tuple(i for i in pending.changed if i != node_id and not ok(i))
+            removed = tuple(i for i in (*pending.removed, *hidden) if i != node_id)
         return netmap.Delta(
             from_version=pending.from_version,
             version=pending.version,
-            peers_added=others(pending.added),
-            peers_changed=others(pending.changed),
-            peers_removed=tuple(i for i in pending.removed if i != node_id),
+            peers_added=added,
+            peers_changed=changed,
+            peers_removed=tuple(dict.fromkeys(removed)),
             endpoints_changed=tuple(
-                (i, self.peers[i].endpoints, self.peers[i].online) for i in pending.endpoints if i != node_id
+                (i, self.peers[i].endpoints, self.peers[i].online) for i in pending.endpoints if ok(i)
             ),
             self_node=self_node,
             relays=self.relays if pending.relays else None,
             policy=self.policy if pending.policy else None,
+            inbound=self.inbound(node_id) if structural and (self.filtering or pending.policy) else None,
         )
 
     def delta_message(self, pending: PendingDelta, node_id: int) -> str:

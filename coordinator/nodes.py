@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import or_, select
 
+from coordinator import policy as access
 from coordinator.certs import issue_node_cert
 from coordinator.core import Core, Tx, peer_of
 from coordinator.db.models import Meta, Node, User
@@ -144,8 +145,11 @@ async def create_node(
     core = tx.core
     peer = peer_of(node)
     node_key = b64decode(node_public_key)
+    owner = (await s.get(User, user_id)) if user_id is not None else None
+    owner_name = owner.name if owner is not None else ""
 
     def commit() -> None:
+        core.state.owners[peer.node_id] = owner_name
         core.state.put_peer(peer)
         core.node_keys[peer.node_id] = (node_key, False)
         core.metrics.enrollments.inc()
@@ -314,6 +318,15 @@ async def get_policy(core: Core) -> str:
 
 
 async def set_policy(core: Core, text: str, actor: str) -> None:
+    """Validate (syntax, names, the policy's own tests against the live nodes), then store and publish."""
+    if text.strip():
+        async with core.read() as s:
+            users = set((await s.execute(select(User.name))).scalars().all())
+        members = [core.state.member(i) for i in core.state.sorted_ids()]
+        try:
+            access.check(text, users, members)
+        except access.PolicyError as exc:
+            raise BadRequest("policy rejected (the stored policy is unchanged):\n" + str(exc)) from None
     async with core.transaction() as tx:
         row = await tx.session.get(Meta, "policy")
         if row is None:

@@ -19,6 +19,8 @@ import json
 from dataclasses import dataclass, replace
 from typing import Any
 
+from meshd.proto.policy import ALLOW_ALL, InboundRule, RuleError, rules_from_json, rules_to_json
+
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_CANDIDATES = 32
 
@@ -63,6 +65,7 @@ class NetMap:
     relays: tuple[RelayRegion, ...]
     policy: str  #: policy text; "" means no policy set (everything allowed)
     domain: str
+    inbound: tuple[InboundRule, ...] = ALLOW_ALL  #: what this node lets in (meshd/firewall.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +82,7 @@ class Delta:
     relays: tuple[RelayRegion, ...] | None = None
     policy: str | None = None
     domain: str | None = None
+    inbound: tuple[InboundRule, ...] | None = None
 
     def is_empty(self) -> bool:
         return not (
@@ -90,6 +94,7 @@ class Delta:
             or self.relays is not None
             or self.policy is not None
             or self.domain is not None
+            or self.inbound is not None
         )
 
 
@@ -120,6 +125,7 @@ def diff(old: NetMap, new: NetMap) -> Delta:
         relays=new.relays if new.relays != old.relays else None,
         policy=new.policy if new.policy != old.policy else None,
         domain=new.domain if new.domain != old.domain else None,
+        inbound=new.inbound if new.inbound != old.inbound else None,
     )
 
 
@@ -142,6 +148,7 @@ def apply(current: NetMap, delta: Delta) -> NetMap:
         relays=delta.relays if delta.relays is not None else current.relays,
         policy=delta.policy if delta.policy is not None else current.policy,
         domain=delta.domain if delta.domain is not None else current.domain,
+        inbound=delta.inbound if delta.inbound is not None else current.inbound,
     )
 
 
@@ -175,6 +182,7 @@ def map_to_json(m: NetMap) -> dict[str, Any]:
         "relays": [relay_to_json(r) for r in m.relays],
         "policy": m.policy,
         "domain": m.domain,
+        "inbound": rules_to_json(m.inbound),
     }
 
 
@@ -198,6 +206,8 @@ def delta_to_json(d: Delta) -> dict[str, Any]:
         out["policy"] = d.policy
     if d.domain is not None:
         out["domain"] = d.domain
+    if d.inbound is not None:
+        out["inbound"] = rules_to_json(d.inbound)
     return out
 
 
@@ -261,8 +271,18 @@ def relay_from_json(raw: Any) -> RelayRegion:
     )
 
 
+def _inbound(o: dict[str, Any], where: str) -> tuple[InboundRule, ...] | None:
+    if "inbound" not in o:
+        return None
+    try:
+        return rules_from_json(o["inbound"])
+    except RuleError as exc:
+        raise NetmapError(f"{where}: {exc}") from None
+
+
 def map_from_json(raw: Any) -> NetMap:
     o = _obj(raw, "map")
+    inbound = _inbound(o, "map")
     return NetMap(
         version=_get(o, "version", int, "map"),
         self_node=peer_from_json(o.get("self"), "map.self"),
@@ -270,6 +290,7 @@ def map_from_json(raw: Any) -> NetMap:
         relays=tuple(relay_from_json(r) for r in _get(o, "relays", list, "map")),
         policy=_get(o, "policy", str, "map"),
         domain=_get(o, "domain", str, "map"),
+        inbound=ALLOW_ALL if inbound is None else inbound,
     )
 
 
@@ -300,6 +321,7 @@ def delta_from_json(raw: Any) -> Delta:
         relays=tuple(relay_from_json(r) for r in relays) if relays is not None else None,
         policy=_get(o, "policy", str, "delta", optional=True),
         domain=_get(o, "domain", str, "delta", optional=True),
+        inbound=_inbound(o, "delta"),
     )
 
 

@@ -11,6 +11,8 @@ from meshd.control import ControlClient
 from meshd.proto import cert as certfmt
 from tests.coordinator.conftest import Coord
 
+ALLOW_ALL = '[[rules]]\nsrc = ["*"]\ndst = ["*:*"]\n'
+
 
 async def test_admin_actions_are_audited_without_secrets(coord: Coord) -> None:
     key = await coord.user_and_key(tags=["tag:web"])
@@ -19,7 +21,7 @@ async def test_admin_actions_are_audited_without_secrets(coord: Coord) -> None:
     assert (await coord.admin.post("/admin/nodes/web2/tags", json={"tags": ["db"]})).json() == {
         "tags": ["db"]
     }
-    assert (await coord.admin.put("/admin/policy", json={"policy": "allow all\n"})).status_code == 200
+    assert (await coord.admin.put("/admin/policy", json={"policy": ALLOW_ALL})).status_code == 200
     assert (await coord.admin.post("/admin/nodes/web2/expire")).status_code == 204
     assert (await coord.admin.delete("/admin/nodes/web2")).status_code == 204
     records = (await coord.admin.get("/admin/audit")).json()
@@ -45,8 +47,10 @@ async def test_admin_actions_are_audited_without_secrets(coord: Coord) -> None:
 
 async def test_policy_get_reports_allow_all_until_set(coord: Coord) -> None:
     assert (await coord.admin.get("/admin/policy")).json() == {"policy": "", "set": False}
-    await coord.admin.put("/admin/policy", json={"policy": "x"})
-    assert (await coord.admin.get("/admin/policy")).json() == {"policy": "x", "set": True}
+    await coord.admin.put("/admin/policy", json={"policy": ALLOW_ALL})
+    assert (await coord.admin.get("/admin/policy")).json() == {"policy": ALLOW_ALL, "set": True}
+    assert (await coord.admin.put("/admin/policy", json={"policy": "x"})).status_code == 400
+    assert (await coord.admin.get("/admin/policy")).json() == {"policy": ALLOW_ALL, "set": True}
 
 
 async def _verify(coord: Coord) -> dict[str, object]:

@@ -119,9 +119,9 @@ def test_admin_cli_end_to_end(server: tuple[Path, int]) -> None:
     assert cli(state, "nodes", "remove", "box2").returncode == 0
     assert cli(state, "policy", "get").stdout.strip() == "no policy set: everything is allowed"
     policy = state.parent / "policy.txt"
-    policy.write_text("allow * -> *\n")
+    policy.write_text('# everyone may reach everyone\n[[rules]]\nsrc = ["*"]\ndst = ["*:*"]\n')
     assert cli(state, "policy", "set", str(policy)).returncode == 0
-    assert cli(state, "policy", "get").stdout == "allow * -> *\n"
+    assert cli(state, "policy", "get").stdout == policy.read_text()
     audit = json.loads(cli(state, "audit", "list", "--json").stdout)
     assert {"node.approved", "node.renamed", "node.removed", "policy.changed"} <= {r["action"] for r in audit}
     verified = cli(state, "audit", "verify")

@@ -15,7 +15,17 @@ OBSERVER = 1
 
 
 def peer(i: int, rev: int = 0) -> Peer:
-    return Peer(i, f"n{i}-{rev}", (f"100.64.0.{i}/32",), f"wg{i}", f"nk{i}", f"cert{rev}")
+    tags = ("tag:db",) if rev % 2 else ()
+    return Peer(i, f"n{i}-{rev}", (f"100.64.0.{i}/32",), f"wg{i}", f"nk{i}", f"cert{rev}", tags=tags)
+
+
+POLICIES = [  # none, nothing allowed, n1 -> tagged nodes, odd ids -> anyone (by address), everyone -> n3's
+    "",
+    "# deny all\n",
+    '[tag_owners]\n"tag:db" = []\n[[rules]]\nsrc = ["100.64.0.1"]\ndst = ["tag:db:22"]\n',
+    '[hosts]\nodd = "100.64.0.3"\n[[rules]]\nsrc = ["odd", "100.64.0.5/32"]\ndst = ["*:*"]\nproto = "icmp"\n',
+    '[[rules]]\nsrc = ["*"]\ndst = ["u3:80"]\n',
+]
 
 
 ops = st.lists(
@@ -39,12 +49,13 @@ def test_delta_since_any_version_rebuilds_the_current_map(
                 continue
             version += 1
             if op == "policy":
-                state.policy = f"p{version}"
+                state.policy = POLICIES[(version + i) % len(POLICIES)]
                 state.record(Change(version, "policy", None))
             elif op == "add":
                 if i in state.peers:
                     version -= 1
                     continue
+                state.owners[i] = f"u{i}"
                 state.put_peer(peer(i))
                 state.record(Change(version, "added", i))
             elif i not in state.peers:

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from meshd.proto import netmap
 from meshd.proto.netmap import Delta, NetMap, Peer, RelayRegion
+from meshd.proto.policy import ALLOW_ALL, InboundRule
 
 names = st.text(alphabet="abcdefgh-", min_size=1, max_size=8)
 strs = st.lists(st.text(max_size=12), max_size=3).map(tuple)
@@ -38,6 +39,11 @@ relays = st.lists(
 ).map(tuple)
 
 
+inbound = st.sampled_from(
+    [ALLOW_ALL, (), (InboundRule(("100.64.0.1/32", "fd7a::1/128"), "tcp", ((22, 22), (80, 90))),)]
+)
+
+
 @st.composite
 def maps(draw: st.DrawFn, self_id: int = 0) -> NetMap:
     ids = draw(st.sets(st.integers(1, 12), max_size=8))
@@ -49,6 +55,7 @@ def maps(draw: st.DrawFn, self_id: int = 0) -> NetMap:
         relays=draw(relays),
         policy=draw(st.text(max_size=5)),
         domain=draw(st.sampled_from(["mesh", "x"])),
+        inbound=draw(inbound),
     )
 
 

@@ -1,0 +1,106 @@
+"""Policy through the admin API and the map stream: validation, audit, filtered maps, inbound rules."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from meshd.proto.policy import ALLOW_ALL, InboundRule
+from tests.coordinator.conftest import Coord
+from tests.coordinator.test_stream import enroll_live, names, wait_until
+
+A_TO_B_SSH = """\
+[[rules]]
+src = ["a"]
+dst = ["b:22"]
+proto = "tcp"
+
+[[tests]]
+src = "a"
+accept = ["b:22"]
+deny = ["c:22", "b:5432"]
+"""
+
+
+async def test_a_bad_policy_is_rejected_with_lines_and_the_old_one_stays(coord: Coord) -> None:
+    await coord.user_and_key()
+    good = '[[rules]]\nsrc = ["*"]\ndst = ["*:*"]\n'
+    assert (await coord.admin.put("/admin/policy", json={"policy": good})).status_code == 200
+    r = await coord.admin.put(
+        "/admin/policy", json={"policy": '[[rules]]\nsrc = ["group:x"]\ndst = ["bob:22"]\n'}
+    )
+    assert r.status_code == 400
+    assert r.json()["detail"].splitlines() == [
+        "policy rejected (the stored policy is unchanged):",
+        "line 2: unknown group 'group:x'",
+        "line 3: unknown user, node or host 'bob'",
+    ]
+    failing = good + '[[tests]]\nsrc = "alice"\ndeny = ["alice:22"]\n'
+    r = await coord.admin.put("/admin/policy", json={"policy": failing})
+    assert (
+        r.status_code == 400 and "line 4: test failed: alice may reach alice:22 (tcp)" in r.json()["detail"]
+    )
+    assert (await coord.admin.get("/admin/policy")).json() == {"policy": good, "set": True}
+    changes = [a for a in (await coord.admin.get("/admin/audit")).json() if a["action"] == "policy.changed"]
+    assert len(changes) == 1
+
+
+async def test_maps_carry_only_allowed_peers_and_changes_arrive_within_one_second(live: Coord) -> None:
+    key = await live.user_and_key(reusable=True)
+    a, b, c = [await enroll_live(live, n, key) for n in "abc"]
+    async with a.stream() as sa, b.stream() as sb, c.stream() as sc:
+        for s, others in ((sa, {"b", "c"}), (sb, {"a", "c"}), (sc, {"a", "b"})):
+            m = await s.next_map(within=5)
+            assert names(m) == others and m.inbound == ALLOW_ALL
+        await asyncio.sleep(0.2)
+        start = time.monotonic()
+        r = await live.admin.put("/admin/policy", json={"policy": A_TO_B_SSH})
+        assert r.status_code == 200, r.text
+        ma, mb, mc = await asyncio.gather(
+            wait_until(sa, lambda m: names(m) == {"b"}, 1.0),
+            wait_until(sb, lambda m: names(m) == {"a"}, 1.0),
+            wait_until(sc, lambda m: names(m) == set(), 1.0),
+        )
+        assert time.monotonic() - start < 1.0
+        a_ips = next(p for p in mb.peers if p.name == "a").ips
+        assert mb.inbound == (InboundRule(a_ips, "tcp", ((22, 22),)),)
+        assert ma.inbound == () and mc.inbound == ()
+        # a newcomer is seen only by those allowed to talk to it
+        d = await enroll_live(live, "d", key)
+        await asyncio.sleep(0.3)
+        assert names(sa.map) == {"b"} and names(sc.map) == set()  # type: ignore[arg-type]
+        # clearing the policy brings everyone back
+        await live.admin.put("/admin/policy", json={"policy": ""})
+        await wait_until(sc, lambda m: names(m) == {"a", "b", "d"} and m.inbound == ALLOW_ALL, 1.0)
+    for client in (a, b, c, d):
+        await client.aclose()
+
+
+async def test_a_full_map_after_reconnect_is_filtered_too(live: Coord) -> None:
+    key = await live.user_and_key(reusable=True)
+    a, b, c = [await enroll_live(live, n, key) for n in "abc"]
+    assert (await live.admin.put("/admin/policy", json={"policy": A_TO_B_SSH})).status_code == 200
+    async with c.stream() as sc, a.stream() as sa:
+        assert names(await sc.next_map(within=5)) == set()
+        assert names(await sa.next_map(within=5)) == {"b"}
+    for client in (a, b, c):
+        await client.aclose()
+
+
+async def test_retagging_a_node_changes_who_sees_it(live: Coord) -> None:
+    key = await live.user_and_key(reusable=True)
+    a, b = [await enroll_live(live, n, key) for n in "ab"]
+    text = '[tag_owners]\n"tag:web" = ["alice"]\n[[rules]]\nsrc = ["*"]\ndst = ["tag:web:443"]\n'
+    assert (await live.admin.put("/admin/policy", json={"policy": text})).status_code == 200
+    async with a.stream() as sa, b.stream() as sb:
+        assert names(await sa.next_map(within=5)) == set()
+        await sb.next_map(within=5)
+        assert (await live.admin.post("/admin/nodes/b/tags", json={"tags": ["tag:web"]})).status_code == 200
+        await wait_until(sa, lambda m: names(m) == {"b"}, 1.0)
+        mb = await wait_until(sb, lambda m: names(m) == {"a"}, 1.0)
+        assert [r.ports for r in mb.inbound] == [((443, 443),)]
+        assert mb.self_node.tags == ("tag:web",)
+        assert (await live.admin.post("/admin/nodes/b/tags", json={"tags": []})).status_code == 200
+        await wait_until(sa, lambda m: names(m) == set(), 1.0)
+    for client in (a, b):
+        await client.aclose()

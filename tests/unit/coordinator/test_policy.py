@@ -1,0 +1,197 @@
+"""The policy file: parsing, validation messages, evaluation, tests and per-node compilation."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from coordinator import policy as pol
+from coordinator.policy import Member, PolicyError
+from meshd.proto.policy import ALLOW_ALL, InboundRule
+
+
+def member(i: int, name: str, user: str = "ops", tags: tuple[str, ...] = ()) -> Member:
+    return Member(
+        i,
+        name,
+        user,
+        frozenset(tags),
+        (ipaddress.ip_network(f"100.64.0.{i}/32"), ipaddress.ip_network(f"fd7a::{i}/128")),
+    )
+
+
+A, B, C = member(1, "a", "alice"), member(2, "b", "bob", ("db",)), member(3, "c", "carol")
+NODES = (A, B, C)
+
+GOOD = """\
+# who is who
+[groups]
+eng = ["alice", "carol"]
+
+[tag_owners]
+"tag:db" = ["group:eng"]
+
+[hosts]
+backup = "100.64.0.3"
+
+[[rules]]
+src = ["alice"]
+dst = ["tag:db:22"]
+proto = "tcp"
+
+[[rules]]
+src = ["group:eng"]
+dst = ["backup:*"]
+proto = "icmp"
+
+[[tests]]
+src = "a"
+accept = ["b:22"]
+deny = ["b:5432", "c:22"]
+"""
+
+
+def problems(text: str, **kw: object) -> list[str]:
+    with pytest.raises(PolicyError) as err:
+        pol.check(text, **kw)  # type: ignore[arg-type]
+    return err.value.problems
+
+
+def test_a_good_policy_parses_and_its_tests_pass() -> None:
+    p = pol.check(GOOD, users={"alice", "bob", "carol"}, members=NODES)
+    assert p.groups == {"eng": ("alice", "carol")}
+    assert [r.line for r in p.rules] == [11, 16]
+    assert p.may_assign("carol", "tag:db") and not p.may_assign("bob", "db")
+
+
+def test_syntax_errors_name_line_and_column() -> None:
+    assert problems('[groups]\neng = ["alice"\n') == ["line 2: Unclosed array (at end of document)"]
+    assert problems('[groups]\neng = "alice\nx = 1\n') == ["line 2, column 13: Illegal character '\\n'"]
+
+
+def test_unknown_group_tag_host_and_user_each_get_a_line() -> None:
+    text = """\
+[groups]
+eng = ["alice"]
+
+[[rules]]
+src = ["group:ops"]
+dst = ["tag:web:80"]
+
+[[rules]]
+src = ["mallory"]
+dst = ["nowhere:22", "a:x"]
+"""
+    assert problems(text, users={"alice"}, members=NODES) == [
+        "line 5: unknown group 'group:ops'",
+        "line 6: unknown tag 'tag:web' (declare it in [tag_owners])",
+        "line 9: unknown user, node or host 'mallory'",
+        "line 10: unknown user, node or host 'nowhere'",
+        "line 10: destination 'a:x': bad port 'x': use N, N-M, a comma list or *",
+    ]
+
+
+def test_failing_tests_are_named_by_line() -> None:
+    text = GOOD.replace('deny = ["b:5432", "c:22"]', 'deny = ["b:22"]')
+    assert problems(text, members=NODES) == [
+        "line 21: test failed: a may reach b:22 (tcp)",
+    ]
+    text = GOOD.replace('accept = ["b:22"]', 'accept = ["b:5432"]')
+    assert problems(text, members=NODES)[0] == "line 21: test failed: a may not reach b:5432 (tcp)"
+
+
+def test_structure_errors() -> None:
+    assert problems('rules = "x"\n') == ["line 1: rules must be [[rules]] tables"]
+    assert problems('[[rules]]\nsrc = ["*"]\n') == ["line 1: a rule needs src and dst"]
+    assert problems('[[rules]]\nsrc = "*"\ndst = "*:22"\nproto = "sctp"\n') == [
+        "line 4: proto must be one of tcp, udp, icmp, any, not 'sctp'"
+    ]
+    assert problems('[[rules]]\nsrc = "*"\ndst = "*:22"\nproto = "icmp"\n') == [
+        'line 1: icmp has no ports: write destinations as "NAME:*"'
+    ]
+    assert problems("[acl]\n") == [
+        "line 1: unknown section 'acl' (known: groups, hosts, rules, tag_owners, tests)"
+    ]
+    assert problems('[hosts]\nx = "not-an-ip"\n') == [
+        "line 2: host 'x': 'not-an-ip' is not an IP address or network"
+    ]
+
+
+def test_tagged_nodes_are_not_their_users_nodes() -> None:
+    p = pol.parse('[[rules]]\nsrc = ["*"]\ndst = ["bob:*"]\n')
+    assert not pol.allowed(p, A, B, "tcp", 22)
+    assert pol.allowed(p, A, member(4, "d", "bob"), "tcp", 22)
+
+
+def test_protocols_and_ports() -> None:
+    p = pol.parse('[[rules]]\nsrc = ["*"]\ndst = ["b:80,8000-8100"]\n')
+    assert pol.allowed(p, A, B, "tcp", 80) and pol.allowed(p, A, B, "udp", 8050)
+    assert not pol.allowed(p, A, B, "tcp", 81)
+    assert not pol.allowed(p, A, B, "icmp", None)  # "any" with ports: tcp and udp only
+    p = pol.parse('[[rules]]\nsrc = ["*"]\ndst = ["b:*"]\n')
+    assert pol.allowed(p, A, B, "icmp", None)
+
+
+def test_visibility_is_either_direction_and_inbound_is_per_destination() -> None:
+    p = pol.parse('[tag_owners]\n"tag:db" = []\n[[rules]]\nsrc = ["a"]\ndst = ["tag:db:22"]\nproto = "tcp"\n')
+    c = pol.Compiled(p, NODES)
+    assert c.visible(1) == {2} and c.visible(2) == {1} and c.visible(3) == frozenset()
+    assert c.inbound(2) == (InboundRule(("100.64.0.1/32", "fd7a::1/128"), "tcp", ((22, 22),)),)
+    assert c.inbound(1) == () and c.inbound(3) == ()
+
+
+def test_a_star_source_makes_the_destination_see_everyone() -> None:
+    p = pol.parse('[[rules]]\nsrc = ["*"]\ndst = ["c:*"]\nproto = "icmp"\n')
+    c = pol.Compiled(p, NODES)
+    assert c.visible(3) is None and c.visible(1) == {3}
+    assert c.inbound(3) == (InboundRule(("0.0.0.0/0", "::/0"), "icmp", ()),)
+
+
+def test_no_policy_allows_everything() -> None:
+    c = pol.Compiled(None, NODES)
+    assert c.visible(1) is None and c.inbound(1) == ALLOW_ALL and not c.restricts
+
+
+@settings(max_examples=300)
+@given(st.text(max_size=300))
+def test_any_text_is_a_policy_or_a_policy_error(text: str) -> None:
+    try:
+        pol.check(text, users=set(), members=NODES)
+    except PolicyError as err:
+        assert err.problems and all(p.startswith("line ") for p in err.problems)
+
+
+@settings(max_examples=200)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["*", "a", "alice", "group:eng", "tag:db", "backup", "100.64.0.0/24"]),
+            st.sampled_from(["*", "b", "c", "tag:db", "backup", "bob"]),
+            st.sampled_from(["22", "*", "1-1024"]),
+            st.sampled_from(["tcp", "udp", "any"]),
+        ),
+        max_size=4,
+    )
+)
+def test_any_node_listed_for_an_inbound_rule_can_see_the_destination(
+    rules: list[tuple[str, str, str, str]],
+) -> None:
+    text = '[groups]\neng = ["alice"]\n[tag_owners]\n"tag:db" = []\n[hosts]\nbackup = "100.64.0.3"\n'
+    for src, dst, port, proto in rules:
+        text += f'[[rules]]\nsrc = ["{src}"]\ndst = ["{dst}:{port}"]\nproto = "{proto}"\n'
+    p = pol.parse(text)
+    c = pol.Compiled(p, NODES)
+    for dst in NODES:
+        for src in NODES:
+            if src is dst:
+                continue
+            may = pol.allowed(p, src, dst, "tcp", 22) or pol.allowed(p, src, dst, "udp", 22)
+            sees = c.visible(src.node_id)
+            if may:
+                assert sees is None or dst.node_id in sees
+                assert c.visible(dst.node_id) is None or src.node_id in c.visible(dst.node_id)  # type: ignore[operator]
+                srcs = {s for r in c.inbound(dst.node_id) for s in r.sources}
+                assert "100.64.0.0/24" in srcs or "0.0.0.0/0" in srcs or f"100.64.0.{src.node_id}/32" in srcs
