@@ -101,6 +101,7 @@ async def serve(settings: Settings) -> None:
             log_level="warning",
             lifespan="off",
             timeout_graceful_shutdown=2,
+            ws=settings.websocket_impl,
             ws_max_size=1 << 20,
             ws_ping_interval=20,
             ws_ping_timeout=20,

@@ -41,6 +41,7 @@ class Settings:
     relay: bool = True
     max_body: int = 64 * 1024
     change_log_keep: int = 100_000
+    websocket_impl: str = "websockets-sansio"  #: uvicorn's WebSocket protocol implementation
 
     @property
     def database_url(self) -> str:
