@@ -1,12 +1,23 @@
-"""Relay throughput and soak with simulated relay clients speaking the real protocol (loopback only).
+"""Relay throughput: iperf3 over the mesh's relay path versus a bare wireguard-go pair, and a relay soak.
 
-Starts a relay hub behind the real front (HTTP Upgrade on a uvicorn port) in this process, connects
-2*PAIRS real meshd RelayLinks with real signed tickets, and has every client send 1300-byte packets to its
-partner for DURATION seconds (bounded). Prints delivered packets and Mbit/s, drop counters (queue policy,
-unknown peer) and the process RSS (server and clients share this process: an upper bound for the relay).
-NOT YET HERE: iperf3 over a relayed wireguard-go pair versus a direct pair (see the report).
+Part ``--iperf`` (namespace lab, root): two EDM hosts meshed by real ``meshd up`` daemons stay on the relay
+path (coordinator with its embedded relay on a public server); iperf3 TCP runs over the overlay, alternating
+with iperf3 over a bare wireguard-go pair (hand-configured, meshd's MTU) between two other public hosts of the
+same lab. Prints both, the ratio (target: relay >= 50 % of direct), the UDP counters of every involved
+namespace (/proc/net/snmp Udp: InErrors, RcvbufErrors, SndbufErrors... before/after: the relay path is
+WireGuard -> meshd's loopback UDP proxy -> WebSocket -> relay -> WebSocket -> proxy -> WireGuard), the CPU
+seconds each process used during the relay runs, and the coordinator's (relay's) RSS.
 
-    .venv/bin/python benchmarks/relay_throughput.py --pairs 200 --duration 60
+Part ``--soak`` (loopback only, no root): starts a relay hub behind the real front (HTTP Upgrade on a
+uvicorn port) in this process, connects 2*PAIRS real meshd RelayLinks with real signed tickets, and has
+every client send 1300-byte packets to its partner for DURATION seconds (bounded). Prints delivered packets
+and Mbit/s, drop counters (queue policy, unknown peer) and the process RSS (server and clients share this
+process: an upper bound for the relay).
+
+With neither flag both parts run (iperf first).
+
+    PYTHONPATH=. .venv/bin/python benchmarks/relay_throughput.py --iperf [--seconds 5] [--repeat 2]
+    PYTHONPATH=. .venv/bin/python benchmarks/relay_throughput.py --soak --pairs 200 --duration 60
 """
 
 from __future__ import annotations
@@ -16,7 +27,10 @@ import asyncio
 import contextlib
 import os
 import socket
+import statistics
+import sys
 import time
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -95,11 +109,127 @@ async def main(pairs: int, duration: float, size: int, rate: int) -> None:
     sock.close()
 
 
+def relay_metrics(host: Any, url: str) -> dict[str, float]:
+    """The coordinator's relay_* Prometheus samples (``name{labels}`` -> value), read from its /metrics."""
+    code = f"import urllib.request as u; print(u.urlopen('{url}/metrics', timeout=5).read().decode())"
+    out: dict[str, float] = {}
+    for line in host.python(code, check=False).splitlines():
+        if line.startswith("relay_") and not line.startswith("relay_protocol") and "_created" not in line:
+            name, _, value = line.rpartition(" ")
+            with contextlib.suppress(ValueError):
+                out[name] = float(value)
+    return out
+
+
+def iperf_part(seconds: float, rounds: int) -> None:
+    """iperf3 over the relay path of a meshed EDM-EDM pair versus a bare wireguard-go pair (see above)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from benchmarks import direct_throughput as dt
+    from tests.netns.lab import Lab, LabError
+    from tests.netns.mesh import Mesh, MeshError
+
+    console = Console(width=150)
+    load0 = os.getloadavg()
+    try:
+        with Lab() as lab, Mesh(lab) as mesh:
+            a, b = dt.meshed_pair(lab, mesh, "edm", "edm", "relay")
+            ip_b = mesh.overlay_ip(b)
+            bare = dt.bare_pair(lab, lab.host(nat="public"), lab.host(nat="public"), mtu=dt.MESHD_MTU)
+            assert mesh.coord_host is not None and mesh.coord_proc is not None
+            relay_ns = {"alpha (edm)": a.host, "beta (edm)": b.host, "coordinator+relay": mesh.coord_host}
+            bare_ns = {"bare a": bare.a, "bare b": bare.b}
+            procs = dt.mesh_procs(mesh, [a, b])
+            rss0 = dt.rss_mib(mesh.coord_proc.pid)
+            res: dict[str, list[dt.Iperf]] = {"bare": [], "relay": []}
+            drops = {k: dict.fromkeys(dt.UDP_COUNTERS, 0) for k in [*relay_ns, *bare_ns]}
+            cpu: list[dict[str, float]] = []
+            paths_after: list[str] = []
+            rss_peak = rss0
+            metrics0 = relay_metrics(mesh.coord_host, mesh.url)
+            for _ in range(rounds):
+                before = {k: dt.udp_counters(h) for k, h in bare_ns.items()}
+                res["bare"].append(dt.iperf(bare.a, bare.b, bare.ip_b, seconds))
+                for k, h in bare_ns.items():
+                    for c, v in dt.counter_delta(before[k], dt.udp_counters(h)).items():
+                        drops[k][c] += v
+                before = {k: dt.udp_counters(h) for k, h in relay_ns.items()}
+                with dt.cpu_meter(procs) as used:
+                    res["relay"].append(dt.iperf(a.host, b.host, ip_b, seconds))
+                rss_peak = max(rss_peak, dt.rss_mib(mesh.coord_proc.pid))
+                for k, h in relay_ns.items():
+                    for c, v in dt.counter_delta(before[k], dt.udp_counters(h)).items():
+                        drops[k][c] += v
+                cpu.append(used)
+                peer = mesh.peer(a, "beta")
+                paths_after.append(str(peer["path"]) if peer else "absent")
+            rss1 = dt.rss_mib(mesh.coord_proc.pid)
+            metrics1 = relay_metrics(mesh.coord_host, mesh.url)
+            meshd_rss = {n.name: dt.rss_mib(n.proc.pid) for n in (a, b) if n.proc is not None}
+    except (LabError, MeshError, dt.BenchError) as e:
+        sys.exit(f"error: {str(e).splitlines()[0]}")
+    p50 = {k: statistics.median(r.mbit for r in v) for k, v in res.items()}
+    table = Table(title=f"relay-path TCP throughput (iperf3, {seconds:g} s x {rounds}, edm-edm)")
+    for col in ("path", "Mbit/s p50", "runs (Mbit/s)", "retransmits", "vs bare direct"):
+        table.add_column(col, justify="left" if col == "path" else "right")
+    labels = {"bare": f"bare wireguard-go pair (direct), MTU {dt.MESHD_MTU}", "relay": "meshd over the relay"}
+    for k in ("bare", "relay"):
+        ratio = 100 * p50[k] / p50["bare"] if p50["bare"] else 0.0
+        table.add_row(
+            labels[k],
+            f"{p50[k]:.0f}",
+            " ".join(f"{r.mbit:.0f}" for r in res[k]),
+            " ".join(str(r.retransmits) for r in res[k]),
+            f"{ratio:.0f} %" + (" (target >= 50 %)" if k == "relay" else ""),
+        )
+    console.print(table)
+    counters = Table(title="UDP counters during the runs (/proc/net/snmp Udp:, summed over rounds)")
+    counters.add_column("namespace")
+    for c in dt.UDP_COUNTERS:
+        counters.add_column(c, justify="right")
+    for k, d in drops.items():
+        counters.add_row(k, *(str(d[c]) for c in dt.UDP_COUNTERS))
+    console.print(counters)
+    mean_cpu = {k: statistics.mean(c[k] for c in cpu) for k in cpu[0]}
+    out = [
+        f"CPU during a relay run (mean): {dt.fmt_cpu(mean_cpu, seconds)}",
+        f"path after each relay run: {', '.join(paths_after)}",
+        "relay metrics over the runs (incl. the bare rounds: nothing else uses the relay): "
+        + ", ".join(
+            f"{k} +{metrics1[k] - metrics0.get(k, 0.0):.0f}" for k in sorted(metrics1) if "clients" not in k
+        ),
+        f"relay (coordinator process) RSS: {rss0:.1f} MiB before, peak {rss_peak:.1f} MiB, "
+        f"{rss1:.1f} MiB after; meshd RSS: " + ", ".join(f"{n} {v:.1f} MiB" for n, v in meshd_rss.items()),
+        f"load average (1 min) {load0[0]:.2f} before, {os.getloadavg()[0]:.2f} after "
+        f"({os.cpu_count()} CPUs, shared)",
+    ]
+    for line in out:
+        console.print(line, markup=False, highlight=False)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--pairs", type=int, default=200)
-    ap.add_argument("--duration", type=float, default=60.0)
-    ap.add_argument("--size", type=int, default=1300)
-    ap.add_argument("--rate", type=int, default=50, help="packets/s per client")
+    ap.add_argument("--iperf", action="store_true", help="run the iperf3 part (root, namespace lab)")
+    ap.add_argument("--soak", action="store_true", help="run the simulated-clients soak part")
+    ap.add_argument("--seconds", type=float, default=5.0, help="iperf: seconds per measurement")
+    ap.add_argument("--repeat", type=int, default=2, help="iperf: alternating bare/relay rounds")
+    ap.add_argument("--pairs", type=int, default=200, help="soak: relay client pairs")
+    ap.add_argument("--duration", type=float, default=60.0, help="soak: seconds")
+    ap.add_argument("--size", type=int, default=1300, help="soak: packet size")
+    ap.add_argument("--rate", type=int, default=50, help="soak: packets/s per client")
+    ap.add_argument("--quick", action="store_true", help="iperf 1 round of 3 s; soak 20 pairs for 10 s")
     a = ap.parse_args()
-    asyncio.run(main(a.pairs, min(a.duration, 600.0), a.size, a.rate))
+    both = not (a.iperf or a.soak)
+    if a.iperf or both:
+        if os.geteuid() != 0:
+            sys.exit("error: the iperf part needs root (network namespaces); run it as root or use --soak")
+        if a.quick:
+            iperf_part(3.0, 1)
+        else:
+            iperf_part(min(max(a.seconds, 1.0), 60.0), min(max(a.repeat, 1), 10))
+    if a.soak or both:
+        if a.quick:
+            asyncio.run(main(20, 10.0, a.size, a.rate))
+        else:
+            asyncio.run(main(a.pairs, min(a.duration, 600.0), a.size, a.rate))
