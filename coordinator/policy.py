@@ -92,6 +92,7 @@ class PolicyTest:
     deny: tuple[str, ...]
     proto: str
     line: int
+    where: Mapping[tuple[bool, str], int] = field(default_factory=dict)  #: (accept?, dst) -> its line
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,7 +332,14 @@ class _Parser:
             for d in (*accept, *deny):
                 if d.rpartition(":")[1] != ":":
                     self.bad(self.lines.find(f'"{d}', line), f"test destination {d!r} needs :PORT")
-            out.append(PolicyTest(src, tuple(accept), tuple(deny), self.proto(entry, line, "tcp"), line))
+            where = {
+                (kind == "accept", d): self.lines.find(f'"{d}"', self.lines.find(kind, line))
+                for kind, ds in (("accept", accept), ("deny", deny))
+                for d in ds
+            }
+            out.append(
+                PolicyTest(src, tuple(accept), tuple(deny), self.proto(entry, line, "tcp"), line, where)
+            )
         return tuple(out)
 
 
@@ -412,7 +420,8 @@ def run_tests(policy: Policy, members: Iterable[Member] = ()) -> list[str]:
                     )
                 elif allowed(policy, src, dst, t.proto, port) != expect:
                     verb = "may not" if expect else "may"
-                    failures.append(f"line {t.line}: test failed: {t.src} {verb} reach {target} ({t.proto})")
+                    at = t.where.get((expect, target), t.line)
+                    failures.append(f"line {at}: test failed: {t.src} {verb} reach {target} ({t.proto})")
     return failures
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from meshd import api, hosts, peerset, runtime, sdnotify
+from meshd import api, firewall, hosts, peerset, runtime, sdnotify
 from meshd import status as st
 from meshd.control import ControlClient, ControlError, Enrollment, PendingApproval
 from meshd.nat.engine import Traversal
@@ -118,6 +118,7 @@ class Daemon:
         self.client: ControlClient | None = None
         self.backend: WireGuardBackend | None = None
         self.hosts = hosts.HostsFile(opts.hosts_file, tag=opts.interface)
+        self.firewall = firewall.Firewall(opts.interface)  #: policy layer 2 (inbound rules from the map)
         self.map: netmap.NetMap | None = None
         self.verified: list[peerset.VerifiedPeer] = []
         self.connected = False
@@ -400,6 +401,7 @@ class Daemon:
             except Exception as e:  # tear-down goes on whatever broke
                 log.warning("removing %s: %s", self.opts.interface, e)
             self.backend = None
+        await self.firewall.close()
         with contextlib.suppress(hosts.HostsError):
             self.hosts.remove()
         runtime.clear(self.opts.state_dir)
@@ -443,6 +445,10 @@ class Daemon:
         for r in bad:
             log.warning("not configuring peer %s (node %d): %s", r.name, r.node_id, r.reason)
         self.verified = good
+        try:  # before peers are added: a newly visible peer never sees an open door
+            await self.firewall.update(new.inbound)
+        except firewall.FirewallError as e:
+            log.error("firewall: %s", e)
         if self.relay is not None:
             self.relay.set_regions(new.relays)
             self.relay.set_peers((v.peer.wg_public_key, v.peer.relay_home) for v in good)

@@ -9,7 +9,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from meshd import hosts
+from meshd import firewall, hosts
 from meshd.wg import link
 from meshd.wg.errors import WgError
 
@@ -73,5 +73,6 @@ async def clean_leftovers(state_dir: Path) -> Runtime | None:
             await link.delete_link(rt.interface)
     with contextlib.suppress(hosts.HostsError):
         hosts.HostsFile(Path(rt.hosts_file), tag=rt.interface).remove()
+    firewall.remove_table(rt.interface)
     clear(state_dir)
     return rt

@@ -38,7 +38,7 @@ async def test_a_bad_policy_is_rejected_with_lines_and_the_old_one_stays(coord: 
     failing = good + '[[tests]]\nsrc = "alice"\ndeny = ["alice:22"]\n'
     r = await coord.admin.put("/admin/policy", json={"policy": failing})
     assert (
-        r.status_code == 400 and "line 4: test failed: alice may reach alice:22 (tcp)" in r.json()["detail"]
+        r.status_code == 400 and "line 6: test failed: alice may reach alice:22 (tcp)" in r.json()["detail"]
     )
     assert (await coord.admin.get("/admin/policy")).json() == {"policy": good, "set": True}
     changes = [a for a in (await coord.admin.get("/admin/audit")).json() if a["action"] == "policy.changed"]

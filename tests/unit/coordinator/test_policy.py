@@ -97,10 +97,10 @@ dst = ["nowhere:22", "a:x"]
 def test_failing_tests_are_named_by_line() -> None:
     text = GOOD.replace('deny = ["b:5432", "c:22"]', 'deny = ["b:22"]')
     assert problems(text, members=NODES) == [
-        "line 21: test failed: a may reach b:22 (tcp)",
+        "line 24: test failed: a may reach b:22 (tcp)",
     ]
     text = GOOD.replace('accept = ["b:22"]', 'accept = ["b:5432"]')
-    assert problems(text, members=NODES)[0] == "line 21: test failed: a may not reach b:5432 (tcp)"
+    assert problems(text, members=NODES)[0] == "line 23: test failed: a may not reach b:5432 (tcp)"
 
 
 def test_structure_errors() -> None:

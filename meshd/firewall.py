@@ -1,0 +1,148 @@
+"""Enforce the coordinator's inbound rules on the mesh interface with nftables (policy layer 2).
+
+meshd owns one table per interface, ``inet meshd_<ifname>``, so two daemons on a host never touch each
+other's rules. Its input chain only looks at packets arriving on the mesh interface:
+
+- replies to connections this host opened (``ct direction reply``) and related ICMP errors pass;
+- every packet of a connection someone else opened is checked against the rules, each time, so a removed
+  permission stops an established flow at once (no conntrack flush needed);
+- everything else is dropped.
+
+The table is replaced in one ``nft -f`` transaction (never flushed rule by rule), deleted when no policy is
+set (the map's rules allow everything), on ``meshd down`` and by crash clean-up (meshd/runtime.py).
+:func:`render` is pure and tested on its own; :class:`Firewall` runs ``nft``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import re
+import subprocess
+
+from meshd.proto.policy import InboundRule, allows_everything
+
+log = logging.getLogger("meshd.firewall")
+
+NFT = "nft"
+
+
+class FirewallError(RuntimeError):
+    """nft refused the rules or is missing."""
+
+
+def table_name(ifname: str) -> str:
+    """``meshd_<ifname>`` with anything nft would not accept in a name replaced by ``_``."""
+    return "meshd_" + re.sub(r"[^A-Za-z0-9_]", "_", ifname)
+
+
+def _nets(sources: tuple[str, ...], version: int) -> list[str]:
+    nets = [n for n in (ipaddress.ip_network(s, strict=False) for s in sources) if n.version == version]
+    return [str(n) for n in ipaddress.collapse_addresses(nets)]  # type: ignore[type-var]
+
+
+def _ports(ports: tuple[tuple[int, int], ...]) -> str:
+    items = ", ".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in ports)
+    return f"{{ {items} }}"
+
+
+def rule_lines(rule: InboundRule) -> list[str]:
+    """nft statements (accepting) for one inbound rule."""
+    out = []
+    for family, version, icmp in (("ip", 4, "icmp"), ("ip6", 6, "ipv6-icmp")):
+        nets = _nets(rule.sources, version)
+        if not nets:
+            continue
+        match = f"{family} saddr {{ {', '.join(nets)} }}"
+        if rule.proto == "icmp":
+            out.append(f"{match} meta l4proto {icmp} accept")
+        elif rule.proto in ("tcp", "udp"):
+            ports = f" {rule.proto} dport {_ports(rule.ports)}" if rule.ports else ""
+            out.append(f"{match} meta l4proto {rule.proto}{ports} accept")
+        elif rule.ports:  # any protocol, some ports: tcp and udp on those ports
+            out.extend(f"{match} {p} dport {_ports(rule.ports)} accept" for p in ("tcp", "udp"))
+        else:
+            out.append(f"{match} accept")
+    return out
+
+
+def render(ifname: str, rules: tuple[InboundRule, ...]) -> str:
+    """The nft script that atomically (re)creates the table for `ifname` enforcing `rules`."""
+    table = table_name(ifname)
+    body = [
+        f'iifname != "{ifname}" accept',
+        "ct direction reply accept",
+        "ct state related accept",
+    ]
+    for rule in rules:
+        body.extend(rule_lines(rule))
+    body.append("counter drop")
+    lines = [
+        f"table inet {table}",
+        f"delete table inet {table}",
+        f"table inet {table} {{",
+        "\tchain input {",
+        "\t\ttype filter hook input priority filter; policy accept;",
+        *(f"\t\t{line}" for line in body),
+        "\t}",
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def remove_script(ifname: str) -> str:
+    table = table_name(ifname)
+    return f"table inet {table}\ndelete table inet {table}\n"
+
+
+def run_nft(script: str) -> None:
+    """Run an nft batch (blocking); FirewallError with nft's first error line on failure."""
+    try:
+        done = subprocess.run([NFT, "-f", "-"], input=script, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise FirewallError(f"cannot run nft: {exc}") from None
+    if done.returncode != 0:
+        first = next((line for line in done.stderr.splitlines() if line.strip()), "unknown error")
+        raise FirewallError(f"nft: {first}")
+
+
+def remove_table(ifname: str) -> None:
+    """Delete meshd's table for `ifname` if it exists (crash clean-up; never raises)."""
+    try:
+        run_nft(remove_script(ifname))
+    except FirewallError as exc:
+        log.debug("removing firewall table: %s", exc)
+
+
+class Firewall:
+    """The installed rules of one mesh interface; `update` only runs nft when the rules changed."""
+
+    def __init__(self, ifname: str) -> None:
+        self.ifname = ifname
+        self.rules: tuple[InboundRule, ...] | None = None  #: None: no table installed
+        self._lock = asyncio.Lock()
+
+    @property
+    def active(self) -> bool:
+        return self.rules is not None
+
+    async def update(self, rules: tuple[InboundRule, ...]) -> None:
+        async with self._lock:
+            if allows_everything(rules):
+                if self.rules is not None:
+                    await asyncio.to_thread(run_nft, remove_script(self.ifname))
+                    self.rules = None
+                    log.info("firewall: no policy, table removed")
+                return
+            if rules == self.rules:
+                return
+            await asyncio.to_thread(run_nft, render(self.ifname, rules))
+            self.rules = rules
+            log.info("firewall: %d inbound rule(s) on %s", len(rules), self.ifname)
+
+    async def close(self) -> None:
+        async with self._lock:
+            if self.rules is not None:
+                await asyncio.to_thread(remove_table, self.ifname)
+                self.rules = None
