@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import re
 import socket
 import statistics
 import sys
@@ -121,6 +122,29 @@ def relay_metrics(host: Any, url: str) -> dict[str, float]:
     return out
 
 
+def socket_drops(host: Any) -> list[str]:
+    """UDP and raw sockets in ``host``'s namespace that dropped datagrams (``ss -m`` skmem d<count>)."""
+    out: list[str] = []
+    entries: list[str] = []
+    for line in host.run(["ss", "-Huwanmp"], timeout=10).stdout.splitlines():
+        if line[:1].isspace() and entries:
+            entries[-1] += " " + line.strip()  # ss prints skmem on a continuation line
+        elif line.strip():
+            entries.append(line)
+    for line in entries:
+        m = re.search(r"skmem:\(([^)]*)\)", line)
+        if not m:
+            continue
+        drops = next((int(f[1:]) for f in m[1].split(",") if f.startswith("d") and f[1:].isdigit()), 0)
+        if drops:
+            words = line.split()
+            proc = re.search(r'users:\(\("([^"]+)"', line)
+            rb = next((f[2:] for f in m[1].split(",") if f.startswith("rb")), "?")
+            where = words[4] if len(words) > 4 else "?"
+            out.append(f"{words[0]} {where} ({proc[1] if proc else '?'}, rcvbuf {rb}): {drops} dropped")
+    return out
+
+
 def iperf_part(seconds: float, rounds: int) -> None:
     """iperf3 over the relay path of a meshed EDM-EDM pair versus a bare wireguard-go pair (see above)."""
     from rich.console import Console
@@ -165,6 +189,7 @@ def iperf_part(seconds: float, rounds: int) -> None:
                 peer = mesh.peer(a, "beta")
                 paths_after.append(str(peer["path"]) if peer else "absent")
             rss1 = dt.rss_mib(mesh.coord_proc.pid)
+            sockets = {k: socket_drops(h) for k, h in {**relay_ns, **bare_ns}.items()}
             metrics1 = relay_metrics(mesh.coord_host, mesh.url)
             meshd_rss = {n.name: dt.rss_mib(n.proc.pid) for n in (a, b) if n.proc is not None}
     except (LabError, MeshError, dt.BenchError) as e:
@@ -193,6 +218,8 @@ def iperf_part(seconds: float, rounds: int) -> None:
     console.print(counters)
     mean_cpu = {k: statistics.mean(c[k] for c in cpu) for k in cpu[0]}
     out = [
+        "sockets that dropped (since they opened): "
+        + ("; ".join(f"{k}: {', '.join(v)}" for k, v in sockets.items() if v) or "none"),
         f"CPU during a relay run (mean): {dt.fmt_cpu(mean_cpu, seconds)}",
         f"path after each relay run: {', '.join(paths_after)}",
         "relay metrics over the runs (incl. the bare rounds: nothing else uses the relay): "
