@@ -85,6 +85,13 @@ async def create_key(
     core: Core, user: str, reusable: bool, expiration: float, tags: list[str], actor: str
 ) -> NewKey:
     clean_tags = check_tags(tags)
+    policy = core.state.parsed_policy
+    for tag in clean_tags if policy is not None else ():
+        assert policy is not None
+        if not policy.may_assign(user, tag):
+            raise Forbidden(
+                f"user {user!r} may not assign {tag!r}: the policy's [tag_owners] does not allow it"
+            )
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     now = time.time()
     async with core.transaction() as tx:

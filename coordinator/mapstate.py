@@ -83,6 +83,10 @@ class MapState:
         self._compiled = None
 
     @property
+    def parsed_policy(self) -> access.Policy | None:
+        return self._policy
+
+    @property
     def filtering(self) -> bool:
         """A policy is set: maps and deltas differ per node."""
         return self._policy is not None
@@ -217,7 +221,7 @@ class MapState:
                     endpoints.append(node_id)
                 else:
                     changed.append(node_id)
-            elif "added" not in ks:
+            else:  # gone now (even if added and removed again since `since`: it may have been in the old map)
                 removed.append(node_id)
         return PendingDelta(
             since,
@@ -250,7 +254,8 @@ class MapState:
         if pending.policy or (node_id in pending.changed and self.filtering):
             added: tuple[Peer, ...] = ()
             changed = others(self.sorted_ids())
-            removed = tuple(i for i in (*pending.removed, *self.sorted_ids()) if i != node_id and not ok(i))
+            hidden = tuple(i for i in self.sorted_ids() if i != node_id and not ok(i))
+            removed = tuple(i for i in (*pending.removed, *hidden) if i != node_id)
         else:
             added, changed = others(pending.added), others(pending.changed)
             hidden = tuple(i for i in pending.changed if i != node_id and not ok(i))

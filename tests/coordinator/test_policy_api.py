@@ -104,3 +104,24 @@ async def test_retagging_a_node_changes_who_sees_it(live: Coord) -> None:
         await wait_until(sa, lambda m: names(m) == set(), 1.0)
     for client in (a, b):
         await client.aclose()
+
+
+async def test_with_a_policy_only_tag_owners_may_put_a_tag_on_a_key(coord: Coord) -> None:
+    await coord.user_and_key("alice")
+    await coord.user_and_key("bob")
+    text = '[groups]\nops = ["alice"]\n[tag_owners]\n"tag:db" = ["group:ops"]\n'
+    assert (await coord.admin.put("/admin/policy", json={"policy": text})).status_code == 200
+    ok = await coord.admin.post("/admin/keys", json={"user": "alice", "tags": ["tag:db"]})
+    assert ok.status_code == 201, ok.text
+    no = await coord.admin.post("/admin/keys", json={"user": "bob", "tags": ["tag:db"]})
+    assert no.status_code == 403
+    assert (
+        no.json()["detail"]
+        == "user 'bob' may not assign 'tag:db': the policy's [tag_owners] does not allow it"
+    )
+    undeclared = await coord.admin.post("/admin/keys", json={"user": "alice", "tags": ["web"]})
+    assert undeclared.status_code == 403
+    # the key's tags are the enrolled node's tags
+    await coord.enroll("db1", ok.json()["key"])
+    nodes = (await coord.admin.get("/admin/nodes")).json()
+    assert next(n for n in nodes if n["name"] == "db1")["tags"] == ["tag:db"]
