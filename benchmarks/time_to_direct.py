@@ -11,6 +11,9 @@ hosts behind the scenario's routers), two pre-auth keys created beforehand, then
   ``meshd status --json`` prints, read from the control socket every 50 ms so polling costs no CPU). For the
   relay-only pairs (EDM-EDM, UDP blocked) the path must be ``relay`` and never ``direct``.
 * hold: after the path is reached it is watched for ``--hold`` seconds; any change away from it is a flap.
+* crossed hs: a tcpdump per host (UDP headers only) shows whether both WireGuards sent their first
+  handshake initiation before the other's arrived. Then both answer as responders, neither may send data
+  first, and the first ping waits for WireGuard's REKEY_TIMEOUT (5 s): the "ping > 4 s" column.
 
 Also prints where the first-ping time goes (phases from the daemons' own log lines, later of the two
 daemons, p50 over runs) and meshd's Python start-up cost.
@@ -21,6 +24,7 @@ daemons, p50 over runs) and meshd's Python start-up cost.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import statistics
@@ -31,6 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -97,6 +102,7 @@ class Run:
     path: float | None = None  #: seconds until both sides report the expected path
     flaps: int = 0  #: changes away from the expected path during the hold window
     wrong: bool = False  #: a relay-only pair went direct
+    crossed: bool | None = None  #: both sides' first handshake initiations crossed (None: not captured)
     phases: dict[str, float] = field(default_factory=dict)
     error: str = ""
 
@@ -139,12 +145,78 @@ def _phases(node: Node, t0_wall: float) -> dict[str, float]:
     return out
 
 
-def one_run(sc: Scenario, hold: float) -> Run:
+WG_PORT = 41641  #: meshd's default WireGuard listen port (Mesh.up keeps it)
+_PKT = re.compile(
+    r"^(?P<ts>\d+\.\d+) .* IP (?P<src>[\d.]+)\.(?P<sport>\d+) > (?P<dst>[\d.]+)\.(?P<dport>\d+): UDP"
+)
+
+
+def start_capture(host: Host, path: Path) -> subprocess.Popen[bytes]:
+    """tcpdump of the host's UDP (all interfaces: the relay proxy is on lo), headers only."""
+    proc = host.popen(
+        ["tcpdump", "-i", "any", "-n", "-U", "-s", "96", "-w", str(path), "udp"], stderr=subprocess.PIPE
+    )
+    assert proc.stderr is not None
+    os.set_blocking(proc.stderr.fileno(), False)
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:  # "listening on any ..." once it captures
+        if b"listening" in (proc.stderr.read() or b""):
+            break
+        time.sleep(0.02)
+    return proc
+
+
+def wg_handshakes(path: Path) -> tuple[list[float], list[float]]:
+    """(times WireGuard on this host sent a handshake initiation, times it received one), from a capture.
+
+    WireGuard messages (type byte 1 = initiation, 148 bytes; whitepaper §5.4.2) sent by WireGuard have its
+    port as source, received ones as destination, on eth0 and on lo (relay proxy) alike.
+    """
+    out = subprocess.run(
+        ["tcpdump", "-r", str(path), "-n", "-tt", "-x"], capture_output=True, text=True, timeout=30
+    ).stdout
+    sent: list[float] = []
+    received: list[float] = []
+    head: re.Match[str] | None = None
+    hexdump: list[str] = []
+
+    def flush() -> None:
+        if head is None:
+            return
+        data = bytes.fromhex("".join(hexdump))
+        ihl = (data[0] & 0x0F) * 4 if data else 20
+        payload = data[ihl + 8 : ihl + 12]
+        if payload == b"\x01\x00\x00\x00" and len(data) >= ihl + 8 + 4:
+            if int(head["sport"]) == WG_PORT:
+                sent.append(float(head["ts"]))
+            elif int(head["dport"]) == WG_PORT:
+                received.append(float(head["ts"]))
+
+    for line in out.splitlines():
+        if line[:1].isdigit():
+            flush()
+            head, hexdump = _PKT.match(line), []
+        elif line.strip().startswith("0x") and head is not None:
+            hexdump.append("".join(line.split(":", 1)[1].split()))
+    flush()
+    return sent, received
+
+
+def crossed(a: tuple[list[float], list[float]], b: tuple[list[float], list[float]]) -> bool:
+    """Both WireGuards sent their first initiation before the other's reached them: both answer as
+    responders, neither can send data first, and both wait for REKEY_TIMEOUT (5 s) to retry."""
+    (sa, ra), (sb, rb) = a, b
+    return bool(sa and sb and (not ra or sa[0] < ra[0]) and (not rb or sb[0] < rb[0]))
+
+
+def one_run(sc: Scenario, hold: float, capture: bool = True) -> Run:
     run = Run()
     with Lab() as lab, Mesh(lab) as mesh:
         mesh.start_coordinator(lab.server(name="coord"))
         ha, hb = sc.build(lab)
         keys = (mesh.new_key(), mesh.new_key())
+        caps = [lab.tmpdir / "a.pcap", lab.tmpdir / "b.pcap"]
+        tcpdumps = [start_capture(h, c) for h, c in zip((ha, hb), caps, strict=True)] if capture else []
         stop = threading.Event()
         t0 = time.monotonic()
         t0_wall = time.time()
@@ -204,6 +276,12 @@ def one_run(sc: Scenario, hold: float) -> Run:
                 time.sleep(0.1)
         pa, pb = _phases(a, t0_wall), _phases(b, t0_wall)
         run.phases = {k: max(pa[k], pb[k]) for k in pa.keys() & pb.keys()}
+        for proc in tcpdumps:
+            proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+        if capture:
+            run.crossed = crossed(wg_handshakes(caps[0]), wg_handshakes(caps[1]))
         if run.ping is None or run.path is None:
             run.error = f"alpha log:\n{a.log_tail(12)}\nbeta log:\n{b.log_tail(12)}"
     return run
@@ -253,6 +331,9 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated scenario names")
     ap.add_argument("--hold", type=float, default=5.0, help="seconds to watch the path after reaching it")
     ap.add_argument("--verbose", action="store_true", help="print each run as it ends")
+    ap.add_argument(
+        "--no-capture", action="store_true", help="skip the tcpdump of WireGuard handshakes (crossed column)"
+    )
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("error: needs root (network namespaces); run it as root")
@@ -276,13 +357,13 @@ def main() -> None:
         results[sc.name] = []
         for i in range(runs):
             try:
-                r = one_run(sc, hold)
+                r = one_run(sc, hold, capture=not args.no_capture)
             except (LabError, MeshError) as e:
                 r = Run(error=str(e).splitlines()[0])
             results[sc.name].append(r)
             if args.verbose or r.error:
                 console.print(
-                    f"{sc.name} run {i + 1}: ping {r.ping} path {r.path} flaps {r.flaps}"
+                    f"{sc.name} run {i + 1}: ping {r.ping} path {r.path} flaps {r.flaps} crossed {r.crossed}"
                     + (f"\n{r.error}" if r.error else ""),
                     markup=False,
                     highlight=False,
@@ -291,7 +372,17 @@ def main() -> None:
         title=f"time to first ping / direct path ({runs} run(s) each; targets: ping <= "
         f"{TARGET_PING:g} s, direct <= {TARGET_DIRECT:g} s)"
     )
-    for col in ("scenario", "first ping p50", "first ping max", "direct p50", "direct max", "hold", "failed"):
+    for col in (
+        "scenario",
+        "first ping p50",
+        "first ping max",
+        "direct p50",
+        "direct max",
+        "hold",
+        "ping > 4 s",
+        "crossed hs",
+        "failed",
+    ):
         table.add_column(col, justify="left" if col == "scenario" else "right")
     for sc in scenarios:
         rs = results[sc.name]
@@ -304,7 +395,12 @@ def main() -> None:
         flaps = sum(r.flaps for r in rs)
         hold_txt = f"{flaps} flap(s)" if flaps else f"stable {hold:g} s"
         failed = sum(1 for r in rs if r.ping is None or r.path is None)
-        table.add_row(sc.name, *ping, *direct, hold_txt, f"{failed}/{len(rs)}")
+        slow = sum(1 for r in rs if r.ping is not None and r.ping > 4.0)
+        cross = [r.crossed for r in rs if r.crossed is not None]
+        cross_txt = f"{sum(cross)}/{len(cross)}" if cross else "-"
+        table.add_row(
+            sc.name, *ping, *direct, hold_txt, f"{slow}/{len(rs)}", cross_txt, f"{failed}/{len(rs)}"
+        )
     console.print(table)
     phase_table = Table(title="where the first-ping time goes (s after start, later daemon, p50)")
     names = [n for n, _ in PHASES]
