@@ -223,6 +223,21 @@ class ControlClient:
         data = (await self._request("POST", "/api/v1/cert/renew", signer=self._need_id())).json()
         return str(data["cert"])
 
+    async def rotate_key(self, new_wg_private: bytes) -> str:
+        """Register a new WireGuard key with proof of possession (a box of a fresh challenge made with
+        the new private key); returns the re-issued certificate. The caller switches ``keys`` after."""
+        ch = (await self._request("POST", "/api/v1/register/challenge")).json()
+        challenge = b64decode(ch["challenge"], length=32)
+        server_pub = b64decode(ch["server_ephemeral_x25519_pub"], length=32)
+        box = Box(PrivateKey(new_wg_private), PublicKey(server_pub)).encrypt(challenge)
+        body = {
+            "wg_public_key": b64encode(bytes(PrivateKey(new_wg_private).public_key)),
+            "challenge": ch["challenge"],
+            "box": b64encode(bytes(box)),
+        }
+        data = (await self._request("POST", "/api/v1/keys/rotate", body, signer=self._need_id())).json()
+        return str(data["cert"])
+
     async def relay_ticket(self) -> tuple[str, float]:
         """A short-lived relay ticket (meshd.proto.ticket) and its expiry (unix seconds)."""
         data = (await self._request("POST", "/api/v1/relay/ticket", signer=self._need_id())).json()

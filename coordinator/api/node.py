@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 from fastapi import APIRouter, Query, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
 
-from coordinator import nodes
+from coordinator import nodes, rotation
 from coordinator.api.deps import CoreDep, NodeDep
 from coordinator.api.schemas import CertPublic
 from coordinator.api.stream import handle_client_message
@@ -20,6 +21,20 @@ router = APIRouter(prefix="/api/v1", tags=["node"])
 @router.post("/cert/renew", response_model=CertPublic)
 async def renew(node_id: NodeDep, core: CoreDep) -> CertPublic:
     cert = await nodes.renew_cert(core, node_id)
+    return CertPublic(cert=cert, trusted_keys=[b64encode(k) for k in core.keys.trusted])
+
+
+class KeyRotate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    wg_public_key: str = Field(max_length=64)
+    challenge: str = Field(max_length=64)
+    box: str = Field(max_length=256)
+
+
+@router.post("/keys/rotate", response_model=CertPublic)
+async def rotate_key(body: KeyRotate, node_id: NodeDep, core: CoreDep) -> CertPublic:
+    """Replace the node's WireGuard key (proof of possession: coordinator/rotation.py)."""
+    cert = await rotation.rotate_wg_key(core, node_id, rotation.KeyRotation(**body.model_dump()))
     return CertPublic(cert=cert, trusted_keys=[b64encode(k) for k in core.keys.trusted])
 
 
