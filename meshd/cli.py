@@ -76,6 +76,9 @@ def up(
     listen_port: Annotated[int, typer.Option(help="WireGuard UDP port (0: any)", min=0, max=65535)] = 41641,
     hosts_file: Annotated[Path, typer.Option(help="hosts file for peer names")] = hosts.DEFAULT_HOSTS_FILE,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error")] = "info",
+    key_rotation: Annotated[
+        str, typer.Option(help="rotate the WireGuard key this often (e.g. 30d, 12h; 0: never)")
+    ] = "30d",
 ) -> None:
     """Run the daemon in the foreground (enrolls on first start)."""
     from meshd.daemon import Daemon, DaemonError, Options
@@ -84,6 +87,12 @@ def up(
         fail(f"--wg-backend must be auto, kernel or userspace, not {wg_backend!r}")
     if log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         fail(f"--log-level must be debug, info, warning or error, not {log_level!r}")
+    from meshd.rotation import IntervalError, parse_interval
+
+    try:
+        rotate_every = parse_interval(key_rotation)
+    except IntervalError as e:
+        fail(str(e))
     setup_logging(log_level.upper())
     opts = Options(
         coordinator=coordinator,
@@ -94,6 +103,7 @@ def up(
         wg_backend=wg_backend,
         listen_port=listen_port,
         hosts_file=hosts_file,
+        key_rotation=rotate_every,
     )
     daemon = Daemon(opts)
     try:
@@ -159,6 +169,14 @@ def ping(
         fail(f"no answer from {r.get('peer')} ({r.get('ip')}) over the mesh; path: {r.get('path')}")
     via = r["path"] + (f" {r['endpoint']}" if r.get("endpoint") else "")
     typer.echo(f"pong from {r['peer']} ({r['ip']}) via {via} in {r['rtt_ms']:.2f} ms")
+
+
+@app.command("rotate-keys")
+def rotate_keys(ctx: typer.Context, state_dir: StateDirOpt = None) -> None:
+    """Replace this node's WireGuard key; peers learn it through the coordinator, connections continue."""
+    r = _call(ctx, state_dir, "rotate-keys", timeout=30.0)
+    assert isinstance(r, dict)
+    typer.echo(f"new WireGuard public key {r['public_key']} (was {r['old_public_key']})")
 
 
 @app.command()

@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from meshd import api, firewall, hosts, peerset, runtime, sdnotify
+from meshd import api, firewall, hosts, peerset, rotation, runtime, sdnotify
 from meshd import status as st
-from meshd.control import ControlClient, ControlError, Enrollment, PendingApproval
+from meshd.control import ControlClient, ControlError, Enrollment, NodeKeys, PendingApproval
 from meshd.nat.engine import Traversal
 from meshd.nat.mapper import PortMapShell
 from meshd.proto import cert, netmap
@@ -71,6 +71,7 @@ class Options:
     listen_port: int = DEFAULT_LISTEN_PORT
     hosts_file: Path = hosts.DEFAULT_HOSTS_FILE
     approval_wait: float = 3600.0
+    key_rotation: float = rotation.DEFAULT_INTERVAL  #: seconds between WireGuard key rotations; 0: never
 
 
 def local_networks(exclude: str) -> dict[str, ipaddress.IPv4Network | ipaddress.IPv6Network]:
@@ -137,6 +138,7 @@ class Daemon:
         self.relay: RelayManager | None = None
         self.portmap: PortMapShell | None = None
         self._resolved: dict[str, str] = {}
+        self._rotate_lock = asyncio.Lock()
 
     # -- life cycle ----------------------------------------------------------------------------------------
 
@@ -168,6 +170,8 @@ class Daemon:
                 asyncio.create_task(self._renew_loop(), name="renew"),
                 asyncio.create_task(self._watch_loop(), name="watch"),
             ]
+            if self.opts.key_rotation > 0:
+                tasks.append(asyncio.create_task(self._rotation_loop(), name="rotate"))
             sdnotify.notify("READY=1")
             log.info("meshd up: %s on %s (%s)", self._enrollment().name, self.opts.interface, self._kind())
             if on_ready is not None:
@@ -347,7 +351,54 @@ class Daemon:
         async def netcheck(args: dict[str, Any]) -> Any:
             return await self.netcheck()
 
-        return {"status": status, "ping": ping, "down": down, "netcheck": netcheck}
+        async def rotate_keys(args: dict[str, Any]) -> Any:
+            return await self.rotate_keys()
+
+        return {
+            "status": status,
+            "ping": ping,
+            "down": down,
+            "netcheck": netcheck,
+            "rotate-keys": rotate_keys,
+        }
+
+    async def rotate_keys(self) -> dict[str, Any]:
+        """Replace our WireGuard key without dropping connections (meshd/rotation.py describes the order)."""
+        assert self.state is not None and self.client is not None
+        async with self._rotate_lock:
+            old = b64encode(self.state.keys.wg_public)
+            new = NodeKeys.generate().wg_private
+            try:
+                new_cert = await self.client.rotate_key(new)
+                cert.verify(new_cert, self._enrollment().trusted_keys, self.clock())
+            except (ControlError, cert.CertError) as e:
+                raise api.ApiError(f"key rotation failed: {e}") from None
+            self.state = self.state.with_wireguard_key(new).with_cert(new_cert)
+            self.store.save(self.state)
+            rotation.record_key_created(self.opts.state_dir, self.clock())
+            self.client.keys = self.state.keys
+            try:
+                await self._apply(self.verified)
+            except WgError as e:
+                raise api.ApiError(f"new key registered but WireGuard refused it: {e}") from None
+            if self.relay is not None:
+                self.relay.rekey(self.state.keys.wg_public)
+            new_pub = b64encode(self.state.keys.wg_public)
+            log.info("wireguard key rotated: %s -> %s", old, new_pub)
+            return {"old_public_key": old, "public_key": new_pub}
+
+    async def _rotation_loop(self) -> None:
+        """Rotate the WireGuard key every ``--key-rotation`` (retry every 60 s on failure)."""
+        while True:
+            due = rotation.key_created(self.opts.state_dir, self.clock()) + self.opts.key_rotation
+            await asyncio.sleep(min(max(1.0, due - self.clock()), 3600.0))
+            if self.clock() < due:
+                continue
+            try:
+                await self.rotate_keys()
+            except api.ApiError as e:
+                log.warning("%s; retrying in 60 s", e)
+                await asyncio.sleep(60)
 
     async def netcheck(self) -> dict[str, Any]:
         """What the network lets us do: UDP, public addresses, NAT mapping, port mapping, relay latency."""

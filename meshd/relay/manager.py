@@ -118,6 +118,15 @@ class RelayManager:
         self.peer_home = homes
         self._reconcile_links()
 
+    def rekey(self, wg_key: bytes) -> None:
+        """Our WireGuard key was rotated: the relay addresses us by it, so every link reconnects under the
+        new key with a fresh ticket (the coordinator issues tickets for the key it has registered)."""
+        self.wg_key = wg_key
+        self._ticket = None
+        for r in self.regions.values():
+            if r.link is not None:
+                r.link.close("wireguard key rotated")
+
     def endpoint(self, wg_key: str) -> tuple[str, int] | None:
         """The 127.0.0.1 address WireGuard should use for this peer while it is relayed."""
         if self._closed:
