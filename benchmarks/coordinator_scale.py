@@ -103,6 +103,7 @@ async def run_stream(
     url: str, n: SimNode, ready: asyncio.Event, stop: asyncio.Event, since: int | None = None
 ) -> None:
     from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
 
     path = "/api/v1/stream" + (f"?since={since}" if since is not None else "")
     headers = signing.sign_request(n.keys.node_private, str(n.node_id), "GET", path, b"", time.time())
@@ -121,30 +122,22 @@ async def run_stream(
         del first  # a full map can be megabytes; keep only its size
         assert kind.startswith('{"type":"map"' if since is None else '{"type":"delta"'), kind
         ready.set()
-        stop_task = asyncio.ensure_future(stop.wait())
-        while not stop.is_set():
-            recv = asyncio.ensure_future(ws.recv())
-            recv.add_done_callback(lambda f: f.cancelled() or f.exception())
-            done, _ = await asyncio.wait({recv, stop_task}, return_when=asyncio.FIRST_COMPLETED)
-            if recv not in done:
-                recv.cancel()
-                break
-            if recv.exception() is not None:
-                if stop.is_set():
-                    break
-                raise recv.exception()  # type: ignore[misc]
-            text = recv.result()
-            now = time.monotonic()
-            n.messages += 1
-            if n.decode:  # a sample of nodes decodes everything (and would fail loudly on a bad delta)
-                msg = netmap.decode_server_message(text)
-                if isinstance(msg, netmap.DeltaMessage):
-                    for p in msg.delta.peers_changed:
-                        n.received.setdefault(p.name, now)
-                    if msg.delta.self_node is not None:
-                        n.received.setdefault(msg.delta.self_node.name, now)
-            elif EXPECTED and f'"name":"{EXPECTED[0]}"' in text:
-                n.received.setdefault(EXPECTED[0], now)
+        try:
+            async for text in ws:  # the task is cancelled at the end of the run
+                now = time.monotonic()
+                n.messages += 1
+                if n.decode:  # a sample of nodes decodes everything (fails loudly on a bad delta)
+                    msg = netmap.decode_server_message(text)
+                    if isinstance(msg, netmap.DeltaMessage):
+                        for p in msg.delta.peers_changed:
+                            n.received.setdefault(p.name, now)
+                        if msg.delta.self_node is not None:
+                            n.received.setdefault(msg.delta.self_node.name, now)
+                elif EXPECTED and f'"name":"{EXPECTED[0]}"' in text:
+                    n.received.setdefault(EXPECTED[0], now)
+        except ConnectionClosed:
+            if not stop.is_set():
+                raise
 
 
 async def main_async(
