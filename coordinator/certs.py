@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from nacl.signing import SigningKey
 
 from meshd.proto import cert as certfmt
+from meshd.proto import trust
 from meshd.proto.encoding import b64decode, b64encode
 
 
@@ -18,6 +20,12 @@ class SigningKeys:
 
     active_seed: bytes
     trusted: tuple[bytes, ...]
+    endorsements: tuple[trust.AnnouncedKey, ...] = ()  #: rotated-in keys signed by their predecessor
+
+    def announced(self) -> tuple[trust.AnnouncedKey, ...]:
+        """Every trusted key with its endorsement if any (GET /api/v1/signing-keys), active first."""
+        by_key = {a.key: a for a in self.endorsements}
+        return tuple(by_key.get(k, trust.AnnouncedKey(k)) for k in self.trusted)
 
     @property
     def active_public(self) -> bytes:
@@ -31,7 +39,9 @@ class SigningKeys:
 def load_or_create(state_dir: Path) -> SigningKeys:
     """Read `<state>/signing_key` (base64 seed, 0600), creating it on first start.
 
-    Older keys kept during a rotation live in `<state>/trusted_keys` (one base64 public key per line).
+    Older keys kept during a rotation live in `<state>/trusted_keys` (one base64 public key per line,
+    optionally followed by the unix time its overlap ends: it is dropped after that); endorsements of
+    rotated-in keys in `<state>/endorsements` (``new signer signature``, base64, one per line).
     """
     path = state_dir / "signing_key"
     if not path.exists():
@@ -43,13 +53,70 @@ def load_or_create(state_dir: Path) -> SigningKeys:
     os.chmod(path, 0o600)
     active = bytes(SigningKey(seed).verify_key)
     trusted = [active]
+    for key, until in read_trusted(state_dir):
+        if key not in trusted and (until is None or until > time.time()):
+            trusted.append(key)
+    endorsements = []
+    path = state_dir / "endorsements"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                new, signer, sig = line.split()
+                endorsements.append(
+                    trust.AnnouncedKey(
+                        b64decode(new, length=32), b64decode(signer, length=32), b64decode(sig, length=64)
+                    )
+                )
+    return SigningKeys(active_seed=seed, trusted=tuple(trusted), endorsements=tuple(endorsements))
+
+
+def read_trusted(state_dir: Path) -> list[tuple[bytes, float | None]]:
     extra = state_dir / "trusted_keys"
+    out: list[tuple[bytes, float | None]] = []
     if extra.exists():
-        for line in extra.read_text().split():
-            key = b64decode(line, length=32, what=str(extra))
-            if key not in trusted:
-                trusted.append(key)
-    return SigningKeys(active_seed=seed, trusted=tuple(trusted))
+        for line in extra.read_text().splitlines():
+            parts = line.split()
+            if parts:
+                key = b64decode(parts[0], length=32, what=str(extra))
+                out.append((key, float(parts[1]) if len(parts) > 1 else None))
+    return out
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rotate(state_dir: Path, keys: SigningKeys, overlap: float, now: float) -> SigningKeys:
+    """A new active key, endorsed by the old one; the old key stays trusted for `overlap` seconds.
+
+    Written in crash-safe order: trusted_keys and endorsements first, signing_key last (a crash before
+    it leaves the old key active and merely an unused extra entry)."""
+    seed = os.urandom(32)
+    new_pub = bytes(SigningKey(seed).verify_key)
+    kept = [(k, u) for k, u in read_trusted(state_dir) if (u is None or u > now) and k != new_pub]
+    kept = [(k, u) for k, u in kept if k != keys.active_public] + [(keys.active_public, now + overlap)]
+    _write(
+        state_dir / "trusted_keys",
+        "".join(f"{b64encode(k)}{'' if u is None else f' {u:.0f}'}\n" for k, u in kept),
+    )
+    endorsement = trust.AnnouncedKey(new_pub, keys.active_public, trust.endorse(keys.active_seed, new_pub))
+    live = {k for k, _ in kept} | {new_pub}
+    endorsements = [a for a in keys.endorsements if a.key in live] + [endorsement]
+    _write(
+        state_dir / "endorsements",
+        "".join(
+            f"{b64encode(a.key)} {b64encode(a.endorsed_by or b'')} {b64encode(a.signature or b'')}\n"
+            for a in endorsements
+        ),
+    )
+    _write(state_dir / "signing_key", b64encode(seed) + "\n")
+    return load_or_create(state_dir)
 
 
 def issue_node_cert(

@@ -309,10 +309,25 @@ def audit_verify() -> None:
 
 # ---------------------------------------------------------------------------------------- later issues
 @app.command("rotate-signing-key")
-def rotate_signing_key() -> None:
-    """Rotate the coordinator's certificate signing key (not in this version)."""
-    raise CliError(
-        "rotate-signing-key is not implemented in this version; the key store already trusts several keys"
+def rotate_signing_key(
+    overlap: Annotated[
+        str | None,
+        typer.Option("--overlap", help="How long the old key stays trusted (default: the cert lifetime)."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """New certificate signing key; every node certificate is re-issued, the old key stays trusted."""
+    try:
+        seconds = parse_duration(overlap) if overlap is not None else None
+    except CoordinatorError as exc:
+        raise CliError(exc.message) from None
+    r = _admin("POST", "/admin/signing-key/rotate", {"overlap": seconds})
+    if as_json:
+        _json(r)
+        return
+    out.print(
+        f"signing key {r['key_id']} active; {r['previous_key_id']} trusted until "
+        f"{_when(r['trusted_until'])}; {r['reissued']} certificate(s) re-issued"
     )
 
 

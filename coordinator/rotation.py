@@ -21,6 +21,7 @@ from nacl.exceptions import CryptoError
 from nacl.public import Box, PrivateKey, PublicKey
 from sqlalchemy import select
 
+from coordinator import certs
 from coordinator.core import Core
 from coordinator.db.models import Challenge, Node
 from coordinator.enrollment import _challenge_id
@@ -85,3 +86,43 @@ async def rotate_wg_key(core: Core, node_id: int, req: KeyRotation) -> str:
             return node.cert
     # the consumed expired challenge is committed before we complain
     raise Unauthorized("challenge expired: request a new one")
+
+
+@dataclass(frozen=True, slots=True)
+class SigningRotation:
+    key_id: str
+    previous_key_id: str
+    trusted_until: float  #: the old key is dropped after this (unix seconds)
+    reissued: int  #: certificates re-issued with the new key
+
+
+async def rotate_signing_key(core: Core, overlap: float | None, actor: str) -> SigningRotation:
+    """Make a new signing key (endorsed by the old one, which stays trusted for `overlap`, default the
+    certificate lifetime so every certificate it signed expires first) and re-issue every certificate.
+
+    Nodes learn the new key when the stream brings certificates from an issuer they do not know yet:
+    they fetch ``GET /api/v1/signing-keys`` and accept keys endorsed by a key they trust
+    (meshd.proto.trust)."""
+    overlap = core.settings.cert_lifetime if overlap is None else overlap
+    if overlap < 0:
+        raise BadRequest("overlap must not be negative")
+    now = time.time()
+    async with core.transaction() as tx:
+        previous = core.keys
+        core.keys = certs.rotate(core.settings.state_dir, previous, overlap, now)
+        # on a failed commit the new key stays active: certificates are re-issued at renewal anyway
+        rows = (await tx.session.execute(select(Node).where(Node.expired.is_(False)))).scalars().all()
+        for node in rows:
+            await _reissue_and_publish(tx, node)
+        await tx.audit(
+            actor,
+            "signing_key.rotated",
+            "coordinator",
+            {
+                "key_id": core.keys.active_id,
+                "previous_key_id": previous.active_id,
+                "trusted_until": int(now + overlap),
+                "reissued": len(rows),
+            },
+        )
+    return SigningRotation(core.keys.active_id, previous.active_id, now + overlap, len(rows))

@@ -29,7 +29,7 @@ from nacl.signing import SigningKey
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
-from meshd.proto import netmap, signing
+from meshd.proto import netmap, signing, trust
 from meshd.proto.encoding import b64decode, b64encode
 
 
@@ -237,6 +237,14 @@ class ControlClient:
         }
         data = (await self._request("POST", "/api/v1/keys/rotate", body, signer=self._need_id())).json()
         return str(data["cert"])
+
+    async def signing_keys(self) -> tuple[trust.AnnouncedKey, ...]:
+        """The coordinator's announced signing keys with endorsements (check with trust.accept)."""
+        data = (await self._request("GET", "/api/v1/signing-keys", signer=self._need_id())).json()
+        try:
+            return trust.decode(data)
+        except trust.TrustError as exc:
+            raise ControlError(str(exc)) from None
 
     async def relay_ticket(self) -> tuple[str, float]:
         """A short-lived relay ticket (meshd.proto.ticket) and its expiry (unix seconds)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -38,7 +39,7 @@ from meshd import status as st
 from meshd.control import ControlClient, ControlError, Enrollment, NodeKeys, PendingApproval
 from meshd.nat.engine import Traversal
 from meshd.nat.mapper import PortMapShell
-from meshd.proto import cert, netmap
+from meshd.proto import cert, netmap, trust
 from meshd.proto.encoding import b64decode, b64encode
 from meshd.relay.manager import RelayManager
 from meshd.state import NodeState, StateDir, StateError, StateLock
@@ -139,6 +140,7 @@ class Daemon:
         self.portmap: PortMapShell | None = None
         self._resolved: dict[str, str] = {}
         self._rotate_lock = asyncio.Lock()
+        self._issuers_asked: set[str] = set()
 
     # -- life cycle ----------------------------------------------------------------------------------------
 
@@ -491,6 +493,7 @@ class Daemon:
         """Verify, reconcile WireGuard, rewrite the hosts block."""
         assert self.state is not None
         self.map = new
+        await self._learn_signing_keys(new)
         keys = list(self._enrollment().trusted_keys) or [self._enrollment().coordinator_public_key]
         good, bad = peerset.verify_peers(new, keys, self.clock())
         for r in bad:
@@ -520,6 +523,41 @@ class Daemon:
             self.hosts.update([hosts.HostEntry.for_peer(v.name, v.ips) for v in good])
         except hosts.HostsError as e:
             log.error("hosts file: %s", e)
+
+    async def _learn_signing_keys(self, m: netmap.NetMap, force: bool = False) -> None:
+        """Certificates from an issuer we do not trust yet mean the coordinator rotated its signing key:
+        fetch the announced keys and keep those endorsed by a key we trust (meshd.proto.trust); also
+        drops keys whose overlap ended. Then take our own re-issued certificate from the map."""
+        assert self.state is not None and self.client is not None
+        e = self._enrollment()
+        known = {cert.key_id(k) for k in e.trusted_keys}
+        issuers = set()
+        for p in (*m.peers, m.self_node):
+            with contextlib.suppress(cert.CertError):
+                issuers.add(cert.decode(p.cert)[0].issuer)
+        unknown = issuers - known
+        if force or (unknown and not unknown <= self._issuers_asked):
+            self._issuers_asked |= unknown
+            try:
+                accepted = trust.accept(e.trusted_keys, await self.client.signing_keys())
+            except ControlError as err:
+                log.warning("cannot fetch the coordinator's signing keys: %s", err)
+                accepted = e.trusted_keys
+            if accepted != e.trusted_keys:
+                e = dataclasses.replace(e, trusted_keys=accepted)
+                self.state = self.state.with_enrollment(self.state.coordinator_url or "", e)
+                self.store.save(self.state)
+                log.info("trusted coordinator signing keys: %s", ", ".join(cert.key_id(k) for k in accepted))
+        mine = m.self_node.cert
+        if mine != e.cert:
+            try:
+                newer = cert.verify(mine, e.trusted_keys, self.clock()).serial > cert.decode(e.cert)[0].serial
+            except cert.CertError:
+                return
+            if not newer:
+                return
+            self.state = self.state.with_cert(mine)
+            self.store.save(self.state)
 
     # -- tasks ---------------------------------------------------------------------------------------------
 
@@ -624,6 +662,8 @@ class Daemon:
             self.state = self.state.with_cert(new)
             self.store.save(self.state)
             log.info("node certificate renewed")
+            if self.map is not None:
+                await self._learn_signing_keys(self.map, force=True)
 
     # -- status --------------------------------------------------------------------------------------------
 

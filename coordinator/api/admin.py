@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
+from pydantic import BaseModel, ConfigDict, Field
 
-from coordinator import audit, enrollment, identity, nodes
+from coordinator import audit, enrollment, identity, nodes, rotation
 from coordinator.api.deps import CoreDep
 from coordinator.api.schemas import (
     ApproveBody,
@@ -151,3 +152,19 @@ async def verify_audit(core: CoreDep) -> AuditVerifyPublic:
     async with core.read() as s:
         r = await audit.verify(s)
     return AuditVerifyPublic(ok=r.ok, records=r.records, problem=r.problem)
+
+
+class SigningRotateBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    overlap: float | None = Field(default=None, ge=0, le=365 * 86400)
+
+
+@router.post("/signing-key/rotate")
+async def rotate_signing_key(body: SigningRotateBody, core: CoreDep) -> dict[str, object]:
+    r = await rotation.rotate_signing_key(core, body.overlap, ACTOR)
+    return {
+        "key_id": r.key_id,
+        "previous_key_id": r.previous_key_id,
+        "trusted_until": r.trusted_until,
+        "reissued": r.reissued,
+    }

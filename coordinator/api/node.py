@@ -12,7 +12,7 @@ from coordinator.api.deps import CoreDep, NodeDep
 from coordinator.api.schemas import CertPublic
 from coordinator.api.stream import handle_client_message
 from coordinator.errors import BadRequest, Forbidden
-from meshd.proto import netmap
+from meshd.proto import netmap, trust
 from meshd.proto.encoding import b64encode
 
 router = APIRouter(prefix="/api/v1", tags=["node"])
@@ -36,6 +36,12 @@ async def rotate_key(body: KeyRotate, node_id: NodeDep, core: CoreDep) -> CertPu
     """Replace the node's WireGuard key (proof of possession: coordinator/rotation.py)."""
     cert = await rotation.rotate_wg_key(core, node_id, rotation.KeyRotation(**body.model_dump()))
     return CertPublic(cert=cert, trusted_keys=[b64encode(k) for k in core.keys.trusted])
+
+
+@router.get("/signing-keys")
+async def signing_keys(node_id: NodeDep, core: CoreDep) -> dict[str, object]:
+    """The trusted signing keys, active first, with endorsements (meshd.proto.trust)."""
+    return trust.encode(core.keys.announced())
 
 
 @router.get("/map")
