@@ -145,3 +145,33 @@ def test_rotate_keys_during_a_running_ping_and_the_old_key_is_refused(
     key_file.write_text(wg_private(alpha) + "\n")
     assert imp.run(["wg", "set", ifname, "private-key", str(key_file)]).returncode == 0
     assert handshake_within(8.0), "control: the impostor set-up handshakes with the current key"
+
+
+def test_rotate_signing_key_nodes_keep_working_and_trust_both_keys(
+    lab: Lab, mesh: Mesh, pair: tuple[Node, Node]
+) -> None:
+    from meshd.proto import cert as certfmt
+    from meshd.proto.encoding import b64decode
+
+    alpha, beta = pair
+    count = 40
+    pings = {"alpha->beta": start_ping(alpha, mesh.overlay_ip(beta), count)}
+    try:
+        time.sleep(2.0)
+        doc = json.loads(mesh.admin("rotate-signing-key", "--json").stdout)
+        stdout, _ = pings["alpha->beta"].communicate(timeout=30)
+    finally:
+        for proc in pings.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+    gap = longest_loss(stdout.decode(errors="replace"), count) * PING_INTERVAL
+    print(f"\nsigning key rotation: longest ping gap {gap:.1f} s")
+    assert gap <= 1.0
+    for node, other in ((alpha, "beta"), (beta, "alpha")):
+        assert mesh.peer(node, other) is not None, f"{node.name} still configures {other}"
+        saved = json.loads((node.state_dir / "state.json").read_text())["enrollment"]
+        trusted = [certfmt.key_id(b64decode(k)) for k in saved["trusted_keys"]]
+        assert trusted == [doc["key_id"], doc["previous_key_id"]], "new key learned, old one kept (overlap)"
+        assert certfmt.decode(saved["cert"])[0].issuer == doc["key_id"], "own certificate re-issued"
+    mesh.wait_ping(beta, alpha, within=5)
