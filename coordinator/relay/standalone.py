@@ -216,6 +216,6 @@ async def serve(opts: RelayOptions) -> None:
             t.cancel()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(tasks[0], 3)
-        for t in stun:
-            t.close()
+        for st in stun:
+            st.close()
         sock.close()
