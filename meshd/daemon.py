@@ -296,6 +296,7 @@ class Daemon:
             stun_servers=(),
             send_signal=self._send_signal,
             relay_endpoint=self._relay_endpoint,
+            own_key=lambda: b64encode(self.state.keys.wg_public) if self.state else "",
         )
         self.traversal.on_candidates = self._announce
         await self.traversal.start()
@@ -469,7 +470,7 @@ class Daemon:
         return lan or self._relay_endpoint(v.peer.wg_public_key)  # no probes: LAN, else the relay
 
     def _has_path(self, v: peerset.VerifiedPeer) -> bool:
-        return self.traversal is not None and self.traversal.endpoint_of(v.peer.wg_public_key) is not None
+        return self.traversal is not None and self.traversal.keepalive_on(v.peer.wg_public_key)
 
     async def _apply(self, peers: list[peerset.VerifiedPeer]) -> None:
         assert self.state is not None and self.backend is not None

@@ -53,6 +53,7 @@ MAX_PUNCH_WAIT = 1.0
 GATHER_TIMEOUT = 2.0  #: probes wait at most this long after start for our STUN answers
 TXID_TTL = 5.0
 HANDSHAKE_POLL = 1.0
+KEEPALIVE_FALLBACK = 1.0  #: the higher-key side turns keepalive on after this long without a handshake
 
 
 @dataclass
@@ -69,6 +70,8 @@ class _Peer:
     held: set[Endpoint] = field(default_factory=set)
     direct: Endpoint | None = None
     endpoint: Endpoint | None = None  #: what WireGuard was last pointed at (direct or relay proxy)
+    endpoint_at: float | None = None  #: when the peer first got an endpoint
+    keepalive_on: bool = False  #: persistent keepalive enabled on this peer
 
 
 @dataclass
@@ -108,6 +111,7 @@ class Traversal:
         stun_servers: Iterable[Endpoint],
         send_signal: Callable[[int, dict[str, Any]], Awaitable[None]],
         relay_endpoint: Callable[[str], Endpoint | None] = lambda wg_key: None,
+        own_key: Callable[[], str] = lambda: "",
         config: PathConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -117,6 +121,7 @@ class Traversal:
         self.stun_servers = list(stun_servers)
         self.send_signal = send_signal
         self.relay_endpoint = relay_endpoint
+        self.own_key = own_key  #: our WireGuard public key (base64), for who starts the first handshake
         self.config = config or PathConfig()
         self.clock = clock
         self.nat = NatInfo()
@@ -279,6 +284,10 @@ class Traversal:
     def endpoint_of(self, wg_key: str) -> Endpoint | None:
         p = self._peers.get(wg_key)
         return p.endpoint if p else None
+
+    def keepalive_on(self, wg_key: str) -> bool:
+        p = self._peers.get(wg_key)
+        return bool(p and p.keepalive_on)
 
     @property
     def active(self) -> bool:
@@ -490,9 +499,18 @@ class Traversal:
                 log.info("%s: relay (%s)", p.name, ev.reason)
             p.direct = ev.endpoint if isinstance(ev, UseDirect) else None
             if target is not None:
+                # Turning keepalive on makes WireGuard start a handshake at once. If both sides did that at
+                # the same moment the two initiations would cross, both would end as responders (which may
+                # not send data first) and WireGuard would only retry after REKEY_TIMEOUT (5 s). So only
+                # the side with the lower WireGuard key starts; the other turns keepalive on once a
+                # handshake happened (or after KEEPALIVE_FALLBACK seconds).
+                initiate = p.keepalive_on or self.own_key() < p.wg_key
                 try:
-                    await self.backend.set_endpoint(p.wg_key, target, KEEPALIVE_SECONDS)
+                    await self.backend.set_endpoint(p.wg_key, target, KEEPALIVE_SECONDS if initiate else None)
+                    if p.endpoint is None:
+                        p.endpoint_at = self.clock()
                     p.endpoint = target
+                    p.keepalive_on = p.keepalive_on or initiate
                 except WgError as e:
                     log.warning("%s: setting endpoint %s: %s", p.name, format_endpoint(target), e)
 
@@ -517,6 +535,11 @@ class Traversal:
                 if p is not None:
                     lh = None if ps.last_handshake is None else ps.last_handshake - wall + mono
                     p.path.handshake(lh, mono)
+                    late = p.endpoint_at is not None and mono - p.endpoint_at >= KEEPALIVE_FALLBACK
+                    if p.endpoint is not None and not p.keepalive_on and (lh is not None or late):
+                        with contextlib.suppress(WgError):
+                            await self.backend.set_endpoint(p.wg_key, p.endpoint, KEEPALIVE_SECONDS)
+                            p.keepalive_on = True
             self._drain(self.clock())
 
 
