@@ -27,6 +27,7 @@ log = logging.getLogger("meshd.relay")
 
 BACKOFF_MIN = 0.2
 BACKOFF_MAX = 3.0
+HOME_FAILOVER = 3.0  #: seconds the home region may be unreachable before another is chosen
 KEEPALIVE = 10.0  #: ping every link this often...
 DEAD_AFTER = 25.0  #: ...and call it dead when nothing came back for this long
 PENDING = 64
@@ -84,6 +85,7 @@ class RelayManager:
         self._closed = False
         self._tasks: list[asyncio.Task[None]] = []
         self._probe: asyncio.Task[None] | None = None
+        self._home_down_since: float | None = None
 
     # -- inputs --------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -255,11 +257,17 @@ class RelayManager:
             except Exception as exc:  # network trouble, refused ticket, coordinator down
                 r.error = str(exc)
                 log.warning("relay %s: %s; retrying in %.1f s", r.region.name, exc, delay)
+                if rid == self.home:
+                    self._home_down_since = self._home_down_since or time.monotonic()
+                    if self._maybe_fail_over():
+                        return
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))
                 delay = min(BACKOFF_MAX, delay * 2)
                 continue
             delay = BACKOFF_MIN
             r.link, r.error = link, None
+            if rid == self.home:
+                self._home_down_since = None
             log.info("relay %s connected (%s)", r.region.name, link.transport)
             while r.pending:
                 dst, pkt = r.pending.popleft()
@@ -272,8 +280,23 @@ class RelayManager:
             log.warning("relay %s disconnected: %s", r.region.name, reason)
             if rid == self.home:
                 self._set_up(False)
+                self._home_down_since = time.monotonic()
             if "ticket" in reason or "removed" in reason:
                 self._ticket = None
+
+    def _maybe_fail_over(self) -> bool:
+        """The home region has been unreachable for HOME_FAILOVER seconds and there are others: choose the
+        home again among those that answer (the old one is probed too and wins back if it returns)."""
+        since = self._home_down_since
+        if since is None or time.monotonic() - since < HOME_FAILOVER or len(self.regions) < 2:
+            return False
+        if self._probe is not None and not self._probe.done():
+            return False
+        log.warning("relay home region unreachable for %.0f s: choosing another", time.monotonic() - since)
+        self.home = None
+        self._home_down_since = None
+        self._probe = asyncio.create_task(self._choose_home(), name="relay-probe")
+        return True
 
     def _set_up(self, up: bool) -> None:
         if up != self._up:

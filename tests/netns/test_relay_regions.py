@@ -1,0 +1,93 @@
+"""A standalone relay region (`coordinator relay serve`) next to the embedded one, in the lab: real processes,
+real latency (the embedded region sits behind a 30 ms link), EDM NATs so every packet goes through a relay."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.netns.lab import Host, Lab
+from tests.netns.mesh import Mesh, MeshError
+
+pytestmark = pytest.mark.netns
+COORDINATOR = str(Path(sys.executable).parent / "coordinator")
+
+
+@pytest.fixture
+def mesh(lab: Lab) -> Iterator[Mesh]:
+    m = Mesh(lab)
+    try:
+        yield m
+    finally:
+        m.close()
+
+
+def _start_region(mesh: Mesh, host: Host) -> subprocess.Popen[bytes]:
+    log = open(mesh.dir / "region2.log", "ab")  # noqa: SIM115 - owned by the process
+    proc = host.popen(
+        [
+            COORDINATOR,
+            "relay",
+            "serve",
+            "--listen",
+            f"{host.ip}:8443",
+            "--coordinator",
+            mesh.url,
+            "--secret-file",
+            str(mesh.coord_dir / "relay.secret"),
+            "--name",
+            "near",
+            "--stun-port",
+            "3478",
+        ],
+        stdout=log,
+        stderr=log,
+    )
+    log.close()
+    return proc
+
+
+def _self_relay(mesh: Mesh, node: object) -> str | None:
+    return mesh.status(node)["self"]["relay"]  # type: ignore[arg-type,no-any-return]
+
+
+def _wait_home(mesh: Mesh, node: object, name: str, within: float = 20.0) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < within:
+        if _self_relay(mesh, node) == name:
+            return
+        time.sleep(0.2)
+    raise MeshError(
+        f"home region is {_self_relay(mesh, node)}, not {name}\n{(mesh.dir / 'region2.log').read_text()}"
+    )
+
+
+def test_home_region_by_latency_traffic_through_it_and_failover(lab: Lab, mesh: Mesh) -> None:
+    far = lab.server(name="coord", delay_ms=30)  # the coordinator and its embedded region: 60 ms round trip
+    near = lab.server(name="near")
+    mesh.start_coordinator(far)
+    region = _start_region(mesh, near)
+    time.sleep(1.0)  # the region joins the relay map over its feed
+    a = mesh.up(lab.host(nat="edm"), "a", wait=False)
+    b = mesh.up(lab.host(nat="edm"), "b", wait=False)
+    for n in (a, b):
+        mesh.wait_ready(n)
+    _wait_home(mesh, a, "near")
+    _wait_home(mesh, b, "near")
+    mesh.wait_path(a, "b", "relay")
+    mesh.wait_ping(a, b)
+    mesh.wait_ping(b, a)
+    # the region goes away: both fall back to the embedded region and traffic resumes
+    region.terminate()
+    region.wait(10)
+    t0 = time.monotonic()
+    _wait_home(mesh, a, "default", within=15)
+    _wait_home(mesh, b, "default", within=15)
+    mesh.wait_ping(a, b, within=10)
+    took = time.monotonic() - t0
+    assert took < 15, f"traffic back after {took:.1f} s"
