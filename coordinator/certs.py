@@ -103,7 +103,7 @@ def rotate(state_dir: Path, keys: SigningKeys, overlap: float, now: float) -> Si
     kept = [(k, u) for k, u in kept if k != keys.active_public] + [(keys.active_public, now + overlap)]
     _write(
         state_dir / "trusted_keys",
-        "".join(f"{b64encode(k)}{'' if u is None else f' {u:.0f}'}\n" for k, u in kept),
+        "".join(f"{b64encode(k)}{'' if u is None else f' {u:.3f}'}\n" for k, u in kept),
     )
     endorsement = trust.AnnouncedKey(new_pub, keys.active_public, trust.endorse(keys.active_seed, new_pub))
     live = {k for k, _ in kept} | {new_pub}
