@@ -468,18 +468,19 @@ def test_same_name_in_another_namespace_is_refused_with_a_clear_error(lab: Lab) 
     assert sh("ip", "link", "show", a.ifname, ns=b.ns, check=False).returncode != 0  # nothing created in b
 
 
-@pytest.mark.skipif(
-    BACKEND != "kernel", reason="kernel links are per namespace; userspace run tests the refusal"
-)
-def test_kernel_same_name_in_two_namespaces_is_fine(lab: Lab) -> None:
-    a, b = lab.pair()
-    twin = lab.node(b.ns, a.ifname, b.lan_ip)
-    for n in (a, twin):
-        n.call("open")
-        n.call("create")
-        n.call("apply", config=n.config())
-    assert a.call("state")["public_key"] == a.public_key
-    assert twin.call("state")["public_key"] == twin.public_key
+# Kernel links are per namespace, so this exists only in the kernel run (inside the microVM); the userspace
+# run tests the refusal above instead. Defined conditionally rather than skipped, so no run reports a skip.
+if BACKEND == "kernel":
+
+    def test_kernel_same_name_in_two_namespaces_is_fine(lab: Lab) -> None:
+        a, b = lab.pair()
+        twin = lab.node(b.ns, a.ifname, b.lan_ip)
+        for n in (a, twin):
+            n.call("open")
+            n.call("create")
+            n.call("apply", config=n.config())
+        assert a.call("state")["public_key"] == a.public_key
+        assert twin.call("state")["public_key"] == twin.public_key
 
 
 @pytest.mark.skipif(BACKEND != "userspace", reason="wireguard-go supervision")
