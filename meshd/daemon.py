@@ -409,6 +409,8 @@ class Daemon:
         if t is not None:
             await t.refresh_stun()
         spoken = self.portmap.spoken if self.portmap is not None else []
+        if self.relay is not None:
+            await self.relay.measure()
         regions = self.relay.status() if self.relay is not None else []
         return {
             "udp": bool(t is not None and t.nat.reflexive),

@@ -153,6 +153,13 @@ class RelayManager:
         r = self.regions.get(region_id) if region_id is not None else None
         return r.region.name if r else self.home_name()
 
+    async def measure(self) -> None:
+        """Ping every connected region now (netcheck): fresh round-trip times in :meth:`status`."""
+        for r in list(self.regions.values()):
+            if r.link is not None and r.link.is_open:
+                with contextlib.suppress(rlink.RelayLinkError):
+                    r.rtt = await r.link.ping(1.0)
+
     def status(self) -> list[RegionStatus]:
         return [
             RegionStatus(

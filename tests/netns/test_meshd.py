@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -14,26 +13,6 @@ from tests.netns.lab import Lab
 from tests.netns.mesh import MESHD, Mesh, Node
 
 pytestmark = pytest.mark.netns
-
-
-@pytest.fixture
-def mesh(lab: Lab) -> Iterator[Mesh]:
-    m = Mesh(lab)
-    try:
-        yield m
-    finally:
-        m.close()
-
-
-@pytest.fixture
-def pair(lab: Lab, mesh: Mesh) -> tuple[Node, Node]:
-    """alpha behind an endpoint-independent NAT, beta on a public address, coordinator on a server."""
-    mesh.start_coordinator(lab.server())
-    alpha = mesh.up(lab.host(nat="eim"), "alpha")
-    beta = mesh.up(lab.host(nat="public"), "beta")
-    mesh.wait_peer(alpha, "beta")
-    mesh.wait_peer(beta, "alpha")
-    return alpha, beta
 
 
 def test_two_hosts_ping_both_ways_ssh_by_name_and_status_schema(mesh: Mesh, pair: tuple[Node, Node]) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 
@@ -13,14 +12,9 @@ from tests.netns.mesh import Mesh
 pytestmark = pytest.mark.netns
 
 
-@pytest.fixture
-def mesh(lab: Lab) -> Iterator[Mesh]:
-    m = Mesh(lab)
-    try:
-        m.start_coordinator(lab.server(name="coord"))
-        yield m
-    finally:
-        m.close()
+@pytest.fixture(autouse=True)
+def _coordinator(lab: Lab, mesh: Mesh) -> None:
+    mesh.start_coordinator(lab.server(name="coord"))
 
 
 def _netcheck(mesh: Mesh, node: object) -> dict:  # type: ignore[type-arg]

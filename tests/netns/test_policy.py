@@ -8,7 +8,6 @@ policy is refused with line numbers and the old one stays.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,15 +40,6 @@ dst = ["b:*"]
 proto = "icmp"
 """
 )
-
-
-@pytest.fixture
-def mesh(lab: Lab) -> Iterator[Mesh]:
-    m = Mesh(lab)
-    try:
-        yield m
-    finally:
-        m.close()
 
 
 def set_policy(mesh: Mesh, text: str, name: str = "policy.toml") -> None:

@@ -5,7 +5,6 @@ over the relay; removal drops a node's relay session at once; a restarted relay 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -13,15 +12,6 @@ from tests.netns.lab import Lab
 from tests.netns.mesh import Mesh, Node
 
 pytestmark = pytest.mark.netns
-
-
-@pytest.fixture
-def mesh(lab: Lab) -> Iterator[Mesh]:
-    m = Mesh(lab)
-    try:
-        yield m
-    finally:
-        m.close()
 
 
 def _path(mesh: Mesh, node: Node, peer: str) -> str | None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,15 +15,6 @@ from tests.netns.mesh import Mesh, MeshError
 
 pytestmark = pytest.mark.netns
 COORDINATOR = str(Path(sys.executable).parent / "coordinator")
-
-
-@pytest.fixture
-def mesh(lab: Lab) -> Iterator[Mesh]:
-    m = Mesh(lab)
-    try:
-        yield m
-    finally:
-        m.close()
 
 
 def _start_region(mesh: Mesh, host: Host) -> subprocess.Popen[bytes]:

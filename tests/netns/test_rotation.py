@@ -14,7 +14,6 @@ import json
 import re
 import subprocess
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -24,27 +23,6 @@ from tests.netns.mesh import Mesh, Node
 pytestmark = pytest.mark.netns
 
 PING_INTERVAL = 0.2
-
-
-@pytest.fixture
-def mesh(lab: Lab) -> Iterator[Mesh]:
-    m = Mesh(lab)
-    try:
-        yield m
-    finally:
-        m.close()
-
-
-@pytest.fixture
-def pair(lab: Lab, mesh: Mesh) -> tuple[Node, Node]:
-    mesh.start_coordinator(lab.server())
-    alpha = mesh.up(lab.host(nat="eim"), "alpha")
-    beta = mesh.up(lab.host(nat="public"), "beta")
-    mesh.wait_peer(alpha, "beta")
-    mesh.wait_peer(beta, "alpha")
-    mesh.wait_ping(alpha, beta)
-    mesh.wait_ping(beta, alpha)
-    return alpha, beta
 
 
 def wg_private(node: Node) -> str:

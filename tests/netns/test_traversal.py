@@ -10,7 +10,6 @@ import itertools
 import re
 import subprocess
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -20,14 +19,9 @@ from tests.netns.mesh import Mesh, Node
 pytestmark = pytest.mark.netns
 
 
-@pytest.fixture
-def mesh(lab: Lab) -> Iterator[Mesh]:
-    m = Mesh(lab)
-    try:
-        m.start_coordinator(lab.server(name="coord"))
-        yield m
-    finally:
-        m.close()
+@pytest.fixture(autouse=True)
+def _coordinator(lab: Lab, mesh: Mesh) -> None:
+    mesh.start_coordinator(lab.server(name="coord"))
 
 
 def _up_all(mesh: Mesh, hosts: list[Host]) -> list[Node]:
