@@ -43,7 +43,7 @@ def main() -> int:
         key = mesh.admin("keys", "create", "--user", "demo", "--reusable").stdout.split()[-1]
         console.print(f"  coordinator keys create --user demo --reusable  ->  key {key[:8]}… (shown once)")
 
-        step("meshd up on both hosts (enrolls with the pre-auth key)")
+        step("meshd up on the three hosts (each enrolls with the pre-auth key)")
         t0 = time.monotonic()
         laptop = mesh.up(home, "laptop", key=key, wait=False)
         cloud_n = mesh.up(cloud, "cloud", key=key, wait=False)
