@@ -24,7 +24,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 IN_VM_MODULE = "tests/netns/test_wg_userspace.py"
-KERNEL = Path(os.environ.get("MESHD_TEST_KERNEL", "/boot/vmlinuz-6.1.0-56-amd64"))
+
+
+def _default_kernel() -> Path:
+    """The newest /boot/vmlinuz-* whose modules include wireguard.ko (Debian's linux-image-amd64 moves on)."""
+    for image in sorted(Path("/boot").glob("vmlinuz-*"), key=lambda p: p.stat().st_mtime, reverse=True):
+        if any((Path("/lib/modules") / image.name.removeprefix("vmlinuz-")).rglob("wireguard.ko*")):
+            return image
+    return Path("/boot/vmlinuz-6.1.0-56-amd64")  # named in the skip message when nothing fits
+
+
+KERNEL = Path(os.environ.get("MESHD_TEST_KERNEL") or _default_kernel())
 KERNEL_ONLY_SKIPS = {  # in-VM tests that exercise wireguard-go only and skip by design under the kernel
     "test_same_name_in_another_namespace_is_refused_with_a_clear_error",
     "test_wireguard_go_is_restarted_and_reconfigured_when_it_dies",
