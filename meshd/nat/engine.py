@@ -38,10 +38,11 @@ from meshd.paths import (
     UseDirect,
     UseRelay,
 )
-from meshd.peerset import KEEPALIVE_SECONDS
+from meshd.peerset import KEEPALIVE_SECONDS, parse_candidates
 from meshd.proto import disco, stun
 from meshd.wg.base import WireGuardBackend
 from meshd.wg.errors import WgError
+from meshd.wg.model import format_endpoint
 
 log = logging.getLogger("meshd.nat")
 
@@ -93,10 +94,6 @@ class NatInfo:
     def mapping_varies_by_dest(self) -> bool | None:
         mapped = set(self.reflexive.values())
         return None if len(self.reflexive) < 2 else len(mapped) > 1
-
-
-def format_endpoint(ep: Endpoint) -> str:
-    return f"[{ep[0]}]:{ep[1]}" if ":" in ep[0] else f"{ep[0]}:{ep[1]}"
 
 
 class Traversal:
@@ -261,7 +258,7 @@ class Traversal:
         now = self.clock()
         cands = payload.get("candidates")
         if isinstance(cands, list):
-            parsed = tuple(e for e in (_parse(c) for c in cands if isinstance(c, str)) if e is not None)
+            parsed = tuple(parse_candidates(c for c in cands if isinstance(c, str)))
             if parsed and set(parsed) != set(p.candidates):
                 p.candidates = parsed
                 p.path.set_candidates(self._classify(parsed), now)
@@ -541,15 +538,3 @@ class Traversal:
                             await self.backend.set_endpoint(p.wg_key, p.endpoint, KEEPALIVE_SECONDS)
                             p.keepalive_on = True
             self._drain(self.clock())
-
-
-def _parse(text: str) -> Endpoint | None:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        return None
-    host = host.strip("[]")
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return None
-    return (str(ip), int(port)) if 0 < int(port) < 65536 else None
