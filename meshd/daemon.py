@@ -41,12 +41,13 @@ from meshd.nat.engine import Traversal
 from meshd.nat.mapper import PortMapShell
 from meshd.proto import cert, netmap, trust
 from meshd.proto.encoding import b64decode, b64encode
+from meshd.proto.endpoint import Endpoint
 from meshd.relay.manager import RelayManager
 from meshd.state import NodeState, StateDir, StateError, StateLock
 from meshd.wg.base import WireGuardBackend
 from meshd.wg.errors import WgError
 from meshd.wg.keys import b64_from_bytes
-from meshd.wg.model import Endpoint, InterfaceConfig, InterfaceState
+from meshd.wg.model import InterfaceConfig, InterfaceState
 from meshd.wg.select import open_backend
 
 log = logging.getLogger("meshd")

@@ -40,7 +40,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-Endpoint = tuple[str, int]
+from meshd.proto.endpoint import Endpoint
 
 
 class PathKind(enum.StrEnum):

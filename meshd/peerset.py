@@ -12,8 +12,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from meshd.proto import cert
+from meshd.proto.endpoint import Endpoint
 from meshd.proto.netmap import NetMap, Peer
-from meshd.wg.model import Endpoint, PeerConfig
+from meshd.wg.model import PeerConfig
 
 #: Keeps NAT mappings and stateful firewalls open (the WireGuard whitepaper's suggestion, as wg-quick).
 KEEPALIVE_SECONDS = 25

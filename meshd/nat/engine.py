@@ -40,13 +40,12 @@ from meshd.paths import (
 )
 from meshd.peerset import KEEPALIVE_SECONDS, parse_candidates
 from meshd.proto import disco, stun
+from meshd.proto.endpoint import Endpoint, format_endpoint
 from meshd.wg.base import WireGuardBackend
 from meshd.wg.errors import WgError
-from meshd.wg.model import format_endpoint
 
 log = logging.getLogger("meshd.nat")
 
-Endpoint = tuple[str, int]
 STUN_REFRESH = 20.0
 CMM_MIN_INTERVAL = 2.0
 PUNCH_DELAY = 0.25  #: a new attempt's first probes go out this long after the call-me-maybe is sent

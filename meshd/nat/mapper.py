@@ -18,9 +18,9 @@ from collections.abc import Callable
 
 from meshd.nat import upnp
 from meshd.nat.portmap import MapGranted, MapLost, PortMapper
+from meshd.proto.endpoint import Endpoint
 
 log = logging.getLogger("meshd.nat.portmap")
-Endpoint = tuple[str, int]
 DEFAULT_LEASE = 7200
 
 

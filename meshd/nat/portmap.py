@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from enum import Enum
 
 from meshd.proto import natpmp
+from meshd.proto.endpoint import Endpoint
 
-Address = tuple[str, int]
 DEFAULT_LIFETIME = 7200
 RETRY_INTERVAL = 0.25  # RFC 6886 §3.1: 250 ms, doubling
 MAX_TRIES = 4  # ~3.75 s before deciding a protocol is not spoken here
@@ -33,7 +33,7 @@ class MapGranted:
     """The gateway maps ``external`` to our internal port until ``expires`` (caller's clock)."""
 
     protocol: str  #: "natpmp" or "pcp"
-    external: Address
+    external: Endpoint
     lifetime: int
     expires: float
 
@@ -80,13 +80,13 @@ class PortMapper:
         lifetime: int = DEFAULT_LIFETIME,
         nonce: bytes | None = None,
     ) -> None:
-        self.gateway: Address = (gateway, natpmp.PORT)
+        self.gateway: Endpoint = (gateway, natpmp.PORT)
         self.client_ip = client_ip
         self.internal_port = internal_port
         self.lifetime = lifetime
         self.nonce = nonce or os.urandom(12)
         self.protocol: str | None = None
-        self.external: Address | None = None
+        self.external: Endpoint | None = None
         self.spoken: set[str] = set()  #: protocols whose probe the gateway answered ("natpmp", "pcp")
         self.expires: float | None = None
         self._phase = _Phase.IDLE
@@ -160,8 +160,8 @@ class PortMapper:
 
     # -- I/O hooks --------------------------------------------------------------------------------------
 
-    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
-        out: list[tuple[bytes, Address]] = []
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Endpoint]]:
+        out: list[tuple[bytes, Endpoint]] = []
         for p in self._pending.values():
             if p.next_send <= now and p.tries < MAX_TRIES:
                 out.append((p.data, self.gateway))
@@ -170,7 +170,7 @@ class PortMapper:
                 p.interval *= 2
         return out
 
-    def receive(self, data: bytes, src: Address, now: float) -> None:
+    def receive(self, data: bytes, src: Endpoint, now: float) -> None:
         if src[0] != self.gateway[0]:
             return  # RFC 6886 §3.1: only the gateway's answers count
         try:

@@ -19,11 +19,11 @@ import socket
 import struct
 
 from meshd.proto import disco, stun
+from meshd.proto.endpoint import Endpoint
 
 SO_ATTACH_FILTER = 26
 _UDP_HEADER = struct.Struct("!HHHH")
 
-Address = tuple[str, int]
 
 
 class RawPortError(OSError):
@@ -88,7 +88,7 @@ def udp_checksum(src: str, dst: str, segment: bytes) -> int:
     return csum or 0xFFFF
 
 
-def build_udp(src_port: int, dst: Address, payload: bytes, src_ip: str | None = None) -> bytes:
+def build_udp(src_port: int, dst: Endpoint, payload: bytes, src_ip: str | None = None) -> bytes:
     """A UDP header + payload. With ``src_ip`` the checksum is filled in, else left 0 (allowed in IPv4)."""
     length = 8 + len(payload)
     seg = _UDP_HEADER.pack(src_port, dst[1], length, 0) + payload
@@ -97,7 +97,7 @@ def build_udp(src_port: int, dst: Address, payload: bytes, src_ip: str | None = 
     return _UDP_HEADER.pack(src_port, dst[1], length, udp_checksum(src_ip, dst[0], seg)) + payload
 
 
-def parse_ipv4_udp(packet: bytes) -> tuple[Address, Address, bytes] | None:
+def parse_ipv4_udp(packet: bytes) -> tuple[Endpoint, Endpoint, bytes] | None:
     """(src, dst, payload) of an IPv4 packet carrying UDP, or None if it is anything else."""
     if len(packet) < 28 or packet[0] >> 4 != 4:
         return None
@@ -134,13 +134,13 @@ class RawPort:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def send(self, payload: bytes, dst: Address) -> None:
+    def send(self, payload: bytes, dst: Endpoint) -> None:
         try:
             self.sock.sendto(build_udp(self.port, dst, payload), (dst[0], 0))
         except OSError as e:
             raise RawPortError(f"sending to {dst[0]}:{dst[1]} from port {self.port}: {e}") from None
 
-    def recv(self) -> tuple[Address, bytes] | None:
+    def recv(self) -> tuple[Endpoint, bytes] | None:
         try:
             packet = self.sock.recv(65535)
         except (BlockingIOError, InterruptedError):

@@ -28,6 +28,8 @@ from nacl.exceptions import CryptoError
 from nacl.public import Box, PrivateKey, PublicKey
 from nacl.signing import SigningKey, VerifyKey
 
+from meshd.proto.endpoint import Endpoint
+
 MAGIC = b"MSH\xd1"
 VERSION = 1
 KEY_LEN = 32
@@ -36,7 +38,6 @@ TXID_LEN = 12
 HEADER_LEN = len(MAGIC) + KEY_LEN + NONCE_LEN
 MAX_LEN = 256
 
-Address = tuple[str, int]
 
 
 class DiscoError(ValueError):
@@ -56,7 +57,7 @@ class Ping:
 @dataclass(frozen=True, slots=True)
 class Pong:
     txid: bytes
-    observed: Address  #: where the ping came from, as the answering node saw it
+    observed: Endpoint  #: where the ping came from, as the answering node saw it
 
 
 Message = Ping | Pong

@@ -21,13 +21,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+from meshd.proto.endpoint import Endpoint
+
 MAGIC_COOKIE = 0x2112A442
 _COOKIE_BYTES = struct.pack("!I", MAGIC_COOKIE)
 HEADER_LEN = 20
 FINGERPRINT_XOR = 0x5354554E  # RFC 8489 §14.7
 MAX_MESSAGE = 1280  # larger datagrams are not STUN we will answer (keeps parsing bounded)
 
-Address = tuple[str, int]
 
 
 class StunError(ValueError):
@@ -98,12 +99,12 @@ class Message:
         return None
 
     @property
-    def xor_mapped_address(self) -> Address | None:
+    def xor_mapped_address(self) -> Endpoint | None:
         raw = self.get(Attr.XOR_MAPPED_ADDRESS)
         return None if raw is None else decode_address(raw, self.transaction_id, xor=True)
 
     @property
-    def mapped_address(self) -> Address | None:
+    def mapped_address(self) -> Endpoint | None:
         """XOR-MAPPED-ADDRESS, else the legacy MAPPED-ADDRESS (RFC 8489 §14.1)."""
         xma = self.xor_mapped_address
         if xma is not None:
@@ -112,7 +113,7 @@ class Message:
         return None if raw is None else decode_address(raw, self.transaction_id, xor=False)
 
     @property
-    def other_address(self) -> Address | None:
+    def other_address(self) -> Endpoint | None:
         raw = self.get(Attr.OTHER_ADDRESS)
         return None if raw is None else decode_address(raw, self.transaction_id, xor=False)
 
@@ -135,7 +136,7 @@ class Message:
 # -- addresses ------------------------------------------------------------------------------------------
 
 
-def encode_address(addr: Address, transaction_id: bytes, *, xor: bool) -> bytes:
+def encode_address(addr: Endpoint, transaction_id: bytes, *, xor: bool) -> bytes:
     """(X)OR-MAPPED-ADDRESS value (RFC 8489 §14.1, §14.2)."""
     ip = ipaddress.ip_address(addr[0])
     port = addr[1]
@@ -148,7 +149,7 @@ def encode_address(addr: Address, transaction_id: bytes, *, xor: bool) -> bytes:
     return struct.pack("!BBH", 0, family, port) + raw
 
 
-def decode_address(value: bytes, transaction_id: bytes, *, xor: bool) -> Address:
+def decode_address(value: bytes, transaction_id: bytes, *, xor: bool) -> Endpoint:
     """Inverse of :func:`encode_address`; raises StunError on a bad family or length."""
     if len(value) < 4:
         raise StunError(f"address attribute truncated: {len(value)} of at least 8 bytes")
@@ -305,11 +306,11 @@ def binding_request(transaction_id: bytes, *, software: str | None = None) -> by
 
 def binding_response(
     request: Message,
-    observed: Address,
+    observed: Endpoint,
     *,
     software: str | None = None,
-    other_address: Address | None = None,
-    response_origin: Address | None = None,
+    other_address: Endpoint | None = None,
+    response_origin: Endpoint | None = None,
 ) -> bytes:
     """The success response to a Binding request: XOR-MAPPED-ADDRESS of where it came from (§14.2)."""
     txid = request.transaction_id
@@ -332,11 +333,11 @@ def error_response(request: Message, code: int, reason: str) -> bytes:
 
 def answer(
     data: bytes,
-    src: Address,
+    src: Endpoint,
     *,
     software: str | None = None,
-    other_address: Address | None = None,
-    local: Address | None = None,
+    other_address: Endpoint | None = None,
+    local: Endpoint | None = None,
 ) -> bytes | None:
     """A STUN server's whole job for one datagram: the reply to send back to ``src``, or None.
 
@@ -365,17 +366,17 @@ def answer(
 class BindingSucceeded:
     """A Binding request to ``server`` was answered: our address as the server saw it."""
 
-    server: Address
-    mapped: Address
+    server: Endpoint
+    mapped: Endpoint
     rtt: float
-    other_address: Address | None = None
+    other_address: Endpoint | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class BindingFailed:
     """A Binding request to ``server`` got an error or no answer after every retransmission."""
 
-    server: Address
+    server: Endpoint
     reason: str
 
 
@@ -384,7 +385,7 @@ BindingEvent = BindingSucceeded | BindingFailed
 
 @dataclass(slots=True)
 class _Txn:
-    server: Address
+    server: Endpoint
     request: bytes
     started: float
     next_send: float
@@ -409,7 +410,7 @@ class BindingClient:
         self._txns: dict[bytes, _Txn] = {}
         self._events: list[BindingEvent] = []
 
-    def query(self, server: Address, now: float, transaction_id: bytes | None = None) -> bytes:
+    def query(self, server: Endpoint, now: float, transaction_id: bytes | None = None) -> bytes:
         """Start a Binding transaction towards ``server``; returns its transaction id."""
         txid = transaction_id or new_transaction_id()
         req = binding_request(txid, software=self._software)
@@ -420,8 +421,8 @@ class BindingClient:
     def pending(self) -> int:
         return len(self._txns)
 
-    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
-        out: list[tuple[bytes, Address]] = []
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Endpoint]]:
+        out: list[tuple[bytes, Endpoint]] = []
         for txn in self._txns.values():
             if txn.next_send <= now and txn.sent < self._max_sends:
                 out.append((txn.request, txn.server))
@@ -430,7 +431,7 @@ class BindingClient:
                 txn.rto *= 2
         return out
 
-    def receive(self, data: bytes, addr: Address, now: float) -> bool:
+    def receive(self, data: bytes, addr: Endpoint, now: float) -> bool:
         """Take a datagram; True when it answered one of our transactions."""
         try:
             msg = decode(data)

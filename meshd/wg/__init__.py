@@ -10,9 +10,10 @@ See meshd.wg.base for the WireGuardBackend protocol, meshd.wg.model for the valu
 the reconcile rules.
 """
 
+from meshd.proto.endpoint import Endpoint
 from meshd.wg.base import WireGuardBackend
 from meshd.wg.errors import BackendUnavailable, InterfaceInUse, UapiError, WgConfigError, WgError
-from meshd.wg.model import Endpoint, InterfaceConfig, InterfaceState, PeerConfig, PeerState
+from meshd.wg.model import InterfaceConfig, InterfaceState, PeerConfig, PeerState
 from meshd.wg.select import KINDS, open_backend
 
 __all__ = [

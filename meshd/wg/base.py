@@ -19,11 +19,12 @@ import abc
 import logging
 from typing import Protocol, runtime_checkable
 
+from meshd.proto.endpoint import Endpoint
 from meshd.wg import link
 from meshd.wg.diff import DeviceOp, UpdatePeer, desired_routes, plan_device
 from meshd.wg.errors import WgConfigError
 from meshd.wg.keys import canonical_key
-from meshd.wg.model import Endpoint, InterfaceConfig, InterfaceState, canonical_endpoint
+from meshd.wg.model import InterfaceConfig, InterfaceState, canonical_endpoint
 
 log = logging.getLogger(__name__)
 

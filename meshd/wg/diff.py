@@ -20,8 +20,9 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from meshd.proto.endpoint import Endpoint
 from meshd.wg.keys import ZERO_KEY_B64, public_key
-from meshd.wg.model import Endpoint, InterfaceConfig, InterfaceState, PeerConfig, PeerState
+from meshd.wg.model import InterfaceConfig, InterfaceState, PeerConfig, PeerState
 
 
 @dataclass(frozen=True, slots=True)

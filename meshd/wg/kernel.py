@@ -18,13 +18,13 @@ from typing import Any
 from pyroute2 import AsyncWireGuard
 from pyroute2.netlink.exceptions import NetlinkError
 
+from meshd.proto.endpoint import Endpoint
 from meshd.wg import link
 from meshd.wg.base import ReconcilingBackend
 from meshd.wg.diff import AddPeer, DeviceOp, RemovePeer, SetDevice, UpdatePeer
 from meshd.wg.errors import BackendUnavailable, InterfaceInUse, NetlinkFailure, WgError
 from meshd.wg.keys import ZERO_KEY_B64
 from meshd.wg.model import (
-    Endpoint,
     InterfaceState,
     PeerState,
     canonical_endpoint,

@@ -15,10 +15,9 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from meshd.proto.endpoint import Endpoint
 from meshd.wg.errors import WgConfigError
 from meshd.wg.keys import ZERO_KEY_B64, canonical_key
-
-Endpoint = tuple[str, int]
 
 _IFNAME = re.compile(r"^[A-Za-z0-9_.=+-]{1,15}$")
 
@@ -61,12 +60,6 @@ def canonical_endpoint(endpoint: Endpoint) -> Endpoint:
     if not isinstance(port, int) or not 1 <= port <= 65535:
         raise WgConfigError(f"endpoint port {port!r} is not in 1..65535")
     return (str(addr), port)
-
-
-def format_endpoint(endpoint: Endpoint) -> str:
-    """``('::1', 5)`` -> ``'[::1]:5'``; ``('10.0.0.1', 5)`` -> ``'10.0.0.1:5'`` (the `wg` spelling)."""
-    host, port = endpoint
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def parse_endpoint(text: str) -> Endpoint:

@@ -17,15 +17,14 @@ import ipaddress
 import os
 from collections.abc import Sequence
 
+from meshd.proto.endpoint import Endpoint, format_endpoint
 from meshd.wg.diff import AddPeer, DeviceOp, RemovePeer, SetDevice, UpdatePeer
 from meshd.wg.errors import UapiError, WgConfigError
 from meshd.wg.keys import ZERO_KEY_B64, b64_to_hex, hex_to_b64, public_key
 from meshd.wg.model import (
-    Endpoint,
     InterfaceState,
     PeerState,
     canonical_networks,
-    format_endpoint,
     parse_endpoint,
 )
 

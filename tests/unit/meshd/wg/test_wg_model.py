@@ -8,13 +8,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from meshd.proto.endpoint import format_endpoint
 from meshd.wg.errors import WgConfigError
 from meshd.wg.keys import ZERO_KEY_B64, generate_private_key, public_key
 from meshd.wg.model import (
     InterfaceConfig,
     PeerConfig,
     check_ifname,
-    format_endpoint,
     parse_endpoint,
 )
 

@@ -9,11 +9,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from meshd.proto.endpoint import format_endpoint
 from meshd.wg import uapi
 from meshd.wg.diff import AddPeer, RemovePeer, SetDevice, UpdatePeer
 from meshd.wg.errors import UapiError
 from meshd.wg.keys import generate_private_key, public_key
-from meshd.wg.model import PeerConfig, format_endpoint
+from meshd.wg.model import PeerConfig
 
 # Captured from wireguard-go v0.0.20220316 (Debian 12) after
 # `wg set IF private-key K listen-port 0 fwmark 0x1234 peer A preshared-key P endpoint [fd00::2]:51820

@@ -1,0 +1,224 @@
+"""How the daemon asks "which way do packets to this peer go?": one interface, two strategies.
+
+The daemon never branches on whether probes are possible. It talks to a :class:`PathStrategy`:
+
+* :class:`meshd.nat.engine.Traversal` when meshd can open a raw socket on the WireGuard port: STUN,
+  probes, call-me-maybe, one :class:`meshd.paths.PeerPath` per peer (relay first, then direct);
+* :class:`StaticPaths` otherwise (no CAP_NET_RAW, a kernel without packet sockets): a peer on one of
+  our LANs gets its LAN address, every other peer the relay. No probes, so no punching.
+
+Both make the decision that ``meshd status`` shows (:meth:`PathStrategy.path`): status reads it and
+adds nothing of its own. Both announce our candidates through one callback, ``on_candidates``, called
+whenever the list changes; the control session sends the current list again after each reconnect.
+
+:func:`open_paths` picks the strategy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import time
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from meshd.paths import PathKind, PathStatus
+from meshd.peerset import first_reachable_candidate
+from meshd.proto.endpoint import Endpoint, format_endpoint
+from meshd.wg.base import WireGuardBackend
+from meshd.wg.errors import WgError
+
+log = logging.getLogger("meshd.nat")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+CandidatesCallback = Callable[[list[str]], Coroutine[Any, Any, None]]
+HANDSHAKE_FRESH = 180.0  #: WireGuard REJECT_AFTER_TIME: an older handshake means no live session
+HANDSHAKE_POLL = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class PeerInfo:
+    """What a strategy needs to know about one verified peer."""
+
+    name: str
+    node_id: int
+    wg_key: str  #: base64 WireGuard public key
+    node_key: bytes  #: raw Ed25519 node key (probes are sealed to it)
+    candidates: tuple[Endpoint, ...]
+
+
+@dataclass
+class NatInfo:
+    """What STUN and the router told us (for status and netcheck)."""
+
+    reflexive: dict[Endpoint, Endpoint] = field(default_factory=dict)  #: STUN server -> our mapped address
+    portmap: str | None = None  #: "upnp", "natpmp", "pcp" or None
+    portmapped: Endpoint | None = None
+
+    @property
+    def mapping_varies_by_dest(self) -> bool | None:
+        mapped = set(self.reflexive.values())
+        return None if len(self.reflexive) < 2 else len(mapped) > 1
+
+
+NO_PATH = PathStatus(PathKind.NONE, None, None)
+
+
+class PathStrategy(Protocol):
+    """The daemon's only view of path selection. Inputs are plain calls; decisions are read back."""
+
+    nat: NatInfo
+
+    @property
+    def probing(self) -> bool:
+        """True when probes can flow (worth asking the router for a port map)."""
+        ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None:
+        """Stop every task this strategy runs; idempotent."""
+        ...
+
+    def set_local(self, networks: Mapping[str, Network]) -> None:
+        """Our own addresses: ``{"ifname/addr": network}`` (not loopback, not the mesh interface)."""
+        ...
+
+    def set_stun_servers(self, servers: Iterable[Endpoint]) -> None: ...
+
+    def set_peers(self, peers: Iterable[PeerInfo]) -> None: ...
+
+    def on_signal(self, from_node: int, payload: Mapping[str, Any]) -> None:
+        """A signal from a peer, relayed by the coordinator (call-me-maybe)."""
+        ...
+
+    def relay_changed(self, up: bool) -> None: ...
+
+    def set_portmap(self, protocol: str | None, external: Endpoint | None) -> None: ...
+
+    def candidates(self) -> list[str]:
+        """Every address a peer may reach us at, ``host:port`` strings, best first."""
+        ...
+
+    def path(self, wg_key: str) -> PathStatus:
+        """The path decision for one peer, as ``meshd status`` shows it (NONE for an unknown key)."""
+        ...
+
+    def endpoint_for(self, wg_key: str, candidates: Iterable[Endpoint]) -> Endpoint | None:
+        """The endpoint to put in the desired WireGuard config; None leaves it to the strategy."""
+        ...
+
+    def keepalive_on(self, wg_key: str) -> bool:
+        """Whether the desired config should carry persistent keepalive for this peer."""
+        ...
+
+    async def refresh_stun(self, within: float = 2.0) -> None:
+        """Ask the STUN servers again and wait up to ``within`` s for answers (netcheck)."""
+        ...
+
+
+class StaticPaths:
+    """No probes possible: LAN address for a peer on one of our LANs, the relay for everyone else."""
+
+    def __init__(
+        self,
+        *,
+        backend: WireGuardBackend,
+        port: int,
+        relay_endpoint: Callable[[str], Endpoint | None],
+        on_candidates: CandidatesCallback,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.backend = backend
+        self.port = port
+        self.relay_endpoint = relay_endpoint
+        self.on_candidates = on_candidates
+        self.clock = clock
+        self.nat = NatInfo()
+        self._networks: dict[str, Network] = {}
+        self._peers: dict[str, PeerInfo] = {}
+        self._relay_up = False
+        self._announced: list[str] = []
+        self._handshakes: dict[str, float] = {}  #: wg key -> last handshake (wall clock)
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def probing(self) -> bool:
+        return False
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._handshake_loop(), name="paths-handshakes")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def set_local(self, networks: Mapping[str, Network]) -> None:
+        self._networks = dict(networks)
+        cands = self.candidates()
+        if cands != self._announced:
+            self._announced = cands
+            asyncio.get_running_loop().create_task(self.on_candidates(cands))
+
+    def set_stun_servers(self, servers: Iterable[Endpoint]) -> None:
+        return None  # STUN needs the raw socket we do not have
+
+    def set_peers(self, peers: Iterable[PeerInfo]) -> None:
+        self._peers = {p.wg_key: p for p in peers}
+        self._handshakes = {k: v for k, v in self._handshakes.items() if k in self._peers}
+
+    def on_signal(self, from_node: int, payload: Mapping[str, Any]) -> None:
+        return None  # nothing to punch with
+
+    def relay_changed(self, up: bool) -> None:
+        self._relay_up = up
+
+    def set_portmap(self, protocol: str | None, external: Endpoint | None) -> None:
+        self.nat.portmap, self.nat.portmapped = protocol, external
+
+    def candidates(self) -> list[str]:
+        out = []
+        for key in sorted(self._networks):
+            out.append(format_endpoint((key.split("/", 1)[1], self.port)))
+        return out
+
+    def _lan(self, candidates: Iterable[Endpoint]) -> Endpoint | None:
+        return first_reachable_candidate(candidates, self._networks)
+
+    def endpoint_for(self, wg_key: str, candidates: Iterable[Endpoint]) -> Endpoint | None:
+        return self._lan(candidates) or self.relay_endpoint(wg_key)
+
+    def keepalive_on(self, wg_key: str) -> bool:
+        return False  # an endpoint is always set, and that alone turns keepalive on (peerset.wg_peers)
+
+    def path(self, wg_key: str) -> PathStatus:
+        p = self._peers.get(wg_key)
+        if p is None:
+            return NO_PATH
+        lan = self._lan(p.candidates)
+        if lan is not None:
+            hs = self._handshakes.get(wg_key)
+            fresh = hs is not None and self.clock() - hs < HANDSHAKE_FRESH
+            return PathStatus(PathKind.DIRECT, lan, None) if fresh else NO_PATH
+        return PathStatus(PathKind.RELAY, None, None) if self._relay_up else NO_PATH
+
+    async def refresh_stun(self, within: float = 2.0) -> None:
+        return None
+
+    async def _handshake_loop(self) -> None:
+        while True:
+            await asyncio.sleep(HANDSHAKE_POLL)
+            try:
+                state = await self.backend.state()
+            except WgError as e:
+                log.debug("reading handshakes: %s", e)
+                continue
+            for ps in state.peers:
+                if ps.public_key in self._peers and ps.last_handshake:
+                    self._handshakes[ps.public_key] = ps.last_handshake

@@ -1,0 +1,89 @@
+"""One way for tests to wait: ``eventually(predicate, within=...)``.
+
+Tests never sleep to synchronise. They state what must become true and how long it may take; the
+helper polls, returns the predicate's first truthy value (so a test can use what it waited for) and,
+when time runs out, fails with the description and the last value or exception seen, which is what
+a reader of a red test needs.
+
+``eventually`` is for synchronous predicates (subprocesses, namespaces, files); ``eventually_async``
+takes a predicate that may be a coroutine function (in-process servers, ASGI clients).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+class EventuallyTimeout(AssertionError):
+    """The predicate did not hold within the allotted time."""
+
+
+def _fail(what: str, within: float, last: object, error: BaseException | None) -> EventuallyTimeout:
+    detail = f"last error: {error!r}" if error is not None else f"last value: {last!r}"
+    return EventuallyTimeout(f"not within {within:g} s: {what} ({detail})")
+
+
+def eventually(
+    predicate: Callable[[], T],
+    *,
+    within: float,
+    interval: float = 0.05,
+    what: str = "",
+    ignore: tuple[type[BaseException], ...] = (),
+) -> T:
+    """Call ``predicate`` until it returns a truthy value; return that value.
+
+    Exceptions of the types in ``ignore`` count as "not yet" (for example a connection refused while
+    a server starts); any other exception fails the test at once.
+    """
+    deadline = time.monotonic() + within
+    last: object = None
+    error: BaseException | None = None
+    while True:
+        try:
+            value = predicate()
+        except ignore as e:
+            error = e
+        else:
+            error = None
+            if value:
+                return value
+            last = value
+        if time.monotonic() >= deadline:
+            raise _fail(what or getattr(predicate, "__name__", "predicate"), within, last, error)
+        time.sleep(interval)
+
+
+async def eventually_async(
+    predicate: Callable[[], T | Awaitable[T]],
+    *,
+    within: float,
+    interval: float = 0.02,
+    what: str = "",
+    ignore: tuple[type[BaseException], ...] = (),
+) -> T:
+    """Like :func:`eventually`, for use inside a running event loop; ``predicate`` may be async."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    last: object = None
+    error: BaseException | None = None
+    while True:
+        try:
+            result = predicate()
+            value = await result if inspect.isawaitable(result) else result
+        except ignore as e:
+            error = e
+        else:
+            error = None
+            if value:
+                return value  # type: ignore[return-value]
+            last = value
+        if loop.time() >= deadline:
+            raise _fail(what or getattr(predicate, "__name__", "predicate"), within, last, error)
+        await asyncio.sleep(interval)
