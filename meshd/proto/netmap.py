@@ -15,6 +15,7 @@ node -> server: ``{"type": "endpoints", "candidates": ["ip:port", ...]}``,
 
 from __future__ import annotations
 
+import enum
 import json
 from dataclasses import dataclass, replace
 from typing import Any
@@ -23,6 +24,20 @@ from meshd.proto.policy import ALLOW_ALL, InboundRule, RuleError, rules_from_jso
 
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_CANDIDATES = 32
+
+
+class CloseCode(enum.IntEnum):
+    """WebSocket close codes of the map stream (the coordinator sends them, meshd acts on them)."""
+
+    POLICY = 1008  #: the handshake signature was refused
+    RESTART = 1012  #: the coordinator is shutting down: reconnect later with since=V
+    UNAUTHORIZED = 4401  #: the request was not authenticated
+    REVOKED = 4403  #: the node was removed or expired: do not reconnect
+    TOO_SLOW = 4408  #: the node did not keep up with its stream: reconnect with since=V
+
+
+#: ControlError statuses (HTTP or close code) after which meshd asks whether it was removed
+REFUSED = frozenset({401, 403, CloseCode.UNAUTHORIZED, CloseCode.REVOKED})
 
 
 class NetmapError(ValueError):
