@@ -15,7 +15,7 @@ import asyncio
 import inspect
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import TypeVar, overload
 
 T = TypeVar("T")
 
@@ -29,6 +29,11 @@ def _fail(what: str, within: float, last: object, error: BaseException | None) -
     return EventuallyTimeout(f"not within {within:g} s: {what} ({detail})")
 
 
+def _check(within: float, interval: float) -> None:
+    if not within > 0 or not interval > 0:
+        raise ValueError(f"within and interval must be positive, not {within!r} and {interval!r}")
+
+
 def eventually(
     predicate: Callable[[], T],
     *,
@@ -40,8 +45,10 @@ def eventually(
     """Call ``predicate`` until it returns a truthy value; return that value.
 
     Exceptions of the types in ``ignore`` count as "not yet" (for example a connection refused while
-    a server starts); any other exception fails the test at once.
+    a server starts); any other exception fails the test at once. The predicate is always tried once
+    more at the deadline (never a sleep past it), so a slow predicate still gets its last chance.
     """
+    _check(within, interval)
     deadline = time.monotonic() + within
     last: object = None
     error: BaseException | None = None
@@ -55,20 +62,44 @@ def eventually(
             if value:
                 return value
             last = value
-        if time.monotonic() >= deadline:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
             raise _fail(what or getattr(predicate, "__name__", "predicate"), within, last, error)
-        time.sleep(interval)
+        time.sleep(min(interval, remaining))
+
+
+@overload
+async def eventually_async(
+    predicate: Callable[[], Awaitable[T]],
+    *,
+    within: float,
+    interval: float = ...,
+    what: str = ...,
+    ignore: tuple[type[BaseException], ...] = ...,
+) -> T: ...
+
+
+@overload
+async def eventually_async(
+    predicate: Callable[[], T],
+    *,
+    within: float,
+    interval: float = ...,
+    what: str = ...,
+    ignore: tuple[type[BaseException], ...] = ...,
+) -> T: ...
 
 
 async def eventually_async(
-    predicate: Callable[[], T | Awaitable[T]],
+    predicate: Callable[[], object],
     *,
     within: float,
     interval: float = 0.02,
     what: str = "",
     ignore: tuple[type[BaseException], ...] = (),
-) -> T:
+) -> object:
     """Like :func:`eventually`, for use inside a running event loop; ``predicate`` may be async."""
+    _check(within, interval)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
     last: object = None
@@ -82,8 +113,9 @@ async def eventually_async(
         else:
             error = None
             if value:
-                return value  # type: ignore[return-value]
+                return value
             last = value
-        if loop.time() >= deadline:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
             raise _fail(what or getattr(predicate, "__name__", "predicate"), within, last, error)
-        await asyncio.sleep(interval)
+        await asyncio.sleep(min(interval, remaining))
