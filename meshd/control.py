@@ -123,6 +123,11 @@ class ControlClient:
             self._ssl.verify_mode = ssl.CERT_NONE
         self._http = httpx.AsyncClient(base_url=self.url, transport=transport, timeout=timeout, verify=verify)
 
+    @property
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS settings of this client, for other connections to the same mesh (relay links)."""
+        return self._ssl
+
     async def aclose(self) -> None:
         await self._http.aclose()
 
@@ -290,6 +295,7 @@ class ControlClient:
                 open_timeout=30,
                 ssl=context,
                 compression=None,
+                close_timeout=1.0,  # a gone coordinator must not hold up a stop (default 10 s)
             )
         except InvalidStatus as exc:
             raise ControlError(

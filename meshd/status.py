@@ -7,13 +7,21 @@ raises :class:`StatusError` for anything that does not fit. :func:`render` draws
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
+
+from meshd.paths import PathKind, PathStatus
+from meshd.proto.endpoint import Endpoint, format_endpoint
+
+if TYPE_CHECKING:  # meshd.wg pulls in pyroute2; `meshd status` only draws a table
+    from meshd.wg.model import PeerState
 
 PATHS = ("direct", "relay", "none")
 
@@ -256,3 +264,107 @@ def render(status: Status, now: dt.datetime | None = None) -> Group:
     if not status.peers:
         return Group(head, Text("no peers yet"))
     return Group(head, table)
+
+
+# --- builders (pure: the daemon gathers the facts, these shape the documents) ---------------------------
+
+
+def peer_status(
+    *,
+    name: str,
+    ips: tuple[str, ...],
+    public_key: str,
+    decision: PathStatus,
+    wg: PeerState | None,
+    relay: str | None,
+    pinged_ms: float | None = None,
+) -> PeerStatus:
+    """One peer's row: the path is the path strategy's decision, never re-derived here.
+
+    ``endpoint`` is shown only for a direct path; the latency is the path machine's probe round trip
+    when it has one, else the last ``meshd ping``.
+    """
+    direct = decision.path == PathKind.DIRECT and decision.endpoint is not None
+    hs = wg.last_handshake if wg is not None and wg.last_handshake else None
+    return PeerStatus(
+        name=name,
+        ips=ips,
+        public_key=public_key,
+        path=str(decision.path),
+        relay=relay,
+        endpoint=format_endpoint(decision.endpoint) if direct and decision.endpoint else None,
+        latency_ms=round(decision.rtt * 1000, 3) if decision.rtt is not None else pinged_ms,
+        last_handshake=dt.datetime.fromtimestamp(hs, dt.UTC) if hs else None,
+        rx_bytes=wg.rx_bytes if wg is not None else 0,
+        tx_bytes=wg.tx_bytes if wg is not None else 0,
+    )
+
+
+class RegionFacts(Protocol):
+    """What netcheck shows of one relay region (meshd.relay.manager.RegionStatus has these)."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def rtt_ms(self) -> float | None: ...
+    @property
+    def connected(self) -> bool: ...
+    @property
+    def transport(self) -> str | None: ...
+
+
+class NatFacts(Protocol):
+    """What STUN and the router told us (meshd.nat.strategy.NatInfo has these)."""
+
+    @property
+    def reflexive(self) -> Mapping[Endpoint, Endpoint]: ...
+    @property
+    def portmap(self) -> str | None: ...
+    @property
+    def portmapped(self) -> Endpoint | None: ...
+    @property
+    def mapping_varies_by_dest(self) -> bool | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _NoNat:
+    reflexive: Mapping[Endpoint, Endpoint] = dataclasses.field(default_factory=dict)
+    portmap: str | None = None
+    portmapped: Endpoint | None = None
+    mapping_varies_by_dest: bool | None = None
+
+
+NO_NAT: NatFacts = _NoNat()  #: before the path strategy runs: nothing learnt yet
+NO_PATH = PathStatus(PathKind.NONE, None, None)
+
+
+def netcheck(
+    nat: NatFacts, spoken: Iterable[str], regions: Iterable[RegionFacts], preferred: str | None
+) -> dict[str, Any]:
+    """The ``meshd netcheck --json`` document (fields: README "netcheck")."""
+    said = set(spoken)
+    return {
+        "udp": bool(nat.reflexive),
+        "public_addresses": sorted({format_endpoint(m) for m in nat.reflexive.values()}),
+        "mapping_varies_by_dest": nat.mapping_varies_by_dest,
+        "portmap": {
+            "upnp": "upnp" in said,
+            "natpmp": "natpmp" in said,
+            "pcp": "pcp" in said,
+            "active": nat.portmap,
+            "mapped": format_endpoint(nat.portmapped) if nat.portmapped else None,
+        },
+        "relays": [
+            {
+                "id": r.id,
+                "name": r.name,
+                "latency_ms": r.rtt_ms,
+                "connected": r.connected,
+                "transport": r.transport,
+            }
+            for r in regions
+        ],
+        "preferred_relay": preferred,
+    }

@@ -1,0 +1,160 @@
+"""Applying a network map to this host: verify, firewall, WireGuard, relay, paths, hosts.
+
+:meth:`MapApplier.apply` runs for every full map or delta from the coordinator. The order matters:
+
+1. verify every peer's certificate against the trusted coordinator keys (meshd.peerset); a peer whose
+   certificate does not check out is logged and never configured;
+2. the firewall (policy layer 2) first, so that a newly visible peer never finds an open door;
+3. relay regions and peers' home regions (the relay is every new peer's first path);
+4. WireGuard, reconciled by diff (an unchanged peer keeps its session);
+5. the path strategy's STUN servers and peers (meshd.nat.strategy);
+6. our block of the hosts file.
+
+A change of our local addresses does not come through here: the daemon hands it to the path strategy and
+calls :meth:`reconcile` (WireGuard only), which is all that depends on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable
+from urllib.parse import urlsplit
+
+from meshd import firewall, hosts, peerset
+from meshd.credentials import Credentials
+from meshd.nat.strategy import PathStrategy, PeerInfo
+from meshd.proto import netmap
+from meshd.proto.encoding import b64decode
+from meshd.proto.endpoint import Endpoint
+from meshd.relay.manager import RelayManager
+from meshd.wg.base import WireGuardBackend
+from meshd.wg.keys import b64_from_bytes
+from meshd.wg.model import InterfaceConfig
+
+log = logging.getLogger("meshd")
+
+MESH_MTU = 1280  #: the IPv6 minimum: fits inside any underlay, relay framing included
+
+
+class MapApplier:
+    """Holds the last map and the peers verified from it; applies maps to the host."""
+
+    def __init__(
+        self,
+        *,
+        interface: str,
+        listen_port: int,
+        creds: Credentials,
+        backend: WireGuardBackend,
+        fw: firewall.Firewall,
+        hosts_file: hosts.HostsFile,
+        clock: Callable[[], float],
+    ) -> None:
+        self.interface = interface
+        self.listen_port = listen_port
+        self.creds = creds
+        self.backend = backend
+        self.firewall = fw
+        self.hosts = hosts_file
+        self.clock = clock
+        self.relay: RelayManager | None = None
+        self.paths: PathStrategy | None = None
+        self.map: netmap.NetMap | None = None
+        self.verified: list[peerset.VerifiedPeer] = []
+        self._lock = asyncio.Lock()
+        self._resolved: dict[str, str] = {}
+
+    async def apply(self, new: netmap.NetMap) -> None:
+        """Verify, firewall, relay, reconcile WireGuard, paths, hosts block (in that order).
+
+        ``map`` becomes ``new`` only once WireGuard took it: after a WgError the session resumes from the
+        previous version, so the coordinator sends what failed again."""
+        await self.creds.learn_signing_keys(new)
+        good, bad = peerset.verify_peers(new, self.creds.trusted_keys, self.clock())
+        for r in bad:
+            log.warning("not configuring peer %s (node %d): %s", r.name, r.node_id, r.reason)
+        self.verified = good
+        try:
+            await self.firewall.update(new.inbound)
+        except firewall.FirewallError as e:
+            log.error("firewall: %s", e)
+        if self.relay is not None:
+            self.relay.set_regions(new.relays)
+            self.relay.set_peers((v.peer.wg_public_key, v.peer.relay_home) for v in good)
+        await self.reconcile()
+        self.map = new
+        if self.paths is not None:
+            self.paths.set_stun_servers(await self._stun_servers(new))
+            self.paths.set_peers(peer_info(v) for v in good)
+        try:
+            self.hosts.update([hosts.HostEntry.for_peer(v.name, v.ips) for v in good])
+        except hosts.HostsError as e:
+            log.error("hosts file: %s", e)
+
+    async def reconcile(self, peers: list[peerset.VerifiedPeer] | None = None) -> None:
+        """Bring WireGuard in line with our key, addresses and ``peers`` (default: the verified ones)."""
+        chosen = self.verified if peers is None else peers
+        paths = self.paths
+        desired = InterfaceConfig(
+            name=self.interface,
+            private_key=b64_from_bytes(self.creds.keys.wg_private),
+            listen_port=self.listen_port,
+            addresses=tuple(peerset.host_prefix(ip) for ip in self.creds.enrollment.ips),
+            mtu=MESH_MTU,
+            peers=peerset.wg_peers(
+                chosen,
+                lambda v: (
+                    paths.endpoint_for(v.peer.wg_public_key, peerset.parse_candidates(v.peer.endpoints))
+                    if paths is not None
+                    else None
+                ),
+                lambda v: paths is not None and paths.keepalive_on(v.peer.wg_public_key),
+            ),
+        )
+        async with self._lock:
+            ops = await self.backend.apply(desired)
+        if ops:
+            log.info("wireguard: %d change(s)", len(ops))
+
+    async def drop_peers(self) -> None:
+        """The coordinator no longer accepts us: no peer stays configured, no name stays in hosts."""
+        self.verified = []
+        await self.reconcile([])
+        try:
+            self.hosts.update([])
+        except hosts.HostsError as e:
+            log.error("hosts file: %s", e)
+
+    def peer_by_name(self, name: str) -> peerset.VerifiedPeer | None:
+        bare = name.removesuffix("." + self.creds.enrollment.domain)
+        return next((v for v in self.verified if v.name == bare), None)
+
+    async def _stun_servers(self, m: netmap.NetMap) -> list[Endpoint]:
+        """Each relay region's STUN port and the one after it (two destinations: mapping variance)."""
+        out: list[Endpoint] = []
+        for region in m.relays:
+            if not region.stun_port:
+                continue
+            host = urlsplit(region.url).hostname or ""
+            ip = self._resolved.get(host)
+            if ip is None:
+                try:
+                    infos = await asyncio.get_running_loop().getaddrinfo(host, None, family=socket.AF_INET)
+                    ip = self._resolved[host] = str(infos[0][4][0])
+                except (OSError, IndexError, UnicodeError):
+                    log.warning("cannot resolve relay region %s (%s)", region.name, host)
+                    continue
+            out += [(ip, region.stun_port), (ip, region.stun_port + 1)]
+        return out
+
+
+def peer_info(v: peerset.VerifiedPeer) -> PeerInfo:
+    return PeerInfo(
+        name=v.name,
+        node_id=v.peer.node_id,
+        wg_key=v.peer.wg_public_key,
+        node_key=b64decode(v.peer.node_public_key, length=32),
+        candidates=tuple(peerset.parse_candidates(v.peer.endpoints)),
+    )
