@@ -73,7 +73,7 @@ def make(tmp_path: Path, lifetime: int = 3) -> tuple[Credentials, FakeClient, St
 
 
 async def test_renewal_is_saved_before_it_is_used(tmp_path: Path) -> None:
-    c, client, store = make(tmp_path, lifetime=3)  # renew at 2/3 of 4 s: after about 1.7 s
+    c, _, store = make(tmp_path, lifetime=3)  # renew at 2/3 of 4 s: after about 1.7 s
     task = asyncio.create_task(c.renew_loop(lambda: None))
     try:
         await eventually_async(lambda: cert.decode(c.enrollment.cert)[0].serial == 2, within=5.0)
