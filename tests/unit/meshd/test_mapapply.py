@@ -1,0 +1,138 @@
+"""meshd.mapapply: what a map does to the host, in order; an unverified peer is never configured."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from nacl.signing import SigningKey
+
+from meshd import hosts
+from meshd.control import ControlError, Enrollment, NodeKeys
+from meshd.credentials import Credentials
+from meshd.mapapply import MapApplier
+from meshd.proto import cert, netmap
+from meshd.proto.encoding import b64encode
+from meshd.proto.policy import ALLOW_ALL
+from meshd.state import NodeState, StateDir
+from meshd.wg.errors import WgError
+from meshd.wg.model import InterfaceConfig
+
+COORD = SigningKey.generate()
+COORD_PUB = bytes(COORD.verify_key)
+ROGUE = SigningKey.generate()
+
+
+def peer(node_id: int, name: str, signer: SigningKey = COORD) -> netmap.Peer:
+    keys = NodeKeys.generate()
+    wg, node = b64encode(keys.wg_public), b64encode(keys.node_public)
+    ips = (f"100.64.0.{node_id}/32",)
+    now = int(time.time())
+    payload = cert.CertPayload(
+        1, 1, name, node_id, ips, wg, node, (), now - 1, now + 600, cert.key_id(bytes(signer.verify_key))
+    )
+    return netmap.Peer(node_id, name, ips, wg, node, cert.issue(payload, bytes(signer)))
+
+
+class Recorder:
+    """Stands in for the firewall, WireGuard and the hosts file; records the order of calls."""
+
+    def __init__(self, calls: list[str]) -> None:
+        self.calls = calls
+        self.fail_wg = False
+        self.desired: InterfaceConfig | None = None
+
+    async def update(self, inbound: Any) -> None:  # firewall
+        self.calls.append("firewall")
+
+    async def apply(self, desired: InterfaceConfig) -> list[object]:  # WireGuard
+        if self.fail_wg:
+            raise WgError("wireguard-go went away")
+        self.calls.append("wireguard")
+        self.desired = desired
+        return []
+
+
+class Hosts(hosts.HostsFile):
+    def __init__(self, path: Path, calls: list[str]) -> None:
+        super().__init__(path, tag="mtest0")
+        self.calls = calls
+
+    def update(self, entries: Any) -> bool:
+        self.calls.append("hosts")
+        return super().update(entries)
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[MapApplier, Recorder, list[str], Path]:
+    store = StateDir(tmp_path / "state")
+    state: NodeState = store.load_or_create()
+    me = peer(1, "a")
+    e = Enrollment(1, "a", me.ips, me.cert, COORD_PUB, (COORD_PUB,), "mesh", "100.64.0.0/10", "fd7a::/48")
+    state = state.with_enrollment("http://coord:8080", e)
+
+    class Client:
+        async def signing_keys(self) -> object:  # asked when a rogue issuer shows up: nothing endorsed
+            raise ControlError("coordinator said 404", 404)
+
+    creds = Credentials(store, state, Client(), clock=time.time)  # type: ignore[arg-type]
+    calls: list[str] = []
+    rec = Recorder(calls)
+    hosts_path = tmp_path / "hosts"
+    hosts_path.write_text("127.0.0.1 localhost\n")
+    applier = MapApplier(
+        interface="mtest0",
+        listen_port=41641,
+        creds=creds,
+        backend=rec,  # type: ignore[arg-type]
+        fw=rec,  # type: ignore[arg-type]
+        hosts_file=Hosts(hosts_path, calls),
+        clock=time.time,
+    )
+    return applier, rec, calls, hosts_path
+
+
+def a_map(version: int, *peers: netmap.Peer) -> netmap.NetMap:
+    return netmap.NetMap(version, peer(1, "a"), tuple(peers), (), "", "mesh", ALLOW_ALL)
+
+
+async def test_firewall_before_wireguard_before_hosts(setup: Any) -> None:
+    applier, _, calls, _ = setup
+    await applier.apply(a_map(1, peer(2, "b")))
+    assert calls == ["firewall", "wireguard", "hosts"]  # a newly visible peer never finds an open door
+
+
+async def test_a_peer_whose_certificate_does_not_verify_is_never_configured(setup: Any) -> None:
+    applier, rec, _, hosts_path = setup
+    good, forged = peer(2, "b"), peer(3, "mallory", signer=ROGUE)
+    await applier.apply(a_map(1, good, forged))
+    assert [p.public_key for p in rec.desired.peers] == [good.wg_public_key]
+    assert [v.name for v in applier.verified] == ["b"]
+    assert "mallory" not in hosts_path.read_text() and " b" in hosts_path.read_text()
+
+
+async def test_the_map_counts_as_applied_only_once_wireguard_took_it(setup: Any) -> None:
+    """After a WgError the session resumes from the previous version, so the change comes again."""
+    applier, rec, _, _ = setup
+    await applier.apply(a_map(1, peer(2, "b")))
+    rec.fail_wg = True
+    with pytest.raises(WgError):
+        await applier.apply(a_map(2, peer(2, "b"), peer(3, "c")))
+    assert applier.map is not None and applier.map.version == 1
+
+
+async def test_dropping_peers_empties_wireguard_and_the_hosts_block(setup: Any) -> None:
+    applier, rec, _, hosts_path = setup
+    await applier.apply(a_map(1, peer(2, "b")))
+    await applier.drop_peers()
+    assert rec.desired.peers == () and applier.verified == []
+    assert hosts_path.read_text().count("100.64.0.2") == 0
+
+
+async def test_peer_by_name_accepts_the_mesh_domain(setup: Any) -> None:
+    applier, _, _, _ = setup
+    await applier.apply(a_map(1, peer(2, "b")))
+    assert applier.peer_by_name("b.mesh") is applier.verified[0]
+    assert applier.peer_by_name("c") is None
