@@ -18,6 +18,7 @@ from coordinator.core import Core
 from coordinator.settings import Settings
 from meshd.control import ControlClient, Enrollment, NodeKeys
 from tests.coordinator import pg
+from tests.eventually import eventually_async
 
 
 @pytest.fixture(scope="session")
@@ -102,10 +103,7 @@ async def live(coord: Coord, settings: Settings) -> AsyncIterator[Coord]:
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
-        for _ in range(200):
-            if server.started:
-                break
-            await asyncio.sleep(0.01)
+        await eventually_async(lambda: server.started, within=5, what="uvicorn serves the live coordinator")
         url = f"http://127.0.0.1:{port}"
         yield Coord(coord.core, coord.api, coord.admin, coord.transport, url)
     finally:

@@ -15,6 +15,7 @@ from coordinator.settings import Settings
 from meshd.control import ControlClient, Enrollment, NodeKeys
 from tests.coordinator.conftest import Coord
 from tests.coordinator.test_stream import names, wait_until
+from tests.eventually import eventually_async
 
 pytestmark = pytest.mark.postgres
 
@@ -87,6 +88,13 @@ async def test_concurrent_enrollments_on_two_replicas_get_distinct_versions_and_
     assert len({r.name for r in results if isinstance(r, Enrollment)}) == 12
     verdict = (await other_admin.get("/admin/audit/verify")).json()
     assert verdict["ok"] is True, verdict
-    await asyncio.sleep(0.2)
-    assert other.state.version == live.core.state.version
-    assert set(other.state.peers) == set(live.core.state.peers)
+    # each replica learns the other's writes through the database's notifications
+    await eventually_async(
+        lambda: (
+            other.state.version == live.core.state.version
+            and set(other.state.peers) == set(live.core.state.peers)
+        ),
+        within=5,
+        what="both replicas have the same map version and peers",
+    )
+    assert len(live.core.state.peers) == 12

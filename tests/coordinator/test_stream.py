@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import pytest
 
-from meshd.control import ControlClient, ControlError, Enrollment, NodeKeys
+from coordinator.core import Core
+from meshd.control import ControlClient, ControlError, Enrollment, MapStream, NodeKeys
 from meshd.proto import netmap
 from tests.coordinator.conftest import Coord
+from tests.eventually import EventuallyTimeout, eventually_async
+
+M = TypeVar("M", bound=netmap.ServerMessage)
 
 
 async def enroll_live(live: Coord, hostname: str, key: str) -> ControlClient:
@@ -19,22 +25,64 @@ async def enroll_live(live: Coord, hostname: str, key: str) -> ControlClient:
     return client
 
 
-async def wait_until(stream_: object, predicate: object, within: float) -> netmap.NetMap:
-    """Receive messages until predicate(map) holds; fail after `within` seconds."""
-    from meshd.control import MapStream
+async def wait_until(
+    stream_: MapStream, predicate: Callable[[netmap.NetMap], object], within: float, what: str = ""
+) -> netmap.NetMap:
+    """Receive messages until predicate(map) holds and return that map; fail after `within` seconds
+    with the map last seen."""
 
-    assert isinstance(stream_, MapStream)
-    deadline = time.monotonic() + within
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise AssertionError(f"condition not met within {within} s; map: {stream_.map}")
-        try:
-            m = await stream_.next_map(within=remaining)
-        except TimeoutError:
-            continue
-        if predicate(m):  # type: ignore[operator]
-            return m
+    async def holds() -> netmap.NetMap | None:
+        if stream_.map is None or not predicate(stream_.map):
+            await stream_.recv(within=0.1)
+        return stream_.map if stream_.map is not None and predicate(stream_.map) else None
+
+    try:
+        return await eventually_async(holds, within=within, interval=0.001, what=what, ignore=(TimeoutError,))
+    except EventuallyTimeout as e:
+        raise EventuallyTimeout(f"{e}; map: {stream_.map}") from None
+
+
+async def next_message(stream_: MapStream, kind: type[M], within: float) -> M:
+    """Receive until a message of type `kind` arrives (other messages still update the map)."""
+
+    async def arrived() -> M | None:
+        msg = await stream_.recv(within=0.1)
+        return msg if isinstance(msg, kind) else None
+
+    return await eventually_async(
+        arrived, within=within, interval=0.001, what=f"a {kind.__name__}", ignore=(TimeoutError,)
+    )
+
+
+async def next_signal(stream_: MapStream, within: float) -> netmap.SignalMessage:
+    """The next signal from a peer (`recv` queues signals on the stream as they arrive)."""
+
+    async def arrived() -> netmap.SignalMessage | None:
+        if stream_.signals.empty():
+            await stream_.recv(within=0.1)
+        return None if stream_.signals.empty() else stream_.signals.get_nowait()
+
+    return await eventually_async(
+        arrived, within=within, interval=0.001, what="a signal", ignore=(TimeoutError,)
+    )
+
+
+async def until_closed(stream_: MapStream, within: float) -> None:
+    """Receive until the coordinator closes the stream: raises the ControlError that says why."""
+
+    async def closed() -> bool:
+        await stream_.recv(within=0.1)  # raises ControlError once closed
+        return False
+
+    await eventually_async(
+        closed, within=within, interval=0.001, what="stream closed", ignore=(TimeoutError,)
+    )
+
+
+async def caught_up(stream_: MapStream, core: Core, within: float = 5.0) -> netmap.NetMap:
+    """Wait until the stream's map is at the coordinator's current version (presence deltas may be
+    held back for up to 2 s to coalesce them)."""
+    return await wait_until(stream_, lambda m: m.version == core.state.version, within, "stream caught up")
 
 
 def names(m: netmap.NetMap) -> set[str]:
@@ -47,7 +95,6 @@ async def test_a_new_node_reaches_two_connected_nodes_within_one_second(live: Co
     async with a.stream() as sa, b.stream() as sb:
         assert names(await sa.next_map(within=5)) == {"b"}
         assert names(await sb.next_map(within=5)) == {"a"}
-        await asyncio.sleep(0.2)  # let the "online" deltas settle
         start = time.monotonic()
         c = await enroll_live(live, "c", key)
         await asyncio.gather(
@@ -66,15 +113,11 @@ async def test_reconnect_with_since_gets_only_what_was_missed(live: Coord) -> No
     async with a.stream() as sa:
         first = await sa.recv(within=5)
         assert isinstance(first, netmap.MapMessage)
-        await asyncio.sleep(0.2)
-        while True:  # drain the online flip of a itself
-            try:
-                await sa.recv(within=0.3)
-            except TimeoutError:
-                break
-        seen = sa.map
-    assert seen is not None
-    await asyncio.sleep(0.2)
+        seen = await caught_up(sa, live.core)  # including a's own online flip
+    assert a.node_id is not None
+    await eventually_async(
+        lambda: not live.core.hub.is_connected(a.node_id), within=5, what="the coordinator saw a leave"
+    )
     r = await live.admin.post("/admin/nodes/b/rename", json={"new_name": "bee"})
     assert r.status_code == 204
     async with a.stream(since=seen.version) as sa:
@@ -99,8 +142,7 @@ async def test_removal_closes_the_stream_and_leaves_every_map_within_one_second(
         assert (await live.admin.delete("/admin/nodes/a")).status_code == 204
         await wait_until(sb, lambda m: "a" not in names(m), 1.0)
         with pytest.raises(ControlError) as closed:
-            while True:
-                await sa.recv(within=1.0)
+            await until_closed(sa, 1.0)
         assert closed.value.status == 4403
         assert time.monotonic() - start < 1.0
     with pytest.raises(ControlError) as refused:
@@ -125,18 +167,11 @@ async def test_endpoints_and_signals_travel_between_nodes(live: Coord) -> None:
         m = await wait_until(sb, lambda m: m.peers and m.peers[0].endpoints, 1.0)
         assert m.peers[0].endpoints == ("6.0.0.2:41641", "10.0.0.2:41641") and m.peers[0].online
         await sa.send_signal(b.node_id, {"kind": "call-me-maybe", "candidates": ["6.0.0.2:41641"]})
-        signal = await asyncio.wait_for(sb.signals.get(), 1.0) if not sb.signals.empty() else None
-        while signal is None:
-            msg = await sb.recv(within=1.0)
-            if isinstance(msg, netmap.SignalMessage):
-                signal = msg
+        signal = await next_signal(sb, 1.0)
         assert signal.peer == a.node_id and signal.payload["kind"] == "call-me-maybe"
         await sa.send_signal(999999, {"x": 1})
-        while True:
-            msg = await sa.recv(within=1.0)
-            if isinstance(msg, netmap.ErrorMessage):
-                assert "unknown peer" in msg.message
-                break
+        error = await next_message(sa, netmap.ErrorMessage, 1.0)
+        assert "unknown peer" in error.message
     await a.aclose()
     await b.aclose()
 
@@ -147,6 +182,7 @@ async def test_long_poll_returns_the_delta_when_something_changes(coord: Coord) 
     full = await a.fetch_map()
     assert isinstance(full, netmap.MapMessage) and full.map.self_node.name == "a"
     waiter = asyncio.create_task(a.fetch_map(since=full.map.version, wait=10))
+    # part of the spec, not synchronisation: with nothing new, the long poll is still waiting 0.1 s on
     await asyncio.sleep(0.1)
     assert not waiter.done()
     start = time.monotonic()
