@@ -6,9 +6,12 @@ came up, WireGuard's last handshake) together with ``now`` and drains the decisi
 :meth:`PeerPath.next_event`; it sleeps until :meth:`PeerPath.next_timer` and then calls
 :meth:`PeerPath.handle_timer`. ``now`` is any monotonic clock in seconds (tests use a virtual one).
 
-The rules (DESIGN.md §1 "Paths"):
+The rules (docs/design.md §2.5 "Then direct"):
 
-* Every peer starts on the relay. Whenever the peer is not on a direct path the machine runs upgrade
+* Every peer starts on the relay. Without a direct path the status says ``relay`` only while the relay
+  is up (``relay_up`` at creation, then :meth:`PeerPath.relay_up` / :meth:`PeerPath.relay_down`), and
+  ``none`` otherwise: WireGuard may point at the relay proxy, but nothing carries the packets.
+* Whenever the peer is not on a direct path the machine runs upgrade
   *attempts*: bursts of probes to every candidate (``probe_interval`` apart, for ``attempt_duration``).
   An attempt that gets no answer is retried after an exponential backoff capped at ``backoff_max`` and
   never abandoned; new candidates (or losing the relay) start an attempt at once with the backoff reset.
@@ -44,7 +47,7 @@ from meshd.proto.endpoint import Endpoint
 
 
 class PathKind(enum.StrEnum):
-    """The ``path`` field of ``meshd status`` (DESIGN.md §2)."""
+    """The ``path`` field of ``meshd status`` (docs/design.md §3.3)."""
 
     DIRECT = "direct"
     RELAY = "relay"
@@ -134,9 +137,9 @@ class _Answer:
 class PeerPath:
     """Path state for one peer. See the module docstring for the rules."""
 
-    def __init__(
-        self, peer: str, now: float, *, config: PathConfig | None = None, relay_up: bool = True
-    ) -> None:
+    def __init__(self, peer: str, now: float, *, relay_up: bool, config: PathConfig | None = None) -> None:
+        """``relay_up``: whether the relay really is up now (no default: assuming it made a new peer
+        report ``relay`` with every relay link down)."""
         self.peer = peer
         self.config = config or PathConfig()
         self._relay_up = relay_up

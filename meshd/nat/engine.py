@@ -1,98 +1,46 @@
-"""NAT traversal, the asyncio shell: candidates, probes and one path machine per peer.
+"""NAT traversal, the asyncio shell: the :class:`meshd.nat.strategy.PathStrategy` that probes.
 
-The protocol work is done by sans-IO pieces; this module only moves bytes and time between them:
+The protocol work is done by sans-IO pieces, wired together in :class:`meshd.nat.core.TraversalCore`
+(STUN, probes, call-me-maybe timing, one :class:`meshd.paths.PeerPath` per peer). This module only
+moves bytes and time between them and the world:
 
-* :class:`meshd.nat.rawport.RawPort` sends and receives on the WireGuard port itself;
-* :class:`meshd.proto.stun.BindingClient` learns our public address(es) from the coordinator's STUN
-  ports (two ports: if they see different mappings, our NAT's mapping varies by destination);
-* :class:`meshd.nat.portmap.PortMapper` (NAT-PMP/PCP) and :mod:`meshd.nat.upnp` ask the router for a
-  time-bound port map;
-* :mod:`meshd.proto.disco` seals probes between node keys; a probe is answered at the address it came from
-  (peer-reflexive), and the address is adopted as a candidate of that peer;
-* :class:`meshd.paths.PeerPath` decides, per peer, relay or direct (and which direct address), and this
-  shell carries the decisions out on WireGuard with ``set_endpoint``.
+* :class:`meshd.nat.rawport.RawPort` sends and receives STUN and probes on the WireGuard port itself;
+* the coordinator carries call-me-maybe signals (``send_signal``, :mod:`meshd.proto.cmm`) and hears
+  our candidates (``on_candidates``);
+* :class:`meshd.nat.endpoints.WgEndpoints` points WireGuard where the path machines decided.
 
-"Call me maybe": when a peer without a direct path starts an attempt, we tell it through the coordinator
-(a signal message) so that it probes us at the same moment; simultaneous probes open both NATs.
+Every loop runs supervised (:mod:`meshd.supervise`): an unexpected exception is logged and the loop
+restarted, never lost. :meth:`Traversal.close` stops all of it, one-off sends included, within
+``STOP_WITHIN`` seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from typing import Any
 
+from meshd.nat.core import Announce, CallPeer, Datagram, Decided, TraversalCore
+from meshd.nat.endpoints import WgEndpoints
 from meshd.nat.rawport import RawPort, RawPortError
-from meshd.paths import (
-    Candidate,
-    CandidateKind,
-    PathConfig,
-    PathStatus,
-    PeerPath,
-    SendProbes,
-    UseDirect,
-    UseRelay,
-)
-from meshd.peerset import KEEPALIVE_SECONDS, parse_candidates
-from meshd.proto import disco, stun
+from meshd.nat.strategy import CandidatesCallback, NatInfo, Network, PeerInfo
+from meshd.paths import PathConfig, PathStatus
+from meshd.proto.cmm import CallMeMaybe, CallMeMaybeError
 from meshd.proto.endpoint import Endpoint, format_endpoint
+from meshd.supervise import TaskGroup
 from meshd.wg.base import WireGuardBackend
-from meshd.wg.errors import WgError
 
 log = logging.getLogger("meshd.nat")
 
 STUN_REFRESH = 20.0
-CMM_MIN_INTERVAL = 2.0
-PUNCH_DELAY = 0.25  #: a new attempt's first probes go out this long after the call-me-maybe is sent
-MAX_PUNCH_WAIT = 1.0
-GATHER_TIMEOUT = 2.0  #: probes wait at most this long after start for our STUN answers
-TXID_TTL = 5.0
 HANDSHAKE_POLL = 1.0
-KEEPALIVE_FALLBACK = 1.0  #: the higher-key side turns keepalive on after this long without a handshake
+STOP_WITHIN = 1.0  #: close() waits this long for the tasks to end
+READ_BATCH = 64  #: datagrams read per wake-up before the decisions are carried out
 
-
-@dataclass
-class _Peer:
-    name: str
-    node_id: int
-    wg_key: str
-    node_key: bytes
-    path: PeerPath
-    candidates: tuple[Endpoint, ...] = ()
-    last_cmm: float = -1e9
-    hold_until: float | None = None  #: probes wait until this moment (agreed with the peer)
-    my_at: float | None = None  #: the wall-clock moment our last call-me-maybe proposed
-    held: set[Endpoint] = field(default_factory=set)
-    direct: Endpoint | None = None
-    endpoint: Endpoint | None = None  #: what WireGuard was last pointed at (direct or relay proxy)
-    endpoint_at: float | None = None  #: when the peer first got an endpoint
-    keepalive_on: bool = False  #: persistent keepalive enabled on this peer
-
-
-@dataclass
-class _Sent:
-    peer: str  # wg key
-    to: Endpoint
-    at: float
-
-
-@dataclass
-class NatInfo:
-    """What STUN and the router told us (for status and netcheck)."""
-
-    reflexive: dict[Endpoint, Endpoint] = field(default_factory=dict)  #: STUN server -> our mapped address
-    portmap: str | None = None  #: "upnp", "natpmp", "pcp" or None
-    portmapped: Endpoint | None = None
-
-    @property
-    def mapping_varies_by_dest(self) -> bool | None:
-        mapped = set(self.reflexive.values())
-        return None if len(self.reflexive) < 2 else len(mapped) > 1
+SendSignal = Callable[[int, dict[str, Any]], Awaitable[None]]
 
 
 class Traversal:
@@ -104,436 +52,196 @@ class Traversal:
         backend: WireGuardBackend,
         node_seed: bytes,
         port: int,
-        stun_servers: Iterable[Endpoint],
-        send_signal: Callable[[int, dict[str, Any]], Awaitable[None]],
+        send_signal: SendSignal,
+        on_candidates: CandidatesCallback,
         relay_endpoint: Callable[[str], Endpoint | None] = lambda wg_key: None,
         own_key: Callable[[], str] = lambda: "",
+        relay_up: bool = False,
         config: PathConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ) -> None:
-        self.backend = backend
-        self.keys = disco.DiscoKeys(node_seed)
         self.port = port
-        self.stun_servers = list(stun_servers)
         self.send_signal = send_signal
-        self.relay_endpoint = relay_endpoint
-        self.own_key = own_key  #: our WireGuard public key (base64), for who starts the first handshake
-        self.config = config or PathConfig()
-        self.clock = clock
-        self.nat = NatInfo()
-        self.local: list[Endpoint] = []
-        self.local_nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
-        self.on_candidates: Callable[[list[str]], Coroutine[Any, Any, None]] | None = None
-        self._peers: dict[str, _Peer] = {}  # wg key -> peer
-        self._by_node_key: dict[bytes, _Peer] = {}
-        self._sent: dict[bytes, _Sent] = {}
-        self._stun = stun.BindingClient(rto=0.2, max_sends=5, software="meshd")
+        self.on_candidates = on_candidates
+        self.clock, self.wall = clock, wall
+        self._core = TraversalCore(node_seed, port, relay_up=relay_up, config=config)
+        self.nat: NatInfo = self._core.nat
+        # own_key: our WireGuard public key (base64), tells who starts the first handshake
+        self._wg = WgEndpoints(
+            backend, relay_endpoint=relay_endpoint, own_key=own_key, clock=clock, wall=wall
+        )
         self._raw: RawPort | None = None
         self._wake = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
-        self._effects: asyncio.Queue[UseDirect | UseRelay] = asyncio.Queue()
-        self._announced: list[str] = []
-        self._gathered = False  #: STUN has answered (or given up) since start: our candidates are complete
         self._stun_idle = asyncio.Event()
-        self._gather_deadline: float | None = None
+        self._loops = TaskGroup()
+        self._side: set[asyncio.Task[None]] = set()  # call-me-maybe sends, announcements
+        self._closed = False
 
     # -- life cycle ----------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        try:
-            self._raw = RawPort(self.port)
-        except (RawPortError, OSError) as e:
-            log.warning("no probes on the WireGuard port (%s): peers stay on the relay", e)
-            return
-        self._gather_deadline = self.clock() + GATHER_TIMEOUT
-        loop = asyncio.get_running_loop()
-        loop.add_reader(self._raw.fileno(), self._readable)
-        self._tasks = [
-            asyncio.create_task(self._timer_loop(), name="nat-timers"),
-            asyncio.create_task(self._effect_loop(), name="nat-effects"),
-            asyncio.create_task(self._stun_loop(), name="nat-stun"),
-            asyncio.create_task(self._handshake_loop(), name="nat-handshakes"),
-        ]
+        """Open the raw socket (raises ``RawPortError``/``OSError`` when it cannot) and start the loops."""
+        if self._closed:
+            raise RuntimeError("traversal closed")
+        self._raw = RawPort(self.port)
+        self._core.start(self.clock())
+        asyncio.get_running_loop().add_reader(self._raw.fileno(), self._readable)
+        self._loops.start("nat-timers", self._timer_loop)
+        self._loops.start("nat-endpoints", self._wg.apply_loop)
+        self._loops.start("nat-stun", self._stun_loop)
+        self._loops.start("nat-handshakes", self._handshake_loop)
 
     async def close(self) -> None:
-        for t in self._tasks:
+        if self._closed:
+            return
+        self._closed = True
+        side, self._side = self._side, set()
+        for t in side:
             t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        waits: list[Awaitable[Any]] = [self._loops.stop(within=STOP_WITHIN)]
+        if side:
+            waits.append(asyncio.wait(side, timeout=STOP_WITHIN))
+        await asyncio.gather(*waits)
         if self._raw is not None:
-            with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_reader(self._raw.fileno())
+            asyncio.get_running_loop().remove_reader(self._raw.fileno())
             self._raw.close()
             self._raw = None
 
-    # -- inputs from the daemon --------------------------------------------------------------------------
+    # -- PathStrategy: inputs ---------------------------------------------------------------------------
 
-    def set_local(self, addresses: Iterable[str], networks: Iterable[Any]) -> None:
-        """Our LAN addresses (candidates for peers on the same LAN) and the networks they are on."""
-        self.local = [(a, self.port) for a in addresses if ":" not in a]
-        self.local_nets = list(networks)
-        self._candidates_changed()
+    @property
+    def probing(self) -> bool:
+        return self._raw is not None
+
+    def set_local(self, networks: Mapping[str, Network]) -> None:
+        self._core.set_local(networks, self.clock())
+        self._carry_out()
 
     def set_stun_servers(self, servers: Iterable[Endpoint]) -> None:
-        """Where to learn our public address (the relay regions' STUN ports); asks them at once if new."""
-        new = list(dict.fromkeys(servers))
-        if new != self.stun_servers:
-            self.stun_servers = new
-            self.nat.reflexive = {k: v for k, v in self.nat.reflexive.items() if k in new}
-            now = self.clock()
-            for server in new:
-                self._stun.query(server, now)
-            if not new:
-                self._gathered_now(now)
-            self._wake.set()
+        self._core.set_stun_servers(servers, self.clock())
+        self._carry_out()
 
-    def _gathered_now(self, now: float) -> None:
-        """Our candidates are as complete as they will get soon: start synchronised attempts."""
-        if self._gathered:
+    def set_peers(self, peers: Iterable[PeerInfo]) -> None:
+        infos = list(peers)
+        self._core.set_peers(infos, self.clock())
+        self._wg.retain({i.wg_key for i in infos})
+        self._carry_out()
+
+    def on_signal(self, from_node: int, payload: Mapping[str, Any]) -> None:
+        try:
+            cmm = CallMeMaybe.decode(payload)
+        except CallMeMaybeError as e:
+            log.debug("signal from node %d ignored: %s", from_node, e)
             return
-        self._gathered = True
-        for p in self._peers.values():
-            if p.path.status.path != "direct":
-                p.last_cmm = -1e9
-                p.path.peer_asked(now)  # (an attempt already running probes again within 0.5 s)
-        self._drain(now)
+        self._core.called(from_node, cmm, self.clock(), self.wall())
+        self._carry_out()
+
+    def relay_changed(self, up: bool) -> None:
+        self._core.relay_changed(up, self.clock())
+        self._carry_out()
+
+    def set_portmap(self, protocol: str | None, external: Endpoint | None) -> None:
+        self._core.set_portmap(protocol, external, self.clock())
+        self._carry_out()
 
     async def refresh_stun(self, within: float = 2.0) -> None:
-        """Ask every STUN server again now and wait (up to ``within`` s) for the answers (netcheck)."""
-        if self._raw is None or not self.stun_servers:
+        if self._raw is None or not self._core.stun_servers:
             return
-        now = self.clock()
-        for server in self.stun_servers:
-            self._stun.query(server, now)
+        self._core.query_stun(self.clock())
         self._stun_idle.clear()
         self._wake.set()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stun_idle.wait(), within)
 
+    # -- PathStrategy: decisions ------------------------------------------------------------------------
+
     def candidates(self) -> list[str]:
-        """Every address a peer may reach us at: LAN, STUN-reflexive, port-mapped (in that order)."""
-        out: list[Endpoint] = list(self.local)
-        out += [m for m in self.nat.reflexive.values()]
-        if self.nat.portmapped is not None:
-            out.append(self.nat.portmapped)
-        return [format_endpoint(e) for e in dict.fromkeys(out)]
+        return self._core.candidates()
 
-    def set_peers(self, peers: Iterable[tuple[str, int, str, bytes, Iterable[Endpoint]]]) -> None:
-        """(name, node id, WireGuard key, node key, candidates) of every configured peer."""
-        now = self.clock()
-        seen: set[str] = set()
-        for name, node_id, wg_key, node_key, cands in peers:
-            seen.add(wg_key)
-            cand_t = tuple(cands)
-            p = self._peers.get(wg_key)
-            if p is None:
-                p = _Peer(
-                    name,
-                    node_id,
-                    wg_key,
-                    node_key,
-                    PeerPath(wg_key, now, config=self.config, relay_up=self._relay_for(wg_key)),
-                )
-                self._peers[wg_key] = p
-                self._by_node_key[node_key] = p
-                p.candidates = cand_t
-                p.path.set_candidates(self._classify(cand_t), now)
-            elif cand_t != p.candidates:
-                p.candidates = cand_t
-                p.last_cmm = -1e9  # new addresses: agree on a new moment with the peer before probing them
-                p.path.set_candidates(self._classify(cand_t), now)
-        for key in [k for k in self._peers if k not in seen]:
-            gone = self._peers.pop(key)
-            self._by_node_key.pop(gone.node_key, None)
-            self.keys.forget(gone.node_key)
-        self._drain(now)
+    def path(self, wg_key: str) -> PathStatus:
+        return self._core.path(wg_key)
 
-    def on_signal(self, from_node: int, payload: dict[str, Any]) -> None:
-        """A "call me maybe" from a peer: probe it now (its fresh candidates ride along)."""
-        p = next((q for q in self._peers.values() if q.node_id == from_node), None)
-        if p is None or payload.get("type") != "cmm":
-            return
-        now = self.clock()
-        cands = payload.get("candidates")
-        if isinstance(cands, list):
-            parsed = tuple(parse_candidates(c for c in cands if isinstance(c, str)))
-            if parsed and set(parsed) != set(p.candidates):
-                p.candidates = parsed
-                p.path.set_candidates(self._classify(parsed), now)
-        at = payload.get("at")
-        if isinstance(at, int | float) and not isinstance(at, bool):
-            # both sides may have asked at once: both then use the later of the two moments
-            wall = time.time()
-            moment = float(at) if p.my_at is None or p.my_at < wall else max(float(at), p.my_at)
-            p.hold_until = now + min(max(0.0, moment - wall), MAX_PUNCH_WAIT)
-        p.last_cmm = now  # the peer is already asking; no cmm back
-        p.path.peer_asked(now)
-        self._drain(now)
-
-    def relay_changed(self, up: bool) -> None:
-        now = self.clock()
-        for p in self._peers.values():
-            p.path.relay_up(now) if up else p.path.relay_down(now)
-        self._drain(now)
-
-    def endpoint_of(self, wg_key: str) -> Endpoint | None:
-        p = self._peers.get(wg_key)
-        return p.endpoint if p else None
+    def endpoint_for(self, wg_key: str, candidates: Iterable[Endpoint]) -> Endpoint | None:
+        return None  # endpoints are set here, once a probe was answered (or the relay proxy)
 
     def keepalive_on(self, wg_key: str) -> bool:
-        p = self._peers.get(wg_key)
-        return bool(p and p.keepalive_on)
-
-    @property
-    def active(self) -> bool:
-        """True when probes can flow (the raw socket opened)."""
-        return self._raw is not None
-
-    def status(self, wg_key: str) -> PathStatus | None:
-        p = self._peers.get(wg_key)
-        return p.path.status if p else None
+        return self._wg.keepalive_on(wg_key)
 
     # -- internals ---------------------------------------------------------------------------------------
 
-    def _relay_for(self, wg_key: str) -> bool:
-        return self.relay_endpoint(wg_key) is not None
-
-    def _classify(self, cands: Iterable[Endpoint]) -> list[Candidate]:
-        out = []
-        for host, port in cands:
-            ip = ipaddress.ip_address(host)
-            lan = any(ip in n for n in self.local_nets if n.version == ip.version)
-            out.append(Candidate((host, port), CandidateKind.LAN if lan else CandidateKind.PUBLIC))
-        return out
-
-    def _candidates_changed(self) -> None:
-        cands = self.candidates()
-        if cands != self._announced and self.on_candidates is not None:
-            self._announced = cands
-            asyncio.get_running_loop().create_task(self.on_candidates(cands))
-            # peers without a direct path hear our new addresses at once, with a moment to punch
-            now = self.clock()
-            for p in self._peers.values():
-                if p.path.status.path != "direct":
-                    p.last_cmm = -1e9
-                    p.path.peer_asked(now)
-            self._drain(now)
-
-    def _drain(self, now: float) -> None:
-        """Carry out every pending decision of every path machine."""
-        for p in self._peers.values():
-            while (ev := p.path.next_event()) is not None:
-                if isinstance(ev, SendProbes):
-                    self._probe(p, ev.endpoints, now)
-                else:
-                    self._effects.put_nowait(ev)
+    def _carry_out(self) -> None:
+        """Do what the core decided, and let the timer loop look at its timers again."""
+        while (ev := self._core.next_event()) is not None:
+            if isinstance(ev, Datagram):
+                if self._raw is not None:
+                    try:
+                        self._raw.send(ev.data, ev.dst)
+                    except RawPortError as e:
+                        log.debug("to %s: %s", format_endpoint(ev.dst), e)
+            elif isinstance(ev, Decided):
+                self._wg.decide(ev.peer, ev.name, ev.decision)
+            elif isinstance(ev, CallPeer):
+                payload = ev.message(self.clock(), self.wall()).encode()
+                # no coordinator now: the path machine's next attempt calls again
+                self._spawn(
+                    self._quietly(self.send_signal(ev.node_id, payload), "call-me-maybe", logging.DEBUG)
+                )
+            elif isinstance(ev, Announce):
+                # the control session sends the current list again after each reconnect
+                self._spawn(self._quietly(self.on_candidates(ev.candidates), "announcing candidates"))
+        if self._core.stun_idle:
+            self._stun_idle.set()
         self._wake.set()
 
-    def _probe(self, p: _Peer, targets: Iterable[Endpoint], now: float) -> None:
-        """Send probes, or hold them until the moment agreed with the peer for a new attempt."""
-        if self._raw is None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """A one-off task, kept (so it is not collected mid-flight) and cancelled by close()."""
+        if self._closed:
+            coro.close()
             return
-        targets = tuple(targets)
-        if not self._gathered:
-            # our own public address is not known yet: a punch now would reach the peer's NAT before we
-            # can tell the peer where to answer, so wait (the peer's first probes may then open ours)
-            p.held.update(targets)
-            p.last_cmm = -1e9
-            return
-        if p.hold_until is not None and now < p.hold_until:
-            p.held.update(targets)
-            return
-        if p.path.status.path != "direct" and now - p.last_cmm >= CMM_MIN_INTERVAL:
-            # A new attempt: tell the peer to probe us too, both at the same wall-clock moment, so that
-            # the first probes cross between the two NATs. A probe that arrives before the peer's own
-            # has left makes some routers (Linux without an input firewall) create a conntrack entry for
-            # themselves, and the peer's flow is then remapped to a random port (DEVELOPERS.md).
-            p.last_cmm = now
-            p.hold_until = now + PUNCH_DELAY
-            p.my_at = time.time() + PUNCH_DELAY
-            p.held.update(targets)
-            payload = {"type": "cmm", "candidates": self.candidates(), "at": p.my_at}
-            asyncio.get_running_loop().create_task(self._signal(p.node_id, payload))
-            self._wake.set()
-            return
-        self._send_probes(p, targets, now)
+        task = asyncio.get_running_loop().create_task(coro)
+        self._side.add(task)
+        task.add_done_callback(self._side.discard)
 
-    def _flush_held(self, now: float) -> None:
-        for p in self._peers.values():
-            if p.hold_until is not None and now >= p.hold_until:
-                p.hold_until = None
-                held, p.held = p.held, set()
-                self._send_probes(p, sorted(held), now)
-
-    def _send_probes(self, p: _Peer, targets: Iterable[Endpoint], now: float) -> None:
-        assert self._raw is not None
-        for ep in targets:
-            if ":" in ep[0]:
-                continue  # the raw socket speaks IPv4 only
-            txid = disco.new_txid()
-            self._sent[txid] = _Sent(p.wg_key, ep, now)
-            try:
-                self._raw.send(self.keys.seal(p.node_key, disco.Ping(txid)), ep)
-            except (RawPortError, disco.DiscoError) as e:
-                log.debug("probe to %s: %s", format_endpoint(ep), e)
-
-    async def _signal(self, node_id: int, payload: dict[str, Any]) -> None:
-        with contextlib.suppress(Exception):
-            await self.send_signal(node_id, payload)
+    @staticmethod
+    async def _quietly(coro: Awaitable[None], what: str, level: int = logging.WARNING) -> None:
+        """Await a one-off send; a failure is logged, not raised (nobody awaits this task)."""
+        try:
+            await coro
+        except Exception as e:
+            log.log(level, "%s: %s", what, e)
 
     def _readable(self) -> None:
-        assert self._raw is not None
-        now = self.clock()
-        for _ in range(64):
-            got = self._raw.recv()
-            if got is None:
+        if self._raw is None:
+            return
+        got = []
+        for _ in range(READ_BATCH):
+            if (d := self._raw.recv()) is None:
                 break
-            src, data = got
-            if stun.looks_like_stun(data):
-                self._stun.receive(data, src, now)
-                self._stun_results()
-            elif disco.looks_like_disco(data):
-                self._on_probe(src, data, now)
-        self._drain(now)
+            got.append(d)
+        self._core.receive(got, self.clock())
+        self._carry_out()
 
-    def _on_probe(self, src: Endpoint, data: bytes, now: float) -> None:
-        assert self._raw is not None
-        try:
-            sender = disco.sender_key(data)
-            p = self._by_node_key.get(sender)
-            if p is None:
-                return
-            msg = self.keys.open(data, sender)
-        except disco.DiscoError as e:
-            log.debug("probe from %s dropped: %s", format_endpoint(src), e)
-            return
-        if isinstance(msg, disco.Ping):
-            with contextlib.suppress(RawPortError):
-                self._raw.send(self.keys.seal(p.node_key, disco.Pong(msg.txid, src)), src)
-            p.path.probe_received(src, now)
-            return
-        sent = self._sent.pop(msg.txid, None)
-        if sent is None or sent.peer != p.wg_key:
-            return
-        p.path.probe_answered(sent.to, src, now - sent.at, now)
-
-    def _stun_results(self) -> None:
-        changed = False
-        while (ev := self._stun.next_event()) is not None:
-            if isinstance(ev, stun.BindingSucceeded):
-                if self.nat.reflexive.get(ev.server) != ev.mapped:
-                    self.nat.reflexive[ev.server] = ev.mapped
-                    changed = True
-            else:
-                log.debug("STUN %s: %s", format_endpoint(ev.server), ev.reason)
-        if self._stun.pending == 0:
-            self._stun_idle.set()
-        if not self._gathered and self._stun.pending == 0 and self.stun_servers:
-            self._gathered_now(self.clock())
-        if changed:
-            log.info(
-                "public address(es): %s (mapping varies by destination: %s)",
-                ", ".join(sorted({format_endpoint(m) for m in self.nat.reflexive.values()})),
-                self.nat.mapping_varies_by_dest,
-            )
-            self._candidates_changed()
-
-    def set_portmap(self, protocol: str | None, external: Endpoint | None) -> None:
-        self.nat.portmap = protocol
-        self.nat.portmapped = external
-        self._candidates_changed()
-
-    # -- tasks -----------------------------------------------------------------------------------------
+    # -- tasks (supervised: restarted with a logged traceback if they raise) -------------------------------
 
     async def _timer_loop(self) -> None:
         while True:
-            now = self.clock()
-            for p in self._peers.values():
-                t = p.path.next_timer()
-                if t is not None and t <= now:
-                    p.path.handle_timer(now)
-            if not self._gathered and self._gather_deadline is not None and now >= self._gather_deadline:
-                self._gathered_now(now)  # STUN is slow or absent: go with what we have
-            self._flush_held(now)
-            self._stun.handle_timer(now)
-            if self._raw is not None:
-                for data, dst in self._stun.datagrams_to_send(now):
-                    with contextlib.suppress(RawPortError):
-                        self._raw.send(data, dst)
-            self._stun_results()
-            self._sent = {k: v for k, v in self._sent.items() if now - v.at < TXID_TTL}
-            self._drain(now)
+            self._core.handle_timer(self.clock())
+            self._carry_out()
             self._wake.clear()
-            timers = [t for p in self._peers.values() if (t := p.path.next_timer()) is not None]
-            timers += [p.hold_until for p in self._peers.values() if p.hold_until is not None]
-            if not self._gathered and self._gather_deadline is not None:
-                timers.append(self._gather_deadline)
-            if (t := self._stun.next_timer()) is not None:
-                timers.append(t)
-            wait = max(0.0, min(timers) - self.clock()) if timers else 1.0
+            t = self._core.next_timer()
+            wait = 1.0 if t is None else min(max(0.0, t - self.clock()), 1.0)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), min(wait, 1.0))
-
-    async def _effect_loop(self) -> None:
-        while True:
-            ev = await self._effects.get()
-            p = self._peers.get(ev.peer)
-            if p is None:
-                continue
-            if isinstance(ev, UseDirect):
-                target: Endpoint | None = ev.endpoint
-                log.info(
-                    "%s: direct via %s (%.1f ms, %s)",
-                    p.name,
-                    format_endpoint(ev.endpoint),
-                    ev.rtt * 1000,
-                    ev.reason,
-                )
-            else:
-                target = self.relay_endpoint(p.wg_key)
-                log.info("%s: relay (%s)", p.name, ev.reason)
-            p.direct = ev.endpoint if isinstance(ev, UseDirect) else None
-            if target is not None:
-                # Turning keepalive on makes WireGuard start a handshake at once. If both sides did that at
-                # the same moment the two initiations would cross, both would end as responders (which may
-                # not send data first) and WireGuard would only retry after REKEY_TIMEOUT (5 s). So only
-                # the side with the lower WireGuard key starts; the other turns keepalive on once a
-                # handshake happened (or after KEEPALIVE_FALLBACK seconds).
-                initiate = p.keepalive_on or self.own_key() < p.wg_key
-                try:
-                    await self.backend.set_endpoint(p.wg_key, target, KEEPALIVE_SECONDS if initiate else None)
-                    if p.endpoint is None:
-                        p.endpoint_at = self.clock()
-                    p.endpoint = target
-                    p.keepalive_on = p.keepalive_on or initiate
-                except WgError as e:
-                    log.warning("%s: setting endpoint %s: %s", p.name, format_endpoint(target), e)
+                await asyncio.wait_for(self._wake.wait(), wait)
 
     async def _stun_loop(self) -> None:
         while True:
-            now = self.clock()
-            for server in self.stun_servers:
-                self._stun.query(server, now)
+            self._core.query_stun(self.clock())
             self._wake.set()
             await asyncio.sleep(STUN_REFRESH)
 
     async def _handshake_loop(self) -> None:
         while True:
             await asyncio.sleep(HANDSHAKE_POLL)
-            try:
-                state = await self.backend.state()
-            except WgError:
-                continue
-            wall, mono = time.time(), self.clock()
-            for ps in state.peers:
-                p = self._peers.get(ps.public_key)
-                if p is not None:
-                    lh = None if ps.last_handshake is None else ps.last_handshake - wall + mono
-                    p.path.handshake(lh, mono)
-                    late = p.endpoint_at is not None and mono - p.endpoint_at >= KEEPALIVE_FALLBACK
-                    if p.endpoint is not None and not p.keepalive_on and (lh is not None or late):
-                        with contextlib.suppress(WgError):
-                            await self.backend.set_endpoint(p.wg_key, p.endpoint, KEEPALIVE_SECONDS)
-                            p.keepalive_on = True
-            self._drain(self.clock())
+            self._core.handshakes(await self._wg.handshakes(), self.clock())
+            self._carry_out()

@@ -12,22 +12,27 @@ adds nothing of its own. Both announce our candidates through one callback, ``on
 whenever the list changes; the control session sends the current list again after each reconnect.
 
 :func:`open_paths` picks the strategy.
+
+"Relay" in a path decision means the relay is really up: while every relay link is down a peer without
+a direct path shows (and is) NONE, whichever proxy endpoint WireGuard still points at. The strategy
+learns the relay's state from the relay manager: initially through :func:`open_paths`, then
+:meth:`PathStrategy.relay_changed`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import time
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from meshd.paths import PathKind, PathStatus
 from meshd.peerset import first_reachable_candidate
 from meshd.proto.endpoint import Endpoint, format_endpoint
+from meshd.supervise import TaskGroup
 from meshd.wg.base import WireGuardBackend
 from meshd.wg.errors import WgError
 
@@ -35,6 +40,7 @@ log = logging.getLogger("meshd.nat")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 CandidatesCallback = Callable[[list[str]], Coroutine[Any, Any, None]]
+SendSignal = Callable[[int, dict[str, Any]], Awaitable[None]]
 HANDSHAKE_FRESH = 180.0  #: WireGuard REJECT_AFTER_TIME: an older handshake means no live session
 HANDSHAKE_POLL = 1.0
 
@@ -95,7 +101,9 @@ class PathStrategy(Protocol):
         """A signal from a peer, relayed by the coordinator (call-me-maybe)."""
         ...
 
-    def relay_changed(self, up: bool) -> None: ...
+    def relay_changed(self, up: bool) -> None:
+        """The relay manager's home link went up or down."""
+        ...
 
     def set_portmap(self, protocol: str | None, external: Endpoint | None) -> None: ...
 
@@ -130,6 +138,7 @@ class StaticPaths:
         port: int,
         relay_endpoint: Callable[[str], Endpoint | None],
         on_candidates: CandidatesCallback,
+        relay_up: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.backend = backend
@@ -140,31 +149,41 @@ class StaticPaths:
         self.nat = NatInfo()
         self._networks: dict[str, Network] = {}
         self._peers: dict[str, PeerInfo] = {}
-        self._relay_up = False
+        self._relay_up = relay_up
         self._announced: list[str] = []
         self._handshakes: dict[str, float] = {}  #: wg key -> last handshake (wall clock)
-        self._task: asyncio.Task[None] | None = None
+        self._loops = TaskGroup()
+        self._side: set[asyncio.Task[None]] = set()  # announcements in flight
 
     @property
     def probing(self) -> bool:
         return False
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._handshake_loop(), name="paths-handshakes")
+        self._loops.start("paths-handshakes", self._handshake_loop)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        side, self._side = self._side, set()
+        for t in side:
+            t.cancel()
+        await self._loops.stop(within=1.0)
+        if side:
+            await asyncio.wait(side, timeout=1.0)
 
     def set_local(self, networks: Mapping[str, Network]) -> None:
         self._networks = dict(networks)
         cands = self.candidates()
         if cands != self._announced:
             self._announced = cands
-            asyncio.get_running_loop().create_task(self.on_candidates(cands))
+            task = asyncio.get_running_loop().create_task(self._announce(cands))
+            self._side.add(task)  # kept until done, so it is neither collected nor left running by close()
+            task.add_done_callback(self._side.discard)
+
+    async def _announce(self, cands: list[str]) -> None:
+        try:
+            await self.on_candidates(cands)
+        except Exception as e:
+            log.warning("announcing candidates: %s", e)
 
     def set_stun_servers(self, servers: Iterable[Endpoint]) -> None:
         return None  # STUN needs the raw socket we do not have
@@ -222,3 +241,48 @@ class StaticPaths:
             for ps in state.peers:
                 if ps.public_key in self._peers and ps.last_handshake:
                     self._handshakes[ps.public_key] = ps.last_handshake
+
+
+async def open_paths(
+    *,
+    backend: WireGuardBackend,
+    node_seed: bytes,
+    port: int,
+    relay_endpoint: Callable[[str], Endpoint | None],
+    own_key: Callable[[], str],
+    on_candidates: CandidatesCallback,
+    send_signal: SendSignal,
+    relay_up: bool,
+) -> PathStrategy:
+    """The started strategy for this host: traversal when the raw socket opens, else static paths.
+
+    ``relay_endpoint`` gives a peer's local relay proxy (None without one), ``own_key`` our WireGuard
+    public key (base64), ``relay_up`` whether the relay is up now (later changes: ``relay_changed``).
+    """
+    from meshd.nat.engine import Traversal  # the engine imports this module's types
+
+    traversal = Traversal(
+        backend=backend,
+        node_seed=node_seed,
+        port=port,
+        send_signal=send_signal,
+        on_candidates=on_candidates,
+        relay_endpoint=relay_endpoint,
+        own_key=own_key,
+        relay_up=relay_up,
+    )
+    try:
+        await traversal.start()
+        return traversal
+    except OSError as e:  # RawPortError is one: no CAP_NET_RAW, or no packet sockets in this kernel
+        log.warning("no probes on the WireGuard port (%s): LAN addresses and the relay only", e)
+        await traversal.close()
+    static = StaticPaths(
+        backend=backend,
+        port=port,
+        relay_endpoint=relay_endpoint,
+        on_candidates=on_candidates,
+        relay_up=relay_up,
+    )
+    await static.start()
+    return static

@@ -94,7 +94,7 @@ class Lab:
 
 
 def make(routes: dict[Endpoint, Route] | None = None, cands: list[Candidate] | None = None) -> Lab:
-    lab = Lab(PeerPath("peerkey", 0.0), routes=routes or {})
+    lab = Lab(PeerPath("peerkey", 0.0, relay_up=True), routes=routes or {})
     lab.drain()
     if cands is not None:
         lab.path.set_candidates(cands, 0.0)

@@ -1,0 +1,120 @@
+"""Carry path decisions out on WireGuard: each peer's endpoint and its persistent keepalive.
+
+The path machines decide (:class:`meshd.paths.UseDirect`, :class:`meshd.paths.UseRelay`); this shell
+points WireGuard there with ``set_endpoint``. Only the latest undone decision per peer is kept: a
+decision overtaken before WireGuard was told is worthless, and the backlog stays bounded by the number
+of peers however fast paths flap.
+
+Turning keepalive on makes WireGuard start a handshake at once. If both sides did that at the same
+moment the two initiations would cross, both would end as responders (which may not send data first)
+and WireGuard would only retry after REKEY_TIMEOUT (5 s). So only the side with the lower WireGuard key
+starts; the other turns keepalive on once a handshake happened (or after ``KEEPALIVE_FALLBACK``
+seconds without one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from meshd.paths import UseDirect, UseRelay
+from meshd.peerset import KEEPALIVE_SECONDS
+from meshd.proto.endpoint import Endpoint, format_endpoint
+from meshd.wg.base import WireGuardBackend
+from meshd.wg.errors import WgError
+
+log = logging.getLogger("meshd.nat")
+
+KEEPALIVE_FALLBACK = 1.0  #: the higher-key side turns keepalive on after this long without a handshake
+
+
+@dataclass
+class _Applied:
+    endpoint: Endpoint | None = None  #: what WireGuard was last pointed at (direct or relay proxy)
+    endpoint_at: float | None = None  #: when the peer first got an endpoint
+    keepalive_on: bool = False  #: persistent keepalive enabled on this peer
+
+
+class WgEndpoints:
+    """Endpoints and keepalive of every peer, as last set on WireGuard."""
+
+    def __init__(
+        self,
+        backend: WireGuardBackend,
+        *,
+        relay_endpoint: Callable[[str], Endpoint | None],
+        own_key: Callable[[], str],
+        clock: Callable[[], float],
+        wall: Callable[[], float],
+    ) -> None:
+        self.backend = backend
+        self.relay_endpoint = relay_endpoint
+        self.own_key = own_key
+        self.clock, self.wall = clock, wall
+        self._applied: dict[str, _Applied] = {}
+        self._decided: dict[str, tuple[str, UseDirect | UseRelay]] = {}  # latest (name, decision) not done
+        self._ready = asyncio.Event()
+
+    def decide(self, peer: str, name: str, ev: UseDirect | UseRelay) -> None:
+        """Point ``peer`` (WireGuard key) where ``ev`` says, soon; ``name`` is for the log."""
+        self._decided[peer] = (name, ev)
+        self._ready.set()
+
+    def retain(self, peers: set[str]) -> None:
+        """Only these peers remain: forget the others' state."""
+        self._decided = {k: v for k, v in self._decided.items() if k in peers}
+        self._applied = {k: v for k, v in self._applied.items() if k in peers}
+
+    def keepalive_on(self, peer: str) -> bool:
+        a = self._applied.get(peer)
+        return bool(a and a.keepalive_on)
+
+    async def apply_loop(self) -> None:
+        """Carry out decisions as they come (run it as a supervised task)."""
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            while self._decided:
+                peer = next(iter(self._decided))
+                await self._apply(peer, *self._decided.pop(peer))
+
+    async def handshakes(self) -> list[tuple[str, float | None]]:
+        """Every peer's last handshake on the ``clock`` timeline; turns keepalive on where it is due."""
+        try:
+            state = await self.backend.state()
+        except WgError as e:
+            log.debug("reading handshakes: %s", e)
+            return []
+        wall, mono = self.wall(), self.clock()
+        out = []
+        for ps in state.peers:
+            lh = None if ps.last_handshake is None else ps.last_handshake - wall + mono
+            out.append((ps.public_key, lh))
+            a = self._applied.get(ps.public_key)
+            if a is None or a.endpoint is None or a.keepalive_on:
+                continue
+            late = a.endpoint_at is not None and mono - a.endpoint_at >= KEEPALIVE_FALLBACK
+            if lh is not None or late:
+                with contextlib.suppress(WgError):
+                    await self.backend.set_endpoint(ps.public_key, a.endpoint, KEEPALIVE_SECONDS)
+                    a.keepalive_on = True
+        return out
+
+    async def _apply(self, peer: str, name: str, ev: UseDirect | UseRelay) -> None:
+        target = ev.endpoint if isinstance(ev, UseDirect) else self.relay_endpoint(peer)
+        if target is None:
+            return
+        a = self._applied.setdefault(peer, _Applied())
+        initiate = a.keepalive_on or self.own_key() < peer
+        try:
+            await self.backend.set_endpoint(peer, target, KEEPALIVE_SECONDS if initiate else None)
+        except WgError as e:
+            log.warning("%s: setting endpoint %s: %s", name, format_endpoint(target), e)
+            return
+        if a.endpoint is None:
+            a.endpoint_at = self.clock()
+        a.endpoint = target
+        a.keepalive_on = a.keepalive_on or initiate
