@@ -1,7 +1,8 @@
-"""coordinator command line (DESIGN.md §2).
+"""coordinator command line (DESIGN.md §2). The global ``--state-dir`` comes before the subcommand.
 
-Expected failures print `error: <what happened>; <what to do>` on stderr and exit non-zero; `--json`
-prints exactly one JSON document on stdout.
+Same convention as meshd's CLI (meshd/clikit.py): expected failures print `error: <what happened>; <what
+to do>` on stderr and exit non-zero (2 for usage errors), never a traceback; the root callback keeps the
+global options on ``ctx.obj`` (:class:`Globals`); `--json` prints exactly one JSON document on stdout.
 """
 
 from __future__ import annotations
@@ -20,12 +21,11 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
-from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer vendors click since 0.20
-from typer._click.globals import get_current_context
 
-from coordinator.adminclient import AdminClient, AdminError
+from coordinator import adminclient
 from coordinator.errors import CoordinatorError
 from coordinator.settings import DEFAULT_STATE_DIR, load_settings, parse_duration
+from meshd.clikit import fail, options, run
 
 app = typer.Typer(
     help="coordinator: the mesh VPN control plane",
@@ -52,30 +52,26 @@ for sub, name in (
 out = Console(highlight=False, soft_wrap=True)
 
 
-class CliError(Exception):
-    pass
+@dataclass(frozen=True, slots=True)
+class Globals:
+    """The global options (before the subcommand), stored on ``ctx.obj`` by the root callback."""
 
-
-@dataclass
-class Ctx:
     state_dir: Path
     state_dir_given: bool
 
 
-def _ctx() -> Ctx:
-    obj = get_current_context().find_root().obj
-    assert isinstance(obj, Ctx)
-    return obj
-
-
-def _admin(method: str, path: str, body: Any = None) -> Any:
-    client = AdminClient(_ctx().state_dir / "admin.sock")
+def _admin(ctx: typer.Context, method: str, path: str, body: Any = None) -> Any:
     try:
-        return client.call(method, path, body)
-    except AdminError as exc:
-        raise CliError(str(exc)) from None
-    finally:
-        client.close()
+        return adminclient.call(options(ctx, Globals).state_dir / "admin.sock", method, path, body)
+    except adminclient.AdminError as exc:
+        fail(str(exc))
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except CoordinatorError as exc:
+        fail(exc.message)
 
 
 def _json(value: Any) -> None:
@@ -95,16 +91,17 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document."
 
 
 @app.callback()
-def root(state_dir: StateDir = None) -> None:
+def root(ctx: typer.Context, state_dir: StateDir = None) -> None:
     """The coordinator of the mesh: server and admin commands."""
     env = os.environ.get("COORDINATOR_STATE_DIR")
     chosen = state_dir or (Path(env) if env else DEFAULT_STATE_DIR)
-    get_current_context().obj = Ctx(chosen, state_dir is not None)
+    ctx.obj = Globals(chosen, state_dir is not None)
 
 
 # ------------------------------------------------------------------------------------------------- serve
 @app.command()
 def serve(
+    ctx: typer.Context,
     listen: Annotated[str | None, typer.Option(help="HOST:PORT for nodes.")] = None,
     state_dir: StateDir = None,
     database: Annotated[
@@ -124,7 +121,7 @@ def serve(
     """Run the coordinator server (foreground)."""
     from coordinator.server import serve as run_server
 
-    root_ctx = _ctx()
+    given = options(ctx, Globals)
     flags: dict[str, Any] = {
         "listen": listen,
         "database": database,
@@ -135,7 +132,7 @@ def serve(
         "relay": False if no_relay else None,
         "cert_lifetime": cert_lifetime,
         "public_url": public_url,
-        "state_dir": state_dir or (root_ctx.state_dir if root_ctx.state_dir_given else None),
+        "state_dir": state_dir or (given.state_dir if given.state_dir_given else None),
     }
     settings = load_settings(flags, config_file=config)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -145,9 +142,9 @@ def serve(
 
 # ------------------------------------------------------------------------------------------------- users
 @users_app.command("create")
-def users_create(name: str, as_json: JsonOpt = False) -> None:
+def users_create(ctx: typer.Context, name: str, as_json: JsonOpt = False) -> None:
     """Create a user."""
-    user = _admin("POST", "/admin/users", {"name": name})
+    user = _admin(ctx, "POST", "/admin/users", {"name": name})
     if as_json:
         _json(user)
     else:
@@ -155,9 +152,9 @@ def users_create(name: str, as_json: JsonOpt = False) -> None:
 
 
 @users_app.command("list")
-def users_list(as_json: JsonOpt = False) -> None:
+def users_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """List users."""
-    users = _admin("GET", "/admin/users")
+    users = _admin(ctx, "GET", "/admin/users")
     if as_json:
         _json(users)
         return
@@ -170,6 +167,7 @@ def users_list(as_json: JsonOpt = False) -> None:
 # -------------------------------------------------------------------------------------------------- keys
 @keys_app.command("create")
 def keys_create(
+    ctx: typer.Context,
     user: Annotated[str, typer.Option("--user", help="Owner of the nodes enrolled with the key.")],
     reusable: Annotated[bool, typer.Option("--reusable", help="Allow many enrollments.")] = False,
     expiration: Annotated[str, typer.Option("--expiration", help="Lifetime, e.g. 30m, 1h, 7d.")] = "1h",
@@ -179,12 +177,12 @@ def keys_create(
     as_json: JsonOpt = False,
 ) -> None:
     """Create a pre-auth key; the key is the last word printed."""
-    try:
-        seconds = parse_duration(expiration)
-    except CoordinatorError as exc:
-        raise CliError(exc.message) from None
+    seconds = _duration(expiration)
     key = _admin(
-        "POST", "/admin/keys", {"user": user, "reusable": reusable, "expiration": seconds, "tags": tag or []}
+        ctx,
+        "POST",
+        "/admin/keys",
+        {"user": user, "reusable": reusable, "expiration": seconds, "tags": tag or []},
     )
     if as_json:
         _json(key)
@@ -195,9 +193,9 @@ def keys_create(
 
 # ------------------------------------------------------------------------------------------------- nodes
 @nodes_app.command("list")
-def nodes_list(as_json: JsonOpt = False) -> None:
+def nodes_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """List nodes."""
-    nodes = _admin("GET", "/admin/nodes")
+    nodes = _admin(ctx, "GET", "/admin/nodes")
     if as_json:
         _json(nodes)
         return
@@ -217,30 +215,30 @@ def nodes_list(as_json: JsonOpt = False) -> None:
 
 
 @nodes_app.command("remove")
-def nodes_remove(name: str) -> None:
+def nodes_remove(ctx: typer.Context, name: str) -> None:
     """Remove a node (revoked at once)."""
-    _admin("DELETE", f"/admin/nodes/{_seg(name)}")
+    _admin(ctx, "DELETE", f"/admin/nodes/{_seg(name)}")
     out.print(f"removed node {name}")
 
 
 @nodes_app.command("expire")
-def nodes_expire(name: str) -> None:
+def nodes_expire(ctx: typer.Context, name: str) -> None:
     """Expire a node: it leaves every map and can no longer renew."""
-    _admin("POST", f"/admin/nodes/{_seg(name)}/expire")
+    _admin(ctx, "POST", f"/admin/nodes/{_seg(name)}/expire")
     out.print(f"expired node {name}")
 
 
 @nodes_app.command("rename")
-def nodes_rename(old: str, new: str) -> None:
+def nodes_rename(ctx: typer.Context, old: str, new: str) -> None:
     """Rename a node."""
-    _admin("POST", f"/admin/nodes/{_seg(old)}/rename", {"new_name": new})
+    _admin(ctx, "POST", f"/admin/nodes/{_seg(old)}/rename", {"new_name": new})
     out.print(f"renamed node {old} to {new}")
 
 
 @nodes_app.command("approve")
-def nodes_approve(code: str, as_json: JsonOpt = False) -> None:
+def nodes_approve(ctx: typer.Context, code: str, as_json: JsonOpt = False) -> None:
     """Enroll a machine that is waiting with CODE."""
-    node = _admin("POST", "/admin/approve", {"code": code})
+    node = _admin(ctx, "POST", "/admin/approve", {"code": code})
     if as_json:
         _json(node)
     else:
@@ -248,23 +246,23 @@ def nodes_approve(code: str, as_json: JsonOpt = False) -> None:
 
 
 @nodes_app.command("tag")
-def nodes_tag(name: str, tags: list[str]) -> None:
+def nodes_tag(ctx: typer.Context, name: str, tags: list[str]) -> None:
     """Set a node's tags."""
-    result = _admin("POST", f"/admin/nodes/{_seg(name)}/tags", {"tags": tags})
+    result = _admin(ctx, "POST", f"/admin/nodes/{_seg(name)}/tags", {"tags": tags})
     out.print(f"node {name} tags: {', '.join(result['tags']) or '-'}")
 
 
 def _seg(name: str) -> str:
     if not name or "/" in name or name in (".", ".."):
-        raise CliError(f"bad node name {name!r}")
+        fail(f"bad node name {name!r}")
     return name
 
 
 # ------------------------------------------------------------------------------------------------ policy
 @policy_app.command("get")
-def policy_get() -> None:
+def policy_get(ctx: typer.Context) -> None:
     """Print the policy."""
-    policy = _admin("GET", "/admin/policy")
+    policy = _admin(ctx, "GET", "/admin/policy")
     if not policy["set"]:
         out.print("no policy set: everything is allowed")
     else:
@@ -272,23 +270,23 @@ def policy_get() -> None:
 
 
 @policy_app.command("set")
-def policy_set(file: Path) -> None:
+def policy_set(ctx: typer.Context, file: Path) -> None:
     """Replace the policy with the contents of FILE."""
     try:
         text = file.read_text()
     except OSError as exc:
-        raise CliError(f"cannot read {file}: {exc.strerror}") from None
+        fail(f"cannot read {file}: {exc.strerror}")
     except UnicodeDecodeError:
-        raise CliError(f"{file} is not UTF-8 text") from None
-    _admin("PUT", "/admin/policy", {"policy": text})
+        fail(f"{file} is not UTF-8 text")
+    _admin(ctx, "PUT", "/admin/policy", {"policy": text})
     out.print("policy updated")
 
 
 # ------------------------------------------------------------------------------------------------- audit
 @audit_app.command("list")
-def audit_list(as_json: JsonOpt = False) -> None:
+def audit_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """Show the audit trail."""
-    records = _admin("GET", "/admin/audit")
+    records = _admin(ctx, "GET", "/admin/audit")
     if as_json:
         _json(records)
         return
@@ -299,17 +297,18 @@ def audit_list(as_json: JsonOpt = False) -> None:
 
 
 @audit_app.command("verify")
-def audit_verify() -> None:
+def audit_verify(ctx: typer.Context) -> None:
     """Check the hash chain; exits 1 when a record was edited or deleted."""
-    result = _admin("GET", "/admin/audit/verify")
+    result = _admin(ctx, "GET", "/admin/audit/verify")
     if not result["ok"]:
-        raise CliError(f"audit trail is broken: {result['problem']}")
+        fail(f"audit trail is broken: {result['problem']}")
     out.print(f"audit trail ok: {result['records']} records, chain intact")
 
 
 # ---------------------------------------------------------------------------------------- later issues
 @app.command("rotate-signing-key")
 def rotate_signing_key(
+    ctx: typer.Context,
     overlap: Annotated[
         str | None,
         typer.Option("--overlap", help="How long the old key stays trusted (default: the cert lifetime)."),
@@ -317,11 +316,8 @@ def rotate_signing_key(
     as_json: JsonOpt = False,
 ) -> None:
     """New certificate signing key; every node certificate is re-issued, the old key stays trusted."""
-    try:
-        seconds = parse_duration(overlap) if overlap is not None else None
-    except CoordinatorError as exc:
-        raise CliError(exc.message) from None
-    r = _admin("POST", "/admin/signing-key/rotate", {"overlap": seconds})
+    seconds = _duration(overlap) if overlap is not None else None
+    r = _admin(ctx, "POST", "/admin/signing-key/rotate", {"overlap": seconds})
     if as_json:
         _json(r)
         return
@@ -351,17 +347,17 @@ def relay_serve(
     from coordinator.settings import parse_listen
 
     if not coordinator.startswith(("http://", "https://")):
-        raise CliError(f"coordinator URL {coordinator!r} must start with http:// or https://")
+        fail(f"coordinator URL {coordinator!r} must start with http:// or https://")
     if region_id < 2 or region_id > 65535:
-        raise CliError("--region-id must be between 2 and 65535 (1 is the coordinator's embedded relay)")
+        fail("--region-id must be between 2 and 65535 (1 is the coordinator's embedded relay)")
     secret = os.environ.get("RELAY_SECRET", "")
     if secret_file is not None:
         try:
             secret = secret_file.read_text().strip()
         except OSError as exc:
-            raise CliError(f"cannot read {secret_file}: {exc.strerror}") from None
+            fail(f"cannot read {secret_file}: {exc.strerror}")
     if not secret:
-        raise CliError("no relay secret: give --secret-file (coordinator's relay.secret) or $RELAY_SECRET")
+        fail("no relay secret: give --secret-file (coordinator's relay.secret) or $RELAY_SECRET")
     opts = RelayOptions(
         listen=parse_listen(listen),
         coordinator=coordinator,
@@ -377,30 +373,9 @@ def relay_serve(
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(run_relay(opts))
     except OSError as exc:
-        raise CliError(f"cannot serve the relay on {listen}: {exc.strerror}") from None
+        fail(f"cannot serve the relay on {listen}: {exc.strerror}")
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: turn expected failures into one line on stderr and a non-zero exit."""
-    try:
-        app(args=argv, standalone_mode=False)
-    except CliError as exc:
-        _fail(str(exc), 1)
-    except CoordinatorError as exc:
-        _fail(exc.message, 1)
-    except NoArgsIsHelpError:
-        sys.exit(2)  # help already printed
-    except UsageError as exc:
-        hint = f"; see `{exc.ctx.command_path} --help`" if exc.ctx else ""
-        _fail(f"{exc.format_message()}{hint}", 2)
-    except typer.Abort:
-        _fail("aborted", 130)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except BrokenPipeError:
-        sys.exit(1)
-
-
-def _fail(message: str, code: int) -> None:
-    sys.stderr.write(f"error: {message}\n")
-    sys.exit(code)
+    """Entry point: expected failures become one `error:` line on stderr and a non-zero exit."""
+    run(app, argv, expected=(CoordinatorError,))

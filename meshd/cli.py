@@ -1,23 +1,25 @@
 """meshd command line (DESIGN.md §2). ``--state-dir`` is accepted before or after the subcommand.
 
-Every expected failure is one line on stderr, ``error: <what>; <what to do>``, and exit status 1.
+Same convention as the coordinator's CLI (meshd/clikit.py): every expected failure is one line on
+stderr, ``error: <what>; <what to do>``, and exit status 1 (2 for usage errors), never a traceback; the
+root callback keeps the global options on ``ctx.obj`` (:class:`Globals`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import logging
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
 from meshd import api, hosts
 from meshd import status as st
+from meshd.clikit import fail, options, run
 from meshd.logfmt import setup_logging
 from meshd.state import DEFAULT_STATE_DIR, StateDir
 
@@ -33,18 +35,21 @@ StateDirOpt = Annotated[
 ]
 
 
-def fail(message: str) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(1)
+@dataclass(frozen=True, slots=True)
+class Globals:
+    """The global options (before the subcommand), stored on ``ctx.obj`` by the root callback."""
+
+    state_dir: Path | None
 
 
 @app.callback()
 def _global(ctx: typer.Context, state_dir: StateDirOpt = None) -> None:
-    ctx.obj = state_dir
+    ctx.obj = Globals(state_dir)
 
 
 def _state_dir(ctx: typer.Context, local: Path | None) -> Path:
-    return local or ctx.obj or DEFAULT_STATE_DIR
+    """``--state-dir`` after the subcommand wins over one before it; then the default."""
+    return local or options(ctx, Globals).state_dir or DEFAULT_STATE_DIR
 
 
 def _call(
@@ -81,8 +86,6 @@ def up(
     ] = "30d",
 ) -> None:
     """Run the daemon in the foreground (enrolls on first start)."""
-    from meshd.daemon import Daemon, DaemonError, Options
-
     if wg_backend not in ("auto", "kernel", "userspace"):
         fail(f"--wg-backend must be auto, kernel or userspace, not {wg_backend!r}")
     if log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -94,6 +97,8 @@ def up(
     except IntervalError as e:
         fail(str(e))
     setup_logging(log_level.upper())
+    from meshd.daemon import Daemon, DaemonError, Options  # after the checks: a bad flag needs no daemon
+
     opts = Options(
         coordinator=coordinator,
         state_dir=_state_dir(ctx, state_dir),
@@ -212,13 +217,10 @@ def netcheck(
     typer.echo("\n".join(lines))
 
 
-def main() -> None:
-    try:
-        app()
-    except KeyboardInterrupt:
-        sys.exit(130)
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: expected failures become one `error:` line on stderr and a non-zero exit."""
+    run(app, argv, expected=(api.ApiError,))
 
 
 if __name__ == "__main__":
     main()
-    logging.shutdown()

@@ -9,13 +9,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from meshd.control import ControlClient, Enrollment, NodeKeys, PendingApproval
+from tests.eventually import eventually
 
 BIN = Path(sys.executable).parent / "coordinator"
 
@@ -53,12 +53,17 @@ def start_server_args(state: Path, port: int, *extra: str) -> subprocess.Popen[s
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.monotonic() + 30
-    while not (state / "admin.sock").exists() or cli(state, "users", "list", "--json").returncode != 0:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"coordinator did not start: {proc.communicate()[1][-2000:]}")
-        time.sleep(0.1)
+
+    def answers() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"coordinator exited with status {proc.returncode}")
+        return (state / "admin.sock").exists() and cli(state, "users", "list", "--json").returncode == 0
+
+    try:
+        eventually(answers, within=30, interval=0.1, what="the coordinator answers on its admin socket")
+    except AssertionError as e:
+        proc.kill()
+        raise AssertionError(f"coordinator did not start ({e}): {proc.communicate()[1][-2000:]}") from None
     return proc
 
 
@@ -129,23 +134,84 @@ def test_admin_cli_end_to_end(server: tuple[Path, int]) -> None:
     assert key not in json.dumps(audit)
 
 
-def test_cli_errors_are_one_line_and_non_zero(server: tuple[Path, int], tmp_path: Path) -> None:
-    state, _ = server
-    assert cli(state, "users", "create", "bob").returncode == 0
-    cases = [
-        (cli(state, "users", "create", "bob"), "already exists"),
-        (cli(state, "keys", "create", "--user", "nobody"), "unknown user"),
-        (cli(state, "keys", "create", "--user", "bob", "--expiration", "soon"), "bad duration"),
-        (cli(state, "users", "list", "--bogus"), "No such option"),
-        (cli(state, "nodes", "remove", "ghost"), "unknown node"),
-        (cli(state, "nodes", "approve", "AAAA-BBBB"), "unknown enrollment code"),
-        (cli(tmp_path / "nowhere", "users", "list"), "not running"),
-    ]
-    for result, message in cases:
-        assert result.returncode != 0, result
-        assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-        assert "Traceback" not in result.stderr
+@pytest.fixture(scope="module")
+def server_with_bob(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One server for all the error cases (they change nothing), with a user bob."""
+    state = tmp_path_factory.mktemp("errors") / "state"
+    proc = start_server(state, free_port())
+    try:
+        assert cli(state, "users", "create", "bob").returncode == 0
+        yield state
+    finally:
+        stop_server(proc)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], message: str, status: int) -> None:
+    assert result.returncode == status, result
+    assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == "", "nothing on stdout when the command failed"
+
+
+@pytest.mark.parametrize(
+    ("running", "args", "message", "status"),
+    [
+        pytest.param(True, ("users", "create", "bob"), "already exists", 1, id="user-exists"),
+        pytest.param(True, ("keys", "create", "--user", "nobody"), "unknown user", 1, id="unknown-user"),
+        pytest.param(
+            True,
+            ("keys", "create", "--user", "bob", "--expiration", "soon"),
+            "bad duration",
+            1,
+            id="bad-duration",
+        ),
+        pytest.param(
+            True,
+            ("users", "list", "--bogus"),
+            "No such option: --bogus; see `coordinator users list --help`",
+            2,
+            id="unknown-option",
+        ),
+        pytest.param(True, ("nodes", "remove", "ghost"), "unknown node", 1, id="unknown-node"),
+        pytest.param(
+            True, ("nodes", "approve", "AAAA-BBBB"), "unknown enrollment code", 1, id="unknown-code"
+        ),
+        pytest.param(False, ("users", "list"), "coordinator is not running", 1, id="server-not-running"),
+    ],
+)
+def test_cli_errors_are_one_line_and_non_zero(
+    server_with_bob: Path, running: bool, args: tuple[str, ...], message: str, status: int
+) -> None:
+    state = server_with_bob if running else server_with_bob.parent / "nowhere"
+    assert_one_line_error(cli(state, *args), message, status)
+
+
+@pytest.mark.parametrize(
+    ("args", "message", "status"),
+    [
+        pytest.param(
+            ("status", "--bogus"),
+            "No such option: --bogus; see `meshd status --help`",
+            2,
+            id="unknown-option",
+        ),
+        pytest.param(("ping",), "Missing argument 'peer'; see `meshd ping --help`", 2, id="missing-argument"),
+        pytest.param(("status",), "meshd is not running", 1, id="not-running"),
+        pytest.param(("up", "--wg-backend", "bogus"), "--wg-backend must be", 1, id="bad-value"),
+    ],
+)
+def test_meshd_cli_fails_the_same_way(
+    tmp_path: Path, args: tuple[str, ...], message: str, status: int
+) -> None:
+    """The two CLIs share one convention: one `error: ...` line on stderr, 2 for usage, 1 otherwise."""
+    result = subprocess.run(
+        [str(BIN.parent / "meshd"), *args, "--state-dir", str(tmp_path / "meshd")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert_one_line_error(result, message, status)
 
 
 def test_restart_keeps_state(tmp_path: Path) -> None:
