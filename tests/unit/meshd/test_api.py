@@ -42,7 +42,8 @@ async def crash(args: dict[str, Any]) -> Any:
 
 
 async def slow(args: dict[str, Any]) -> Any:
-    await asyncio.sleep(30)
+    """A handler that never finishes (the timeouts under test must end it, not the handler)."""
+    await asyncio.Event().wait()
 
 
 HANDLERS = {"status": status, "ping": ping, "crash": crash, "slow": slow}
