@@ -7,10 +7,10 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 
+from tests.eventually import eventually
 from tests.netns.lab import Lab
 
 pytestmark = [
@@ -47,7 +47,7 @@ STUN_CLIENT = textwrap.dedent(
     from meshd.proto import stun
     server = (sys.argv[1], 3478)
     client = stun.BindingClient(rto=0.2)
-    with RawPort(int(sys.argv[2])) as rp:
+    with RawPort(int(sys.argv[2])) as rp:  # the I/O shell of the sans-I/O client, bounded at 5 s
         client.query(server, time.monotonic())
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
@@ -75,10 +75,11 @@ def test_stun_mapping_is_the_one_wireguard_uses(lab: Lab) -> None:
     ifname = f"rp{os.getpid() % 100000}"
     wg = a.popen(["wireguard-go", "-f", ifname])
     try:
-        for _ in range(50):
-            if os.path.exists(f"/var/run/wireguard/{ifname}.sock"):
-                break
-            time.sleep(0.1)
+        eventually(
+            lambda: os.path.exists(f"/var/run/wireguard/{ifname}.sock"),
+            within=5,
+            what="wireguard-go's UAPI socket",
+        )
         key = a.run(["wg", "genkey"], check=True).stdout.strip()
         peer = a.run(["wg", "pubkey"], input=a.run(["wg", "genkey"]).stdout, check=True).stdout.strip()
         a.run(["sh", "-c", f"echo {key} > /tmp/{ifname}.key"], check=True)
@@ -117,6 +118,7 @@ def test_filter_keeps_wireguard_data_away_from_the_raw_socket(lab: Lab) -> None:
         with RawPort(int(sys.argv[1])) as rp:
             print("ready", flush=True)
             got = []
+            # part of the spec: listen for up to 3 s (or two packets), and only the STUN one may arrive
             deadline = time.monotonic() + 3
             while time.monotonic() < deadline and len(got) < 2:
                 select.select([rp], [], [], 0.1)
