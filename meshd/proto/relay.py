@@ -10,13 +10,46 @@ Packets are addressed by the destination node's WireGuard public key (32 bytes),
 The client speaks first (``CLIENT_HELLO`` with its key and a relay ticket); the server answers
 ``SERVER_HELLO`` or closes. Unknown types, oversized or truncated frames are protocol errors: the
 connection that sent them is closed with the reason, nobody else is affected.
+
+This module is the whole client/server contract, so neither side hard-codes any part of it: the HTTP
+paths, the upgrade exchange (request, ``101`` answer, head size limit), the socket tuning both ends
+apply, and the hello payloads. The standalone-relay feed (coordinator <-> ``coordinator relay serve``)
+is :mod:`meshd.proto.relayfeed`.
 """
 
 from __future__ import annotations
 
+import collections
+import json
+import math
+import socket
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
+
+# -- HTTP: how a relay connection starts -------------------------------------------------------------
+UPGRADE_PATH = "/api/v1/relay"  #: ``GET`` with ``Upgrade: meshrelay`` (RFC 9110 §7.8): raw frames after 101
+WS_PATH = "/api/v1/relay/ws"  #: the WebSocket fallback: binary messages carry frames
+TICKET_PATH = "/api/v1/relay/ticket"  #: ``POST`` (signed node request): a relay ticket for our key
+UPGRADE_TOKEN = "meshrelay"
+#: Largest HTTP head either side reads before giving up (request on the server, 101 on the client)
+MAX_HEAD = 16384
+#: Socket buffers for relay sockets: the relay path is bulk WireGuard traffic and the ~208 KiB default
+#: overflows under load. Also the asyncio write-buffer mark above which a peer counts as slow.
+SOCK_BUF = 4 << 20
+#: (level, option, value) both ends set on a relay TCP socket (best effort: a failure is not an error)
+SOCKET_OPTIONS: tuple[tuple[int, int, int], ...] = (
+    (socket.SOL_SOCKET, socket.SO_RCVBUF, SOCK_BUF),
+    (socket.SOL_SOCKET, socket.SO_SNDBUF, SOCK_BUF),
+    (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),  # packets are latency-sensitive, never wait for Nagle
+)
+#: Largest WebSocket message either side sends (writers batch queued frames up to it) or accepts. One
+#: frame always fits: HEADER_LEN + MAX_FRAME is 64 KiB.
+MAX_WS_MESSAGE = 1 << 20
+SWITCHING_PROTOCOLS = (
+    f"HTTP/1.1 101 Switching Protocols\r\nUpgrade: {UPGRADE_TOKEN}\r\nConnection: Upgrade\r\n\r\n"
+).encode("ascii")
 
 KEY_LEN = 32
 HEADER = struct.Struct("!BI")
@@ -34,14 +67,14 @@ class RelayProtocolError(ValueError):
 
 class FrameType(IntEnum):
     CLIENT_HELLO = 0x01  #: key(32) + flags(1) + ticket (meshd.proto.ticket); again later = ticket renewal
-    SERVER_HELLO = 0x02  #: utf-8 JSON with server info (region, keepalive interval)
+    SERVER_HELLO = 0x02  #: utf-8 JSON object: :class:`ServerHello`
     SEND_PACKET = 0x03  #: dst key(32) + packet
     RECV_PACKET = 0x04  #: src key(32) + packet
     PEER_GONE = 0x05  #: key(32) + reason(1): the destination is not connected here
     KEEPALIVE = 0x06  #: empty
     PING = 0x07  #: 8 opaque bytes
     PONG = 0x08  #: the 8 bytes of the PING it answers
-    HEALTH = 0x09  #: utf-8 text; empty means healthy
+    # 0x09 was HEALTH: never sent by any relay, removed; do not reuse the number
     CLOSE = 0x0A  #: utf-8 reason; the sender closes after it
 
 
@@ -59,7 +92,6 @@ _LIMITS: dict[int, tuple[int, int]] = {
     FrameType.KEEPALIVE: (0, 0),
     FrameType.PING: (8, 8),
     FrameType.PONG: (8, 8),
-    FrameType.HEALTH: (0, 1024),
     FrameType.CLOSE: (0, 1024),
 }
 
@@ -102,28 +134,71 @@ def recv_packet(src: bytes, packet: bytes) -> bytes:
 HELLO_HOME = 0x01
 
 
-def client_hello(key: bytes, ticket: bytes, home: bool = True) -> bytes:
-    return encode(FrameType.CLIENT_HELLO, _key(key) + bytes([HELLO_HOME if home else 0]) + ticket)
-
-
 @dataclass(frozen=True, slots=True)
-class Hello:
+class ClientHello:
+    """CLIENT_HELLO: who the client is (its WireGuard key), whether this region is its home, and the
+    ticket that proves the coordinator lets it use the relay. Sent again later to renew the ticket."""
+
     key: bytes
     home: bool
     ticket: bytes
 
 
-def parse_hello(frame: Frame) -> Hello:
+def client_hello(key: bytes, ticket: bytes, home: bool = True) -> bytes:
+    """The CLIENT_HELLO frame (encoder of :class:`ClientHello`)."""
+    return encode(FrameType.CLIENT_HELLO, _key(key) + bytes([HELLO_HOME if home else 0]) + ticket)
+
+
+def parse_hello(frame: Frame) -> ClientHello:
     """The parts of a CLIENT_HELLO frame (its length was checked by the decoder)."""
     if frame.type != FrameType.CLIENT_HELLO or len(frame.payload) < KEY_LEN + 1:
         raise RelayProtocolError("expected a CLIENT_HELLO frame")
     p = frame.payload
-    return Hello(p[:KEY_LEN], bool(p[KEY_LEN] & HELLO_HOME), p[KEY_LEN + 1 :])
+    return ClientHello(p[:KEY_LEN], bool(p[KEY_LEN] & HELLO_HOME), p[KEY_LEN + 1 :])
 
 
-def frame_header(ftype: FrameType, length: int) -> bytes:
-    """Just the 5-byte header (the hot path writes header and payload parts without joining them)."""
-    return HEADER.pack(ftype, length)
+MAX_REGION_NAME = 255
+MAX_KEEPALIVE = 86400.0
+
+
+@dataclass(frozen=True, slots=True)
+class ServerHello:
+    """SERVER_HELLO: the relay accepted the client. JSON on the wire (unknown fields are ignored, so a
+    newer relay may add some)."""
+
+    region: str  #: the region's name
+    region_id: int
+    keepalive: float  #: seconds between the relay's keepalives (a hint for dead-link detection)
+
+
+def server_hello(hello: ServerHello) -> bytes:
+    """The SERVER_HELLO frame (encoder of :class:`ServerHello`)."""
+    body = {"region": hello.region, "region_id": hello.region_id, "keepalive": hello.keepalive}
+    return encode(FrameType.SERVER_HELLO, json.dumps(body).encode())
+
+
+def parse_server_hello(frame: Frame) -> ServerHello:
+    """Decode a SERVER_HELLO frame; anything malformed raises :class:`RelayProtocolError`."""
+    if frame.type != FrameType.SERVER_HELLO:
+        raise RelayProtocolError("expected a SERVER_HELLO frame")
+    try:
+        raw: Any = json.loads(frame.payload)
+    except (ValueError, RecursionError):  # ValueError covers bad UTF-8 and huge integers too
+        raise RelayProtocolError("SERVER_HELLO is not JSON") from None
+    if not isinstance(raw, dict):
+        raise RelayProtocolError("SERVER_HELLO is not a JSON object")
+    region, region_id, keepalive = raw.get("region"), raw.get("region_id"), raw.get("keepalive")
+    if not isinstance(region, str) or not 0 < len(region) <= MAX_REGION_NAME:
+        raise RelayProtocolError("SERVER_HELLO: region must be a name")
+    if not isinstance(region_id, int) or isinstance(region_id, bool) or not 0 <= region_id < 1 << 31:
+        raise RelayProtocolError("SERVER_HELLO: region_id must be a small non-negative integer")
+    # bounded before float(): a 400-digit integer would overflow it (1e400 parses as inf, not finite)
+    if not (
+        (isinstance(keepalive, int) and not isinstance(keepalive, bool) and 0 < keepalive <= MAX_KEEPALIVE)
+        or (isinstance(keepalive, float) and math.isfinite(keepalive) and 0 < keepalive <= MAX_KEEPALIVE)
+    ):
+        raise RelayProtocolError("SERVER_HELLO: keepalive must be a positive number of seconds")
+    return ServerHello(region, region_id, float(keepalive))
 
 
 def peer_gone(key: bytes, reason: GoneReason = GoneReason.NOT_CONNECTED) -> bytes:
@@ -134,6 +209,65 @@ def _key(key: bytes) -> bytes:
     if len(key) != KEY_LEN:
         raise RelayProtocolError(f"node key has {len(key)} bytes, not {KEY_LEN}")
     return key
+
+
+# -- the upgrade exchange --------------------------------------------------------------------------------
+def upgrade_request(netloc: str) -> bytes:
+    """The client's ``GET`` asking to switch to relay framing (``netloc`` is the URL's host[:port])."""
+    if not netloc or any(c in netloc for c in "\r\n \t"):
+        raise RelayProtocolError("relay host is not a valid Host header value")
+    return (
+        f"GET {UPGRADE_PATH} HTTP/1.1\r\nHost: {netloc}\r\nUpgrade: {UPGRADE_TOKEN}\r\n"
+        "Connection: Upgrade\r\n\r\n"
+    ).encode("latin-1")
+
+
+def is_upgrade_request(head: bytes) -> bool:
+    """True for ``GET /api/v1/relay HTTP/1.1`` with ``Upgrade: meshrelay`` and ``Connection: upgrade``
+    (``head``: the request head without the final blank line). Anything else is plain HTTP."""
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or parts[0] != b"GET" or parts[1].split(b"?")[0] != UPGRADE_PATH.encode():
+        return False
+    upgrade = connection = False
+    token = UPGRADE_TOKEN.encode()
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep:
+            continue
+        name = name.strip().lower()
+        tokens = [v.strip().lower() for v in value.split(b",")]
+        if name == b"upgrade" and token in tokens:
+            upgrade = True
+        elif name == b"connection" and b"upgrade" in tokens:
+            connection = True
+    return upgrade and connection
+
+
+def check_upgrade_response(head: bytes) -> None:
+    """The relay's answer head (without the final blank line): raise unless it is ``101``."""
+    status = head.split(b"\r\n", 1)[0].decode("latin-1")
+    if not status.startswith("HTTP/1.1 101"):
+        raise RelayProtocolError(f"relay refused the upgrade: {status.strip()[:200]}")
+
+
+def take_batch(queue: collections.deque[bytes], limit: int = MAX_WS_MESSAGE) -> bytes:
+    """Pop queued frames from the left while they fit in ``limit`` bytes (at least one) and join them:
+    one WebSocket message for many small frames, never one larger than the peer accepts."""
+    parts = [queue.popleft()]
+    size = len(parts[0])
+    while queue and size + len(queue[0]) <= limit:
+        size += len(queue[0])
+        parts.append(queue.popleft())
+    return b"".join(parts)
+
+
+def websocket_url(base: str, path: str) -> str:
+    """``http(s)://host[:port]`` + path as the ``ws(s)://`` URL of a WebSocket endpoint."""
+    base = base.rstrip("/")
+    if not base.startswith(("http://", "https://")):
+        raise RelayProtocolError(f"not an http(s) URL: {base[:200]!r}")
+    return "ws" + base[len("http") :] + path
 
 
 class FrameDecoder:

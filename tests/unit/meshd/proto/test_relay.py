@@ -1,8 +1,11 @@
-"""Relay framing: round trips, streaming in arbitrary chunks, and refusal of bad frames."""
+"""The relay contract: framing (round trips, streaming in arbitrary chunks, refusal of bad frames), the
+hellos, and the HTTP upgrade exchange."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import json
 
 import pytest
 from hypothesis import given
@@ -23,6 +26,13 @@ def test_send_packet_roundtrip() -> None:
 def test_unknown_type_is_refused_with_reason() -> None:
     with pytest.raises(relay.RelayProtocolError, match="unknown frame type 0x7f"):
         relay.FrameDecoder().feed(b"\x7f\x00\x00\x00\x00")
+
+
+def test_the_retired_health_type_is_unknown() -> None:
+    """0x09 was HEALTH, which no relay ever sent: it is gone from the protocol, not reused."""
+    assert 0x09 not in {int(t) for t in relay.FrameType}
+    with pytest.raises(relay.RelayProtocolError, match="unknown frame type 0x09"):
+        relay.FrameDecoder().feed(b"\x09\x00\x00\x00\x00")
 
 
 def test_oversized_frame_refused_from_the_header_alone() -> None:
@@ -57,7 +67,10 @@ frames = st.one_of(
     st.builds(relay.peer_gone, st.binary(min_size=32, max_size=32), st.sampled_from(relay.GoneReason)),
     st.just(relay.encode(relay.FrameType.KEEPALIVE)),
     st.binary(min_size=8, max_size=8).map(lambda b: relay.encode(relay.FrameType.PING, b)),
-    st.text(max_size=50).map(lambda t: relay.encode(relay.FrameType.HEALTH, t.encode())),
+    st.text(max_size=50).map(lambda t: relay.encode(relay.FrameType.CLOSE, t.encode())),
+    st.builds(
+        relay.ServerHello, st.text(min_size=1, max_size=20), st.integers(0, 1000), st.floats(0.5, 60)
+    ).map(relay.server_hello),
 )
 
 
@@ -81,3 +94,124 @@ def test_any_bytes_raise_only_relay_protocol_error(data: bytes) -> None:
         d = relay.FrameDecoder()
         d.feed(data)
         d.eof()
+
+
+# -- hellos ------------------------------------------------------------------------------------------------
+@given(st.binary(min_size=32, max_size=32), st.binary(max_size=300), st.booleans())
+def test_client_hello_roundtrip(key: bytes, ticket: bytes, home: bool) -> None:
+    [frame] = relay.FrameDecoder().feed(relay.client_hello(key, ticket, home))
+    assert relay.parse_hello(frame) == relay.ClientHello(key, home, ticket)
+
+
+@given(
+    st.text(min_size=1, max_size=relay.MAX_REGION_NAME),
+    st.integers(0, (1 << 31) - 1),
+    st.floats(0.001, relay.MAX_KEEPALIVE),
+)
+def test_server_hello_roundtrip(region: str, region_id: int, keepalive: float) -> None:
+    hello = relay.ServerHello(region, region_id, keepalive)
+    [frame] = relay.FrameDecoder().feed(relay.server_hello(hello))
+    assert relay.parse_server_hello(frame) == hello
+
+
+def test_server_hello_ignores_fields_it_does_not_know() -> None:
+    body = {"region": "r", "region_id": 2, "keepalive": 20, "new": [1]}
+    frame = relay.Frame(relay.FrameType.SERVER_HELLO, json.dumps(body).encode())
+    assert relay.parse_server_hello(frame) == relay.ServerHello("r", 2, 20.0)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        b"[]",
+        b'{"region": "r", "region_id": 1}',
+        b'{"region": "", "region_id": 1, "keepalive": 20}',
+        b'{"region": "r", "region_id": true, "keepalive": 20}',
+        b'{"region": "r", "region_id": 1, "keepalive": -1}',
+        b'{"region": "r", "region_id": 1, "keepalive": 1e400}',
+        b'{"region": "r", "region_id": 1, "keepalive": ' + b"9" * 5000 + b"}",
+        b"\xff\xfe",
+    ],
+)
+def test_bad_server_hello_is_refused(payload: bytes) -> None:
+    with pytest.raises(relay.RelayProtocolError, match="SERVER_HELLO"):
+        relay.parse_server_hello(relay.Frame(relay.FrameType.SERVER_HELLO, payload))
+
+
+@given(st.binary(max_size=300))
+def test_any_server_hello_payload_raises_only_relay_protocol_error(payload: bytes) -> None:
+    with contextlib.suppress(relay.RelayProtocolError):
+        relay.parse_server_hello(relay.Frame(relay.FrameType.SERVER_HELLO, payload))
+
+
+@given(st.recursive(st.none() | st.booleans() | st.floats() | st.integers() | st.text(), st.lists))
+def test_any_json_server_hello_raises_only_relay_protocol_error(value: object) -> None:
+    body = {"region": value, "region_id": value, "keepalive": value}
+    with contextlib.suppress(relay.RelayProtocolError):
+        relay.parse_server_hello(relay.Frame(relay.FrameType.SERVER_HELLO, json.dumps(body).encode()))
+
+
+# -- the upgrade exchange ----------------------------------------------------------------------------------
+def test_the_client_request_is_what_the_server_accepts() -> None:
+    request = relay.upgrade_request("relay.example:8443")
+    assert request.endswith(b"\r\n\r\n")
+    assert relay.is_upgrade_request(request[:-4])
+    relay.check_upgrade_response(relay.SWITCHING_PROTOCOLS[:-4])
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /api/v1/relay HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade",
+        b"GET /api/v1/relay HTTP/1.1\r\nHost: x\r\nUpgrade: meshrelay",
+        b"POST /api/v1/relay HTTP/1.1\r\nUpgrade: meshrelay\r\nConnection: Upgrade",
+        b"GET /api/v1/relayx HTTP/1.1\r\nUpgrade: meshrelay\r\nConnection: Upgrade",
+        b"GET /healthz HTTP/1.1\r\nHost: x",
+        b"",
+    ],
+)
+def test_anything_but_the_relay_upgrade_is_plain_http(head: bytes) -> None:
+    assert not relay.is_upgrade_request(head)
+
+
+def test_header_names_and_tokens_are_case_insensitive() -> None:
+    head = b"GET /api/v1/relay?x=1 HTTP/1.1\r\nupgrade: MeshRelay\r\nCONNECTION: keep-alive, Upgrade"
+    assert relay.is_upgrade_request(head)
+
+
+def test_a_refused_upgrade_says_what_the_relay_answered() -> None:
+    with pytest.raises(relay.RelayProtocolError, match=r"relay refused the upgrade: HTTP/1\.1 404 Not Found"):
+        relay.check_upgrade_response(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0")
+
+
+def test_a_host_that_would_inject_headers_is_refused() -> None:
+    with pytest.raises(relay.RelayProtocolError):
+        relay.upgrade_request("x\r\nEvil: 1")
+
+
+@given(st.binary(max_size=400))
+def test_any_head_is_classified_or_refused_without_other_errors(head: bytes) -> None:
+    relay.is_upgrade_request(head)
+    with contextlib.suppress(relay.RelayProtocolError):
+        relay.check_upgrade_response(head)
+
+
+def test_websocket_url() -> None:
+    assert (
+        relay.websocket_url("https://r.example:8443/", relay.WS_PATH)
+        == "wss://r.example:8443/api/v1/relay/ws"
+    )
+    assert relay.websocket_url("http://10.0.0.1", "/x") == "ws://10.0.0.1/x"
+    with pytest.raises(relay.RelayProtocolError):
+        relay.websocket_url("ftp://x", "/x")
+
+
+@given(st.lists(st.binary(min_size=1, max_size=300), min_size=1, max_size=50), st.integers(1, 2000))
+def test_batches_keep_order_and_size_unless_one_frame_is_larger(frames: list[bytes], limit: int) -> None:
+    queue = collections.deque(frames)
+    batches = []
+    while queue:
+        batches.append(relay.take_batch(queue, limit))
+    assert b"".join(batches) == b"".join(frames)
+    assert all(len(b) <= max(limit, max(map(len, frames))) for b in batches)
