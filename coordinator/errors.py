@@ -35,7 +35,3 @@ class Conflict(CoordinatorError):
 
 class Gone(CoordinatorError):
     status = 410
-
-
-class TooLarge(CoordinatorError):
-    status = 413

@@ -13,13 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from coordinator.mapstate import MapState, PendingDelta
+from meshd.proto.netmap import CloseCode
 
 log = logging.getLogger(__name__)
 
-CLOSE = object()  #: put in a subscriber queue to close its stream
-CLOSE_REVOKED = 4403  #: WebSocket close code: the node was removed or expired (do not reconnect)
-CLOSE_RESTART = 1012  #: the coordinator is shutting down (reconnect later with since=V)
-CLOSE_TOO_SLOW = 4408  #: the node did not keep up with its stream (reconnect with since=V)
+CLOSE = object()  #: put in a subscriber queue to close its stream (with its close_code)
 QUEUE_LIMIT = 256
 
 
@@ -29,7 +27,7 @@ class Subscriber:
     version: int
     queue: asyncio.Queue[object] = field(default_factory=lambda: asyncio.Queue(QUEUE_LIMIT))
     close_reason: str = ""
-    close_code: int = CLOSE_REVOKED
+    close_code: CloseCode = CloseCode.REVOKED
 
     def push(self, item: object) -> bool:
         try:
@@ -38,7 +36,7 @@ class Subscriber:
         except asyncio.QueueFull:
             return False
 
-    def close(self, reason: str, code: int = CLOSE_REVOKED) -> None:
+    def close(self, reason: str, code: CloseCode = CloseCode.REVOKED) -> None:
         self.close_reason = reason
         self.close_code = code
         with contextlib.suppress(asyncio.QueueFull):
@@ -68,7 +66,7 @@ class Hub:
                 await self._task
         for subs in list(self.subscribers.values()):
             for sub in subs:
-                sub.close("coordinator shutting down", CLOSE_RESTART)
+                sub.close("coordinator shutting down", CloseCode.RESTART)
 
     @property
     def connected(self) -> int:
@@ -89,6 +87,7 @@ class Hub:
         return False
 
     def is_connected(self, node_id: int) -> bool:
+        # only tests/coordinator/test_stream.py uses this (to be replaced by `node_id in hub.subscribers`)
         return node_id in self.subscribers
 
     def send_to(self, node_id: int, message: str) -> bool:
@@ -186,6 +185,6 @@ class Hub:
                     sub.version = current
                     sent += 1
                 else:
-                    sub.close("too slow: stream queue full", CLOSE_TOO_SLOW)
+                    sub.close("too slow: stream queue full", CloseCode.TOO_SLOW)
         if self._on_sent is not None and sent:
             self._on_sent(sent)

@@ -4,10 +4,11 @@ Handshake: ``GET /api/v1/stream?since=V`` signed like every node request. The se
 ``map``/``delta``/``signal``/``error`` messages; the node sends ``endpoints`` and ``signal`` messages
 (format: meshd.proto.netmap).
 
-Close codes: 4403 the node was removed or expired (also sent instead of accepting, as HTTP 403, when a
-revoked node connects); 1008 the handshake signature was refused; 1012 the coordinator is restarting;
-4408 the node fell behind (its queue filled). After 1012/4408/network loss, reconnect with
-``since=<last version>`` to receive only what was missed.
+Close codes (:class:`meshd.proto.netmap.CloseCode`): REVOKED (4403) the node was removed or expired (also
+sent instead of accepting, as HTTP 403, when a revoked node connects); POLICY (1008) the handshake
+signature was refused; RESTART (1012) the coordinator is restarting; TOO_SLOW (4408) the node fell behind
+(its queue filled). After RESTART/TOO_SLOW/network loss, reconnect with ``since=<last version>`` to
+receive only what was missed.
 """
 
 from __future__ import annotations
@@ -22,13 +23,12 @@ from coordinator import nodes
 from coordinator.api.auth import authenticate_node
 from coordinator.core import Core
 from coordinator.errors import CoordinatorError
-from coordinator.hub import CLOSE, CLOSE_REVOKED, Subscriber
+from coordinator.hub import CLOSE, Subscriber
 from meshd.proto import netmap
+from meshd.proto.netmap import CloseCode
 
 router = APIRouter(tags=["stream"])
 log = logging.getLogger(__name__)
-
-CLOSE_POLICY = 1008
 
 
 async def handle_client_message(core: Core, node_id: int, msg: netmap.ClientMessage) -> str | None:
@@ -52,10 +52,10 @@ async def stream(ws: WebSocket) -> None:
     try:
         node_id = await authenticate_node(core, ws.headers, "GET", ws.url, b"")
     except CoordinatorError as exc:
-        await ws.close(code=CLOSE_POLICY, reason=exc.message[:120])
+        await ws.close(code=CloseCode.POLICY, reason=exc.message[:120])
         return
     if node_id not in core.state.peers:
-        await ws.close(code=CLOSE_REVOKED, reason="node removed or expired")
+        await ws.close(code=CloseCode.REVOKED, reason="node removed or expired")
         return
     since_text = ws.query_params.get("since")
     since = int(since_text) if since_text and since_text.isdigit() and len(since_text) < 19 else None

@@ -12,50 +12,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from typing import Any
 
 from coordinator.relay.hub import WRITE_HIGH, ClientConn, RelayHub
+from meshd.proto import relay
 
-RELAY_PATH = b"/api/v1/relay"
-UPGRADE_TOKEN = b"meshrelay"
-MAX_HEAD = 16384
 HEAD_TIMEOUT = 30.0
-SOCK_BUF = 4 << 20
-
-_SWITCH = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: meshrelay\r\nConnection: Upgrade\r\n\r\n"
 
 
 def tune_socket(transport: asyncio.BaseTransport) -> None:
-    """Big socket buffers and no Nagle on relay sockets: the relay path is bulk WireGuard traffic."""
+    """The relay's socket options (:data:`meshd.proto.relay.SOCKET_OPTIONS`, best effort)."""
     sock = transport.get_extra_info("socket")
     if sock is None:
         return
-    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+    for level, opt, value in relay.SOCKET_OPTIONS:
         with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, opt, SOCK_BUF)
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def is_relay_upgrade(head: bytes) -> bool:
-    """True for ``GET /api/v1/relay HTTP/1.1`` with ``Upgrade: meshrelay`` and ``Connection: upgrade``."""
-    lines = head.split(b"\r\n")
-    parts = lines[0].split(b" ")
-    if len(parts) != 3 or parts[0] != b"GET" or parts[1].split(b"?")[0] != RELAY_PATH:
-        return False
-    upgrade = connection = False
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep:
-            continue
-        name = name.strip().lower()
-        tokens = [v.strip().lower() for v in value.split(b",")]
-        if name == b"upgrade" and UPGRADE_TOKEN in tokens:
-            upgrade = True
-        elif name == b"connection" and b"upgrade" in tokens:
-            connection = True
-    return upgrade and connection
+            sock.setsockopt(level, opt, value)
 
 
 class TcpClient(ClientConn, asyncio.Protocol):
@@ -118,10 +90,10 @@ def front_protocol(hub: RelayHub | None) -> type[asyncio.Protocol]:
             self.buf += data
             end = self.buf.find(b"\r\n\r\n")
             if end < 0:
-                if len(self.buf) > MAX_HEAD:
+                if len(self.buf) > relay.MAX_HEAD:
                     self._to_http()  # uvicorn answers 431/400 for us
                 return
-            if hub is not None and is_relay_upgrade(bytes(self.buf[:end])):
+            if hub is not None and relay.is_upgrade_request(bytes(self.buf[:end])):
                 self._to_relay(end + 4)
             else:
                 self._to_http()
@@ -157,7 +129,7 @@ def front_protocol(hub: RelayHub | None) -> type[asyncio.Protocol]:
             peername = self.transport.get_extra_info("peername")
             peer = f"{peername[0]}:{peername[1]}" if peername else "?"
             tune_socket(self.transport)
-            self.transport.write(_SWITCH)
+            self.transport.write(relay.SWITCHING_PROTOCOLS)
             client = TcpClient(hub, self.transport, peer)
             self.transport.set_protocol(client)
             if rest:

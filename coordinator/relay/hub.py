@@ -8,27 +8,29 @@ the OLDEST frame is dropped and counted, so a slow client never stalls the sende
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
-import json
 import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from meshd.proto import relay
-from meshd.proto.encoding import b64encode
+from meshd.proto import relay, relayfeed
 from meshd.proto.relay import FrameType, RelayProtocolError
+from meshd.proto.relayfeed import SessionRecord
 from meshd.proto.ticket import TicketError, TicketPayload
 
 log = logging.getLogger("coordinator.relay")
 
 QUEUE_FRAMES = 2048  #: frames held per client while its socket is full (then drop oldest)
-WRITE_HIGH = 4 << 20  #: asyncio transport buffer above which a client counts as slow
+WRITE_HIGH = relay.SOCK_BUF  #: asyncio transport buffer above which a client counts as slow
 KEEPALIVE = 20.0
+#: A connection that has not sent a valid CLIENT_HELLO by then is closed: unauthenticated connections
+#: must not pile up (``conns`` would grow with every idle socket someone opens).
+HELLO_TIMEOUT = 10.0
 HOLD_SECONDS = 3.0  #: how long a packet for a node that is not connected yet is kept
 HOLD_PER_PEER = 8
 HOLD_TOTAL = 4096
@@ -57,22 +59,6 @@ class RelayMetrics:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class SessionRecord:
-    """One finished relay session, for the audit trail (never payload)."""
-
-    node_id: int
-    key: str
-    region: str
-    transport: str
-    opened: float
-    duration: float
-    rx_bytes: int  #: packet bytes the client sent us
-    tx_bytes: int  #: packet bytes we delivered to it
-    drops: int
-    reason: str
-
-
 class ClientConn:
     """One client connection; subclasses provide the transport."""
 
@@ -86,6 +72,7 @@ class ClientConn:
         self.home = False
         self.not_after = 0.0
         self.decoder = relay.FrameDecoder()
+        #: frames waiting while the transport is paused: at most QUEUE_FRAMES (then the oldest is dropped)
         self.queue: collections.deque[bytes] = collections.deque()
         self.paused = False
         self.closed = False
@@ -178,7 +165,7 @@ class ClientConn:
             raise RelayProtocolError(f"{t.name} before CLIENT_HELLO")
         elif t == FrameType.PING:
             self.hub.pong(self, frame.payload)
-        elif t in (FrameType.KEEPALIVE, FrameType.PONG, FrameType.HEALTH):
+        elif t in (FrameType.KEEPALIVE, FrameType.PONG):
             pass
         elif t == FrameType.CLOSE:
             self.close("client said close: " + frame.payload.decode("utf-8", "replace"))
@@ -215,6 +202,7 @@ class RelayHub:
         self.clock = clock
         self.clients: dict[bytes, ClientConn] = {}
         self.conns: set[ClientConn] = set()
+        #: small packets for nodes not connected yet: HOLD_PER_PEER each, HOLD_TOTAL in all, HOLD_SECONDS long
         self._held: dict[bytes, deque[tuple[float, bytes, bytes]]] = {}
         self._held_total = 0
         self._packets = 0
@@ -279,7 +267,7 @@ class RelayHub:
     def add(self, conn: ClientConn) -> None:
         self.conns.add(conn)
 
-    def hello(self, conn: ClientConn, hello: relay.Hello) -> None:
+    def hello(self, conn: ClientConn, hello: relay.ClientHello) -> None:
         now = self.clock()
         payload = self.verify(hello.ticket, now)
         if payload.key != hello.key:
@@ -302,8 +290,7 @@ class RelayHub:
         if old is not None and old is not conn:
             old.close("replaced by a newer connection of the same node", tell=True)
         self.metrics.clients.labels(self.region).set(len(self.clients))
-        info = {"region": self.region, "region_id": self.region_id, "keepalive": KEEPALIVE}
-        conn.send(relay.encode(FrameType.SERVER_HELLO, json.dumps(info).encode()))
+        conn.send(relay.server_hello(relay.ServerHello(self.region, self.region_id, KEEPALIVE)))
         log.info("relay session open: node %d (%s) from %s", conn.node_id, conn.transport_name, conn.peer)
         if self.on_open is not None:
             self.on_open(conn)
@@ -312,8 +299,6 @@ class RelayHub:
     def pong(self, conn: ClientConn, data: bytes) -> None:
         frame = relay.encode(FrameType.PONG, data)
         if self.pong_delay > 0:
-            import asyncio
-
             asyncio.get_running_loop().call_later(self.pong_delay, conn.send, frame)
         else:
             conn.send(frame)
@@ -339,7 +324,7 @@ class RelayHub:
             self.on_session(
                 SessionRecord(
                     node_id=conn.node_id,
-                    key=b64encode(conn.key),
+                    key=conn.key,
                     region=self.region,
                     transport=conn.transport_name,
                     opened=conn.opened,
@@ -347,7 +332,7 @@ class RelayHub:
                     rx_bytes=conn.rx_bytes,
                     tx_bytes=conn.tx_bytes,
                     drops=conn.drops,
-                    reason=reason,
+                    reason=reason[: relayfeed.MAX_TEXT],
                 )
             )
 
@@ -363,6 +348,9 @@ class RelayHub:
         now = self.clock()
         for c in [c for c in self.clients.values() if now >= c.not_after]:
             c.close("relay ticket expired", tell=True)
+        born_before = time.time() - HELLO_TIMEOUT
+        for c in [c for c in self.conns if c.key is None and c.opened < born_before]:
+            c.close("no CLIENT_HELLO in time", tell=True)
         self._expire_held()
         self.flush_counts()
 

@@ -5,11 +5,11 @@
 * ``/api/v1/relay/ws``: the WebSocket transport of the embedded hub (the Upgrade transport is the
   front protocol on the same port, :mod:`coordinator.relay.front`).
 * ``/api/v1/relay/feed`` (WebSocket, ``Authorization: Bearer <relay secret>``; the secret is
-  ``<state-dir>/relay.secret``): a standalone relay's link. We send ``keys`` (trusted signing keys) and
-  ``valid`` (node ids allowed now) on connect, then ``revoke`` the moment a node is removed or expired
-  (so it is dropped within a second everywhere). The relay sends ``region`` (it joins the relay map),
-  ``attach`` (a node made it its home: published as ``relay_home``) and ``session`` records, which
-  we write to the audit trail: standalone relays keep no audit log of their own.
+  ``<state-dir>/relay.secret``): a standalone relay's link (messages: :mod:`meshd.proto.relayfeed`). We
+  send ``keys`` (trusted signing keys) and ``valid`` (node ids allowed now) on connect, then ``revoke``
+  the moment a node is removed or expired (so it is dropped within a second everywhere). The relay sends
+  ``region`` (it joins the relay map), ``attach`` (a node made it its home: published as ``relay_home``)
+  and ``session`` records, which we write to the audit trail: standalone relays keep no audit log.
 """
 
 from __future__ import annotations
@@ -17,31 +17,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 import os
 import secrets
 import time
+from collections.abc import Coroutine
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Request, WebSocket
+from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect
 
 from coordinator.api.deps import CoreDep, NodeDep
 from coordinator.core import Core
 from coordinator.errors import Forbidden
-from coordinator.relay.hub import ClientConn, RelayHub, RelayMetrics, SessionRecord
-from coordinator.relay.ws import WS_PATH, serve_websocket
-from meshd.proto import ticket
-from meshd.proto.encoding import b64encode
-from meshd.proto.netmap import RelayRegion
+from coordinator.relay.hub import ClientConn, RelayHub, RelayMetrics
+from coordinator.relay.ws import serve_websocket
+from meshd.proto import relay, relayfeed, ticket
+from meshd.proto.netmap import CloseCode, RelayRegion
+from meshd.proto.relayfeed import SessionRecord
+from meshd.supervise import supervise
 
 log = logging.getLogger("coordinator.relay")
 
-FEED_PATH = "/api/v1/relay/feed"
 TICK = 0.2
+#: Audit writes, relay_home updates and feed sends in flight. Relay clients cause them (one per session
+#: open and close), so under a connection storm with a slow database they are dropped (and logged)
+#: beyond this many rather than piling up without bound.
+MAX_PENDING = 1000
 
 
 def load_or_create_secret(state_dir: Path) -> str:
@@ -77,7 +81,8 @@ class RelayService:
                 on_home=lambda c: self._spawn(self.attach(c.node_id, 1)),
             )
         self.feeds: set[WebSocket] = set()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()  #: at most MAX_PENDING
+        self.skipped = 0  #: effects dropped because MAX_PENDING were in flight
         self._ticker: asyncio.Task[None] | None = None
         core.revoke_hooks.append(self.revoke)
 
@@ -95,7 +100,8 @@ class RelayService:
         if self._ticker is not None and not self._ticker.done():
             return
         if self.hub is not None:
-            self._ticker = asyncio.create_task(self._tick(), name="relay-tick")
+            # supervised: a failing tick must not silently stop ticket expiry for good
+            self._ticker = asyncio.create_task(supervise("relay-tick", self._tick), name="relay-tick")
 
     async def stop(self) -> None:
         if self._ticker:
@@ -104,11 +110,10 @@ class RelayService:
         if self.hub is not None:
             self.hub.close_all("coordinator shutting down")
         for ws in list(self.feeds):
-            with contextlib.suppress(Exception):
-                await ws.close(1012)
-        for t in list(self._tasks):
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(t, 2)
+            with contextlib.suppress(Exception):  # the feed may be gone already
+                await ws.close(CloseCode.RESTART)
+        if self._tasks:  # let audit writes in flight finish (asyncio.wait never raises their errors)
+            await asyncio.wait(list(self._tasks), timeout=2)
 
     async def _tick(self) -> None:
         assert self.hub is not None
@@ -116,7 +121,13 @@ class RelayService:
             await asyncio.sleep(TICK)
             self.hub.tick()
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        if len(self._tasks) >= MAX_PENDING:
+            coro.close()
+            self.skipped += 1
+            if self.skipped % 100 == 1:
+                log.warning("relay: %d effect(s) dropped: %d in flight", self.skipped, MAX_PENDING)
+            return
         t = asyncio.create_task(coro)
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
@@ -135,7 +146,7 @@ class RelayService:
             n = self.hub.revoke_node(node_id, reason)
             if n:
                 log.info("relay: dropped %d session(s) of node %d: %s", n, node_id, reason)
-        msg = json.dumps({"type": "revoke", "node_id": node_id, "reason": reason})
+        msg = relayfeed.encode(relayfeed.Revoke(node_id, reason[: relayfeed.MAX_TEXT]))
         for ws in list(self.feeds):
             self._spawn(_send_quiet(ws, msg))
 
@@ -150,7 +161,7 @@ class RelayService:
 
     async def audit_open(self, node_id: int, region: str, transport: str) -> None:
         name = self._name(node_id)
-        with contextlib.suppress(Exception):
+        try:
             async with self.core.transaction() as tx:
                 await tx.audit(
                     f"node:{name}",
@@ -158,6 +169,8 @@ class RelayService:
                     f"node:{name}",
                     {"region": region, "transport": transport},
                 )
+        except Exception as exc:  # never let audit trouble break the relay
+            log.warning("relay: audit of a session opening failed: %s", exc)
 
     async def audit_session(self, rec: SessionRecord) -> None:
         name = self._name(rec.node_id)
@@ -213,53 +226,49 @@ class RelayService:
     async def feed(self, ws: WebSocket) -> None:
         auth = ws.headers.get("authorization", "")
         if not hmac.compare_digest(auth.encode(), f"Bearer {self.secret}".encode()):
-            await ws.close(4401, "bad relay secret")
+            await ws.close(CloseCode.UNAUTHORIZED, "bad relay secret")
             return
         await ws.accept()
         self.feeds.add(ws)
         try:
-            await ws.send_text(
-                json.dumps({"type": "keys", "trusted": [b64encode(k) for k in self.core.keys.trusted]})
-            )
-            valid = [i for i, (_, expired) in self.core.node_keys.items() if not expired]
-            await ws.send_text(json.dumps({"type": "valid", "node_ids": valid}))
+            await ws.send_text(relayfeed.encode(relayfeed.Keys(tuple(self.core.keys.trusted))))
+            valid = frozenset(i for i, (_, expired) in self.core.node_keys.items() if not expired)
+            await ws.send_text(relayfeed.encode(relayfeed.Valid(valid)))
             while True:
-                text = await ws.receive_text()
+                message = await ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    return
                 try:
-                    await self._feed_message(json.loads(text))
-                except (ValueError, KeyError, TypeError) as exc:
+                    msg = relayfeed.decode_to_coordinator(message.get("text") or message.get("bytes") or b"")
+                except relayfeed.FeedError as exc:
                     log.warning("relay feed: bad message: %s", exc)
+                    continue
+                await self._feed_message(msg)
         except (WebSocketDisconnect, RuntimeError):
             pass
         finally:
             self.feeds.discard(ws)
 
-    async def _feed_message(self, msg: dict[str, Any]) -> None:
-        kind = msg["type"]
-        if kind == "region":
-            await self.add_region(
-                RelayRegion(int(msg["id"]), str(msg["name"]), str(msg["url"]), int(msg["stun_port"]))
-            )
-        elif kind == "attach":
-            await self.attach(int(msg["node_id"]), int(msg["region_id"]))
-        elif kind == "open":
-            await self.audit_open(int(msg["node_id"]), str(msg["region"]), str(msg["transport"]))
-        elif kind == "session":
-            rec = msg["record"]
-            await self.audit_session(SessionRecord(**{k: rec[k] for k in SessionRecord.__dataclass_fields__}))
+    async def _feed_message(self, msg: relayfeed.ToCoordinator) -> None:
+        if isinstance(msg, relayfeed.Region):
+            await self.add_region(msg.region)
+        elif isinstance(msg, relayfeed.Attach):
+            await self.attach(msg.node_id, msg.region_id)
+        elif isinstance(msg, relayfeed.SessionOpen):
+            await self.audit_open(msg.node_id, msg.region, msg.transport)
         else:
-            raise ValueError(f"unknown type {kind!r}")
+            await self.audit_session(msg)
 
 
 async def _send_quiet(ws: WebSocket, text: str) -> None:
-    with contextlib.suppress(Exception):
+    with contextlib.suppress(Exception):  # a feed that went away; its relay reconnects and resyncs
         await ws.send_text(text)
 
 
 def router(service: RelayService) -> APIRouter:
     r = APIRouter(tags=["relay"])
 
-    @r.post("/api/v1/relay/ticket")
+    @r.post(relay.TICKET_PATH)
     async def relay_ticket(node_id: NodeDep, core: CoreDep) -> dict[str, Any]:
         peer = core.state.peers.get(node_id)
         if peer is None:
@@ -267,20 +276,15 @@ def router(service: RelayService) -> APIRouter:
         text = ticket.make(node_id, peer.wg_public_key, core.keys.active_seed, time.time())
         return {"ticket": text, "not_after": ticket.decode(text)[0].not_after}
 
-    @r.websocket(FEED_PATH)
+    @r.websocket(relayfeed.FEED_PATH)
     async def relay_feed(ws: WebSocket) -> None:
         await service.feed(ws)
 
     if service.hub is not None:
         hub = service.hub
 
-        @r.websocket(WS_PATH)
+        @r.websocket(relay.WS_PATH)
         async def relay_ws(ws: WebSocket) -> None:
             await serve_websocket(ws, hub)
 
     return r
-
-
-def state_of(request: Request) -> RelayService:
-    svc: RelayService = request.app.state.relay
-    return svc

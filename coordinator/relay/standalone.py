@@ -3,10 +3,10 @@
 The same hub and transports as the embedded relay (Upgrade on the listening port, WebSocket fallback),
 plus ``/healthz``, ``/metrics`` and STUN on ``--stun-port`` (and the port after it). It holds the feed
 WebSocket to the coordinator (:mod:`coordinator.relay.service`), authenticated with the relay secret:
-the feed gives the trusted signing keys and pushes revocations (a removed node is dropped at once), and
-this relay sends its region (it joins the relay map), ``attach`` (relay_home) and session records, which
-the coordinator writes to ITS audit trail (no local audit log; records made while the feed is down are
-kept in a bounded queue and sent on reconnect).
+the feed (:mod:`meshd.proto.relayfeed`) gives the trusted signing keys and pushes revocations (a removed
+node is dropped at once), and this relay sends its region (it joins the relay map), ``attach``
+(relay_home) and session records, which the coordinator writes to ITS audit trail (no local audit log;
+records made while the feed is down are kept in a bounded queue and sent on reconnect).
 """
 
 from __future__ import annotations
@@ -14,12 +14,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import json
 import logging
 import random
 import signal
 import socket
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
@@ -28,14 +27,19 @@ from fastapi.responses import PlainTextResponse
 from prometheus_client import CollectorRegistry, generate_latest
 
 from coordinator.relay.front import install
-from coordinator.relay.hub import ClientConn, RelayHub, RelayMetrics, SessionRecord
-from coordinator.relay.service import FEED_PATH, TICK
-from coordinator.relay.ws import WS_PATH, serve_websocket
+from coordinator.relay.hub import ClientConn, RelayHub, RelayMetrics
+from coordinator.relay.service import TICK
+from coordinator.relay.ws import serve_websocket
 from coordinator.stun import start_stun
-from meshd.proto import ticket
-from meshd.proto.encoding import b64decode
+from meshd.proto import relay, relayfeed, ticket
+from meshd.proto.netmap import RelayRegion
+from meshd.supervise import supervise
 
 log = logging.getLogger("coordinator.relay")
+
+#: Reports (session records, attach, open) kept while the feed is down; beyond that the oldest are
+#: dropped (and counted): a coordinator outage must not grow the relay's memory without bound.
+OUTBOX_MAX = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,14 +65,13 @@ class Standalone:
             opts.region_id,
             self.verify,
             RelayMetrics(self.registry),
-            on_session=lambda r: self._report({"type": "session", "record": asdict(r)}),
+            on_session=self._report,
             on_open=self._opened,
-            on_home=lambda c: self._report(
-                {"type": "attach", "node_id": c.node_id, "region_id": opts.region_id}
-            ),
+            on_home=lambda c: self._report(relayfeed.Attach(c.node_id, opts.region_id)),
             pong_delay=opts.pong_delay,
         )
-        self.outbox: collections.deque[str] = collections.deque(maxlen=10_000)
+        self.outbox: collections.deque[str] = collections.deque(maxlen=OUTBOX_MAX)
+        self.outbox_dropped = 0
         self.wake = asyncio.Event()
         self.feed_up = asyncio.Event()
 
@@ -86,14 +89,14 @@ class Standalone:
         return payload
 
     def _opened(self, c: ClientConn) -> None:
-        self._report(
-            {"type": "open", "node_id": c.node_id, "region": self.opts.name, "transport": c.transport_name}
-        )
+        self._report(relayfeed.SessionOpen(c.node_id, self.opts.name, c.transport_name))
         if c.home:
-            self._report({"type": "attach", "node_id": c.node_id, "region_id": self.opts.region_id})
+            self._report(relayfeed.Attach(c.node_id, self.opts.region_id))
 
-    def _report(self, msg: dict[str, Any]) -> None:
-        self.outbox.append(json.dumps(msg))
+    def _report(self, msg: relayfeed.ToCoordinator) -> None:
+        if len(self.outbox) == OUTBOX_MAX:
+            self.outbox_dropped += 1  # the deque drops the oldest on append
+        self.outbox.append(relayfeed.encode(msg))
         self.wake.set()
 
     def app(self) -> FastAPI:
@@ -108,7 +111,7 @@ class Standalone:
             self.hub.flush_counts()
             return PlainTextResponse(generate_latest(self.registry).decode())
 
-        @app.websocket(WS_PATH)
+        @app.websocket(relay.WS_PATH)
         async def relay_ws(ws: WebSocket) -> None:
             await serve_websocket(ws, self.hub)
 
@@ -118,30 +121,30 @@ class Standalone:
         from websockets.asyncio.client import connect
 
         base = self.opts.coordinator.rstrip("/")
-        url = "ws" + base[len("http") :] + FEED_PATH
+        url = relay.websocket_url(base, relayfeed.FEED_PATH)
         delay = 0.2
-        region = {
-            "type": "region",
-            "id": self.opts.region_id,
-            "name": self.opts.name,
-            "url": self.url,
-            "stun_port": self.opts.stun_port,
-        }
+        o = self.opts
+        region = relayfeed.encode(relayfeed.Region(RelayRegion(o.region_id, o.name, self.url, o.stun_port)))
         while True:
             try:
                 async with connect(
                     url, additional_headers={"Authorization": f"Bearer {self.opts.secret}"}, open_timeout=5
                 ) as ws:
-                    await ws.send(json.dumps(region))
+                    await ws.send(region)
                     delay = 0.2
                     sender = asyncio.create_task(self._send_outbox(ws))
                     try:
-                        async for text in ws:
-                            self._feed_message(json.loads(text))
+                        async for data in ws:
+                            try:
+                                msg = relayfeed.decode_to_relay(data)
+                            except relayfeed.FeedError as exc:
+                                log.warning("feed: bad message from the coordinator: %s", exc)
+                                continue
+                            self._feed_message(msg)
                     finally:
                         sender.cancel()
                         self.feed_up.clear()
-            except Exception as exc:  # coordinator down, bad secret, restart
+            except Exception as exc:  # coordinator down, bad secret, restart (CancelledError propagates)
                 log.warning("feed to %s: %s; retrying in %.1f s", base, exc, delay)
             self.feed_up.clear()
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
@@ -155,22 +158,20 @@ class Standalone:
                 await ws.send(self.outbox[0])
                 self.outbox.popleft()
 
-    def _feed_message(self, msg: dict[str, Any]) -> None:
-        kind = msg.get("type")
-        if kind == "keys":
-            self.trusted = tuple(b64decode(k, length=32) for k in msg["trusted"])
+    def _feed_message(self, msg: relayfeed.ToRelay) -> None:
+        if isinstance(msg, relayfeed.Keys):
+            self.trusted = msg.trusted
             self.feed_up.set()
             log.info("linked to the coordinator: %d trusted key(s)", len(self.trusted))
-        elif kind == "valid":
-            valid = set(msg["node_ids"])
+        elif isinstance(msg, relayfeed.Valid):
             for c in list(self.hub.clients.values()):
-                if c.node_id not in valid:
+                if c.node_id not in msg.node_ids:
                     c.close("node removed or expired", tell=True)
-        elif kind == "revoke":
-            node_id = int(msg["node_id"])
-            self.revoked.add(node_id)
-            n = self.hub.revoke_node(node_id, str(msg.get("reason", "node removed")))
-            log.info("revoked node %d (%d session(s) dropped)", node_id, n)
+        else:
+            # bounded by the coordinator's node ids: each is revoked once, like its database row
+            self.revoked.add(msg.node_id)
+            n = self.hub.revoke_node(msg.node_id, msg.reason)
+            log.info("revoked node %d (%d session(s) dropped)", msg.node_id, n)
 
     async def tick_loop(self) -> None:
         while True:
@@ -178,12 +179,8 @@ class Standalone:
             self.hub.tick()
 
 
-def _session_record(msg: dict[str, Any]) -> SessionRecord:  # pragma: no cover - kept for symmetry
-    return SessionRecord(**msg)
-
-
 async def serve(opts: RelayOptions) -> None:
-    relay = Standalone(opts)
+    region = Standalone(opts)
     host, port = opts.listen
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
@@ -192,8 +189,8 @@ async def serve(opts: RelayOptions) -> None:
     stun: list[asyncio.DatagramTransport] = []
     if opts.stun_port:
         stun = await start_stun(host, opts.stun_port)
-    config = uvicorn.Config(relay.app(), log_level="warning", lifespan="off", timeout_graceful_shutdown=1)
-    install(config, relay.hub)
+    config = uvicorn.Config(region.app(), log_level="warning", lifespan="off", timeout_graceful_shutdown=1)
+    install(config, region.hub)
     server = uvicorn.Server(config)
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
     stop = asyncio.Event()
@@ -202,19 +199,20 @@ async def serve(opts: RelayOptions) -> None:
         loop.add_signal_handler(sig, stop.set)
     tasks = [
         asyncio.create_task(server.serve(sockets=[sock])),
-        asyncio.create_task(relay.feed_loop()),
-        asyncio.create_task(relay.tick_loop()),
+        # supervised: neither loop may die silently and leave the relay unlinked or its tickets unexpired
+        asyncio.create_task(supervise("relay-feed", region.feed_loop)),
+        asyncio.create_task(supervise("relay-tick", region.tick_loop)),
     ]
     print(f"relay region {opts.name} (id {opts.region_id}) listening on {host}:{port}", flush=True)
     try:
         waiter = asyncio.create_task(stop.wait())
         await asyncio.wait([waiter, tasks[0]], return_when=asyncio.FIRST_COMPLETED)
     finally:
-        relay.hub.close_all("relay shutting down")
+        region.hub.close_all("relay shutting down")
         server.should_exit = True
         for t in tasks[1:]:
             t.cancel()
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # uvicorn's own shutdown trouble: we exit anyway
             await asyncio.wait_for(tasks[0], 3)
         for st in stun:
             st.close()

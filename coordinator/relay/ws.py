@@ -9,8 +9,7 @@ import contextlib
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from coordinator.relay.hub import QUEUE_FRAMES, ClientConn, RelayHub
-
-WS_PATH = "/api/v1/relay/ws"
+from meshd.proto import relay
 
 
 class WsClient(ClientConn):
@@ -19,6 +18,7 @@ class WsClient(ClientConn):
     def __init__(self, hub: RelayHub, ws: WebSocket, peer: str) -> None:
         super().__init__(hub, peer)
         self.ws = ws
+        #: frames the writer task has not sent yet: at most QUEUE_FRAMES (then the oldest is dropped)
         self.out: collections.deque[bytes] = collections.deque()
         self.wake = asyncio.Event()
         hub.add(self)
@@ -39,9 +39,7 @@ class WsClient(ClientConn):
             await self.wake.wait()
             self.wake.clear()
             while self.out:
-                batch = b"".join(self.out)
-                self.out.clear()
-                await self.ws.send_bytes(batch)
+                await self.ws.send_bytes(relay.take_batch(self.out))
             if self.closed:
                 return
 

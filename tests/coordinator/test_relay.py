@@ -90,7 +90,7 @@ async def test_upgrade_relays_packets_and_the_api_still_answers_on_the_same_port
     la = await link(relayed, a, inbox_a)
     lb = await link(relayed, b, inbox_b, transports=("websocket",))
     assert (la.transport, lb.transport) == ("upgrade", "websocket")
-    assert la.info["region"] == "default"
+    assert la.info.region == "default"
     la.send_packet(b.key, b"hello b")
     assert await asyncio.wait_for(inbox_b.get(), 2) == (a.key, b"hello b")
     lb.send_packet(a.key, b"x" * 1400)
