@@ -2,13 +2,18 @@
 
 The link speaks :mod:`meshd.proto.relay`: CLIENT_HELLO (key, home flag, ticket) right after the request
 (pipelined: one round trip to a working relay), SERVER_HELLO back, then SEND_PACKET out and RECV_PACKET in.
+
+Outbound data is bounded on both transports: while the relay does not keep up (the Upgrade transport's
+buffer is above :data:`meshd.proto.relay.SOCK_BUF`, or the WebSocket writer is :data:`OUT_FRAMES` behind)
+packets are dropped and counted, as a congested network would; WireGuard recovers. Control frames (ping,
+ticket renewal, close) are never dropped: we send them on our own timers, so they cannot pile up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
-import json
 import logging
 import os
 import socket
@@ -19,13 +24,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from meshd.proto import relay
-from meshd.proto.relay import FrameType, RelayProtocolError
+from meshd.proto.relay import FrameType, RelayProtocolError, ServerHello
 
 log = logging.getLogger("meshd.relay")
 
-SOCK_BUF = 4 << 20
 CONNECT_TIMEOUT = 5.0
-PENDING_MAX = 64  #: packets held while the link is connecting (a WireGuard handshake must not be lost)
+OUT_FRAMES = 2048  #: WebSocket frames queued for the writer task at most (then packets are dropped)
 
 
 class RelayLinkError(Exception):
@@ -38,11 +42,15 @@ PacketHandler = Callable[[bytes, bytes], None]  #: (src key, packet)
 def _tune(sock: socket.socket | None) -> None:
     if sock is None:
         return
-    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, opt, SOCK_BUF)
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for level, opt, value in relay.SOCKET_OPTIONS:
+        with contextlib.suppress(OSError):  # best effort: beyond rmem_max, or not a TCP socket
+            sock.setsockopt(level, opt, value)
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    """Mark a future's exception as seen (nobody awaits a hello that failed after connect gave up)."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 class _Base:
@@ -52,14 +60,16 @@ class _Base:
         self.on_packet = on_packet
         self.on_gone = on_gone
         self.decoder = relay.FrameDecoder()
-        self.hello: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self.closed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self.hello: asyncio.Future[ServerHello] = loop.create_future()
+        self.hello.add_done_callback(_retrieve)
+        self.closed: asyncio.Future[str] = loop.create_future()
+        #: pings in flight, by token: one entry per ping() call, removed when it returns
         self.pings: dict[bytes, asyncio.Future[float]] = {}
         self.last_rx = time.monotonic()
-        self.tx_bytes = 0
-        self.rx_bytes = 0
+        self.dropped = 0  #: packets not sent because the relay did not keep up
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes, droppable: bool = False) -> None:
         raise NotImplementedError
 
     def close(self, reason: str) -> None:
@@ -75,18 +85,17 @@ class _Base:
         for f in frames:
             t = f.type
             if t == FrameType.RECV_PACKET:
-                p = f.payload
-                self.rx_bytes += len(p) - 32
-                self.on_packet(p[:32], p[32:])
+                self.on_packet(f.key, f.body)
             elif t == FrameType.SERVER_HELLO:
                 try:
-                    info = json.loads(f.payload or b"{}")
-                except ValueError:
-                    info = {}
+                    info = relay.parse_server_hello(f)
+                except RelayProtocolError as exc:
+                    self.close(f"relay sent a bad SERVER_HELLO: {exc}")
+                    return
                 if not self.hello.done():
-                    self.hello.set_result(info if isinstance(info, dict) else {})
+                    self.hello.set_result(info)
             elif t == FrameType.PONG:
-                fut = self.pings.pop(f.payload, None)
+                fut = self.pings.get(f.payload)
                 if fut is not None and not fut.done():
                     fut.set_result(time.monotonic())
             elif t == FrameType.PEER_GONE:
@@ -101,8 +110,9 @@ class _Base:
         if not self.closed.done():
             self.closed.set_result(reason)
         for fut in self.pings.values():
+            # an error, not cancel(): the ping's caller was not cancelled, its link went away
             if not fut.done():
-                fut.cancel()
+                fut.set_exception(RelayLinkError(f"relay link closed: {reason}"))
 
 
 class _UpgradeProtocol(_Base, asyncio.Protocol):
@@ -110,13 +120,14 @@ class _UpgradeProtocol(_Base, asyncio.Protocol):
         _Base.__init__(self, on_packet, on_gone)
         self.request = request
         self.transport: asyncio.Transport | None = None
-        self.head = bytearray()
+        self.head = bytearray()  #: the 101 answer so far: at most relay.MAX_HEAD bytes
         self.upgraded = False
+        self.paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        transport.set_write_buffer_limits(high=SOCK_BUF)
+        transport.set_write_buffer_limits(high=relay.SOCK_BUF)
         _tune(transport.get_extra_info("socket"))
         transport.write(self.request)
 
@@ -127,12 +138,13 @@ class _UpgradeProtocol(_Base, asyncio.Protocol):
         self.head += data
         end = self.head.find(b"\r\n\r\n")
         if end < 0:
-            if len(self.head) > 16384:
+            if len(self.head) > relay.MAX_HEAD:
                 self.close("relay answered with an oversized HTTP head")
             return
-        status = bytes(self.head[: self.head.find(b"\r\n")]).decode("latin-1")
-        if not status.startswith("HTTP/1.1 101"):
-            self.close(f"relay refused the upgrade: {status.strip()}")
+        try:
+            relay.check_upgrade_response(bytes(self.head[:end]))
+        except RelayProtocolError as exc:
+            self.close(str(exc))
             return
         self.upgraded = True
         rest = bytes(self.head[end + 4 :])
@@ -140,10 +152,19 @@ class _UpgradeProtocol(_Base, asyncio.Protocol):
         if rest:
             self._frames(rest)
 
-    def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.tx_bytes += len(data)
-            self.transport.write(data)
+    def pause_writing(self) -> None:
+        self.paused = True  # the transport buffer passed relay.SOCK_BUF: drop packets until it drains
+
+    def resume_writing(self) -> None:
+        self.paused = False
+
+    def write(self, data: bytes, droppable: bool = False) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        if droppable and self.paused:
+            self.dropped += 1
+            return
+        self.transport.write(data)
 
     def close(self, reason: str) -> None:
         self._lost(reason)
@@ -158,7 +179,8 @@ class _WsLink(_Base):
     def __init__(self, on_packet: PacketHandler, on_gone: Callable[[bytes], None], ws: Any) -> None:
         super().__init__(on_packet, on_gone)
         self.ws = ws
-        self.out: list[bytes] = []
+        #: frames for the writer task: packets only while fewer than OUT_FRAMES wait (see module doc)
+        self.out: collections.deque[bytes] = collections.deque()
         self.wake = asyncio.Event()
         self.tasks = [asyncio.create_task(self._reader()), asyncio.create_task(self._writer())]
 
@@ -169,7 +191,7 @@ class _WsLink(_Base):
                     self.close("relay sent a text message")
                     return
                 self._frames(msg)
-        except Exception as exc:
+        except Exception as exc:  # the websocket failed: the link is lost (CancelledError propagates)
             self._lost(f"websocket: {exc}")
         self._lost("relay closed the websocket")
 
@@ -179,14 +201,16 @@ class _WsLink(_Base):
                 await self.wake.wait()
                 self.wake.clear()
                 while self.out:
-                    batch = b"".join(self.out)
-                    self.out.clear()
-                    await self.ws.send(batch)
-        except Exception as exc:
+                    await self.ws.send(relay.take_batch(self.out))
+        except Exception as exc:  # the websocket failed: the link is lost (CancelledError propagates)
             self._lost(f"websocket: {exc}")
 
-    def write(self, data: bytes) -> None:
-        self.tx_bytes += len(data)
+    def write(self, data: bytes, droppable: bool = False) -> None:
+        if self.closed.done():
+            return
+        if droppable and len(self.out) >= OUT_FRAMES:
+            self.dropped += 1
+            return
         self.out.append(data)
         self.wake.set()
 
@@ -194,13 +218,19 @@ class _WsLink(_Base):
         self._lost(reason)
         for t in self.tasks:
             t.cancel()
-        asyncio.get_running_loop().create_task(self.ws.close())
+        self.out.clear()
+        closer = asyncio.get_running_loop().create_task(self._close_ws())
+        self.tasks.append(closer)  # a reference, so the closing task is not collected midway
+
+    async def _close_ws(self) -> None:
+        with contextlib.suppress(Exception):  # the websocket may be broken already; we are done with it
+            await self.ws.close()
 
 
 class RelayLink:
     """A connected relay link. Use :func:`connect`."""
 
-    def __init__(self, impl: _Base, transport: str, info: dict[str, Any]) -> None:
+    def __init__(self, impl: _Base, transport: str, info: ServerHello) -> None:
         self._impl = impl
         self.transport = transport  #: "upgrade" or "websocket"
         self.info = info
@@ -217,9 +247,15 @@ class RelayLink:
     def idle(self) -> float:
         return time.monotonic() - self._impl.last_rx
 
+    @property
+    def dropped(self) -> int:
+        """Packets not sent because the relay did not keep up."""
+        return self._impl.dropped
+
     def send_packet(self, dst: bytes, packet: bytes) -> None:
         # header + key + packet in one write; no intermediate Frame objects on the hot path
-        self._impl.write(relay.HEADER.pack(FrameType.SEND_PACKET, 32 + len(packet)) + dst + packet)
+        data = relay.HEADER.pack(FrameType.SEND_PACKET, relay.KEY_LEN + len(packet)) + dst + packet
+        self._impl.write(data, droppable=True)
 
     def renew(self, key: bytes, ticket: bytes, home: bool) -> None:
         self._impl.write(relay.client_hello(key, ticket, home))
@@ -228,28 +264,28 @@ class RelayLink:
         self._impl.write(relay.encode(FrameType.KEEPALIVE))
 
     async def ping(self, within: float = 2.0) -> float:
-        """Round-trip time of one relay PING, in seconds."""
+        """Round-trip time of one relay PING, in seconds.
+
+        Raises :class:`RelayLinkError` when no PONG comes within ``within`` seconds or the link closes;
+        cancelling the caller cancels the ping (``CancelledError`` propagates, it is not a link error).
+        """
         token = os.urandom(8)
         fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
         self._impl.pings[token] = fut
         start = time.monotonic()
-        self._impl.write(relay.encode(FrameType.PING, token))
         try:
-            return (await asyncio.wait_for(fut, within)) - start
-        except (TimeoutError, asyncio.CancelledError):
+            self._impl.write(relay.encode(FrameType.PING, token))
+            async with asyncio.timeout(within):
+                return (await fut) - start
+        except TimeoutError:
             raise RelayLinkError("relay did not answer a ping") from None
         finally:
             self._impl.pings.pop(token, None)
 
     def close(self, reason: str = "closed by meshd") -> None:
         if self.is_open:
-            with contextlib.suppress(Exception):
-                self._impl.write(relay.encode(FrameType.CLOSE, reason.encode()[:1024]))
+            self._impl.write(relay.encode(FrameType.CLOSE, reason.encode()[:1024]))
         self._impl.close(reason)
-
-    @property
-    def stats(self) -> tuple[int, int]:
-        return self._impl.rx_bytes, self._impl.tx_bytes
 
 
 async def connect(
@@ -264,30 +300,36 @@ async def connect(
     within: float = CONNECT_TIMEOUT,
     transports: tuple[str, ...] = ("upgrade", "websocket"),
 ) -> RelayLink:
-    """Connect to the relay at `url` (the region's http(s) URL): Upgrade first, then WebSocket."""
+    """Connect to the relay at `url` (the region's http(s) URL): Upgrade first, then WebSocket.
+
+    Every failure, a malformed URL included, is a :class:`RelayLinkError`. ``asyncio.timeout`` rather
+    than ``wait_for``: in Python 3.11 ``wait_for`` returns the result and swallows the cancellation when
+    both arrive together, which left a link open after :meth:`RelayManager.close`.
+    """
     errors = []
     for kind in transports:
         try:
-            if kind == "upgrade":
-                return await asyncio.wait_for(
-                    _connect_upgrade(url, key, ticket, home, on_packet, on_gone, ssl_context), within
-                )
-            return await asyncio.wait_for(
-                _connect_ws(url, key, ticket, home, on_packet, on_gone, ssl_context), within
-            )
-        except (OSError, RelayLinkError, TimeoutError, ssl.SSLError) as exc:
+            async with asyncio.timeout(within):
+                if kind == "upgrade":
+                    return await _connect_upgrade(url, key, ticket, home, on_packet, on_gone, ssl_context)
+                return await _connect_ws(url, key, ticket, home, on_packet, on_gone, ssl_context)
+        except TimeoutError:
+            errors.append(f"{kind}: no answer within {within:g} s")
+        except Exception as exc:  # OSError, TLS, HTTP refusal, websockets' own errors, a bad URL
             errors.append(f"{kind}: {exc or type(exc).__name__}")
-        except Exception as exc:  # websockets' own errors
-            errors.append(f"{kind}: {exc or type(exc).__name__}")
-    raise RelayLinkError(f"cannot connect to relay {url} ({'; '.join(errors)})")
+    raise RelayLinkError(f"cannot connect to relay {url!r} ({'; '.join(errors)})")
 
 
 def _split(url: str) -> tuple[str, int, bool, str]:
-    u = urlsplit(url)
+    try:
+        u = urlsplit(url)
+        port = u.port
+    except ValueError:  # an out-of-range or non-numeric port
+        raise RelayLinkError(f"bad relay URL {url!r}") from None
     tls = u.scheme == "https"
     if u.scheme not in ("http", "https") or not u.hostname:
         raise RelayLinkError(f"bad relay URL {url!r}")
-    return u.hostname, u.port or (443 if tls else 80), tls, u.netloc
+    return u.hostname, port or (443 if tls else 80), tls, u.netloc
 
 
 async def _connect_upgrade(
@@ -300,9 +342,7 @@ async def _connect_upgrade(
     ssl_context: ssl.SSLContext | None,
 ) -> RelayLink:
     host, port, tls, netloc = _split(url)
-    request = (
-        f"GET /api/v1/relay HTTP/1.1\r\nHost: {netloc}\r\nUpgrade: meshrelay\r\nConnection: Upgrade\r\n\r\n"
-    ).encode() + relay.client_hello(key, ticket, home)
+    request = relay.upgrade_request(netloc) + relay.client_hello(key, ticket, home)
     loop = asyncio.get_running_loop()
     ctx = (ssl_context or ssl.create_default_context()) if tls else None
     _, proto = await loop.create_connection(
@@ -310,7 +350,7 @@ async def _connect_upgrade(
     )
     try:
         info = await asyncio.shield(proto.hello)
-    except BaseException:
+    except BaseException:  # failed, timed out or cancelled: never leave the connection behind
         proto.close("handshake failed")
         raise
     return RelayLink(proto, "upgrade", info)
@@ -328,10 +368,9 @@ async def _connect_ws(
     from websockets.asyncio.client import connect as ws_connect
 
     _, _, tls, _ = _split(url)
-    ws_url = "ws" + url.rstrip("/")[len("http") :] + "/api/v1/relay/ws"
     ws = await ws_connect(
-        ws_url,
-        max_size=None,
+        relay.websocket_url(url, relay.WS_PATH),
+        max_size=relay.MAX_WS_MESSAGE,
         compression=None,
         ssl=(ssl_context or ssl.create_default_context()) if tls else None,
     )
@@ -340,7 +379,7 @@ async def _connect_ws(
     link.write(relay.client_hello(key, ticket, home))
     try:
         info = await asyncio.shield(link.hello)
-    except BaseException:
+    except BaseException:  # failed, timed out or cancelled: never leave the websocket behind
         link.close("handshake failed")
         raise
     return RelayLink(link, "websocket", info)
