@@ -93,8 +93,13 @@ class Lab:
         return self.decisions()[-1][1]
 
 
-def make(routes: dict[Endpoint, Route] | None = None, cands: list[Candidate] | None = None) -> Lab:
-    lab = Lab(PeerPath("peerkey", 0.0, relay_up=True), routes=routes or {})
+def make(
+    routes: dict[Endpoint, Route] | None = None,
+    cands: list[Candidate] | None = None,
+    *,
+    relay_up: bool = True,
+) -> Lab:
+    lab = Lab(PeerPath("peerkey", 0.0, relay_up=relay_up), routes=routes or {})
     lab.drain()
     if cands is not None:
         lab.path.set_candidates(cands, 0.0)
@@ -243,6 +248,27 @@ def test_relay_down_without_direct_path_is_none_and_retries_at_once() -> None:
     assert any(t == 600.0 for t, _ in lab.probes)
     lab.path.relay_up(601.0)
     assert lab.path.status.path is PathKind.RELAY
+
+
+def test_a_new_peer_while_the_relay_is_down_is_none_not_relay() -> None:
+    # WireGuard points at the relay proxy from the start, but with every relay link down nothing carries it
+    lab = make({}, [Candidate(PUB, CandidateKind.PUBLIC)], relay_up=False)
+    assert lab.log[0][1] == UseRelay("peerkey", "start")
+    assert lab.path.status.path is PathKind.NONE
+    lab.run(10.0)
+    assert lab.path.status.path is PathKind.NONE, "attempts failing do not make the relay appear"
+    lab.path.relay_up(10.0)
+    assert lab.path.status.path is PathKind.RELAY
+
+
+def test_with_the_relay_down_a_direct_path_shows_and_losing_it_means_none() -> None:
+    lab = make({PUB: Route(rtt=0.02)}, [Candidate(PUB, CandidateKind.PUBLIC)], relay_up=False)
+    lab.run(1.0)
+    assert lab.path.status.path is PathKind.DIRECT
+    lab.routes[PUB].up = False
+    lab.run(6.0)
+    assert lab.last_decision() == UseRelay("peerkey", f"heartbeat lost from {PUB[0]}:{PUB[1]}")
+    assert lab.path.status.path is PathKind.NONE
 
 
 def test_discovery_upgrades_to_a_better_path_while_direct() -> None:
