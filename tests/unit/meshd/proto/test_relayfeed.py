@@ -131,7 +131,17 @@ def test_any_input_raises_only_feed_error(data: bytes | str) -> None:
         feed.decode(data)
 
 
-FIELDS = ("trusted", "node_ids", "node_id", "reason", "id", "name", "url", "stun_port", "region_id")
+FIELDS: tuple[str, ...] = (
+    "trusted",
+    "node_ids",
+    "node_id",
+    "reason",
+    "id",
+    "name",
+    "url",
+    "stun_port",
+    "region_id",
+)
 FIELDS += ("region", "transport", "record", "key", "opened", "duration", "rx_bytes", "tx_bytes", "drops")
 json_values = st.recursive(
     st.none() | st.booleans() | st.floats() | st.integers() | st.text(max_size=10),
