@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
 from collections.abc import AsyncIterator
@@ -19,11 +20,13 @@ from coordinator.relay import hub as relay_hub
 from coordinator.relay.front import install
 from coordinator.settings import Settings
 from meshd.control import ControlClient, Enrollment
-from meshd.proto import relay
+from meshd.proto import relay, relayfeed
+from meshd.proto.encoding import b64encode
 from meshd.proto.netmap import RelayRegion
 from meshd.relay import link as rlink
 from meshd.relay.manager import RelayManager
 from tests.coordinator.conftest import Coord
+from tests.eventually import eventually_async
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -42,10 +45,7 @@ async def relayed(coord: Coord, settings: Settings) -> AsyncIterator[Coord]:
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
-        for _ in range(200):
-            if server.started:
-                break
-            await asyncio.sleep(0.01)
+        await eventually_async(lambda: server.started, within=5, what="uvicorn started")
         c = Coord(coord.core, coord.api, coord.admin, coord.transport, f"http://127.0.0.1:{port}")
         c.relay = app.state.relay  # type: ignore[attr-defined]
         yield c
@@ -96,34 +96,42 @@ async def test_upgrade_relays_packets_and_the_api_still_answers_on_the_same_port
     lb.send_packet(a.key, b"x" * 1400)
     assert await asyncio.wait_for(inbox_a.get(), 2) == (b.key, b"x" * 1400)
     assert await la.ping() < 1.0
-    await asyncio.sleep(0.3)  # packet counters are flushed in batches, at least every 0.2 s
     async with httpx.AsyncClient(base_url=relayed.url) as http:
         assert (await http.get("/healthz")).status_code == 200
-        metrics = (await http.get("/metrics")).text
-    assert 'relay_clients{region="default"} 2.0' in metrics
-    assert 'relay_packets_total{region="default"}' in metrics
+
+        async def metrics() -> str | None:
+            text = (await http.get("/metrics")).text
+            # packet counters are flushed in batches, at least every 0.2 s
+            return text if 'relay_packets_total{region="default"} 2.0' in text else None
+
+        text = await eventually_async(metrics, within=3, what="the packet counters were flushed")
+    assert 'relay_clients{region="default"} 2.0' in text
     la.close()
     lb.close()
-    await asyncio.sleep(0.3)
-    r = await relayed.admin.get("/admin/audit")
-    actions = [x["action"] for x in r.json()]
-    assert actions.count("relay.session.open") == 2 and actions.count("relay.session.close") == 2
-    close = next(x for x in r.json() if x["action"] == "relay.session.close" and x["object"] == "node:a")
+
+    async def audit() -> list[dict[str, object]] | None:
+        entries: list[dict[str, object]] = (await relayed.admin.get("/admin/audit")).json()
+        closes = [x for x in entries if x["action"] == "relay.session.close"]
+        return entries if len(closes) == 2 else None
+
+    entries = await eventually_async(audit, within=3, what="both sessions audited as closed")
+    assert [x["action"] for x in entries].count("relay.session.open") == 2
+    close = next(x for x in entries if x["action"] == "relay.session.close" and x["object"] == "node:a")
     assert close["details"]["tx_bytes"] == 1400 and close["details"]["rx_bytes"] == 7
 
 
 async def test_home_region_is_published_as_relay_home(relayed: Coord) -> None:
     a = await enroll(relayed, "a")
     relayed.core.state.put_peer(
-        __import__("dataclasses").replace(relayed.core.state.peers[a.enrollment.node_id], relay_home=None)
+        dataclasses.replace(relayed.core.state.peers[a.enrollment.node_id], relay_home=None)
     )
     inbox: asyncio.Queue[tuple[bytes, bytes]] = asyncio.Queue()
     la = await link(relayed, a, inbox)
-    for _ in range(50):
-        if relayed.core.state.peers[a.enrollment.node_id].relay_home == 1:
-            break
-        await asyncio.sleep(0.02)
-    assert relayed.core.state.peers[a.enrollment.node_id].relay_home == 1
+    await eventually_async(
+        lambda: relayed.core.state.peers[a.enrollment.node_id].relay_home == 1,
+        within=2,
+        what="relay_home is 1",
+    )
     la.close()
 
 
@@ -154,9 +162,7 @@ async def test_removed_node_is_dropped_within_a_second(relayed: Coord) -> None:
 async def raw(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     host, port = url.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(
-        b"GET /api/v1/relay HTTP/1.1\r\nHost: x\r\nUpgrade: meshrelay\r\nConnection: Upgrade\r\n\r\n"
-    )
+    writer.write(relay.upgrade_request("x"))
     head = await reader.readuntil(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 101")
     return reader, writer
@@ -192,8 +198,7 @@ async def test_bad_frames_close_only_that_connection_with_a_logged_reason(
         data = await asyncio.wait_for(reader.read(), 2)  # the relay closes the connection
         assert data == b"" or data.startswith(bytes([relay.FrameType.CLOSE]))
         writer.close()
-    await asyncio.sleep(0.05)
-    assert reason in caplog.text
+    await eventually_async(lambda: reason in caplog.text, within=2, what=f"{reason!r} logged")
     la.send_packet(b.key, b"still working")
     assert await asyncio.wait_for(inbox_b.get(), 2) == (a.key, b"still working")
     la.close()
@@ -236,8 +241,6 @@ async def test_relay_manager_proxies_udp_between_two_wireguard_ports(relayed: Co
         wg_key=a.key, wg_port=wg_a.getsockname()[1], tickets=a.client.relay_ticket, on_state=states.append
     )
     mb = RelayManager(wg_key=b.key, wg_port=wg_b.getsockname()[1], tickets=b.client.relay_ticket)
-    from meshd.proto.encoding import b64encode
-
     try:
         for m, other in ((ma, b), (mb, a)):
             m.start()
@@ -246,10 +249,7 @@ async def test_relay_manager_proxies_udp_between_two_wireguard_ports(relayed: Co
         # relay first: the endpoint exists before the link is up; what is sent now is delivered later
         ep_b_at_a = ma.endpoint(b64encode(b.key))
         assert ep_b_at_a is not None and ep_b_at_a[0] == "127.0.0.1"
-        for _ in range(100):  # b must be connected for the relay to deliver to it
-            if mb.up:
-                break
-            await asyncio.sleep(0.02)
+        await eventually_async(lambda: mb.up, within=5, what="b is connected (the relay delivers only then)")
         await asyncio.to_thread(wg_a.sendto, b"handshake initiation", ep_b_at_a)
         data, src = await asyncio.to_thread(wg_b.recvfrom, 2000)
         assert data == b"handshake initiation"
@@ -276,10 +276,52 @@ async def test_small_packets_for_a_node_that_connects_a_moment_later_are_deliver
     la = await link(relayed, a, inbox_a)
     la.send_packet(b.key, b"\x01" + bytes(147))  # the size of a handshake initiation
     la.send_packet(b.key, b"y" * 1400)  # data is not held
-    await asyncio.sleep(0.3)
+    await la.ping()  # frames are handled in order: the relay has seen both packets
     lb = await link(relayed, b, inbox_b)
     assert await asyncio.wait_for(inbox_b.get(), 2) == (a.key, b"\x01" + bytes(147))
-    await asyncio.sleep(0.2)
-    assert inbox_b.empty()
+    la.send_packet(b.key, b"after")  # anything held would arrive before this
+    assert await asyncio.wait_for(inbox_b.get(), 2) == (a.key, b"after")
     la.close()
     lb.close()
+
+
+async def test_a_connection_that_never_says_hello_is_closed(
+    relayed: Coord, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unauthenticated connections must not pile up: no CLIENT_HELLO within HELLO_TIMEOUT, closed."""
+    monkeypatch.setattr(relay_hub, "HELLO_TIMEOUT", 0.3)
+    reader, writer = await raw(relayed.url)
+    data = await asyncio.wait_for(reader.read(), 3)  # the relay closes the connection
+    [frame] = relay.FrameDecoder().feed(data)
+    assert frame.type == relay.FrameType.CLOSE and b"no CLIENT_HELLO" in frame.payload
+    writer.close()
+
+
+async def test_feed_refuses_bad_messages_and_keeps_going(
+    relayed: Coord, caplog: pytest.LogCaptureFixture
+) -> None:
+    from websockets.asyncio.client import connect
+
+    secret = (relayed.core.settings.state_dir / "relay.secret").read_text().strip()
+    url = relay.websocket_url(relayed.url, relayfeed.FEED_PATH)
+    async with connect(url, additional_headers={"Authorization": f"Bearer {secret}"}) as ws:
+        keys = relayfeed.decode_to_relay(await ws.recv())
+        assert keys == relayfeed.Keys(tuple(relayed.core.keys.trusted))
+        assert isinstance(relayfeed.decode_to_relay(await ws.recv()), relayfeed.Valid)
+        await ws.send('{"type": "region", "id": "two"}')
+        await ws.send(b"\xff binary junk")
+        await ws.send(relayfeed.encode(relayfeed.Revoke(1, "a relay may not revoke")))
+        region = RelayRegion(7, "seven", "http://127.0.0.1:1", 0)
+        await ws.send(relayfeed.encode(relayfeed.Region(region)))
+        await eventually_async(lambda: region in relayed.core.state.relays, within=3, what="region 7 joined")
+    assert caplog.text.count("relay feed: bad message") == 3
+
+
+async def test_feed_with_a_wrong_secret_is_refused(relayed: Coord) -> None:
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus
+
+    url = relay.websocket_url(relayed.url, relayfeed.FEED_PATH)
+    with pytest.raises(InvalidStatus):
+        async with connect(url, additional_headers={"Authorization": "Bearer wrong"}):
+            pass

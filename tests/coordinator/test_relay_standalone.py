@@ -20,6 +20,7 @@ from meshd.relay import link as rlink
 from meshd.relay.manager import RelayManager
 from tests.coordinator.conftest import Coord
 from tests.coordinator.test_relay import enroll, relayed  # noqa: F401 - fixture
+from tests.eventually import eventually_async
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -44,10 +45,7 @@ async def region2(relayed: Coord) -> AsyncIterator[Standalone]:  # noqa: F811
     ]
     try:
         await asyncio.wait_for(relay.feed_up.wait(), 5)
-        for _ in range(100):
-            if len(relayed.core.state.relays) == 2:
-                break
-            await asyncio.sleep(0.02)
+        await eventually_async(lambda: len(relayed.core.state.relays) == 2, within=2, what="region2 joined")
         yield relay
     finally:
         relay.hub.close_all("test over")
@@ -67,19 +65,20 @@ async def test_region_joins_the_relay_map_and_drops_removed_nodes_within_1s(
     assert (r1.name, r2.name, r2.id, r2.url) == ("default", "region2", 2, region2.url)
     a = await enroll(relayed, "a")
     la = await rlink.connect(region2.url, a.key, await a.ticket(), home=True, on_packet=lambda s, p: None)
-    for _ in range(100):  # attach -> relay_home published by the coordinator
-        if relayed.core.state.peers[a.enrollment.node_id].relay_home == 2:
-            break
-        await asyncio.sleep(0.02)
-    assert relayed.core.state.peers[a.enrollment.node_id].relay_home == 2
+    await eventually_async(  # attach -> relay_home published by the coordinator
+        lambda: relayed.core.state.peers[a.enrollment.node_id].relay_home == 2, within=2, what="relay_home 2"
+    )
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     assert (await relayed.admin.delete("/admin/nodes/a")).status_code == 204
     reason = await asyncio.wait_for(asyncio.shield(la.closed), 1.0)
     assert loop.time() - t0 < 1.0 and "removed" in reason
-    await asyncio.sleep(0.3)
-    actions = [x["action"] for x in (await relayed.admin.get("/admin/audit")).json()]
-    assert "relay.session.close" in actions  # the standalone relay's session, audited by the coordinator
+
+    async def audited() -> bool:  # the standalone relay's session, audited by the coordinator
+        actions = [x["action"] for x in (await relayed.admin.get("/admin/audit")).json()]
+        return "relay.session.close" in actions
+
+    await eventually_async(audited, within=3, what="the session close was audited")
 
 
 async def test_home_by_latency_and_cross_region_delivery(relayed: Coord, region2: Standalone) -> None:  # noqa: F811
@@ -98,10 +97,11 @@ async def test_home_by_latency_and_cross_region_delivery(relayed: Coord, region2
         regions = [replace(r, url=relayed.url) if r.id == 1 else r for r in relayed.core.state.relays]
         ma.set_regions(regions)  # both regions: a measures and picks the faster
         mb.set_regions([r for r in regions if r.id == 2])  # b can only use region2
-        for _ in range(150):
-            if ma.up and mb.up and relayed.core.state.peers[b.enrollment.node_id].relay_home == 2:
-                break
-            await asyncio.sleep(0.05)
+        await eventually_async(
+            lambda: ma.up and mb.up and relayed.core.state.peers[b.enrollment.node_id].relay_home == 2,
+            within=7.5,
+            what="a and b are up, b homed on region2",
+        )
         assert ma.home_name() == "default", [s for s in ma.status()]
         rtts = {s.name: s.rtt_ms for s in ma.status()}
         assert rtts["region2"] is not None and rtts["default"] is not None
@@ -110,10 +110,11 @@ async def test_home_by_latency_and_cross_region_delivery(relayed: Coord, region2
         mb.set_peers([(b64encode(a.key), 1)])
         ep = ma.endpoint(b64encode(b.key))
         assert ep is not None
-        for _ in range(100):
-            if any(s.name == "region2" and s.connected for s in ma.status()):
-                break
-            await asyncio.sleep(0.02)
+        await eventually_async(
+            lambda: any(s.name == "region2" and s.connected for s in ma.status()),
+            within=2,
+            what="a has an on-demand link to region2",
+        )
         await asyncio.to_thread(wg_a.sendto, b"cross-region", ep)
         data, src = await asyncio.to_thread(wg_b.recvfrom, 2000)
         assert data == b"cross-region"
