@@ -65,8 +65,12 @@ async def serve_websocket(ws: WebSocket, hub: RelayHub) -> None:
         conn.close("websocket closed")
     finally:
         conn.close("websocket closed")
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(writer, 1.0)
+        # let the writer flush what is queued (a CLOSE frame, say) for a moment; asyncio.wait never raises,
+        # so neither a writer error nor the 3.11 wait_for race can hide our own cancellation
+        done, _ = await asyncio.wait([writer], timeout=1.0)
         writer.cancel()
-        with contextlib.suppress(Exception):
+        for t in done:
+            if not t.cancelled():
+                t.exception()  # a send on a websocket that went away: nothing more to do about it
+        with contextlib.suppress(Exception):  # closing a websocket that is gone already
             await ws.close()

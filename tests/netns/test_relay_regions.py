@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.eventually import EventuallyTimeout, eventually
 from tests.netns.lab import Host, Lab
 from tests.netns.mesh import Mesh, MeshError
 
@@ -47,14 +48,12 @@ def _self_relay(mesh: Mesh, node: object) -> str | None:
 
 
 def _wait_home(mesh: Mesh, node: object, name: str, within: float = 20.0) -> None:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < within:
-        if _self_relay(mesh, node) == name:
-            return
-        time.sleep(0.2)
-    raise MeshError(
-        f"home region is {_self_relay(mesh, node)}, not {name}\n{(mesh.dir / 'region2.log').read_text()}"
-    )
+    try:
+        eventually(
+            lambda: _self_relay(mesh, node) == name, within=within, interval=0.2, what=f"home is {name}"
+        )
+    except EventuallyTimeout as e:
+        raise MeshError(f"{e}\n{(mesh.dir / 'region2.log').read_text()}") from None
 
 
 def test_home_region_by_latency_traffic_through_it_and_failover(lab: Lab, mesh: Mesh) -> None:
@@ -62,7 +61,13 @@ def test_home_region_by_latency_traffic_through_it_and_failover(lab: Lab, mesh: 
     near = lab.server(name="near")
     mesh.start_coordinator(far)
     region = _start_region(mesh, near)
-    time.sleep(1.0)  # the region joins the relay map over its feed
+    eventually(
+        lambda: (
+            "'near' at" in mesh.coordinator_log(200) and "joined the relay map" in mesh.coordinator_log(200)
+        ),
+        within=10,
+        what="the region joined the relay map over its feed",
+    )
     a = mesh.up(lab.host(nat="edm"), "a", wait=False)
     b = mesh.up(lab.host(nat="edm"), "b", wait=False)
     for n in (a, b):
