@@ -25,11 +25,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from tests.eventually import EventuallyTimeout, eventually
 from tests.netns.lab import Host, Lab, LabError
+
+T = TypeVar("T")
 
 BIN = Path(sys.executable).parent
 COORDINATOR = str(BIN / "coordinator")
@@ -94,17 +98,26 @@ class Mesh:
         )
         log.close()
         self.url = f"http://{host.ip}:{COORD_PORT}"
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.coord_proc.poll() is not None:
-                raise MeshError(f"coordinator exited {self.coord_proc.returncode}:\n{self.coordinator_log()}")
+        proc = self.coord_proc
+
+        def healthy() -> bool:
+            if proc.poll() is not None:
+                raise MeshError(f"coordinator exited {proc.returncode}:\n{self.coordinator_log()}")
             r = host.run(
                 ["python3", "-c", f"import urllib.request as u; u.urlopen('{self.url}/healthz', timeout=1)"]
             )
-            if r.returncode == 0 and (self.coord_dir / "admin.sock").exists():
-                return self.url
-            time.sleep(0.2)
-        raise MeshError(f"coordinator not healthy within 20 s:\n{self.coordinator_log()}")
+            return r.returncode == 0 and (self.coord_dir / "admin.sock").exists()
+
+        self._wait(healthy, 20, "coordinator healthy", self.coordinator_log)
+        return self.url
+
+    @staticmethod
+    def _wait(predicate: Callable[[], T], within: float, what: str, log: Callable[[], str]) -> T:
+        """``eventually``, failing with a MeshError that carries the relevant log tail."""
+        try:
+            return eventually(predicate, within=within, interval=0.05, what=what)
+        except EventuallyTimeout as e:
+            raise MeshError(f"{e}\n{log()}") from None
 
     def stop_coordinator(self) -> None:
         if self.coord_proc is not None and self.coord_proc.poll() is None:
@@ -212,14 +225,13 @@ class Mesh:
 
     def wait_ready(self, node: Node, within: float = 30.0) -> None:
         sock = node.state_dir / "meshd.sock"
-        deadline = time.monotonic() + within
-        while time.monotonic() < deadline:
+
+        def ready() -> bool:
             if node.proc is not None and node.proc.poll() is not None:
                 raise MeshError(f"meshd {node.name} exited {node.proc.returncode}:\n{node.log_tail()}")
-            if sock.exists() and self.meshd(node, "status", "--json", check=False).returncode == 0:
-                return
-            time.sleep(0.1)
-        raise MeshError(f"meshd {node.name} not ready within {within} s:\n{node.log_tail()}")
+            return sock.exists() and self.meshd(node, "status", "--json", check=False).returncode == 0
+
+        self._wait(ready, within, f"meshd {node.name} ready", node.log_tail)
 
     def peer(self, node: Node, name: str) -> dict[str, Any] | None:
         return next((p for p in self.status(node)["peers"] if p["name"] == name), None)
@@ -227,26 +239,32 @@ class Mesh:
     def wait_peer(self, node: Node, name: str, *, present: bool = True, within: float = 10.0) -> float:
         """Wait until ``node`` lists (or no longer lists) peer ``name``; returns the seconds it took."""
         t0 = time.monotonic()
-        while time.monotonic() - t0 < within:
-            if (self.peer(node, name) is not None) == present:
-                return time.monotonic() - t0
-            time.sleep(0.05)
-        state = "appear" if present else "disappear"
-        raise MeshError(f"peer {name} did not {state} on {node.name} within {within} s:\n{node.log_tail()}")
+        state = "lists" if present else "no longer lists"
+        self._wait(
+            lambda: (self.peer(node, name) is not None) == present,
+            within,
+            f"{node.name} {state} peer {name}",
+            node.log_tail,
+        )
+        return time.monotonic() - t0
 
     def wait_path(self, node: Node, peer: str, path: str, *, within: float = 10.0) -> float:
         """Wait until ``node`` reaches ``peer`` over ``path`` ("direct", "relay", "none"); seconds taken."""
         t0 = time.monotonic()
-        last = None
-        while time.monotonic() - t0 < within:
+        seen: list[str] = []
+
+        def on_path() -> bool:
             last = self.peer(node, peer)
-            if last is not None and last["path"] == path:
-                return time.monotonic() - t0
-            time.sleep(0.1)
-        raise MeshError(
-            f"{node.name} -> {peer}: path {last['path'] if last else 'absent'}, not {path}, after {within} s"
-            f"\n{node.log_tail()}"
+            seen.append(last["path"] if last else "absent")
+            return last is not None and last["path"] == path
+
+        self._wait(
+            on_path,
+            within,
+            f"{node.name} -> {peer} over {path}",
+            lambda: f"path was {seen[-1]}\n{node.log_tail()}",
         )
+        return time.monotonic() - t0
 
     def overlay_ip(self, node: Node) -> str:
         ips = self.status(node)["self"]["ips"]
@@ -258,14 +276,11 @@ class Mesh:
         return r.returncode == 0
 
     def wait_ping(self, src: Node, dst: Node | str, within: float = 10.0) -> float:
+        """Wait until ``src`` pings ``dst`` over the mesh; returns the seconds it took."""
         t0 = time.monotonic()
-        while time.monotonic() - t0 < within:
-            if self.ping(src, dst, wait=1.0):
-                return time.monotonic() - t0
-        raise MeshError(
-            f"{src.name} cannot ping {dst if isinstance(dst, str) else dst.name} within {within} s:"
-            f"\n{src.log_tail()}"
-        )
+        name = dst if isinstance(dst, str) else dst.name
+        self._wait(lambda: self.ping(src, dst, wait=1.0), within, f"{src.name} pings {name}", src.log_tail)
+        return time.monotonic() - t0
 
     def hosts_block(self, where: Node | Host) -> str:
         """The hosts file meshd edits on that node's host (its /etc/netns/<ns>/hosts)."""
@@ -291,14 +306,14 @@ class Mesh:
         Path("/run/sshd").mkdir(exist_ok=True)
         with open(d / "sshd.log", "ab") as log:
             proc = host.popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(d / "sshd_config")], stderr=log)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if host.run(["sh", "-c", "ss -ltn | grep -q ':22 '"]).returncode == 0:
-                return d / "client_key"
+
+        def listening() -> bool:
             if proc.poll() is not None:
                 raise MeshError(f"sshd exited: {(d / 'sshd.log').read_text()}")
-            time.sleep(0.1)
-        raise MeshError("sshd did not listen within 10 s")
+            return host.run(["sh", "-c", "ss -ltn | grep -q ':22 '"]).returncode == 0
+
+        self._wait(listening, 10, "sshd listens on port 22", lambda: (d / "sshd.log").read_text())
+        return d / "client_key"
 
     def ssh(self, src: Node, target: str, command: str, key: Path) -> subprocess.CompletedProcess[str]:
         return src.host.run(

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 
 import pytest
 
 from meshd.status import Status
+from tests.eventually import eventually
 from tests.netns.lab import Lab
 from tests.netns.mesh import MESHD, Mesh, Node
 
@@ -52,14 +54,13 @@ def test_removed_node_leaves_the_other_nodes_wireguard_and_hosts_within_1s(
     t0 = time.monotonic()
     mesh.admin("nodes", "remove", "beta")
     t_cli = time.monotonic() - t0
-    while True:  # poll with cheap reads: `wg` and the file itself
-        gone_wg = beta_key not in alpha.host.run(["wg", "show", alpha.interface, "peers"], check=True).stdout
-        gone_hosts = "beta" not in mesh.hosts_block(alpha)
-        elapsed = time.monotonic() - t0
-        if gone_wg and gone_hosts:
-            break
-        assert elapsed < 5.0, "beta still configured on alpha after 5 s"
-        time.sleep(0.02)
+
+    def beta_gone() -> bool:  # cheap reads: `wg` and the file itself
+        wg_peers = alpha.host.run(["wg", "show", alpha.interface, "peers"], check=True).stdout
+        return beta_key not in wg_peers and "beta" not in mesh.hosts_block(alpha)
+
+    eventually(beta_gone, within=5, interval=0.02, what="beta gone from alpha's WireGuard and hosts file")
+    elapsed = time.monotonic() - t0
     # the admin CLI's own start-up is not the mesh's latency: count from when the command returned,
     # but report both
     assert elapsed - t_cli < 1.0, (
@@ -81,21 +82,23 @@ def test_tunnels_survive_a_coordinator_outage_and_the_stream_comes_back(
     mesh.wait_path(beta, "alpha", "direct")
     mesh.wait_ping(alpha, beta)
     mesh.stop_coordinator()
-    t_end = time.monotonic() + 10
-    lost = 0
-    sent = 0
-    while time.monotonic() < t_end:
-        sent += 1
-        lost += 0 if mesh.ping(alpha, beta, wait=1.0) else 1
-        time.sleep(0.5)
-    assert lost == 0, f"{lost} of {sent} pings lost while the coordinator was down"
+    # 10 s of pings, two a second, while the coordinator is down: every one must be answered
+    sent = 20
+    r = alpha.host.run(
+        ["ping", "-n", "-c", str(sent), "-i", "0.5", "-W", "1", mesh.overlay_ip(beta)], timeout=sent + 20
+    )
+    received = re.search(r"(\d+) received", r.stdout)
+    assert received is not None, r.stdout + r.stderr
+    lost = sent - int(received.group(1))
+    assert lost == 0, f"{lost} of {sent} pings lost while the coordinator was down:\n{r.stdout}"
     assert mesh.status(alpha)["coordinator"]["connected"] is False
     assert mesh.coord_host is not None
     mesh.start_coordinator(mesh.coord_host)
-    t0 = time.monotonic()
-    while not mesh.status(alpha)["coordinator"]["connected"]:
-        assert time.monotonic() - t0 < 5.0, "no reconnect within 5 s"
-        time.sleep(0.1)
+    eventually(
+        lambda: mesh.status(alpha)["coordinator"]["connected"],
+        within=5,
+        what="alpha's stream back to the coordinator",
+    )
     assert mesh.ping(alpha, beta)
 
 
@@ -163,7 +166,7 @@ def test_bad_input_gives_one_line_errors_and_leaves_nothing(lab: Lab, mesh: Mesh
     msg = _up_fails(up("--coordinator", mesh.url, "--auth-key", "not-a-real-key"))
     assert "enrollment failed" in msg and "fresh key" in msg
     expired = mesh.new_key("tester", "--expiration", "1s")
-    time.sleep(1.5)
+    time.sleep(1.5)  # part of the case, not synchronisation: wait out the key's real lifetime
     msg = _up_fails(up("--coordinator", mesh.url, "--auth-key", expired))
     assert "enrollment failed" in msg
     msg = _up_fails(up("--coordinator", mesh.url, "--wg-backend", "bogus"))
