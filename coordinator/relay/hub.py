@@ -189,6 +189,9 @@ class RelayHub:
         pong_delay: float = 0.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        if not 0 < len(region) <= relay.MAX_REGION_NAME or not 0 <= region_id < 1 << 31:
+            # clients would refuse its SERVER_HELLO: say so at startup, not to every client
+            raise ValueError(f"relay region: name of 1 to {relay.MAX_REGION_NAME} characters, id below 2^31")
         self.region = region
         self.region_id = region_id
         self.verify = verify

@@ -173,6 +173,8 @@ class ServerHello:
 
 def server_hello(hello: ServerHello) -> bytes:
     """The SERVER_HELLO frame (encoder of :class:`ServerHello`)."""
+    if not 0 < len(hello.region) <= MAX_REGION_NAME:
+        raise RelayProtocolError(f"region name must have 1 to {MAX_REGION_NAME} characters")
     body = {"region": hello.region, "region_id": hello.region_id, "keepalive": hello.keepalive}
     return encode(FrameType.SERVER_HELLO, json.dumps(body).encode())
 

@@ -260,9 +260,6 @@ class RelayLink:
     def renew(self, key: bytes, ticket: bytes, home: bool) -> None:
         self._impl.write(relay.client_hello(key, ticket, home))
 
-    def keepalive(self) -> None:
-        self._impl.write(relay.encode(FrameType.KEEPALIVE))
-
     async def ping(self, within: float = 2.0) -> float:
         """Round-trip time of one relay PING, in seconds.
 

@@ -138,9 +138,9 @@ async def test_upgrade_link_drops_packets_while_the_relay_does_not_keep_up() -> 
     proto.pause_writing()  # asyncio: the transport buffer passed its high-water mark
     for _ in range(10):
         link.send_packet(KEY, b"packet")
-    link.keepalive()  # control frames still go out
+    link.renew(KEY, b"ticket", home=True)  # control frames still go out
     assert link.dropped == 10
-    assert transport.buffered == [b"request", relay.encode(FrameType.KEEPALIVE)]
+    assert transport.buffered == [b"request", relay.client_hello(KEY, b"ticket", home=True)]
     proto.resume_writing()
     link.send_packet(KEY, b"packet")
     assert transport.buffered[-1] == relay.send_packet(KEY, b"packet")
@@ -174,7 +174,7 @@ async def test_websocket_link_holds_at_most_out_frames_packets() -> None:
     link = rlink.RelayLink(impl, "websocket", HELLO)
     for _ in range(rlink.OUT_FRAMES + 100):
         link.send_packet(KEY, b"p")
-    link.keepalive()
+    link.renew(KEY, b"ticket", home=True)
     assert link.dropped == 100
-    assert len(impl.out) == rlink.OUT_FRAMES + 1  # the keepalive was not dropped
+    assert len(impl.out) == rlink.OUT_FRAMES + 1  # the ticket renewal was not dropped
     link.close()
