@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 from collections.abc import Callable
 from typing import cast
 
-SOCK_BUF = 4 << 20
+log = logging.getLogger("meshd.relay")
+
+SOCK_BUF = 4 << 20  #: UDP buffers (the local leg; the TCP relay leg uses meshd.proto.relay.SOCK_BUF)
 SO_SNDBUFFORCE = 32  #: Linux socket(7)
 SO_RCVBUFFORCE = 33
 LOOPBACK = "127.0.0.1"
@@ -91,5 +94,6 @@ def open_proxy(peer_key: bytes, wg_port: int, forward: Callable[[bytes, bytes], 
 async def _attach(sock: socket.socket, proto: PeerProxy) -> None:
     try:
         await asyncio.get_running_loop().create_datagram_endpoint(lambda: proto, sock=sock)
-    except OSError:
+    except OSError as exc:  # the peer's relayed packets go nowhere until the proxy is opened again
+        log.warning("relay proxy on %s:%d failed: %s", *proto.bound, exc)
         sock.close()
