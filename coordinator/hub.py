@@ -134,8 +134,11 @@ class Hub:
                 return
             if self._cycle is None or self._cycle.done():
                 self._cycle = loop.create_future()
+            # asyncio.timeout, not wait_for: in 3.11 wait_for can swallow a cancellation that arrives as
+            # the awaited thing completes (a long-poll or stop() would then wait on)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._cycle), remaining)
+                async with asyncio.timeout(remaining):
+                    await asyncio.shield(self._cycle)
 
     async def _run(self) -> None:
         while True:
@@ -144,7 +147,8 @@ class Hub:
             loop = asyncio.get_running_loop()
             while self._due is not None and (remaining := self._due - loop.time()) > 0:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), remaining)  # an earlier deadline may arrive
+                    async with asyncio.timeout(remaining):
+                        await self._wake.wait()  # an earlier deadline may arrive
                 self._wake.clear()
             self._due = None
             try:
