@@ -44,7 +44,7 @@ log = logging.getLogger("coordinator.relay")
 TICK = 0.2
 #: Audit writes, relay_home updates and feed sends in flight. Relay clients cause them (one per session
 #: open and close), so under a connection storm with a slow database they are dropped (and logged)
-#: beyond this many rather than piling up without bound.
+#: beyond this many rather than piling up without bound. Revocations are never dropped (see _spawn).
 MAX_PENDING = 1000
 
 
@@ -121,8 +121,10 @@ class RelayService:
             await asyncio.sleep(TICK)
             self.hub.tick()
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        if len(self._tasks) >= MAX_PENDING:
+    def _spawn(self, coro: Coroutine[Any, Any, None], *, must: bool = False) -> None:
+        """Run an effect in the background; beyond MAX_PENDING in flight it is dropped, unless ``must``
+        (revocations: few, caused by admins, and a dropped one would leave a removed node relayed)."""
+        if len(self._tasks) >= MAX_PENDING and not must:
             coro.close()
             self.skipped += 1
             if self.skipped % 100 == 1:
@@ -148,7 +150,7 @@ class RelayService:
                 log.info("relay: dropped %d session(s) of node %d: %s", n, node_id, reason)
         msg = relayfeed.encode(relayfeed.Revoke(node_id, reason[: relayfeed.MAX_TEXT]))
         for ws in list(self.feeds):
-            self._spawn(_send_quiet(ws, msg))
+            self._spawn(_send_quiet(ws, msg), must=True)
 
     # -- effects -------------------------------------------------------------------------------------------
     def _open(self, conn: ClientConn) -> None:

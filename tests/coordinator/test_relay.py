@@ -17,6 +17,7 @@ import uvicorn
 
 from coordinator.app import create_app
 from coordinator.relay import hub as relay_hub
+from coordinator.relay import service as relay_service
 from coordinator.relay.front import install
 from coordinator.settings import Settings
 from meshd.control import ControlClient, Enrollment
@@ -325,3 +326,25 @@ async def test_feed_with_a_wrong_secret_is_refused(relayed: Coord) -> None:
     with pytest.raises(InvalidStatus):
         async with connect(url, additional_headers={"Authorization": "Bearer wrong"}):
             pass
+
+
+async def test_background_effects_are_bounded_but_revocations_never_dropped(
+    relayed: Coord, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A storm of sessions with a slow database must not pile up audit tasks without bound."""
+    monkeypatch.setattr(relay_service, "MAX_PENDING", 2)
+    svc = relayed.relay  # type: ignore[attr-defined]
+    release = asyncio.Event()
+    ran: list[str] = []
+
+    async def effect(name: str) -> None:
+        await release.wait()
+        ran.append(name)
+
+    for name in ("audit 1", "audit 2", "audit 3"):
+        svc._spawn(effect(name))
+    svc._spawn(effect("revoke"), must=True)
+    assert svc.skipped == 1
+    release.set()
+    await eventually_async(lambda: len(ran) == 3, within=2, what="the kept effects ran")
+    assert sorted(ran) == ["audit 1", "audit 2", "revoke"]
