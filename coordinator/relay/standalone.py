@@ -128,7 +128,10 @@ class Standalone:
         while True:
             try:
                 async with connect(
-                    url, additional_headers={"Authorization": f"Bearer {self.opts.secret}"}, open_timeout=5
+                    url,
+                    additional_headers={"Authorization": f"Bearer {self.opts.secret}"},
+                    open_timeout=5,
+                    max_size=relayfeed.MAX_MESSAGE_BYTES,  # a ``valid`` list of a big mesh exceeds 1 MiB
                 ) as ws:
                     await ws.send(region)
                     delay = 0.2
