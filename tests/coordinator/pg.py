@@ -6,11 +6,12 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from tests.eventually import EventuallyTimeout, eventually
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
@@ -75,12 +76,18 @@ def postgres_server() -> Iterator[Path]:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
-        deadline = time.monotonic() + 30
-        while not (sock / ".s.PGSQL.5432").exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                err = proc.stderr.read().decode() if proc.stderr else ""
-                raise RuntimeError(f"test PostgreSQL did not start: {err[-500:]}")
-            time.sleep(0.05)
+        server = proc
+
+        def listening() -> bool:
+            if server.poll() is not None:
+                raise RuntimeError(f"exited with status {server.returncode}")
+            return (sock / ".s.PGSQL.5432").exists()
+
+        try:
+            eventually(listening, within=30, what="PostgreSQL's socket")
+        except (EventuallyTimeout, RuntimeError) as e:
+            err = proc.stderr.read().decode() if proc.stderr and proc.poll() is not None else ""
+            raise RuntimeError(f"test PostgreSQL did not start ({e}): {err[-500:]}") from None
         yield sock
     finally:
         if proc is not None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from meshd import firewall
+from tests.eventually import eventually
 from tests.netns.lab import Lab
 from tests.netns.mesh import Mesh, Node
 
@@ -56,12 +57,13 @@ def quick_ping(mesh: Mesh, src: Node, dst_ip: str) -> bool:
 def ping_becomes(mesh: Mesh, src: Node, dst_ip: str, ok: bool, within: float) -> float:
     """Seconds until a single ping from `src` succeeds (ok) / fails (not ok); fails after `within` s."""
     t0 = time.monotonic()
-    while time.monotonic() - t0 < within:
-        if quick_ping(mesh, src, dst_ip) == ok:
-            return time.monotonic() - t0
-    raise AssertionError(
-        f"ping {src.name} -> {dst_ip} still {'failing' if ok else 'passing'} after {within} s"
+    eventually(
+        lambda: quick_ping(mesh, src, dst_ip) == ok,
+        within=within,
+        interval=0.01,
+        what=f"ping {src.name} -> {dst_ip} {'passes' if ok else 'fails'}",
     )
+    return time.monotonic() - t0
 
 
 def ssh_ok(mesh: Mesh, src: Node, target: str, key: Path) -> bool:

@@ -19,7 +19,6 @@ import select
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 import pytest
 
 from meshd.wg.keys import generate_private_key, public_key
+from tests.eventually import EventuallyTimeout, eventually
 
 BACKEND = os.environ.get("MESHD_WG_TEST_BACKEND", "userspace")
 ROOT = Path(__file__).resolve().parents[2]
@@ -265,10 +265,9 @@ class Node:
         self.file.close()
         self.conn.close()
         self.conn = None
-        deadline = time.monotonic() + 5
-        while self.alive() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if self.alive():
+        try:
+            eventually(lambda: not self.alive(), within=5, what=f"the driver in {self.ns} exits")
+        except EventuallyTimeout:
             assert self.pid is not None
             os.kill(self.pid, 9)
 
@@ -300,11 +299,16 @@ class Node:
         }
 
     def ping(self, dst: str, within: float = 5.0) -> bool:
-        deadline = time.monotonic() + within
-        while time.monotonic() < deadline:
-            if sh("ping", "-c1", "-W1", dst, ns=self.ns, check=False).returncode == 0:
-                return True
-        return False
+        """Whether `dst` answers a ping within `within` seconds."""
+        try:
+            return eventually(
+                lambda: sh("ping", "-c1", "-W1", dst, ns=self.ns, check=False).returncode == 0,
+                within=within,
+                interval=0.01,
+                what=f"{self.ns} pings {dst}",
+            )
+        except EventuallyTimeout:
+            return False
 
     def wg_dump(self) -> list[list[str]]:
         return [
@@ -489,10 +493,7 @@ def test_wireguard_go_is_restarted_and_reconfigured_when_it_dies(lab: Lab) -> No
     connect(a, b)
     info = a.call("userspace_info")
     os.kill(info["pid"], 9)
-    deadline = time.monotonic() + 10
-    while a.call("userspace_info")["restarts"] < 1:
-        assert time.monotonic() < deadline, "wireguard-go was not restarted within 10 s"
-        time.sleep(0.1)
+    eventually(lambda: a.call("userspace_info")["restarts"] >= 1, within=10, what="wireguard-go restarted")
     assert a.call("userspace_info")["pid"] not in (None, info["pid"])
     assert a.ping(b.overlay4, within=5.0), "tunnel did not come back after the restart"
     assert [p["public_key"] for p in a.call("state")["peers"]] == [b.public_key]
