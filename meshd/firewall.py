@@ -20,12 +20,15 @@ import ipaddress
 import logging
 import re
 import subprocess
+import threading
 
 from meshd.proto.policy import InboundRule, allows_everything
 
 log = logging.getLogger("meshd.firewall")
 
 NFT = "nft"
+NFT_TIMEOUT = 10.0  #: seconds for one nft run while running
+CLOSE_TIMEOUT = 1.0  #: seconds for removing the table on the way out (a stop must end within 5 s)
 
 
 class FirewallError(RuntimeError):
@@ -96,10 +99,10 @@ def remove_script(ifname: str) -> str:
     return f"table inet {table}\ndelete table inet {table}\n"
 
 
-def run_nft(script: str) -> None:
+def run_nft(script: str, timeout: float = NFT_TIMEOUT) -> None:
     """Run an nft batch (blocking); FirewallError with nft's first error line on failure."""
     try:
-        done = subprocess.run([NFT, "-f", "-"], input=script, capture_output=True, text=True, timeout=10)
+        done = subprocess.run([NFT, "-f", "-"], input=script, capture_output=True, text=True, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise FirewallError(f"cannot run nft: {exc}") from None
     if done.returncode != 0:
@@ -107,21 +110,35 @@ def run_nft(script: str) -> None:
         raise FirewallError(f"nft: {first}")
 
 
-def remove_table(ifname: str) -> None:
+def remove_table(ifname: str, timeout: float = NFT_TIMEOUT) -> None:
     """Delete meshd's table for `ifname` if it exists (crash clean-up; never raises)."""
     try:
-        run_nft(remove_script(ifname))
+        run_nft(remove_script(ifname), timeout)
     except FirewallError as exc:
         log.debug("removing firewall table: %s", exc)
 
 
 class Firewall:
-    """The installed rules of one mesh interface; `update` only runs nft when the rules changed."""
+    """The installed rules of one mesh interface; `update` only runs nft when the rules changed.
+
+    `close` always removes the table, even when no update finished: an update cancelled by the daemon's
+    stop leaves its nft run going in its thread, and that run may create the table after the stop looked.
+    So every nft run holds one thread lock, and a run that starts after `close` began installs nothing:
+    whatever order the threads get the lock in, the removal is the last word.
+    """
 
     def __init__(self, ifname: str) -> None:
         self.ifname = ifname
         self.rules: tuple[InboundRule, ...] | None = None  #: None: no table installed
         self._lock = asyncio.Lock()
+        self._nft_lock = threading.Lock()
+        self._closed = False
+
+    def _install(self, script: str) -> None:  # in a worker thread
+        with self._nft_lock:
+            if self._closed:
+                raise FirewallError("closed")
+            run_nft(script)
 
     @property
     def active(self) -> bool:
@@ -131,18 +148,27 @@ class Firewall:
         async with self._lock:
             if allows_everything(rules):
                 if self.rules is not None:
-                    await asyncio.to_thread(run_nft, remove_script(self.ifname))
+                    await asyncio.to_thread(self._install, remove_script(self.ifname))
                     self.rules = None
                     log.info("firewall: no policy, table removed")
                 return
             if rules == self.rules:
                 return
-            await asyncio.to_thread(run_nft, render(self.ifname, rules))
+            await asyncio.to_thread(self._install, render(self.ifname, rules))
             self.rules = rules
             log.info("firewall: %d inbound rule(s) on %s", len(rules), self.ifname)
 
     async def close(self) -> None:
-        async with self._lock:
-            if self.rules is not None:
-                await asyncio.to_thread(remove_table, self.ifname)
-                self.rules = None
+        """Remove the table (whether or not we think it is there). Bounded: about CLOSE_TIMEOUT s."""
+        self._closed = True  # read by _install under the thread lock: no table after this point
+
+        def remove() -> None:
+            with self._nft_lock:
+                remove_table(self.ifname, CLOSE_TIMEOUT)
+
+        try:
+            # not under self._lock: an update in flight must not delay the stop (the thread lock orders them)
+            await asyncio.wait_for(asyncio.to_thread(remove), CLOSE_TIMEOUT + 0.2)
+        except TimeoutError:
+            log.warning("firewall: removing table %s took too long", table_name(self.ifname))
+        self.rules = None

@@ -4,6 +4,14 @@ All three are probed at once; the first to grant a mapping is kept and the other
 their mapping deleted if it arrived too). The lease (default 2 h) is renewed at half-life; the mapping is
 deleted on :meth:`close`. ``on_change(protocol, external)`` reports the current mapping (None, None when
 there is none), which becomes a candidate.
+
+Stopping is bounded: :meth:`PortMapShell.close` returns within ``within`` seconds (default
+``CLOSE_TIMEOUT``), whatever the router does. miniupnpc blocks (discovery, SOAP over HTTP), so every UPnP
+call runs in a daemon thread of its own with a deadline (:func:`blocking`): not in asyncio's default
+executor, which ``asyncio.run`` and the interpreter wait for at exit without any timeout. A UPnP mapping
+still being made when we close is waited for (within the deadline) and deleted; the NAT-PMP/PCP request in
+flight is answered with a delete (lifetime 0) even before it was granted. The loops run supervised
+(meshd.supervise): an unexpected error is logged with its traceback and the loop starts again.
 """
 
 from __future__ import annotations
@@ -13,15 +21,60 @@ import contextlib
 import functools
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 from meshd.nat import upnp
 from meshd.nat.portmap import MapGranted, MapLost, PortMapper
 from meshd.proto.endpoint import Endpoint
+from meshd.supervise import TaskGroup
 
 log = logging.getLogger("meshd.nat.portmap")
 DEFAULT_LEASE = 7200
+CLOSE_TIMEOUT = 1.8  #: seconds close() may take at most, deleting maps included (the daemon allows 2)
+UPNP_CALL_TIMEOUT = 10.0  #: seconds for one blocking UPnP step (discovery, add with stale clean-up)
+UPNP_RETRY = 300.0  #: routers gain UPnP when reconfigured: ask again after this long
+
+T = TypeVar("T")
+
+
+def start_blocking(fn: Callable[[], T], name: str) -> asyncio.Future[T]:
+    """Run ``fn()`` in a new daemon thread; its result (or exception) arrives in the returned future.
+
+    A daemon thread, not the default executor: a call stuck on an unreachable router must never keep the
+    process from exiting. Cancelling the future does not stop the thread (nothing can), it only stops
+    waiting; the result is then dropped.
+    """
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[T] = loop.create_future()
+
+    def settle(ok: bool, value: object) -> None:
+        if fut.done():
+            return
+        if ok:
+            fut.set_result(value)  # type: ignore[arg-type]
+        else:
+            assert isinstance(value, BaseException)
+            fut.set_exception(value)
+
+    def run() -> None:
+        try:
+            result: object = fn()
+            ok = True
+        except Exception as e:
+            result, ok = e, False
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, ok, result)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return fut
+
+
+async def blocking(fn: Callable[[], T], *, within: float, name: str = "upnp") -> T:
+    """``fn()`` in a daemon thread; TimeoutError after ``within`` s (the thread is then abandoned)."""
+    return await asyncio.wait_for(start_blocking(fn, name), within)
 
 
 def default_gateway() -> tuple[str, str] | None:
@@ -69,15 +122,20 @@ class PortMapShell:
         self.external: Endpoint | None = None
         self._pm: PortMapper | None = None
         self._udp: asyncio.DatagramTransport | None = None
+        self._igd: upnp.Igd | None = None
         self._upnp: upnp.UpnpMapping | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._upnp_adding: asyncio.Future[upnp.UpnpMapping] | None = None  #: an add in flight
+        self._tasks = TaskGroup()
         self._wake = asyncio.Event()
+        self._closed = False
         self.upnp_seen = False
 
     async def start(self) -> None:
-        gw = await asyncio.to_thread(default_gateway)
+        gw = await blocking(default_gateway, within=5.0, name="default-gateway")
         if gw is None:
             log.info("no IPv4 default gateway: no port maps")
+            return
+        if self._closed:
             return
         gateway, src = gw
         # the same nonce after a restart: a PCP server refuses to renew our mapping with another one
@@ -88,11 +146,12 @@ class PortMapShell:
             functools.partial(_Udp, self._received), local_addr=(src, 0)
         )
         self._udp = transport
+        if self._closed:  # closed while we were binding
+            transport.close()
+            return
         self._pm.start(self.clock())
-        self._tasks = [
-            asyncio.create_task(self._pm_loop(), name="portmap"),
-            asyncio.create_task(self._upnp_loop(), name="upnp"),
-        ]
+        self._tasks.start("portmap", self._pm_loop)
+        self._tasks.start("upnp", self._upnp_loop)
 
     @property
     def spoken(self) -> list[str]:
@@ -102,26 +161,62 @@ class PortMapShell:
             out.add("upnp")
         return sorted(out)
 
-    async def close(self) -> None:
-        for t in self._tasks:
+    async def close(self, within: float = CLOSE_TIMEOUT) -> None:
+        """Stop the loops and delete our mappings; returns within ``within`` seconds whatever happens."""
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        await self._tasks.stop(within=min(0.5, within / 4))
+        jobs = [
+            asyncio.create_task(self._close_natpmp(deadline)),
+            asyncio.create_task(self._close_upnp(deadline)),
+        ]
+        _, pending = await asyncio.wait(jobs, timeout=max(0.0, deadline - loop.time()))
+        for t in pending:
             t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
-        if self._pm is not None and self._udp is not None:
-            now = self.clock()
-            self._pm.close(now)
-            deadline = now + 1.0
-            while not self._pm.closed and self.clock() < deadline:
-                self._flush()
-                self._pm.handle_timer(self.clock())
-                await asyncio.sleep(0.05)
+        if pending:
+            log.warning(
+                "port maps: not all deleted within %.1f s (the router keeps them until they expire)", within
+            )
         if self._udp is not None:
             self._udp.close()
-        if self._upnp is not None:
-            with contextlib.suppress(upnp.UpnpError):
-                await asyncio.to_thread(upnp.delete_mapping, self._upnp.external_port)
-            self._upnp = None
+            self._udp = None
+
+    async def _close_natpmp(self, deadline: float) -> None:
+        if self._pm is None or self._udp is None:
+            return
+        self._pm.close(self.clock())
+        loop = asyncio.get_running_loop()
+        while not self._pm.closed and loop.time() < deadline:
+            self._flush()
+            self._pm.handle_timer(self.clock())
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):  # woken by the router's answer, else poll the timers
+                await asyncio.wait_for(self._wake.wait(), 0.05)
+
+    async def _close_upnp(self, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        adding, self._upnp_adding = self._upnp_adding, None
+        maps = [self._upnp] if self._upnp is not None else []
+        self._upnp = None
+        igd = self._igd
+        if adding is not None:
+            # a mapping (or its renewal) may be on its way: wait for it (bounded) so it can be deleted
+            try:
+                maps.append(await asyncio.wait_for(asyncio.shield(adding), max(0.0, deadline - loop.time())))
+            except upnp.UpnpError:
+                pass
+            except TimeoutError:
+                log.warning(
+                    "UPnP: a mapping was still being made at close; it expires after %d s", self.lease
+                )
+                igd = None  # its thread still uses that client: a miniupnpc client is not for two threads
+        for port in sorted({m.external_port for m in maps}):
+            delete = functools.partial(igd.delete_mapping if igd is not None else upnp.delete_mapping, port)
+            try:
+                await blocking(delete, within=max(0.0, deadline - loop.time()), name="upnp-delete")
+            except (upnp.UpnpError, TimeoutError) as e:
+                log.warning("UPnP: deleting UDP %d: %s", port, e or "timed out")
 
     def _received(self, data: bytes, addr: Endpoint) -> None:
         if self._pm is not None:
@@ -138,6 +233,8 @@ class PortMapShell:
     def _events(self) -> None:
         assert self._pm is not None
         while (ev := self._pm.next_event()) is not None:
+            if self._closed:
+                continue  # a grant that crossed our delete: the delete (already queued) settles it
             if isinstance(ev, MapGranted):
                 if self.protocol == "upnp":
                     self._pm.close(self.clock())  # UPnP won the race: give this one back
@@ -171,25 +268,41 @@ class PortMapShell:
         """Discover an IGD in parallel; map only if NAT-PMP/PCP have not already; renew at half-lease."""
         while True:
             try:
-                await asyncio.to_thread(upnp.probe)  # maps nothing: tells netcheck the router speaks UPnP
-                self.upnp_seen = True
-            except upnp.UpnpError as e:
-                log.debug("UPnP: %s", e)
-                await asyncio.sleep(300)  # routers gain UPnP when reconfigured: ask again later
+                igd = await blocking(upnp.Igd.discover, within=UPNP_CALL_TIMEOUT, name="upnp-discover")
+                await blocking(igd.external_ip, within=UPNP_CALL_TIMEOUT, name="upnp-probe")
+                self.upnp_seen = True  # maps nothing: tells netcheck the router speaks UPnP
+            except (upnp.UpnpError, TimeoutError) as e:
+                log.debug("UPnP: %s", e or "timed out")
+                await asyncio.sleep(UPNP_RETRY)
                 continue
             if self.protocol not in (None, "upnp"):
                 return  # NAT-PMP or PCP got there first
+            # the add's future outlives this task: close() waits for it and deletes what it made
+            adding = start_blocking(
+                functools.partial(igd.add_mapping, self.port, self.lease, self.tag), "upnp-add"
+            )
+            self._upnp_adding = adding
             try:
-                m = await asyncio.to_thread(upnp.add_mapping, self.port, self.lease, self.tag)
-            except upnp.UpnpError as e:
-                log.debug("UPnP: %s", e)
+                m = await asyncio.wait_for(asyncio.shield(adding), UPNP_CALL_TIMEOUT)
+            except (upnp.UpnpError, TimeoutError) as e:
+                log.debug("UPnP: %s", e or "timed out")
+                if adding.done():
+                    self._upnp_adding = None
                 if self.protocol is None:
-                    await asyncio.sleep(300)  # routers gain UPnP when reconfigured: ask again later
+                    await asyncio.sleep(UPNP_RETRY)
                     continue
                 return
+            # no await from the add's result to here: close() sees the mapping in one place or the other
+            self._igd, self._upnp_adding = igd, None
             if self.protocol not in (None, "upnp"):
-                with contextlib.suppress(upnp.UpnpError):
-                    await asyncio.to_thread(upnp.delete_mapping, m.external_port)
+                self._upnp = m  # until deleted: a close() meanwhile deletes it too (twice is harmless)
+                with contextlib.suppress(upnp.UpnpError, TimeoutError):
+                    await blocking(
+                        functools.partial(igd.delete_mapping, m.external_port),
+                        within=UPNP_CALL_TIMEOUT,
+                        name="upnp-delete",
+                    )
+                self._upnp = None
                 return
             self._upnp = m
             if self._pm is not None:

@@ -141,8 +141,12 @@ class PortMapper:
             self._queue("natpmp-map", self._natpmp_request(self.lifetime), now)
 
     def close(self, now: float) -> None:
-        """Delete our mapping (lifetime 0). Send what :meth:`datagrams_to_send` returns, then forget us."""
-        if self._phase == _Phase.MAPPED and self.protocol is not None:
+        """Delete our mapping (lifetime 0). Send what :meth:`datagrams_to_send` returns, then forget us.
+
+        Also when a map request is still unanswered: the router may grant it after we stopped waiting,
+        so a delete follows it (deleting a mapping that does not exist is harmless)."""
+        requested = self._phase == _Phase.PROBING and any(k in self._pending for k in ("pcp", "natpmp-map"))
+        if (self._phase == _Phase.MAPPED or requested) and self.protocol is not None:
             self._pending.clear()
             if self.protocol == "pcp":
                 self._queue("pcp", self._pcp_request(0), now)
@@ -194,16 +198,18 @@ class PortMapper:
             return
         if resp.protocol == "pcp" and resp.nonce != self.nonce:
             return
+        if self._phase == _Phase.CLOSING:
+            if resp.lifetime == 0 or not resp.ok:  # the answer to our delete
+                self._pending.clear()
+                self._phase = _Phase.CLOSED
+            # else a grant that crossed our delete: the delete stays pending (and is retried)
+            return
         self._pending.pop("pcp" if resp.protocol == "pcp" else "natpmp-map", None)
         self._granted_or_refused(resp.protocol, resp, resp.external_ip or self._natpmp_ip, now)
 
     def _granted_or_refused(
         self, proto: str, resp: natpmp.Mapping, external_ip: str | None, now: float
     ) -> None:
-        if self._phase == _Phase.CLOSING:
-            self._phase = _Phase.CLOSED
-            self._pending.clear()
-            return
         if proto != self.protocol:
             return  # a late answer of a protocol we did not choose
         if not resp.ok or external_ip is None or resp.lifetime == 0:

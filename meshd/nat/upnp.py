@@ -1,4 +1,5 @@
-"""UPnP IGD port maps through miniupnpc (blocking calls: the asyncio shell runs them in a thread).
+"""UPnP IGD port maps through miniupnpc (blocking calls: the asyncio shell runs them in daemon threads
+with a deadline, see meshd.nat.mapper, so an unreachable router never holds up meshd or its exit).
 
 Our mappings carry the description ``meshd <tag>`` so that, after a crash, the next start finds and
 replaces its own stale maps (and never touches anyone else's).
@@ -26,6 +27,36 @@ class UpnpMapping:
     lease: int
 
 
+class Igd:
+    """One discovered IGD (a miniupnpc client: every method blocks, one call at a time).
+
+    Kept by the port-map shell after discovery so that renewing and, above all, deleting on the way out
+    need no new discovery (that alone takes ``discover_ms``).
+    """
+
+    def __init__(self, client: Any) -> None:
+        self._u = client
+
+    @classmethod
+    def discover(cls, *, discover_ms: int = 300) -> Igd:
+        return cls(_client(discover_ms))
+
+    def external_ip(self) -> str:
+        try:
+            return str(self._u.externalipaddress())
+        except Exception as e:
+            raise UpnpError(f"IGD has no external address: {e}") from None
+
+    def add_mapping(self, internal_port: int, lease: int, tag: str) -> UpnpMapping:
+        return _add(self._u, internal_port, lease, tag)
+
+    def delete_mapping(self, external_port: int) -> None:
+        try:
+            self._u.deleteportmapping(external_port, "UDP")
+        except Exception as e:
+            raise UpnpError(f"deleting UDP {external_port}: {e}") from None
+
+
 def _client(discover_ms: int) -> Any:
     try:
         import miniupnpc
@@ -44,11 +75,7 @@ def _client(discover_ms: int) -> Any:
 
 def probe(*, discover_ms: int = 300) -> str:
     """Find an IGD without mapping anything; its external address (UpnpError when there is none)."""
-    u = _client(discover_ms)
-    try:
-        return str(u.externalipaddress())
-    except Exception as e:
-        raise UpnpError(f"IGD has no external address: {e}") from None
+    return Igd.discover(discover_ms=discover_ms).external_ip()
 
 
 def description(tag: str) -> str:
@@ -58,7 +85,10 @@ def description(tag: str) -> str:
 def add_mapping(internal_port: int, lease: int, tag: str, *, discover_ms: int = 300) -> UpnpMapping:
     """Map UDP ``internal_port`` (same external port if free, else the next free ones); replaces our own
     stale entries first."""
-    u = _client(discover_ms)
+    return _add(_client(discover_ms), internal_port, lease, tag)
+
+
+def _add(u: Any, internal_port: int, lease: int, tag: str) -> UpnpMapping:
     desc = description(tag)
     _remove_ours(u, desc)
     try:
@@ -80,11 +110,7 @@ def add_mapping(internal_port: int, lease: int, tag: str, *, discover_ms: int = 
 
 
 def delete_mapping(external_port: int, *, discover_ms: int = 300) -> None:
-    u = _client(discover_ms)
-    try:
-        u.deleteportmapping(external_port, "UDP")
-    except Exception as e:
-        raise UpnpError(f"deleting UDP {external_port}: {e}") from None
+    Igd.discover(discover_ms=discover_ms).delete_mapping(external_port)
 
 
 def _remove_ours(u: Any, desc: str) -> None:

@@ -93,3 +93,39 @@ def test_nft_accepts_every_rendered_script(rs: tuple[InboundRule, ...]) -> None:
         [nft or "nft", "-c", "-f", "-"], input=firewall.render("mtest0", rs), capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
+
+
+async def test_close_removes_the_table_even_when_an_update_was_cancelled_mid_nft(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 11: a stop cancels an update whose nft run goes on in its thread; the table it makes must
+    not outlive the close (the removal is the last nft run, whatever order the threads run in)."""
+    import asyncio
+    import threading
+
+    ran: list[str] = []
+    in_nft, release = threading.Event(), threading.Event()
+
+    def fake_nft(script: str, timeout: float = 10.0) -> None:
+        if "delete table" in script and "{" not in script:
+            ran.append("remove")
+            return
+        in_nft.set()
+        release.wait(5)
+        ran.append("install")
+
+    monkeypatch.setattr(firewall, "run_nft", fake_nft)
+    fw = firewall.Firewall("mtest0")
+    update = asyncio.create_task(fw.update((InboundRule(A, "tcp", ((22, 22),)),)))
+    await asyncio.to_thread(in_nft.wait, 5)
+    update.cancel()
+    closing = asyncio.create_task(fw.close())
+    await asyncio.sleep(0.05)
+    release.set()
+    await closing
+    assert ran == ["install", "remove"]
+    assert fw.rules is None
+    # an update that starts after close installs nothing
+    with pytest.raises(firewall.FirewallError):
+        await fw.update((InboundRule(A, "tcp", ((80, 80),)),))
+    assert ran == ["install", "remove"]

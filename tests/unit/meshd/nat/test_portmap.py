@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import struct
 
+import pytest
+
 from meshd.nat import portmap
 
 GW = "192.168.1.1"
@@ -128,3 +130,48 @@ def test_no_gateway_answer_gives_maplost_then_reprobes() -> None:
     assert isinstance(events[0], portmap.MapLost) and "no NAT-PMP or PCP answer" in events[0].reason
     t = pm.next_timer()
     assert t is not None and t > 200, "asks again later: routers gain port mapping when reconfigured"
+
+
+def _probe_answered(pm: portmap.PortMapper, gw: Gateway) -> list[bytes]:
+    """Answer the probes; return the map request that follows (not yet sent to the gateway)."""
+    for data, _ in pm.datagrams_to_send(0.0):
+        reply = gw.answer(data, 0.0)  # None: the protocol this gateway does not speak
+        if reply is not None:
+            pm.receive(reply, (GW, 5351), 0.01)
+    return [d for d, _ in pm.datagrams_to_send(0.02)]
+
+
+@pytest.mark.parametrize("pcp", [True, False])
+def test_close_while_the_map_request_is_unanswered_still_deletes(pcp: bool) -> None:
+    """Stopped between our map request and its answer: the router maps the port anyway, so the delete
+    must follow the request (issue 11: a stop at that moment left the mapping behind)."""
+    gw = Gateway(pcp=pcp, natpmp_on=not pcp)
+    pm = portmap.PortMapper(GW, "192.168.1.2", 41641)
+    pm.start(0.0)
+    [request] = _probe_answered(pm, gw)
+    late_grant = gw.answer(request, 0.03)  # the router granted it; the answer is still on its way
+    assert late_grant is not None and gw.maps == {41641: 7200}
+    pm.close(0.04)
+    assert not pm.closed, "a delete is due"
+    pm.receive(late_grant, (GW, 5351), 0.05)  # the grant crosses our delete: not the end of it
+    assert not pm.closed and pm.next_event() is None
+    run(pm, gw, until=5.0, now=0.06)
+    assert pm.closed and gw.maps == {}
+
+
+def test_a_lost_delete_is_retried() -> None:
+    gw = Gateway(natpmp_on=False)
+    pm = portmap.PortMapper(GW, "192.168.1.2", 41641)
+    pm.start(0.0)
+    now, _ = run(pm, gw, until=1.0)
+    pm.close(now)
+    assert len(pm.datagrams_to_send(now)) == 1  # this one is lost
+    run(pm, gw, until=now + 5, now=now + 0.01)
+    assert pm.closed and gw.maps == {}
+
+
+def test_close_before_anything_was_requested_sends_nothing() -> None:
+    pm = portmap.PortMapper(GW, "192.168.1.2", 41641)
+    pm.start(0.0)
+    pm.close(0.0)
+    assert pm.closed and pm.datagrams_to_send(0.0) == []
