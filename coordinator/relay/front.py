@@ -74,7 +74,7 @@ def front_protocol(hub: RelayHub | None) -> type[asyncio.Protocol]:
             self.server_state = server_state
             self.app_state = app_state
             self.loop = _loop
-            self.buf = bytearray()
+            self.buf = bytearray()  #: the request head so far: past relay.MAX_HEAD it goes to uvicorn
             self.transport: asyncio.Transport | None = None
             self.timer: asyncio.TimerHandle | None = None
 

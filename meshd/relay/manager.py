@@ -60,8 +60,8 @@ class RelayManager:
         self.ssl_context = ssl_context
         self.regions: dict[int, RegionLink] = {}
         self.home: int | None = None
-        self.proxies: dict[bytes, PeerProxy] = {}
-        self.peer_home: dict[bytes, int | None] = {}
+        self.proxies: dict[bytes, PeerProxy] = {}  #: peers in the map only (set_peers closes the rest)
+        self.peer_home: dict[bytes, int | None] = {}  #: from the map
         self.dropped = 0
         self._up = False
         self._closed = False
