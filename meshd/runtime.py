@@ -1,5 +1,9 @@
 """What a running meshd created, recorded in ``<state-dir>/runtime.json`` so that leftovers of a crashed
-daemon (its interface, its hosts block) can be removed by the next ``meshd up`` or by ``meshd down``."""
+daemon (its interface, its hosts block, its firewall table, the sockets it listened on) can be removed by
+the next ``meshd up`` or by ``meshd down``. A clean stop removes all of it itself and this file last.
+
+Port maps are not in the record: the next start asks with the same PCP nonce (the router hands the same
+mapping back) and removes UPnP maps carrying its description; the router forgets the rest at lease end."""
 
 from __future__ import annotations
 
@@ -10,8 +14,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from meshd import firewall, hosts
+from meshd.state import SOCKET_FILE
 from meshd.wg import link
 from meshd.wg.errors import WgError
+from meshd.wg.userspace import socket_answers, socket_path
 
 RUNTIME_FILE = "runtime.json"
 
@@ -74,5 +80,12 @@ async def clean_leftovers(state_dir: Path) -> Runtime | None:
     with contextlib.suppress(hosts.HostsError):
         hosts.HostsFile(Path(rt.hosts_file), tag=rt.interface).remove()
     firewall.remove_table(rt.interface)
+    # sockets of a process that died by SIGKILL (wireguard-go removes its own when it stops cleanly)
+    uapi = socket_path(rt.interface)
+    if rt.backend == "userspace" and uapi.exists() and not await socket_answers(uapi):
+        with contextlib.suppress(FileNotFoundError):
+            uapi.unlink()
+    with contextlib.suppress(FileNotFoundError):
+        (state_dir / SOCKET_FILE).unlink()  # the control socket: its daemon is dead (checked above)
     clear(state_dir)
     return rt
