@@ -75,6 +75,10 @@ class WireGuardBackend(Protocol):
         """The UDP port WireGuard is bound to."""
         ...
 
+    def begin_close(self) -> None:
+        """We are stopping: never restart whatever runs the interface from now on (synchronous)."""
+        ...
+
     async def close(self) -> None:
         """Remove the interface (and stop whatever runs it). Safe to call twice."""
         ...
@@ -98,6 +102,9 @@ class ReconcilingBackend(abc.ABC):
 
     @abc.abstractmethod
     async def _write(self, ops: list[DeviceOp]) -> None: ...
+
+    def begin_close(self) -> None:  # noqa: B027 - a hook: only wireguard-go has something to stop
+        """Nothing to stop restarting by default (the kernel runs the interface)."""
 
     async def state(self) -> InterfaceState:
         return await self._read()

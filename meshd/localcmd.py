@@ -1,0 +1,135 @@
+"""The daemon's face on its local control socket: ``meshd status|ping|netcheck|down|rotate-keys``.
+
+:mod:`meshd.api` serves the socket; this module answers the commands from the daemon's pieces. The
+documents themselves are built by the pure functions of :mod:`meshd.status`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+from typing import TYPE_CHECKING, Any
+
+from meshd import api, localnet
+from meshd import status as st
+from meshd.credentials import CredentialError
+from meshd.wg.errors import WgError
+
+if TYPE_CHECKING:
+    from meshd.daemon import Daemon
+
+
+class LocalCommands:
+    def __init__(self, daemon: Daemon) -> None:
+        self.d = daemon
+        self._pinged: dict[str, float] = {}  #: peer name -> last `meshd ping` round trip, ms
+
+    def handlers(self) -> dict[str, api.Handler]:
+        async def status(args: dict[str, Any]) -> Any:
+            return (await self.status()).to_json()
+
+        async def ping(args: dict[str, Any]) -> Any:
+            peer = args.get("peer")
+            if not isinstance(peer, str) or not peer:
+                raise api.ApiError("ping needs a peer name")
+            return await self.ping(peer)
+
+        async def down(args: dict[str, Any]) -> Any:
+            asyncio.get_running_loop().call_soon(self.d.stop, "meshd down")
+            return {"stopping": True}
+
+        async def netcheck(args: dict[str, Any]) -> Any:
+            return await self.netcheck()
+
+        async def rotate_keys(args: dict[str, Any]) -> Any:
+            assert self.d.creds is not None
+            try:
+                old, new = await self.d.creds.rotate_keys(self.d.opts.state_dir)
+            except CredentialError as e:
+                raise api.ApiError(str(e)) from None
+            return {"old_public_key": old, "public_key": new}
+
+        return {
+            "status": status,
+            "ping": ping,
+            "down": down,
+            "netcheck": netcheck,
+            "rotate-keys": rotate_keys,
+        }
+
+    async def status(self) -> st.Status:
+        """The ``meshd status`` document (docs/design.md, "status --json")."""
+        assert self.d.creds is not None and self.d.applier is not None
+        wg = None
+        if self.d.backend is not None:
+            with contextlib.suppress(WgError):
+                wg = await self.d.backend.state()
+        paths, relay = self.d.paths, self.d.relay
+        peers = tuple(
+            st.peer_status(
+                name=v.name,
+                ips=tuple(v.ips),
+                public_key=v.peer.wg_public_key,
+                decision=paths.path(v.peer.wg_public_key) if paths is not None else st.NO_PATH,
+                wg=wg.peer(v.peer.wg_public_key) if wg is not None else None,
+                relay=relay.region_name(v.peer.relay_home) if relay is not None else None,
+                pinged_ms=self._pinged.get(v.name),
+            )
+            for v in self.d.applier.verified
+        )
+        e = self.d.creds.enrollment
+        nat = paths.nat if paths is not None else None
+        return st.Status(
+            self_=st.SelfStatus(
+                name=e.name,
+                ips=tuple(e.ips),
+                public_key=self.d.creds.wg_public_b64,
+                interface=self.d.opts.interface,
+                backend=self.d.kind(),
+                endpoints=tuple(paths.candidates()) if paths is not None else (),
+                relay=relay.home_name() if relay is not None and relay.up else None,
+                nat=st.NatStatus(
+                    mapping_varies_by_dest=nat.mapping_varies_by_dest if nat else None,
+                    portmap=nat.portmap if nat else None,
+                ),
+            ),
+            coordinator=st.CoordinatorStatus(
+                url=self.d.creds.state.coordinator_url or "",
+                connected=self.d.session is not None and self.d.session.connected,
+            ),
+            peers=peers,
+        )
+
+    async def ping(self, name: str) -> dict[str, Any]:
+        """Ping ``name`` over the mesh (ICMP to its overlay address) and say which path answered."""
+        assert self.d.applier is not None
+        v = self.d.applier.peer_by_name(name)
+        if v is None:
+            known = ", ".join(sorted(p.name for p in self.d.applier.verified)) or "none"
+            raise api.ApiError(f"no peer named {name!r} (peers: {known})")
+        ip = str(ipaddress.ip_interface(sorted(v.ips, key=lambda i: ":" in i)[0]).ip)
+        rtt = await localnet.ping(self.d.opts.interface, ip)
+        if rtt is not None:
+            self._pinged[v.name] = round(rtt, 3)
+        peer = next((p for p in (await self.status()).peers if p.name == v.name), None)
+        out: dict[str, Any] = {"peer": v.name, "ip": ip, "answered": rtt is not None}
+        if rtt is not None:
+            out["rtt_ms"] = rtt
+        out["path"] = peer.path if peer else "none"
+        if rtt is not None:
+            out["endpoint"] = peer.endpoint if peer else None
+        return out
+
+    async def netcheck(self) -> dict[str, Any]:
+        """What the network lets us do: UDP, public addresses, NAT mapping, port mapping, relay latency."""
+        if self.d.paths is not None:
+            await self.d.paths.refresh_stun()
+        if self.d.relay is not None:
+            await self.d.relay.measure()
+        return st.netcheck(
+            self.d.paths.nat if self.d.paths is not None else st.NO_NAT,
+            self.d.portmap.spoken if self.d.portmap is not None else [],
+            self.d.relay.status() if self.d.relay is not None else [],
+            self.d.relay.home_name() if self.d.relay is not None else None,
+        )
