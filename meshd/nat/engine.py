@@ -26,7 +26,7 @@ from typing import Any
 from meshd.nat.core import Announce, CallPeer, Datagram, Decided, TraversalCore
 from meshd.nat.endpoints import WgEndpoints
 from meshd.nat.rawport import RawPort, RawPortError
-from meshd.nat.strategy import CandidatesCallback, NatInfo, Network, PeerInfo
+from meshd.nat.strategy import CandidatesCallback, NatInfo, Network, PeerInfo, SendSignal
 from meshd.paths import PathConfig, PathStatus
 from meshd.proto.cmm import CallMeMaybe, CallMeMaybeError
 from meshd.proto.endpoint import Endpoint, format_endpoint
@@ -39,8 +39,6 @@ STUN_REFRESH = 20.0
 HANDSHAKE_POLL = 1.0
 STOP_WITHIN = 1.0  #: close() waits this long for the tasks to end
 READ_BATCH = 64  #: datagrams read per wake-up before the decisions are carried out
-
-SendSignal = Callable[[int, dict[str, Any]], Awaitable[None]]
 
 
 class Traversal:
@@ -102,11 +100,13 @@ class Traversal:
         waits: list[Awaitable[Any]] = [self._loops.stop(within=STOP_WITHIN)]
         if side:
             waits.append(asyncio.wait(side, timeout=STOP_WITHIN))
-        await asyncio.gather(*waits)
-        if self._raw is not None:
-            asyncio.get_running_loop().remove_reader(self._raw.fileno())
-            self._raw.close()
-            self._raw = None
+        try:
+            await asyncio.gather(*waits)
+        finally:  # even when the caller gives up waiting: the socket never outlives close()
+            if self._raw is not None:
+                asyncio.get_running_loop().remove_reader(self._raw.fileno())
+                self._raw.close()
+                self._raw = None
 
     # -- PathStrategy: inputs ---------------------------------------------------------------------------
 
