@@ -316,7 +316,6 @@ class MapStream:
     def __init__(self, ws: ClientConnection) -> None:
         self.ws = ws
         self.map: netmap.NetMap | None = None
-        self.signals: asyncio.Queue[netmap.SignalMessage] = asyncio.Queue()
 
     async def recv(self, within: float | None = None) -> netmap.ServerMessage:
         """Next message; raises ControlError when the coordinator closed the stream (e.g. node removed)."""
@@ -335,8 +334,6 @@ class MapStream:
             self.map = msg.map
         elif isinstance(msg, netmap.DeltaMessage) and self.map is not None:
             self.map = netmap.apply(self.map, msg.delta)
-        elif isinstance(msg, netmap.SignalMessage):
-            self.signals.put_nowait(msg)
         return msg
 
     async def next_map(self, within: float | None = None) -> netmap.NetMap:

@@ -55,16 +55,8 @@ async def next_message(stream_: MapStream, kind: type[M], within: float) -> M:
 
 
 async def next_signal(stream_: MapStream, within: float) -> netmap.SignalMessage:
-    """The next signal from a peer (`recv` queues signals on the stream as they arrive)."""
-
-    async def arrived() -> netmap.SignalMessage | None:
-        if stream_.signals.empty():
-            await stream_.recv(within=0.1)
-        return None if stream_.signals.empty() else stream_.signals.get_nowait()
-
-    return await eventually_async(
-        arrived, within=within, interval=0.001, what="a signal", ignore=(TimeoutError,)
-    )
+    """The next signal from a peer."""
+    return await next_message(stream_, netmap.SignalMessage, within)
 
 
 async def until_closed(stream_: MapStream, within: float) -> None:
