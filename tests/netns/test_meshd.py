@@ -6,12 +6,14 @@ import json
 import re
 import subprocess
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import pytest
 
 from meshd.status import Status
 from tests.eventually import eventually
-from tests.netns.lab import Lab
+from tests.netns.lab import Host, Lab
 from tests.netns.mesh import MESHD, Mesh, Node
 
 pytestmark = pytest.mark.netns
@@ -151,74 +153,99 @@ def _up_fails(node_host_run: subprocess.CompletedProcess[str]) -> str:
     return lines[-1]
 
 
-def test_bad_input_gives_one_line_errors_and_leaves_nothing(lab: Lab, mesh: Mesh) -> None:
-    s = lab.server()
-    mesh.start_coordinator(s)
-    h = lab.host(nat="eim")
-    mesh._hosts_file(h)
-    sd = str(mesh.dir / "bad")
+@dataclass(frozen=True)
+class BadEnv:
+    mesh: Mesh
+    host: Host
 
-    def up(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-        return h.run([MESHD, "up", "--state-dir", sd, "--interface", f"b{mesh.tag}x", *args], timeout=timeout)
 
-    msg = _up_fails(up("--coordinator", "http://7.0.0.250:9", "--auth-key", "x"))
-    assert "cannot reach the coordinator" in msg
-    msg = _up_fails(up("--coordinator", mesh.url, "--auth-key", "not-a-real-key"))
-    assert "enrollment failed" in msg and "fresh key" in msg
-    expired = mesh.new_key("tester", "--expiration", "1s")
+@pytest.fixture(scope="module")
+def bad_env() -> Iterator[BadEnv]:
+    """One lab for every bad-input case: a coordinator and a host behind a NAT (cases leave nothing)."""
+    with Lab() as lab:
+        mesh = Mesh(lab)
+        try:
+            mesh.start_coordinator(lab.server())
+            h = lab.host(nat="eim")
+            mesh._hosts_file(h)
+            yield BadEnv(mesh, h)
+        finally:
+            mesh.close()
+
+
+def _bad_up(
+    env: BadEnv, case: str, *args: str, prefix: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    sd = str(env.mesh.dir / f"bad-{case}")
+    iface = f"b{env.mesh.tag}{case[:3]}"[:15]
+    return env.host.run([*prefix, MESHD, "up", "--state-dir", sd, "--interface", iface, *args], timeout=30)
+
+
+def _unreachable(env: BadEnv) -> subprocess.CompletedProcess[str]:
+    return _bad_up(env, "unreach", "--coordinator", "http://7.0.0.250:9", "--auth-key", "x")
+
+
+def _bad_key(env: BadEnv) -> subprocess.CompletedProcess[str]:
+    return _bad_up(env, "badkey", "--coordinator", env.mesh.url, "--auth-key", "not-a-real-key")
+
+
+def _expired_key(env: BadEnv) -> subprocess.CompletedProcess[str]:
+    expired = env.mesh.new_key("tester", "--expiration", "1s")
     time.sleep(1.5)  # part of the case, not synchronisation: wait out the key's real lifetime
-    msg = _up_fails(up("--coordinator", mesh.url, "--auth-key", expired))
-    assert "enrollment failed" in msg
-    msg = _up_fails(up("--coordinator", mesh.url, "--wg-backend", "bogus"))
-    assert "--wg-backend" in msg
-    msg = _up_fails(up("--coordinator", "ftp://x"))
-    assert "http://" in msg
-    # no WireGuard available: a kernel without the module and no wireguard-go
-    good = mesh.new_key()
-    r = h.run(
-        [
-            "env",
-            "PATH=/nonexistent",
-            MESHD,
-            "up",
-            "--state-dir",
-            sd + "2",
-            "--interface",
-            f"c{mesh.tag}x",
-            "--coordinator",
-            mesh.url,
-            "--auth-key",
-            good,
-            "--wg-backend",
-            "auto",
-        ]
-    )
-    msg = _up_fails(r)
-    assert "modprobe wireguard" in msg and "wireguard-go" in msg
-    # a corrupt state file
-    (mesh.dir / "bad").mkdir(mode=0o700, exist_ok=True)
-    (mesh.dir / "bad" / "state.json").write_text("{not json")
-    (mesh.dir / "bad" / "state.json").chmod(0o600)
-    msg = _up_fails(up("--coordinator", mesh.url))
-    assert "corrupt" in msg and "move it away" in msg
-    # not root
-    r = h.run(
-        [
-            "setpriv",
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            MESHD,
-            "up",
-            "--state-dir",
-            "/tmp/nonexistent-meshd",
-            "--coordinator",
-            mesh.url,
-        ]
-    )
-    msg = _up_fails(r)
-    assert "root" in msg
+    return _bad_up(env, "expired", "--coordinator", env.mesh.url, "--auth-key", expired)
+
+
+def _bad_backend(env: BadEnv) -> subprocess.CompletedProcess[str]:
+    return _bad_up(env, "backend", "--coordinator", env.mesh.url, "--wg-backend", "bogus")
+
+
+def _bad_url(env: BadEnv) -> subprocess.CompletedProcess[str]:
+    return _bad_up(env, "url", "--coordinator", "ftp://x")
+
+
+def _no_wireguard(env: BadEnv) -> subprocess.CompletedProcess[str]:
+    """A kernel without the module and no wireguard-go on PATH."""
+    good = env.mesh.new_key()
+    return _bad_up(
+        env, "nowg", "--coordinator", env.mesh.url, "--auth-key", good, "--wg-backend", "auto",
+        prefix=("env", "PATH=/nonexistent"),
+    )  # fmt: skip
+
+
+def _corrupt_state(env: BadEnv) -> subprocess.CompletedProcess[str]:
+    sd = env.mesh.dir / "bad-corrupt"
+    sd.mkdir(mode=0o700, exist_ok=True)
+    (sd / "state.json").write_text("{not json")
+    (sd / "state.json").chmod(0o600)
+    return _bad_up(env, "corrupt", "--coordinator", env.mesh.url)
+
+
+def _not_root(env: BadEnv) -> subprocess.CompletedProcess[str]:
+    return env.host.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", MESHD, "up",
+         "--state-dir", "/tmp/nonexistent-meshd", "--coordinator", env.mesh.url],
+    )  # fmt: skip
+
+
+BAD_INPUT: dict[str, tuple[Callable[[BadEnv], subprocess.CompletedProcess[str]], tuple[str, ...]]] = {
+    "coordinator-unreachable": (_unreachable, ("cannot reach the coordinator",)),
+    "unknown-auth-key": (_bad_key, ("enrollment failed", "fresh key")),
+    "expired-auth-key": (_expired_key, ("enrollment failed",)),
+    "unknown-wg-backend": (_bad_backend, ("--wg-backend",)),
+    "non-http-url": (_bad_url, ("http://",)),
+    "no-wireguard": (_no_wireguard, ("modprobe wireguard", "wireguard-go")),
+    "corrupt-state-file": (_corrupt_state, ("corrupt", "move it away")),
+    "not-root": (_not_root, ("root",)),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_gives_one_line_errors_and_leaves_nothing(bad_env: BadEnv, case: str) -> None:
+    run, expected = BAD_INPUT[case]
+    msg = _up_fails(run(bad_env))
+    for text in expected:
+        assert text in msg
     # nothing half-configured: no interface, no hosts block
-    links = h.run(["ip", "-o", "link"], check=True).stdout
-    assert f"b{mesh.tag}x" not in links and f"c{mesh.tag}x" not in links
-    assert "BEGIN meshd" not in mesh.hosts_block(h)
+    links = bad_env.host.run(["ip", "-o", "link"], check=True).stdout
+    assert f"b{bad_env.mesh.tag}" not in links
+    assert "BEGIN meshd" not in bad_env.mesh.hosts_block(bad_env.host)
