@@ -27,7 +27,7 @@ from meshd.proto.encoding import b64decode
 from meshd.proto.netmap import RelayRegion
 from meshd.relay import home as choose
 from meshd.relay import link as rlink
-from meshd.relay.proxy import PeerProxy, open_proxy
+from meshd.relay.proxy import ProxyTable
 from meshd.relay.region import RegionLink, RegionStatus
 from meshd.relay.tickets import TicketCache, TicketSource
 from meshd.supervise import supervise
@@ -60,7 +60,7 @@ class RelayManager:
         self.ssl_context = ssl_context
         self.regions: dict[int, RegionLink] = {}
         self.home: int | None = None
-        self.proxies: dict[bytes, PeerProxy] = {}  #: peers in the map only (set_peers closes the rest)
+        self.proxies = ProxyTable(wg_port, self._send)
         self.peer_home: dict[bytes, int | None] = {}  #: from the map
         self.dropped = 0
         self._up = False
@@ -98,8 +98,7 @@ class RelayManager:
         if self._closed:
             return
         homes = {b64decode(k, length=32): h for k, h in peers}
-        for key in [k for k in self.proxies if k not in homes]:
-            self.proxies.pop(key).close()
+        self.proxies.keep_only(homes)
         self.peer_home = homes
         self._reconcile_links()
 
@@ -116,11 +115,7 @@ class RelayManager:
         """The 127.0.0.1 address WireGuard should use for this peer while it is relayed."""
         if self._closed:
             return None
-        key = b64decode(wg_key, length=32)
-        proxy = self.proxies.get(key)
-        if proxy is None:
-            proxy = self.proxies[key] = open_proxy(key, self.wg_port, self._send)
-        return proxy.address
+        return self.proxies.open(b64decode(wg_key, length=32)).address
 
     # -- state ---------------------------------------------------------------------------------------------
     @property
@@ -152,9 +147,7 @@ class RelayManager:
             t.cancel()
         for rid in list(self.regions):
             self._stop_region(rid)
-        for p in self.proxies.values():
-            p.close()
-        self.proxies.clear()
+        self.proxies.close()
         if tasks:
             _, late = await asyncio.wait(tasks, timeout=CLOSE_WITHIN)
             for t in late:
@@ -168,15 +161,8 @@ class RelayManager:
             self.dropped += 1
 
     def _received(self, src: bytes, packet: bytes) -> None:
-        proxy = self.proxies.get(src)
-        if proxy is None and src in self.peer_home and not self._closed:
-            try:
-                proxy = self.proxies[src] = open_proxy(src, self.wg_port, self._send)
-            except OSError as exc:  # out of sockets: drop this packet, the next one tries again
-                log.warning("relay: no local proxy for a peer: %s", exc)
-                return
-        if proxy is not None:
-            proxy.deliver(packet)
+        if (src in self.proxies or src in self.peer_home) and not self._closed:
+            self.proxies.deliver(src, packet)
 
     def _is_open(self, rid: int) -> bool:
         return self.regions[rid].open_link is not None  # route() asks only about known regions

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import cast
 
 log = logging.getLogger("meshd.relay")
@@ -97,3 +97,41 @@ async def _attach(sock: socket.socket, proto: PeerProxy) -> None:
     except OSError as exc:  # the peer's relayed packets go nowhere until the proxy is opened again
         log.warning("relay proxy on %s:%d failed: %s", *proto.bound, exc)
         sock.close()
+
+
+class ProxyTable:
+    """The proxies by peer key: opened on demand, only for peers in the map (:meth:`keep_only` closes
+    those of peers that left), so the table is bounded by the map."""
+
+    def __init__(self, wg_port: int, forward: Callable[[bytes, bytes], None]) -> None:
+        self.wg_port = wg_port
+        self.forward = forward
+        self._proxies: dict[bytes, PeerProxy] = {}
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._proxies
+
+    def open(self, key: bytes) -> PeerProxy:
+        """The peer's proxy, bound now if it has none (OSError when no socket can be had)."""
+        proxy = self._proxies.get(key)
+        if proxy is None:
+            proxy = self._proxies[key] = open_proxy(key, self.wg_port, self.forward)
+        return proxy
+
+    def deliver(self, src: bytes, packet: bytes) -> None:
+        """A packet from the relay to WireGuard, from the peer's proxy."""
+        try:
+            proxy = self.open(src)
+        except OSError as exc:  # out of sockets: drop this packet, the next one tries again
+            log.warning("relay: no local proxy for a peer: %s", exc)
+            return
+        proxy.deliver(packet)
+
+    def keep_only(self, keys: Collection[bytes]) -> None:
+        for key in [k for k in self._proxies if k not in keys]:
+            self._proxies.pop(key).close()
+
+    def close(self) -> None:
+        for p in self._proxies.values():
+            p.close()
+        self._proxies.clear()
