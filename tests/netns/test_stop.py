@@ -5,8 +5,10 @@ that are stopped, ``alpha`` behind a miniupnpd router speaking all three protoco
 ``gamma`` behind one speaking UPnP IGD only (a UPnP map, made and deleted with blocking miniupnpc calls),
 both with an inbound policy (so their nftables table exists); ``beta`` behind an EIM NAT as their peer (so
 relay links, signalling and hole punching are active). Then, for every scenario, alpha and gamma in turn
-are started and stopped REPEATS times, the stop landing at a random moment after ``meshd up`` was started
-(python start-up, bring-up, punching, steady state; half of the delays fall in the first 1.5 s):
+are started and stopped REPEATS times, the stop landing at a random moment: 0-1.5 s after the spawn (python
+start-up: the race with installing the signal handlers; enrolment: a quarter of the starts are from an
+empty state dir with a new key), 0-1.2 s after meshd's first log line (bring-up, first map, punching, port
+maps) or 1.5-6 s after the spawn (steady state). Each cycle reports where its stop landed, from the node's log.
 
 - signal: SIGTERM to meshd only, or to its whole process group (meshd + wireguard-go, what
   ``systemctl stop`` does; the lab starts every process in its own session, so ``os.killpg`` hits both);
@@ -17,9 +19,9 @@ After each stop: meshd exited within 5 s of the signal, and within 1 s of its ex
 no wireguard-go for it, no UAPI socket, no hosts block, no ``inet meshd_<iface>`` table, no port map on the
 router (nftables DNAT rules and miniupnpd's lease file), no runtime.json and no API socket. Stop times
 (max/median per scenario) are printed; failures list every bad cycle with its phase and the log of that
-run. The random delay before each stop is the one deliberate sleep in this file (it is the point of the
-test); everything else waits with ``eventually``. Seed: MESHD_STOP_SEED (printed), repeats:
-MESHD_STOP_REPEATS.
+run (and py-spy's dump of a meshd that does not stop, if py-spy is installed). The random delay before
+each stop is the one deliberate sleep in this file (it is the point of the test); everything else waits with
+``eventually``. Seed: MESHD_STOP_SEED (printed), repeats: MESHD_STOP_REPEATS (default 4: 48 stops).
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ REPEATS = int(os.environ.get("MESHD_STOP_REPEATS", "4"))
 STOP_WITHIN = 5.0  #: the issue's bound, from the signal to meshd's exit
 SETTLE = 1.0  #: after meshd exited: time for the kernel/router to finish what meshd asked for
 MAX_DELAY = 6.0  #: signals land 0..MAX_DELAY s after `meshd up` was started
+FRESH = 0.25  #: share of starts from an empty state dir (enrolment first)
+STARTUP_WITHIN = 20.0  #: for meshd's first log line (python start-up on 2 busy cores)
 
 POLICY = """\
 # beta may ssh to alpha and gamma: they get an inbound rule set, i.e. an nftables table
@@ -67,6 +71,7 @@ class Cycle:
     index: int
     node: str
     delay: float
+    anchor: str  #: the delay counts from meshd's spawn or from its first log line
     phase: str = ""
     stop_time: float | None = None  #: seconds from the signal to meshd's exit (None: it did not exit)
     group_time: float | None = None  #: ... to the last process of its group gone (process-group stops)
@@ -74,6 +79,8 @@ class Cycle:
     leftovers: list[str] = field(default_factory=list)
     log: str = ""
     stacks: str = ""  #: py-spy's dump of a meshd that did not stop in time
+    fresh: bool = False  #: started from an empty state dir: enrols first
+    exited_early: bool = False  #: meshd had exited before the signal (e.g. enrolment without coordinator)
 
     @property
     def ok(self) -> bool:
@@ -87,6 +94,7 @@ class World:
     stopped: list[tuple[Node, Router]]  #: the nodes that are stopped, with their routers
     beta: Node
     results: dict[str, list[Cycle]] = field(default_factory=dict)
+    unenrolled: set[str] = field(default_factory=set)  #: nodes whose last fresh start may not have enrolled
 
 
 # -- what a node leaves behind ---------------------------------------------------------------------------
@@ -156,11 +164,15 @@ def clean_up_after_failure(node: Node) -> None:
         socket_path(node.interface).unlink()
 
 
-def phase_of(log: str) -> str:
-    """Where the stop landed, from what alpha logged before "stopping:"."""
+def phase_of(log: str, fresh: bool) -> str:
+    """Where the stop landed, from what the node logged before "stopping:"."""
+    if "stopping:" not in log:
+        return "python start-up"  # no handler yet: the default action, with nothing made so far
     before = log.split("stopping:", 1)[0]
+    if fresh and "enrolled as" not in before:
+        return "enrolling"
     if "meshd up:" not in before:
-        return "starting"
+        return "bring-up"
     if "port map (" not in before:
         return "up, no port map yet"
     if "coordinator stream connected" not in before:
@@ -257,13 +269,30 @@ def run_cycle(world: World, scenario: str, index: int, rng: random.Random) -> Cy
     if mesh.coord_proc is None or mesh.coord_proc.poll() is not None:
         assert mesh.coord_host is not None
         mesh.start_coordinator(mesh.coord_host)
-    delay = rng.uniform(0.0, 1.5) if rng.random() < 0.5 else rng.uniform(1.5, MAX_DELAY)
-    cycle = Cycle(scenario, index, node.name, delay)
+    band = rng.random()
+    if band < 0.2:  # from the spawn: python start-up (the race with the signal handlers), enrolment
+        anchor, delay = "spawn", rng.uniform(0.0, 1.5)
+    elif band < 0.6:  # from meshd's first log line: bring-up, first map, punching, port maps (denser early)
+        anchor, delay = "first log line", 1.2 * rng.random() ** 2
+    else:  # from the spawn, later: steady state
+        anchor, delay = "spawn", rng.uniform(1.5, MAX_DELAY)
+    cycle = Cycle(scenario, index, node.name, delay, anchor, fresh=rng.random() < FRESH)
     coord_at = rng.uniform(0.0, cycle.delay) if coord == "gone" else None
     log_start = node.log.stat().st_size if node.log.exists() else 0
-    mesh.start(node)  # enrolled in the fixture: no key, same state dir
+    if cycle.fresh:  # a new identity (same name, so the policy applies): the stop may land in the enrolment
+        mesh.admin("nodes", "remove", node.name, check=False)
+        node.state_dir.rename(
+            node.state_dir.with_name(f"{node.state_dir.name}-{scenario.replace('/', '-')}-{index}")
+        )
+    key = mesh.new_key() if cycle.fresh or node.name in world.unenrolled else None
+    mesh.start(node, key=key)  # else the same state dir, enrolled before: no key
     proc = node.proc
     assert proc is not None
+    if anchor != "spawn":
+        with contextlib.suppress(EventuallyTimeout):  # (it may exit first: the stop then finds it gone)
+            eventually(
+                lambda: proc.poll() is not None or node.log.stat().st_size > log_start, within=STARTUP_WITHIN
+            )
     started = time.monotonic()
     # The one deliberate sleep: the stop must land at a random moment of meshd's life.
     if coord_at is not None:
@@ -272,6 +301,8 @@ def run_cycle(world: World, scenario: str, index: int, rng: random.Random) -> Cy
     time.sleep(max(0.0, started + cycle.delay - time.monotonic()))
 
     t0 = time.monotonic()
+    if proc.poll() is not None:
+        cycle.exited_early = True
     if coord == "stopping" and mesh.coord_proc is not None:
         mesh.coord_proc.send_signal(signal.SIGTERM)
     if target == "group":
@@ -302,7 +333,11 @@ def run_cycle(world: World, scenario: str, index: int, rng: random.Random) -> Cy
     with node.log.open("rb") as f:
         f.seek(log_start)
         cycle.log = f.read().decode(errors="replace")
-    cycle.phase = phase_of(cycle.log)
+    cycle.phase = "exited before the signal" if cycle.exited_early else phase_of(cycle.log, cycle.fresh)
+    if "meshd up:" in cycle.log or "enrolled as" in cycle.log:
+        world.unenrolled.discard(node.name)
+    elif key is not None:
+        world.unenrolled.add(node.name)  # stopped before it enrolled: the next start needs a key again
     if "Traceback" in cycle.log:
         cycle.leftovers.append("a traceback in meshd's log")
     if cycle.leftovers:
@@ -326,7 +361,8 @@ def test_sigterm_stops_within_5s_and_leaves_nothing(
         f"{scenario}: {len(cycles)} stops, "
         + (f"max {max(times):.2f} s, median {statistics.median(times):.2f} s" if times else "none exited")
         + "".join(
-            f"\n  #{c.index} {c.node}: signal at {c.delay:.2f} s ({c.phase}): "
+            f"\n  #{c.index} {c.node}{' (new)' if c.fresh else ''}: signal {c.delay:.2f} s after {c.anchor}"
+            f" ({c.phase}): "
             + (f"exit {c.exit_code} after {c.stop_time:.2f} s" if c.stop_time is not None else "did not exit")
             + (f", group gone after {c.group_time:.2f} s" if c.group_time is not None else "")
             + (f", LEFT {c.leftovers}" if c.leftovers else "")
