@@ -8,7 +8,7 @@ relay links, signalling and hole punching are active). Then, for every scenario,
 are started and stopped REPEATS times, the stop landing at a random moment: 0-1.5 s after the spawn (python
 start-up: the race with installing the signal handlers; enrolment: a quarter of the starts are from an
 empty state dir with a new key), 0-1.2 s after meshd's first log line (bring-up, first map, punching, port
-maps) or 1.5-6 s after the spawn (steady state). Each cycle reports where its stop landed, from the node's log.
+maps) or 1.5-6 s after the spawn (steady state). Each cycle reports where its stop landed (from the log).
 
 - signal: SIGTERM to meshd only, or to its whole process group (meshd + wireguard-go, what
   ``systemctl stop`` does; the lab starts every process in its own session, so ``os.killpg`` hits both);
