@@ -86,10 +86,6 @@ class Hub:
             return True
         return False
 
-    def is_connected(self, node_id: int) -> bool:
-        # only tests/coordinator/test_stream.py uses this (to be replaced by `node_id in hub.subscribers`)
-        return node_id in self.subscribers
-
     def send_to(self, node_id: int, message: str) -> bool:
         """Deliver a message (e.g. a signal) to every stream of a node; False when it has none."""
         subs = self.subscribers.get(node_id)

@@ -29,7 +29,7 @@ from nacl.signing import SigningKey
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
-from meshd.proto import netmap, signing, trust
+from meshd.proto import netmap, relay, signing, trust
 from meshd.proto.encoding import b64decode, b64encode
 
 
@@ -253,7 +253,7 @@ class ControlClient:
 
     async def relay_ticket(self) -> tuple[str, float]:
         """A short-lived relay ticket (meshd.proto.ticket) and its expiry (unix seconds)."""
-        data = (await self._request("POST", "/api/v1/relay/ticket", signer=self._need_id())).json()
+        data = (await self._request("POST", relay.TICKET_PATH, signer=self._need_id())).json()
         return str(data["ticket"]), float(data["not_after"])
 
     async def fetch_map(self, since: int | None = None, wait: float = 0.0) -> netmap.ServerMessage:

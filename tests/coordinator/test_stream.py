@@ -108,7 +108,7 @@ async def test_reconnect_with_since_gets_only_what_was_missed(live: Coord) -> No
         seen = await caught_up(sa, live.core)  # including a's own online flip
     assert a.node_id is not None
     await eventually_async(
-        lambda: not live.core.hub.is_connected(a.node_id), within=5, what="the coordinator saw a leave"
+        lambda: a.node_id not in live.core.hub.subscribers, within=5, what="the coordinator saw a leave"
     )
     r = await live.admin.post("/admin/nodes/b/rename", json={"new_name": "bee"})
     assert r.status_code == 204
