@@ -201,11 +201,11 @@ class Daemon:
             log.info("removed leftovers of a meshd that did not stop cleanly (%s)", old.interface)
         try:
             self.backend = await open_backend(self.opts.wg_backend, self.opts.interface)
-            await self.backend.create()
-            runtime.write(  # first, so that a crash from here on is cleaned up by the next start
+            runtime.write(  # before the interface exists: the next start cleans up after a crash
                 self.opts.state_dir,
                 runtime.Runtime(os.getpid(), self.opts.interface, str(self.opts.hosts_file), self.kind()),
             )
+            await self.backend.create()
             self.applier = MapApplier(
                 interface=self.opts.interface,
                 listen_port=self.opts.listen_port,
@@ -287,10 +287,11 @@ class Daemon:
             parts.append(_bounded("control socket", self._api.close(), STOP_PARTS))
         await asyncio.gather(*parts)
         self.portmap = self.paths = self.relay = self._api = None
+        last = [_bounded("firewall table", self.firewall.close(), STOP_INTERFACE)]
         if self.backend is not None:
-            await _bounded(f"removing {self.opts.interface}", self.backend.close(), STOP_INTERFACE)
-            self.backend = None
-        await _bounded("firewall table", self.firewall.close(), STOP_INTERFACE)
+            last.append(_bounded(f"removing {self.opts.interface}", self.backend.close(), STOP_INTERFACE))
+        await asyncio.gather(*last)  # independent of each other
+        self.backend = None
         with contextlib.suppress(hosts.HostsError):
             self.hosts.remove()
         runtime.clear(self.opts.state_dir)
