@@ -166,21 +166,25 @@ class PortMapShell:
         self._closed = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within
-        await self._tasks.stop(within=min(0.5, within / 4))
-        jobs = [
-            asyncio.create_task(self._close_natpmp(deadline)),
-            asyncio.create_task(self._close_upnp(deadline)),
-        ]
-        _, pending = await asyncio.wait(jobs, timeout=max(0.0, deadline - loop.time()))
-        for t in pending:
-            t.cancel()
-        if pending:
-            log.warning(
-                "port maps: not all deleted within %.1f s (the router keeps them until they expire)", within
-            )
-        if self._udp is not None:
-            self._udp.close()
-            self._udp = None
+        jobs: list[asyncio.Task[None]] = []
+        try:
+            await self._tasks.stop(within=min(0.5, within / 4))
+            jobs = [
+                asyncio.create_task(self._close_natpmp(deadline)),
+                asyncio.create_task(self._close_upnp(deadline)),
+            ]
+            _, pending = await asyncio.wait(jobs, timeout=max(0.0, deadline - loop.time()))
+            if pending:
+                log.warning(
+                    "port maps: not all deleted within %.1f s (the router keeps them until they expire)",
+                    within,
+                )
+        finally:  # also when the caller's own deadline cancels us: no orphan tasks, no open socket
+            for t in jobs:
+                t.cancel()
+            if self._udp is not None:
+                self._udp.close()
+                self._udp = None
 
     async def _close_natpmp(self, deadline: float) -> None:
         if self._pm is None or self._udp is None:
