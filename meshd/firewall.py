@@ -168,7 +168,8 @@ class Firewall:
 
         try:
             # not under self._lock: an update in flight must not delay the stop (the thread lock orders them)
-            await asyncio.wait_for(asyncio.to_thread(remove), CLOSE_TIMEOUT + 0.2)
+            async with asyncio.timeout(CLOSE_TIMEOUT + 0.2):
+                await asyncio.to_thread(remove)
         except TimeoutError:
             log.warning("firewall: removing table %s took too long", table_name(self.ifname))
         self.rules = None

@@ -74,7 +74,20 @@ def start_blocking(fn: Callable[[], T], name: str) -> asyncio.Future[T]:
 
 async def blocking(fn: Callable[[], T], *, within: float, name: str = "upnp") -> T:
     """``fn()`` in a daemon thread; TimeoutError after ``within`` s (the thread is then abandoned)."""
-    return await asyncio.wait_for(start_blocking(fn, name), within)
+    async with asyncio.timeout(within):
+        return await start_blocking(fn, name)
+
+
+async def wait_set(event: asyncio.Event, within: float) -> None:
+    """Until ``event`` is set or ``within`` s passed.
+
+    Never ``asyncio.wait_for(event.wait(), t)`` here: on Python 3.11 it swallows a cancellation that
+    arrives together with the event (a datagram landing as the daemon stops), and the loop then runs on
+    after it was cancelled: the stop hung (issue 11). ``asyncio.timeout`` keeps the cancellation.
+    """
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(within):
+            await event.wait()
 
 
 def default_gateway() -> tuple[str, str] | None:
@@ -195,8 +208,7 @@ class PortMapShell:
             self._flush()
             self._pm.handle_timer(self.clock())
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):  # woken by the router's answer, else poll the timers
-                await asyncio.wait_for(self._wake.wait(), 0.05)
+            await wait_set(self._wake, 0.05)  # woken by the router's answer, else poll the timers
 
     async def _close_upnp(self, deadline: float) -> None:
         loop = asyncio.get_running_loop()
@@ -207,7 +219,8 @@ class PortMapShell:
         if adding is not None:
             # a mapping (or its renewal) may be on its way: wait for it (bounded) so it can be deleted
             try:
-                maps.append(await asyncio.wait_for(asyncio.shield(adding), max(0.0, deadline - loop.time())))
+                async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                    maps.append(await asyncio.shield(adding))
             except upnp.UpnpError:
                 pass
             except TimeoutError:
@@ -265,8 +278,7 @@ class PortMapShell:
             t = self._pm.next_timer()
             wait = 5.0 if t is None else max(0.0, t - self.clock())
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), min(wait, 5.0))
+            await wait_set(self._wake, min(wait, 5.0))
 
     async def _upnp_loop(self) -> None:
         """Discover an IGD in parallel; map only if NAT-PMP/PCP have not already; renew at half-lease."""
@@ -287,7 +299,8 @@ class PortMapShell:
             )
             self._upnp_adding = adding
             try:
-                m = await asyncio.wait_for(asyncio.shield(adding), UPNP_CALL_TIMEOUT)
+                async with asyncio.timeout(UPNP_CALL_TIMEOUT):
+                    m = await asyncio.shield(adding)
             except (upnp.UpnpError, TimeoutError) as e:
                 log.debug("UPnP: %s", e or "timed out")
                 if adding.done():

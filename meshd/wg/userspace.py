@@ -81,7 +81,8 @@ async def uapi_request(path: Path, request: bytes, within: float = UAPI_TIMEOUT)
                 await writer.wait_closed()
 
     try:
-        return await asyncio.wait_for(exchange(), within)
+        async with asyncio.timeout(within):  # not wait_for: on 3.11 it can swallow a cancellation
+            return await exchange()
     except TimeoutError:
         raise UapiError(f"no UAPI reply from {path} within {within:g} s") from None
     except OSError as e:
@@ -290,9 +291,11 @@ class UserspaceBackend(ReconcilingBackend):
             with contextlib.suppress(ProcessLookupError):
                 proc.terminate()
             try:
-                await asyncio.wait_for(proc.wait(), KILL_AFTER)
+                async with asyncio.timeout(KILL_AFTER):
+                    await proc.wait()
             except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(proc.wait(), 0.5)
+                    async with asyncio.timeout(0.5):
+                        await proc.wait()

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from meshd.nat import mapper, upnp
+from tests.eventually import eventually_async
 
 
 class FakeIgd:
@@ -82,3 +83,35 @@ async def test_close_cut_short_by_the_caller_leaves_no_task_behind() -> None:
         await asyncio.wait_for(shell.close(within=5.0), 0.2)
     await asyncio.sleep(0)
     assert {t for t in asyncio.all_tasks() - before if not t.done()} == set()
+
+
+async def test_a_wake_together_with_the_cancellation_does_not_keep_a_loop_alive() -> None:
+    """Python 3.11's ``wait_for(event.wait(), t)`` swallows a cancel that comes with the event: the loop
+    ran on after the stop cancelled it, and a close that awaited it hung (issue 11)."""
+    event = asyncio.Event()
+
+    async def loop() -> None:
+        while True:
+            event.clear()
+            await mapper.wait_set(event, 5.0)
+
+    task = asyncio.create_task(loop())
+    await asyncio.sleep(0.01)
+    event.set()  # a datagram arrives ...
+    task.cancel()  # ... as the daemon stops
+    done, _ = await asyncio.wait([task], timeout=1.0)
+    assert done and task.cancelled()
+
+
+async def test_the_shell_loops_end_on_close_even_when_woken_at_that_moment() -> None:
+    shell = mapper.PortMapShell(41641, "t/m0", lambda p, e: None)
+    await shell.start()
+    loops = shell._tasks.tasks
+    assert {t.get_name() for t in loops} == {"portmap", "upnp"}
+    shell._wake.set()
+    # the port-map loop clears the wake just before it waits: then it is parked in its wait
+    await eventually_async(lambda: not shell._wake.is_set(), within=5.0)
+    shell._wake.set()  # what the gateway's answer does, at the moment the daemon stops
+    FakeIgd.release.set()
+    await shell.close()
+    assert all(t.done() for t in loops)
