@@ -11,7 +11,8 @@ The block looks like::
 apart), so several daemons can keep their own blocks in one file. :func:`render` and :func:`remove`
 are pure text transforms; :class:`HostsFile` applies them to a file **in place** (the file may be a
 bind mount, e.g. in containers, where rename-over does not work): read, transform, and when the text
-changed rewrite it from offset 0 and truncate, all under an exclusive ``flock``. Every line outside
+changed rewrite it from offset 0 and truncate, all under an exclusive ``flock`` (waited for at most
+``LOCK_TIMEOUT`` s: a stuck holder must not stall the daemon or its stop). Every line outside
 our block stays byte-identical (the file is handled as bytes via ``surrogateescape``).
 
 A block left incomplete by a crash (a BEGIN without END) is repaired on the next update: the BEGIN line
@@ -25,12 +26,14 @@ import fcntl
 import ipaddress
 import os
 import re
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_HOSTS_FILE = Path("/etc/hosts")
 DEFAULT_DOMAIN = "mesh"
+LOCK_TIMEOUT = 2.0  #: seconds to wait for another process's lock on the hosts file
 
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _TAG = re.compile(r"^[A-Za-z0-9._@:/+-]{1,200}$")
@@ -162,6 +165,21 @@ class HostsFile:
         """Delete our block; True when the file changed. A missing file is left missing."""
         return self._edit(lambda text: remove(text, self.tag, self.domain), create=False)
 
+    def _lock(self, fd: int) -> None:
+        """The exclusive flock, polled: a blocking flock has no timeout, and these edits run in the
+        daemon's event loop (also on the way out, which must end within seconds)."""
+        deadline = time.monotonic() + LOCK_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise HostsError(
+                        f"hosts file {self.path} is locked by another process (waited {LOCK_TIMEOUT:g} s)"
+                    ) from None
+                time.sleep(0.01)
+
     def _edit(self, transform: _Transform, *, create: bool) -> bool:
         flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
         try:
@@ -173,7 +191,7 @@ class HostsFile:
         except OSError as e:
             raise HostsError(f"cannot open hosts file {self.path}: {e.strerror}") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._lock(fd)
             with os.fdopen(os.dup(fd), "rb") as f:
                 old = f.read()
             text = old.decode("utf-8", "surrogateescape")

@@ -213,3 +213,30 @@ def test_bind_mounted_hosts_file_is_updated_through_the_mount(tmp_path: Path) ->
     assert out.stdout.split() == ["True", str(errno.EBUSY)]  # ours worked; a rename would not have
     assert real.read_text() == SYSTEM + BLOCK_BC
     assert target.read_text() == ""  # outside the namespace nothing was mounted
+
+
+def test_a_lock_held_elsewhere_is_waited_for_a_bounded_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 11: the daemon edits the file in its event loop, also while stopping; a process that holds the
+    lock for ever must cost at most LOCK_TIMEOUT, not the stop."""
+    import fcntl
+    import time
+
+    import meshd.hosts
+
+    monkeypatch.setattr(meshd.hosts, "LOCK_TIMEOUT", 0.3)
+    path = tmp_path / "hosts"
+    path.write_text("127.0.0.1 localhost\n")
+    hf = HostsFile(path, tag="mesh0")
+    with open(path, "rb") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)  # another open file: conflicts like another process would
+        t0 = time.monotonic()
+        with pytest.raises(HostsError, match="locked"):
+            hf.update([HostEntry("100.64.0.2", "b")])
+        assert 0.25 < time.monotonic() - t0 < 1.0
+        released = threading.Timer(0.1, fcntl.flock, (holder, fcntl.LOCK_UN))
+        released.start()
+        assert hf.update([HostEntry("100.64.0.2", "b")]), "a lock released in time is waited for"
+        released.join()
+    assert "b.mesh" in path.read_text()
