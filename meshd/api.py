@@ -75,8 +75,9 @@ class ControlServer:
         """Stop listening and remove the socket file (if it is still ours)."""
         if self._server is not None:
             self._server.close()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._server.wait_closed(), self.timeout)
+            with contextlib.suppress(TimeoutError):  # asyncio.timeout: 3.11's wait_for can swallow a cancel
+                async with asyncio.timeout(self.timeout):
+                    await self._server.wait_closed()
             self._server = None
         with contextlib.suppress(OSError):
             if os.stat(self.path).st_ino == self._inode:
@@ -125,7 +126,8 @@ class ControlServer:
 
     async def _answer(self, reader: asyncio.StreamReader) -> dict[str, Any]:
         try:
-            line = await asyncio.wait_for(reader.readline(), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                line = await reader.readline()
         except (ValueError, asyncio.LimitOverrunError):
             return _error(f"request longer than {MAX_REQUEST} bytes")
         except TimeoutError:
@@ -144,7 +146,8 @@ class ControlServer:
             known = ", ".join(sorted(self._handlers)) or "none"
             return _error(f"unknown command {command!r} (this meshd knows: {known})")
         try:
-            result = await asyncio.wait_for(handler(args), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                result = await handler(args)
             json.dumps(result)  # fail here, not half-way through the reply
         except ApiError as exc:
             return _error(str(exc))

@@ -81,6 +81,19 @@ async def _bounded(what: str, step: Awaitable[Any], within: float) -> None:
         log.warning("stopping: %s: %s", what, e)
 
 
+async def _cancel_leftovers(within: float = 0.5) -> None:
+    """Cancel whatever task is still running (a handler of the control socket, a one-off send), bounded:
+    asyncio.run() would otherwise cancel them itself and wait without a limit."""
+    me = asyncio.current_task()
+    rest = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+    for t in rest:
+        t.cancel()
+    if rest:
+        _, pending = await asyncio.wait(rest, timeout=within)
+        for t in pending:
+            log.warning("stopping: task %s ignored its cancellation", t.get_name())
+
+
 class Daemon:
     """One running meshd. ``run()`` returns when stopped; DaemonError for problems the user must fix."""
 
@@ -118,18 +131,21 @@ class Daemon:
         stopped = asyncio.create_task(self.stop_event.wait(), name="meshd-stop")
         try:
             await asyncio.wait({main, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            if main.done():
-                main.result()  # DaemonError from start-up
-            else:
+            if not main.done():
                 main.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await main
+                await asyncio.wait({main})
+            if self.stop_event.is_set():  # a start-up step cut short by the stop is part of the stop
+                if not main.cancelled() and (err := main.exception()) is not None:
+                    log.info("start-up interrupted by the stop: %s", err)
+            else:
+                main.result()  # DaemonError from start-up
         finally:
             stopped.cancel()
             sdnotify.notify("STOPPING=1")
             await self._tear_down()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
+            await _cancel_leftovers()
             if self._lock is not None:
                 self._lock.close()
         if self._failed is not None:

@@ -151,8 +151,9 @@ class Traversal:
         self._core.query_stun(self.clock())
         self._stun_idle.clear()
         self._wake.set()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stun_idle.wait(), within)
+        with contextlib.suppress(TimeoutError):  # asyncio.timeout: 3.11's wait_for can swallow a cancel
+            async with asyncio.timeout(within):
+                await self._stun_idle.wait()
 
     # -- PathStrategy: decisions ------------------------------------------------------------------------
 
@@ -232,7 +233,8 @@ class Traversal:
             t = self._core.next_timer()
             wait = 1.0 if t is None else min(max(0.0, t - self.clock()), 1.0)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait)
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
 
     async def _stun_loop(self) -> None:
         while True:
