@@ -7,6 +7,7 @@ fixes.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -24,17 +25,22 @@ KINDS: tuple[str, ...] = ("auto", "kernel", "userspace")
 
 
 async def kernel_supported() -> bool:
-    """True when a kernel wireguard link can be created here (tries one named wgprobe<pid>)."""
+    """True when a kernel wireguard link can be created here (tries one named wgprobe<pid>).
+
+    The probe link is deleted whatever happens, also when a stop cancels us half-way: the kernel may have
+    made the link although we never saw the answer."""
     probe = f"wgprobe{os.getpid() % 100000}"
     try:
-        await link.create_wireguard_link(probe)
-    except BackendUnavailable:
-        return False
-    except WgError:
-        pass  # e.g. the probe name exists: creating links of this kind is evidently possible
-    with contextlib.suppress(WgError):
-        await link.delete_link(probe)
-    return True
+        try:
+            await link.create_wireguard_link(probe)
+        except BackendUnavailable:
+            return False
+        except WgError:
+            pass  # e.g. the probe name exists: creating links of this kind is evidently possible
+        return True
+    finally:
+        with contextlib.suppress(WgError, OSError):
+            await asyncio.shield(link.delete_link(probe))
 
 
 async def open_backend(kind: str, ifname: str, wireguard_go: str = "wireguard-go") -> WireGuardBackend:
