@@ -289,9 +289,10 @@ def run_cycle(world: World, scenario: str, index: int, rng: random.Random) -> Cy
     log_start = node.log.stat().st_size if node.log.exists() else 0
     if cycle.fresh:  # a new identity (same name, so the policy applies): the stop may land in the enrolment
         mesh.admin("nodes", "remove", node.name, check=False)
-        node.state_dir.rename(
-            node.state_dir.with_name(f"{node.state_dir.name}-{scenario.replace('/', '-')}-{index}")
-        )
+        if node.state_dir.exists():  # (a fresh start stopped in python start-up made none)
+            node.state_dir.rename(
+                node.state_dir.with_name(f"{node.state_dir.name}-{scenario.replace('/', '-')}-{index}")
+            )
     key = mesh.new_key() if cycle.fresh or node.name in world.unenrolled else None
     mesh.start(node, key=key)  # else the same state dir, enrolled before: no key
     proc = node.proc
