@@ -6,9 +6,10 @@ that are stopped, ``alpha`` behind a miniupnpd router speaking all three protoco
 both with an inbound policy (so their nftables table exists); ``beta`` behind an EIM NAT as their peer (so
 relay links, signalling and hole punching are active). Then, for every scenario, alpha and gamma in turn
 are started and stopped REPEATS times, the stop landing at a random moment: 0-1.5 s after the spawn (python
-start-up: the race with installing the signal handlers; enrolment: a quarter of the starts are from an
-empty state dir with a new key), 0-1.2 s after meshd's first log line (bring-up, first map, punching, port
-maps) or 1.5-6 s after the spawn (steady state). Each cycle reports where its stop landed (from the log).
+start-up: the race with installing the signal handlers), 0-0.15 s after a fresh node wrote its keys (a
+quarter of the starts are from an empty state dir with a new key: enrolment), 0-1.2 s after meshd's first
+log line (bring-up, first map, punching, port maps) or 1.5-6 s after the spawn (steady state). Each cycle
+reports where its stop landed (from the log).
 
 - signal: SIGTERM to meshd only, or to its whole process group (meshd + wireguard-go, what
   ``systemctl stop`` does; the lab starts every process in its own session, so ``os.killpg`` hits both);
@@ -35,7 +36,7 @@ import signal
 import statistics
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -277,14 +278,16 @@ def run_cycle(world: World, scenario: str, index: int, rng: random.Random) -> Cy
     if mesh.coord_proc is None or mesh.coord_proc.poll() is not None:
         assert mesh.coord_host is not None
         mesh.start_coordinator(mesh.coord_host)
-    band = rng.random()
-    if band < 0.2:  # from the spawn: python start-up (the race with the signal handlers), enrolment
+    fresh, band = rng.random() < FRESH, rng.random()
+    if band < 0.2:  # from the spawn: python start-up (the race with the signal handlers)
         anchor, delay = "spawn", rng.uniform(0.0, 1.5)
+    elif fresh and band < 0.5:  # keys made, enrolment under way (about 0.1 s)
+        anchor, delay = "state dir made", rng.uniform(0.0, 0.15)
     elif band < 0.6:  # from meshd's first log line: bring-up, first map, punching, port maps (denser early)
         anchor, delay = "first log line", 1.2 * rng.random() ** 2
     else:  # from the spawn, later: steady state
         anchor, delay = "spawn", rng.uniform(1.5, MAX_DELAY)
-    cycle = Cycle(scenario, index, node.name, delay, anchor, fresh=rng.random() < FRESH)
+    cycle = Cycle(scenario, index, node.name, delay, anchor, fresh=fresh)
     coord_at = rng.uniform(0.0, cycle.delay) if coord == "gone" else None
     log_start = node.log.stat().st_size if node.log.exists() else 0
     if cycle.fresh:  # a new identity (same name, so the policy applies): the stop may land in the enrolment
@@ -298,10 +301,12 @@ def run_cycle(world: World, scenario: str, index: int, rng: random.Random) -> Cy
     proc = node.proc
     assert proc is not None
     if anchor != "spawn":
+        reached: Callable[[], bool] = {
+            "first log line": lambda: node.log.stat().st_size > log_start,
+            "state dir made": lambda: (node.state_dir / "state.json").exists(),
+        }[anchor]
         with contextlib.suppress(EventuallyTimeout):  # (it may exit first: the stop then finds it gone)
-            eventually(
-                lambda: proc.poll() is not None or node.log.stat().st_size > log_start, within=STARTUP_WITHIN
-            )
+            eventually(lambda: proc.poll() is not None or reached(), within=STARTUP_WITHIN)
     started = time.monotonic()
     # The one deliberate sleep: the stop must land at a random moment of meshd's life.
     if coord_at is not None:
