@@ -2,11 +2,11 @@
 
 ::
 
-    [groups]                       # groups of users
+    [groups]                       # groups of users (members are user names, bare or "user:NAME")
     eng = ["alice", "bob"]
 
     [tag_owners]                   # who may put each tag on a pre-auth key; rules may only use these tags
-    "tag:db" = ["group:ops"]
+    "tag:db" = ["group:ops"]       # owners: users (bare or "user:NAME") and groups
 
     [hosts]                        # aliases: a name for an overlay address or a network
     backup = "100.64.0.9"
@@ -17,13 +17,18 @@
     proto = "tcp"                  # tcp | udp | icmp | any (default any; icmp needs port "*")
 
     [[tests]]                      # checked by `policy set`: a failing test rejects the policy
-    src = "alice"
+    src = "user:alice"
     accept = ["tag:db:5432"]
     deny = ["backup:5432"]
 
-A source or destination is ``*`` (everyone), ``group:NAME``, ``tag:NAME``, a host alias, an IP or CIDR,
-or a plain name: a user (all of that user's untagged nodes) or a node name. A tagged node is identified
-by its tags, not by the user who enrolled it. Destinations end in ``:PORTS`` (``*``, ``22``,
+A source or destination is ``*`` (everyone), ``user:NAME`` (that user's untagged nodes),
+``node:NAME`` (the node of that name), ``group:NAME``, ``tag:NAME``, a host alias, or an IP or CIDR.
+A plain name that is not a host alias is refused: it used to match a user's nodes *or* a node of that
+name, and nodes choose their own names at enrollment, so a node named ``alice`` got alice's grants
+(issue #12). Users and nodes are now written apart; a node can never become a ``user:`` by its name.
+Group members and tag owners stay bare user names (a group holds users only, so there is nothing to
+confuse them with); ``user:NAME`` is accepted there too. A tagged node is identified by its tags, not by
+the user who enrolled it. Destinations end in ``:PORTS`` (``*``, ``22``,
 ``80,443``, ``8000-8100``). With no policy everything is allowed. Anything not allowed is denied;
 allowing a->b also lets b's replies back (stateful), and both see each other in their maps.
 
@@ -47,6 +52,15 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 _TAG_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _ANY_NETS = ("0.0.0.0/0", "::/0")
 _SECTIONS = {"groups", "tag_owners", "hosts", "rules", "tests"}
+_PREFIXES = ("user", "node", "group", "tag")
+_PREFIXES_COLON = tuple(f"{p}:" for p in _PREFIXES)
+
+
+def _bare_problem(text: str) -> str:
+    """Why a plain word is refused as a selector, and what to write instead."""
+    if _NAME_RE.match(text):
+        return f'"{text}" is ambiguous: write "user:{text}" or "node:{text}" (or declare it in [hosts])'
+    return f"bad selector {text!r}: use *, user:NAME, node:NAME, group:NAME, tag:NAME, a host alias or an IP"
 
 
 class PolicyError(ValueError):
@@ -64,7 +78,7 @@ def tag_name(tag: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Selector:
-    """A set of nodes: kind is any | group | tag | host | net | name."""
+    """A set of nodes: kind is any | group | tag | host | net | user | node."""
 
     kind: str
     name: str = ""
@@ -115,7 +129,7 @@ class Policy:
     tests: tuple[PolicyTest, ...] = ()
 
     def may_assign(self, user: str, tag: str) -> bool:
-        """May `user` put `tag` on a pre-auth key?"""
+        """May `user` put `tag` on a pre-auth key? (owners are stored without a ``user:`` prefix)"""
         for owner in self.tag_owners.get(tag_name(tag), ()):
             if owner == user or (owner.startswith("group:") and user in self.groups.get(owner[6:], ())):
                 return True
@@ -184,35 +198,38 @@ class _Parser:
         return []
 
     def selector(self, text: str, line: int) -> Selector | None:
+        where = self.lines.find(f'"{text}', line)
         if text == "*":
             return Selector("any")
         if text.startswith("group:"):
             if text[6:] not in self.groups:
-                self.bad(self.lines.find(f'"{text}', line), f"unknown group {text!r}")
+                self.bad(where, f"unknown group {text!r}")
                 return None
             return Selector("group", text[6:])
         if text.startswith("tag:"):
             if tag_name(text) not in self.tag_owners:
-                self.bad(
-                    self.lines.find(f'"{text}', line), f"unknown tag {text!r} (declare it in [tag_owners])"
-                )
+                self.bad(where, f"unknown tag {text!r} (declare it in [tag_owners])")
                 return None
             return Selector("tag", tag_name(text))
+        if text.startswith(("user:", "node:")):
+            kind, name = text[:4], text[5:]
+            known = self.users if kind == "user" else self.nodes
+            if not _NAME_RE.match(name) or (known is not None and name not in known):
+                self.bad(where, f"unknown {kind} {name!r}")
+                return None
+            return Selector(kind, name)
         if text in self.hosts:
             return Selector("host", text, self.hosts[text])
         try:
             return Selector("net", text, ipaddress.ip_network(text, strict=False))
         except ValueError:
             pass
-        known = (self.users is None or text in self.users) or (self.nodes is not None and text in self.nodes)
-        if not _NAME_RE.match(text) or not known:
-            self.bad(self.lines.find(f'"{text}', line), f"unknown user, node or host {text!r}")
-            return None
-        return Selector("name", text)
+        self.bad(where, _bare_problem(text))
+        return None
 
     def dest(self, text: str, line: int) -> Dest | None:
         where, colon, ports = text.rpartition(":")
-        if not colon or not where:
+        if not colon or not where or where in _PREFIXES:
             self.bad(self.lines.find(f'"{text}', line), f"destination {text!r} needs :PORTS (e.g. :22 or :*)")
             return None
         try:
@@ -222,6 +239,30 @@ class _Parser:
             return None
         selector = self.selector(where, line)
         return None if selector is None else Dest(selector, port_ranges)
+
+    def users_of(self, value: Any, line: int, what: str, *, groups: bool) -> list[str]:
+        """Users (bare or ``user:NAME``, stored bare) and, where `groups`, ``group:NAME``: never nodes."""
+        out = []
+        for item in self.strings(value, line, what):
+            if groups and item.startswith("group:"):
+                out.append(item)
+                continue
+            name = item[5:] if item.startswith("user:") else item
+            if ":" in name or not _NAME_RE.match(name):
+                allowed = "users (NAME or user:NAME)" + (" and group:NAME" if groups else "")
+                self.bad(self.lines.find(f'"{item}', line), f"{what}: {item!r} is not a user; list {allowed}")
+                continue
+            out.append(name)
+        return out
+
+    def test_target(self, text: str, line: int) -> None:
+        """A test's source or destination (without :PORT) must be unambiguous, like a rule's."""
+        if text.startswith((*_PREFIXES_COLON, "*")) or text in self.hosts:
+            return
+        try:
+            ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            self.bad(self.lines.find(f'"{text}', line), _bare_problem(text))
 
     def table(self, raw: dict[str, Any], key: str) -> dict[str, Any]:
         value = raw.get(key, {})
@@ -253,13 +294,13 @@ class _Parser:
             name = name[6:] if name.startswith("group:") else name
             if not _NAME_RE.match(name):
                 self.bad(line, f"bad group name {name!r}")
-            self.groups[name] = tuple(self.strings(members, line, f"group {name!r}"))
+            self.groups[name] = tuple(self.users_of(members, line, f"group {name!r}", groups=False))
         start = self.lines.header("tag_owners")
         for tag, owners in self.table(raw, "tag_owners").items():
             line = self.lines.find(tag, start)
             if not _TAG_RE.match(tag_name(tag)):
                 self.bad(line, f"bad tag {tag!r}: lowercase letters, digits and '-'")
-            owner_list = self.strings(owners, line, f"owners of {tag!r}")
+            owner_list = self.users_of(owners, line, f"owners of {tag!r}", groups=True)
             for owner in owner_list:
                 if owner.startswith("group:") and owner[6:] not in self.groups:
                     self.bad(line, f"unknown group {owner!r}")
@@ -325,13 +366,17 @@ class _Parser:
                 self.bad(self.lines.find(key, line), f"unknown test field {key!r} (src, accept, deny, proto)")
             src = entry.get("src")
             if not isinstance(src, str):
-                self.bad(line, "a test needs src = NAME")
+                self.bad(line, 'a test needs src = "user:NAME", "node:NAME", a tag, host alias or IP')
                 continue
+            self.test_target(src, line)
             accept = self.strings(entry.get("accept", []), line, "accept")
             deny = self.strings(entry.get("deny", []), line, "deny")
             for d in (*accept, *deny):
-                if d.rpartition(":")[1] != ":":
+                target = d.rpartition(":")[0]
+                if not target or target in _PREFIXES:
                     self.bad(self.lines.find(f'"{d}', line), f"test destination {d!r} needs :PORT")
+                else:
+                    self.test_target(target, line)
             where = {
                 (kind == "accept", d): self.lines.find(f'"{d}"', self.lines.find(kind, line))
                 for kind, ds in (("accept", accept), ("deny", deny))
@@ -344,7 +389,7 @@ class _Parser:
 
 
 def parse(text: str, users: Collection[str] | None = None, nodes: Collection[str] | None = None) -> Policy:
-    """Validate and parse a policy. With `users`/`nodes` given, plain names must be one of them."""
+    """Validate and parse a policy. With `users`/`nodes` given, ``user:``/``node:`` names must be in them."""
     return _Parser(text, users, nodes).parse()
 
 
@@ -359,7 +404,10 @@ def _matches(policy: Policy, sel: Selector, m: Member) -> bool:
         return any(ip.version == sel.net.version and ip.subnet_of(sel.net) for ip in m.ips)  # type: ignore[arg-type]
     if sel.kind == "group":
         return not m.tags and m.user in policy.groups.get(sel.name, ())
-    return m.name == sel.name or (not m.tags and m.user == sel.name)
+    if sel.kind == "user":
+        return not m.tags and m.user == sel.name
+    # a node's name is only ever matched by node:NAME, so choosing a name can never make it a user's
+    return sel.kind == "node" and m.name == sel.name
 
 
 def _port_ok(ports: tuple[tuple[int, int], ...], port: int | None) -> bool:
@@ -384,9 +432,13 @@ def allowed(policy: Policy, src: Member, dst: Member, proto: str, port: int | No
 
 
 def _member_for(policy: Policy, name: str, members: Iterable[Member]) -> Member | None:
-    for m in members:
-        if m.name == name:
-            return m
+    if name.startswith("node:"):
+        for m in members:
+            if m.name == name[5:]:
+                return m
+        return Member(-1, name[5:], "", frozenset(), ())  # not enrolled yet: matched by node:NAME only
+    if name.startswith("user:"):
+        return Member(-1, "", name[5:], frozenset(), ())  # one of the user's untagged nodes
     if name.startswith("tag:"):
         return Member(-1, "", "", frozenset({tag_name(name)}), ())
     if name in policy.hosts:
@@ -394,10 +446,7 @@ def _member_for(policy: Policy, name: str, members: Iterable[Member]) -> Member 
     try:
         return Member(-1, "", "", frozenset(), (ipaddress.ip_network(name, strict=False),))
     except ValueError:
-        pass
-    if _NAME_RE.match(name):
-        return Member(-1, "", name, frozenset(), ())
-    return None
+        return None
 
 
 def run_tests(policy: Policy, members: Iterable[Member] = ()) -> list[str]:

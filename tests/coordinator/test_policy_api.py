@@ -12,14 +12,14 @@ from tests.coordinator.test_stream import enroll_live, names, wait_until
 
 A_TO_B_SSH = """\
 [[rules]]
-src = ["a"]
-dst = ["b:22"]
+src = ["node:a"]
+dst = ["node:b:22"]
 proto = "tcp"
 
 [[tests]]
-src = "a"
-accept = ["b:22"]
-deny = ["c:22", "b:5432"]
+src = "node:a"
+accept = ["node:b:22"]
+deny = ["node:c:22", "node:b:5432"]
 """
 
 
@@ -28,18 +28,19 @@ async def test_a_bad_policy_is_rejected_with_lines_and_the_old_one_stays(coord: 
     good = '[[rules]]\nsrc = ["*"]\ndst = ["*:*"]\n'
     assert (await coord.admin.put("/admin/policy", json={"policy": good})).status_code == 200
     r = await coord.admin.put(
-        "/admin/policy", json={"policy": '[[rules]]\nsrc = ["group:x"]\ndst = ["bob:22"]\n'}
+        "/admin/policy", json={"policy": '[[rules]]\nsrc = ["group:x"]\ndst = ["user:bob:22"]\n'}
     )
     assert r.status_code == 400
     assert r.json()["detail"].splitlines() == [
         "policy rejected (the stored policy is unchanged):",
         "line 2: unknown group 'group:x'",
-        "line 3: unknown user, node or host 'bob'",
+        "line 3: unknown user 'bob'",
     ]
-    failing = good + '[[tests]]\nsrc = "alice"\ndeny = ["alice:22"]\n'
+    failing = good + '[[tests]]\nsrc = "user:alice"\ndeny = ["user:alice:22"]\n'
     r = await coord.admin.put("/admin/policy", json={"policy": failing})
     assert (
-        r.status_code == 400 and "line 6: test failed: alice may reach alice:22 (tcp)" in r.json()["detail"]
+        r.status_code == 400
+        and "line 6: test failed: user:alice may reach user:alice:22 (tcp)" in r.json()["detail"]
     )
     assert (await coord.admin.get("/admin/policy")).json() == {"policy": good, "set": True}
     changes = [a for a in (await coord.admin.get("/admin/audit")).json() if a["action"] == "policy.changed"]

@@ -22,22 +22,22 @@ pytestmark = pytest.mark.netns
 SSH_ONLY = """\
 # a may ssh to b; nothing else
 [[rules]]
-src = ["a"]
-dst = ["b:22"]
+src = ["node:a"]
+dst = ["node:b:22"]
 proto = "tcp"
 
 [[tests]]
-src = "a"
-accept = ["b:22"]
-deny = ["c:22"]
+src = "node:a"
+accept = ["node:b:22"]
+deny = ["node:c:22"]
 """
 
 WITH_PING = (
     SSH_ONLY
     + """
 [[rules]]
-src = ["a"]
-dst = ["b:*"]
+src = ["node:a"]
+dst = ["node:b:*"]
 proto = "icmp"
 """
 )
@@ -106,14 +106,14 @@ def test_policy_is_enforced_on_every_host_and_changes_apply_within_one_second(la
 
     # a malformed policy and one whose tests fail are refused, line numbers given; the old one stays
     bad = mesh.dir / "bad.toml"
-    bad.write_text('[[rules]]\nsrc = ["a"\ndst = ["b:22"]\n')
+    bad.write_text('[[rules]]\nsrc = ["node:a"\ndst = ["node:b:22"]\n')
     r = mesh.admin("policy", "set", str(bad), check=False)
     assert (
         r.returncode != 0 and "line 3, column 1: Unclosed array" in r.stderr and "Traceback" not in r.stderr
     )
-    bad.write_text(SSH_ONLY.replace('deny = ["c:22"]', 'deny = ["b:22"]'))
+    bad.write_text(SSH_ONLY.replace('deny = ["node:c:22"]', 'deny = ["node:b:22"]'))
     r = mesh.admin("policy", "set", str(bad), check=False)
-    assert r.returncode != 0 and "line 10: test failed: a may reach b:22 (tcp)" in r.stderr, r.stderr
+    assert r.returncode != 0 and "line 10: test failed: node:a may reach node:b:22 (tcp)" in r.stderr, r.stderr
     assert mesh.admin("policy", "get").stdout == SSH_ONLY
 
     # no policy again: the tables go away and everyone sees everyone

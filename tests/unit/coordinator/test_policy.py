@@ -38,7 +38,7 @@ eng = ["alice", "carol"]
 backup = "100.64.0.3"
 
 [[rules]]
-src = ["alice"]
+src = ["user:alice"]
 dst = ["tag:db:22"]
 proto = "tcp"
 
@@ -48,9 +48,9 @@ dst = ["backup:*"]
 proto = "icmp"
 
 [[tests]]
-src = "a"
-accept = ["b:22"]
-deny = ["b:5432", "c:22"]
+src = "node:a"
+accept = ["node:b:22"]
+deny = ["node:b:5432", "node:c:22"]
 """
 
 
@@ -82,25 +82,25 @@ src = ["group:ops"]
 dst = ["tag:web:80"]
 
 [[rules]]
-src = ["mallory"]
-dst = ["nowhere:22", "a:x"]
+src = ["user:mallory"]
+dst = ["node:nowhere:22", "node:a:x"]
 """
     assert problems(text, users={"alice"}, members=NODES) == [
         "line 5: unknown group 'group:ops'",
         "line 6: unknown tag 'tag:web' (declare it in [tag_owners])",
-        "line 9: unknown user, node or host 'mallory'",
-        "line 10: unknown user, node or host 'nowhere'",
-        "line 10: destination 'a:x': bad port 'x': use N, N-M, a comma list or *",
+        "line 9: unknown user 'mallory'",
+        "line 10: unknown node 'nowhere'",
+        "line 10: destination 'node:a:x': bad port 'x': use N, N-M, a comma list or *",
     ]
 
 
 def test_failing_tests_are_named_by_line() -> None:
-    text = GOOD.replace('deny = ["b:5432", "c:22"]', 'deny = ["b:22"]')
+    text = GOOD.replace('deny = ["node:b:5432", "node:c:22"]', 'deny = ["node:b:22"]')
     assert problems(text, members=NODES) == [
-        "line 24: test failed: a may reach b:22 (tcp)",
+        "line 24: test failed: node:a may reach node:b:22 (tcp)",
     ]
-    text = GOOD.replace('accept = ["b:22"]', 'accept = ["b:5432"]')
-    assert problems(text, members=NODES)[0] == "line 23: test failed: a may not reach b:5432 (tcp)"
+    text = GOOD.replace('accept = ["node:b:22"]', 'accept = ["node:b:5432"]')
+    assert problems(text, members=NODES)[0] == "line 23: test failed: node:a may not reach node:b:5432 (tcp)"
 
 
 def test_structure_errors() -> None:
@@ -121,22 +121,84 @@ def test_structure_errors() -> None:
 
 
 def test_tagged_nodes_are_not_their_users_nodes() -> None:
-    p = pol.parse('[[rules]]\nsrc = ["*"]\ndst = ["bob:*"]\n')
+    p = pol.parse('[[rules]]\nsrc = ["*"]\ndst = ["user:bob:*"]\n')
     assert not pol.allowed(p, A, B, "tcp", 22)
     assert pol.allowed(p, A, member(4, "d", "bob"), "tcp", 22)
 
 
+def test_a_bare_name_is_refused_with_what_to_write_instead() -> None:
+    text = '[[rules]]\nsrc = ["alice"]\ndst = ["bob:22"]\n[[tests]]\nsrc = "alice"\ndeny = ["bob:22"]\n'
+    assert problems(text, users={"alice", "bob"}, members=NODES) == [
+        'line 2: "alice" is ambiguous: write "user:alice" or "node:alice" (or declare it in [hosts])',
+        'line 3: "bob" is ambiguous: write "user:bob" or "node:bob" (or declare it in [hosts])',
+        'line 5: "alice" is ambiguous: write "user:alice" or "node:alice" (or declare it in [hosts])',
+        'line 6: "bob" is ambiguous: write "user:bob" or "node:bob" (or declare it in [hosts])',
+    ]
+    assert problems('[[rules]]\nsrc = ["user:alice"]\ndst = ["node:b"]\n') == [
+        "line 3: destination 'node:b' needs :PORTS (e.g. :22 or :*)"
+    ]
+
+
+def test_a_node_named_like_a_user_gets_none_of_the_users_grants() -> None:
+    """Hostile: mallory enrolls a machine as "alice"; rules for user:alice must not match it."""
+    p = pol.check(
+        '[groups]\neng = ["alice"]\n[[rules]]\nsrc = ["user:alice", "group:eng"]\ndst = ["user:bob:*"]\n'
+        '[[rules]]\nsrc = ["user:bob"]\ndst = ["user:alice:22", "group:eng:80"]\n',
+        users={"alice", "bob", "mallory"},
+    )
+    alice, bob = member(1, "alice-laptop", "alice"), member(2, "bob-pc", "bob")
+    impostor = member(3, "alice", "mallory")
+    assert pol.allowed(p, alice, bob, "tcp", 22)  # the positive control
+    assert not pol.allowed(p, impostor, bob, "tcp", 22)  # as source
+    assert pol.allowed(p, bob, alice, "tcp", 22)
+    assert not pol.allowed(p, bob, impostor, "tcp", 22)  # as destination
+    assert not pol.allowed(p, bob, impostor, "tcp", 80)  # through a group
+    c = pol.Compiled(p, (alice, bob, impostor))
+    assert c.visible(3) == frozenset() and c.inbound(3) == ()
+    assert c.visible(2) == {1} and 3 not in (c.visible(1) or ())
+    # node:NAME still names one node, for whoever wants exactly that
+    q = pol.parse('[[rules]]\nsrc = ["node:alice"]\ndst = ["node:bob-pc:22"]\n')
+    assert pol.allowed(q, impostor, bob, "tcp", 22) and not pol.allowed(q, alice, bob, "tcp", 22)
+
+
+def test_groups_and_tag_owners_hold_users_bare_or_prefixed_never_nodes() -> None:
+    p = pol.parse(
+        '[groups]\neng = ["alice", "user:bob"]\n[tag_owners]\n"tag:db" = ["user:carol", "group:eng"]\n'
+    )
+    assert p.groups == {"eng": ("alice", "bob")}
+    assert p.may_assign("carol", "db") and p.may_assign("bob", "db") and not p.may_assign("dave", "db")
+    assert problems('[groups]\neng = ["node:a", "tag:db"]\n') == [
+        "line 2: group 'eng': 'node:a' is not a user; list users (NAME or user:NAME)",
+        "line 2: group 'eng': 'tag:db' is not a user; list users (NAME or user:NAME)",
+    ]
+
+
+def test_policy_tests_use_the_same_unambiguous_names() -> None:
+    text = (
+        '[[rules]]\nsrc = ["user:alice"]\ndst = ["node:b:22"]\n'
+        '[[tests]]\nsrc = "user:alice"\naccept = ["node:b:22"]\n'
+    )
+    pol.check(text, users={"alice"}, members=NODES)
+    # a node *named* alice is not user alice: the test fails when it claims otherwise
+    impostor = (*NODES, member(4, "alice", "mallory"))
+    assert problems(text.replace('src = "user:alice"', 'src = "node:alice"'), members=impostor) == [
+        "line 6: test failed: node:alice may not reach node:b:22 (tcp)"
+    ]
+
+
 def test_protocols_and_ports() -> None:
-    p = pol.parse('[[rules]]\nsrc = ["*"]\ndst = ["b:80,8000-8100"]\n')
+    p = pol.parse('[[rules]]\nsrc = ["*"]\ndst = ["node:b:80,8000-8100"]\n')
     assert pol.allowed(p, A, B, "tcp", 80) and pol.allowed(p, A, B, "udp", 8050)
     assert not pol.allowed(p, A, B, "tcp", 81)
     assert not pol.allowed(p, A, B, "icmp", None)  # "any" with ports: tcp and udp only
-    p = pol.parse('[[rules]]\nsrc = ["*"]\ndst = ["b:*"]\n')
+    p = pol.parse('[[rules]]\nsrc = ["*"]\ndst = ["node:b:*"]\n')
     assert pol.allowed(p, A, B, "icmp", None)
 
 
 def test_visibility_is_either_direction_and_inbound_is_per_destination() -> None:
-    p = pol.parse('[tag_owners]\n"tag:db" = []\n[[rules]]\nsrc = ["a"]\ndst = ["tag:db:22"]\nproto = "tcp"\n')
+    p = pol.parse(
+        '[tag_owners]\n"tag:db" = []\n[[rules]]\nsrc = ["node:a"]\ndst = ["tag:db:22"]\nproto = "tcp"\n'
+    )
     c = pol.Compiled(p, NODES)
     assert c.visible(1) == {2} and c.visible(2) == {1} and c.visible(3) == frozenset()
     assert c.inbound(2) == (InboundRule(("100.64.0.1/32", "fd7a::1/128"), "tcp", ((22, 22),)),)
@@ -144,7 +206,7 @@ def test_visibility_is_either_direction_and_inbound_is_per_destination() -> None
 
 
 def test_a_star_source_makes_the_destination_see_everyone() -> None:
-    p = pol.parse('[[rules]]\nsrc = ["*"]\ndst = ["c:*"]\nproto = "icmp"\n')
+    p = pol.parse('[[rules]]\nsrc = ["*"]\ndst = ["node:c:*"]\nproto = "icmp"\n')
     c = pol.Compiled(p, NODES)
     assert c.visible(3) is None and c.visible(1) == {3}
     assert c.inbound(3) == (InboundRule(("0.0.0.0/0", "::/0"), "icmp", ()),)
@@ -168,8 +230,8 @@ def test_any_text_is_a_policy_or_a_policy_error(text: str) -> None:
 @given(
     st.lists(
         st.tuples(
-            st.sampled_from(["*", "a", "alice", "group:eng", "tag:db", "backup", "100.64.0.0/24"]),
-            st.sampled_from(["*", "b", "c", "tag:db", "backup", "bob"]),
+            st.sampled_from(["*", "node:a", "user:alice", "group:eng", "tag:db", "backup", "100.64.0.0/24"]),
+            st.sampled_from(["*", "node:b", "node:c", "tag:db", "backup", "user:bob"]),
             st.sampled_from(["22", "*", "1-1024"]),
             st.sampled_from(["tcp", "udp", "any"]),
         ),
