@@ -15,6 +15,12 @@ changed rewrite it from offset 0 and truncate, all under an exclusive ``flock`` 
 ``LOCK_TIMEOUT`` s: a stuck holder must not stall the daemon or its stop). Every line outside
 our block stays byte-identical (the file is handled as bytes via ``surrogateescape``).
 
+A peer is written as ``<name>.<domain> <name>``, except when the bare name would shadow a name the file
+already gives outside our block (``10.0.0.5 db`` written by the admin, another daemon's block) or a
+name resolvers treat specially (``localhost``, ``wpad``...): then only ``<name>.<domain>``. Peers choose
+their own names at enrollment, so a peer named ``db`` must not take ``db`` over from the host's own entry
+(the first matching line wins in most resolvers, but not in every one, and not for every tool).
+
 A block left incomplete by a crash (a BEGIN without END) is repaired on the next update: the BEGIN line
 and the entry lines after it that look like ours are replaced; other lines are kept.
 """
@@ -39,6 +45,13 @@ _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _TAG = re.compile(r"^[A-Za-z0-9._@:/+-]{1,200}$")
 
 _Transform = Callable[[str], str]
+
+#: bare names never written for a peer whatever the file says (the coordinator refuses them too, but a
+#: peer's name comes from the network): loopback, broadcast and proxy/tunnel auto-discovery names
+RESERVED_NAMES = frozenset(
+    {"localhost", "localhost4", "localhost6", "ip6-localhost", "ip6-loopback", "broadcasthost", "wpad",
+     "isatap", "gateway", "localdomain"}
+)  # fmt: skip
 
 
 class HostsError(Exception):
@@ -87,7 +100,19 @@ def _is_end(line: str, tag: str) -> bool:
 
 def _looks_like_entry(line: str, domain: str) -> bool:
     words = line.split()
+    if len(words) == 2:  # a peer written without its bare name (it would have shadowed one)
+        name, dot, rest = words[1].partition(".")
+        return bool(dot) and rest == domain and bool(_LABEL.match(name))
     return len(words) == 3 and words[1] == f"{words[2]}.{domain}"
+
+
+def _names_in(lines: Iterable[str]) -> set[str]:
+    """Every name the lines give an address to (comments dropped), lowercased as resolvers compare."""
+    names: set[str] = set()
+    for line in lines:
+        words = line.split("#", 1)[0].split()
+        names.update(w.lower() for w in words[1:])
+    return names
 
 
 def _lines(text: str) -> list[str]:
@@ -126,13 +151,17 @@ def _strip_block(lines: list[str], tag: str, domain: str) -> tuple[list[str], in
 
 
 def render(text: str, tag: str, entries: Sequence[HostEntry], domain: str = DEFAULT_DOMAIN) -> str:
-    """``text`` with our block set to ``entries`` (sorted by name), in its old place or at the end."""
+    """``text`` with our block set to ``entries`` (sorted by name), in its old place or at the end; a
+    name the rest of the file already has (or a reserved one) is written only as ``<name>.<domain>``."""
     if not all(_LABEL.match(label) for label in domain.split(".")):
         raise HostsError(f"invalid domain {domain!r}")
     begin, end = _markers(tag)
     rest, at = _strip_block(_lines(text), tag, domain)
+    taken = _names_in(rest) | RESERVED_NAMES
     block = [begin + "\n"]
-    block += [f"{e.ip} {e.name}.{domain} {e.name}\n" for e in sorted(entries, key=lambda e: (e.name, e.ip))]
+    for e in sorted(entries, key=lambda e: (e.name, e.ip)):
+        bare = "" if e.name in taken else f" {e.name}"  # never shadow the host's own names
+        block.append(f"{e.ip} {e.name}.{domain}{bare}\n")
     block.append(end + "\n")
     if at is None:
         at = len(rest)

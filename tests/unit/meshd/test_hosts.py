@@ -205,9 +205,25 @@ def test_bind_mounted_hosts_file_is_updated_through_the_mount(tmp_path: Path) ->
     )
     script = 'mount --bind "$1" "$2" && exec "$3" -c "$4" "$2"'
     out = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
-         str(real), str(target), sys.executable, code],
-        capture_output=True, text=True, timeout=60, check=False, cwd=Path(__file__).resolve().parents[3],
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+            "sh",
+            str(real),
+            str(target),
+            sys.executable,
+            code,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=Path(__file__).resolve().parents[3],
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", str(errno.EBUSY)]  # ours worked; a rename would not have
@@ -240,3 +256,26 @@ def test_a_lock_held_elsewhere_is_waited_for_a_bounded_time(
         assert hf.update([HostEntry("100.64.0.2", "b")]), "a lock released in time is waited for"
         released.join()
     assert "b.mesh" in path.read_text()
+
+
+def test_a_name_the_file_already_has_or_a_reserved_one_is_written_only_with_the_domain() -> None:
+    text = SYSTEM + "10.0.0.6 Printer printer.lan  # a comment names no host: nas2\n"
+    entries = [
+        HostEntry("100.64.0.2", "nas"),
+        HostEntry("100.64.0.3", "printer"),
+        HostEntry("100.64.0.4", "wpad"),
+    ]
+    out = render(text, "mesh0", [*entries, HostEntry("100.64.0.5", "nas2")])
+    assert out == text + (
+        "# BEGIN meshd mesh0 (managed by meshd; edits inside are overwritten)\n"
+        "100.64.0.2 nas.mesh\n"
+        "100.64.0.5 nas2.mesh nas2\n"
+        "100.64.0.3 printer.mesh\n"
+        "100.64.0.4 wpad.mesh\n"
+        "# END meshd mesh0\n"
+    )
+    assert render(out, "mesh0", entries) == render(text, "mesh0", entries)  # our own lines shadow nothing
+    assert remove(out, "mesh0") == text
+    # a half block from a crash holding such a line is repaired too
+    cut = out[: out.index("# END")] + "8.8.8.8 dns\n"
+    assert remove(cut, "mesh0") == text + "8.8.8.8 dns\n"
