@@ -1,30 +1,51 @@
-"""Append-only, hash-chained audit trail.
+"""Append-only, hash-chained audit trail, anchored by checkpoints signed with the coordinator's key.
 
 Each record's hash is SHA-256 over the canonical JSON of (id, time, actor, action, object, details,
 prev_hash); the newest hash and id are kept in `meta` so deleting the last records is detected too.
 Appends happen inside the caller's transaction under the coordinator's write lock (and, on PostgreSQL,
 a transaction-scoped advisory lock) so the chain never forks.
+
+The chain alone is unkeyed: whoever can write the database can edit a record and recompute every hash
+after it. Checkpoints close that: every `CHECKPOINT_EVERY`-th record, the first record, a signing-key
+rotation, and each start and stop of the coordinator store (seq, head hash, time, key id) signed with
+the coordinator's Ed25519 signing key, which lives in the state dir, not in the database. `verify`
+checks every checkpoint whose key the coordinator still trusts against the chain, requires the
+periodic ones to exist, and requires the newest to be signed by a trusted key. What stays possible with
+the database alone: editing records after the newest checkpoint (until the next one), and rolling the
+whole database back to an older consistent state (docs/security.md).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select, text
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey, VerifyKey
+from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from coordinator.db.models import AuditRecord, Meta
-from meshd.proto.encoding import canonical_json
+from coordinator.db.models import AuditCheckpoint, AuditRecord, Meta
+from meshd.proto import cert as certfmt
+from meshd.proto.encoding import b64decode, b64encode, canonical_json
 
 GENESIS = "0" * 64
 _HEAD = "audit_head"
 _ADVISORY_LOCK = 0x6D657368  # "mesh"
 
 _SECRET_WORDS = ("key", "secret", "token", "password", "private")
+
+CHECKPOINT_EVERY = 100  #: a signed checkpoint at every record id divisible by this (and at record 1)
+#: after a rotation the old key is dropped once its overlap ends, so the newest checkpoint must be made
+#: with the new key at once: `verify` insists the newest checkpoint verifies with a trusted key
+_ANCHOR_ACTIONS = frozenset({"signing_key.rotated"})
+_CHECKPOINT_CONTEXT = b"meshvpn audit checkpoint v1\n"  #: domain separation from certificates etc.
+#: `Session.info` key of a callable returning the trusted signing public keys (set by coordinator.core)
+SESSION_KEYS = "audit_trusted_keys"
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,10 +88,29 @@ def _check_no_secrets(details: dict[str, Any]) -> None:
             raise ValueError(f"audit details must not carry secrets (field {k!r})")
 
 
+def _checkpoint_body(seq: int, head: str, when: str, key_id: str) -> bytes:
+    return _CHECKPOINT_CONTEXT + canonical_json({"seq": seq, "head": head, "time": when, "key_id": key_id})
+
+
+def _sign_checkpoint(seq: int, head: str, seed: bytes) -> AuditCheckpoint:
+    key = SigningKey(seed)
+    key_id = certfmt.key_id(bytes(key.verify_key))
+    when = datetime.now(UTC).isoformat(timespec="microseconds")
+    signature = key.sign(_checkpoint_body(seq, head, when, key_id)).signature
+    return AuditCheckpoint(seq=seq, head_hash=head, time=when, key_id=key_id, signature=b64encode(signature))
+
+
 async def append(
-    session: AsyncSession, actor: str, action: str, obj: str, details: dict[str, Any] | None = None
+    session: AsyncSession,
+    actor: str,
+    action: str,
+    obj: str,
+    details: dict[str, Any] | None = None,
+    *,
+    signer: bytes | None = None,
 ) -> AuditEntry:
-    """Add one record to the chain in the current transaction."""
+    """Add one record to the chain in the current transaction; with `signer` (the active signing key's
+    seed) also the signed checkpoint when this record is due one."""
     details = details or {}
     _check_no_secrets(details)
     if session.get_bind().dialect.name == "postgresql":
@@ -97,6 +137,8 @@ async def append(
             hash=digest,
         )
     )
+    if signer is not None and (new_id == 1 or new_id % CHECKPOINT_EVERY == 0 or action in _ANCHOR_ACTIONS):
+        session.add(_sign_checkpoint(new_id, digest, signer))
     value = f"{new_id}:{digest}"
     if head is None:
         session.add(Meta(key=_HEAD, value=value))
@@ -116,11 +158,53 @@ async def list_records(session: AsyncSession, limit: int | None = None) -> list[
     ]
 
 
-async def verify(session: AsyncSession) -> VerifyResult:
-    """Walk the chain: every hash recomputes, links to its predecessor, ids are contiguous, head matches."""
+async def checkpoint(session: AsyncSession, signer: bytes) -> int | None:
+    """Sign the current head unless it already has a checkpoint (at start and stop); returns its seq."""
+    if session.get_bind().dialect.name == "postgresql":
+        await session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ADVISORY_LOCK})
+    head = await session.get(Meta, _HEAD)
+    if head is None:
+        return None
+    id_text, digest = head.value.split(":", 1)
+    seq = int(id_text)
+    if await session.get(AuditCheckpoint, seq) is not None:
+        return None
+    session.add(_sign_checkpoint(seq, digest, signer))
+    return seq
+
+
+def _describe(cp: AuditCheckpoint) -> str:
+    return f"checkpoint at record {cp.seq} (signed {cp.time} with key {cp.key_id})"
+
+
+def _check_signature(cp: AuditCheckpoint, key: bytes) -> bool:
+    try:
+        signature = b64decode(cp.signature, length=64)
+        VerifyKey(key).verify(_checkpoint_body(cp.seq, cp.head_hash, cp.time, cp.key_id), signature)
+    except (ValueError, BadSignatureError):
+        return False
+    return True
+
+
+async def verify(session: AsyncSession, trusted: Sequence[bytes] | None = None) -> VerifyResult:
+    """Walk the chain: every hash recomputes, links to its predecessor, ids are contiguous, head matches;
+    then the checkpoints: signatures, heads, the periodic ones present, the newest by a trusted key.
+
+    `trusted` defaults to the coordinator's signing keys (``session.info[SESSION_KEYS]``)."""
+    if trusted is None:
+        source: Callable[[], Sequence[bytes]] | None = session.info.get(SESSION_KEYS)
+        trusted = source() if source is not None else ()
+    by_id = {certfmt.key_id(k): k for k in trusted}
+    checkpoints = {
+        cp.seq: cp
+        for cp in (await session.execute(select(AuditCheckpoint).order_by(AuditCheckpoint.seq))).scalars()
+    }
+    # periodic checkpoints are required from the oldest one on (a trail from before checkpoints has none)
+    first = min(checkpoints) if checkpoints else None
     rows = (await session.execute(select(AuditRecord).order_by(AuditRecord.id))).scalars().all()
     prev = GENESIS
     expected_id = 1
+    last_good = 0  #: the newest checkpoint so far that matched the chain
     for r in rows:
         if r.id != expected_id:
             return VerifyResult(False, len(rows), f"record {expected_id} is missing")
@@ -129,10 +213,38 @@ async def verify(session: AsyncSession) -> VerifyResult:
         digest = record_hash(r.id, r.time, r.actor, r.action, r.object, r.details, r.prev_hash)
         if digest != r.hash:
             return VerifyResult(False, len(rows), f"record {r.id} was modified (hash mismatch)")
+        cp = checkpoints.get(r.id)
+        if cp is not None and cp.key_id in by_id:
+            if not _check_signature(cp, by_id[cp.key_id]):
+                problem = f"{_describe(cp)} has a bad signature (forged or edited)"
+                return VerifyResult(False, len(rows), problem)
+            if cp.head_hash != r.hash:
+                return VerifyResult(
+                    False,
+                    len(rows),
+                    f"a record in {last_good + 1}..{r.id} was changed and the chain recomputed: "
+                    f"it no longer matches the {_describe(cp)}",
+                )
+            last_good = r.id
+        elif cp is None and first is not None and r.id > first and r.id % CHECKPOINT_EVERY == 0:
+            return VerifyResult(False, len(rows), f"the signed checkpoint at record {r.id} is missing")
         prev = r.hash
         expected_id += 1
     head = await session.get(Meta, _HEAD)
     head_value = head.value if head else f"0:{GENESIS}"
     if head_value != f"{expected_id - 1}:{prev}":
         return VerifyResult(False, len(rows), f"the newest records after {expected_id - 1} were deleted")
+    if checkpoints:
+        newest = checkpoints[max(checkpoints)]
+        if newest.seq > len(rows):
+            return VerifyResult(
+                False, len(rows), f"records after {len(rows)} were deleted: there is a {_describe(newest)}"
+            )
+        if newest.key_id not in by_id:
+            problem = f"the newest {_describe(newest)} is not signed by a key this coordinator trusts"
+            return VerifyResult(False, len(rows), problem)
     return VerifyResult(True, len(rows))
+
+
+async def checkpoint_count(session: AsyncSession) -> int:
+    return int((await session.execute(select(func.count()).select_from(AuditCheckpoint))).scalar() or 0)

@@ -45,10 +45,8 @@ def load_or_create(state_dir: Path) -> SigningKeys:
     """
     path = state_dir / "signing_key"
     if not path.exists():
-        seed = os.urandom(32)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(b64encode(seed) + "\n")
+        # atomic: a crash mid-write used to leave an empty signing_key that blocked every later start
+        write_private(path, b64encode(os.urandom(32)) + "\n")
     seed = b64decode(path.read_text().strip(), length=32, what=str(path))
     os.chmod(path, 0o600)
     active = bytes(SigningKey(seed).verify_key)
@@ -82,14 +80,32 @@ def read_trusted(state_dir: Path) -> list[tuple[bytes, float | None]]:
     return out
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def write_private(path: Path, text: str) -> None:
+    """Replace `path` with `text`, mode 0600 whatever the umask, crash-safe like meshd's state.json.
+
+    Temporary file, fsync, rename, fsync of the directory: after a crash or power loss `path` holds the
+    old text or the new one, never a truncated mix (the rename alone may be reordered before the data)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            view = memoryview(text.encode())
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 def rotate(state_dir: Path, keys: SigningKeys, overlap: float, now: float) -> SigningKeys:
@@ -101,21 +117,21 @@ def rotate(state_dir: Path, keys: SigningKeys, overlap: float, now: float) -> Si
     new_pub = bytes(SigningKey(seed).verify_key)
     kept = [(k, u) for k, u in read_trusted(state_dir) if (u is None or u > now) and k != new_pub]
     kept = [(k, u) for k, u in kept if k != keys.active_public] + [(keys.active_public, now + overlap)]
-    _write(
+    write_private(
         state_dir / "trusted_keys",
         "".join(f"{b64encode(k)}{'' if u is None else f' {u:.3f}'}\n" for k, u in kept),
     )
     endorsement = trust.AnnouncedKey(new_pub, keys.active_public, trust.endorse(keys.active_seed, new_pub))
     live = {k for k, _ in kept} | {new_pub}
     endorsements = [a for a in keys.endorsements if a.key in live] + [endorsement]
-    _write(
+    write_private(
         state_dir / "endorsements",
         "".join(
             f"{b64encode(a.key)} {b64encode(a.endorsed_by or b'')} {b64encode(a.signature or b'')}\n"
             for a in endorsements
         ),
     )
-    _write(state_dir / "signing_key", b64encode(seed) + "\n")
+    write_private(state_dir / "signing_key", b64encode(seed) + "\n")
     return load_or_create(state_dir)
 
 

@@ -27,7 +27,7 @@ from coordinator.db.models import MapChange, Meta, Node, User
 from coordinator.hub import Hub
 from coordinator.ipam import AddressPool, random_ula48
 from coordinator.mapstate import Change, MapState
-from coordinator.settings import Settings
+from coordinator.settings import Settings, prepare_state_dir
 from meshd.proto.encoding import b64decode
 from meshd.proto.netmap import Peer, RelayRegion
 
@@ -77,14 +77,18 @@ class Tx:
         self.undo.append(fn)
 
     async def audit(self, actor: str, action: str, obj: str, details: dict[str, Any] | None = None) -> None:
-        await audit.append(self.session, actor, action, obj, details)
+        # the active key signs the audit checkpoints due with this record (coordinator/audit.py)
+        await audit.append(self.session, actor, action, obj, details, signer=self.core.keys.active_seed)
 
 
 class Core:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.engine = make_engine(settings.database_url)
-        self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        # audit.verify finds the keys that may have signed audit checkpoints here (the admin API's session)
+        self.sessions = async_sessionmaker(
+            self.engine, expire_on_commit=False, info={audit.SESSION_KEYS: lambda: self.keys.trusted}
+        )
         self.keys: certs.SigningKeys
         self.state = MapState(
             domain=settings.domain,
@@ -107,7 +111,7 @@ class Core:
 
     # ------------------------------------------------------------------------------ life cycle
     async def start(self) -> None:
-        self.settings.state_dir.mkdir(parents=True, exist_ok=True)
+        prepare_state_dir(self.settings.state_dir)
         await migrate(self.engine)
         self.keys = certs.load_or_create(self.settings.state_dir)
         async with self.transaction() as tx:
@@ -142,6 +146,7 @@ class Core:
                 if not node.expired:
                     self.state.put_peer(peer_of(node))
             tx.change("restart")  # streams from before this start get a full map
+            await audit.checkpoint(s, self.keys.active_seed)  # anchors a trail written before checkpoints too
         self.metrics.nodes.set(len(self.state.peers))
         self.hub.start()
         self._janitor = asyncio.create_task(self._clean_up(), name="janitor")
@@ -158,6 +163,12 @@ class Core:
                     await task
         self._janitor = self._listener = None
         await self.hub.stop()
+        if self._started:
+            self._started = False
+            try:
+                await self.checkpoint_audit()
+            except Exception:  # the database may be gone; the next start signs the head instead
+                log.warning("could not sign the audit head at stop", exc_info=True)
         await self.engine.dispose()
 
     async def _clean_up(self) -> None:
@@ -175,6 +186,11 @@ class Core:
                     await tx.session.execute(delete(MapChange).where(MapChange.version < floor))
             except Exception:  # pragma: no cover - retried next minute
                 log.exception("clean-up failed")
+
+    async def checkpoint_audit(self) -> int | None:
+        """Sign the audit chain's current head (done at start and stop); returns its record id."""
+        async with self.transaction() as tx:
+            return await audit.checkpoint(tx.session, self.keys.active_seed)
 
     # ----------------------------------------------------------------------------- transactions
     @asynccontextmanager

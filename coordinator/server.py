@@ -17,7 +17,7 @@ from coordinator.core import Core
 from coordinator.errors import CoordinatorError
 from coordinator.relay.front import install as install_front
 from coordinator.relay.service import RelayService
-from coordinator.settings import Settings
+from coordinator.settings import Settings, prepare_state_dir
 from coordinator.stun import start_stun
 from meshd import sdnotify
 
@@ -75,7 +75,7 @@ def _tcp_socket(settings: Settings) -> socket.socket:
 
 
 async def serve(settings: Settings) -> None:
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    prepare_state_dir(settings.state_dir)  # 0700 before the database, keys and socket appear in it
     tcp = _tcp_socket(settings)
     uds = _admin_socket(settings)
     core = Core(settings)

@@ -6,8 +6,10 @@ Precedence: flag > environment > TOML file > default. Durations accept `90`, `30
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
@@ -17,6 +19,9 @@ from typing import Any
 from coordinator.errors import BadRequest
 
 DEFAULT_STATE_DIR = Path("/var/lib/coordinator")
+STATE_DIR_MODE = 0o700  #: the state dir holds the database, the signing key and the admin socket
+
+log = logging.getLogger("coordinator")
 
 
 class SettingsError(BadRequest):
@@ -156,3 +161,20 @@ def validate(settings: Settings) -> None:
         raise SettingsError(f"bad prefix {settings.prefix!r}: need an IPv4 network of /30 or larger")
     if (settings.tls_cert is None) != (settings.tls_key is None):
         raise SettingsError("--tls-cert and --tls-key go together")
+
+
+def prepare_state_dir(path: Path) -> None:
+    """Create the state dir 0700 whatever the umask, and tighten one left open by an older version.
+
+    Outside systemd (no `StateDirectoryMode=`) the umask used to decide: 0755 let every local user read
+    `coordinator.db`. The mode is set explicitly because mkdir's mode is filtered by the umask and does
+    not apply to directories that already exist."""
+    try:
+        path.mkdir(mode=STATE_DIR_MODE, parents=True, exist_ok=True)
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode != STATE_DIR_MODE:
+            if mode & 0o077:
+                log.warning("state dir %s was open to others (mode %04o): now 0700", path, mode)
+            os.chmod(path, STATE_DIR_MODE)
+    except OSError as exc:
+        raise SettingsError(f"cannot prepare state dir {path}: {exc.strerror}") from None

@@ -108,3 +108,17 @@ class AuditRecord(Base):
     details: Mapped[str] = mapped_column(Text)
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditCheckpoint(Base):
+    """A signed statement "the audit chain's record `seq` has hash `head_hash`" (coordinator/audit.py).
+
+    Made with the coordinator's signing key, which is not in the database: rewriting a record before a
+    checkpoint, even with every later hash recomputed, no longer matches a signature."""
+
+    __tablename__ = "audit_checkpoints"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    head_hash: Mapped[str] = mapped_column(String(64))
+    time: Mapped[str] = mapped_column(String(40))
+    key_id: Mapped[str] = mapped_column(String(64))
+    signature: Mapped[str] = mapped_column(String(128))

@@ -129,3 +129,38 @@ async def test_restart_keeps_users_keys_nodes_addresses_and_audit(coord: Coord) 
             await reborn.aclose()
     finally:
         await again.stop()  # the fixture's stop() of the first core is a no-op by now
+
+
+async def test_signed_checkpoints_catch_a_recomputed_chain_and_survive_a_signing_key_rotation(
+    coord: Coord,
+) -> None:
+    """SQLite and PostgreSQL: a checkpoint at record 1, at each start/stop and signing-key rotation."""
+    from tests.hostile.test_audit_anchor import rewrite_history
+
+    await coord.user_and_key("u1")
+    r = await coord.admin.post("/admin/signing-key/rotate", json={"overlap": 0})
+    assert r.status_code == 200, r.text
+    await coord.user_and_key("u2")
+    assert (await _verify(coord))["ok"] is True  # the old key is no longer trusted: the new one signed
+    async with coord.core.engine.begin() as conn:
+        seqs = [s for (s,) in (await conn.execute(text("SELECT seq FROM audit_checkpoints ORDER BY seq")))]
+        rotated = (
+            await conn.execute(text("SELECT id FROM audit WHERE action = 'signing_key.rotated'"))
+        ).scalar()
+    assert seqs == [1, rotated]
+    await rewrite_history(coord.core.engine, record=2, actor="mallory")
+    problem = str((await _verify(coord))["problem"])
+    assert f"checkpoint at record {rotated}" in problem and "recomputed" in problem, problem
+
+
+async def test_deleting_records_behind_the_newest_checkpoint_is_detected(coord: Coord) -> None:
+    await coord.user_and_key("u1")
+    await coord.core.checkpoint_audit()
+    async with coord.core.engine.begin() as conn:
+        last = (await conn.execute(text("SELECT max(id) FROM audit"))).scalar()
+        prev = (await conn.execute(text("SELECT hash FROM audit WHERE id = :i"), {"i": last - 1})).scalar()
+        await conn.execute(text("DELETE FROM audit WHERE id = :i"), {"i": last})
+        await conn.execute(
+            text("UPDATE meta SET value = :v WHERE key = 'audit_head'"), {"v": f"{last - 1}:{prev}"}
+        )
+    assert "were deleted" in str((await _verify(coord))["problem"])
