@@ -24,7 +24,7 @@ POLICIES = [  # none, nothing allowed, n1 -> tagged nodes, odd ids -> anyone (by
     "# deny all\n",
     '[tag_owners]\n"tag:db" = []\n[[rules]]\nsrc = ["100.64.0.1"]\ndst = ["tag:db:22"]\n',
     '[hosts]\nodd = "100.64.0.3"\n[[rules]]\nsrc = ["odd", "100.64.0.5/32"]\ndst = ["*:*"]\nproto = "icmp"\n',
-    '[[rules]]\nsrc = ["*"]\ndst = ["u3:80"]\n',
+    '[[rules]]\nsrc = ["*"]\ndst = ["user:u3:80"]\n',
 ]
 
 
