@@ -61,8 +61,8 @@ STARTUP_WITHIN = 20.0  #: for meshd's first log line (python start-up on 2 busy 
 POLICY = """\
 # beta may ssh to alpha and gamma: they get an inbound rule set, i.e. an nftables table
 [[rules]]
-src = ["beta"]
-dst = ["alpha:22", "gamma:22"]
+src = ["node:beta"]
+dst = ["node:alpha:22", "node:gamma:22"]
 proto = "tcp"
 """
 
