@@ -29,7 +29,7 @@ from nacl.signing import SigningKey
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
-from meshd.proto import netmap, relay, signing, trust
+from meshd.proto import netmap, relay, signing, ticket, trust
 from meshd.proto.encoding import b64decode, b64encode
 
 
@@ -251,10 +251,20 @@ class ControlClient:
         except trust.TrustError as exc:
             raise ControlError(str(exc)) from None
 
-    async def relay_ticket(self) -> tuple[str, float]:
-        """A short-lived relay ticket (meshd.proto.ticket) and its expiry (unix seconds)."""
-        data = (await self._request("POST", relay.TICKET_PATH, signer=self._need_id())).json()
-        return str(data["ticket"]), float(data["not_after"])
+    async def relay_ticket(self, region_id: int) -> ticket.Grant:
+        """A short-lived relay ticket for one region (meshd.proto.ticket), its expiry (unix seconds), and
+        a signer of the relay's challenge with our node key (a ticket alone opens no relay session)."""
+        body = {"region_id": region_id}
+        data = (await self._request("POST", relay.TICKET_PATH, body, signer=self._need_id())).json()
+        node_key = SigningKey(self.keys.node_private)
+
+        def sign(message: bytes) -> bytes:
+            return node_key.sign(message).signature
+
+        try:
+            return ticket.Grant(str(data["ticket"]), float(data["not_after"]), sign)
+        except (KeyError, TypeError, ValueError):
+            raise ControlError("malformed relay ticket response from the coordinator") from None
 
     async def fetch_map(self, since: int | None = None, wait: float = 0.0) -> netmap.ServerMessage:
         """Long-poll fallback: the full map, or the delta since `since` (blocking up to `wait` s)."""

@@ -39,7 +39,6 @@ class TcpClient(ClientConn, asyncio.Protocol):
         ClientConn.__init__(self, hub, peer)
         self.transport = transport
         transport.set_write_buffer_limits(high=WRITE_HIGH)
-        hub.add(self)
 
     def _write(self, data: bytes) -> None:
         self.transport.write(data)
@@ -132,6 +131,7 @@ def front_protocol(hub: RelayHub | None) -> type[asyncio.Protocol]:
             self.transport.write(relay.SWITCHING_PROTOCOLS)
             client = TcpClient(hub, self.transport, peer)
             self.transport.set_protocol(client)
+            client.start()  # SERVER_CHALLENGE right after the 101
             if rest:
                 client.data_received(rest)
 

@@ -12,6 +12,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -68,6 +69,8 @@ class ClientConn:
         self.hub = hub
         self.peer = peer  #: remote address for logs
         self.key: bytes | None = None
+        #: fresh per connection: the client's hellos must be signed over it (a captured hello is useless)
+        self.challenge = relay.Challenge(hub.region_id, os.urandom(relay.NONCE_LEN))
         self.node_id = -1
         self.home = False
         self.not_after = 0.0
@@ -87,6 +90,11 @@ class ClientConn:
 
     def _close_transport(self) -> None:
         raise NotImplementedError
+
+    def start(self) -> None:
+        """The transport is ready: the relay speaks first, with this connection's challenge."""
+        self.hub.add(self)
+        self._write(relay.challenge(self.challenge))
 
     def feed(self, data: bytes) -> None:
         """Bytes from the client: decode and act; a protocol error closes this connection only."""
@@ -271,13 +279,20 @@ class RelayHub:
         self.conns.add(conn)
 
     def hello(self, conn: ClientConn, hello: relay.ClientHello) -> None:
+        """Admit (or renew) a client: the ticket verifies (``verify``: signature, validity, node still
+        allowed, WireGuard key still current), names this region and the hello's key, and the hello is
+        signed by the ticket's node key over this connection's challenge. Anything else: TicketError."""
         now = self.clock()
         payload = self.verify(hello.ticket, now)
+        if payload.region_id != self.region_id:
+            raise TicketError(f"the ticket is for relay region {payload.region_id}, not {self.region_id}")
         if payload.key != hello.key:
             raise TicketError("the ticket is for another WireGuard key")
+        if not relay.hello_signed_by(payload.node_key, conn.challenge, hello):
+            raise TicketError("the hello is not signed by the ticket's node key over this challenge")
         if conn.key is not None:  # renewal over the open connection
-            if hello.key != conn.key:
-                raise TicketError("a renewed ticket must keep the connection's key")
+            if hello.key != conn.key or payload.node_id != conn.node_id:
+                raise TicketError("a renewed ticket must keep the connection's node and key")
             conn.not_after = payload.not_after
             if hello.home and not conn.home:  # the client chose this region as home after probing
                 conn.home = True
@@ -339,9 +354,10 @@ class RelayHub:
                 )
             )
 
-    def revoke_node(self, node_id: int, reason: str) -> int:
-        """Disconnect every session of `node_id` at once (node removed or expired); returns how many."""
-        victims = [c for c in self.clients.values() if c.node_id == node_id]
+    def revoke_node(self, node_id: int, reason: str, keep_key: bytes | None = None) -> int:
+        """Disconnect every session of `node_id` at once (node removed or expired; with `keep_key`, its
+        sessions under any other WireGuard key: the key was rotated); returns how many."""
+        victims = [c for c in self.clients.values() if c.node_id == node_id and c.key != keep_key]
         for c in victims:
             c.close(reason, tell=True)
         return len(victims)

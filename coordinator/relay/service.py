@@ -1,15 +1,21 @@
 """The relay inside the coordinator: embedded hub, ticket endpoint, standalone-relay feed, relay_home.
 
-* ``POST /api/v1/relay/ticket`` (signed node request) -> ``{"ticket", "not_after"}``: a short-lived relay
-  ticket (:mod:`meshd.proto.ticket`) for the node's current WireGuard key.
+* ``POST /api/v1/relay/ticket`` (signed node request, ``{"region_id": N}``) -> ``{"ticket", "not_after"}``:
+  a short-lived relay ticket (:mod:`meshd.proto.ticket`) for region N, the node's Ed25519 key and its
+  current WireGuard key. A rotated WireGuard key's tickets stop working at once: the embedded relay checks
+  the node's current key on every hello and drops sessions of a rotated-away key within a tick (0.2 s);
+  standalone relays get the current keys over the feed (``valid`` on connect, ``rekeyed`` on rotation).
 * ``/api/v1/relay/ws``: the WebSocket transport of the embedded hub (the Upgrade transport is the
   front protocol on the same port, :mod:`coordinator.relay.front`).
 * ``/api/v1/relay/feed`` (WebSocket, ``Authorization: Bearer <relay secret>``; the secret is
   ``<state-dir>/relay.secret``): a standalone relay's link (messages: :mod:`meshd.proto.relayfeed`). We
-  send ``keys`` (trusted signing keys) and ``valid`` (node ids allowed now) on connect, then ``revoke``
-  the moment a node is removed or expired (so it is dropped within a second everywhere). The relay sends
-  ``region`` (it joins the relay map), ``attach`` (a node made it its home: published as ``relay_home``)
-  and ``session`` records, which we write to the audit trail: standalone relays keep no audit log.
+  send ``keys`` (trusted signing keys) and ``valid`` (node ids allowed now, with their WireGuard keys) on
+  connect, then ``revoke`` the moment a node is removed or expired (so it is dropped within a second
+  everywhere) and ``rekeyed`` when a node's WireGuard key rotates. The relay sends ``region`` first (it
+  joins the relay map; the connection is then bound to that region id, which may not be 1 nor one another
+  live feed holds), then ``attach`` (a node made it its home: published as ``relay_home``) and
+  ``session`` records for that region only, which we write to the audit trail: standalone relays keep no
+  audit log. A message for another region closes the feed.
 """
 
 from __future__ import annotations
@@ -18,23 +24,23 @@ import asyncio
 import contextlib
 import hmac
 import logging
-import os
-import secrets
 import time
 from collections.abc import Coroutine
 from dataclasses import asdict, replace
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, WebSocket
+from pydantic import BaseModel
 from starlette.websockets import WebSocketDisconnect
 
 from coordinator.api.deps import CoreDep, NodeDep
 from coordinator.core import Core
-from coordinator.errors import Forbidden
+from coordinator.errors import BadRequest, Forbidden, NotFound
+from coordinator.relay import secret as relay_secret
 from coordinator.relay.hub import ClientConn, RelayHub, RelayMetrics
 from coordinator.relay.ws import serve_websocket
 from meshd.proto import relay, relayfeed, ticket
+from meshd.proto.encoding import b64decode
 from meshd.proto.netmap import CloseCode, RelayRegion
 from meshd.proto.relayfeed import SessionRecord
 from meshd.supervise import supervise
@@ -48,18 +54,12 @@ TICK = 0.2
 MAX_PENDING = 1000
 
 
-def load_or_create_secret(state_dir: Path) -> str:
-    """The shared secret standalone relays present on the feed (created 0600 on first use)."""
-    path = state_dir / "relay.secret"
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        pass
-    value = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(value + "\n")
-    return value
+class FeedRefused(Exception):
+    """A standalone relay's feed spoke for a region it does not hold; the connection is closed."""
+
+
+class TicketRequest(BaseModel):
+    region_id: int
 
 
 class RelayService:
@@ -67,7 +67,7 @@ class RelayService:
 
     def __init__(self, core: Core, *, embedded: bool = True) -> None:
         self.core = core
-        self.secret = load_or_create_secret(core.settings.state_dir)
+        self.secret = relay_secret.load_or_create(core.settings.state_dir)
         self.metrics = RelayMetrics(core.metrics.registry)
         self.hub: RelayHub | None = None
         if embedded:
@@ -81,6 +81,11 @@ class RelayService:
                 on_home=lambda c: self._spawn(self.attach(c.node_id, 1)),
             )
         self.feeds: set[WebSocket] = set()
+        #: region id -> the live feed connection that announced it (one feed per region)
+        self.feed_regions: dict[int, WebSocket] = {}
+        #: node id -> WireGuard key as last seen, and the map version it was read at (rotation watch)
+        self._wg_keys: dict[int, bytes] | None = None
+        self._seen_version = 0
         self._tasks: set[asyncio.Task[Any]] = set()  #: at most MAX_PENDING
         self.skipped = 0  #: effects dropped because MAX_PENDING were in flight
         self._ticker: asyncio.Task[None] | None = None
@@ -99,9 +104,8 @@ class RelayService:
     def start(self) -> None:
         if self._ticker is not None and not self._ticker.done():
             return
-        if self.hub is not None:
-            # supervised: a failing tick must not silently stop ticket expiry for good
-            self._ticker = asyncio.create_task(supervise("relay-tick", self._tick), name="relay-tick")
+        # supervised: a failing tick must not silently stop ticket expiry or the rotation watch for good
+        self._ticker = asyncio.create_task(supervise("relay-tick", self._tick), name="relay-tick")
 
     async def stop(self) -> None:
         if self._ticker:
@@ -116,10 +120,54 @@ class RelayService:
             await asyncio.wait(list(self._tasks), timeout=2)
 
     async def _tick(self) -> None:
-        assert self.hub is not None
         while True:
             await asyncio.sleep(TICK)
-            self.hub.tick()
+            self.watch_keys()
+            if self.hub is not None:
+                self.hub.tick()
+
+    def watch_keys(self) -> None:
+        """Find WireGuard key rotations in the map's change log since the last call: sessions under the
+        old key are dropped here and every standalone relay is told (``rekeyed``). Reads only the changed
+        nodes' entries (the whole map only at the first call or when the log was trimmed meanwhile)."""
+        state = self.core.state
+        if self._wg_keys is not None and state.version == self._seen_version:
+            return
+        changed: set[int] | None = None  # None: compare every node
+        if self._wg_keys is not None:
+            found: set[int] = set()
+            reached = False
+            for ch in reversed(state.log):
+                if ch.version <= self._seen_version:
+                    reached = True
+                    break
+                if ch.node_id is not None and ch.kind in ("added", "changed"):
+                    found.add(ch.node_id)
+            # unless the log was trimmed past what we saw meanwhile
+            if reached or (state.log and state.log[0].version <= self._seen_version + 1):
+                changed = found
+        self._seen_version = state.version
+        known = self._wg_keys if self._wg_keys is not None else {}
+        self._wg_keys = known
+        for node_id in list(state.peers) if changed is None else changed:
+            peer = state.peers.get(node_id)
+            if peer is None:
+                continue
+            key = b64decode(peer.wg_public_key, length=32)
+            old = known.get(node_id)
+            known[node_id] = key
+            if old is not None and old != key:
+                self.rekeyed(node_id, key)
+
+    def rekeyed(self, node_id: int, key: bytes) -> None:
+        """A node's WireGuard key rotated: drop its sessions under other keys here and on every region."""
+        if self.hub is not None:
+            n = self.hub.revoke_node(node_id, "wireguard key rotated", keep_key=key)
+            if n:
+                log.info("relay: dropped %d session(s) of node %d: wireguard key rotated", n, node_id)
+        msg = relayfeed.encode(relayfeed.Rekeyed(node_id, key))
+        for ws in list(self.feeds):
+            self._spawn(_send_quiet(ws, msg), must=True)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], *, must: bool = False) -> None:
         """Run an effect in the background; beyond MAX_PENDING in flight it is dropped, unless ``must``
@@ -138,8 +186,11 @@ class RelayService:
     def verify(self, data: bytes, now: float) -> ticket.TicketPayload:
         payload = ticket.verify(data, self.core.keys.trusted, now)
         entry = self.core.node_keys.get(payload.node_id)
-        if entry is None or entry[1]:
+        peer = self.core.state.peers.get(payload.node_id)
+        if entry is None or entry[1] or peer is None:
             raise ticket.TicketError(f"node {payload.node_id} was removed or expired")
+        if peer.wg_public_key != payload.wg_public_key:
+            raise ticket.TicketError(f"the ticket is for a WireGuard key node {payload.node_id} rotated away")
         return payload
 
     def revoke(self, node_id: int, reason: str) -> None:
@@ -208,7 +259,11 @@ class RelayService:
             log.warning("relay: publishing relay_home of node %d failed: %s", node_id, exc)
 
     async def add_region(self, region: RelayRegion) -> None:
-        """A standalone relay announced itself: it joins (or updates) the relay map."""
+        """A standalone relay announced itself: it joins (or updates) the relay map. Region 1 is the
+        embedded relay's and never comes from a feed (the feed checks that too)."""
+        problem = relay.region_problem(region.id, region.name, region.url, region.stun_port)
+        if problem is not None or region.id == 1:
+            raise FeedRefused(f"region {region.id}: {problem or 'region 1 is the embedded relay'}")
         state = self.core.state
         current = {r.id: r for r in state.relays}
         if current.get(region.id) == region:
@@ -232,10 +287,15 @@ class RelayService:
             return
         await ws.accept()
         self.feeds.add(ws)
+        bound: list[RelayRegion] = []  #: the region this connection announced first (at most one)
         try:
             await ws.send_text(relayfeed.encode(relayfeed.Keys(tuple(self.core.keys.trusted))))
-            valid = frozenset(i for i, (_, expired) in self.core.node_keys.items() if not expired)
-            await ws.send_text(relayfeed.encode(relayfeed.Valid(valid)))
+            nodes = {
+                i: b64decode(p.wg_public_key, length=32)
+                for i, p in self.core.state.peers.items()
+                if i in self.core.node_keys and not self.core.node_keys[i][1]
+            }
+            await ws.send_text(relayfeed.encode(relayfeed.Valid(nodes)))
             while True:
                 message = await ws.receive()
                 if message["type"] == "websocket.disconnect":
@@ -245,11 +305,48 @@ class RelayService:
                 except relayfeed.FeedError as exc:
                     log.warning("relay feed: bad message: %s", exc)
                     continue
-                await self._feed_message(msg)
+                try:
+                    self._bind(ws, bound, msg)
+                    await self._feed_message(msg)
+                except FeedRefused as exc:
+                    log.warning("relay feed refused: %s", exc)
+                    with contextlib.suppress(Exception):  # the feed may be gone already
+                        await ws.close(CloseCode.POLICY, str(exc)[:120])
+                    return
         except (WebSocketDisconnect, RuntimeError):
             pass
         finally:
             self.feeds.discard(ws)
+            if bound and self.feed_regions.get(bound[0].id) is ws:
+                del self.feed_regions[bound[0].id]
+
+    def _bind(self, ws: WebSocket, bound: list[RelayRegion], msg: relayfeed.ToCoordinator) -> None:
+        """A feed speaks for the one region its first message announced: never region 1 (the embedded
+        relay), never a region another live feed holds, and nothing later for any other region. Every
+        relay holds the same secret, so this is what keeps one relay from taking over another's entry
+        in every node's relay map (or id 1's), or writing relay_home and audit records for it."""
+        if not bound:
+            if not isinstance(msg, relayfeed.Region):
+                raise FeedRefused(f"the first message must be the region, not {type(msg).__name__}")
+            rid = msg.region.id
+            if rid == 1:
+                raise FeedRefused("region 1 is the coordinator's embedded relay")
+            holder = self.feed_regions.get(rid)
+            if holder is not None and holder is not ws:
+                raise FeedRefused(f"region {rid} is held by another connected relay")
+            self.feed_regions[rid] = ws
+            bound.append(msg.region)
+            return
+        region = bound[0]
+        if isinstance(msg, relayfeed.Region):
+            if msg.region.id != region.id:
+                raise FeedRefused(f"a feed bound to region {region.id} announced region {msg.region.id}")
+            bound[0] = msg.region
+        elif isinstance(msg, relayfeed.Attach):
+            if msg.region_id != region.id:
+                raise FeedRefused(f"a feed bound to region {region.id} attached a node to {msg.region_id}")
+        elif msg.region != region.name:
+            raise FeedRefused(f"a feed bound to region {region.name!r} reported a session of {msg.region!r}")
 
     async def _feed_message(self, msg: relayfeed.ToCoordinator) -> None:
         if isinstance(msg, relayfeed.Region):
@@ -271,11 +368,22 @@ def router(service: RelayService) -> APIRouter:
     r = APIRouter(tags=["relay"])
 
     @r.post(relay.TICKET_PATH)
-    async def relay_ticket(node_id: NodeDep, core: CoreDep) -> dict[str, Any]:
+    async def relay_ticket(body: TicketRequest, node_id: NodeDep, core: CoreDep) -> dict[str, Any]:
         peer = core.state.peers.get(node_id)
         if peer is None:
             raise Forbidden("node removed or expired")
-        text = ticket.make(node_id, peer.wg_public_key, core.keys.active_seed, time.time())
+        if not 0 < body.region_id <= relay.MAX_REGION_ID:
+            raise BadRequest("region_id must be a relay region id")
+        if all(r.id != body.region_id for r in core.state.relays):
+            raise NotFound(f"no relay region {body.region_id} in the relay map")
+        text = ticket.make(
+            node_id,
+            peer.node_public_key,
+            peer.wg_public_key,
+            body.region_id,
+            core.keys.active_seed,
+            time.time(),
+        )
         return {"ticket": text, "not_after": ticket.decode(text)[0].not_after}
 
     @r.websocket(relayfeed.FEED_PATH)

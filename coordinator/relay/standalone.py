@@ -59,6 +59,10 @@ class Standalone:
         self.opts = opts
         self.trusted: tuple[bytes, ...] = ()
         self.revoked: set[int] = set()
+        #: node id -> its current WireGuard key, from the feed (``valid``, ``rekeyed``): tickets for any
+        #: other key are refused. A node enrolled after ``valid`` is absent until it rotates; its tickets
+        #: name its only key so far. Bounded by the coordinator's node count, like ``revoked``.
+        self.current: dict[int, bytes] = {}
         self.registry = CollectorRegistry()
         self.hub = RelayHub(
             opts.name,
@@ -86,6 +90,9 @@ class Standalone:
         payload = ticket.verify(data, self.trusted, now)
         if payload.node_id in self.revoked:
             raise ticket.TicketError(f"node {payload.node_id} was removed or expired")
+        current = self.current.get(payload.node_id)
+        if current is not None and current != payload.key:
+            raise ticket.TicketError(f"the ticket is for a WireGuard key node {payload.node_id} rotated away")
         return payload
 
     def _opened(self, c: ClientConn) -> None:
@@ -167,9 +174,16 @@ class Standalone:
             self.feed_up.set()
             log.info("linked to the coordinator: %d trusted key(s)", len(self.trusted))
         elif isinstance(msg, relayfeed.Valid):
+            self.current = dict(msg.nodes)
             for c in list(self.hub.clients.values()):
-                if c.node_id not in msg.node_ids:
+                if c.node_id not in msg.nodes:
                     c.close("node removed or expired", tell=True)
+                elif msg.nodes[c.node_id] != c.key:
+                    c.close("wireguard key rotated", tell=True)
+        elif isinstance(msg, relayfeed.Rekeyed):
+            self.current[msg.node_id] = msg.key
+            n = self.hub.revoke_node(msg.node_id, "wireguard key rotated", keep_key=msg.key)
+            log.info("node %d rotated its WireGuard key (%d session(s) dropped)", msg.node_id, n)
         else:
             # bounded by the coordinator's node ids: each is revoked once, like its database row
             self.revoked.add(msg.node_id)

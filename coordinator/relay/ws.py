@@ -21,7 +21,6 @@ class WsClient(ClientConn):
         #: frames the writer task has not sent yet: at most QUEUE_FRAMES (then the oldest is dropped)
         self.out: collections.deque[bytes] = collections.deque()
         self.wake = asyncio.Event()
-        hub.add(self)
 
     def _write(self, data: bytes) -> None:
         self.out.append(data)
@@ -50,6 +49,7 @@ async def serve_websocket(ws: WebSocket, hub: RelayHub) -> None:
     client = ws.client
     conn = WsClient(hub, ws, f"{client.host}:{client.port}" if client else "?")
     writer = asyncio.create_task(conn.writer())
+    conn.start()  # SERVER_CHALLENGE first
     try:
         while not conn.closed:
             msg = await ws.receive()

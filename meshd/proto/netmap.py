@@ -277,13 +277,19 @@ def peer_from_json(raw: Any, where: str = "peer") -> Peer:
 
 
 def relay_from_json(raw: Any) -> RelayRegion:
+    from meshd.proto.relay import region_problem  # here: the relay codec is not needed for the rest
+
     o = _obj(raw, "relay")
-    return RelayRegion(
+    region = RelayRegion(
         id=_get(o, "id", int, "relay"),
         name=_get(o, "name", str, "relay"),
         url=_get(o, "url", str, "relay"),
         stun_port=_get(o, "stun_port", int, "relay"),
     )
+    # a region meshd cannot use (``http://[`` raised ValueError deep in meshd and killed the stream task)
+    if (problem := region_problem(region.id, region.name, region.url, region.stun_port)) is not None:
+        raise NetmapError(f"relay {str(region.id)[:20]}: {problem}")
+    return region
 
 
 def _inbound(o: dict[str, Any], where: str) -> tuple[InboundRule, ...] | None:

@@ -7,9 +7,20 @@ A relay connection is a byte stream (HTTP ``Upgrade`` or WebSocket binary messag
     +--------+----------------+----------------------+
 
 Packets are addressed by the destination node's WireGuard public key (32 bytes), as in Tailscale's DERP.
-The client speaks first (``CLIENT_HELLO`` with its key and a relay ticket); the server answers
-``SERVER_HELLO`` or closes. Unknown types, oversized or truncated frames are protocol errors: the
-connection that sent them is closed with the reason, nobody else is affected.
+
+The handshake is server-first, on both transports (after the ``101`` of the Upgrade, or once the
+WebSocket is accepted)::
+
+    relay  -> SERVER_CHALLENGE  region id (4, BE) + nonce (32 fresh random bytes, one per connection)
+    client -> CLIENT_HELLO      WireGuard key (32) + flags (1) + Ed25519 signature (64) + ticket
+    relay  -> SERVER_HELLO      JSON, or CLOSE with the reason
+
+The signature is by the node key named in the ticket over :func:`hello_transcript` (the region id, the
+nonce, the WireGuard key, the flags and the SHA-256 of the ticket), so a captured hello is worth nothing
+on another connection (another nonce) or at another region (another region id, and the ticket names its
+region too). A CLIENT_HELLO later on the same connection renews the ticket, signed over the same nonce.
+Unknown types, oversized or truncated frames are protocol errors: the connection that sent them is
+closed with the reason, nobody else is affected.
 
 This module is the whole client/server contract, so neither side hard-codes any part of it: the HTTP
 paths, the upgrade exchange (request, ``101`` answer, head size limit), the socket tuning both ends
@@ -20,13 +31,18 @@ is :mod:`meshd.proto.relayfeed`.
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import math
 import socket
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
+from urllib.parse import urlsplit
+
+from nacl.exceptions import BadSignatureError, CryptoError
+from nacl.signing import SigningKey, VerifyKey
 
 # -- HTTP: how a relay connection starts -------------------------------------------------------------
 UPGRADE_PATH = "/api/v1/relay"  #: ``GET`` with ``Upgrade: meshrelay`` (RFC 9110 §7.8): raw frames after 101
@@ -59,6 +75,9 @@ HEADER_LEN = HEADER.size
 MAX_PACKET = 65535
 MAX_FRAME = KEY_LEN + MAX_PACKET
 MAX_HELLO = 8192
+SIGNATURE_LEN = 64  #: Ed25519 (RFC 8032 §5.1.6)
+NONCE_LEN = 32
+MAX_REGION_ID = (1 << 31) - 1
 
 
 class RelayProtocolError(ValueError):
@@ -66,7 +85,7 @@ class RelayProtocolError(ValueError):
 
 
 class FrameType(IntEnum):
-    CLIENT_HELLO = 0x01  #: key(32) + flags(1) + ticket (meshd.proto.ticket); again later = ticket renewal
+    CLIENT_HELLO = 0x01  #: key(32) + flags(1) + signature(64) + ticket; again later = ticket renewal
     SERVER_HELLO = 0x02  #: utf-8 JSON object: :class:`ServerHello`
     SEND_PACKET = 0x03  #: dst key(32) + packet
     RECV_PACKET = 0x04  #: src key(32) + packet
@@ -76,6 +95,7 @@ class FrameType(IntEnum):
     PONG = 0x08  #: the 8 bytes of the PING it answers
     # 0x09 was HEALTH: never sent by any relay, removed; do not reuse the number
     CLOSE = 0x0A  #: utf-8 reason; the sender closes after it
+    SERVER_CHALLENGE = 0x0B  #: region id(4) + nonce(32): the relay's first frame
 
 
 class GoneReason(IntEnum):
@@ -84,7 +104,7 @@ class GoneReason(IntEnum):
 
 
 _LIMITS: dict[int, tuple[int, int]] = {
-    FrameType.CLIENT_HELLO: (KEY_LEN + 1, KEY_LEN + 1 + MAX_HELLO),
+    FrameType.CLIENT_HELLO: (KEY_LEN + 1 + SIGNATURE_LEN, KEY_LEN + 1 + SIGNATURE_LEN + MAX_HELLO),
     FrameType.SERVER_HELLO: (0, MAX_HELLO),
     FrameType.SEND_PACKET: (KEY_LEN, MAX_FRAME),
     FrameType.RECV_PACKET: (KEY_LEN, MAX_FRAME),
@@ -93,6 +113,7 @@ _LIMITS: dict[int, tuple[int, int]] = {
     FrameType.PING: (8, 8),
     FrameType.PONG: (8, 8),
     FrameType.CLOSE: (0, 1024),
+    FrameType.SERVER_CHALLENGE: (4 + NONCE_LEN, 4 + NONCE_LEN),
 }
 
 
@@ -135,26 +156,91 @@ HELLO_HOME = 0x01
 
 
 @dataclass(frozen=True, slots=True)
+class Challenge:
+    """SERVER_CHALLENGE: which region this is and a fresh nonce the client's hello must sign."""
+
+    region_id: int
+    nonce: bytes = field(repr=False)
+
+
+def challenge(ch: Challenge) -> bytes:
+    """The SERVER_CHALLENGE frame (encoder of :class:`Challenge`)."""
+    if not 0 <= ch.region_id <= MAX_REGION_ID or len(ch.nonce) != NONCE_LEN:
+        raise RelayProtocolError(f"challenge: region id below 2^31 and a {NONCE_LEN}-byte nonce")
+    return encode(FrameType.SERVER_CHALLENGE, ch.region_id.to_bytes(4, "big") + ch.nonce)
+
+
+def parse_challenge(frame: Frame) -> Challenge:
+    """Decode a SERVER_CHALLENGE frame; anything else raises :class:`RelayProtocolError`."""
+    if frame.type != FrameType.SERVER_CHALLENGE or len(frame.payload) != 4 + NONCE_LEN:
+        raise RelayProtocolError("expected a SERVER_CHALLENGE frame")
+    region_id = int.from_bytes(frame.payload[:4], "big")
+    if region_id > MAX_REGION_ID:
+        raise RelayProtocolError("SERVER_CHALLENGE: region id must be below 2^31")
+    return Challenge(region_id, frame.payload[4:])
+
+
+@dataclass(frozen=True, slots=True)
 class ClientHello:
-    """CLIENT_HELLO: who the client is (its WireGuard key), whether this region is its home, and the
-    ticket that proves the coordinator lets it use the relay. Sent again later to renew the ticket."""
+    """CLIENT_HELLO: who the client is (its WireGuard key), whether this region is its home, the ticket
+    that says the coordinator lets it use this region, and its node key's signature over the
+    connection's challenge (:func:`hello_transcript`). Sent again later to renew the ticket."""
 
     key: bytes
     home: bool
-    ticket: bytes
+    signature: bytes = field(repr=False)
+    ticket: bytes = field(repr=False)
 
 
-def client_hello(key: bytes, ticket: bytes, home: bool = True) -> bytes:
+_TRANSCRIPT = b"meshvpn relay hello v2\x00"
+
+
+def hello_transcript(ch: Challenge, key: bytes, home: bool, ticket: bytes) -> bytes:
+    """What the node key signs: a context label, the challenge (region id and nonce), the WireGuard key,
+    the flags and the ticket's SHA-256. Everything the relay acts on is covered."""
+    flags = HELLO_HOME if home else 0
+    return b"".join(
+        (
+            _TRANSCRIPT,
+            ch.region_id.to_bytes(4, "big"),
+            ch.nonce,
+            _key(key),
+            bytes([flags]),
+            hashlib.sha256(ticket).digest(),
+        )
+    )
+
+
+def sign_hello(node_seed: bytes, ch: Challenge, key: bytes, home: bool, ticket: bytes) -> bytes:
+    """The hello signature by the node whose Ed25519 seed is `node_seed`."""
+    return SigningKey(node_seed).sign(hello_transcript(ch, key, home, ticket)).signature
+
+
+def hello_signed_by(node_key: bytes, ch: Challenge, hello: ClientHello) -> bool:
+    """True when `hello` carries `node_key`'s signature over this connection's challenge."""
+    message = hello_transcript(ch, hello.key, hello.home, hello.ticket)
+    try:
+        VerifyKey(node_key).verify(message, hello.signature)
+    except (BadSignatureError, CryptoError, ValueError, TypeError):
+        return False
+    return True
+
+
+def client_hello(key: bytes, ticket: bytes, signature: bytes, home: bool = True) -> bytes:
     """The CLIENT_HELLO frame (encoder of :class:`ClientHello`)."""
-    return encode(FrameType.CLIENT_HELLO, _key(key) + bytes([HELLO_HOME if home else 0]) + ticket)
+    if len(signature) != SIGNATURE_LEN:
+        raise RelayProtocolError(f"hello signature has {len(signature)} bytes, not {SIGNATURE_LEN}")
+    flags = bytes([HELLO_HOME if home else 0])
+    return encode(FrameType.CLIENT_HELLO, _key(key) + flags + signature + ticket)
 
 
 def parse_hello(frame: Frame) -> ClientHello:
     """The parts of a CLIENT_HELLO frame (its length was checked by the decoder)."""
-    if frame.type != FrameType.CLIENT_HELLO or len(frame.payload) < KEY_LEN + 1:
+    if frame.type != FrameType.CLIENT_HELLO or len(frame.payload) < KEY_LEN + 1 + SIGNATURE_LEN:
         raise RelayProtocolError("expected a CLIENT_HELLO frame")
     p = frame.payload
-    return ClientHello(p[:KEY_LEN], bool(p[KEY_LEN] & HELLO_HOME), p[KEY_LEN + 1 :])
+    sig_end = KEY_LEN + 1 + SIGNATURE_LEN
+    return ClientHello(p[:KEY_LEN], bool(p[KEY_LEN] & HELLO_HOME), p[KEY_LEN + 1 : sig_end], p[sig_end:])
 
 
 MAX_REGION_NAME = 255
@@ -192,7 +278,7 @@ def parse_server_hello(frame: Frame) -> ServerHello:
     region, region_id, keepalive = raw.get("region"), raw.get("region_id"), raw.get("keepalive")
     if not isinstance(region, str) or not 0 < len(region) <= MAX_REGION_NAME:
         raise RelayProtocolError("SERVER_HELLO: region must be a name")
-    if not isinstance(region_id, int) or isinstance(region_id, bool) or not 0 <= region_id < 1 << 31:
+    if not isinstance(region_id, int) or isinstance(region_id, bool) or not 0 <= region_id <= MAX_REGION_ID:
         raise RelayProtocolError("SERVER_HELLO: region_id must be a small non-negative integer")
     # bounded before float(): a 400-digit integer would overflow it (1e400 parses as inf, not finite)
     if not (
@@ -201,6 +287,34 @@ def parse_server_hello(frame: Frame) -> ServerHello:
     ):
         raise RelayProtocolError("SERVER_HELLO: keepalive must be a positive number of seconds")
     return ServerHello(region, region_id, float(keepalive))
+
+
+MAX_URL = 1024
+
+
+def region_problem(region_id: int, name: str, url: str, stun_port: int) -> str | None:
+    """What is wrong with a relay region as a relay map entry (None when nothing): the id must fit a
+    SERVER_HELLO (1 to 2^31-1), the name 1 to 255 printable characters, the URL ``http(s)://host[:port]``
+    that parses (``http://[`` does not), and the STUN port 0 (none) or a port whose next one exists.
+    Checked where a region enters (the coordinator's feed) and where it is used (meshd's map decoder)."""
+    if not isinstance(region_id, int) or isinstance(region_id, bool) or not 1 <= region_id <= MAX_REGION_ID:
+        return "id must be an integer from 1 to 2^31-1"
+    if not isinstance(name, str) or not 0 < len(name) <= MAX_REGION_NAME or not name.isprintable():
+        return f"name must be 1 to {MAX_REGION_NAME} printable characters"
+    if not isinstance(stun_port, int) or isinstance(stun_port, bool) or not 0 <= stun_port <= 65534:
+        return "stun_port must be 0 (none) or a port from 1 to 65534 (STUN uses it and the next one)"
+    if not isinstance(url, str) or not 0 < len(url) <= MAX_URL or not url.isprintable() or " " in url:
+        return f"url must be up to {MAX_URL} printable characters without spaces"
+    try:
+        u = urlsplit(url)
+        u.port  # noqa: B018 - parses the port: out of range or not a number raises ValueError
+    except ValueError:
+        return "url does not parse"
+    if u.scheme not in ("http", "https") or not u.hostname or u.username is not None:
+        return "url must be http(s)://host[:port]"
+    if u.path not in ("", "/") or u.query or u.fragment:
+        return "url must be http(s)://host[:port] (no path, query or fragment)"
+    return None
 
 
 def peer_gone(key: bytes, reason: GoneReason = GoneReason.NOT_CONNECTED) -> bytes:

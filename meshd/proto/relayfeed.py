@@ -5,12 +5,16 @@ refused with close code :attr:`meshd.proto.netmap.CloseCode.UNAUTHORIZED`. Then 
 messages, one per WebSocket message, ``{"type": ..., ...}``:
 
 coordinator -> relay
-  ``keys`` (:class:`Keys`, the trusted ticket-signing keys) and ``valid`` (:class:`Valid`, the node ids
-  allowed now) on connect, then ``revoke`` (:class:`Revoke`) the moment a node is removed or expired.
+  ``keys`` (:class:`Keys`, the trusted ticket-signing keys) and ``valid`` (:class:`Valid`, the nodes
+  allowed now with their current WireGuard keys) on connect, then ``revoke`` (:class:`Revoke`) the moment
+  a node is removed or expired and ``rekeyed`` (:class:`Rekeyed`) the moment its WireGuard key rotates
+  (sessions and tickets of its old key are refused from then on).
 relay -> coordinator
-  ``region`` (:class:`Region`: it joins the relay map) on connect, then ``open`` (:class:`SessionOpen`),
+  ``region`` (:class:`Region`: it joins the relay map) first, then ``open`` (:class:`SessionOpen`),
   ``attach`` (:class:`Attach`: a node made this region its home, published as ``relay_home``) and
-  ``session`` (:class:`SessionRecord`, a finished session for the coordinator's audit trail).
+  ``session`` (:class:`SessionRecord`, a finished session for the coordinator's audit trail). The
+  coordinator binds the connection to the region its first message names (never 1, the embedded region,
+  nor a region another live feed holds) and refuses the connection if it later speaks for another one.
 
 :func:`encode` writes any message; :func:`decode_to_relay` / :func:`decode_to_coordinator` read what each
 end may receive. Anything malformed (not JSON, wrong types, out of range, the other direction's message)
@@ -26,10 +30,12 @@ from typing import Any
 
 from meshd.proto.encoding import b64decode, b64encode
 from meshd.proto.netmap import RelayRegion
+from meshd.proto.relay import region_problem
 
 FEED_PATH = "/api/v1/relay/feed"
-#: A ``valid`` message lists every node id allowed now: room for a few hundred thousand nodes.
-MAX_MESSAGE_BYTES = 4 << 20
+#: A ``valid`` message lists every node allowed now with its WireGuard key (~60 bytes each): room for a
+#: quarter of a million nodes.
+MAX_MESSAGE_BYTES = 16 << 20
 MAX_TRUSTED = 64  #: trusted signing keys (the active one plus keys in rotation overlap)
 MAX_TEXT = 1024  #: reasons, region names, URLs, transport names
 MAX_ID = (1 << 63) - 1  #: node and region ids are database integers
@@ -50,9 +56,22 @@ class Keys:
 
 @dataclass(frozen=True, slots=True)
 class Valid:
-    """Every node id allowed to use the relay right now: sessions of any other node are dropped."""
+    """Every node allowed to use the relay right now, with its current WireGuard key: sessions of any
+    other node, or under another key, are dropped."""
 
-    node_ids: frozenset[int]
+    nodes: dict[int, bytes]
+
+    @property
+    def node_ids(self) -> frozenset[int]:
+        return frozenset(self.nodes)
+
+
+@dataclass(frozen=True, slots=True)
+class Rekeyed:
+    """A node's WireGuard key is now `key`: drop its sessions under any other key, refuse their tickets."""
+
+    node_id: int
+    key: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +124,7 @@ class SessionRecord:
     reason: str
 
 
-ToRelay = Keys | Valid | Revoke
+ToRelay = Keys | Valid | Revoke | Rekeyed
 ToCoordinator = Region | Attach | SessionOpen | SessionRecord
 Message = ToRelay | ToCoordinator
 
@@ -116,9 +135,11 @@ def encode(msg: Message) -> str:
     if isinstance(msg, Keys):
         body = {"type": "keys", "trusted": [b64encode(k) for k in msg.trusted]}
     elif isinstance(msg, Valid):
-        body = {"type": "valid", "node_ids": sorted(msg.node_ids)}
+        body = {"type": "valid", "nodes": [[i, b64encode(k)] for i, k in sorted(msg.nodes.items())]}
     elif isinstance(msg, Revoke):
         body = {"type": "revoke", "node_id": msg.node_id, "reason": msg.reason}
+    elif isinstance(msg, Rekeyed):
+        body = {"type": "rekeyed", "node_id": msg.node_id, "key": b64encode(msg.key)}
     elif isinstance(msg, Region):
         r = msg.region
         body = {"type": "region", "id": r.id, "name": r.name, "url": r.url, "stun_port": r.stun_port}
@@ -153,17 +174,25 @@ def decode(data: str | bytes) -> Message:
             raise FeedError(f"keys: more than {MAX_TRUSTED} trusted keys")
         return Keys(tuple(_key(k, "keys: trusted key") for k in keys))
     if kind == "valid":
-        ids = _get(o, "node_ids", list, "valid")
-        return Valid(frozenset(_id(i, "valid: node id") for i in ids))
+        nodes: dict[int, bytes] = {}
+        for pair in _get(o, "nodes", list, "valid"):
+            if not isinstance(pair, list) or len(pair) != 2:
+                raise FeedError("valid: each node must be [id, key]")
+            nodes[_id(pair[0], "valid: node id")] = _key(pair[1], "valid: node key")
+        return Valid(nodes)
     if kind == "revoke":
         return Revoke(_id(o.get("node_id"), "revoke: node_id"), _text(o, "reason", "revoke"))
+    if kind == "rekeyed":
+        return Rekeyed(_id(o.get("node_id"), "rekeyed: node_id"), _key(o.get("key"), "rekeyed: key"))
     if kind == "region":
-        port = _get(o, "stun_port", int, "region")
-        if not 0 <= port <= 65535:
-            raise FeedError("region: stun_port out of range")
         region = RelayRegion(
-            _id(o.get("id"), "region: id"), _text(o, "name", "region"), _text(o, "url", "region"), port
+            _id(o.get("id"), "region: id"),
+            _text(o, "name", "region"),
+            _text(o, "url", "region"),
+            _get(o, "stun_port", int, "region"),
         )
+        if (problem := region_problem(region.id, region.name, region.url, region.stun_port)) is not None:
+            raise FeedError(f"region: {problem}")
         return Region(region)
     if kind == "attach":
         return Attach(_id(o.get("node_id"), "attach: node_id"), _id(o.get("region_id"), "attach: region_id"))
@@ -191,7 +220,7 @@ def decode(data: str | bytes) -> Message:
 def decode_to_relay(data: str | bytes) -> ToRelay:
     """What a standalone relay may receive from its coordinator."""
     msg = decode(data)
-    if not isinstance(msg, Keys | Valid | Revoke):
+    if not isinstance(msg, Keys | Valid | Revoke | Rekeyed):
         raise FeedError(f"{type(msg).__name__} is not a coordinator -> relay message")
     return msg
 

@@ -1,16 +1,22 @@
-"""Relay tickets: "node N with WireGuard key K may use the relay until T", signed by the coordinator.
+"""Relay tickets: "node N, node key P, WireGuard key K may use relay region R until T", signed by the
+coordinator.
 
 Same envelope as node certificates (:mod:`meshd.proto.cert`): ``<base64url(payload)>.<base64url(sig)>``
 where payload is canonical JSON of :class:`TicketPayload` and the signature is Ed25519 (RFC 8032 §5.1.6)
-by the coordinator key named by ``issuer``. Tickets are short-lived (:data:`TICKET_LIFETIME`); the relay
-checks the signature, the validity window and that the key in the client hello is the ticket's key.
+by the coordinator key named by ``issuer``. Tickets are short-lived (:data:`TICKET_LIFETIME`).
+
+A ticket is not a bearer token: the relay checks the signature, the validity window, that the ticket is
+for its own region, that the key in the client hello is the ticket's WireGuard key, and that the hello
+carries a signature by the ticket's node key (``node_public_key``) over the relay's fresh challenge
+(:func:`meshd.proto.relay.hello_transcript`). Whoever captures a ticket (on the wire, or as the operator
+of a standalone relay) can therefore not use it: the node's Ed25519 key never leaves the node.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from nacl.exceptions import BadSignatureError, CryptoError
@@ -20,7 +26,7 @@ from meshd.proto.cert import CertError as _CertError
 from meshd.proto.cert import _b64u, _unb64u, key_id
 from meshd.proto.encoding import b64decode, canonical_json
 
-TICKET_VERSION = 1
+TICKET_VERSION = 2  #: 2: node key and region id (1 was a bearer token for every region)
 TICKET_LIFETIME = 300  #: seconds
 MAX_TICKET_CHARS = 2048
 
@@ -33,7 +39,9 @@ class TicketError(ValueError):
 class TicketPayload:
     version: int
     node_id: int
+    node_public_key: str  #: base64 Ed25519 key that must sign the relay's challenge (the node key)
     wg_public_key: str  #: base64 X25519 public key the ticket is for
+    region_id: int  #: the only relay region that accepts it
     not_before: int  #: unix seconds
     not_after: int  #: unix seconds
     issuer: str  #: key id of the signing coordinator key
@@ -41,6 +49,20 @@ class TicketPayload:
     @property
     def key(self) -> bytes:
         return b64decode(self.wg_public_key, length=32, what="wg_public_key")
+
+    @property
+    def node_key(self) -> bytes:
+        return b64decode(self.node_public_key, length=32, what="node_public_key")
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What a relay client needs to open a session at one region: the ticket, its expiry, and a signer
+    that signs the relay's challenge with the node key (the key stays with whoever made the signer)."""
+
+    ticket: str = field(repr=False)
+    not_after: float  #: unix seconds
+    sign: Callable[[bytes], bytes] = field(repr=False, compare=False)
 
 
 def issue(payload: TicketPayload, signing_key: bytes) -> str:
@@ -53,15 +75,28 @@ def issue(payload: TicketPayload, signing_key: bytes) -> str:
 
 
 def make(
-    node_id: int, wg_public_key: str, signing_key: bytes, now: float, lifetime: int = TICKET_LIFETIME
+    node_id: int,
+    node_public_key: str,
+    wg_public_key: str,
+    region_id: int,
+    signing_key: bytes,
+    now: float,
+    lifetime: int = TICKET_LIFETIME,
 ) -> str:
-    """A fresh ticket valid from a little before `now` (clock skew) for `lifetime` seconds."""
+    """A fresh ticket for one region, valid from a little before `now` (clock skew) for `lifetime` s."""
     issuer = key_id(bytes(SigningKey(signing_key).verify_key))
     start = int(now)
-    return issue(
-        TicketPayload(TICKET_VERSION, node_id, wg_public_key, start - 30, start + lifetime, issuer),
-        signing_key,
+    payload = TicketPayload(
+        TICKET_VERSION,
+        node_id,
+        node_public_key,
+        wg_public_key,
+        region_id,
+        start - 30,
+        start + lifetime,
+        issuer,
     )
+    return issue(payload, signing_key)
 
 
 def decode(ticket: str) -> tuple[TicketPayload, bytes, bytes]:
@@ -109,7 +144,9 @@ def verify(ticket: str | bytes, trusted_keys: Iterable[bytes], now: float) -> Ti
 _FIELDS: dict[str, type] = {
     "version": int,
     "node_id": int,
+    "node_public_key": str,
     "wg_public_key": str,
+    "region_id": int,
     "not_before": int,
     "not_after": int,
     "issuer": str,
@@ -127,6 +164,7 @@ def _from_json(raw: Any) -> TicketPayload:
         raise TicketError(f"unsupported ticket version {raw['version']}")
     try:
         b64decode(raw["wg_public_key"], length=32, what="wg_public_key")
+        b64decode(raw["node_public_key"], length=32, what="node_public_key")
     except ValueError as exc:
         raise TicketError(f"malformed ticket: {exc}") from None
     return TicketPayload(**raw)

@@ -1,7 +1,8 @@
 """One connection to one relay region: HTTP Upgrade (RFC 9110 §7.8) first, WebSocket as fallback.
 
-The link speaks :mod:`meshd.proto.relay`: CLIENT_HELLO (key, home flag, ticket) right after the request
-(pipelined: one round trip to a working relay), SERVER_HELLO back, then SEND_PACKET out and RECV_PACKET in.
+The link speaks :mod:`meshd.proto.relay`: the relay's SERVER_CHALLENGE first (its region id must be the
+one we meant to reach), then our CLIENT_HELLO (key, home flag, ticket, and the node key's signature over
+the challenge), SERVER_HELLO back, then SEND_PACKET out and RECV_PACKET in.
 
 Outbound data is bounded on both transports: while the relay does not keep up (the Upgrade transport's
 buffer is above :data:`meshd.proto.relay.SOCK_BUF`, or the WebSocket writer is :data:`OUT_FRAMES` behind)
@@ -24,7 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from meshd.proto import relay
-from meshd.proto.relay import FrameType, RelayProtocolError, ServerHello
+from meshd.proto.relay import Challenge, FrameType, RelayProtocolError, ServerHello
 
 log = logging.getLogger("meshd.relay")
 
@@ -37,6 +38,24 @@ class RelayLinkError(Exception):
 
 
 PacketHandler = Callable[[bytes, bytes], None]  #: (src key, packet)
+Signer = Callable[[bytes], bytes]  #: signs a hello transcript with the node key
+
+
+class _Hello:
+    """What our hello needs: who we are, the ticket, the node key's signer and the region we dial."""
+
+    def __init__(self, key: bytes, ticket: bytes, sign: Signer, region_id: int, home: bool) -> None:
+        self.key = key
+        self.ticket = ticket
+        self.sign = sign
+        self.region_id = region_id
+        self.home = home
+        self.challenge: Challenge | None = None
+
+    def frame(self, key: bytes, ticket: bytes, home: bool) -> bytes:
+        assert self.challenge is not None
+        signature = self.sign(relay.hello_transcript(self.challenge, key, home, ticket))
+        return relay.client_hello(key, ticket, signature, home)
 
 
 def _tune(sock: socket.socket | None) -> None:
@@ -56,9 +75,10 @@ def _retrieve(fut: asyncio.Future[Any]) -> None:
 class _Base:
     """What both transports share: frame dispatch, hello handshake, ping/pong."""
 
-    def __init__(self, on_packet: PacketHandler, on_gone: Callable[[bytes], None]) -> None:
+    def __init__(self, on_packet: PacketHandler, on_gone: Callable[[bytes], None], hello: _Hello) -> None:
         self.on_packet = on_packet
         self.on_gone = on_gone
+        self.me = hello
         self.decoder = relay.FrameDecoder()
         loop = asyncio.get_running_loop()
         self.hello: asyncio.Future[ServerHello] = loop.create_future()
@@ -86,8 +106,25 @@ class _Base:
             t = f.type
             if t == FrameType.RECV_PACKET:
                 self.on_packet(f.key, f.body)
+            elif t == FrameType.SERVER_CHALLENGE:
+                me = self.me
+                if me.challenge is not None:
+                    self.close("relay sent a second SERVER_CHALLENGE")
+                    return
+                try:
+                    ch = relay.parse_challenge(f)
+                except RelayProtocolError as exc:
+                    self.close(f"relay sent a bad SERVER_CHALLENGE: {exc}")
+                    return
+                if ch.region_id != me.region_id:
+                    self.close(f"relay says it is region {ch.region_id}, not {me.region_id}")
+                    return
+                me.challenge = ch
+                self.write(me.frame(me.key, me.ticket, me.home))
             elif t == FrameType.SERVER_HELLO:
                 try:
+                    if self.me.challenge is None:
+                        raise RelayProtocolError("SERVER_HELLO before SERVER_CHALLENGE")
                     info = relay.parse_server_hello(f)
                 except RelayProtocolError as exc:
                     self.close(f"relay sent a bad SERVER_HELLO: {exc}")
@@ -116,8 +153,10 @@ class _Base:
 
 
 class _UpgradeProtocol(_Base, asyncio.Protocol):
-    def __init__(self, on_packet: PacketHandler, on_gone: Callable[[bytes], None], request: bytes) -> None:
-        _Base.__init__(self, on_packet, on_gone)
+    def __init__(
+        self, on_packet: PacketHandler, on_gone: Callable[[bytes], None], hello: _Hello, request: bytes
+    ) -> None:
+        _Base.__init__(self, on_packet, on_gone, hello)
         self.request = request
         self.transport: asyncio.Transport | None = None
         self.head = bytearray()  #: the 101 answer so far: at most relay.MAX_HEAD bytes
@@ -176,8 +215,10 @@ class _UpgradeProtocol(_Base, asyncio.Protocol):
 
 
 class _WsLink(_Base):
-    def __init__(self, on_packet: PacketHandler, on_gone: Callable[[bytes], None], ws: Any) -> None:
-        super().__init__(on_packet, on_gone)
+    def __init__(
+        self, on_packet: PacketHandler, on_gone: Callable[[bytes], None], hello: _Hello, ws: Any
+    ) -> None:
+        super().__init__(on_packet, on_gone, hello)
         self.ws = ws
         #: frames for the writer task: packets only while fewer than OUT_FRAMES wait (see module doc)
         self.out: collections.deque[bytes] = collections.deque()
@@ -258,7 +299,8 @@ class RelayLink:
         self._impl.write(data, droppable=True)
 
     def renew(self, key: bytes, ticket: bytes, home: bool) -> None:
-        self._impl.write(relay.client_hello(key, ticket, home))
+        """A fresh ticket (or the home flag) over the open link, signed over this link's challenge."""
+        self._impl.write(self._impl.me.frame(key, ticket, home))
 
     async def ping(self, within: float = 2.0) -> float:
         """Round-trip time of one relay PING, in seconds.
@@ -290,6 +332,8 @@ async def connect(
     key: bytes,
     ticket: bytes,
     *,
+    sign: Signer,
+    region_id: int,
     home: bool,
     on_packet: PacketHandler,
     on_gone: Callable[[bytes], None] = lambda k: None,
@@ -297,7 +341,8 @@ async def connect(
     within: float = CONNECT_TIMEOUT,
     transports: tuple[str, ...] = ("upgrade", "websocket"),
 ) -> RelayLink:
-    """Connect to the relay at `url` (the region's http(s) URL): Upgrade first, then WebSocket.
+    """Connect to relay region `region_id` at `url` (the region's http(s) URL): Upgrade first, then
+    WebSocket. `sign` signs the relay's challenge with the node key; `ticket` must be for this region.
 
     Every failure, a malformed URL included, is a :class:`RelayLinkError`. ``asyncio.timeout`` rather
     than ``wait_for``: in Python 3.11 ``wait_for`` returns the result and swallows the cancellation when
@@ -305,11 +350,12 @@ async def connect(
     """
     errors = []
     for kind in transports:
+        hello = _Hello(key, ticket, sign, region_id, home)
         try:
             async with asyncio.timeout(within):
                 if kind == "upgrade":
-                    return await _connect_upgrade(url, key, ticket, home, on_packet, on_gone, ssl_context)
-                return await _connect_ws(url, key, ticket, home, on_packet, on_gone, ssl_context)
+                    return await _connect_upgrade(url, hello, on_packet, on_gone, ssl_context)
+                return await _connect_ws(url, hello, on_packet, on_gone, ssl_context)
         except TimeoutError:
             errors.append(f"{kind}: no answer within {within:g} s")
         except Exception as exc:  # OSError, TLS, HTTP refusal, websockets' own errors, a bad URL
@@ -331,19 +377,17 @@ def _split(url: str) -> tuple[str, int, bool, str]:
 
 async def _connect_upgrade(
     url: str,
-    key: bytes,
-    ticket: bytes,
-    home: bool,
+    hello: _Hello,
     on_packet: PacketHandler,
     on_gone: Callable[[bytes], None],
     ssl_context: ssl.SSLContext | None,
 ) -> RelayLink:
     host, port, tls, netloc = _split(url)
-    request = relay.upgrade_request(netloc) + relay.client_hello(key, ticket, home)
+    request = relay.upgrade_request(netloc)  # the hello waits for the relay's challenge
     loop = asyncio.get_running_loop()
     ctx = (ssl_context or ssl.create_default_context()) if tls else None
     _, proto = await loop.create_connection(
-        lambda: _UpgradeProtocol(on_packet, on_gone, request), host, port, ssl=ctx
+        lambda: _UpgradeProtocol(on_packet, on_gone, hello, request), host, port, ssl=ctx
     )
     try:
         info = await asyncio.shield(proto.hello)
@@ -355,9 +399,7 @@ async def _connect_upgrade(
 
 async def _connect_ws(
     url: str,
-    key: bytes,
-    ticket: bytes,
-    home: bool,
+    hello: _Hello,
     on_packet: PacketHandler,
     on_gone: Callable[[bytes], None],
     ssl_context: ssl.SSLContext | None,
@@ -372,8 +414,7 @@ async def _connect_ws(
         ssl=(ssl_context or ssl.create_default_context()) if tls else None,
     )
     _tune(ws.transport.get_extra_info("socket"))
-    link = _WsLink(on_packet, on_gone, ws)
-    link.write(relay.client_hello(key, ticket, home))
+    link = _WsLink(on_packet, on_gone, hello, ws)  # the hello goes out when the challenge comes in
     try:
         info = await asyncio.shield(link.hello)
     except BaseException:  # failed, timed out or cancelled: never leave the websocket behind

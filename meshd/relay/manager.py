@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
+from meshd.proto import relay
 from meshd.proto.encoding import b64decode
 from meshd.proto.netmap import RelayRegion
 from meshd.relay import home as choose
@@ -77,7 +78,15 @@ class RelayManager:
         """The relay map changed: start links for new regions, stop removed ones, (re)choose home."""
         if self._closed:
             return
-        new = {r.id: r for r in regions}
+        new: dict[int, RelayRegion] = {}
+        for r in regions:
+            # the map decoder refuses bad regions already; this keeps one that slipped through (a hand-
+            # made map in a test, an older decoder) from breaking the others: it is skipped and logged
+            problem = relay.region_problem(r.id, r.name, r.url, r.stun_port)
+            if problem is not None:
+                log.warning("relay map: ignoring region %d: %s", r.id, problem)
+                continue
+            new[r.id] = r
         for rid in [i for i in self.regions if i not in new]:
             self._stop_region(rid)
         for rid, r in new.items():
@@ -106,7 +115,7 @@ class RelayManager:
         """Our WireGuard key was rotated: the relay addresses us by it, so every link reconnects under the
         new key with a fresh ticket (the coordinator issues tickets for the key it has registered)."""
         self.wg_key = wg_key
-        self.tickets.forget()
+        self.tickets.forget()  # every region's: tickets name the WireGuard key
         for r in self.regions.values():
             if r.link is not None:
                 r.link.close("wireguard key rotated")
@@ -203,11 +212,13 @@ class RelayManager:
         delay = BACKOFF_MIN
         while not self._closed:
             try:
-                ticket = await self.tickets.get()
+                grant = await self.tickets.get(rid)
                 link = await rlink.connect(
                     r.region.url,
                     self.wg_key,
-                    ticket,
+                    grant.ticket.encode("ascii"),
+                    sign=grant.sign,
+                    region_id=rid,
                     home=rid == self.home,
                     on_packet=self._received,
                     ssl_context=self.ssl_context,
@@ -237,8 +248,8 @@ class RelayManager:
         if rid == self.home:
             self._set_up(False)
             self._home_down_since = time.monotonic()
-        if "ticket" in reason or "removed" in reason:
-            self.tickets.forget()
+        if "ticket" in reason or "removed" in reason or "rotated" in reason:
+            self.tickets.forget(rid)
 
     def _maybe_fail_over(self) -> bool:
         """The home region has been unreachable for HOME_FAILOVER seconds and there are others: choose the
@@ -282,7 +293,8 @@ class RelayManager:
         link = r.open_link
         if link is not None:
             try:
-                link.renew(self.wg_key, await self.tickets.get(), home=True)
+                grant = await self.tickets.get(best)
+                link.renew(self.wg_key, grant.ticket.encode("ascii"), home=True)
             except Exception as exc:  # the relay learns it is home at the next renewal instead
                 log.warning("relay: telling %s it is home failed: %s", r.region.name, exc)
             self._set_up(True)
@@ -294,15 +306,17 @@ class RelayManager:
             await asyncio.sleep(KEEPALIVE / 2)
             for r in list(self.regions.values()):
                 await r.keepalive(DEAD_AFTER)
-            if self.tickets.due:
-                await self._renew()
+            await self._renew()
 
     async def _renew(self) -> None:
-        try:
-            ticket = await self.tickets.get()
-        except Exception as exc:  # coordinator unreachable: the next round tries again
-            log.warning("relay ticket renewal failed: %s", exc)
-            return
-        for rid, r in self.regions.items():
+        """A fresh ticket over each open link whose ticket is due (each region has its own)."""
+        for rid, r in list(self.regions.items()):
+            if r.open_link is None or not self.tickets.due(rid):
+                continue
+            try:
+                grant = await self.tickets.get(rid)
+            except Exception as exc:  # coordinator unreachable: the next round tries again
+                log.warning("relay ticket renewal for %s failed: %s", r.name, exc)
+                return
             if (link := r.open_link) is not None:
-                link.renew(self.wg_key, ticket, home=rid == self.home)
+                link.renew(self.wg_key, grant.ticket.encode("ascii"), home=rid == self.home)

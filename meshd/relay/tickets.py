@@ -1,5 +1,7 @@
-"""The relay ticket the client presents in CLIENT_HELLO: fetched from the coordinator when there is none
-or it expires within :data:`RENEW_BEFORE` seconds, one fetch at a time, kept otherwise."""
+"""The relay tickets the client presents in CLIENT_HELLO, one per region (a ticket names its region):
+fetched from the coordinator when there is none or it expires within :data:`RENEW_BEFORE` seconds, one
+fetch per region at a time, kept otherwise. A grant also carries the signer of the node key, which signs
+each relay's challenge (the ticket alone opens nothing)."""
 
 from __future__ import annotations
 
@@ -7,30 +9,35 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
+from meshd.proto.ticket import Grant
+
 RENEW_BEFORE = 100.0  #: seconds before a ticket's not_after that a fresh one is fetched
 
-TicketSource = Callable[[], Awaitable[tuple[str, float]]]  #: -> (ticket, not_after unix seconds)
+TicketSource = Callable[[int], Awaitable[Grant]]  #: region id -> a ticket for it and the node key's signer
 
 
 class TicketCache:
     def __init__(self, source: TicketSource, clock: Callable[[], float] = time.time) -> None:
         self.source = source
         self.clock = clock
-        self._ticket: tuple[bytes, float] | None = None
-        self._lock = asyncio.Lock()
+        self._grants: dict[int, Grant] = {}
+        self._locks: dict[int, asyncio.Lock] = {}
 
-    @property
-    def due(self) -> bool:
-        """A ticket is held and it is time to renew it over the open links."""
-        return self._ticket is not None and self.clock() > self._ticket[1] - RENEW_BEFORE
+    def due(self, region_id: int) -> bool:
+        """A ticket for this region is held and it is time to renew it over the open link."""
+        g = self._grants.get(region_id)
+        return g is not None and self.clock() > g.not_after - RENEW_BEFORE
 
-    def forget(self) -> None:
-        """The relay refused the ticket (or our key changed): fetch a new one next time."""
-        self._ticket = None
+    def forget(self, region_id: int | None = None) -> None:
+        """The relay refused the ticket (or our key changed, region None: all of them): fetch anew."""
+        if region_id is None:
+            self._grants.clear()
+        else:
+            self._grants.pop(region_id, None)
 
-    async def get(self) -> bytes:
-        async with self._lock:
-            if self._ticket is None or self.clock() > self._ticket[1] - RENEW_BEFORE:
-                text, not_after = await self.source()
-                self._ticket = (text.encode("ascii"), not_after)
-            return self._ticket[0]
+    async def get(self, region_id: int) -> Grant:
+        async with self._locks.setdefault(region_id, asyncio.Lock()):
+            g = self._grants.get(region_id)
+            if g is None or self.clock() > g.not_after - RENEW_BEFORE:
+                g = self._grants[region_id] = await self.source(region_id)
+            return g

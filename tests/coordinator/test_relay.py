@@ -10,18 +10,20 @@ import logging
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import pytest
 import uvicorn
+from nacl.signing import SigningKey
 
 from coordinator.app import create_app
 from coordinator.relay import hub as relay_hub
 from coordinator.relay import service as relay_service
 from coordinator.relay.front import install
 from coordinator.settings import Settings
-from meshd.control import ControlClient, Enrollment
-from meshd.proto import relay, relayfeed
+from meshd.control import ControlClient, ControlError, Enrollment
+from meshd.proto import relay, relayfeed, ticket
 from meshd.proto.encoding import b64encode
 from meshd.proto.netmap import RelayRegion
 from meshd.relay import link as rlink
@@ -68,8 +70,21 @@ class Node:
     def key(self) -> bytes:
         return self.client.keys.wg_public
 
-    async def ticket(self) -> bytes:
-        return (await self.client.relay_ticket())[0].encode()
+    async def grant(self, region_id: int = 1) -> ticket.Grant:
+        return await self.client.relay_ticket(region_id)
+
+    async def ticket(self, region_id: int = 1) -> bytes:
+        return (await self.grant(region_id)).ticket.encode()
+
+    def sign(self, message: bytes) -> bytes:
+        return SigningKey(self.client.keys.node_private).sign(message).signature
+
+    async def connect(self, url: str, region_id: int = 1, **kw: Any) -> rlink.RelayLink:
+        """A relay link for this node with a fresh ticket for `region_id` (keywords go to connect)."""
+        kw.setdefault("on_packet", lambda s, p: None)
+        kw.setdefault("home", True)
+        tk = kw.pop("ticket", None) or await self.ticket(region_id)
+        return await rlink.connect(url, self.key, tk, sign=self.sign, region_id=region_id, **kw)
 
 
 async def enroll(c: Coord, name: str) -> Node:
@@ -78,10 +93,8 @@ async def enroll(c: Coord, name: str) -> Node:
     return Node(client, e)
 
 
-async def link(c: Coord, n: Node, inbox: asyncio.Queue[tuple[bytes, bytes]], **kw: object) -> rlink.RelayLink:
-    return await rlink.connect(
-        c.url, n.key, await n.ticket(), home=True, on_packet=lambda s, p: inbox.put_nowait((s, p)), **kw
-    )
+async def link(c: Coord, n: Node, inbox: asyncio.Queue[tuple[bytes, bytes]], **kw: Any) -> rlink.RelayLink:
+    return await n.connect(c.url, on_packet=lambda s, p: inbox.put_nowait((s, p)), **kw)
 
 
 async def test_upgrade_relays_packets_and_the_api_still_answers_on_the_same_port(relayed: Coord) -> None:
@@ -139,9 +152,15 @@ async def test_home_region_is_published_as_relay_home(relayed: Coord) -> None:
 async def test_ticket_for_another_key_or_forged_is_refused(relayed: Coord) -> None:
     a, b = await enroll(relayed, "a"), await enroll(relayed, "b")
     with pytest.raises(rlink.RelayLinkError, match="another WireGuard key"):
-        await rlink.connect(relayed.url, b.key, await a.ticket(), home=True, on_packet=lambda s, p: None)
+        await b.connect(relayed.url, ticket=await a.ticket())
     with pytest.raises(rlink.RelayLinkError, match="malformed ticket"):
-        await rlink.connect(relayed.url, a.key, b"forged", home=True, on_packet=lambda s, p: None)
+        await a.connect(relayed.url, ticket=b"forged")
+
+
+async def test_a_ticket_is_only_issued_for_a_region_in_the_map(relayed: Coord) -> None:
+    a = await enroll(relayed, "a")
+    with pytest.raises(ControlError, match="no relay region 9"):
+        await a.grant(9)
 
 
 async def test_removed_node_is_dropped_within_a_second(relayed: Coord) -> None:
@@ -157,7 +176,7 @@ async def test_removed_node_is_dropped_within_a_second(relayed: Coord) -> None:
     assert loop.time() - start < 1.0
     assert "removed" in reason
     with pytest.raises(rlink.RelayLinkError, match="removed or expired"):  # its unexpired ticket is dead too
-        await rlink.connect(relayed.url, a.key, ticket, home=True, on_packet=lambda s, p: None)
+        await a.connect(relayed.url, ticket=ticket)
 
 
 async def raw(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -166,6 +185,8 @@ async def raw(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     writer.write(relay.upgrade_request("x"))
     head = await reader.readuntil(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 101")
+    [frame] = relay.FrameDecoder().feed(await reader.readexactly(relay.HEADER_LEN + 36))
+    assert frame.type == relay.FrameType.SERVER_CHALLENGE  # the relay speaks first
     return reader, writer
 
 

@@ -16,7 +16,6 @@ import uvicorn
 from coordinator.relay.front import install
 from coordinator.relay.standalone import RelayOptions, Standalone
 from meshd.proto.encoding import b64encode
-from meshd.relay import link as rlink
 from meshd.relay.manager import RelayManager
 from tests.coordinator.conftest import Coord
 from tests.coordinator.test_relay import enroll, relayed  # noqa: F401 - fixture
@@ -64,7 +63,7 @@ async def test_region_joins_the_relay_map_and_drops_removed_nodes_within_1s(
     [r1, r2] = relayed.core.state.relays
     assert (r1.name, r2.name, r2.id, r2.url) == ("default", "region2", 2, region2.url)
     a = await enroll(relayed, "a")
-    la = await rlink.connect(region2.url, a.key, await a.ticket(), home=True, on_packet=lambda s, p: None)
+    la = await a.connect(region2.url, region_id=2)
     await eventually_async(  # attach -> relay_home published by the coordinator
         lambda: relayed.core.state.peers[a.enrollment.node_id].relay_home == 2, within=2, what="relay_home 2"
     )

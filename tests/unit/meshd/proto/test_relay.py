@@ -63,7 +63,15 @@ def test_encoder_refuses_bad_sizes() -> None:
 frames = st.one_of(
     st.builds(relay.send_packet, st.binary(min_size=32, max_size=32), st.binary(max_size=2000)),
     st.builds(relay.recv_packet, st.binary(min_size=32, max_size=32), st.binary(max_size=2000)),
-    st.builds(relay.client_hello, st.binary(min_size=32, max_size=32), st.binary(max_size=300)),
+    st.builds(
+        relay.client_hello,
+        st.binary(min_size=32, max_size=32),
+        st.binary(max_size=300),
+        st.binary(min_size=64, max_size=64),
+    ),
+    st.builds(relay.Challenge, st.integers(0, relay.MAX_REGION_ID), st.binary(min_size=32, max_size=32)).map(
+        relay.challenge
+    ),
     st.builds(relay.peer_gone, st.binary(min_size=32, max_size=32), st.sampled_from(relay.GoneReason)),
     st.just(relay.encode(relay.FrameType.KEEPALIVE)),
     st.binary(min_size=8, max_size=8).map(lambda b: relay.encode(relay.FrameType.PING, b)),
@@ -97,10 +105,89 @@ def test_any_bytes_raise_only_relay_protocol_error(data: bytes) -> None:
 
 
 # -- hellos ------------------------------------------------------------------------------------------------
-@given(st.binary(min_size=32, max_size=32), st.binary(max_size=300), st.booleans())
-def test_client_hello_roundtrip(key: bytes, ticket: bytes, home: bool) -> None:
-    [frame] = relay.FrameDecoder().feed(relay.client_hello(key, ticket, home))
-    assert relay.parse_hello(frame) == relay.ClientHello(key, home, ticket)
+@given(
+    st.binary(min_size=32, max_size=32),
+    st.binary(max_size=300),
+    st.binary(min_size=64, max_size=64),
+    st.booleans(),
+)
+def test_client_hello_roundtrip(key: bytes, ticket: bytes, signature: bytes, home: bool) -> None:
+    [frame] = relay.FrameDecoder().feed(relay.client_hello(key, ticket, signature, home))
+    assert relay.parse_hello(frame) == relay.ClientHello(key, home, signature, ticket)
+
+
+@given(st.integers(0, relay.MAX_REGION_ID), st.binary(min_size=32, max_size=32))
+def test_challenge_roundtrip(region_id: int, nonce: bytes) -> None:
+    [frame] = relay.FrameDecoder().feed(relay.challenge(relay.Challenge(region_id, nonce)))
+    assert relay.parse_challenge(frame) == relay.Challenge(region_id, nonce)
+
+
+@given(st.binary(min_size=36, max_size=36))
+def test_any_challenge_payload_raises_only_relay_protocol_error(payload: bytes) -> None:
+    with contextlib.suppress(relay.RelayProtocolError):
+        relay.parse_challenge(relay.Frame(relay.FrameType.SERVER_CHALLENGE, payload))
+
+
+@given(st.binary(max_size=200))
+def test_any_hello_payload_raises_only_relay_protocol_error(payload: bytes) -> None:
+    with contextlib.suppress(relay.RelayProtocolError):
+        relay.parse_hello(relay.Frame(relay.FrameType.CLIENT_HELLO, payload))
+
+
+def test_the_hello_signature_covers_region_nonce_key_flags_and_ticket() -> None:
+    """A hello signed for one connection verifies there only: any other nonce, region, key, home flag
+    or ticket (or another node key) fails."""
+    from nacl.signing import SigningKey
+
+    seed = bytes(range(32))
+    node_key = bytes(SigningKey(seed).verify_key)
+    ch = relay.Challenge(2, bytes(32))
+    key, ticket = bytes([7]) * 32, b"ticket"
+    hello = relay.ClientHello(key, True, relay.sign_hello(seed, ch, key, True, ticket), ticket)
+    assert relay.hello_signed_by(node_key, ch, hello)
+    others = [
+        (node_key, relay.Challenge(2, bytes([1]) * 32), hello),
+        (node_key, relay.Challenge(1, bytes(32)), hello),
+        (node_key, ch, relay.ClientHello(bytes([8]) * 32, True, hello.signature, ticket)),
+        (node_key, ch, relay.ClientHello(key, False, hello.signature, ticket)),
+        (node_key, ch, relay.ClientHello(key, True, hello.signature, b"ticket2")),
+        (bytes(SigningKey(bytes(32)).verify_key), ch, hello),
+        (b"short", ch, hello),
+    ]
+    for nk, c, h in others:
+        assert not relay.hello_signed_by(nk, c, h)
+
+
+@pytest.mark.parametrize(
+    ("region", "problem"),
+    [
+        ((2, "r", "http://[", 0), "does not parse"),
+        ((2, "r", "http://h:99999", 0), "does not parse"),
+        ((2, "r", "ftp://h", 0), "http(s)://host"),
+        ((2, "r", "http://", 0), "http(s)://host"),
+        ((2, "r", "http://u@h", 0), "http(s)://host"),
+        ((2, "r", "http://h/path", 0), "no path"),
+        ((2, "r", "http://h\n", 0), "printable"),
+        ((2, "r", "", 0), "printable"),
+        ((0, "r", "http://h", 0), "id must be"),
+        ((1 << 31, "r", "http://h", 0), "id must be"),
+        ((2, "", "http://h", 0), "name must be"),
+        ((2, "r", "http://h", 65535), "stun_port"),
+        ((2, "r", "http://h", -1), "stun_port"),
+    ],
+)
+def test_bad_regions_say_what_is_wrong(region: tuple[int, str, str, int], problem: str) -> None:
+    assert problem in (relay.region_problem(*region) or "")
+
+
+def test_good_regions_pass() -> None:
+    for url in ("http://127.0.0.1:8080", "https://relay.example.com/", "http://[::1]:80", "http://h"):
+        assert relay.region_problem(2, "region2", url, 3478) is None, url
+
+
+@given(st.integers(), st.text(max_size=40), st.text(max_size=60), st.integers())
+def test_region_check_never_raises(region_id: int, name: str, url: str, port: int) -> None:
+    relay.region_problem(region_id, name, url, port)  # a problem is returned, never raised
 
 
 @given(

@@ -17,14 +17,21 @@ ids = st.integers(0, feed.MAX_ID)
 texts = st.text(max_size=60)
 keys = st.binary(min_size=32, max_size=32)
 seconds = st.floats(0, 1e10, allow_nan=False)
+ZERO_KEY = "A" * 43 + "="  #: 32 zero bytes, base64
 
 to_relay = st.one_of(
     st.builds(feed.Keys, st.lists(keys, max_size=5).map(tuple)),
-    st.builds(feed.Valid, st.frozensets(ids, max_size=20)),
+    st.builds(feed.Valid, st.dictionaries(ids, keys, max_size=20)),
     st.builds(feed.Revoke, ids, texts),
+    st.builds(feed.Rekeyed, ids, keys),
 )
+urls = st.sampled_from(["http://127.0.0.1:8080", "https://relay.example.com", "http://[::1]:1/"])
+region_names = st.text(min_size=1, max_size=60).filter(str.isprintable)
 to_coordinator = st.one_of(
-    st.builds(feed.Region, st.builds(RelayRegion, ids, texts, texts, st.integers(0, 65535))),
+    st.builds(
+        feed.Region,
+        st.builds(RelayRegion, st.integers(1, (1 << 31) - 1), region_names, urls, st.integers(0, 65534)),
+    ),
     st.builds(feed.Attach, ids, ids),
     st.builds(feed.SessionOpen, ids, texts, texts),
     st.builds(feed.SessionRecord, ids, keys, texts, texts, seconds, seconds, ids, ids, ids, texts),
@@ -80,7 +87,15 @@ def test_wire_format_is_what_deployed_relays_speak() -> None:
         "url": "http://10.0.0.2:8443",
         "stun_port": 3478,
     }
-    assert json.loads(feed.encode(feed.Valid(frozenset({3, 1})))) == {"type": "valid", "node_ids": [1, 3]}
+    assert json.loads(feed.encode(feed.Valid({3: key, 1: bytes(32)}))) == {
+        "type": "valid",
+        "nodes": [[1, ZERO_KEY], [3, "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="]],
+    }
+    assert json.loads(feed.encode(feed.Rekeyed(3, key))) == {
+        "type": "rekeyed",
+        "node_id": 3,
+        "key": "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
+    }
     assert feed.decode('{"type": "revoke", "node_id": 4, "reason": "removed", "later": 1}') == feed.Revoke(
         4, "removed"
     )
@@ -94,13 +109,17 @@ def test_wire_format_is_what_deployed_relays_speak() -> None:
         ('{"type": "gossip"}', "unknown message type 'gossip'"),
         ('{"type": "keys", "trusted": ["AAAA"]}', "must be 32 bytes"),
         ('{"type": "keys", "trusted": "AAAA"}', "must be list"),
-        ('{"type": "valid", "node_ids": [1, -2]}', "non-negative integer"),
-        ('{"type": "valid", "node_ids": [true]}', "non-negative integer"),
+        ('{"type": "valid", "nodes": [[-2, "' + ZERO_KEY + '"]]}', "non-negative integer"),
+        ('{"type": "valid", "nodes": [[true, "' + ZERO_KEY + '"]]}', "non-negative integer"),
+        ('{"type": "valid", "nodes": [[1]]}', "each node must be"),
+        ('{"type": "valid", "nodes": [[1, "AAAA"]]}', "must be 32 bytes"),
+        ('{"type": "rekeyed", "node_id": 1, "key": "AAAA"}', "must be 32 bytes"),
         ('{"type": "revoke", "node_id": 1}', "field reason must be str"),
-        (
-            '{"type": "region", "id": 2, "name": "r", "url": "u", "stun_port": 70000}',
-            "stun_port out of range",
-        ),
+        ('{"type": "region", "id": 2, "name": "r", "url": "http://h", "stun_port": 70000}', "stun_port"),
+        ('{"type": "region", "id": 2, "name": "r", "url": "http://[", "stun_port": 0}', "url does not parse"),
+        ('{"type": "region", "id": 2, "name": "r", "url": "u", "stun_port": 0}', "http\\(s\\)://host"),
+        ('{"type": "region", "id": 0, "name": "r", "url": "http://h", "stun_port": 0}', "id must be"),
+        ('{"type": "region", "id": 2, "name": "", "url": "http://h", "stun_port": 0}', "name must be"),
         ('{"type": "attach", "node_id": 1.5, "region_id": 2}', "non-negative integer"),
         ('{"type": "session", "record": []}', "field record must be dict"),
         ('{"type": "session", "record": {"node_id": 1}}', "key"),
@@ -133,7 +152,7 @@ def test_any_input_raises_only_feed_error(data: bytes | str) -> None:
 
 FIELDS: tuple[str, ...] = (
     "trusted",
-    "node_ids",
+    "nodes",
     "node_id",
     "reason",
     "id",
@@ -151,7 +170,7 @@ json_values = st.recursive(
 
 
 @given(
-    st.sampled_from(["keys", "valid", "revoke", "region", "attach", "open", "session"]),
+    st.sampled_from(["keys", "valid", "revoke", "rekeyed", "region", "attach", "open", "session"]),
     st.dictionaries(
         st.sampled_from(FIELDS),
         json_values,

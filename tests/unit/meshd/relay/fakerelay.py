@@ -1,9 +1,11 @@
 """A scripted relay on loopback for the relay client's tests: speaks the Upgrade transport of
-meshd.proto.relay, counts connections, and can hold its SERVER_HELLO back."""
+meshd.proto.relay (challenge first; it keeps the hellos but checks no ticket), counts connections, and can
+hold its SERVER_HELLO back."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 
 from meshd.proto import relay
 from meshd.proto.relay import FrameType
@@ -14,6 +16,9 @@ class FakeRelay:
         self.connections = 0  #: TCP connections accepted
         self.ended = 0  #: ...and seen closed
         self.hellos = 0
+        self.region_id = 1  #: the region id its challenges name
+        self.challenges: list[relay.Challenge] = []
+        self.hellos_seen: list[relay.ClientHello] = []
         self.pings = 0
         self.hold_hello: asyncio.Event | None = None  #: set: SERVER_HELLO waits for it
         self.answer_pings = True
@@ -35,11 +40,15 @@ class FakeRelay:
             if not relay.is_upgrade_request(head[:-4]):
                 return
             writer.write(relay.SWITCHING_PROTOCOLS)
+            challenge = relay.Challenge(self.region_id, os.urandom(32))
+            self.challenges.append(challenge)
+            writer.write(relay.challenge(challenge))
             decoder = relay.FrameDecoder()
             while data := await reader.read(65536):
                 for f in decoder.feed(data):
                     if f.type == FrameType.CLIENT_HELLO:
                         self.hellos += 1
+                        self.hellos_seen.append(relay.parse_hello(f))
                         if self.hold_hello is not None:
                             await self.hold_hello.wait()
                         writer.write(relay.server_hello(relay.ServerHello("fake", 1, 20.0)))

@@ -4,8 +4,10 @@ failures are RelayLinkErrors, and outbound packets are bounded on both transport
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
+from nacl.signing import SigningKey
 
 from meshd.proto import relay
 from meshd.proto.relay import FrameType
@@ -17,13 +19,29 @@ pytestmark = pytest.mark.timeout(30)
 
 KEY = bytes(range(32))
 HELLO = relay.ServerHello("fake", 1, 20.0)
+SEED = bytes(32 * [5])
+CHALLENGE = relay.Challenge(1, bytes(32))
+
+
+def sign(message: bytes) -> bytes:
+    return SigningKey(SEED).sign(message).signature
+
+
+def me(challenged: bool = True) -> rlink._Hello:
+    h = rlink._Hello(KEY, b"t", sign, 1, True)
+    h.challenge = CHALLENGE if challenged else None
+    return h
+
+
+def connect(url: str, **kw: Any) -> Any:
+    return rlink.connect(url, KEY, b"t", sign=sign, region_id=1, home=True, on_packet=lambda s, p: None, **kw)
 
 
 class Wire(rlink._Base):
     """A link implementation without a network: records what the link writes."""
 
     def __init__(self) -> None:
-        super().__init__(lambda src, packet: None, lambda key: None)
+        super().__init__(lambda src, packet: None, lambda key: None, me())
         self.written: list[bytes] = []
 
     def write(self, data: bytes, droppable: bool = False) -> None:
@@ -81,31 +99,34 @@ async def test_an_answered_ping_measures_the_round_trip() -> None:
 @pytest.mark.parametrize("url", ["ftp://x", "http://127.0.0.1:99999", "http://", "not a url"])
 async def test_a_bad_url_is_a_link_error(url: str) -> None:
     with pytest.raises(rlink.RelayLinkError, match="cannot connect to relay"):
-        await rlink.connect(url, KEY, b"t", home=True, on_packet=lambda s, p: None)
+        await connect(url)
 
 
 async def test_connect_and_ping_the_scripted_relay(fake_relay: FakeRelay) -> None:
-    link = await rlink.connect(fake_relay.url, KEY, b"t", home=True, on_packet=lambda s, p: None)
+    link = await connect(fake_relay.url)
     try:
         assert (link.transport, link.info) == ("upgrade", HELLO)
         assert await link.ping() >= 0
     finally:
         link.close()
     await eventually_async(lambda: fake_relay.open == 0, within=2, what="the relay saw the close")
+    # the hello waited for the challenge and is signed over it by the node key
+    [hello] = fake_relay.hellos_seen
+    assert relay.hello_signed_by(bytes(SigningKey(SEED).verify_key), fake_relay.challenges[0], hello)
+
+
+async def test_a_relay_that_says_it_is_another_region_gets_no_hello(fake_relay: FakeRelay) -> None:
+    """The hello is signed for the region we dial: a relay that names another one learns nothing."""
+    fake_relay.region_id = 2
+    with pytest.raises(rlink.RelayLinkError, match="relay says it is region 2, not 1"):
+        await connect(fake_relay.url, transports=("upgrade",))
+    assert fake_relay.hellos == 0
 
 
 async def test_a_relay_that_does_not_answer_in_time_is_a_link_error(fake_relay: FakeRelay) -> None:
     fake_relay.hold_hello = asyncio.Event()
     with pytest.raises(rlink.RelayLinkError, match=r"no answer within 0\.2 s"):
-        await rlink.connect(
-            fake_relay.url,
-            KEY,
-            b"t",
-            home=True,
-            on_packet=lambda s, p: None,
-            within=0.2,
-            transports=("upgrade",),
-        )
+        await connect(fake_relay.url, within=0.2, transports=("upgrade",))
     fake_relay.hold_hello.set()  # the relay answers too late: it finds the connection closed
     await eventually_async(lambda: fake_relay.open == 0, within=2, what="the half-open connection was closed")
 
@@ -131,7 +152,7 @@ class StuckTransport(asyncio.Transport):
 
 
 async def test_upgrade_link_drops_packets_while_the_relay_does_not_keep_up() -> None:
-    proto = rlink._UpgradeProtocol(lambda s, p: None, lambda k: None, b"request")
+    proto = rlink._UpgradeProtocol(lambda s, p: None, lambda k: None, me(), b"request")
     transport = StuckTransport()
     proto.connection_made(transport)
     link = rlink.RelayLink(proto, "upgrade", HELLO)
@@ -140,7 +161,8 @@ async def test_upgrade_link_drops_packets_while_the_relay_does_not_keep_up() -> 
         link.send_packet(KEY, b"packet")
     link.renew(KEY, b"ticket", home=True)  # control frames still go out
     assert link.dropped == 10
-    assert transport.buffered == [b"request", relay.client_hello(KEY, b"ticket", home=True)]
+    signature = relay.sign_hello(SEED, CHALLENGE, KEY, True, b"ticket")
+    assert transport.buffered == [b"request", relay.client_hello(KEY, b"ticket", signature, home=True)]
     proto.resume_writing()
     link.send_packet(KEY, b"packet")
     assert transport.buffered[-1] == relay.send_packet(KEY, b"packet")
@@ -170,7 +192,7 @@ class StuckWebSocket:
 
 async def test_websocket_link_holds_at_most_out_frames_packets() -> None:
     ws = StuckWebSocket()
-    impl = rlink._WsLink(lambda s, p: None, lambda k: None, ws)
+    impl = rlink._WsLink(lambda s, p: None, lambda k: None, me(), ws)
     link = rlink.RelayLink(impl, "websocket", HELLO)
     for _ in range(rlink.OUT_FRAMES + 100):
         link.send_packet(KEY, b"p")
