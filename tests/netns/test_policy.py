@@ -113,7 +113,8 @@ def test_policy_is_enforced_on_every_host_and_changes_apply_within_one_second(la
     )
     bad.write_text(SSH_ONLY.replace('deny = ["node:c:22"]', 'deny = ["node:b:22"]'))
     r = mesh.admin("policy", "set", str(bad), check=False)
-    assert r.returncode != 0 and "line 10: test failed: node:a may reach node:b:22 (tcp)" in r.stderr, r.stderr
+    assert r.returncode != 0, r.stderr
+    assert "line 10: test failed: node:a may reach node:b:22 (tcp)" in r.stderr, r.stderr
     assert mesh.admin("policy", "get").stdout == SSH_ONLY
 
     # no policy again: the tables go away and everyone sees everyone
