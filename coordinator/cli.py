@@ -215,10 +215,26 @@ def nodes_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 
 
 @nodes_app.command("remove")
-def nodes_remove(ctx: typer.Context, name: str) -> None:
-    """Remove a node (revoked at once)."""
-    _admin(ctx, "DELETE", f"/admin/nodes/{_seg(name)}")
-    out.print(f"removed node {name}")
+def nodes_remove(
+    ctx: typer.Context,
+    name: str,
+    release: Annotated[
+        bool,
+        typer.Option(
+            "--release",
+            help="Let new nodes have its name and address at once (no quarantine); on a removed node's "
+            "name, end its quarantine.",
+        ),
+    ] = False,
+) -> None:
+    """Remove a node (revoked at once). Its name and address go to no new node for the quarantine
+    period (setting `quarantine`, default 24h) unless --release."""
+    _admin(ctx, "DELETE", f"/admin/nodes/{_seg(name)}" + ("?release=true" if release else ""))
+    out.print(
+        f"removed node {name}; its name and address are free for new nodes"
+        if release
+        else f"removed node {name}"
+    )
 
 
 @nodes_app.command("expire")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from collections.abc import Container
+from collections.abc import Container, Iterable
 
 
 class IpamError(Exception):
@@ -13,6 +13,24 @@ class IpamError(Exception):
 
 
 _LABEL_BAD = re.compile(r"[^a-z0-9-]+")
+
+#: Names a node may not take as they are: resolvers, browsers and the host itself already give them a
+#: meaning (RFC 6761 special-use names, Debian's and macOS's default hosts entries, WPAD/ISATAP proxy
+#: and tunnel discovery, systemd-resolved's gateway). A node asking for one gets it with a suffix.
+RESERVED_NAMES = frozenset(
+    {
+        "localhost", "localhost4", "localhost6", "localdomain", "local", "loopback",
+        "ip6-localhost", "ip6-loopback", "ip6-localnet", "ip6-mcastprefix",
+        "ip6-allnodes", "ip6-allrouters", "ip6-allhosts", "broadcasthost",
+        "wpad", "isatap", "gateway", "router", "invalid", "test", "example", "onion", "home", "lan",
+        "internal", "coordinator", "relay",
+    }
+)  # fmt: skip
+
+
+def reserved_names(domain: str) -> frozenset[str]:
+    """RESERVED_NAMES plus the mesh domain's own labels (``mesh`` would make ``mesh.mesh``)."""
+    return RESERVED_NAMES | {label.lower() for label in domain.split(".") if label}
 
 
 def random_ula48() -> str:
@@ -69,17 +87,25 @@ class AddressPool:
     def release(self, ipv4: str) -> None:
         self.live.discard(self.index_of(ipv4))
 
-    def allocate(self) -> tuple[str, str]:
-        """Reserve the next free (ipv4, ipv6) pair (network and broadcast addresses are skipped)."""
+    def allocate(self, avoid: Iterable[str] = ()) -> tuple[str, str]:
+        """Reserve the next free (ipv4, ipv6) pair (network and broadcast addresses are skipped).
+
+        `avoid`: IPv4 addresses that are free but must not be handed out (in quarantine after their node
+        was removed: the cursor starts again at the lowest index after a restart, and peers' policy,
+        firewall rules and hosts files may still name the old node by that address)."""
         usable = self.size - 2
         if len(self.live) >= usable:
             raise IpamError(f"address pool {self.v4} is exhausted")
+        held = {self.index_of(ip) for ip in avoid}
         for _ in range(usable):
             idx = self._cursor
             self._cursor = idx + 1 if idx + 1 < self.size - 1 else 1
-            if idx not in self.live:
+            if idx not in self.live and idx not in held:
                 self.live.add(idx)
                 v4 = self.v4.network_address + idx
                 v6 = self.v6.network_address + idx
                 return str(v4), str(v6)
-        raise IpamError(f"address pool {self.v4} is exhausted")
+        raise IpamError(
+            f"address pool {self.v4} is exhausted ({len(held)} address(es) in quarantine after a removal; "
+            "`coordinator nodes remove NAME --release` frees one)"
+        )

@@ -6,15 +6,15 @@ import json
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import or_, select
+from sqlalchemy import delete, or_, select
 
 from coordinator import policy as access
 from coordinator.certs import issue_node_cert
 from coordinator.core import Core, Tx, peer_of
-from coordinator.db.models import Meta, Node, User
+from coordinator.db.models import Meta, Node, Quarantine, User
 from coordinator.errors import BadRequest, Conflict, Forbidden, NotFound
 from coordinator.identity import check_tags
-from coordinator.ipam import IpamError, dns_label, is_dns_label, unique_name
+from coordinator.ipam import IpamError, dns_label, is_dns_label, reserved_names, unique_name
 from meshd.proto.encoding import b64decode
 
 
@@ -100,18 +100,24 @@ async def create_node(
     if clash is not None:
         raise Conflict("this WireGuard or node key is already enrolled")
     base = dns_label(hostname)
-    taken = set(
-        (await s.execute(select(Node.name).where(or_(Node.name == base, Node.name.like(f"{base}-%")))))
-        .scalars()
-        .all()
-    )
+    now = time.time()
+    await s.execute(delete(Quarantine).where(Quarantine.until <= now))
+    similar = or_(Node.name == base, Node.name.like(f"{base}-%"))
+    taken = set((await s.execute(select(Node.name).where(similar))).scalars().all())
+    held = (await s.execute(select(Quarantine.name, Quarantine.ipv4))).all()
+    # Names that would make the node look like someone else get a suffix, like a taken name: a removed
+    # node's name still in quarantine (policy or peers' hosts files may still mean the old node), a user's
+    # name (a node named "alice" is not user alice, but it would read as her machine), and reserved names
+    # (localhost, wpad, gateway, the mesh domain's own labels...).
+    taken |= {name for name, _ in held}
+    taken |= {u.lower() for u in (await s.execute(select(User.name))).scalars().all()}
+    taken |= reserved_names(tx.core.settings.domain)
     name = unique_name(base, taken)
     try:
-        ipv4, ipv6 = tx.core.pool.allocate()
+        ipv4, ipv6 = tx.core.pool.allocate(avoid=[ip for _, ip in held if ip is not None])
     except IpamError as exc:
         raise Conflict(str(exc)) from None
     tx.on_rollback(lambda: tx.core.pool.release(ipv4))
-    now = time.time()
     node = Node(
         name=name,
         user_id=user_id,
@@ -219,15 +225,49 @@ def _revoke(tx: Tx, node_id: int, reason: str, expired: bool, key: bytes) -> Non
     tx.on_commit(commit)
 
 
-async def remove_node(core: Core, name: str, actor: str) -> None:
+def _quarantine(tx: Tx, node: Node, name: str, ipv4: str | None) -> float | None:
+    """Keep `name` (and `ipv4`) from new nodes for the quarantine period; the end, or None when off."""
+    period = tx.core.settings.quarantine
+    if period <= 0:
+        return None
+    until = time.time() + period
+    tx.session.add(Quarantine(name=name, ipv4=ipv4, node_id=node.id, until=until))
+    return until
+
+
+async def remove_node(core: Core, name: str, actor: str, release: bool = False) -> None:
+    """Remove a node; its name and address stay in quarantine unless `release`.
+
+    With `release`, a name that is no longer a node but still in quarantine is released (that is how an
+    admin lets a new node have a removed node's name and address before the period ends)."""
     async with core.transaction() as tx:
-        node = await _by_name(tx, name)
+        node = (await tx.session.execute(select(Node).where(Node.name == name))).scalar_one_or_none()
+        if node is None:
+            if release and await _release(tx, name, actor):
+                return
+            raise NotFound(f"unknown node {name!r}")
         await tx.session.delete(node)
         tx.change("removed", node.id)
-        await tx.audit(actor, "node.removed", f"node:{name}", {"node_id": node.id})
+        until = None if release else _quarantine(tx, node, name, node.ipv4)
+        if release:
+            await _release(tx, name, actor)
+        details: dict[str, object] = {"node_id": node.id, "ipv4": node.ipv4}
+        details.update({"released": True} if release else {"quarantine_until": until})
+        await tx.audit(actor, "node.removed", f"node:{name}", details)
         _revoke(tx, node.id, "node removed", False, b"")
         ipv4 = node.ipv4
         tx.on_commit(lambda: core.pool.release(ipv4))
+
+
+async def _release(tx: Tx, name: str, actor: str) -> bool:
+    """End the quarantine of `name` and of the addresses held with it; False when none was held."""
+    rows = (await tx.session.execute(select(Quarantine).where(Quarantine.name == name))).scalars().all()
+    for row in rows:
+        await tx.session.delete(row)
+        await tx.audit(
+            actor, "quarantine.released", f"node:{name}", {"node_id": row.node_id, "ipv4": row.ipv4}
+        )
+    return bool(rows)
 
 
 async def expire_node(core: Core, name: str, actor: str) -> None:
@@ -261,6 +301,10 @@ async def rename_node(core: Core, old: str, new: str, actor: str) -> None:
             return
         if (await tx.session.execute(select(Node.id).where(Node.name == new))).first() is not None:
             raise Conflict(f"node name {new!r} is taken")
+        if new in reserved_names(core.settings.domain):
+            raise BadRequest(f"node name {new!r} is reserved (it means something else to resolvers)")
+        # the old name may still be in peers' hosts files and in node:OLD rules: no new node takes it
+        _quarantine(tx, node, old, None)
         node.name = new
         await tx.session.flush()
         await tx.audit(actor, "node.renamed", f"node:{new}", {"node_id": node.id, "old_name": old})

@@ -47,6 +47,9 @@ class Settings:
     max_body: int = 64 * 1024
     change_log_keep: int = 100_000
     websocket_impl: str = "websockets-sansio"  #: uvicorn's WebSocket protocol implementation
+    #: a removed node's name and address (a renamed node's old name) go to no new node for this long
+    #: unless the admin releases them; 0 turns the quarantine off
+    quarantine: float = 24 * 3600.0
 
     @property
     def database_url(self) -> str:
@@ -108,6 +111,7 @@ _CONVERT: dict[str, Any] = {
     "stun_port": int,
     "max_body": int,
     "change_log_keep": int,
+    "quarantine": lambda v: 0.0 if str(v).strip() in ("0", "0s", "0.0") else parse_duration(v),
     "relay": lambda v: v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes", "on"),
 }
 

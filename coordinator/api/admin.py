@@ -74,8 +74,9 @@ async def list_nodes(core: CoreDep) -> list[NodePublic]:
 
 
 @router.delete("/nodes/{name}", status_code=204)
-async def remove_node(name: str, core: CoreDep) -> Response:
-    await nodes.remove_node(core, name, ACTOR)
+async def remove_node(name: str, core: CoreDep, release: bool = False) -> Response:
+    """`release`: no quarantine for the node's name and address (or end the quarantine of a removed one)."""
+    await nodes.remove_node(core, name, ACTOR, release=release)
     return Response(status_code=204)
 
 

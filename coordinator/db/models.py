@@ -56,6 +56,19 @@ class Node(Base):
     expired: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
+class Quarantine(Base):
+    """A removed or renamed node's name (and a removed node's IPv4 address; IPv6 has the same index)
+    that no new node gets before `until`: policy rules, firewall rules and peers' hosts files may still
+    name the old node by them. `coordinator nodes remove NAME --release` deletes the row early."""
+
+    __tablename__ = "quarantine"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), index=True)
+    ipv4: Mapped[str | None] = mapped_column(String(45), nullable=True, index=True)
+    node_id: Mapped[int] = mapped_column(Integer)
+    until: Mapped[float] = mapped_column(Float, index=True)
+
+
 class Challenge(Base):
     """A single-use enrollment challenge and the server's ephemeral X25519 private key for it."""
 

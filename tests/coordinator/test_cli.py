@@ -122,6 +122,10 @@ def test_admin_cli_end_to_end(server: tuple[Path, int]) -> None:
     listing = cli(state, "nodes", "list")
     assert "alpha" in listing.stdout and "expired" in listing.stdout
     assert cli(state, "nodes", "remove", "box2").returncode == 0
+    released = cli(state, "nodes", "remove", "box2", "--release")  # ends the name's quarantine
+    assert released.returncode == 0 and "free for new nodes" in released.stdout, released.stderr
+    gone = cli(state, "nodes", "remove", "box2", "--release")
+    assert gone.returncode == 1 and gone.stderr.strip() == "error: unknown node 'box2'", gone.stderr
     assert cli(state, "policy", "get").stdout.strip() == "no policy set: everything is allowed"
     policy = state.parent / "policy.txt"
     policy.write_text('# everyone may reach everyone\n[[rules]]\nsrc = ["*"]\ndst = ["*:*"]\n')
