@@ -22,6 +22,8 @@ import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from nacl.public import PrivateKey
+
 from meshd import rotation
 from meshd.control import ControlClient, ControlError, Enrollment, NodeKeys, PendingApproval
 from meshd.proto import cert, netmap, trust
@@ -133,6 +135,8 @@ class Credentials:
                 e = dataclasses.replace(e, trusted_keys=accepted)
                 self._save(self.state.with_enrollment(self.state.coordinator_url or "", e))
                 log.info("trusted coordinator signing keys: %s", ", ".join(cert.key_id(k) for k in accepted))
+        if self.state.pending_wg_private is not None and not self._rotate_lock.locked():
+            await self._settle_pending_key(m)  # before the certificate: it names one of the two keys
         self._take_newer_cert(m.self_node.cert)
 
     def _take_newer_cert(self, mine: str) -> None:
@@ -170,24 +174,73 @@ class Credentials:
     async def rotate_keys(self, state_dir: Path) -> tuple[str, str]:
         """Replace our WireGuard key without dropping connections; returns (old, new) public keys.
 
-        Order (meshd/rotation.py): make the key here, register it with proof of possession, save it,
-        then let WireGuard and the relay links take it (``on_rekey``).
+        Order (meshd/rotation.py): make the key here, save it as pending, register it with proof of
+        possession, save it as the key, then let WireGuard and the relay links take it (``on_rekey``).
+        Saving it before the coordinator hears of it matters: a crash (or a lost answer) after the
+        coordinator took it would otherwise leave us with only the key the coordinator has replaced, and
+        peers would never handshake with us again. A pending key is settled by asking the coordinator
+        which of the two it has (:meth:`recover_pending_key`, also done by the first map after a start).
         """
         async with self._rotate_lock:
+            if self.state.pending_wg_private is not None:
+                await self.recover_pending_key()
             old = self.wg_public_b64
             new = NodeKeys.generate().wg_private
+            self._save(self.state.with_pending_wireguard_key(new))
             try:
                 new_cert = await self.client.rotate_key(new)
+            except ControlError as e:
+                if 400 <= e.status < 500:  # refused: the coordinator kept the old key
+                    self._save(self.state.with_pending_wireguard_key(None))
+                    raise CredentialError(f"key rotation failed: {e}") from None
+                raise CredentialError(  # no answer: it may have taken the key; the next map tells
+                    f"key rotation failed: {e}; the new key stays pending until the coordinator says "
+                    f"which key it has"
+                ) from None
+            try:
                 cert.verify(new_cert, self.enrollment.trusted_keys, self.clock())
-            except (ControlError, cert.CertError) as e:
-                raise CredentialError(f"key rotation failed: {e}") from None
+            except cert.CertError as e:  # an answer we cannot trust: the next map tells which key it has
+                raise CredentialError(f"key rotation failed: {e}; the new key stays pending") from None
             self._save(self.state.with_wireguard_key(new).with_cert(new_cert))
-            rotation.record_key_created(state_dir, self.clock())
-            self.client.keys = self.state.keys
-            if self.on_rekey is not None:
-                await self.on_rekey()
+            await self._switched(state_dir)
             log.info("wireguard key rotated: %s -> %s", old, self.wg_public_b64)
             return old, self.wg_public_b64
+
+    async def _switched(self, state_dir: Path) -> None:
+        """The saved key changed: record its age, sign with it, hand it to WireGuard and the relay."""
+        rotation.record_key_created(state_dir, self.clock())
+        self.client.keys = self.state.keys
+        if self.on_rekey is not None:
+            await self.on_rekey()
+
+    async def recover_pending_key(self) -> None:
+        """Settle a rotation cut short (crash, lost answer): ask the coordinator for our map and keep the
+        key it has for us. CredentialError when it does not answer (the key stays pending)."""
+        if self.state.pending_wg_private is None:
+            return
+        try:
+            msg = await self.client.fetch_map()
+        except ControlError as e:
+            raise CredentialError(f"cannot settle the pending WireGuard key: {e}") from None
+        if not isinstance(msg, netmap.MapMessage):
+            raise CredentialError("cannot settle the pending WireGuard key: the coordinator sent no map")
+        await self._settle_pending_key(msg.map)
+
+    async def _settle_pending_key(self, m: netmap.NetMap) -> None:
+        pending = self.state.pending_wg_private
+        if pending is None:
+            return
+        known = m.self_node.wg_public_key
+        if known == b64encode(bytes(PrivateKey(pending).public_key)):
+            log.warning("the coordinator has the key of an interrupted rotation: using it (%s)", known)
+            self._save(self.state.with_wireguard_key(pending))
+            await self._switched(self.store.path)
+        else:
+            if known != self.wg_public_b64:
+                log.warning("the coordinator has neither of our WireGuard keys (%s); keeping ours", known)
+            else:
+                log.info("an interrupted key rotation did not reach the coordinator: keeping %s", known)
+            self._save(self.state.with_pending_wireguard_key(None))
 
     async def rotation_loop(self, state_dir: Path, interval: float) -> None:
         """Rotate the WireGuard key every ``interval`` seconds (retry every 60 s on failure)."""

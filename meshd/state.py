@@ -3,7 +3,8 @@
 Layout (directory 0700, files 0600, owned by the daemon's user)::
 
     state.json   {"version": 1, "wireguard_private_key": b64, "node_private_key": b64,
-                  "coordinator_url": str | null, "enrollment": {...} | null}
+                  "coordinator_url": str | null, "enrollment": {...} | null,
+                  "pending_wireguard_private_key": b64 (optional: a rotation in flight)}
     meshd.sock   the local control socket (meshd.api)
     lock         flock()ed by the running daemon (one daemon per state dir)
 
@@ -20,7 +21,7 @@ import fcntl
 import json
 import os
 import stat
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,9 @@ class NodeState:
     keys: NodeKeys
     coordinator_url: str | None = None
     enrollment: Enrollment | None = None
+    #: a new WireGuard key saved before the coordinator is asked to take it (meshd.credentials
+    #: ``rotate_keys``): after a crash either key may be the one the coordinator has, and both are here
+    pending_wg_private: bytes | None = field(default=None, repr=False)
 
     @property
     def enrolled(self) -> bool:
@@ -60,8 +64,12 @@ class NodeState:
         return replace(self, enrollment=replace(self.enrollment, cert=cert))
 
     def with_wireguard_key(self, wg_private: bytes) -> NodeState:
-        """After `meshd rotate-keys`: the new WireGuard private key (the node key stays)."""
-        return replace(self, keys=replace(self.keys, wg_private=wg_private))
+        """After `meshd rotate-keys`: the new WireGuard private key (the node key stays); nothing pending."""
+        return replace(self, keys=replace(self.keys, wg_private=wg_private), pending_wg_private=None)
+
+    def with_pending_wireguard_key(self, wg_private: bytes | None) -> NodeState:
+        """A rotation's new key before the coordinator took it (None: the rotation is settled)."""
+        return replace(self, pending_wg_private=wg_private)
 
 
 # --- codec ---------------------------------------------------------------------------------------------
@@ -89,6 +97,8 @@ def encode_state(state: NodeState) -> bytes:
             "ipv6_prefix": e.ipv6_prefix,
         },
     }
+    if state.pending_wg_private is not None:  # absent otherwise: files without it are the common case
+        doc["pending_wireguard_private_key"] = b64encode(state.pending_wg_private)
     return (json.dumps(doc, indent=2) + "\n").encode()
 
 
@@ -121,6 +131,11 @@ def decode_state(data: bytes) -> NodeState:
         wg_private=b64decode(_get(doc, "wireguard_private_key", str, ""), length=32, what="wireguard key"),
         node_private=b64decode(_get(doc, "node_private_key", str, ""), length=32, what="node key"),
     )
+    pending = doc.get("pending_wireguard_private_key")  # optional: older files do not have it
+    if pending is not None:
+        if not isinstance(pending, str):
+            raise ValueError("pending_wireguard_private_key has the wrong type")
+        pending = b64decode(pending, length=32, what="pending wireguard key")
     url = doc.get("coordinator_url")
     if url is not None and not isinstance(url, str):
         raise ValueError("coordinator_url has the wrong type")
@@ -148,7 +163,7 @@ def decode_state(data: bytes) -> NodeState:
         )
         if url is None:
             raise ValueError("enrolled but coordinator_url is missing")
-    return NodeState(keys=keys, coordinator_url=url, enrollment=enrollment)
+    return NodeState(keys=keys, coordinator_url=url, enrollment=enrollment, pending_wg_private=pending)
 
 
 # --- the directory -------------------------------------------------------------------------------------

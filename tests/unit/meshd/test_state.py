@@ -66,6 +66,36 @@ def test_enrollment_cert_and_rotation_persist(tmp_path: Path) -> None:
     assert [p.name for p in sd.path.iterdir()] == ["state.json"]  # no temporary files left
 
 
+def test_a_pending_wireguard_key_round_trips_and_older_files_have_none(tmp_path: Path) -> None:
+    sd = StateDir(tmp_path / "s")
+    state = sd.load_or_create().with_enrollment("http://coord:8080", ENROLLMENT)
+    sd.save(state)
+    raw = json.loads(sd.state_file.read_bytes())
+    assert "pending_wireguard_private_key" not in raw  # the usual file is unchanged
+    assert decode_state(sd.state_file.read_bytes()).pending_wg_private is None  # files from older meshd
+    pending = NodeKeys.generate().wg_private
+    sd.save(state.with_pending_wireguard_key(pending))
+    loaded = sd.load()
+    assert loaded is not None and loaded.pending_wg_private == pending
+    assert loaded.keys == state.keys  # the current key stays current until the rotation settles
+    assert repr(pending) not in repr(loaded)  # a private key is never in a repr
+    adopted = loaded.with_wireguard_key(pending)
+    sd.save(adopted)
+    again = sd.load()
+    assert again == adopted and again.pending_wg_private is None and again.keys.wg_private == pending
+    sd.save(loaded.with_pending_wireguard_key(None))
+    assert sd.load() == state
+
+
+def test_a_malformed_pending_key_is_corrupt(tmp_path: Path) -> None:
+    sd = StateDir(tmp_path / "s")
+    doc = json.loads(encode_state(sd.load_or_create()))
+    doc["pending_wireguard_private_key"] = "c2hvcnQ="
+    sd.state_file.write_text(json.dumps(doc))
+    with pytest.raises(StateError, match="corrupt"):
+        sd.load()
+
+
 def test_cert_before_enrollment_is_refused() -> None:
     with pytest.raises(StateError):
         NodeState(NodeKeys.generate()).with_cert("x")
@@ -150,6 +180,7 @@ json_values = st.recursive(
 )
 fields = [
     "version", "wireguard_private_key", "node_private_key", "coordinator_url", "enrollment",
+    "pending_wireguard_private_key",
 ]
 
 
