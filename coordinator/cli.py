@@ -366,13 +366,14 @@ def relay_serve(
         fail(f"coordinator URL {coordinator!r} must start with http:// or https://")
     if region_id < 2 or region_id > 65535:
         fail("--region-id must be between 2 and 65535 (1 is the coordinator's embedded relay)")
-    secret = os.environ.get("RELAY_SECRET", "")
+    from coordinator.relay import secret as relay_secret
+
+    # fail closed: an empty or short secret (a file cut short by a crash, a placeholder) never goes on
     if secret_file is not None:
-        try:
-            secret = secret_file.read_text().strip()
-        except OSError as exc:
-            fail(f"cannot read {secret_file}: {exc.strerror}")
-    if not secret:
+        secret = relay_secret.read(secret_file)
+    elif "RELAY_SECRET" in os.environ:
+        secret = relay_secret.check(os.environ["RELAY_SECRET"], "$RELAY_SECRET")
+    else:
         fail("no relay secret: give --secret-file (coordinator's relay.secret) or $RELAY_SECRET")
     opts = RelayOptions(
         listen=parse_listen(listen),

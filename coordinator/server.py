@@ -15,6 +15,7 @@ import uvicorn
 from coordinator.app import create_admin_app, create_app
 from coordinator.core import Core
 from coordinator.errors import CoordinatorError
+from coordinator.relay import secret as relay_secret
 from coordinator.relay.front import install as install_front
 from coordinator.relay.service import RelayService
 from coordinator.settings import Settings, prepare_state_dir
@@ -76,6 +77,8 @@ def _tcp_socket(settings: Settings) -> socket.socket:
 
 async def serve(settings: Settings) -> None:
     prepare_state_dir(settings.state_dir)  # 0700 before the database, keys and socket appear in it
+    # fail closed before anything listens: an empty or short relay.secret is refused, never used
+    relay_secret.load_or_create(settings.state_dir)
     tcp = _tcp_socket(settings)
     uds = _admin_socket(settings)
     core = Core(settings)
