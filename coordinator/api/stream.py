@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+import weakref
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
@@ -31,15 +33,45 @@ router = APIRouter(tags=["stream"])
 log = logging.getLogger(__name__)
 
 
+#: Signals (call-me-maybe) per sender node: a token bucket of SIGNAL_RATE per second with bursts of
+#: SIGNAL_BURST. A node sends one per peer and path attempt (a few per second while paths upgrade); a
+#: flood would cost the coordinator a queue push and a target's stream per signal.
+SIGNAL_RATE = 20.0
+SIGNAL_BURST = 40.0
+MAX_SIGNAL = 8192  #: bytes of the encoded signal message (docs/design.md §2.1: ≤ 8 KiB)
+#: node id -> (tokens, monotonic time of the last refill), per core (tests build several)
+_signal_buckets: weakref.WeakKeyDictionary[Core, dict[int, tuple[float, float]]] = weakref.WeakKeyDictionary()
+
+
+def _signal_allowed(core: Core, node_id: int) -> bool:
+    buckets = _signal_buckets.setdefault(core, {})
+    now = time.monotonic()
+    tokens, last = buckets.get(node_id, (SIGNAL_BURST, now))
+    tokens = min(SIGNAL_BURST, tokens + (now - last) * SIGNAL_RATE)
+    if len(buckets) > 10_000:  # bounded: forget senders whose bucket refilled (idle ones)
+        for k in [k for k, (t, at) in buckets.items() if t + (now - at) * SIGNAL_RATE >= SIGNAL_BURST]:
+            del buckets[k]
+    if tokens < 1:
+        buckets[node_id] = (tokens, now)
+        return False
+    buckets[node_id] = (tokens - 1, now)
+    return True
+
+
 async def handle_client_message(core: Core, node_id: int, msg: netmap.ClientMessage) -> str | None:
     """Apply one message from a node; returns an error message to send back, if any."""
     if isinstance(msg, netmap.EndpointsMessage):
         await nodes.set_endpoints(core, node_id, msg.candidates, None)
         return None
-    if msg.peer == node_id or msg.peer not in core.state.peers:
-        return netmap.encode_server_message(netmap.ErrorMessage(f"signal: unknown peer {msg.peer}"))
-    if len(netmap.encode_client_message(msg)) > 8192:
+    if not _signal_allowed(core, node_id):
+        return netmap.encode_server_message(netmap.ErrorMessage("signal: rate limit (20/s) exceeded"))
+    if len(netmap.encode_client_message(msg)) > MAX_SIGNAL:
         return netmap.encode_server_message(netmap.ErrorMessage("signal: payload larger than 8 KiB"))
+    # only to a node the sender's map shows (the policy's visibility, as maps are filtered); a hidden
+    # node gets the same answer as a node id that does not exist, so the error is no existence oracle
+    seen = core.state.compiled.visible(node_id)
+    if msg.peer == node_id or msg.peer not in core.state.peers or (seen is not None and msg.peer not in seen):
+        return netmap.encode_server_message(netmap.ErrorMessage(f"signal: unknown peer {msg.peer}"))
     forwarded = netmap.encode_server_message(netmap.SignalMessage(node_id, msg.payload))
     if not core.hub.send_to(msg.peer, forwarded):
         return netmap.encode_server_message(netmap.ErrorMessage(f"signal: peer {msg.peer} is not connected"))
