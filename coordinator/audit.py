@@ -10,18 +10,21 @@ after it. Checkpoints close that: every `CHECKPOINT_EVERY`-th record, the first 
 rotation, and each start and stop of the coordinator store (seq, head hash, time, key id) signed with
 the coordinator's Ed25519 signing key, which lives in the state dir, not in the database. `verify`
 checks every checkpoint whose key the coordinator still trusts against the chain, requires the
-periodic ones to exist, and requires the newest to be signed by a trusted key. What stays possible with
-the database alone: editing records after the newest checkpoint (until the next one), and rolling the
-whole database back to an older consistent state (docs/security.md).
+periodic ones to exist, and requires the newest to be signed by a trusted key. The newest checkpoint this
+coordinator signed is also written to `<state-dir>/audit_anchor` (seq and head), so deleting the
+checkpoints from the database, or rolling the database back behind it, is detected too. What stays
+possible with the database alone: editing the records after the newest checkpoint (until the next one).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from nacl.exceptions import BadSignatureError
@@ -29,6 +32,7 @@ from nacl.signing import SigningKey, VerifyKey
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from coordinator.certs import write_private
 from coordinator.db.models import AuditCheckpoint, AuditRecord, Meta
 from meshd.proto import cert as certfmt
 from meshd.proto.encoding import b64decode, b64encode, canonical_json
@@ -46,6 +50,10 @@ _ANCHOR_ACTIONS = frozenset({"signing_key.rotated"})
 _CHECKPOINT_CONTEXT = b"meshvpn audit checkpoint v1\n"  #: domain separation from certificates etc.
 #: `Session.info` key of a callable returning the trusted signing public keys (set by coordinator.core)
 SESSION_KEYS = "audit_trusted_keys"
+#: `Session.info` key of a callable returning the state dir's anchor, `(seq, head)` or None
+SESSION_ANCHOR = "audit_anchor"
+ANCHOR_FILE = "audit_anchor"
+_ANCHOR_RE = re.compile(r"^(\d+) ([0-9a-f]{64})\n?$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +66,7 @@ class AuditEntry:
     details: dict[str, Any]
     prev_hash: str
     hash: str
+    checkpointed: bool = False  #: a signed checkpoint of this record was added with it
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,14 +146,17 @@ async def append(
             hash=digest,
         )
     )
-    if signer is not None and (new_id == 1 or new_id % CHECKPOINT_EVERY == 0 or action in _ANCHOR_ACTIONS):
+    checkpointed = signer is not None and (
+        new_id == 1 or new_id % CHECKPOINT_EVERY == 0 or action in _ANCHOR_ACTIONS
+    )
+    if signer is not None and checkpointed:
         session.add(_sign_checkpoint(new_id, digest, signer))
     value = f"{new_id}:{digest}"
     if head is None:
         session.add(Meta(key=_HEAD, value=value))
     else:
         head.value = value
-    return AuditEntry(new_id, when, actor, action, obj, details, prev, digest)
+    return AuditEntry(new_id, when, actor, action, obj, details, prev, digest, checkpointed)
 
 
 async def list_records(session: AsyncSession, limit: int | None = None) -> list[AuditEntry]:
@@ -158,8 +170,8 @@ async def list_records(session: AsyncSession, limit: int | None = None) -> list[
     ]
 
 
-async def checkpoint(session: AsyncSession, signer: bytes) -> int | None:
-    """Sign the current head unless it already has a checkpoint (at start and stop); returns its seq."""
+async def checkpoint(session: AsyncSession, signer: bytes) -> tuple[int, str] | None:
+    """Sign the current head unless it already has a checkpoint (at start and stop); returns (seq, head)."""
     if session.get_bind().dialect.name == "postgresql":
         await session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ADVISORY_LOCK})
     head = await session.get(Meta, _HEAD)
@@ -170,7 +182,24 @@ async def checkpoint(session: AsyncSession, signer: bytes) -> int | None:
     if await session.get(AuditCheckpoint, seq) is not None:
         return None
     session.add(_sign_checkpoint(seq, digest, signer))
-    return seq
+    return seq, digest
+
+
+def write_anchor(state_dir: Path, seq: int, head: str) -> None:
+    """Keep the newest signed checkpoint outside the database (after its transaction committed)."""
+    write_private(state_dir / ANCHOR_FILE, f"{seq} {head}\n")
+
+
+def read_anchor(state_dir: Path) -> tuple[int, str] | None:
+    """The state dir's anchor; None before the first checkpoint. ValueError when it is malformed."""
+    try:
+        text_ = (state_dir / ANCHOR_FILE).read_text()
+    except FileNotFoundError:
+        return None
+    m = _ANCHOR_RE.match(text_)
+    if m is None:
+        raise ValueError(f"{state_dir / ANCHOR_FILE} is malformed")
+    return int(m.group(1)), m.group(2)
 
 
 def _describe(cp: AuditCheckpoint) -> str:
@@ -194,6 +223,11 @@ async def verify(session: AsyncSession, trusted: Sequence[bytes] | None = None) 
     if trusted is None:
         source: Callable[[], Sequence[bytes]] | None = session.info.get(SESSION_KEYS)
         trusted = source() if source is not None else ()
+    anchor_source: Callable[[], tuple[int, str] | None] | None = session.info.get(SESSION_ANCHOR)
+    try:
+        anchor = anchor_source() if anchor_source is not None else None
+    except (OSError, ValueError) as exc:
+        return VerifyResult(False, 0, f"cannot read the audit anchor: {exc}")
     by_id = {certfmt.key_id(k): k for k in trusted}
     checkpoints = {
         cp.seq: cp
@@ -228,8 +262,18 @@ async def verify(session: AsyncSession, trusted: Sequence[bytes] | None = None) 
             last_good = r.id
         elif cp is None and first is not None and r.id > first and r.id % CHECKPOINT_EVERY == 0:
             return VerifyResult(False, len(rows), f"the signed checkpoint at record {r.id} is missing")
+        if anchor is not None and r.id == anchor[0] and r.hash != anchor[1]:
+            return VerifyResult(
+                False,
+                len(rows),
+                f"a record in 1..{r.id} was changed and the chain recomputed: it no longer matches the "
+                f"checkpoint at record {r.id} kept in the state dir ({ANCHOR_FILE})",
+            )
         prev = r.hash
         expected_id += 1
+    if anchor is not None and anchor[0] > len(rows):
+        problem = f"records after {len(rows)} were deleted: the state dir's checkpoint is at {anchor[0]}"
+        return VerifyResult(False, len(rows), problem)
     head = await session.get(Meta, _HEAD)
     head_value = head.value if head else f"0:{GENESIS}"
     if head_value != f"{expected_id - 1}:{prev}":

@@ -78,7 +78,10 @@ class Tx:
 
     async def audit(self, actor: str, action: str, obj: str, details: dict[str, Any] | None = None) -> None:
         # the active key signs the audit checkpoints due with this record (coordinator/audit.py)
-        await audit.append(self.session, actor, action, obj, details, signer=self.core.keys.active_seed)
+        signer = self.core.keys.active_seed
+        entry = await audit.append(self.session, actor, action, obj, details, signer=signer)
+        if entry.checkpointed:
+            self.on_commit(lambda: self.core.anchor_audit(entry.id, entry.hash))
 
 
 class Core:
@@ -87,7 +90,12 @@ class Core:
         self.engine = make_engine(settings.database_url)
         # audit.verify finds the keys that may have signed audit checkpoints here (the admin API's session)
         self.sessions = async_sessionmaker(
-            self.engine, expire_on_commit=False, info={audit.SESSION_KEYS: lambda: self.keys.trusted}
+            self.engine,
+            expire_on_commit=False,
+            info={
+                audit.SESSION_KEYS: lambda: self.keys.trusted,
+                audit.SESSION_ANCHOR: lambda: audit.read_anchor(self.settings.state_dir),
+            },
         )
         self.keys: certs.SigningKeys
         self.state = MapState(
@@ -146,7 +154,9 @@ class Core:
                 if not node.expired:
                     self.state.put_peer(peer_of(node))
             tx.change("restart")  # streams from before this start get a full map
-            await audit.checkpoint(s, self.keys.active_seed)  # anchors a trail written before checkpoints too
+            signed = await audit.checkpoint(s, self.keys.active_seed)  # also anchors a trail from before them
+            if signed is not None:
+                tx.on_commit(lambda: self.anchor_audit(*signed))
         self.metrics.nodes.set(len(self.state.peers))
         self.hub.start()
         self._janitor = asyncio.create_task(self._clean_up(), name="janitor")
@@ -190,7 +200,17 @@ class Core:
     async def checkpoint_audit(self) -> int | None:
         """Sign the audit chain's current head (done at start and stop); returns its record id."""
         async with self.transaction() as tx:
-            return await audit.checkpoint(tx.session, self.keys.active_seed)
+            signed = await audit.checkpoint(tx.session, self.keys.active_seed)
+            if signed is not None:
+                tx.on_commit(lambda: self.anchor_audit(*signed))
+        return signed[0] if signed is not None else None
+
+    def anchor_audit(self, seq: int, head: str) -> None:
+        """The newest signed checkpoint, also outside the database (coordinator/audit.py)."""
+        try:
+            audit.write_anchor(self.settings.state_dir, seq, head)
+        except OSError as exc:  # committed already; the next checkpoint writes it again
+            log.warning("cannot write the audit anchor: %s", exc.strerror)
 
     # ----------------------------------------------------------------------------- transactions
     @asynccontextmanager

@@ -100,3 +100,29 @@ async def _admin_actions_more(core: Core) -> None:
         transport=httpx.ASGITransport(app=create_admin_app(core)), base_url="http://admin"
     ) as admin:
         assert (await admin.post("/admin/users", json={"name": "dave"})).status_code == 201
+
+
+async def test_deleting_every_checkpoint_before_rewriting_is_detected_by_the_state_dirs_anchor(
+    core: Core,
+) -> None:
+    await _admin_actions(core)
+    await core.checkpoint_audit()
+    await _admin_actions_more(core)
+    async with core.engine.begin() as conn:  # no signature left in the database to contradict the rewrite
+        await conn.execute(text("DELETE FROM audit_checkpoints"))
+    await rewrite_history(core.engine, record=3, actor="mallory")
+    verdict = await _verify(core)
+    assert verdict["ok"] is False, "a rewrite after deleting the checkpoints went unnoticed"
+    assert "checkpoint at record 6 kept in the state dir" in str(verdict["problem"]), verdict
+
+
+async def test_rolling_the_database_back_behind_the_newest_checkpoint_is_detected(core: Core) -> None:
+    await _admin_actions(core)
+    await core.checkpoint_audit()  # record 6
+    async with core.engine.begin() as conn:  # back to the state after record 4, as from an old backup
+        prev = (await conn.execute(text("SELECT hash FROM audit WHERE id = 4"))).scalar()
+        await conn.execute(text("DELETE FROM audit WHERE id > 4"))
+        await conn.execute(text("DELETE FROM audit_checkpoints WHERE seq > 4"))
+        await conn.execute(text("UPDATE meta SET value = :v WHERE key = 'audit_head'"), {"v": f"4:{prev}"})
+    verdict = await _verify(core)
+    assert verdict["ok"] is False and "records after 4 were deleted" in str(verdict["problem"]), verdict
