@@ -102,6 +102,7 @@ class Core:
             domain=settings.domain,
             relays=(RelayRegion(1, "default", settings.url, settings.stun_port),) if settings.relay else (),
             log_keep=settings.change_log_keep,
+            signing_seed=lambda: self.keys.active_seed,  # maps and deltas are signed (meshd verifies)
         )
         self.hub = Hub(self.state, settings.coalesce, on_sent=self._count_pushes)
         self.pool: AddressPool

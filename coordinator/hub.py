@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from coordinator.mapstate import MapState, PendingDelta
+from meshd.proto import netmap
 from meshd.proto.netmap import CloseCode
 
 log = logging.getLogger(__name__)
@@ -157,7 +158,8 @@ class Hub:
     def push_all(self) -> None:
         state = self.state
         current = state.version
-        generic: dict[int, tuple[PendingDelta | None, str, frozenset[int]]] = {}
+        #: per `since`: the pending delta, its shared body and that body's SHA-256 (signed per node below)
+        generic: dict[int, tuple[PendingDelta | None, str, bytes, frozenset[int]]] = {}
         sent = 0
         for node_id, subs in list(self.subscribers.items()):
             for sub in subs:
@@ -170,17 +172,18 @@ class Hub:
                 if cached is None:
                     pending = state.pending_since(sub.version)
                     if pending is None:
-                        cached = (None, "", frozenset())
+                        cached = (None, "", b"", frozenset())
                     else:
-                        cached = (pending, state.delta_message(pending, -1), pending.touched)
+                        body = state.delta_body(pending, -1)
+                        cached = (pending, body, netmap.body_digest(body), pending.touched)
                     generic[sub.version] = cached
-                pending, text, touched = cached
+                pending, body, digest, touched = cached
                 if pending is None:
                     message = state.full_map_message(node_id)
                 elif node_id in touched or state.filtering:  # a policy: each node sees its own peers
                     message = state.delta_message(pending, node_id)
-                else:
-                    message = text
+                else:  # the same body for every such node; the signature binds it to this one
+                    message = state.signed("delta", body, node_id, digest)
                 if sub.push(message):
                     sub.version = current
                     sent += 1

@@ -3,6 +3,11 @@
 The database is the source of truth; this cache is rebuilt from it at start and updated after each
 commit, so building a map or a delta for thousands of streams never touches the database. Serialised
 peers are cached, and a delta for all nodes that were at the same version is built once.
+
+Maps and deltas are signed for their recipient with the active signing key (format and what it binds:
+meshd.proto.netmap). Bodies are built in canonical JSON (sorted keys, compact, UTF-8) so that the bytes
+sent are the bytes signed; the SHA-256 of a shared delta body is taken once, the signature per node.
+Least knowledge: the policy text stays here; a node gets only its visible peers and its inbound rules.
 """
 
 from __future__ import annotations
@@ -11,7 +16,10 @@ import ipaddress
 import json
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+
+from nacl.signing import SigningKey
 
 from coordinator import policy as access
 from meshd.proto import netmap
@@ -20,7 +28,8 @@ from meshd.proto.netmap import Peer, RelayRegion
 
 log = logging.getLogger("coordinator.mapstate")
 
-_DUMPS = json.JSONEncoder(separators=(",", ":")).encode
+#: canonical JSON (meshd.proto.encoding.canonical_json) as text: what is signed is what is sent
+_DUMPS = json.JSONEncoder(separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,8 +58,18 @@ class PendingDelta:
 
 
 class MapState:
-    def __init__(self, domain: str, relays: tuple[RelayRegion, ...], log_keep: int = 100_000) -> None:
+    def __init__(
+        self,
+        domain: str,
+        relays: tuple[RelayRegion, ...],
+        log_keep: int = 100_000,
+        signing_seed: Callable[[], bytes] | None = None,
+    ) -> None:
+        """`signing_seed`: the active signing key's seed, read at each message (it changes on rotation);
+        None sends maps unsigned (unit tests of this module only)."""
         self.domain = domain
+        self.signing_seed = signing_seed
+        self._signing_key: tuple[bytes, SigningKey] | None = None
         self.relays = relays
         self._policy_text = ""
         self._policy: access.Policy | None = None
@@ -173,21 +192,30 @@ class MapState:
             self_node=self.peers[node_id],
             peers=tuple(self.peers[i] for i in self.visible_ids(node_id)),
             relays=self.relays,
-            policy=self.policy,
+            policy="",  # least knowledge: the policy reaches a node as peers and inbound rules only
             domain=self.domain,
             inbound=self.inbound(node_id),
         )
 
     def full_map_message(self, node_id: int) -> str:
-        """`{"type":"map",...}` for one node, assembled from cached peer JSON."""
+        """`{"type":"map",...}` for one node, signed for it, assembled from cached peer JSON."""
         peers = ",".join(self.peer_json(i) for i in self.visible_ids(node_id))
         relays = _DUMPS([netmap.relay_to_json(r) for r in self.relays])
         inbound = _DUMPS(rules.rules_to_json(self.inbound(node_id)))
-        return (
-            f'{{"type":"map","map":{{"version":{self.version},"self":{self.peer_json(node_id)},'
-            f'"peers":[{peers}],"relays":{relays},"policy":{_DUMPS(self.policy)},'
-            f'"domain":{_DUMPS(self.domain)},"inbound":{inbound}}}}}'
+        body = (  # keys in sorted order: canonical JSON, equal to canonical_json(map_to_json(full_map))
+            f'{{"domain":{_DUMPS(self.domain)},"inbound":{inbound},"peers":[{peers}],"relays":{relays},'
+            f'"self":{self.peer_json(node_id)},"version":{self.version}}}'
         )
+        return self.signed("map", body, node_id)
+
+    def signed(self, kind: str, body: str, node_id: int, digest: bytes | None = None) -> str:
+        """The message for a canonical map/delta `body`, signed for `node_id` (unsigned without a key)."""
+        if self.signing_seed is None:
+            return f'{{"type":"{kind}","{kind}":{body}}}'
+        seed = self.signing_seed()
+        if self._signing_key is None or self._signing_key[0] != seed:
+            self._signing_key = (seed, SigningKey(seed))  # expanded once per key, not per message
+        return netmap.sign_body(kind, body, node_id, self._signing_key[1], digest)
 
     def pending_since(self, since: int) -> PendingDelta | None:
         """What changed after `since`, or None when the log no longer reaches back that far."""
@@ -271,9 +299,12 @@ class MapState:
             ),
             self_node=self_node,
             relays=self.relays if pending.relays else None,
-            policy=self.policy if pending.policy else None,
             inbound=self.inbound(node_id) if structural and (self.filtering or pending.policy) else None,
         )
 
+    def delta_body(self, pending: PendingDelta, node_id: int) -> str:
+        """The delta's canonical JSON (node -1: the shared form for nodes the change does not touch)."""
+        return _DUMPS(netmap.delta_to_json(self.delta_for(pending, node_id)))
+
     def delta_message(self, pending: PendingDelta, node_id: int) -> str:
-        return netmap.encode_server_message(netmap.DeltaMessage(self.delta_for(pending, node_id)))
+        return self.signed("delta", self.delta_body(pending, node_id), node_id)

@@ -17,7 +17,7 @@ import json
 import os
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
@@ -39,6 +39,17 @@ class ControlError(Exception):
     def __init__(self, message: str, status: int = 0) -> None:
         super().__init__(message)
         self.status = status
+
+
+class MapRefused(ControlError):
+    """A map or delta that does not verify (signature, recipient, version order): nothing of it is used.
+
+    The stream is given up (the caller reconnects from its last good version)."""
+
+
+#: Given the key id a map or delta names, the coordinator signing keys to verify it with (meshd:
+#: ``Credentials.map_signing_keys``, which fetches newly endorsed keys once for an id it does not know).
+MapKeys = Callable[[str], Awaitable[Sequence[bytes]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,11 +120,15 @@ class ControlClient:
         transport: httpx.AsyncBaseTransport | None = None,
         timeout: float = 30.0,
         verify: bool | str | ssl.SSLContext = True,
+        map_keys: MapKeys | None = None,
     ) -> None:
-        """`verify`: True (system CAs), False, a CA bundle path, or an SSLContext."""
+        """`verify`: True (system CAs), False, a CA bundle path, or an SSLContext. `map_keys`: where the
+        keys that maps must be signed with come from; None takes maps unverified (tests and tools only:
+        meshd's Credentials always sets it)."""
         self.url = url.rstrip("/")
         self.keys = keys
         self.node_id = node_id
+        self.map_keys = map_keys
         if isinstance(verify, str):
             verify = ssl.create_default_context(cafile=verify)
         self._ssl: ssl.SSLContext | None = verify if isinstance(verify, ssl.SSLContext) else None
@@ -277,9 +292,16 @@ class ControlClient:
             "GET", "/api/v1/map", signer=self._need_id(), params=params or None, request_timeout=wait + 30
         )
         try:
-            return netmap.decode_server_message(response.content)
+            msg = netmap.decode_server_message(response.content)
         except netmap.NetmapError as exc:
             raise ControlError(f"malformed map from the coordinator: {exc}") from None
+        if isinstance(msg, netmap.MapMessage | netmap.DeltaMessage):
+            await check_map(msg, self.node_id, self.map_keys)
+            if isinstance(msg, netmap.DeltaMessage) and since is not None and msg.delta.from_version != since:
+                raise MapRefused(f"map refused: delta from {msg.delta.from_version}, asked since {since}")
+            if isinstance(msg, netmap.MapMessage) and since is not None and msg.map.version < since:
+                raise MapRefused(f"map refused: map version {msg.map.version} is older than {since}")
+        return msg
 
     async def post_message(self, message: netmap.ClientMessage) -> None:
         """Send an endpoints/signal message without a stream (long-poll fallback)."""
@@ -313,18 +335,40 @@ class ControlClient:
             ) from None
         except (OSError, WebSocketException, TimeoutError) as exc:
             raise ControlError(f"cannot open the map stream: {exc}") from None
-        s = MapStream(ws)
+        s = MapStream(ws, self.node_id, self.map_keys)
         try:
             yield s
         finally:
             await ws.close()
 
 
-class MapStream:
-    """One open map stream. `recv()` returns the next server message and keeps `map` current."""
+async def check_map(
+    msg: netmap.MapMessage | netmap.DeltaMessage, node_id: int | None, map_keys: MapKeys | None
+) -> None:
+    """Raise MapRefused unless `msg` is signed for `node_id` by a key `map_keys` trusts (no-op without
+    `map_keys`). An unknown key id goes to `map_keys` like any other: it decides whether to learn it."""
+    if map_keys is None:
+        return
+    try:
+        kid = netmap.signer(msg)
+        if kid is None or node_id is None:
+            raise netmap.NetmapError("not signed" if kid is None else "not enrolled")
+        netmap.verify(msg, node_id, await map_keys(kid))
+    except netmap.NetmapError as exc:
+        raise MapRefused(f"map refused: {exc}") from None
 
-    def __init__(self, ws: ClientConnection) -> None:
+
+class MapStream:
+    """One open map stream. `recv()` returns the next server message and keeps `map` current.
+
+    With `map_keys`, a map or delta is applied only once its signature verifies for `node_id`, and only
+    in order (meshd.proto.netmap.check_order); otherwise `recv` raises MapRefused and `map` stays the
+    last good one."""
+
+    def __init__(self, ws: ClientConnection, node_id: int | None = None, map_keys: MapKeys | None = None):
         self.ws = ws
+        self.node_id = node_id
+        self.map_keys = map_keys
         self.map: netmap.NetMap | None = None
 
     async def recv(self, within: float | None = None) -> netmap.ServerMessage:
@@ -340,6 +384,13 @@ class MapStream:
             msg = netmap.decode_server_message(text)
         except netmap.NetmapError as exc:
             raise ControlError(f"malformed stream message: {exc}") from None
+        if isinstance(msg, netmap.MapMessage | netmap.DeltaMessage):
+            await check_map(msg, self.node_id, self.map_keys)
+            if self.map is not None:
+                try:
+                    netmap.check_order(self.map, msg)
+                except netmap.NetmapError as exc:
+                    raise MapRefused(f"map refused: {exc}") from None
         if isinstance(msg, netmap.MapMessage):
             self.map = msg.map
         elif isinstance(msg, netmap.DeltaMessage) and self.map is not None:

@@ -67,6 +67,7 @@ class Credentials:
         self.on_rekey: Callable[[], Awaitable[None]] | None = None  #: WireGuard and relay take the new key
         self._rotate_lock = asyncio.Lock()
         self._issuers_asked: set[str] = set()
+        client.map_keys = self.map_signing_keys  # meshd takes no map or delta that does not verify
 
     # -- read-only views -----------------------------------------------------------------------------------
 
@@ -126,18 +127,35 @@ class Credentials:
         unknown = issuers - known
         if force or (unknown and not unknown <= self._issuers_asked):
             self._issuers_asked |= unknown
-            try:
-                accepted = trust.accept(e.trusted_keys, await self.client.signing_keys())
-            except ControlError as err:
-                log.warning("cannot fetch the coordinator's signing keys: %s", err)
-                accepted = e.trusted_keys
-            if accepted != e.trusted_keys:
-                e = dataclasses.replace(e, trusted_keys=accepted)
-                self._save(self.state.with_enrollment(self.state.coordinator_url or "", e))
-                log.info("trusted coordinator signing keys: %s", ", ".join(cert.key_id(k) for k in accepted))
+            await self._fetch_signing_keys()
         if self.state.pending_wg_private is not None and not self._rotate_lock.locked():
             await self._settle_pending_key(m)  # before the certificate: it names one of the two keys
         self._take_newer_cert(m.self_node.cert)
+
+    async def _fetch_signing_keys(self) -> bool:
+        """Trust the announced keys endorsed by a key we trust; False when the coordinator did not answer."""
+        e = self.enrollment
+        try:
+            accepted = trust.accept(e.trusted_keys, await self.client.signing_keys())
+        except ControlError as err:
+            log.warning("cannot fetch the coordinator's signing keys: %s", err)
+            return False
+        if accepted != e.trusted_keys:
+            e = dataclasses.replace(e, trusted_keys=accepted)
+            self._save(self.state.with_enrollment(self.state.coordinator_url or "", e))
+            log.info("trusted coordinator signing keys: %s", ", ".join(cert.key_id(k) for k in accepted))
+        return True
+
+    async def map_signing_keys(self, key_id: str) -> list[bytes]:
+        """The keys a map signed by `key_id` is checked against (meshd.control.MapKeys). A map is signed
+        by the coordinator's active key, so after a signing-key rotation the first map names a key we do
+        not know yet: fetch the endorsed keys once per unknown id (the same fetch as for certificates from
+        an unknown issuer), then the map verifies or is refused. A failed fetch is retried on the next
+        map (one per reconnect, with backoff)."""
+        known = {cert.key_id(k) for k in self.trusted_keys} | self._issuers_asked
+        if key_id not in known and await self._fetch_signing_keys():
+            self._issuers_asked.add(key_id)
+        return self.trusted_keys
 
     def _take_newer_cert(self, mine: str) -> None:
         e = self.enrollment

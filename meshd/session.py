@@ -18,7 +18,7 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from meshd.control import ControlClient, ControlError, MapStream
+from meshd.control import ControlClient, ControlError, MapRefused, MapStream
 from meshd.proto import netmap
 from meshd.wg.errors import WgError
 
@@ -81,8 +81,10 @@ class ControlSession:
                     log.error("the coordinator no longer accepts this node: %s", e)
                     await self.on_revoked(str(e))
                     return
-                if self._opened:
+                if self._opened and not isinstance(e, MapRefused):
                     delay = RECONNECT_MIN  # the stream worked: the first retry comes quickly
+                # a refused map (bad signature, out of order) was not applied: the last good map stays,
+                # and we resume from its version; refusals back off like failed connects
                 log.warning("%s; retrying in %.1f s", e, delay)
             except WgError as e:  # applying a map failed: resuming from the last applied version retries it
                 log.error("wireguard: %s", e)

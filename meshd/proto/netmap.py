@@ -1,29 +1,68 @@
 """The network map a node receives from the coordinator, its deltas, and the stream messages.
 
-A :class:`NetMap` is everything one node needs: itself, its peers, the relay map and the policy, at a
-global version. After the full map, the coordinator sends :class:`Delta` values; ``apply(old, diff(old,
-new)) == new`` for any two maps of the same node. JSON codecs are strict: anything malformed raises
-:class:`NetmapError` and nothing else.
+A :class:`NetMap` is everything one node needs: itself, the peers it may talk to, the relay map and its
+own inbound rules, at a global version. After the full map, the coordinator sends :class:`Delta` values;
+``apply(old, diff(old, new)) == new`` for any two maps of the same node. JSON codecs are strict: anything
+malformed raises :class:`NetmapError` and nothing else.
+
+Least knowledge: a map carries no policy text (users, groups, host aliases, rules, tests); the policy
+reaches a node only as the peers it may see and its own ``inbound`` rules (CIDRs and ports). A ``policy``
+field from an older coordinator is accepted and dropped on decode.
 
 Stream messages (one JSON object per WebSocket text message, or per long-poll response):
 
-server -> node: ``{"type": "map", "map": {...}}``, ``{"type": "delta", "delta": {...}}``,
+server -> node: ``{"type": "map", "map": {...}, "key": <key id>, "sig": <b64>}``,
+``{"type": "delta", "delta": {...}, "key": <key id>, "sig": <b64>}``,
 ``{"type": "signal", "from": <node id>, "payload": {...}}``, ``{"type": "error", "message": "..."}``
 node -> server: ``{"type": "endpoints", "candidates": ["ip:port", ...]}``,
 ``{"type": "signal", "to": <node id>, "payload": {...}}``
+
+Signed maps. Every full map and every delta is signed on its own (Ed25519, RFC 8032) by the coordinator's
+active signing key, the key that issues node certificates and that meshd pins at enrollment (rotation:
+meshd.proto.trust). ``key`` is that key's id (meshd.proto.cert.key_id); ``sig`` is::
+
+    Ed25519(seed, b"meshvpn netmap v1\n" + kind + b" " + str(node_id) + b"\n" + SHA-256(body))
+
+where ``kind`` is ``map`` or ``delta``, ``node_id`` the recipient, and ``body`` the canonical JSON
+(meshd.proto.encoding.canonical_json) of the ``map``/``delta`` object. The coordinator emits that object
+already in canonical form, so it signs the exact bytes it sends; the node re-encodes what it parsed
+canonically, which gives back the same bytes when nothing was changed. What that binds:
+
+- the content: every field, including the ones no certificate covers (``inbound``, ``relays``,
+  endpoints, ``relay_home``, ``online``, peers' ``node_public_key``);
+- the recipient: a map or delta for node A does not verify as one for node B;
+- the version: ``version`` (and a delta's ``from_version``) are inside the body. The node takes a full
+  map only at a version not below the one it holds and a delta only when ``from_version`` is exactly the
+  version it holds (:func:`check_order`), so an old map or delta cannot be replayed later.
+
+Why one signature per message rather than a hash chain: a chain anchored by one signature would save the
+~50 µs per message but ties every message to the previous one per node; a lost or refused message and
+every reconnect with ``since=V`` (full map or a delta from an older version) would need a new anchor
+anyway. Per-message signatures keep each message verifiable on its own. The hash is taken once per body
+(a full map can be a megabyte), the signature per recipient. Signals and error messages are not signed
+(they configure nothing); the floor of versions lives in memory, so a freshly started meshd accepts any
+correctly signed map for itself (at worst an older one, until the next delta or reconnect).
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
-from dataclasses import dataclass, replace
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from nacl.exceptions import BadSignatureError, CryptoError
+from nacl.signing import SigningKey, VerifyKey
+
+from meshd.proto.cert import key_id
+from meshd.proto.encoding import b64decode, b64encode, canonical_json
 from meshd.proto.policy import ALLOW_ALL, InboundRule, RuleError, rules_from_json, rules_to_json
 
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_CANDIDATES = 32
+SIG_CONTEXT = b"meshvpn netmap v1\n"
 
 
 class CloseCode(enum.IntEnum):
@@ -78,7 +117,7 @@ class NetMap:
     self_node: Peer
     peers: tuple[Peer, ...]
     relays: tuple[RelayRegion, ...]
-    policy: str  #: policy text; "" means no policy set (everything allowed)
+    policy: str  #: always "": maps no longer carry the policy text (least knowledge); kept for callers
     domain: str
     inbound: tuple[InboundRule, ...] = ALLOW_ALL  #: what this node lets in (meshd/firewall.py)
 
@@ -95,7 +134,6 @@ class Delta:
     endpoints_changed: tuple[tuple[int, tuple[str, ...], bool], ...] = ()  #: (node id, endpoints, online)
     self_node: Peer | None = None
     relays: tuple[RelayRegion, ...] | None = None
-    policy: str | None = None
     domain: str | None = None
     inbound: tuple[InboundRule, ...] | None = None
 
@@ -107,7 +145,6 @@ class Delta:
             or self.endpoints_changed
             or self.self_node is not None
             or self.relays is not None
-            or self.policy is not None
             or self.domain is not None
             or self.inbound is not None
         )
@@ -138,7 +175,6 @@ def diff(old: NetMap, new: NetMap) -> Delta:
         endpoints_changed=tuple(endpoints),
         self_node=new.self_node if new.self_node != old.self_node else None,
         relays=new.relays if new.relays != old.relays else None,
-        policy=new.policy if new.policy != old.policy else None,
         domain=new.domain if new.domain != old.domain else None,
         inbound=new.inbound if new.inbound != old.inbound else None,
     )
@@ -161,7 +197,7 @@ def apply(current: NetMap, delta: Delta) -> NetMap:
         self_node=self_node,
         peers=tuple(p for _, p in sorted(peers.items())),
         relays=delta.relays if delta.relays is not None else current.relays,
-        policy=delta.policy if delta.policy is not None else current.policy,
+        policy=current.policy,
         domain=delta.domain if delta.domain is not None else current.domain,
         inbound=delta.inbound if delta.inbound is not None else current.inbound,
     )
@@ -195,7 +231,6 @@ def map_to_json(m: NetMap) -> dict[str, Any]:
         "self": peer_to_json(m.self_node),
         "peers": [peer_to_json(p) for p in m.peers],
         "relays": [relay_to_json(r) for r in m.relays],
-        "policy": m.policy,
         "domain": m.domain,
         "inbound": rules_to_json(m.inbound),
     }
@@ -217,8 +252,6 @@ def delta_to_json(d: Delta) -> dict[str, Any]:
         out["self"] = peer_to_json(d.self_node)
     if d.relays is not None:
         out["relays"] = [relay_to_json(r) for r in d.relays]
-    if d.policy is not None:
-        out["policy"] = d.policy
     if d.domain is not None:
         out["domain"] = d.domain
     if d.inbound is not None:
@@ -309,7 +342,7 @@ def map_from_json(raw: Any) -> NetMap:
         self_node=peer_from_json(o.get("self"), "map.self"),
         peers=tuple(sorted((peer_from_json(p) for p in _get(o, "peers", list, "map")), key=_node_id)),
         relays=tuple(relay_from_json(r) for r in _get(o, "relays", list, "map")),
-        policy=_get(o, "policy", str, "map"),
+        policy="",  # an older coordinator's policy text is not kept (least knowledge)
         domain=_get(o, "domain", str, "map"),
         inbound=ALLOW_ALL if inbound is None else inbound,
     )
@@ -340,7 +373,6 @@ def delta_from_json(raw: Any) -> Delta:
         endpoints_changed=tuple(endpoints),
         self_node=peer_from_json(o["self"], "delta.self") if "self" in o else None,
         relays=tuple(relay_from_json(r) for r in relays) if relays is not None else None,
-        policy=_get(o, "policy", str, "delta", optional=True),
         domain=_get(o, "domain", str, "delta", optional=True),
         inbound=_inbound(o, "delta"),
     )
@@ -354,13 +386,25 @@ def _node_id(p: Peer) -> int:
 
 
 @dataclass(frozen=True, slots=True)
+class Signature:
+    """How a map or delta message was signed (see the module docstring); ``digest`` is SHA-256 of the
+    canonical body as received. Not part of a message's equality: two messages are equal by content."""
+
+    key_id: str
+    signature: bytes
+    digest: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class MapMessage:
     map: NetMap
+    sig: Signature | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
 class DeltaMessage:
     delta: Delta
+    sig: Signature | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -385,7 +429,92 @@ ServerMessage = MapMessage | DeltaMessage | SignalMessage | ErrorMessage
 ClientMessage = EndpointsMessage | SignalMessage
 
 
+def signed_bytes(kind: str, node_id: int, digest: bytes) -> bytes:
+    """What the coordinator signs for `kind` ("map" or "delta") sent to `node_id` (module docstring)."""
+    return SIG_CONTEXT + f"{kind} {node_id}\n".encode("ascii") + digest
+
+
+def body_digest(body: str | bytes) -> bytes:
+    """SHA-256 of a canonical map/delta body (computed once per body, however many recipients)."""
+    return hashlib.sha256(body.encode("utf-8") if isinstance(body, str) else body).digest()
+
+
+def sign_body(kind: str, body: str, node_id: int, key: SigningKey, digest: bytes | None = None) -> str:
+    """The signed message text for a canonical `body` (``canonical_json`` of a map/delta object)."""
+    d = body_digest(body) if digest is None else digest
+    sig = key.sign(signed_bytes(kind, node_id, d)).signature
+    return (
+        f'{{"type":"{kind}","{kind}":{body},"key":"{key_id(bytes(key.verify_key))}",'
+        f'"sig":"{b64encode(sig)}"}}'
+    )
+
+
+def encode_signed(msg: MapMessage | DeltaMessage, node_id: int, key: SigningKey) -> str:
+    """A map or delta message signed for `node_id` (what the coordinator sends)."""
+    if isinstance(msg, MapMessage):
+        return sign_body("map", canonical_json(map_to_json(msg.map)).decode("utf-8"), node_id, key)
+    return sign_body("delta", canonical_json(delta_to_json(msg.delta)).decode("utf-8"), node_id, key)
+
+
+def signer(msg: MapMessage | DeltaMessage) -> str | None:
+    """The key id a map or delta message claims to be signed by (None: unsigned)."""
+    return msg.sig.key_id if msg.sig is not None else None
+
+
+def verify(msg: MapMessage | DeltaMessage, node_id: int, trusted_keys: Iterable[bytes]) -> None:
+    """Raise NetmapError unless `msg` is signed for `node_id` by one of `trusted_keys`."""
+    kind = "map" if isinstance(msg, MapMessage) else "delta"
+    if msg.sig is None:
+        raise NetmapError(f"{kind}: not signed")
+    public = {key_id(k): k for k in trusted_keys}.get(msg.sig.key_id)
+    if public is None:
+        raise NetmapError(f"{kind}: signed by unknown key {msg.sig.key_id}")
+    try:
+        VerifyKey(public).verify(signed_bytes(kind, node_id, msg.sig.digest), msg.sig.signature)
+    except (BadSignatureError, CryptoError, ValueError, TypeError):
+        raise NetmapError(
+            f"{kind} {_versions(msg)}: signature by key {msg.sig.key_id} does not verify for node {node_id}"
+        ) from None
+
+
+def check_order(current: NetMap | None, msg: MapMessage | DeltaMessage) -> None:
+    """Raise NetmapError when `msg` cannot follow `current`: a full map older than what we hold, or a
+    delta that does not start at exactly our version (a replayed, reordered or skipped delta)."""
+    if isinstance(msg, MapMessage):
+        if current is not None and msg.map.version < current.version:
+            raise NetmapError(f"map version {msg.map.version} is older than ours ({current.version})")
+        return
+    d = msg.delta
+    if current is None:
+        raise NetmapError(f"delta {d.from_version}->{d.version} without a map to apply it to")
+    if d.from_version != current.version or d.version < d.from_version:
+        raise NetmapError(
+            f"delta {d.from_version}->{d.version} does not follow our version {current.version}"
+        )
+
+
+def _versions(msg: MapMessage | DeltaMessage) -> str:
+    if isinstance(msg, MapMessage):
+        return f"version {msg.map.version}"
+    return f"{msg.delta.from_version}->{msg.delta.version}"
+
+
+def _signature(o: dict[str, Any], body: Any) -> Signature | None:
+    if "sig" not in o and "key" not in o:
+        return None
+    key = _get(o, "key", str, "message")
+    if len(key) != 16 or any(c not in "0123456789abcdef" for c in key):
+        raise NetmapError("message: key must be a 16-digit hex key id")
+    try:
+        signature = b64decode(_get(o, "sig", str, "message"), length=64, what="sig")
+        digest = body_digest(canonical_json(body))
+    except (ValueError, UnicodeEncodeError, RecursionError) as exc:  # lone surrogates, bad base64
+        raise NetmapError(f"message: {exc}") from None
+    return Signature(key, signature, digest)
+
+
 def encode_server_message(msg: ServerMessage) -> str:
+    """Unsigned encoding (tests, tools); the coordinator sends maps and deltas with :func:`encode_signed`."""
     if isinstance(msg, MapMessage):
         return json.dumps({"type": "map", "map": map_to_json(msg.map)}, separators=(",", ":"))
     if isinstance(msg, DeltaMessage):
@@ -426,7 +555,8 @@ def decode_client_message(text: str | bytes) -> ClientMessage:
 
 
 def decode_server_message(text: str | bytes, max_bytes: int = 256 * 1024 * 1024) -> ServerMessage:
-    """Parse a server->node message."""
+    """Parse a server->node message. A map or delta carries its :class:`Signature` if it has one; it is
+    checked by :func:`verify` (the caller knows its node id and trusted keys), not here."""
     if len(text) > max_bytes:
         raise NetmapError("message too large")
     try:
@@ -436,9 +566,9 @@ def decode_server_message(text: str | bytes, max_bytes: int = 256 * 1024 * 1024)
     o = _obj(raw, "message")
     kind = o.get("type")
     if kind == "map":
-        return MapMessage(map_from_json(o.get("map")))
+        return MapMessage(map_from_json(o.get("map")), _signature(o, o.get("map")))
     if kind == "delta":
-        return DeltaMessage(delta_from_json(o.get("delta")))
+        return DeltaMessage(delta_from_json(o.get("delta")), _signature(o, o.get("delta")))
     if kind == "signal":
         return SignalMessage(_get(o, "from", int, "signal"), _get(o, "payload", dict, "signal"))
     if kind == "error":

@@ -136,3 +136,46 @@ async def test_peer_by_name_accepts_the_mesh_domain(setup: Any) -> None:
     await applier.apply(a_map(1, peer(2, "b")))
     assert applier.peer_by_name("b.mesh") is applier.verified[0]
     assert applier.peer_by_name("c") is None
+
+
+async def test_a_map_from_a_newly_endorsed_key_is_verified_after_one_fetch(tmp_path: Path) -> None:
+    """Signing-key rotation: the first map signed by the new key names a key id meshd does not know. It
+    fetches the announced keys once, trusts the endorsed one, and the map verifies; a key nobody endorsed
+    is fetched for once, then refused without asking again."""
+    from meshd.control import ControlClient, MapRefused, check_map
+    from meshd.proto import trust
+
+    store = StateDir(tmp_path / "state")
+    me = peer(1, "a")
+    e = Enrollment(1, "a", me.ips, me.cert, COORD_PUB, (COORD_PUB,), "mesh", "100.64.0.0/10", "fd7a::/48")
+    state = store.load_or_create().with_enrollment("http://coord:8080", e)
+    new = SigningKey.generate()
+    asked: list[int] = []
+
+    class Client(ControlClient):
+        def __init__(self) -> None:
+            self.map_keys = None
+
+        async def signing_keys(self) -> tuple[trust.AnnouncedKey, ...]:
+            asked.append(1)
+            endorsed = trust.AnnouncedKey(
+                bytes(new.verify_key), COORD_PUB, trust.endorse(bytes(COORD), bytes(new.verify_key))
+            )
+            return (endorsed, trust.AnnouncedKey(COORD_PUB))
+
+    client = Client()
+    creds = Credentials(store, state, client, clock=time.time)
+    assert client.map_keys == creds.map_signing_keys, "meshd never takes a map unverified"
+    m = a_map(5, peer(2, "b"))
+    signed = netmap.decode_server_message(netmap.encode_signed(netmap.MapMessage(m), 1, new))
+    assert isinstance(signed, netmap.MapMessage)
+    await check_map(signed, 1, client.map_keys)
+    assert asked == [1] and bytes(new.verify_key) in creds.trusted_keys
+    await check_map(signed, 1, client.map_keys)
+    assert asked == [1], "a known key needs no fetch"
+    rogue = netmap.decode_server_message(netmap.encode_signed(netmap.MapMessage(m), 1, ROGUE))
+    assert isinstance(rogue, netmap.MapMessage)
+    for _ in range(3):
+        with pytest.raises(MapRefused, match="unknown key"):
+            await check_map(rogue, 1, client.map_keys)
+    assert asked == [1, 1], "an unknown key is asked about once"
