@@ -86,6 +86,7 @@ class RelayService:
         #: node id -> WireGuard key as last seen, and the map version it was read at (rotation watch)
         self._wg_keys: dict[int, bytes] | None = None
         self._seen_version = 0
+        self.watch_keys()  # the first snapshot now: a rotation before the first tick is then seen too
         self._tasks: set[asyncio.Task[Any]] = set()  #: at most MAX_PENDING
         self.skipped = 0  #: effects dropped because MAX_PENDING were in flight
         self._ticker: asyncio.Task[None] | None = None
@@ -156,7 +157,9 @@ class RelayService:
             key = b64decode(peer.wg_public_key, length=32)
             old = known.get(node_id)
             known[node_id] = key
-            if old is not None and old != key:
+            # a node added and rotated within one tick has no old key here: tell the relays anyway (a
+            # rekeyed with the key a relay already has is harmless), except on a full scan
+            if old != key and (changed is not None or old is not None):
                 self.rekeyed(node_id, key)
 
     def rekeyed(self, node_id: int, key: bytes) -> None:
