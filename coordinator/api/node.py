@@ -51,7 +51,9 @@ async def long_poll(
     since: int | None = Query(default=None, ge=0),
     wait: float = Query(default=0.0, ge=0, le=120),
 ) -> Response:
-    """The full map (no `since`, or too old) or the delta since `since`, waiting up to `wait` seconds."""
+    """The full map (no `since`, or too old) or the delta since `since`, waiting up to `wait` seconds.
+
+    The same signed messages as the stream (meshd.proto.netmap): signed for this node, checked by meshd."""
     state = core.state
     if since is not None and since >= state.version and wait > 0:
         await core.hub.wait_for_version(since, wait)

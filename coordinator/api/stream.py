@@ -1,8 +1,8 @@
 """The map stream: one WebSocket per node. Full map (or the missed delta) on connect, then deltas.
 
 Handshake: ``GET /api/v1/stream?since=V`` signed like every node request. The server sends
-``map``/``delta``/``signal``/``error`` messages; the node sends ``endpoints`` and ``signal`` messages
-(format: meshd.proto.netmap).
+``map``/``delta``/``signal``/``error`` messages (maps and deltas signed for the node: meshd verifies
+them before use); the node sends ``endpoints`` and ``signal`` messages (format: meshd.proto.netmap).
 
 Close codes (:class:`meshd.proto.netmap.CloseCode`): REVOKED (4403) the node was removed or expired (also
 sent instead of accepting, as HTTP 403, when a revoked node connects); POLICY (1008) the handshake

@@ -11,6 +11,7 @@ import pytest
 
 from coordinator.core import Core
 from meshd.control import ControlClient, ControlError, Enrollment, MapStream, NodeKeys
+from meshd.proto import cert as certfmt
 from meshd.proto import netmap
 from tests.coordinator.conftest import Coord
 from tests.eventually import EventuallyTimeout, eventually_async
@@ -186,3 +187,45 @@ async def test_long_poll_returns_the_delta_when_something_changes(coord: Coord) 
     await a.post_message(netmap.EndpointsMessage(("6.0.0.9:1",)))
     nodes = (await coord.admin.get("/admin/nodes")).json()
     assert next(n for n in nodes if n["name"] == "a")["endpoints"] == ["6.0.0.9:1"]
+
+
+async def test_full_maps_deltas_and_long_polls_are_signed_for_their_node(live: Coord) -> None:
+    """A client that checks signatures (as meshd's does) takes everything the coordinator sends: the
+    full map, deltas, the long-poll map and delta, also after a signing-key rotation once it has learnt
+    the endorsed key; a message for another node does not verify."""
+    from meshd.control import MapRefused
+    from meshd.proto import trust
+
+    key = await live.user_and_key(reusable=True)
+    a, b = await enroll_live(live, "a", key), await enroll_live(live, "b", key)
+    trusted = list(live.core.keys.trusted)
+    fetches: list[str] = []
+
+    async def map_keys(key_id: str) -> list[bytes]:  # what meshd's Credentials does, in short
+        if key_id not in {certfmt.key_id(k) for k in trusted}:
+            fetches.append(key_id)
+            trusted[:] = trust.accept(tuple(trusted), await a.signing_keys())
+        return trusted
+
+    a.map_keys = map_keys
+    async with a.stream() as sa:
+        first = await sa.recv(within=5)
+        assert isinstance(first, netmap.MapMessage) and first.sig is not None
+        assert (await live.admin.post("/admin/nodes/b/rename", json={"new_name": "bee"})).status_code == 204
+        await wait_until(sa, lambda m: names(m) == {"bee"}, 2.0)
+        r = await live.admin.post("/admin/signing-key/rotate", json={})
+        new_id = r.json()["key_id"]
+        await wait_until(sa, lambda m: certfmt.decode(m.self_node.cert)[0].issuer == new_id, 2.0)
+        assert fetches == [new_id], "the new key is learnt once, through its endorsement"
+    full = await a.fetch_map()
+    assert isinstance(full, netmap.MapMessage) and full.sig is not None and full.sig.key_id == new_id
+    assert (await live.admin.post("/admin/nodes/bee/rename", json={"new_name": "b2"})).status_code == 204
+    delta = await a.fetch_map(since=full.map.version)
+    assert isinstance(delta, netmap.DeltaMessage) and delta.sig is not None
+    assert a.node_id is not None
+    with pytest.raises(netmap.NetmapError, match="does not verify"):
+        netmap.verify(delta, a.node_id + 1, trusted)
+    with pytest.raises(MapRefused, match="older than"):  # an answer older than what we asked for
+        await a.fetch_map(since=delta.delta.version + 1)
+    await a.aclose()
+    await b.aclose()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -153,3 +154,32 @@ async def test_revocation_confirmed_by_a_signed_request_ends_the_session() -> No
     s = make(client, [], on_revoked=on_revoked)
     await asyncio.wait_for(s.run(), 2.0)  # returns: no reconnect after revocation
     assert revoked == ["map stream closed: node removed"]
+
+
+async def test_a_refused_map_keeps_the_last_good_one_and_backs_off(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A map that does not verify is never applied; the session says why in one warning line and
+    reconnects from the last good version, backing off (an attacker rewriting every message must not
+    make it reconnect at full speed)."""
+    from meshd.control import MapRefused
+
+    monkeypatch.setattr(session_mod, "RECONNECT_MIN", 0.1)
+    caplog.set_level(logging.WARNING, logger="meshd")
+    bad = MapRefused("map refused: delta 3->4: signature by key 00 does not verify for node 1")
+    streams: list[FakeStream | ControlError] = [FakeStream([netmap.MapMessage(a_map(3)), bad])]
+    streams += [FakeStream([bad]) for _ in range(3)]
+    streams.append(FakeStream([netmap.MapMessage(a_map(4))]))
+    client = FakeClient(streams)
+    applied: list[netmap.NetMap] = []
+    s = make(client, applied)
+    task = asyncio.create_task(s.run())
+    await eventually_async(lambda: [m.version for m in applied] == [3, 4], within=5.0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert client.since == [None, 3, 3, 3, 3], "every reconnect resumes from the last good map"
+    refused = [r.getMessage() for r in caplog.records if "map refused" in r.getMessage()]
+    assert [m.rsplit("retrying in ", 1)[1] for m in refused] == ["0.1 s", "0.2 s", "0.4 s", "0.8 s"], (
+        "refusals back off although the stream opened"
+    )
