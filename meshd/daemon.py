@@ -50,6 +50,7 @@ GIVE_UP_AFTER = 20  #: a loop failing this many times in a row stops meshd (non-
 STOP_TASKS = 1.0  #: seconds for the loops to end after cancellation
 STOP_PARTS = 2.0  #: ... for relay, paths, port maps and the control socket to close (concurrently)
 STOP_INTERFACE = 1.5  #: ... for the WireGuard interface to go
+PENDING_KEY_WAIT = 5.0  #: at start, how long to ask the coordinator about an interrupted key rotation
 
 
 class DaemonError(Exception):
@@ -172,6 +173,12 @@ class Daemon:
                 await creds.enroll(creds.client.url, hostname, self.opts.auth_key, self.opts.approval_wait)
             except CredentialError as e:
                 raise DaemonError(str(e)) from None
+        if creds.state.pending_wg_private is not None:  # a rotation was cut short: settle it first
+            try:
+                async with asyncio.timeout(PENDING_KEY_WAIT):
+                    await creds.recover_pending_key()
+            except (CredentialError, TimeoutError) as e:
+                log.warning("%s; the first map will settle it", e or "no answer about the pending key")
         await self._bring_up(creds)
         await self._start_paths(creds)
         self._api = api.ControlServer(self.store.socket_path, LocalCommands(self).handlers())
