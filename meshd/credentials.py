@@ -67,6 +67,7 @@ class Credentials:
         self.on_rekey: Callable[[], Awaitable[None]] | None = None  #: WireGuard and relay take the new key
         self._rotate_lock = asyncio.Lock()
         self._issuers_asked: set[str] = set()
+        self._map_keys_asked: set[str] = set()  #: apart: a failed fetch for a certificate must not block maps
         client.map_keys = self.map_signing_keys  # meshd takes no map or delta that does not verify
 
     # -- read-only views -----------------------------------------------------------------------------------
@@ -152,9 +153,9 @@ class Credentials:
         not know yet: fetch the endorsed keys once per unknown id (the same fetch as for certificates from
         an unknown issuer), then the map verifies or is refused. A failed fetch is retried on the next
         map (one per reconnect, with backoff)."""
-        known = {cert.key_id(k) for k in self.trusted_keys} | self._issuers_asked
+        known = {cert.key_id(k) for k in self.trusted_keys} | self._map_keys_asked
         if key_id not in known and await self._fetch_signing_keys():
-            self._issuers_asked.add(key_id)
+            self._map_keys_asked.add(key_id)
         return self.trusted_keys
 
     def _take_newer_cert(self, mine: str) -> None:
