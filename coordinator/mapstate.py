@@ -95,7 +95,12 @@ class MapState:
             self._policy = None
         else:
             try:
-                self._policy = access.parse(text)
+                self._policy, legacy = access.parse_stored(text)
+                if legacy:
+                    log.warning(
+                        "stored policy uses bare names (read as user:NAME); "
+                        "write user:NAME or node:NAME and run `coordinator policy set` again"
+                    )
             except access.PolicyError as exc:
                 log.warning("stored policy does not parse, denying all traffic: %s", exc.problems[0])
                 self._policy = access.Policy()

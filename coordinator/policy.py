@@ -176,8 +176,11 @@ def _ports(spec: str) -> tuple[tuple[int, int], ...]:
 
 
 class _Parser:
-    def __init__(self, text: str, users: Collection[str] | None, nodes: Collection[str] | None) -> None:
+    def __init__(
+        self, text: str, users: Collection[str] | None, nodes: Collection[str] | None, legacy: bool = False
+    ) -> None:
         self.text = text
+        self.legacy = legacy  #: a stored policy from before user:/node:: a bare NAME means user:NAME
         self.lines = _Lines(text)
         self.users = users
         self.nodes = nodes
@@ -224,6 +227,8 @@ class _Parser:
             return Selector("net", text, ipaddress.ip_network(text, strict=False))
         except ValueError:
             pass
+        if self.legacy and _NAME_RE.match(text):
+            return Selector("user", text)  # never a node's name: that is what let a hostname take grants
         self.bad(where, _bare_problem(text))
         return None
 
@@ -258,6 +263,8 @@ class _Parser:
     def test_target(self, text: str, line: int) -> None:
         """A test's source or destination (without :PORT) must be unambiguous, like a rule's."""
         if text.startswith((*_PREFIXES_COLON, "*")) or text in self.hosts:
+            return
+        if self.legacy and _NAME_RE.match(text):
             return
         try:
             ipaddress.ip_network(text, strict=False)
@@ -391,6 +398,20 @@ class _Parser:
 def parse(text: str, users: Collection[str] | None = None, nodes: Collection[str] | None = None) -> Policy:
     """Validate and parse a policy. With `users`/`nodes` given, ``user:``/``node:`` names must be in them."""
     return _Parser(text, users, nodes).parse()
+
+
+def parse_stored(text: str) -> tuple[Policy, bool]:
+    """A policy read back from the database; True when it needed the legacy reading.
+
+    ``policy set`` refuses bare names since selectors say what they name, but a policy stored by an
+    earlier version may hold them. Denying all traffic after an upgrade would break working meshes, so a
+    stored bare NAME is read as ``user:NAME``, the only reading that cannot hand grants to a node for
+    its hostname. The next ``policy set`` must use the new form.
+    """
+    try:
+        return parse(text), False
+    except PolicyError:
+        return _Parser(text, None, None, legacy=True).parse(), True
 
 
 # ------------------------------------------------------------------------------------------ evaluating

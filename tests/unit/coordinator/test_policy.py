@@ -257,3 +257,17 @@ def test_any_node_listed_for_an_inbound_rule_can_see_the_destination(
                 assert c.visible(dst.node_id) is None or src.node_id in c.visible(dst.node_id)  # type: ignore[operator]
                 srcs = {s for r in c.inbound(dst.node_id) for s in r.sources}
                 assert "100.64.0.0/24" in srcs or "0.0.0.0/0" in srcs or f"100.64.0.{src.node_id}/32" in srcs
+
+
+def test_a_stored_policy_from_before_user_and_node_selectors_keeps_working_without_node_name_grants() -> None:
+    """An upgrade must not deny all: a stored bare name is read as user:NAME, never as a node's name."""
+    old = '[groups]\neng = ["alice"]\n\n[[rules]]\nsrc = ["alice"]\ndst = ["bob:22"]\nproto = "tcp"\n'
+    with pytest.raises(PolicyError, match="ambiguous"):
+        pol.parse(old)  # `policy set` refuses it
+    parsed, legacy = pol.parse_stored(old)
+    assert legacy
+    laptop, bob_pc = member(1, "alice-laptop", "alice"), member(2, "bob-pc", "bob")
+    impostor = member(3, "alice", "mallory")  # mallory's node, named alice
+    assert pol.allowed(parsed, laptop, bob_pc, "tcp", 22)
+    assert not pol.allowed(parsed, impostor, bob_pc, "tcp", 22)
+    assert pol.parse_stored('[[rules]]\nsrc = ["user:alice"]\ndst = ["*:*"]\n')[1] is False
