@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from dataclasses import replace
 
 import httpx
+import pytest
 
 from coordinator.app import create_admin_app, create_app
 from coordinator.core import Core
@@ -108,6 +109,7 @@ async def test_cert_renewal_and_revocation(coord: Coord) -> None:
         raise AssertionError("expired node renewed its certificate")
 
 
+@pytest.mark.hostile
 async def test_names_that_would_pass_for_someone_else_get_a_suffix(coord: Coord) -> None:
     """A node named like a user, a reserved name or the mesh domain is renamed, like a taken name."""
     key = await coord.user_and_key("alice", reusable=True)
@@ -137,6 +139,7 @@ async def restarted(settings: Settings) -> AsyncIterator[Coord]:
         await core.stop()
 
 
+@pytest.mark.hostile
 async def test_names_a_new_node_inherits_no_removed_nodes_name_or_address(
     coord: Coord, settings: Settings
 ) -> None:

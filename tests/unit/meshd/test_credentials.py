@@ -172,6 +172,7 @@ def restart(store: StateDir, client: FakeClient) -> Credentials:
     return Credentials(store, state, client, clock=time.time)  # type: ignore[arg-type]
 
 
+@pytest.mark.hostile
 async def test_a_crash_after_the_coordinator_took_the_new_key_recovers_with_the_new_key(
     tmp_path: Path,
 ) -> None:
