@@ -26,6 +26,7 @@ from coordinator import adminclient
 from coordinator.errors import CoordinatorError
 from coordinator.settings import DEFAULT_STATE_DIR, load_settings, parse_duration
 from meshd.clikit import fail, options, run
+from meshd.logfmt import EscapingFormatter
 
 app = typer.Typer(
     help="coordinator: the mesh VPN control plane",
@@ -58,6 +59,13 @@ class Globals:
 
     state_dir: Path
     state_dir_given: bool
+
+
+def _setup_logging() -> None:
+    """Root logging on stderr; every control character escaped (clients choose many logged strings)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
 
 
 def _admin(ctx: typer.Context, method: str, path: str, body: Any = None) -> Any:
@@ -135,7 +143,7 @@ def serve(
         "state_dir": state_dir or (given.state_dir if given.state_dir_given else None),
     }
     settings = load_settings(flags, config_file=config)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _setup_logging()
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run_server(settings))
 
@@ -385,7 +393,7 @@ def relay_serve(
         stun_port=stun_port,
         pong_delay=pong_delay,
     )
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _setup_logging()
     try:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(run_relay(opts))

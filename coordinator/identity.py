@@ -53,13 +53,13 @@ def hash_key(key: str) -> str:
 
 def check_tags(tags: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     for tag in tags:
-        if not _TAG_RE.match(tag):
+        if not _TAG_RE.fullmatch(tag):
             raise BadRequest(f"bad tag {tag!r}: use lowercase letters, digits and '-' (optionally tag:NAME)")
     return tuple(dict.fromkeys(tags))
 
 
 async def create_user(core: Core, name: str, actor: str) -> UserInfo:
-    if not _USER_RE.match(name):
+    if not _USER_RE.fullmatch(name):
         raise BadRequest(f"bad user name {name!r}: letters, digits and . _ @ - only, at most 64")
     try:
         async with core.transaction() as tx:

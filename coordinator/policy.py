@@ -58,7 +58,7 @@ _PREFIXES_COLON = tuple(f"{p}:" for p in _PREFIXES)
 
 def _bare_problem(text: str) -> str:
     """Why a plain word is refused as a selector, and what to write instead."""
-    if _NAME_RE.match(text):
+    if _NAME_RE.fullmatch(text):
         return f'"{text}" is ambiguous: write "user:{text}" or "node:{text}" (or declare it in [hosts])'
     return f"bad selector {text!r}: use *, user:NAME, node:NAME, group:NAME, tag:NAME, a host alias or an IP"
 
@@ -217,7 +217,7 @@ class _Parser:
         if text.startswith(("user:", "node:")):
             kind, name = text[:4], text[5:]
             known = self.users if kind == "user" else self.nodes
-            if not _NAME_RE.match(name) or (known is not None and name not in known):
+            if not _NAME_RE.fullmatch(name) or (known is not None and name not in known):
                 self.bad(where, f"unknown {kind} {name!r}")
                 return None
             return Selector(kind, name)
@@ -227,7 +227,7 @@ class _Parser:
             return Selector("net", text, ipaddress.ip_network(text, strict=False))
         except ValueError:
             pass
-        if self.legacy and _NAME_RE.match(text):
+        if self.legacy and _NAME_RE.fullmatch(text):
             return Selector("user", text)  # never a node's name: that is what let a hostname take grants
         self.bad(where, _bare_problem(text))
         return None
@@ -253,7 +253,7 @@ class _Parser:
                 out.append(item)
                 continue
             name = item[5:] if item.startswith("user:") else item
-            if ":" in name or not _NAME_RE.match(name):
+            if ":" in name or not _NAME_RE.fullmatch(name):
                 allowed = "users (NAME or user:NAME)" + (" and group:NAME" if groups else "")
                 self.bad(self.lines.find(f'"{item}', line), f"{what}: {item!r} is not a user; list {allowed}")
                 continue
@@ -264,7 +264,7 @@ class _Parser:
         """A test's source or destination (without :PORT) must be unambiguous, like a rule's."""
         if text.startswith((*_PREFIXES_COLON, "*")) or text in self.hosts:
             return
-        if self.legacy and _NAME_RE.match(text):
+        if self.legacy and _NAME_RE.fullmatch(text):
             return
         try:
             ipaddress.ip_network(text, strict=False)
@@ -299,13 +299,13 @@ class _Parser:
         for name, members in self.table(raw, "groups").items():
             line = self.lines.find(name, start)
             name = name[6:] if name.startswith("group:") else name
-            if not _NAME_RE.match(name):
+            if not _NAME_RE.fullmatch(name):
                 self.bad(line, f"bad group name {name!r}")
             self.groups[name] = tuple(self.users_of(members, line, f"group {name!r}", groups=False))
         start = self.lines.header("tag_owners")
         for tag, owners in self.table(raw, "tag_owners").items():
             line = self.lines.find(tag, start)
-            if not _TAG_RE.match(tag_name(tag)):
+            if not _TAG_RE.fullmatch(tag_name(tag)):
                 self.bad(line, f"bad tag {tag!r}: lowercase letters, digits and '-'")
             owner_list = self.users_of(owners, line, f"owners of {tag!r}", groups=True)
             for owner in owner_list:
@@ -315,7 +315,7 @@ class _Parser:
         start = self.lines.header("hosts")
         for host, address in self.table(raw, "hosts").items():
             line = self.lines.find(host, start)
-            if not _NAME_RE.match(host) or ":" in host:
+            if not _NAME_RE.fullmatch(host) or ":" in host:
                 self.bad(line, f"bad host name {host!r}")
                 continue
             try:

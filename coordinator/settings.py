@@ -94,7 +94,7 @@ def parse_duration(text: str | float | int) -> float:
 
 def parse_listen(text: str) -> tuple[str, int]:
     """`HOST:PORT` or `[v6]:PORT` -> (host, port)."""
-    m = re.match(r"^\[([^\]]+)\]:(\d+)$", text) or re.match(r"^([^:\[\]]*):(\d+)$", text)
+    m = re.fullmatch(r"^\[([^\]]+)\]:(\d+)$", text) or re.fullmatch(r"^([^:\[\]]*):(\d+)$", text)
     if not m or not 0 <= int(m.group(2)) <= 65535:
         raise SettingsError(f"bad listen address {text!r}: expected HOST:PORT")
     return (m.group(1) or "0.0.0.0", int(m.group(2)))

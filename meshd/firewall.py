@@ -35,18 +35,40 @@ class FirewallError(RuntimeError):
     """nft refused the rules or is missing."""
 
 
+_IFNAME_OK = re.compile(r"[A-Za-z0-9_.=+-]{1,15}")  #: a Linux interface name (meshd.wg.model's rule)
+_PROTOS = frozenset({"tcp", "udp", "icmp", "any"})
+
+
 def table_name(ifname: str) -> str:
     """``meshd_<ifname>`` with anything nft would not accept in a name replaced by ``_``."""
     return "meshd_" + re.sub(r"[^A-Za-z0-9_]", "_", ifname)
 
 
+def _net(source: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    # only plain CIDRs reach the script: ipaddress keeps an IPv6 zone id ("fe80::%x\n.../64") verbatim,
+    # and any newline in the nft text would be a statement of its own
+    if not isinstance(source, str) or "%" in source or not source.isascii() or not source.isprintable():
+        raise FirewallError(f"inbound rule source {source!r} is not a plain CIDR")
+    try:
+        return ipaddress.ip_network(source, strict=False)
+    except ValueError:
+        raise FirewallError(f"inbound rule source {source!r} is not a CIDR") from None
+
+
 def _nets(sources: tuple[str, ...], version: int) -> list[str]:
-    nets = [n for n in (ipaddress.ip_network(s, strict=False) for s in sources) if n.version == version]
+    nets = [n for n in (_net(s) for s in sources) if n.version == version]
     return [str(n) for n in ipaddress.collapse_addresses(nets)]  # type: ignore[type-var]
 
 
+def _port(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 65535:
+        raise FirewallError(f"inbound rule port {value!r} is not in 0..65535")
+    return value
+
+
 def _ports(ports: tuple[tuple[int, int], ...]) -> str:
-    items = ", ".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in ports)
+    ranges = [(_port(lo), _port(hi)) for lo, hi in ports]
+    items = ", ".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in ranges)
     return f"{{ {items} }}"
 
 
@@ -71,7 +93,14 @@ def rule_lines(rule: InboundRule) -> list[str]:
 
 
 def render(ifname: str, rules: tuple[InboundRule, ...]) -> str:
-    """The nft script that atomically (re)creates the table for `ifname` enforcing `rules`."""
+    """The nft script that atomically (re)creates the table for `ifname` enforcing `rules`.
+
+    FirewallError for anything that is not a canonical interface name, CIDR, protocol or port: only
+    those reach the script (it is line-based text, like UAPI)."""
+    if not _IFNAME_OK.fullmatch(ifname):
+        raise FirewallError(f"interface name {ifname!r} is not valid")
+    if any(rule.proto not in _PROTOS for rule in rules):
+        raise FirewallError("inbound rule protocol is not one of tcp, udp, icmp, any")
     table = table_name(ifname)
     body = [
         f'iifname != "{ifname}" accept',

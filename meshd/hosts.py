@@ -66,11 +66,15 @@ class HostEntry:
     name: str
 
     def __post_init__(self) -> None:
+        # ipaddress keeps an IPv6 zone id verbatim ("fe80::1%x\n10.0.0.1 evil"): only plain literals,
+        # so that an entry is always exactly one line
+        if not isinstance(self.ip, str) or "%" in self.ip or not self.ip.isprintable():
+            raise HostsError(f"not a plain IP address: {self.ip!r}")
         try:
             ipaddress.ip_address(self.ip)
         except ValueError:
             raise HostsError(f"not an IP address: {self.ip!r}") from None
-        if not _LABEL.match(self.name):
+        if not _LABEL.fullmatch(self.name):
             raise HostsError(f"not a valid host name (lowercase letters, digits, '-'): {self.name!r}")
 
     @classmethod
@@ -84,7 +88,7 @@ class HostEntry:
 
 
 def _markers(tag: str) -> tuple[str, str]:
-    if not _TAG.match(tag):
+    if not _TAG.fullmatch(tag):
         raise HostsError(f"invalid hosts block tag {tag!r} (letters, digits and ._@:/+- only)")
     return (f"# BEGIN meshd {tag} (managed by meshd; edits inside are overwritten)", f"# END meshd {tag}")
 
@@ -102,7 +106,7 @@ def _looks_like_entry(line: str, domain: str) -> bool:
     words = line.split()
     if len(words) == 2:  # a peer written without its bare name (it would have shadowed one)
         name, dot, rest = words[1].partition(".")
-        return bool(dot) and rest == domain and bool(_LABEL.match(name))
+        return bool(dot) and rest == domain and bool(_LABEL.fullmatch(name))
     return len(words) == 3 and words[1] == f"{words[2]}.{domain}"
 
 
@@ -153,7 +157,7 @@ def _strip_block(lines: list[str], tag: str, domain: str) -> tuple[list[str], in
 def render(text: str, tag: str, entries: Sequence[HostEntry], domain: str = DEFAULT_DOMAIN) -> str:
     """``text`` with our block set to ``entries`` (sorted by name), in its old place or at the end; a
     name the rest of the file already has (or a reserved one) is written only as ``<name>.<domain>``."""
-    if not all(_LABEL.match(label) for label in domain.split(".")):
+    if not all(_LABEL.fullmatch(label) for label in domain.split(".")):
         raise HostsError(f"invalid domain {domain!r}")
     begin, end = _markers(tag)
     rest, at = _strip_block(_lines(text), tag, domain)

@@ -14,7 +14,36 @@ import time
 def _quote(value: str) -> str:
     if value and all(c.isalnum() or c in "-_./:@" for c in value):
         return value
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    return '"' + "".join(_ESCAPES.get(c) or _escape_control(c) for c in value) + '"'
+
+
+#: every control character is escaped (not only newline): a ``\r`` would let a feed-supplied string
+#: overwrite the visible line on a terminal, ESC starts terminal escape sequences, and any of them can
+#: forge or hide log lines for a reader or a parser
+_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_control(c: str) -> str:
+    if c.isprintable() or c == " ":
+        return c
+    code = ord(c)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def escape_controls(text: str) -> str:
+    """`text` with every control (non-printable) character escaped, so it stays on one visible line."""
+    if text.isprintable():
+        return text
+    return "".join(_ESCAPES.get(c, c) if c in "\n\r\t" else _escape_control(c) for c in text)
+
+
+class EscapingFormatter(logging.Formatter):
+    """A classic ``%``-style formatter whose whole output (message, traceback) has its control
+    characters escaped: the coordinator logs strings its clients chose (host names, endpoints, feed
+    values), and one record must never become two lines or carry terminal escape sequences."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return escape_controls(super().format(record))
 
 
 class LogfmtFormatter(logging.Formatter):

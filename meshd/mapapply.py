@@ -146,7 +146,9 @@ class MapApplier:
                 except (OSError, IndexError, UnicodeError):
                     log.warning("cannot resolve relay region %s (%s)", region.name, host)
                     continue
-            out += [(ip, region.stun_port), (ip, region.stun_port + 1)]
+            out.append((ip, region.stun_port))
+            if region.stun_port < 65535:  # the second destination only when it is a port (no overflow)
+                out.append((ip, region.stun_port + 1))
         return out
 
 

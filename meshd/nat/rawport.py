@@ -135,6 +135,11 @@ class RawPort:
         return self.sock.fileno()
 
     def send(self, payload: bytes, dst: Endpoint) -> None:
+        # a destination from the network (a map's STUN port + 1, a peer's candidate) may be out of range:
+        # that is this send's failure (RawPortError, which callers handle), not a struct.error that would
+        # escape and end the NAT timer task
+        if not 0 < dst[1] <= 65535 or len(payload) > 65535 - 8:
+            raise RawPortError(f"cannot send {len(payload)} bytes to port {dst[1]}: out of range")
         try:
             self.sock.sendto(build_udp(self.port, dst, payload), (dst[0], 0))
         except OSError as e:

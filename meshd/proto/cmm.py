@@ -66,7 +66,8 @@ class CallMeMaybe:
 
 def parse_endpoint(text: object) -> Endpoint:
     """``"ip:port"`` or ``"[v6]:port"`` to an :data:`Endpoint`; the address literal is normalised."""
-    if not isinstance(text, str) or len(text) > MAX_CANDIDATE_LEN:
+    # no zone id ("%..."): it may hold a newline and means nothing on another host
+    if not isinstance(text, str) or len(text) > MAX_CANDIDATE_LEN or "%" in text or not text.isprintable():
         raise CallMeMaybeError(f"candidate {text!r}: not an address string")
     host, sep, port = text.rpartition(":")
     if not sep or not port.isascii() or not port.isdigit():

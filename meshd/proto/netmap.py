@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import ipaddress
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -540,6 +541,28 @@ def _load(text: str | bytes) -> dict[str, Any]:
     return _obj(raw, "message")
 
 
+def canonical_candidate(text: str) -> str:
+    """``"ip:port"`` / ``"[ipv6]:port"`` re-spelt canonically; NetmapError for anything else.
+
+    Candidates end up in WireGuard's UAPI text, status output and logs, so only the canonical spelling
+    of an address literal passes: no IPv6 zone id (``%eth0``: a zone id may hold any character, a
+    newline included, and is meaningless to another host), no control character, no names.
+    """
+    if len(text) > 64 or not text.isascii() or not text.isprintable() or "%" in text:
+        raise NetmapError(f"endpoints: candidate {text!r} is not an address literal with a port")
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or len(port) > 5 or not 0 < int(port) < 65536:
+        raise NetmapError(f"endpoints: candidate {text!r} has no port in 1..65535")
+    bracketed = host.startswith("[") and host.endswith("]")
+    try:
+        ip = ipaddress.ip_address(host[1:-1] if bracketed else host)
+    except ValueError:
+        raise NetmapError(f"endpoints: candidate {text!r} is not an IP address") from None
+    if (ip.version == 6) != bracketed:
+        raise NetmapError(f"endpoints: candidate {text!r}: IPv6 goes in brackets, IPv4 not")
+    return f"[{ip}]:{int(port)}" if ip.version == 6 else f"{ip}:{int(port)}"
+
+
 def decode_client_message(text: str | bytes) -> ClientMessage:
     """Parse a node->server message (bounded size, strict types)."""
     o = _load(text)
@@ -548,7 +571,7 @@ def decode_client_message(text: str | bytes) -> ClientMessage:
         candidates = _strs(o, "candidates", "endpoints", limit=MAX_CANDIDATES)
         if any(len(c) > 64 for c in candidates):
             raise NetmapError("endpoints: candidate longer than 64 characters")
-        return EndpointsMessage(candidates)
+        return EndpointsMessage(tuple(canonical_candidate(c) for c in candidates))
     if kind == "signal":
         return SignalMessage(_get(o, "to", int, "signal"), _get(o, "payload", dict, "signal"))
     raise NetmapError(f"unknown message type {kind!r}")

@@ -88,13 +88,13 @@ def parse_headers(headers: Mapping[str, str]) -> SignedHeaders:
             raise SignatureError(f"missing header {name}")
         values[name] = value
     node = values[HEADER_NODE]
-    if not _NODE_RE.match(node):
+    if not _NODE_RE.fullmatch(node):
         raise SignatureError(f"malformed header {HEADER_NODE}")
     ts_text = values[HEADER_TIMESTAMP]
     if not ts_text.isascii() or not ts_text.isdigit() or len(ts_text) > 12:
         raise SignatureError(f"malformed header {HEADER_TIMESTAMP}: expected unix seconds")
     nonce = values[HEADER_NONCE]
-    if not _NONCE_RE.match(nonce):
+    if not _NONCE_RE.fullmatch(nonce):
         raise SignatureError(f"malformed header {HEADER_NONCE}: expected 32 lowercase hex digits")
     try:
         signature = b64decode(values[HEADER_SIGNATURE], length=SIGNATURE_BYTES, what=HEADER_SIGNATURE)

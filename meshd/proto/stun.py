@@ -442,7 +442,13 @@ class BindingClient:
             return False
         del self._txns[msg.transaction_id]
         if msg.cls == Class.ERROR:
-            err = msg.error
+            # a malformed ERROR-CODE (shorter than its 4-byte header) is still a failed answer: reading it
+            # must not raise out of here, where it would kill the caller's NAT timer task
+            try:
+                err = msg.error
+            except StunError as e:
+                self._events.append(BindingFailed(txn.server, f"malformed error response: {e}"))
+                return True
             self._events.append(BindingFailed(txn.server, f"error response {err}"))
             return True
         try:

@@ -24,7 +24,7 @@ _IFNAME = re.compile(r"^[A-Za-z0-9_.=+-]{1,15}$")
 
 def check_ifname(name: str) -> str:
     """Validate a Linux interface name (1..15 chars, no '/', ':' or spaces); return it."""
-    if not _IFNAME.match(name) or name in {".", ".."}:
+    if not _IFNAME.fullmatch(name) or name in {".", ".."}:
         raise WgConfigError(
             f"invalid interface name {name!r}: use 1 to 15 letters, digits or _.=+- (e.g. mesh0)"
         )
@@ -53,6 +53,10 @@ def canonical_interface_address(text: str) -> str:
 
 def canonical_endpoint(endpoint: Endpoint) -> Endpoint:
     host, port = endpoint
+    # a zone id ("fe80::1%eth0") may hold any character, newlines included, and would be written
+    # verbatim into UAPI text: only plain address literals are endpoints
+    if not isinstance(host, str) or "%" in host or not host.isprintable():
+        raise WgConfigError(f"endpoint host {host!r} is not a plain IP address (no zone id)")
     try:
         addr = ipaddress.ip_address(host.strip("[]"))
     except ValueError:

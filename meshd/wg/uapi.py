@@ -77,6 +77,11 @@ def encode_set(ops: Sequence[DeviceOp]) -> bytes:
             if op.allowed_ips is not None:
                 lines.append("replace_allowed_ips=true")
                 lines += [f"allowed_ip={net}" for net in op.allowed_ips]
+    # the protocol is line-based: one value holding a newline or other control character would become
+    # extra lines (``remove=true``, another ``endpoint=``); no valid value has one, so refuse the request
+    for line in lines:
+        if not line.isascii() or not line.isprintable():
+            raise WgConfigError(f"UAPI value {line!r} holds a control or non-ASCII character")
     return ("\n".join(lines) + "\n\n").encode()
 
 

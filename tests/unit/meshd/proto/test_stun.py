@@ -178,3 +178,29 @@ def test_any_body_behind_a_valid_header_raises_only_stun_error(body: bytes) -> N
         msg.mapped_address, msg.other_address, msg.error  # noqa: B018
     except stun.StunError:
         pass
+
+
+def _pending_client() -> tuple[stun.BindingClient, bytes]:
+    c = stun.BindingClient(rto=0.1, max_sends=3)
+    c.query(("6.0.0.1", 3478), now=0.0)
+    [(req, _)] = c.datagrams_to_send(0.0)
+    return c, req[8:20]
+
+
+def test_truncated_error_code_is_a_failed_binding_not_an_exception() -> None:
+    """Used to raise StunError out of BindingClient.receive (and kill meshd's NAT timer task)."""
+    c, txid = _pending_client()
+    bad = stun.Message(stun.Method.BINDING, stun.Class.ERROR, txid, ((stun.Attr.ERROR_CODE, b"\x00\x04"),))
+    assert c.receive(stun.encode(bad), ("6.0.0.1", 3478), now=0.01)
+    ev = c.next_event()
+    assert isinstance(ev, stun.BindingFailed) and "malformed error response" in ev.reason
+
+
+@given(st.sampled_from([stun.Class.SUCCESS, stun.Class.ERROR]), st.binary(max_size=120))
+def test_binding_client_receive_never_raises(cls: stun.Class, body: bytes) -> None:
+    """Any answer to a pending transaction (any attribute bytes) is taken without raising."""
+    c, txid = _pending_client()
+    body = body[: len(body) - len(body) % 4]
+    kind = stun.message_type(stun.Method.BINDING, cls)
+    data = kind.to_bytes(2, "big") + len(body).to_bytes(2, "big") + bytes.fromhex("2112a442") + txid + body
+    c.receive(data, ("6.0.0.1", 3478), now=0.01)
