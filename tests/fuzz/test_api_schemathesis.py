@@ -1,0 +1,113 @@
+"""schemathesis against the coordinator's node-facing OpenAPI schema, in-process (ASGI, no network).
+
+Every operation, positive and negative generation, with a valid signature for an enrolled node and with
+each way of breaking it: no 5xx, no traceback in the log, every rejection a 4xx with a one-line
+`{"detail": "..."}`; a broken signature is never accepted on a signed route. Bounded: 25 examples per
+operation and mode. The longer run is benchmarks/fuzz_api.py.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from schemathesis import GenerationMode
+
+from tests.fuzz.harness import BROKEN_MODES, UNSIGNED, VALID, Harness, harness, operation_labels
+
+pytestmark = [pytest.mark.hostile, pytest.mark.slow]
+
+LABELS, WITH_INPUT = operation_labels()
+#: Negative generation needs something to break: operations without parameters or body get none.
+CASES = [(label, GenerationMode.POSITIVE) for label in LABELS] + [
+    (label, GenerationMode.NEGATIVE) for label in LABELS if label in WITH_INPUT
+]
+EXAMPLES = 25
+#: Signed routes whose every schema-valid request succeeds: the positive control for the signing hook.
+ACCEPTS_ANY_VALID = {"POST /api/v1/cert/renew", "GET /api/v1/signing-keys", "GET /api/v1/map"}
+BOUNDED = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
+
+
+@pytest.fixture(scope="module")
+def coordinator() -> Iterator[Harness]:
+    with harness() as h:
+        yield h
+
+
+def test_schema_lists_every_public_route(coordinator: Harness) -> None:
+    """The fuzzer covers the whole node-facing surface, and the schema served equals the one fuzzed."""
+    served = sorted(r.ok().label for r in coordinator.schema.get_all_operations())  # type: ignore[union-attr]
+    assert served == sorted(LABELS)
+    assert {"GET /api/v1/map", "POST /api/v1/messages", "POST /api/v1/register"} <= set(LABELS)
+
+
+@pytest.mark.parametrize(("label", "mode"), CASES, ids=[f"{label}-{mode.value}" for label, mode in CASES])
+def test_valid_signature(coordinator: Harness, label: str, mode: GenerationMode) -> None:
+    """Signed for the enrolled node: whatever the parameters and body, no 5xx and a clean rejection."""
+
+    @BOUNDED
+    @given(case=coordinator.strategy(label, mode))
+    def run(case: Any) -> None:
+        response = coordinator.send(case, VALID)
+        coordinator.check(case, VALID, response, signed_route=False)
+
+    run()
+    if mode is GenerationMode.POSITIVE and label in ACCEPTS_ANY_VALID:
+        # Positive control: the signing hook works, so the broken runs below cannot pass by accident.
+        assert coordinator.accepted.get(label), f"no valid example of {label} was accepted"
+
+
+@pytest.mark.parametrize("label", sorted(set(LABELS) - UNSIGNED))
+def test_broken_signature(coordinator: Harness, label: str) -> None:
+    """Every way of breaking the envelope is a 4xx with a one-line reason, never a 2xx or a 5xx."""
+
+    @BOUNDED
+    @given(case=coordinator.strategy(label, GenerationMode.POSITIVE), sign_mode=st.sampled_from(BROKEN_MODES))
+    def run(case: object, sign_mode: str) -> None:
+        response = coordinator.send(case, sign_mode)
+        coordinator.check(case, sign_mode, response, signed_route=True)
+
+    run()
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=80),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=12,
+)
+CANDIDATE = st.one_of(
+    st.text(max_size=70),
+    st.sampled_from(["[2a00::1%x]:1\nremove=true\nendpoint=[::1]:51820", "1.2.3.4:0", "[::1]:65536", "a:b"]),
+    st.builds(lambda a, p: f"{a}:{p}", st.ip_addresses(v=4).map(str), st.integers(-1, 70000)),
+)
+CLIENT_MESSAGE = st.one_of(
+    st.fixed_dictionaries({"type": st.just("endpoints"), "candidates": st.lists(CANDIDATE, max_size=40)}),
+    st.fixed_dictionaries({"type": st.just("signal"), "to": JSON | st.integers(), "payload": JSON}),
+    st.dictionaries(st.sampled_from(["type", "candidates", "endpoints", "to", "payload"]), JSON),
+)
+
+
+def test_messages_body(coordinator: Harness) -> None:
+    """POST /api/v1/messages reads a raw body the schema does not describe: fuzz it directly, signed."""
+
+    @settings(BOUNDED, max_examples=4 * EXAMPLES)
+    @given(
+        body=st.binary(max_size=300)
+        | CLIENT_MESSAGE.map(lambda o: json.dumps(o).encode())
+        | JSON.map(lambda o: json.dumps(o).encode())
+    )
+    def run(body: bytes) -> None:
+        r = coordinator.raw("POST", "/api/v1/messages", body)
+        coordinator.check_raw("POST /api/v1/messages", r)
+
+    run()
