@@ -137,3 +137,25 @@ def test_log_lines_escape_cr_and_esc(formatter: logging.Formatter) -> None:
     line = formatter.format(record)
     assert "\r" not in line and "\x1b" not in line and "\n" not in line
     assert "\\r" in line and "\\x1b" in line
+
+
+async def test_a_stun_port_of_65535_never_makes_port_65536() -> None:
+    """A region's `stun_port + 1` overflowed in RawPort.send (struct.error) and ended the NAT timer
+    task. The region codec refuses 65535 now; meshd's own guards hold without it."""
+    from types import SimpleNamespace
+
+    from meshd.mapapply import MapApplier
+    from meshd.nat.rawport import RawPort, RawPortError
+
+    region = SimpleNamespace(stun_port=65535, url="https://relay.example", name="r1")
+    applier = SimpleNamespace(_resolved={"relay.example": "6.0.0.1"})
+    got = await MapApplier._stun_servers(applier, SimpleNamespace(relays=[region]))  # type: ignore[arg-type]
+    assert got == [("6.0.0.1", 65535)]
+
+    class NoSocket:
+        def sendto(self, data: bytes, addr: object) -> int:
+            raise AssertionError("nothing may be sent to port 65536")
+
+    port = SimpleNamespace(sock=NoSocket(), port=41641)
+    with pytest.raises(RawPortError):
+        RawPort.send(port, b"x", ("6.0.0.1", 65536))  # type: ignore[arg-type]
