@@ -3,7 +3,8 @@
 The same harness and contract as tests/fuzz/test_api_schemathesis.py (no 5xx, no traceback logged, every
 rejection a 4xx with a one-line ``{"detail": ...}``, a broken signature never accepted on a signed route)
 with more examples: per operation, positive and negative generation with a valid signature for an enrolled
-node, then positive generation with every broken-signature mode. Prints, per operation, the examples run
+node, then positive generation with every broken-signature mode, then raw bodies for
+``POST /api/v1/messages`` (the schema does not describe its body). Prints, per operation, the examples run
 and the status codes seen, then the failures (the first counter-example of each) and the totals.
 Exit status 1 when anything failed.
 
@@ -22,7 +23,7 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
-from tests.fuzz.harness import BROKEN_MODES, UNSIGNED, VALID, Harness, harness, operation_labels
+from tests.fuzz.harness import BROKEN_MODES, MESSAGE_BODY, UNSIGNED, VALID, Harness, harness, operation_labels
 
 
 def main() -> int:
@@ -49,6 +50,7 @@ def main() -> int:
             for kind, mode, broken in runs:
                 modes = st.sampled_from(BROKEN_MODES) if broken else st.just(VALID)
                 run_one(h, label, mode, modes, broken, bounded, args.seed, statuses, failures, kind)
+        run_messages(h, bounded, args.seed, statuses, failures)
         elapsed = time.monotonic() - start
         total = sum(h.examples.values())
         print(f"{'operation':40} {'examples':>8}  statuses")
@@ -85,6 +87,31 @@ def run_one(
         run()
     except Exception as exc:  # the benchmark reports every operation's failure, then exits 1
         failures.append(f"{label} [{kind}, {mode.value}]: {str(exc).splitlines()[0][:400]}")
+        h.logs.bad.clear()
+
+
+def run_messages(
+    h: Harness,
+    bounded: settings,
+    seed_value: int,
+    statuses: dict[str, collections.Counter[int]],
+    failures: list[str],
+) -> None:
+    """POST /api/v1/messages with raw bodies (the schema does not describe its body), signed."""
+    label = "POST /api/v1/messages"
+
+    @seed(seed_value)
+    @bounded
+    @given(body=MESSAGE_BODY)
+    def run(body: bytes) -> None:
+        response = h.raw("POST", "/api/v1/messages", body)
+        statuses[label][response.status_code] += 1
+        h.check_raw(label, response)
+
+    try:
+        run()
+    except Exception as exc:  # reported with the others
+        failures.append(f"{label} [raw bodies]: {str(exc).splitlines()[0][:400]}")
         h.logs.bad.clear()
 
 

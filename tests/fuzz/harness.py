@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 import schemathesis
+from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from starlette.requests import Request
 
@@ -77,7 +78,7 @@ def operation_labels() -> tuple[list[str], set[str]]:
 
 def _settings(tmp: Path) -> Settings:
     state = tmp / "state"
-    state.mkdir(parents=True, exist_ok=True)
+    state.mkdir(mode=0o700, parents=True, exist_ok=True)
     return Settings(
         state_dir=state, database=f"sqlite+aiosqlite:///{tmp / 'coordinator.db'}", listen="127.0.0.1:0"
     )
@@ -299,6 +300,30 @@ class Harness:
 #: pending key, not the node's, so for it every mode counts as "broken" except that it may 404 first.
 UNSIGNED = frozenset(
     {"GET /healthz", "GET /metrics", "POST /api/v1/register/challenge", "POST /api/v1/register"}
+)
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=80),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=12,
+)
+CANDIDATE = st.one_of(
+    st.text(max_size=70),
+    st.sampled_from(["[2a00::1%x]:1\nremove=true\nendpoint=[::1]:51820", "1.2.3.4:0", "[::1]:65536", "a:b"]),
+    st.builds(lambda a, p: f"{a}:{p}", st.ip_addresses(v=4).map(str), st.integers(-1, 70000)),
+)
+CLIENT_MESSAGE = st.one_of(
+    st.fixed_dictionaries({"type": st.just("endpoints"), "candidates": st.lists(CANDIDATE, max_size=40)}),
+    st.fixed_dictionaries({"type": st.just("signal"), "to": JSON | st.integers(), "payload": JSON}),
+    st.dictionaries(st.sampled_from(["type", "candidates", "endpoints", "to", "payload"]), JSON),
+)
+
+#: Bodies for POST /api/v1/messages, whose raw body the schema does not describe.
+MESSAGE_BODY = (
+    st.binary(max_size=300)
+    | CLIENT_MESSAGE.map(lambda o: json.dumps(o).encode())
+    | JSON.map(lambda o: json.dumps(o).encode())
 )
 
 

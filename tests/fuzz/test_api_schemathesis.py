@@ -8,7 +8,6 @@ operation and mode. The longer run is benchmarks/fuzz_api.py.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +16,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
-from tests.fuzz.harness import BROKEN_MODES, UNSIGNED, VALID, Harness, harness, operation_labels
+from tests.fuzz.harness import (
+    BROKEN_MODES,
+    MESSAGE_BODY,
+    UNSIGNED,
+    VALID,
+    Harness,
+    harness,
+    operation_labels,
+)
 
 pytestmark = [pytest.mark.hostile, pytest.mark.slow]
 
@@ -80,32 +87,11 @@ def test_broken_signature(coordinator: Harness, label: str) -> None:
     run()
 
 
-JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=80),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
-    max_leaves=12,
-)
-CANDIDATE = st.one_of(
-    st.text(max_size=70),
-    st.sampled_from(["[2a00::1%x]:1\nremove=true\nendpoint=[::1]:51820", "1.2.3.4:0", "[::1]:65536", "a:b"]),
-    st.builds(lambda a, p: f"{a}:{p}", st.ip_addresses(v=4).map(str), st.integers(-1, 70000)),
-)
-CLIENT_MESSAGE = st.one_of(
-    st.fixed_dictionaries({"type": st.just("endpoints"), "candidates": st.lists(CANDIDATE, max_size=40)}),
-    st.fixed_dictionaries({"type": st.just("signal"), "to": JSON | st.integers(), "payload": JSON}),
-    st.dictionaries(st.sampled_from(["type", "candidates", "endpoints", "to", "payload"]), JSON),
-)
-
-
 def test_messages_body(coordinator: Harness) -> None:
     """POST /api/v1/messages reads a raw body the schema does not describe: fuzz it directly, signed."""
 
     @settings(BOUNDED, max_examples=4 * EXAMPLES)
-    @given(
-        body=st.binary(max_size=300)
-        | CLIENT_MESSAGE.map(lambda o: json.dumps(o).encode())
-        | JSON.map(lambda o: json.dumps(o).encode())
-    )
+    @given(body=MESSAGE_BODY)
     def run(body: bytes) -> None:
         r = coordinator.raw("POST", "/api/v1/messages", body)
         coordinator.check_raw("POST /api/v1/messages", r)
