@@ -4,6 +4,10 @@ Transport-independent: a :class:`ClientConn` subclass (raw TCP after HTTP Upgrad
 received bytes to :meth:`ClientConn.feed` and implements ``_write``/``_close``. Each connection owns a
 bounded queue used while its transport is paused (its socket buffer is full): when the queue is full
 the OLDEST frame is dropped and counted, so a slow client never stalls the sender or anyone else.
+
+Memory per client is bounded in bytes: the transport buffer up to WRITE_HIGH (256 KiB), then the queue
+up to QUEUE_BYTES (1 MiB) of frames no larger than relay.MAX_PACKET + 37 bytes each. N clients that never
+read cost the relay about N x 1.3 MiB (tests/hostile/test_relay_memory.py).
 """
 
 from __future__ import annotations
@@ -26,8 +30,12 @@ from meshd.proto.ticket import TicketError, TicketPayload
 
 log = logging.getLogger("coordinator.relay")
 
-QUEUE_FRAMES = 2048  #: frames held per client while its socket is full (then drop oldest)
-WRITE_HIGH = relay.SOCK_BUF  #: asyncio transport buffer above which a client counts as slow
+#: Bytes of frames held per client while its transport is paused (then drop oldest)
+QUEUE_BYTES = relay.QUEUE_BYTES
+#: Frames held per client at most, as well: a queue of tiny frames costs ~100 bytes of Python objects
+#: each, far more than its byte count (and the WebSocket writer bounds its queue by this count).
+QUEUE_FRAMES = 1024
+WRITE_HIGH = relay.WRITE_HIGH  #: asyncio transport buffer above which a client counts as slow
 KEEPALIVE = 20.0
 #: A connection that has not sent a valid CLIENT_HELLO by then is closed: unauthenticated connections
 #: must not pile up (``conns`` would grow with every idle socket someone opens).
@@ -75,8 +83,10 @@ class ClientConn:
         self.home = False
         self.not_after = 0.0
         self.decoder = relay.FrameDecoder()
-        #: frames waiting while the transport is paused: at most QUEUE_FRAMES (then the oldest is dropped)
+        #: frames waiting while the transport is paused: at most QUEUE_FRAMES and QUEUE_BYTES (``queued``
+        #: is their size), then the oldest is dropped
         self.queue: collections.deque[bytes] = collections.deque()
+        self.queued = 0
         self.paused = False
         self.closed = False
         self.opened = time.time()
@@ -124,7 +134,9 @@ class ClientConn:
         self.paused = False
         q = self.queue
         while q and not self.paused and not self.closed:
-            self._write(q.popleft())
+            data = q.popleft()
+            self.queued -= len(data)
+            self._write(data)
 
     def send(self, data: bytes) -> None:
         if self.closed:
@@ -134,8 +146,9 @@ class ClientConn:
             return
         q = self.queue
         q.append(data)
-        if len(q) > QUEUE_FRAMES:
-            q.popleft()
+        self.queued += len(data)
+        while len(q) > QUEUE_FRAMES or self.queued > QUEUE_BYTES:
+            self.queued -= len(q.popleft())
             self.drops += 1
             self.hub.metrics.drops.labels(self.hub.region, "queue").inc()
 
@@ -147,6 +160,7 @@ class ClientConn:
                 self._write(relay.encode(FrameType.CLOSE, reason.encode()[:1024]))
         self.closed = True
         self.queue.clear()
+        self.queued = 0
         self.hub.unregister(self, reason)
         self._close_transport()
 

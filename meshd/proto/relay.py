@@ -52,7 +52,7 @@ UPGRADE_TOKEN = "meshrelay"
 #: Largest HTTP head either side reads before giving up (request on the server, 101 on the client)
 MAX_HEAD = 16384
 #: Socket buffers for relay sockets: the relay path is bulk WireGuard traffic and the ~208 KiB default
-#: overflows under load. Also the asyncio write-buffer mark above which a peer counts as slow.
+#: overflows under load. Kernel memory: the process's own buffer is bounded by WRITE_HIGH below.
 SOCK_BUF = 4 << 20
 #: (level, option, value) both ends set on a relay TCP socket (best effort: a failure is not an error)
 SOCKET_OPTIONS: tuple[tuple[int, int, int], ...] = (
@@ -60,9 +60,19 @@ SOCKET_OPTIONS: tuple[tuple[int, int, int], ...] = (
     (socket.SOL_SOCKET, socket.SO_SNDBUF, SOCK_BUF),
     (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),  # packets are latency-sensitive, never wait for Nagle
 )
-#: Largest WebSocket message either side sends (writers batch queued frames up to it) or accepts. One
-#: frame always fits: HEADER_LEN + MAX_FRAME is 64 KiB.
+#: Asyncio write-buffer high-water mark on a relay connection, both ends: above it the peer counts as
+#: slow (the relay queues up to QUEUE_BYTES more, then drops the oldest; meshd drops new packets). It
+#: bounds process memory per connection, unlike SOCK_BUF (kernel memory, capped by net.core.wmem_max).
+WRITE_HIGH = 256 << 10
+#: Bytes of frames queued for one slow peer (relay: per client; meshd: per relay link) beyond the
+#: transport buffer; past it the oldest (relay) or newest (meshd) packet is dropped and counted. 1 MiB is
+#: ~700 full-size packets: far more than any TCP stall worth bridging, and N clients cost N MiB at most.
+QUEUE_BYTES = 1 << 20
+#: Largest WebSocket message either side accepts. One frame always fits.
 MAX_WS_MESSAGE = 1 << 20
+#: Largest WebSocket message a writer builds from queued frames (take_batch): the join copies the batch,
+#: so a big backlog must not become one big bytes object.
+WS_BATCH = 64 << 10
 SWITCHING_PROTOCOLS = (
     f"HTTP/1.1 101 Switching Protocols\r\nUpgrade: {UPGRADE_TOKEN}\r\nConnection: Upgrade\r\n\r\n"
 ).encode("ascii")
@@ -70,9 +80,14 @@ SWITCHING_PROTOCOLS = (
 KEY_LEN = 32
 HEADER = struct.Struct("!BI")
 HEADER_LEN = HEADER.size
-#: Largest WireGuard datagram we relay (an MTU of 65535 would be absurd; WireGuard over the relay uses
-#: the interface MTU, at most ~1500 + 32 bytes of overhead) plus the key.
-MAX_PACKET = 65535
+#: Largest WireGuard datagram we relay. The mesh MTU is 1280 (meshd.mapapply.MESH_MTU) and a WireGuard
+#: data message adds 16 bytes of header + 16 of tag: the largest packet today is 1280 + 32 = 1312 bytes
+#: (handshake messages are 148, 92 and 64; a transport message pads its payload to 16 bytes, which
+#: 1280 already is). 1500 leaves headroom for an MTU of up to 1468 later without a protocol change,
+#: and still bounds every queued frame at about 1.5 KiB. A larger frame is a protocol error: the
+#: relay closes the connection at its header, before buffering it (meshd drops and counts it instead
+#: of sending it).
+MAX_PACKET = 1500
 MAX_FRAME = KEY_LEN + MAX_PACKET
 MAX_HELLO = 8192
 SIGNATURE_LEN = 64  #: Ed25519 (RFC 8032 §5.1.6)
@@ -367,7 +382,7 @@ def check_upgrade_response(head: bytes) -> None:
         raise RelayProtocolError(f"relay refused the upgrade: {status.strip()[:200]}")
 
 
-def take_batch(queue: collections.deque[bytes], limit: int = MAX_WS_MESSAGE) -> bytes:
+def take_batch(queue: collections.deque[bytes], limit: int = WS_BATCH) -> bytes:
     """Pop queued frames from the left while they fit in ``limit`` bytes (at least one) and join them:
     one WebSocket message for many small frames, never one larger than the peer accepts."""
     parts = [queue.popleft()]

@@ -5,9 +5,11 @@ one we meant to reach), then our CLIENT_HELLO (key, home flag, ticket, and the n
 the challenge), SERVER_HELLO back, then SEND_PACKET out and RECV_PACKET in.
 
 Outbound data is bounded on both transports: while the relay does not keep up (the Upgrade transport's
-buffer is above :data:`meshd.proto.relay.SOCK_BUF`, or the WebSocket writer is :data:`OUT_FRAMES` behind)
-packets are dropped and counted, as a congested network would; WireGuard recovers. Control frames (ping,
-ticket renewal, close) are never dropped: we send them on our own timers, so they cannot pile up.
+buffer is above :data:`meshd.proto.relay.WRITE_HIGH` (256 KiB), or the WebSocket writer is
+:data:`OUT_FRAMES` or :data:`meshd.proto.relay.QUEUE_BYTES` (1 MiB) behind) packets are dropped and
+counted, as a congested network would; WireGuard recovers. Control frames (ping, ticket renewal, close)
+are never dropped: we send them on our own timers, so they cannot pile up. A packet over
+:data:`meshd.proto.relay.MAX_PACKET` is dropped too (the relay would close the link on it).
 """
 
 from __future__ import annotations
@@ -166,7 +168,7 @@ class _UpgradeProtocol(_Base, asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        transport.set_write_buffer_limits(high=relay.SOCK_BUF)
+        transport.set_write_buffer_limits(high=relay.WRITE_HIGH)
         _tune(transport.get_extra_info("socket"))
         transport.write(self.request)
 
@@ -192,7 +194,7 @@ class _UpgradeProtocol(_Base, asyncio.Protocol):
             self._frames(rest)
 
     def pause_writing(self) -> None:
-        self.paused = True  # the transport buffer passed relay.SOCK_BUF: drop packets until it drains
+        self.paused = True  # the transport buffer passed relay.WRITE_HIGH: drop packets until it drains
 
     def resume_writing(self) -> None:
         self.paused = False
@@ -220,8 +222,10 @@ class _WsLink(_Base):
     ) -> None:
         super().__init__(on_packet, on_gone, hello)
         self.ws = ws
-        #: frames for the writer task: packets only while fewer than OUT_FRAMES wait (see module doc)
+        #: frames for the writer task: packets only while fewer than OUT_FRAMES and relay.QUEUE_BYTES
+        #: wait (see module doc); ``queued`` is their size in bytes
         self.out: collections.deque[bytes] = collections.deque()
+        self.queued = 0
         self.wake = asyncio.Event()
         self.tasks = [asyncio.create_task(self._reader()), asyncio.create_task(self._writer())]
 
@@ -242,17 +246,20 @@ class _WsLink(_Base):
                 await self.wake.wait()
                 self.wake.clear()
                 while self.out:
-                    await self.ws.send(relay.take_batch(self.out))
+                    batch = relay.take_batch(self.out)
+                    self.queued -= len(batch)
+                    await self.ws.send(batch)
         except Exception as exc:  # the websocket failed: the link is lost (CancelledError propagates)
             self._lost(f"websocket: {exc}")
 
     def write(self, data: bytes, droppable: bool = False) -> None:
         if self.closed.done():
             return
-        if droppable and len(self.out) >= OUT_FRAMES:
+        if droppable and (len(self.out) >= OUT_FRAMES or self.queued + len(data) > relay.QUEUE_BYTES):
             self.dropped += 1
             return
         self.out.append(data)
+        self.queued += len(data)
         self.wake.set()
 
     def close(self, reason: str) -> None:
@@ -260,6 +267,7 @@ class _WsLink(_Base):
         for t in self.tasks:
             t.cancel()
         self.out.clear()
+        self.queued = 0
         closer = asyncio.get_running_loop().create_task(self._close_ws())
         self.tasks.append(closer)  # a reference, so the closing task is not collected midway
 
@@ -294,6 +302,11 @@ class RelayLink:
         return self._impl.dropped
 
     def send_packet(self, dst: bytes, packet: bytes) -> None:
+        if len(packet) > relay.MAX_PACKET:
+            # the relay would close the whole link on such a frame; WireGuard at the mesh MTU never
+            # sends one, so this is a misconfigured MTU: drop and count it like a congested network
+            self._impl.dropped += 1
+            return
         # header + key + packet in one write; no intermediate Frame objects on the hot path
         data = relay.HEADER.pack(FrameType.SEND_PACKET, relay.KEY_LEN + len(packet)) + dst + packet
         self._impl.write(data, droppable=True)

@@ -11,12 +11,16 @@ import contextlib
 import logging
 from dataclasses import dataclass
 
+from meshd.proto import relay
 from meshd.proto.netmap import RelayRegion
 from meshd.relay import link as rlink
 
 log = logging.getLogger("meshd.relay")
 
-PENDING = 64  #: packets held per region while its link connects (then the oldest is dropped)
+#: packets held per region while its link connects (then the oldest is dropped); with packets capped at
+#: relay.MAX_PACKET this holds 64 x 1.5 KiB = 96 KiB per region at most. Once the link is up, its own
+#: bounds apply (relay.WRITE_HIGH on the Upgrade transport, relay.QUEUE_BYTES on the WebSocket).
+PENDING = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +53,10 @@ class RegionLink:
         return self.link if self.link is not None and self.link.is_open else None
 
     def send(self, dst: bytes, packet: bytes) -> bool:
-        """Send now, or hold the packet until the link is up; False when that dropped an older one."""
+        """Send now, or hold the packet until the link is up; False when that dropped an older one (or
+        this one: a packet over relay.MAX_PACKET, which the relay would refuse, is never held)."""
+        if len(packet) > relay.MAX_PACKET:
+            return False
         link = self.open_link
         if link is not None:
             link.send_packet(dst, packet)

@@ -249,6 +249,25 @@ async def test_slow_client_loses_oldest_packets_and_nobody_stalls(
         x.close()
 
 
+async def test_slow_client_queue_is_bounded_in_bytes(relayed: Coord, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(relay_hub, "QUEUE_BYTES", 10 * (relay.HEADER_LEN + relay.KEY_LEN + 1000))
+    a, b = await enroll(relayed, "a"), await enroll(relayed, "b")
+    la = await link(relayed, a, asyncio.Queue())
+    lb = await link(relayed, b, asyncio.Queue())
+    hub = relayed.relay.hub  # type: ignore[attr-defined]
+    slow = hub.clients[b.key]
+    slow.pause()
+    for i in range(30):
+        la.send_packet(b.key, i.to_bytes(4, "big") + bytes(996))
+    await eventually_async(lambda: slow.drops == 20, within=2, what="20 oldest dropped")
+    assert len(slow.queue) == 10 and slow.queued == relay_hub.QUEUE_BYTES
+    assert [int.from_bytes(f[37:41], "big") for f in slow.queue] == list(range(20, 30))
+    slow.resume()
+    assert slow.queued == 0 and not slow.queue
+    la.close()
+    lb.close()
+
+
 async def test_relay_manager_proxies_udp_between_two_wireguard_ports(relayed: Coord) -> None:
     """Two managers stand in for two daemons; two UDP sockets stand in for the WireGuard ports."""
     a, b = await enroll(relayed, "a"), await enroll(relayed, "b")

@@ -302,3 +302,22 @@ def test_batches_keep_order_and_size_unless_one_frame_is_larger(frames: list[byt
         batches.append(relay.take_batch(queue, limit))
     assert b"".join(batches) == b"".join(frames)
     assert all(len(b) <= max(limit, max(map(len, frames))) for b in batches)
+
+
+def test_packets_are_capped_at_what_wireguard_sends_at_the_mesh_mtu() -> None:
+    from meshd.mapapply import MESH_MTU
+
+    # a WireGuard transport message: 16 bytes of header, the padded payload, a 16-byte tag
+    assert MESH_MTU + 32 <= relay.MAX_PACKET <= 1500
+    ok = relay.HEADER.pack(relay.FrameType.SEND_PACKET, relay.MAX_FRAME) + bytes(relay.MAX_FRAME)
+    assert relay.FrameDecoder().feed(ok)[0].body == bytes(relay.MAX_PACKET)
+    with pytest.raises(relay.RelayProtocolError, match="outside"):  # refused at the header, unbuffered
+        relay.FrameDecoder().feed(relay.HEADER.pack(relay.FrameType.RECV_PACKET, relay.MAX_FRAME + 1))
+
+
+def test_a_websocket_batch_is_bounded_however_long_the_backlog() -> None:
+    frame = bytes(relay.HEADER_LEN + relay.MAX_FRAME)
+    queue = collections.deque([frame] * 2000)
+    batch = relay.take_batch(queue)
+    assert len(batch) <= relay.WS_BATCH <= relay.MAX_WS_MESSAGE
+    assert len(queue) == 2000 - len(batch) // len(frame)

@@ -145,7 +145,7 @@ class StuckTransport(asyncio.Transport):
         return False
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        pass
+        self.high = high
 
     def get_extra_info(self, name: str, default: object = None) -> object:
         return default
@@ -155,6 +155,7 @@ async def test_upgrade_link_drops_packets_while_the_relay_does_not_keep_up() -> 
     proto = rlink._UpgradeProtocol(lambda s, p: None, lambda k: None, me(), b"request")
     transport = StuckTransport()
     proto.connection_made(transport)
+    assert transport.high == relay.WRITE_HIGH  # meshd's buffer towards a stalled relay, in bytes
     link = rlink.RelayLink(proto, "upgrade", HELLO)
     proto.pause_writing()  # asyncio: the transport buffer passed its high-water mark
     for _ in range(10):
@@ -199,4 +200,19 @@ async def test_websocket_link_holds_at_most_out_frames_packets() -> None:
     link.renew(KEY, b"ticket", home=True)
     assert link.dropped == 100
     assert len(impl.out) == rlink.OUT_FRAMES + 1  # the ticket renewal was not dropped
+    link.close()
+
+
+async def test_websocket_link_holds_at_most_queue_bytes_and_never_an_oversized_packet() -> None:
+    ws = StuckWebSocket()
+    impl = rlink._WsLink(lambda s, p: None, lambda k: None, me(), ws)
+    link = rlink.RelayLink(impl, "websocket", HELLO)
+    link.send_packet(KEY, bytes(relay.MAX_PACKET + 1))  # the relay would close the link on it
+    assert link.dropped == 1 and not impl.out
+    frame = len(relay.send_packet(KEY, bytes(relay.MAX_PACKET)))
+    for _ in range(rlink.OUT_FRAMES):
+        link.send_packet(KEY, bytes(relay.MAX_PACKET))
+    assert len(impl.out) == relay.QUEUE_BYTES // frame
+    assert impl.queued == sum(map(len, impl.out)) <= relay.QUEUE_BYTES
+    assert link.dropped == 1 + rlink.OUT_FRAMES - relay.QUEUE_BYTES // frame
     link.close()
