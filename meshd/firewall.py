@@ -1,7 +1,17 @@
 """Enforce the coordinator's inbound rules on the mesh interface with nftables (policy layer 2).
 
 meshd owns one table per interface, ``inet meshd_<ifname>``, so two daemons on a host never touch each
-other's rules. Its input chain only looks at packets arriving on the mesh interface:
+other's rules. Its one chain hooks ``prerouting`` at priority ``dstnat - 10`` (-110) and only looks at
+packets arriving on the mesh interface. Why there and not at ``input``:
+
+- every packet that arrives on the interface passes prerouting, whatever routing decides next: delivered
+  here (``input``), forwarded to another interface (``forward``), or rewritten by a DNAT first (a
+  container's ``-p 8080:80`` turns a packet for our mesh address into one for a bridge address, which
+  then takes the ``forward`` path and never meets an ``input`` chain);
+- running before DNAT (priority -100) means the rules see the address and port the peer sent to, the
+  ones the policy names (``node:b:8080``), not whatever a local NAT rewrites them to; no ``ct original``
+  matching is needed;
+- conntrack has already run (priority -200), so the stateful matches below work as they did at input.
 
 - replies to connections this host opened (``ct direction reply``) and related ICMP errors pass;
 - every packet of a connection someone else opened is checked against the rules, each time, so a removed
@@ -114,8 +124,9 @@ def render(ifname: str, rules: tuple[InboundRule, ...]) -> str:
         f"table inet {table}",
         f"delete table inet {table}",
         f"table inet {table} {{",
-        "\tchain input {",
-        "\t\ttype filter hook input priority filter; policy accept;",
+        # before DNAT (dstnat = -100) and before routing: input, forward and DNAT'ed paths all pass here
+        "\tchain prerouting {",
+        "\t\ttype filter hook prerouting priority dstnat - 10; policy accept;",
         *(f"\t\t{line}" for line in body),
         "\t}",
         "}",

@@ -89,6 +89,7 @@ class LocalCommands:
                 backend=self.d.kind(),
                 endpoints=tuple(paths.candidates()) if paths is not None else (),
                 relay=relay.home_name() if relay is not None and relay.up else None,
+                firewall_error=self.d.applier.firewall_error,
                 nat=st.NatStatus(
                     mapping_varies_by_dest=nat.mapping_varies_by_dest if nat else None,
                     portmap=nat.portmap if nat else None,

@@ -4,7 +4,8 @@
 
 1. verify every peer's certificate against the trusted coordinator keys (meshd.peerset); a peer whose
    certificate does not check out is logged and never configured;
-2. the firewall (policy layer 2) first, so that a newly visible peer never finds an open door;
+2. the firewall (policy layer 2) first, so that a newly visible peer never finds an open door; if nft
+   fails, no peer is configured at all (fail closed) and ``firewall_error`` says why;
 3. relay regions and peers' home regions (the relay is every new peer's first path);
 4. WireGuard, reconciled by diff (an unchanged peer keeps its session);
 5. the path strategy's STUN servers and peers (meshd.nat.strategy);
@@ -65,6 +66,7 @@ class MapApplier:
         self.verified: list[peerset.VerifiedPeer] = []
         self._lock = asyncio.Lock()
         self._resolved: dict[str, str] = {}
+        self.firewall_error: str | None = None  #: why no peer is configured (nft failed), else None
 
     async def apply(self, new: netmap.NetMap) -> None:
         """Verify, firewall, relay, reconcile WireGuard, paths, hosts block (in that order).
@@ -75,11 +77,17 @@ class MapApplier:
         good, bad = peerset.verify_peers(new, self.creds.trusted_keys, self.clock())
         for r in bad:
             log.warning("not configuring peer %s (node %d): %s", r.name, r.node_id, r.reason)
-        self.verified = good
         try:
             await self.firewall.update(new.inbound)
         except firewall.FirewallError as e:
-            log.error("firewall: %s", e)
+            # fail closed: a peer whose inbound rules are not in force would reach every port on this
+            # host, so no peer is configured until a later map's rules install (status shows why)
+            self.firewall_error = str(e)
+            log.error("firewall: %s; configuring no peers until the rules apply", e)
+            good = []
+        else:
+            self.firewall_error = None
+        self.verified = good
         if self.relay is not None:
             self.relay.set_regions(new.relays)
             self.relay.set_peers((v.peer.wg_public_key, v.peer.relay_home) for v in good)

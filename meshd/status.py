@@ -46,6 +46,8 @@ class SelfStatus:
     endpoints: tuple[str, ...] = ()
     nat: NatStatus = NatStatus()
     relay: str | None = None  #: the relay region in use
+    #: why no peer is configured: the inbound rules could not be installed (fail closed); None when fine
+    firewall_error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +93,7 @@ class Status:
                 "endpoints": list(s.endpoints),
                 "nat": {"mapping_varies_by_dest": s.nat.mapping_varies_by_dest, "portmap": s.nat.portmap},
                 "relay": s.relay,
+                "firewall_error": s.firewall_error,
             },
             "coordinator": {"url": self.coordinator.url, "connected": self.coordinator.connected},
             "peers": [
@@ -133,6 +136,7 @@ class Status:
                     portmap=_opt(nat, "portmap", str, "self.nat"),
                 ),
                 relay=_opt(s, "relay", str, "self"),
+                firewall_error=_opt(s, "firewall_error", str, "self"),
             ),
             coordinator=CoordinatorStatus(
                 url=_val(c, "url", str, "coordinator"), connected=_val(c, "connected", bool, "coordinator")

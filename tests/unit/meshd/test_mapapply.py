@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from nacl.signing import SigningKey
 
-from meshd import hosts
+from meshd import firewall, hosts
 from meshd.control import ControlError, Enrollment, NodeKeys
 from meshd.credentials import Credentials
 from meshd.mapapply import MapApplier
@@ -42,10 +42,13 @@ class Recorder:
     def __init__(self, calls: list[str]) -> None:
         self.calls = calls
         self.fail_wg = False
+        self.fail_fw = False
         self.desired: InterfaceConfig | None = None
 
     async def update(self, inbound: Any) -> None:  # firewall
         self.calls.append("firewall")
+        if self.fail_fw:
+            raise firewall.FirewallError("nft: Operation not permitted")
 
     async def apply(self, desired: InterfaceConfig) -> list[object]:  # WireGuard
         if self.fail_wg:
@@ -129,6 +132,22 @@ async def test_dropping_peers_empties_wireguard_and_the_hosts_block(setup: Any) 
     await applier.drop_peers()
     assert rec.desired.peers == () and applier.verified == []
     assert hosts_path.read_text().count("100.64.0.2") == 0
+
+
+async def test_when_the_firewall_fails_no_peer_is_configured_and_the_reason_is_kept(setup: Any) -> None:
+    """Fail closed (issue 13): a peer whose inbound rules are not in force would reach every port here."""
+    applier, rec, _, hosts_path = setup
+    await applier.apply(a_map(1, peer(2, "b")))
+    assert len(rec.desired.peers) == 1 and applier.firewall_error is None
+    rec.fail_fw = True
+    await applier.apply(a_map(2, peer(2, "b"), peer(3, "c")))
+    assert rec.desired.peers == () and applier.verified == []
+    assert applier.firewall_error == "nft: Operation not permitted"
+    assert "100.64.0.2" not in hosts_path.read_text()
+    assert applier.map is not None and applier.map.version == 2
+    rec.fail_fw = False  # the next map's rules install: the peers come back, the reason goes
+    await applier.apply(a_map(3, peer(2, "b"), peer(3, "c")))
+    assert len(rec.desired.peers) == 2 and applier.firewall_error is None
 
 
 async def test_peer_by_name_accepts_the_mesh_domain(setup: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 from typing import Any
@@ -49,7 +50,8 @@ STATUS = Status(
 DESIGN_EXAMPLE: dict[str, Any] = {
     "self": {"name": "a", "ips": ["100.64.0.1/32", "fd7a:115c:a1e0::1/128"], "public_key": "QUFB",
              "interface": "mesh0", "backend": "userspace", "endpoints": ["6.0.0.2:41641"],
-             "nat": {"mapping_varies_by_dest": False, "portmap": "upnp"}, "relay": "default"},
+             "nat": {"mapping_varies_by_dest": False, "portmap": "upnp"}, "relay": "default",
+             "firewall_error": None},
     "coordinator": {"url": "http://6.0.0.1:8080", "connected": True},
     "peers": [{"name": "b", "ips": ["100.64.0.2/32"], "public_key": "QkJC",
                "path": "direct", "endpoint": "6.0.0.3:41641", "relay": "default",
@@ -73,6 +75,14 @@ def test_reads_back_and_ignores_added_fields() -> None:
     doc["self"]["future_field"] = 1
     doc["peers"][0]["also_new"] = "x"
     assert Status.from_json(doc) == STATUS
+
+
+def test_a_firewall_error_is_shown_and_read_back() -> None:
+    """Fail closed (issue 13): when nft fails no peer is configured, and status says why."""
+    failed = dataclasses.replace(STATUS, self_=dataclasses.replace(STATUS.self_, firewall_error="nft: boom"))
+    doc = json.loads(json.dumps(failed.to_json()))
+    assert doc["self"]["firewall_error"] == "nft: boom"
+    assert Status.from_json(doc) == failed
 
 
 @pytest.mark.parametrize(
