@@ -118,6 +118,9 @@ def create_app(settings: Settings, core: Core | None = None) -> FastAPI:
     app.state.relay = relay
     for r in (health.router, register.router, node.router, stream.router, relay_router(relay)):
         app.include_router(r)
+    if not settings.metrics_listen:
+        # public by default (as before); with `metrics_listen` it is served only there, 404 here
+        app.include_router(health.metrics_router)
     app.add_middleware(BodyLimit, limit=settings.max_body)
     return app
 
@@ -128,5 +131,17 @@ def create_admin_app(core: Core) -> FastAPI:
     _install_common(app, core)
     app.include_router(admin.router)
     app.include_router(health.router)
+    app.include_router(health.metrics_router)
     app.add_middleware(BodyLimit, limit=2 * 1024 * 1024)
+    return app
+
+
+def create_metrics_app(core: Core) -> FastAPI:
+    """Only ``/metrics`` (and ``/healthz``), for the `metrics_listen` address (a scrape network)."""
+    app = FastAPI(
+        title="coordinator metrics", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None
+    )
+    app.state.core = core
+    app.include_router(health.router)
+    app.include_router(health.metrics_router)
     return app

@@ -124,6 +124,10 @@ def serve(
         str | None, typer.Option("--cert-lifetime", help="Node certificate lifetime.")
     ] = None,
     public_url: Annotated[str | None, typer.Option("--public-url", help="URL nodes use to reach us.")] = None,
+    metrics_listen: Annotated[
+        str | None,
+        typer.Option("--metrics-listen", help="HOST:PORT for /metrics (then 404 on the node port)."),
+    ] = None,
     config: Annotated[Path | None, typer.Option("--config", help="TOML settings file.")] = None,
 ) -> None:
     """Run the coordinator server (foreground)."""
@@ -140,6 +144,7 @@ def serve(
         "relay": False if no_relay else None,
         "cert_lifetime": cert_lifetime,
         "public_url": public_url,
+        "metrics_listen": metrics_listen,
         "state_dir": state_dir or (given.state_dir if given.state_dir_given else None),
     }
     settings = load_settings(flags, config_file=config)

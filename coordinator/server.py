@@ -12,13 +12,14 @@ from collections.abc import Iterator
 
 import uvicorn
 
-from coordinator.app import create_admin_app, create_app
+from coordinator.app import create_admin_app, create_app, create_metrics_app
 from coordinator.core import Core
 from coordinator.errors import CoordinatorError
 from coordinator.relay import secret as relay_secret
+from coordinator.relay.front import PreAuth
 from coordinator.relay.front import install as install_front
 from coordinator.relay.service import RelayService
-from coordinator.settings import Settings, prepare_state_dir
+from coordinator.settings import Settings, parse_listen, prepare_state_dir
 from coordinator.stun import start_stun
 from meshd import sdnotify
 
@@ -59,8 +60,9 @@ def _admin_socket(settings: Settings) -> socket.socket:
     return sock
 
 
-def _tcp_socket(settings: Settings) -> socket.socket:
-    host, port = settings.listen_host_port
+def _tcp_socket(settings: Settings, listen: str | None = None) -> socket.socket:
+    listen = listen or settings.listen
+    host, port = parse_listen(listen)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto=IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on accepted sockets of such a listener, and
     # without it every keep-alive response stalls ~40 ms (Nagle vs delayed ACK)
@@ -71,7 +73,7 @@ def _tcp_socket(settings: Settings) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise ServeError(f"cannot listen on {settings.listen}: {exc.strerror}") from None
+        raise ServeError(f"cannot listen on {listen}: {exc.strerror}") from None
     return sock
 
 
@@ -80,6 +82,7 @@ async def serve(settings: Settings) -> None:
     # fail closed before anything listens: an empty or short relay.secret is refused, never used
     relay_secret.load_or_create(settings.state_dir)
     tcp = _tcp_socket(settings)
+    metrics_tcp = _tcp_socket(settings, settings.metrics_listen) if settings.metrics_listen else None
     uds = _admin_socket(settings)
     core = Core(settings)
     stun_transports: list[asyncio.DatagramTransport] = []
@@ -109,11 +112,15 @@ async def serve(settings: Settings) -> None:
             ws_ping_interval=20,
             ws_ping_timeout=20,
             backlog=4096,
+            # an idle keep-alive connection (after a first request, so past the front's pre-auth deadline)
+            # is closed after this long; uvicorn's default, stated because the limits rely on it
+            timeout_keep_alive=5,
             ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
             ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
         )
-        if relay.hub is not None:
-            install_front(node_config, relay.hub)  # relay Upgrade on the API port
+        preauth = PreAuth(settings.preauth_timeout, settings.preauth_max, settings.preauth_max_per_source)
+        # the relay Upgrade on the API port, and the pre-auth deadline and caps also without a relay
+        install_front(node_config, relay.hub, preauth)
         node_server = _Server(node_config)
         admin_server = _Server(
             uvicorn.Config(admin_app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2)
@@ -126,6 +133,17 @@ async def serve(settings: Settings) -> None:
             asyncio.create_task(node_server.serve(sockets=[tcp])),
             asyncio.create_task(admin_server.serve(sockets=[uds])),
         ]
+        servers = [node_server, admin_server]
+        if metrics_tcp is not None:
+            metrics_config = uvicorn.Config(
+                create_metrics_app(core), log_level="warning", lifespan="off", timeout_graceful_shutdown=2
+            )
+            install_front(metrics_config, None, PreAuth(settings.preauth_timeout, 64, 16))
+            metrics_server = _Server(metrics_config)
+            servers.append(metrics_server)
+            tasks.append(asyncio.create_task(metrics_server.serve(sockets=[metrics_tcp])))
+            mhost, mport = metrics_tcp.getsockname()[:2]
+            log.info("metrics on %s:%d (not on the node port)", mhost, mport)
         host, port = tcp.getsockname()[:2]
         log.info("coordinator listening on %s:%d, admin socket %s", host, port, settings.admin_socket)
         print(f"coordinator listening on {host}:{port} (admin socket {settings.admin_socket})", flush=True)
@@ -133,8 +151,8 @@ async def serve(settings: Settings) -> None:
         waiter = asyncio.create_task(stop.wait())
         await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
         sdnotify.stopping()
-        node_server.should_exit = True
-        admin_server.should_exit = True
+        for server in servers:
+            server.should_exit = True
         await relay.stop()
         # close streams so graceful shutdown doesn't wait on them
         await core.hub.stop()
@@ -148,3 +166,5 @@ async def serve(settings: Settings) -> None:
             settings.admin_socket.unlink()
         tcp.close()
         uds.close()
+        if metrics_tcp is not None:
+            metrics_tcp.close()

@@ -42,6 +42,9 @@ class Settings:
     enroll_code_lifetime: float = 3600.0
     challenge_lifetime: float = 60.0
     coalesce: float = 0.05  #: seconds to gather changes before pushing them to streams
+    #: a node's endpoints (and, apart, its online flag) are written and fanned out at most once per this
+    #: many seconds; the first change goes out at once, later ones within the window wait (the last wins)
+    endpoint_write_interval: float = 1.0
     stun_port: int = 3478
     relay: bool = True
     max_body: int = 64 * 1024
@@ -50,6 +53,16 @@ class Settings:
     #: a removed node's name and address (a renamed node's old name) go to no new node for this long
     #: unless the admin releases them; 0 turns the quarantine off
     quarantine: float = 24 * 3600.0
+    #: unauthenticated connections (issue 13): a request head or a relay CLIENT_HELLO must arrive within
+    #: `preauth_timeout` seconds of accept; at most `preauth_max` are held (then the oldest is closed) and
+    #: `preauth_max_per_source` per source address (then new ones are refused). With the unit's
+    #: LimitNOFILE=65536 the caps leave most descriptors to authenticated nodes and the database.
+    preauth_timeout: float = 5.0
+    preauth_max: int = 1024
+    preauth_max_per_source: int = 64
+    #: HOST:PORT serving /metrics (and /healthz) apart from the node API, whose /metrics then answers 404;
+    #: None keeps /metrics public on `listen`
+    metrics_listen: str | None = None
 
     @property
     def database_url(self) -> str:
@@ -108,9 +121,14 @@ _CONVERT: dict[str, Any] = {
     "enroll_code_lifetime": parse_duration,
     "challenge_lifetime": parse_duration,
     "coalesce": float,
+    "endpoint_write_interval": float,
     "stun_port": int,
     "max_body": int,
     "change_log_keep": int,
+    "preauth_timeout": parse_duration,
+    "preauth_max": int,
+    "preauth_max_per_source": int,
+    "metrics_listen": lambda v: str(v) or None,
     "quarantine": lambda v: 0.0 if str(v).strip() in ("0", "0s", "0.0") else parse_duration(v),
     "relay": lambda v: v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes", "on"),
 }
@@ -163,6 +181,10 @@ def validate(settings: Settings) -> None:
         raise SettingsError(f"bad prefix {settings.prefix!r}: {exc}") from None
     if net.version != 4 or net.prefixlen > 30:
         raise SettingsError(f"bad prefix {settings.prefix!r}: need an IPv4 network of /30 or larger")
+    if settings.metrics_listen is not None:
+        parse_listen(settings.metrics_listen)
+    if settings.preauth_max < 1 or settings.preauth_max_per_source < 1:
+        raise SettingsError("preauth_max and preauth_max_per_source must be at least 1")
     if (settings.tls_cert is None) != (settings.tls_key is None):
         raise SettingsError("--tls-cert and --tls-key go together")
 

@@ -8,6 +8,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from coordinator.api.deps import CoreDep
 
 router = APIRouter(tags=["health"])
+#: apart from `router` so that the public app can leave it out when `metrics_listen` is set
+metrics_router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
@@ -20,6 +22,6 @@ async def healthz(core: CoreDep) -> dict[str, object]:
     }
 
 
-@router.get("/metrics")
+@metrics_router.get("/metrics")
 async def metrics(core: CoreDep) -> Response:
     return Response(generate_latest(core.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -8,8 +8,13 @@ import contextlib
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from coordinator.relay.front import PREAUTH_TIMEOUT
 from coordinator.relay.hub import QUEUE_FRAMES, ClientConn, RelayHub
 from meshd.proto import relay
+
+#: a relay WebSocket that has not authenticated (CLIENT_HELLO) this long after its upgrade is closed: the
+#: front's pre-auth deadline ends when the HTTP head is handed over, so the WebSocket phase needs its own
+HELLO_DEADLINE = PREAUTH_TIMEOUT
 
 
 class WsClient(ClientConn):
@@ -50,9 +55,18 @@ async def serve_websocket(ws: WebSocket, hub: RelayHub) -> None:
     conn = WsClient(hub, ws, f"{client.host}:{client.port}" if client else "?")
     writer = asyncio.create_task(conn.writer())
     conn.start()  # SERVER_CHALLENGE first
+    deadline = asyncio.get_running_loop().time() + HELLO_DEADLINE
     try:
         while not conn.closed:
-            msg = await ws.receive()
+            if conn.key is None:
+                left = deadline - asyncio.get_running_loop().time()
+                try:
+                    msg = await asyncio.wait_for(ws.receive(), max(left, 0.0))
+                except TimeoutError:
+                    conn.close("no CLIENT_HELLO in time", tell=True)
+                    break
+            else:
+                msg = await ws.receive()
             if msg["type"] == "websocket.disconnect":
                 conn.close("websocket closed")
                 break

@@ -72,3 +72,42 @@ def test_https_listener(tmp_path: Path) -> None:
     finally:
         err = stop_server(proc)
     assert "plain HTTP" not in err
+
+
+def test_metrics_listen_moves_metrics_off_the_node_port(tmp_path: Path) -> None:
+    """`--metrics-listen`: /metrics is served there only; the node port answers 404 for it."""
+    import httpx
+
+    state, port, mport = tmp_path / "state", free_port(), free_port()
+    proc = start_server_args(state, port, "--metrics-listen", f"127.0.0.1:{mport}")
+    try:
+        public = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+        assert public.status_code == 404
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+        scrape = httpx.get(f"http://127.0.0.1:{mport}/metrics", timeout=5)
+        assert scrape.status_code == 200 and "coordinator_map_version" in scrape.text
+    finally:
+        stop_server(proc)
+
+
+def test_preauth_and_metrics_settings() -> None:
+    from coordinator.settings import SettingsError, load_settings
+
+    s = load_settings({}, env={})
+    assert (s.preauth_timeout, s.preauth_max, s.preauth_max_per_source, s.metrics_listen) == (
+        5.0,
+        1024,
+        64,
+        None,
+    )
+    env = {
+        "COORDINATOR_PREAUTH_TIMEOUT": "3s",
+        "COORDINATOR_PREAUTH_MAX": "10",
+        "COORDINATOR_METRICS_LISTEN": ":9100",
+    }
+    s = load_settings({}, env=env)
+    assert (s.preauth_timeout, s.preauth_max, s.metrics_listen) == (3.0, 10, ":9100")
+    with pytest.raises(SettingsError):
+        load_settings({"metrics_listen": "nope"}, env={})
+    with pytest.raises(SettingsError):
+        load_settings({"preauth_max_per_source": 0}, env={})
