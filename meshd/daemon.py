@@ -50,6 +50,7 @@ GIVE_UP_AFTER = 20  #: a loop failing this many times in a row stops meshd (non-
 STOP_TASKS = 1.0  #: seconds for the loops to end after cancellation
 STOP_PARTS = 2.0  #: ... for relay, paths, port maps and the control socket to close (concurrently)
 STOP_INTERFACE = 1.5  #: ... for the WireGuard interface to go
+SIGNAL_GRACE = 0.2  #: after a start-up failure, how long a SIGTERM sent with it may take to arrive
 PENDING_KEY_WAIT = 5.0  #: at start, how long to ask the coordinator about an interrupted key rotation
 
 
@@ -135,6 +136,13 @@ class Daemon:
             if not main.done():
                 main.cancel()
                 await asyncio.wait({main})
+            elif not self.stop_event.is_set():
+                # A process-group SIGTERM reaches wireguard-go too: its death can fail start-up a moment
+                # before the loop runs our signal handler. Let a pending signal arrive before calling
+                # the failure the user's problem (exit 1) rather than part of the stop (exit 0).
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(SIGNAL_GRACE):
+                        await self.stop_event.wait()
             if self.stop_event.is_set():  # a start-up step cut short by the stop is part of the stop
                 if not main.cancelled() and (err := main.exception()) is not None:
                     log.info("start-up interrupted by the stop: %s", err)
