@@ -105,6 +105,8 @@ class Core:
             signing_seed=lambda: self.keys.active_seed,  # maps and deltas are signed (meshd verifies)
         )
         self.hub = Hub(self.state, settings.coalesce, on_sent=self._count_pushes)
+        #: held writes waiting for their coalescing window (nodes.set_endpoints): cancelled at stop
+        self.held_writes: set[asyncio.Task[None]] = set()
         self.pool: AddressPool
         self.node_keys: dict[int, tuple[bytes, bool]] = {}  #: node id -> (Ed25519 public key, expired)
         self.metrics = Metrics()
@@ -167,7 +169,7 @@ class Core:
         log.info("coordinator started: map version %d, %d nodes", self.state.version, len(self.state.peers))
 
     async def stop(self) -> None:
-        for task in (self._janitor, self._listener):
+        for task in (self._janitor, self._listener, *self.held_writes):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -14,23 +14,65 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import secrets
 import time
+import weakref
 from dataclasses import dataclass
 
 from nacl.exceptions import CryptoError
 from nacl.public import Box, PrivateKey, PublicKey
-from sqlalchemy import select
+from sqlalchemy import delete, func, select
 
 from coordinator.core import Core
 from coordinator.db.models import Challenge, Node, PendingEnrollment
-from coordinator.errors import BadRequest, Conflict, Gone, NotFound, Unauthorized
+from coordinator.errors import BadRequest, Conflict, CoordinatorError, Gone, NotFound, Unauthorized
 from coordinator.identity import redeem_key
 from coordinator.nodes import Enrolled, create_node
 from meshd.proto import signing
 from meshd.proto.encoding import b64decode, b64encode
 
 CODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no I, O, 0, 1
+
+#: Anonymous registrations (no pre-auth key: each parks a pending row and writes an audit row) per source
+#: address: a token bucket of ANON_BURST refilled at ANON_RATE per second (10 per minute). A real node
+#: registers once and then polls; a flood from one address costs at most this many rows per minute.
+ANON_BURST = 10.0
+ANON_RATE = 10.0 / 60.0
+#: pending (not yet approved) enrollments in total: past this, anonymous registrations are refused until
+#: an admin approves or the codes expire (expired rows are purged on every anonymous registration)
+MAX_PENDING = 1000
+#: the hostname as written to the audit trail: DNS-label-safe and at most 63 characters, so that an
+#: unauthenticated client chooses at most this much of what lands in the permanent, signed audit log
+AUDIT_HOSTNAME_MAX = 63
+_UNSAFE = re.compile(r"[^a-z0-9-]")
+#: source address -> (tokens, monotonic time of the last refill), per core (tests build several)
+_anon_buckets: weakref.WeakKeyDictionary[Core, dict[str, tuple[float, float]]] = weakref.WeakKeyDictionary()
+
+
+class RateLimited(CoordinatorError):
+    status = 429
+
+
+def _anon_allowed(core: Core, source: str) -> bool:
+    buckets = _anon_buckets.setdefault(core, {})
+    now = time.monotonic()
+    tokens, last = buckets.get(source, (ANON_BURST, now))
+    tokens = min(ANON_BURST, tokens + (now - last) * ANON_RATE)
+    if len(buckets) > 10_000:  # bounded: forget sources whose bucket refilled (idle ones)
+        for k in [k for k, (t, at) in buckets.items() if t + (now - at) * ANON_RATE >= ANON_BURST]:
+            del buckets[k]
+    if tokens < 1:
+        buckets[source] = (tokens, now)
+        return False
+    buckets[source] = (tokens - 1, now)
+    return True
+
+
+def audit_hostname(hostname: str) -> str:
+    """What of an unauthenticated client's hostname goes into the audit row: a DNS-safe 63-char label."""
+    safe = _UNSAFE.sub("-", hostname.lower())[:AUDIT_HOSTNAME_MAX]
+    return safe or "-"
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,9 +139,16 @@ def _keys(reg: Registration) -> tuple[bytes, bytes, bytes, bytes, bytes]:
     return wg, node, challenge, sig, box
 
 
-async def register(core: Core, reg: Registration) -> Enrolled | Pending:
-    """Verify the proofs and enroll (with a key) or park the node for approval (without)."""
+async def register(core: Core, reg: Registration, source: str | None = None) -> Enrolled | Pending:
+    """Verify the proofs and enroll (with a key) or park the node for approval (without).
+
+    `source` (the client's address) rate-limits registrations without a key, before any database work.
+    """
     wg, node_pub, challenge, sig, box = _keys(reg)
+    if reg.auth_key is None and source is not None and not _anon_allowed(core, source):
+        raise RateLimited(
+            f"too many registrations without a key from this address (at most {int(ANON_BURST)} per minute)"
+        )
     now = time.time()
     try:
         signing.verify_enrollment(sig, challenge, wg, node_pub, reg.hostname)
@@ -137,6 +186,23 @@ async def register(core: Core, reg: Registration) -> Enrolled | Pending:
             ).first()
             if clash is not None:
                 raise Conflict("this node key is already enrolled")
+            # purge: unapproved codes once expired; approved ones a lifetime later (their node polled by then)
+            await tx.session.execute(
+                delete(PendingEnrollment).where(
+                    PendingEnrollment.expires_at <= now,
+                    (PendingEnrollment.node_id.is_(None))
+                    | (PendingEnrollment.expires_at <= now - core.settings.enroll_code_lifetime),
+                )
+            )
+            waiting = (
+                await tx.session.execute(
+                    select(func.count())
+                    .select_from(PendingEnrollment)
+                    .where(PendingEnrollment.node_id.is_(None))
+                )
+            ).scalar_one()
+            if waiting >= MAX_PENDING:
+                raise RateLimited(f"too many enrollments wait for approval ({MAX_PENDING}): try again later")
             existing = (
                 await tx.session.execute(
                     select(PendingEnrollment).where(PendingEnrollment.node_public_key == reg.node_public_key)
@@ -161,7 +227,7 @@ async def register(core: Core, reg: Registration) -> Enrolled | Pending:
                 "node",
                 "enrollment.requested",
                 f"code:{code}",
-                {"hostname": reg.hostname, "node_public_key": reg.node_public_key},
+                {"hostname": audit_hostname(reg.hostname), "node_public_key": reg.node_public_key},
             )
             return Pending(code, pending.expires_at)
     # the consumed expired challenge is committed before we complain

@@ -20,6 +20,10 @@ log = logging.getLogger(__name__)
 
 CLOSE = object()  #: put in a subscriber queue to close its stream (with its close_code)
 QUEUE_LIMIT = 256
+#: Map streams one node may hold at once. meshd keeps one; a few more cover a reconnect that races the
+#: old stream's close. Past this the new stream is refused (not the oldest closed): evicting would let two
+#: holders of one key (or a reconnect loop) knock each other off forever, each time costing a full map.
+MAX_STREAMS_PER_NODE = 4
 
 
 @dataclass(eq=False)
@@ -73,8 +77,13 @@ class Hub:
     def connected(self) -> int:
         return len(self.subscribers)
 
-    def add(self, sub: Subscriber) -> None:
-        self.subscribers.setdefault(sub.node_id, set()).add(sub)
+    def add(self, sub: Subscriber) -> bool:
+        """Register `sub`; False (not added) when its node already holds MAX_STREAMS_PER_NODE streams."""
+        subs = self.subscribers.setdefault(sub.node_id, set())
+        if len(subs) >= MAX_STREAMS_PER_NODE:
+            return False
+        subs.add(sub)
+        return True
 
     def remove(self, sub: Subscriber) -> bool:
         """Forget `sub`; True when it was that node's last stream."""

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 
 from sqlalchemy import delete, or_, select
 
@@ -332,10 +335,72 @@ async def renew_cert(core: Core, node_id: int) -> str:
         return node.cert
 
 
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Held:
+    """One node's endpoints (or online flag) waiting for its write window: the last reported value wins."""
+
+    last: float = float("-inf")  #: monotonic time of the last write
+    value: tuple[tuple[str, ...] | None, bool | None] = (None, None)
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+#: (node id, "endpoints" | "presence") -> held value, per core (tests build several). Endpoints and the
+#: online flag have separate windows: a connect (online) is followed at once by the node's candidates, and
+#: those must not wait for the window (direct paths form on them).
+_held: weakref.WeakKeyDictionary[Core, dict[tuple[int, str], _Held]] = weakref.WeakKeyDictionary()
+
+
 async def set_endpoints(
     core: Core, node_id: int, endpoints: tuple[str, ...] | None, online: bool | None
 ) -> None:
-    """Record reported candidates and/or the online flag and tell peers (compact endpoints delta)."""
+    """Record reported candidates and/or the online flag and tell peers (compact endpoints delta).
+
+    Coalesced: a flapping node writes (and fans out to every peer) each of the two at most once per
+    ``endpoint_write_interval``; a change within the window is held and written when it ends.
+    """
+    interval = core.settings.endpoint_write_interval
+    if interval <= 0:
+        await _write_endpoints(core, node_id, endpoints, online)
+        return
+    table = _held.setdefault(core, {})
+    for kind, value in (("endpoints", (endpoints, None)), ("presence", (None, online))):
+        if value == (None, None):
+            continue
+        held = table.get((node_id, kind))
+        now = time.monotonic()
+        if held is not None and (held.task is not None or now - held.last < interval):
+            held.value = value
+            if held.task is None:
+                held.task = asyncio.create_task(_write_later(core, node_id, held, held.last + interval - now))
+                core.held_writes.add(held.task)
+                held.task.add_done_callback(core.held_writes.discard)
+            continue
+        if held is None:
+            if len(table) > 100_000:  # bounded: forget nodes whose window passed
+                for k in [k for k, h in table.items() if h.task is None and now - h.last >= interval]:
+                    del table[k]
+            held = table[(node_id, kind)] = _Held()
+        held.last = now
+        await _write_endpoints(core, node_id, *value)
+
+
+async def _write_later(core: Core, node_id: int, held: _Held, delay: float) -> None:
+    await asyncio.sleep(max(0.0, delay))
+    held.task = None
+    held.last = time.monotonic()
+    value, held.value = held.value, (None, None)
+    try:
+        await _write_endpoints(core, node_id, *value)
+    except Exception as exc:  # a background write: log, the node's next report retries
+        log.warning("writing held endpoints of node %d failed: %s", node_id, exc)
+
+
+async def _write_endpoints(
+    core: Core, node_id: int, endpoints: tuple[str, ...] | None, online: bool | None
+) -> None:
     peer = core.state.peers.get(node_id)
     if peer is None:
         return

@@ -52,8 +52,11 @@ async def challenge(core: CoreDep) -> ChallengePublic:
 
 
 @router.post("", response_model=EnrolledPublic | PendingPublic, responses={202: {"model": PendingPublic}})
-async def register(body: RegisterCreate, core: CoreDep, response: Response) -> EnrolledPublic | PendingPublic:
-    result = await enrollment.register(core, enrollment.Registration(**body.model_dump()))
+async def register(
+    body: RegisterCreate, request: Request, core: CoreDep, response: Response
+) -> EnrolledPublic | PendingPublic:
+    source = request.client.host if request.client else "unknown"
+    result = await enrollment.register(core, enrollment.Registration(**body.model_dump()), source)
     if isinstance(result, enrollment.Pending):
         response.status_code = 202
         return pending_public(result)

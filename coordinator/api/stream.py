@@ -25,7 +25,7 @@ from coordinator import nodes
 from coordinator.api.auth import authenticate_node
 from coordinator.core import Core
 from coordinator.errors import CoordinatorError
-from coordinator.hub import CLOSE, Subscriber
+from coordinator.hub import CLOSE, MAX_STREAMS_PER_NODE, Subscriber
 from meshd.proto import netmap
 from meshd.proto.netmap import CloseCode
 
@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 #: flood would cost the coordinator a queue push and a target's stream per signal.
 SIGNAL_RATE = 20.0
 SIGNAL_BURST = 40.0
+#: close code for a stream past the node's MAX_STREAMS_PER_NODE: 1013 "try again later" (RFC 6455), so meshd
+#: backs off and retries as after any network error, rather than 4403 which would make it think it was removed
+TOO_MANY_STREAMS = 1013
 MAX_SIGNAL = 8192  #: bytes of the encoded signal message (docs/design.md §2.1: ≤ 8 KiB)
 #: node id -> (tokens, monotonic time of the last refill), per core (tests build several)
 _signal_buckets: weakref.WeakKeyDictionary[Core, dict[int, tuple[float, float]]] = weakref.WeakKeyDictionary()
@@ -91,25 +94,36 @@ async def stream(ws: WebSocket) -> None:
         return
     since_text = ws.query_params.get("since")
     since = int(since_text) if since_text and since_text.isdigit() and len(since_text) < 19 else None
-    await ws.accept()
     state = core.state
-    pending = state.pending_since(since) if since is not None else None
-    first = state.full_map_message(node_id) if pending is None else state.delta_message(pending, node_id)
-    sub = Subscriber(node_id=node_id, version=state.version)
-    sub.push(first)  # via the queue: a full map can be megabytes, keep no reference once it is sent
-    del first
-    core.hub.add(sub)
-    core.metrics.connected.set(core.hub.connected)
-    sender = asyncio.create_task(_send_loop(ws, sub))
+    # the slot is taken before any await, so that concurrent opens cannot all pass the count; the version
+    # stays "ahead" until the first map is queued, so the hub pushes no delta before it
+    sub = Subscriber(node_id=node_id, version=2**62)
+    if not core.hub.add(sub):
+        await ws.accept()
+        await ws.close(
+            code=TOO_MANY_STREAMS,
+            reason=f"too many map streams for this node (at most {MAX_STREAMS_PER_NODE})",
+        )
+        return
+    sender: asyncio.Task[None] | None = None
     try:
+        await ws.accept()
+        pending = state.pending_since(since) if since is not None else None
+        first = state.full_map_message(node_id) if pending is None else state.delta_message(pending, node_id)
+        sub.version = state.version
+        sub.push(first)  # via the queue: a full map can be megabytes, keep no reference once it is sent
+        del first
+        core.metrics.connected.set(core.hub.connected)
+        sender = asyncio.create_task(_send_loop(ws, sub))
         await nodes.set_endpoints(core, node_id, None, True)
         await _receive_loop(ws, core, node_id, sub)
     except (WebSocketDisconnect, RuntimeError):
         pass
     finally:
-        sender.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await sender
+        if sender is not None:
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await sender
         last = core.hub.remove(sub)
         core.metrics.connected.set(core.hub.connected)
         if last:

@@ -58,6 +58,12 @@ class FeedRefused(Exception):
     """A standalone relay's feed spoke for a region it does not hold; the connection is closed."""
 
 
+#: Relay session audit rows per node and kind (open/close): at most one per RELAY_AUDIT_INTERVAL seconds. A
+#: reconnect loop would otherwise write two permanent rows per reconnect; the rows held back are counted
+#: and the next row written says how many ("suppressed").
+RELAY_AUDIT_INTERVAL = 60.0
+
+
 class TicketRequest(BaseModel):
     region_id: int
 
@@ -91,6 +97,8 @@ class RelayService:
         self.skipped = 0  #: effects dropped because MAX_PENDING were in flight
         self._ticker: asyncio.Task[None] | None = None
         core.revoke_hooks.append(self.revoke)
+        #: (node id, "open" | "close") -> (monotonic time of its last audit row, rows held back since)
+        self._audited: dict[tuple[int, str], tuple[float, int]] = {}
 
     @classmethod
     def for_core(cls, core: Core, *, embedded: bool = True) -> RelayService:
@@ -215,7 +223,24 @@ class RelayService:
     def _session(self, rec: SessionRecord) -> None:
         self._spawn(self.audit_session(rec))
 
+    def _audit_due(self, node_id: int, kind: str) -> int | None:
+        """None: skip this row (one was written for the node within RELAY_AUDIT_INTERVAL); else the
+        number of rows held back since the last one."""
+        now = time.monotonic()
+        last, held = self._audited.get((node_id, kind), (float("-inf"), 0))
+        if now - last < RELAY_AUDIT_INTERVAL:
+            self._audited[(node_id, kind)] = (last, held + 1)
+            return None
+        if len(self._audited) > 100_000:  # bounded: forget windows that passed (their count is lost)
+            for k in [k for k, (t, _) in self._audited.items() if now - t >= RELAY_AUDIT_INTERVAL]:
+                del self._audited[k]
+        self._audited[(node_id, kind)] = (now, 0)
+        return held
+
     async def audit_open(self, node_id: int, region: str, transport: str) -> None:
+        suppressed = self._audit_due(node_id, "open")
+        if suppressed is None:
+            return
         name = self._name(node_id)
         try:
             async with self.core.transaction() as tx:
@@ -223,15 +248,19 @@ class RelayService:
                     f"node:{name}",
                     "relay.session.open",
                     f"node:{name}",
-                    {"region": region, "transport": transport},
+                    {"region": region, "transport": transport, "suppressed": suppressed},
                 )
         except Exception as exc:  # never let audit trouble break the relay
             log.warning("relay: audit of a session opening failed: %s", exc)
 
     async def audit_session(self, rec: SessionRecord) -> None:
+        suppressed = self._audit_due(rec.node_id, "close")
+        if suppressed is None:
+            return
         name = self._name(rec.node_id)
         details = asdict(rec)
         details.pop("key", None)
+        details["suppressed"] = suppressed
         try:
             async with self.core.transaction() as tx:
                 await tx.audit(f"node:{name}", "relay.session.close", f"node:{name}", details)
