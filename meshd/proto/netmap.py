@@ -303,7 +303,7 @@ def peer_from_json(raw: Any, where: str = "peer") -> Peer:
         wg_public_key=_get(o, "wg_public_key", str, where),
         node_public_key=_get(o, "node_public_key", str, where),
         cert=_get(o, "cert", str, where),
-        endpoints=_strs(o, "endpoints", where),
+        endpoints=_map_candidates(_strs(o, "endpoints", where)),
         relay_home=relay,
         online=_get(o, "online", bool, where),
         tags=_strs(o, "tags", where),
@@ -360,7 +360,7 @@ def delta_from_json(raw: Any) -> Delta:
         endpoints.append(
             (
                 _get(eo, "node_id", int, "delta.endpoints_changed"),
-                _strs(eo, "endpoints", "delta.endpoints_changed"),
+                _map_candidates(_strs(eo, "endpoints", "delta.endpoints_changed")),
                 _get(eo, "online", bool, "delta.endpoints_changed"),
             )
         )
@@ -561,6 +561,18 @@ def canonical_candidate(text: str) -> str:
     if (ip.version == 6) != bracketed:
         raise NetmapError(f"endpoints: candidate {text!r}: IPv6 goes in brackets, IPv4 not")
     return f"[{ip}]:{int(port)}" if ip.version == 6 else f"{ip}:{int(port)}"
+
+
+def _map_candidates(candidates: tuple[str, ...]) -> tuple[str, ...]:
+    """A peer's candidates from a map, canonical ones only: a value stored by an older coordinator (a
+    zone id holding a newline) is dropped here, so that it costs this peer one path, not the whole map."""
+    out = []
+    for c in candidates:
+        try:
+            out.append(canonical_candidate(c))
+        except NetmapError:
+            continue
+    return tuple(out)
 
 
 def decode_client_message(text: str | bytes) -> ClientMessage:

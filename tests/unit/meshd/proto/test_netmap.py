@@ -20,6 +20,13 @@ names = st.text(alphabet="abcdefgh-", min_size=1, max_size=8)
 strs = st.lists(st.text(max_size=12), max_size=3).map(tuple)
 
 
+#: canonical candidates only: maps drop any other spelling on decode (issue 13)
+candidates = st.lists(
+    st.sampled_from(["1.2.3.4:5", "6.0.0.1:41641", "[2a00::1]:51820", "[fe80::1]:1", "10.0.0.2:65535"]),
+    max_size=3,
+).map(tuple)
+
+
 def peers(node_id: int) -> st.SearchStrategy[Peer]:
     return st.builds(
         Peer,
@@ -29,7 +36,7 @@ def peers(node_id: int) -> st.SearchStrategy[Peer]:
         wg_public_key=st.sampled_from("ab"),
         node_public_key=st.sampled_from("cd"),
         cert=st.sampled_from(["c1", "c2"]),
-        endpoints=strs,
+        endpoints=candidates,
         relay_home=st.none() | st.integers(1, 3),
         online=st.booleans(),
         tags=strs,
@@ -300,3 +307,16 @@ def test_any_signature_fields_raise_only_netmap_error(field: str, value: object)
     raw[field] = value
     with contextlib.suppress(netmap.NetmapError):
         netmap.verify(_decoded(json.dumps(raw)), ME, TRUSTED)
+
+
+def test_a_maps_non_canonical_candidates_are_dropped_not_fatal() -> None:
+    """A zone-id endpoint stored before issue 13 reaches no writer and costs nothing else in the map."""
+    hostile = "[2a00::1%x]:1\nremove=true\nendpoint=[::1]:51820"
+    a = Peer(1, "a", ("100.64.0.1/32",), "k", "n", "c", ("6.0.0.1:41641", hostile, "[2A00::1]:7"), None, True)
+    m = NetMap(1, Peer(0, "me", (), "k0", "n0", "c0"), (a,), (), "", "mesh")
+    back = netmap.map_from_json(json.loads(json.dumps(netmap.map_to_json(m))))
+    assert back.peers[0].endpoints == ("6.0.0.1:41641", "[2a00::1]:7")
+    d = netmap.diff(m, replace(m, version=2, peers=(replace(a, endpoints=(hostile,)),)))
+    assert netmap.delta_from_json(json.loads(json.dumps(netmap.delta_to_json(d)))).endpoints_changed == (
+        (1, (), True),
+    )
