@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -97,3 +98,26 @@ def test_messages_body(coordinator: Harness) -> None:
         coordinator.check_raw("POST /api/v1/messages", r)
 
     run()
+
+
+def test_the_contract_check_catches_what_it_must(coordinator: Harness) -> None:
+    """Control for the checker itself: a 5xx, a multi-line or non-JSON rejection, an accepted broken
+    signature and a logged traceback each fail it."""
+    case = coordinator.operation("GET /api/v1/map").Case()
+    ok = httpx.Response(401, json={"detail": "missing header x-mesh-node"})
+    assert coordinator.check(case, "absent", ok, signed_route=True).status == 401
+    bad = [
+        (httpx.Response(500, json={"detail": "boom"}), VALID, False),
+        (httpx.Response(400, json={"detail": "line one\nline two"}), VALID, False),
+        (httpx.Response(400, text="Internal Server Error"), VALID, False),
+        (httpx.Response(200, json={}), "stale", True),
+    ]
+    for response, sign_mode, signed in bad:
+        with pytest.raises(AssertionError):
+            coordinator.check(case, sign_mode, response, signed_route=signed)
+    coordinator.logs.bad.append("coordinator: ERROR: Traceback (most recent call last)")
+    try:
+        with pytest.raises(AssertionError):
+            coordinator.check(case, VALID, ok, signed_route=False)
+    finally:
+        coordinator.logs.bad.clear()
