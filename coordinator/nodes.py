@@ -342,11 +342,16 @@ log = logging.getLogger(__name__)
 class _Held:
     """One node's endpoints (or online flag) waiting for its write window: the last reported value wins."""
 
-    last: float = float("-inf")  #: monotonic time of the last write
+    last: float = float("-inf")  #: monotonic time `credit` was last counted
+    credit: float = 0.0  #: writes that may go out at once (refills one per interval, up to WRITE_BURST)
     value: tuple[tuple[str, ...] | None, bool | None] = (None, None)
     task: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
+#: writes a node's endpoints (or online flag) may make at once before the 1-per-interval rate applies: a
+#: starting node reports its candidates two or three times within a second (local, then STUN-mapped ones)
+#: and its peers need the last of them at once for a direct path (netns/test_meshd.py, test_traversal.py)
+WRITE_BURST = 3.0
 #: (node id, "endpoints" | "presence") -> held value, per core (tests build several). Endpoints and the
 #: online flag have separate windows: a connect (online) is followed at once by the node's candidates, and
 #: those must not wait for the window (direct paths form on them).
@@ -371,10 +376,14 @@ async def set_endpoints(
             continue
         held = table.get((node_id, kind))
         now = time.monotonic()
-        if held is not None and (held.task is not None or now - held.last < interval):
+        if held is not None:
+            held.credit = min(WRITE_BURST, held.credit + (now - held.last) / interval)
+            held.last = now
+        if held is not None and (held.task is not None or held.credit < 1):
             held.value = value
             if held.task is None:
-                held.task = asyncio.create_task(_write_later(core, node_id, held, held.last + interval - now))
+                delay = (1 - held.credit) * interval
+                held.task = asyncio.create_task(_write_later(core, node_id, held, delay))
                 core.held_writes.add(held.task)
                 held.task.add_done_callback(core.held_writes.discard)
             continue
@@ -382,15 +391,19 @@ async def set_endpoints(
             if len(table) > 100_000:  # bounded: forget nodes whose window passed
                 for k in [k for k, h in table.items() if h.task is None and now - h.last >= interval]:
                     del table[k]
-            held = table[(node_id, kind)] = _Held()
-        held.last = now
+            held = table[(node_id, kind)] = _Held(last=now, credit=WRITE_BURST)
+        held.credit -= 1
         await _write_endpoints(core, node_id, *value)
 
 
 async def _write_later(core: Core, node_id: int, held: _Held, delay: float) -> None:
     await asyncio.sleep(max(0.0, delay))
     held.task = None
-    held.last = time.monotonic()
+    now = time.monotonic()
+    held.credit = (
+        min(WRITE_BURST, held.credit + (now - held.last) / core.settings.endpoint_write_interval) - 1
+    )
+    held.last = now
     value, held.value = held.value, (None, None)
     try:
         await _write_endpoints(core, node_id, *value)
