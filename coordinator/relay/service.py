@@ -62,10 +62,6 @@ class FeedRefused(Exception):
 #: reconnect loop would otherwise write two permanent rows per reconnect; the rows held back are counted
 #: and the next row written says how many ("suppressed").
 RELAY_AUDIT_INTERVAL = 60.0
-#: relay_home changes per node: a burst of HOME_BURST, then one per HOME_INTERVAL seconds (the same shape
-#: as endpoint writes): each change is a database write and a delta to every peer that sees the node.
-HOME_BURST = 3
-HOME_INTERVAL = 1.0
 
 
 class TicketRequest(BaseModel):
@@ -101,9 +97,6 @@ class RelayService:
         self.skipped = 0  #: effects dropped because MAX_PENDING were in flight
         self._ticker: asyncio.Task[None] | None = None
         core.revoke_hooks.append(self.revoke)
-        #: node id -> (relay_home write credit, when it was counted); node id -> region held for a write
-        self._home_credit: dict[int, tuple[float, float]] = {}
-        self._home_held: dict[int, int] = {}
         #: (node id, "open" | "close") -> (monotonic time of its last audit row, rows held back since)
         self._audited: dict[tuple[int, str], tuple[float, int]] = {}
 
@@ -279,36 +272,7 @@ class RelayService:
         return peer.name if peer else str(node_id)
 
     async def attach(self, node_id: int, region_id: int) -> None:
-        """A node made `region_id` its home: publish it as the node's ``relay_home``.
-
-        Coalesced like endpoints (coordinator/nodes.py): a node whose home flaps between regions writes
-        (and fans out to every peer) a burst of HOME_BURST changes, then at most one per
-        HOME_INTERVAL; a change inside the window is held and the last one wins."""
-        now = time.monotonic()
-        if node_id in self._home_held:  # a write is already scheduled: it takes the newest region
-            self._home_held[node_id] = region_id
-            return
-        credit, last = self._home_credit.get(node_id, (float(HOME_BURST), now))
-        credit = min(float(HOME_BURST), credit + (now - last) / HOME_INTERVAL)
-        if credit < 1:
-            self._home_credit[node_id] = (credit, now)
-            self._home_held[node_id] = region_id
-            self._spawn(self._attach_later(node_id, (1 - credit) * HOME_INTERVAL), must=True)
-            return
-        if len(self._home_credit) > 100_000:  # bounded: forget nodes whose window passed
-            self._home_credit = {k: v for k, v in self._home_credit.items() if now - v[1] < HOME_INTERVAL}
-        self._home_credit[node_id] = (credit - 1, now)
-        await self._publish_home(node_id, region_id)
-
-    async def _attach_later(self, node_id: int, delay: float) -> None:
-        await asyncio.sleep(max(0.0, delay))
-        region_id = self._home_held.pop(node_id)
-        now = time.monotonic()
-        credit, last = self._home_credit.get(node_id, (1.0, now))
-        self._home_credit[node_id] = (min(float(HOME_BURST), credit + (now - last) / HOME_INTERVAL) - 1, now)
-        await self._publish_home(node_id, region_id)
-
-    async def _publish_home(self, node_id: int, region_id: int) -> None:
+        """A node made `region_id` its home: publish it as the node's ``relay_home``."""
         peer = self.core.state.peers.get(node_id)
         if peer is None or peer.relay_home == region_id:
             return
