@@ -29,6 +29,7 @@ from coordinator.db.models import Challenge, Node, PendingEnrollment
 from coordinator.errors import BadRequest, Conflict, CoordinatorError, Gone, NotFound, Unauthorized
 from coordinator.identity import redeem_key
 from coordinator.nodes import Enrolled, create_node
+from coordinator.ratelimit import TokenBuckets
 from meshd.proto import signing
 from meshd.proto.encoding import b64decode, b64encode
 
@@ -46,8 +47,8 @@ MAX_PENDING = 1000
 #: unauthenticated client chooses at most this much of what lands in the permanent, signed audit log
 AUDIT_HOSTNAME_MAX = 63
 _UNSAFE = re.compile(r"[^a-z0-9-]")
-#: source address -> (tokens, monotonic time of the last refill), per core (tests build several)
-_anon_buckets: weakref.WeakKeyDictionary[Core, dict[str, tuple[float, float]]] = weakref.WeakKeyDictionary()
+#: per-source-address buckets for registrations without a key, per core (tests build several)
+_anon_buckets: weakref.WeakKeyDictionary[Core, TokenBuckets[str]] = weakref.WeakKeyDictionary()
 
 
 class RateLimited(CoordinatorError):
@@ -55,18 +56,8 @@ class RateLimited(CoordinatorError):
 
 
 def _anon_allowed(core: Core, source: str) -> bool:
-    buckets = _anon_buckets.setdefault(core, {})
-    now = time.monotonic()
-    tokens, last = buckets.get(source, (ANON_BURST, now))
-    tokens = min(ANON_BURST, tokens + (now - last) * ANON_RATE)
-    if len(buckets) > 10_000:  # bounded: forget sources whose bucket refilled (idle ones)
-        for k in [k for k, (t, at) in buckets.items() if t + (now - at) * ANON_RATE >= ANON_BURST]:
-            del buckets[k]
-    if tokens < 1:
-        buckets[source] = (tokens, now)
-        return False
-    buckets[source] = (tokens - 1, now)
-    return True
+    buckets = _anon_buckets.setdefault(core, TokenBuckets(ANON_RATE, ANON_BURST))
+    return buckets.allow(source, time.monotonic())
 
 
 def audit_hostname(hostname: str) -> str:

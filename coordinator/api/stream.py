@@ -26,6 +26,7 @@ from coordinator.api.auth import authenticate_node
 from coordinator.core import Core
 from coordinator.errors import CoordinatorError
 from coordinator.hub import CLOSE, MAX_STREAMS_PER_NODE, Subscriber
+from coordinator.ratelimit import TokenBuckets
 from meshd.proto import netmap
 from meshd.proto.netmap import CloseCode
 
@@ -42,23 +43,13 @@ SIGNAL_BURST = 40.0
 #: backs off and retries as after any network error, rather than 4403 which would make it think it was removed
 TOO_MANY_STREAMS = 1013
 MAX_SIGNAL = 8192  #: bytes of the encoded signal message (docs/design.md §2.1: ≤ 8 KiB)
-#: node id -> (tokens, monotonic time of the last refill), per core (tests build several)
-_signal_buckets: weakref.WeakKeyDictionary[Core, dict[int, tuple[float, float]]] = weakref.WeakKeyDictionary()
+#: per-sender signal buckets, per core (tests build several)
+_signal_buckets: weakref.WeakKeyDictionary[Core, TokenBuckets[int]] = weakref.WeakKeyDictionary()
 
 
 def _signal_allowed(core: Core, node_id: int) -> bool:
-    buckets = _signal_buckets.setdefault(core, {})
-    now = time.monotonic()
-    tokens, last = buckets.get(node_id, (SIGNAL_BURST, now))
-    tokens = min(SIGNAL_BURST, tokens + (now - last) * SIGNAL_RATE)
-    if len(buckets) > 10_000:  # bounded: forget senders whose bucket refilled (idle ones)
-        for k in [k for k, (t, at) in buckets.items() if t + (now - at) * SIGNAL_RATE >= SIGNAL_BURST]:
-            del buckets[k]
-    if tokens < 1:
-        buckets[node_id] = (tokens, now)
-        return False
-    buckets[node_id] = (tokens - 1, now)
-    return True
+    buckets = _signal_buckets.setdefault(core, TokenBuckets(SIGNAL_RATE, SIGNAL_BURST))
+    return buckets.allow(node_id, time.monotonic())
 
 
 async def handle_client_message(core: Core, node_id: int, msg: netmap.ClientMessage) -> str | None:
