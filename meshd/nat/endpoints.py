@@ -10,6 +10,14 @@ moment the two initiations would cross, both would end as responders (which may 
 and WireGuard would only retry after REKEY_TIMEOUT (5 s). So only the side with the lower WireGuard key
 starts; the other turns keepalive on once a handshake happened (or after ``KEEPALIVE_FALLBACK``
 seconds without one).
+
+WireGuard roams: any authenticated packet from a new address becomes the peer's endpoint. While the two
+sides switch to a direct path one after the other, a packet the peer still sent through the relay
+arrives from our local relay proxy and points WireGuard back at it; if the peer did the same with ours,
+both stay on the relay for good, and lose each other when it goes down, while their path machines
+say "direct". So the handshake poll puts WireGuard back on the direct endpoint whenever it finds it
+roamed onto the relay against the decision. (Roaming to any other address is left alone: that is the
+peer's NAT rebinding, which the probes pick up.)
 """
 
 from __future__ import annotations
@@ -35,6 +43,8 @@ KEEPALIVE_FALLBACK = 1.0  #: the higher-key side turns keepalive on after this l
 class _Applied:
     endpoint: Endpoint | None = None  #: what WireGuard was last pointed at (direct or relay proxy)
     endpoint_at: float | None = None  #: when the peer first got an endpoint
+    direct: bool = False  #: ``endpoint`` is a direct path (not the relay proxy)
+    name: str = ""  #: the peer's name, for the log
     keepalive_on: bool = False  #: persistent keepalive enabled on this peer
 
 
@@ -94,7 +104,17 @@ class WgEndpoints:
             lh = None if ps.last_handshake is None else ps.last_handshake - wall + mono
             out.append((ps.public_key, lh))
             a = self._applied.get(ps.public_key)
-            if a is None or a.endpoint is None or a.keepalive_on:
+            if a is None or a.endpoint is None:
+                continue
+            if a.direct and ps.endpoint != a.endpoint and ps.endpoint == self.relay_endpoint(ps.public_key):
+                log.info(
+                    "%s: WireGuard roamed back to the relay; pointing it at %s again",
+                    a.name,
+                    format_endpoint(a.endpoint),
+                )
+                with contextlib.suppress(WgError):
+                    await self.backend.set_endpoint(ps.public_key, a.endpoint)
+            if a.keepalive_on:
                 continue
             late = a.endpoint_at is not None and mono - a.endpoint_at >= KEEPALIVE_FALLBACK
             if lh is not None or late:
@@ -117,4 +137,6 @@ class WgEndpoints:
         if a.endpoint is None:
             a.endpoint_at = self.clock()
         a.endpoint = target
+        a.direct = isinstance(ev, UseDirect)
+        a.name = name
         a.keepalive_on = a.keepalive_on or initiate

@@ -92,7 +92,12 @@ def test_tunnels_survive_a_coordinator_outage_and_the_stream_comes_back(
     received = re.search(r"(\d+) received", r.stdout)
     assert received is not None, r.stdout + r.stderr
     lost = sent - int(received.group(1))
-    assert lost == 0, f"{lost} of {sent} pings lost while the coordinator was down:\n{r.stdout}"
+    assert lost == 0, (
+        f"{lost} of {sent} pings lost while the coordinator was down:\n{r.stdout}\n"
+        f"--- alpha ---\n{alpha.log_tail(60)}\n--- beta ---\n{beta.log_tail(60)}\n"
+        f"--- wg alpha ---\n{alpha.host.run(['wg', 'show', alpha.interface, 'dump']).stdout}"
+        f"--- wg beta ---\n{beta.host.run(['wg', 'show', beta.interface, 'dump']).stdout}"
+    )
     assert mesh.status(alpha)["coordinator"]["connected"] is False
     assert mesh.coord_host is not None
     mesh.start_coordinator(mesh.coord_host)
