@@ -7,6 +7,8 @@ import os
 import re
 from collections.abc import Container, Iterable
 
+from meshd.dns import RESOLVER_IPV4
+
 
 class IpamError(Exception):
     """The address pool is exhausted or a name is unusable."""
@@ -77,6 +79,11 @@ class AddressPool:
         self.size = self.v4.num_addresses
         self.live: set[int] = set()
         self._cursor = 1
+        #: never handed out: meshd's resolver listens on 100.100.100.100 on every node's mesh interface
+        #: (meshd/dns/__init__.py), inside the default prefix; a node holding it could not be reached by
+        #: that address from any peer (each answers it locally) and would shadow every peer's resolver
+        resolver = ipaddress.IPv4Address(RESOLVER_IPV4)
+        self.reserved = {self.index_of(RESOLVER_IPV4)} if resolver in self.v4 else set()
 
     def index_of(self, ipv4: str) -> int:
         return int(ipaddress.IPv4Address(ipv4)) - int(self.v4.network_address)
@@ -94,9 +101,9 @@ class AddressPool:
         was removed: the cursor starts again at the lowest index after a restart, and peers' policy,
         firewall rules and hosts files may still name the old node by that address)."""
         usable = self.size - 2
-        if len(self.live) >= usable:
+        if len(self.live | self.reserved) >= usable:
             raise IpamError(f"address pool {self.v4} is exhausted")
-        held = {self.index_of(ip) for ip in avoid}
+        held = {self.index_of(ip) for ip in avoid} | self.reserved
         for _ in range(usable):
             idx = self._cursor
             self._cursor = idx + 1 if idx + 1 < self.size - 1 else 1

@@ -30,6 +30,7 @@ from meshd.proto import netmap
 from meshd.proto.encoding import b64decode
 from meshd.proto.endpoint import Endpoint
 from meshd.relay.manager import RelayManager
+from meshd.router import RouteService
 from meshd.wg.base import WireGuardBackend
 from meshd.wg.keys import b64_from_bytes
 from meshd.wg.model import InterfaceConfig
@@ -67,6 +68,13 @@ class MapApplier:
         self._lock = asyncio.Lock()
         self._resolved: dict[str, str] = {}
         self.firewall_error: str | None = None  #: why no peer is configured (nft failed), else None
+        self.routes: RouteService | None = None  #: subnet routes and exit nodes (meshd/router.py)
+        self.routed: dict[int, tuple[str, ...]] = {}  #: node id -> prefixes routed through it now
+        #: addresses on the interface besides our own (the resolver's, meshd.dns); never a peer's
+        self.extra_addresses: tuple[str, ...] = ()
+        self.write_hosts = True  #: False with --dns resolved/off: names come from the resolver only
+        #: called with every applied map and the peers configured from it (the resolver's zone)
+        self.on_names: Callable[[netmap.NetMap | None, list[peerset.VerifiedPeer]], None] | None = None
 
     async def apply(self, new: netmap.NetMap) -> None:
         """Verify, firewall, relay, reconcile WireGuard, paths, hosts block (in that order).
@@ -88,6 +96,8 @@ class MapApplier:
         else:
             self.firewall_error = None
         self.verified = good
+        if self.routes is not None:
+            await self.routes.on_map(new)
         if self.relay is not None:
             self.relay.set_regions(new.relays)
             self.relay.set_peers((v.peer.wg_public_key, v.peer.relay_home) for v in good)
@@ -96,6 +106,10 @@ class MapApplier:
         if self.paths is not None:
             self.paths.set_stun_servers(await self._stun_servers(new))
             self.paths.set_peers(peer_info(v) for v in good)
+        if self.on_names is not None:
+            self.on_names(new, good)
+        if not self.write_hosts:
+            return
         try:
             self.hosts.update([hosts.HostEntry.for_peer(v.name, v.ips) for v in good])
         except hosts.HostsError as e:
@@ -105,11 +119,13 @@ class MapApplier:
         """Bring WireGuard in line with our key, addresses and ``peers`` (default: the verified ones)."""
         chosen = self.verified if peers is None else peers
         paths = self.paths
+        if self.routes is not None:
+            self.routed = self.routes.through([v.peer for v in chosen])
         desired = InterfaceConfig(
             name=self.interface,
             private_key=b64_from_bytes(self.creds.keys.wg_private),
             listen_port=self.listen_port,
-            addresses=tuple(peerset.host_prefix(ip) for ip in self.creds.enrollment.ips),
+            addresses=(*(peerset.host_prefix(ip) for ip in self.creds.enrollment.ips), *self.extra_addresses),
             mtu=MESH_MTU,
             peers=peerset.wg_peers(
                 chosen,
@@ -119,6 +135,7 @@ class MapApplier:
                     else None
                 ),
                 lambda v: paths is not None and paths.keepalive_on(v.peer.wg_public_key),
+                self.routed,
             ),
         )
         async with self._lock:
@@ -129,6 +146,8 @@ class MapApplier:
     async def drop_peers(self) -> None:
         """The coordinator no longer accepts us: no peer stays configured, no name stays in hosts."""
         self.verified = []
+        if self.on_names is not None:
+            self.on_names(None, [])
         await self.reconcile([])
         try:
             self.hosts.update([])
