@@ -84,6 +84,9 @@ def up(
     key_rotation: Annotated[
         str, typer.Option(help="rotate the WireGuard key this often (e.g. 30d, 12h; 0: never)")
     ] = "30d",
+    metrics_listen: Annotated[
+        str | None, typer.Option(help="HOST:PORT serving Prometheus /metrics (default: off)")
+    ] = None,
 ) -> None:
     """Run the daemon in the foreground (enrolls on first start)."""
     if wg_backend not in ("auto", "kernel", "userspace"):
@@ -95,6 +98,12 @@ def up(
     try:
         rotate_every = parse_interval(key_rotation)
     except IntervalError as e:
+        fail(str(e))
+    from meshd.metrics import MetricsListenError, parse_listen
+
+    try:
+        metrics_at = parse_listen(metrics_listen) if metrics_listen is not None else None
+    except MetricsListenError as e:
         fail(str(e))
     setup_logging(log_level.upper())
     from meshd.daemon import Daemon, DaemonError, Options  # after the checks: a bad flag needs no daemon
@@ -109,6 +118,7 @@ def up(
         listen_port=listen_port,
         hosts_file=hosts_file,
         key_rotation=rotate_every,
+        metrics_listen=metrics_at,
     )
     daemon = Daemon(opts)
     try:

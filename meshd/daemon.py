@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meshd import api, firewall, hosts, localnet, rotation, runtime, sdnotify
+from meshd import api, firewall, hosts, localnet, metrics, rotation, runtime, sdnotify
 from meshd.control import ControlClient
 from meshd.credentials import CredentialError, Credentials, default_hostname
 from meshd.localcmd import LocalCommands
@@ -70,6 +70,7 @@ class Options:
     hosts_file: Path = hosts.DEFAULT_HOSTS_FILE
     approval_wait: float = 3600.0
     key_rotation: float = rotation.DEFAULT_INTERVAL  #: seconds between WireGuard key rotations; 0: never
+    metrics_listen: tuple[str, int] | None = None  #: (host, port) for Prometheus /metrics; None: off
 
 
 async def _bounded(what: str, step: Awaitable[Any], within: float) -> None:
@@ -117,6 +118,7 @@ class Daemon:
         self.tasks = TaskGroup(on_fatal=self._fatal)
         self._failed: str | None = None
         self._api: api.ControlServer | None = None
+        self._metrics: metrics.MetricsServer | None = None
         self._lock: StateLock | None = None
         self._client: ControlClient | None = None
         self._port = opts.listen_port
@@ -194,6 +196,13 @@ class Daemon:
             await self._api.start()
         except api.ApiError as e:
             raise DaemonError(str(e)) from None
+        if self.opts.metrics_listen is not None:
+            self._metrics = metrics.MetricsServer(self, *self.opts.metrics_listen)
+            try:
+                await self._metrics.start()
+            except OSError as e:
+                where = "{}:{}".format(*self.opts.metrics_listen)
+                raise DaemonError(f"cannot serve metrics on {where}: {e.strerror or e}") from None
         self._start_loops(creds)
         sdnotify.notify("READY=1")
         name = creds.enrollment.name
@@ -316,8 +325,10 @@ class Daemon:
             parts.append(_bounded("deleting port maps", self.portmap.close(), STOP_PARTS))
         if self._api is not None:
             parts.append(_bounded("control socket", self._api.close(), STOP_PARTS))
+        if self._metrics is not None:
+            parts.append(_bounded("metrics listener", self._metrics.close(), STOP_PARTS))
         await asyncio.gather(*parts)
-        self.portmap = self.paths = self.relay = self._api = None
+        self.portmap = self.paths = self.relay = self._api = self._metrics = None
         last = [_bounded("firewall table", self.firewall.close(), STOP_INTERFACE)]
         if self.backend is not None:
             last.append(_bounded(f"removing {self.opts.interface}", self.backend.close(), STOP_INTERFACE))

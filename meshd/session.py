@@ -46,6 +46,7 @@ class ControlSession:
         self.candidates = candidates
         self.current_map = current_map
         self.announced: list[str] = []  #: what we last told the coordinator (shown by status)
+        self.received_version: int | None = None  #: the newest map version the stream brought (metrics)
         self._stream: MapStream | None = None
         self._opened = False
 
@@ -104,6 +105,7 @@ class ControlSession:
                 while True:
                     msg = await stream.recv()
                     if isinstance(msg, netmap.MapMessage | netmap.DeltaMessage) and stream.map:
+                        self.received_version = stream.map.version
                         await self.on_map(stream.map)
                     elif isinstance(msg, netmap.SignalMessage):
                         self.on_signal(msg.peer, msg.payload)

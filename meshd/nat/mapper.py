@@ -142,6 +142,7 @@ class PortMapShell:
         self._wake = asyncio.Event()
         self._closed = False
         self.upnp_seen = False
+        self._upnp_expires: float | None = None  #: when the UPnP lease ends (self.clock)
 
     async def start(self) -> None:
         gw = await blocking(default_gateway, within=5.0, name="default-gateway")
@@ -173,6 +174,14 @@ class PortMapShell:
         if self.upnp_seen:
             out.add("upnp")
         return sorted(out)
+
+    def lease_remaining(self) -> float | None:
+        """Seconds left on the lease of the port map in use (metrics); None without one."""
+        if self.protocol == "upnp":
+            expires = self._upnp_expires
+        else:
+            expires = self._pm.expires if self._pm is not None and self.protocol is not None else None
+        return None if expires is None else max(0.0, expires - self.clock())
 
     async def close(self, within: float = CLOSE_TIMEOUT) -> None:
         """Stop the loops and delete our mappings; returns within ``within`` seconds whatever happens."""
@@ -322,6 +331,7 @@ class PortMapShell:
                 self._upnp = None
                 return
             self._upnp = m
+            self._upnp_expires = self.clock() + m.lease
             if self._pm is not None:
                 self._pm.close(self.clock())  # stop probing / give back anything it got
                 self._wake.set()

@@ -64,6 +64,7 @@ class RelayManager:
         self.proxies = ProxyTable(wg_port, self._send)
         self.peer_home: dict[bytes, int | None] = {}  #: from the map
         self.dropped = 0
+        self.reconnects: dict[int, int] = {}  #: region id -> links made again after one was lost (metrics)
         self._up = False
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()  #: every live task, for close()
@@ -210,6 +211,7 @@ class RelayManager:
     async def _run_region(self, rid: int, r: RegionLink) -> None:
         """Keep one region's link up: connect, serve until it drops, reconnect with backoff and jitter."""
         delay = BACKOFF_MIN
+        linked_before = False
         while not self._closed:
             try:
                 grant = await self.tickets.get(rid)
@@ -237,6 +239,9 @@ class RelayManager:
                 link.close("relay client stopped")  # stopped while connecting: keep nothing open
                 return
             delay = BACKOFF_MIN
+            if linked_before:
+                self.reconnects[rid] = self.reconnects.get(rid, 0) + 1
+            linked_before = True
             await self._serve(rid, r, link)
 
     async def _serve(self, rid: int, r: RegionLink, link: rlink.RelayLink) -> None:

@@ -1,0 +1,80 @@
+"""meshd's Prometheus metrics scraped (httpx) from a running meshd: the values follow what the mesh does."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.eventually import eventually
+from tests.netns.lab import Lab
+from tests.netns.mesh import Mesh, Node
+
+pytestmark = pytest.mark.netns
+
+PORT = 9464
+SCRAPE = (
+    "import httpx, sys\n"
+    "r = httpx.get(f'http://127.0.0.1:{sys.argv[1]}/metrics', timeout=5)\n"
+    "r.raise_for_status()\n"
+    "assert r.headers['content-type'].startswith('text/plain'), r.headers\n"
+    "sys.stdout.write(r.text)\n"
+)
+
+
+def scrape(node: Node) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """GET /metrics inside the node's namespace (the listener is on its loopback), parsed."""
+    r = node.host.run([sys.executable, "-c", SCRAPE, str(PORT)], timeout=20)
+    assert r.returncode == 0, r.stderr
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(r.stdout)
+        for s in fam.samples
+    }
+
+
+def test_metrics_follow_the_mesh(lab: Lab, mesh: Mesh) -> None:
+    mesh.start_coordinator(lab.server())
+    alpha = mesh.up(lab.host(nat="upnp"), "alpha", extra=("--metrics-listen", f"127.0.0.1:{PORT}"))
+    beta = mesh.up(lab.host(nat="public"), "beta")
+    mesh.wait_path(alpha, "beta", "direct", within=20)
+    mesh.wait_ping(alpha, beta)
+
+    def settled() -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
+        m = scrape(alpha)
+        mapped = any(
+            m.get(("meshd_portmap_active", (("protocol", p),))) == 1 for p in ("upnp", "natpmp", "pcp")
+        )
+        ok = m.get(("meshd_peers", (("path", "direct"),))) == 1 and mapped
+        return m if ok else None
+
+    m = eventually(settled, within=20, what="alpha's metrics show beta direct and a port map")
+    assert m["meshd_peers", (("path", "relay"),)] == 0 and m["meshd_peers", (("path", "none"),)] == 0
+    assert m["meshd_coordinator_connected", ()] == 1
+    assert m["meshd_map_version", ()] >= 1 and m["meshd_map_version_lag", ()] == 0
+    assert 0 < m["meshd_portmap_lease_remaining_seconds", ()] <= 7200
+    assert 0 <= m["meshd_peer_handshake_age_seconds", (("peer", "beta"),)] < 180
+    assert 0 < m["meshd_peer_probe_rtt_seconds", (("peer", "beta"),)] < 1
+    assert any(n == "meshd_relay_connected" for n, _ in m)
+
+    # 10 pings of 1000 bytes: beta's counters and the direct path's grow by at least the payload
+    rx0 = m["meshd_peer_receive_bytes_total", (("peer", "beta"),)]
+    tx0 = m["meshd_peer_transmit_bytes_total", (("peer", "beta"),)]
+    direct0 = m["meshd_path_receive_bytes_total", (("path", "direct"),)]
+    r = alpha.host.run(["ping", "-n", "-q", "-c", "10", "-i", "0.05", "-s", "1000", mesh.overlay_ip(beta)])
+    assert r.returncode == 0, r.stdout
+    m = scrape(alpha)
+    assert m["meshd_peer_receive_bytes_total", (("peer", "beta"),)] - rx0 >= 10_000
+    assert m["meshd_peer_transmit_bytes_total", (("peer", "beta"),)] - tx0 >= 10_000
+    assert m["meshd_path_receive_bytes_total", (("path", "direct"),)] - direct0 >= 10_000
+    assert m["meshd_path_receive_bytes_total", (("path", "relay"),)] >= 0
+
+    # beta leaves: its series go, the peer count follows
+    mesh.admin("nodes", "remove", "beta")
+    eventually(
+        lambda: not any(labels == (("peer", "beta"),) for _, labels in scrape(alpha)),
+        within=10,
+        what="beta's series gone from alpha's metrics",
+    )
+    assert scrape(alpha)["meshd_peers", (("path", "direct"),)] == 0
