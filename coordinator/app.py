@@ -11,12 +11,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from coordinator.api import admin, health, node, register, stream
+from coordinator.api import admin, adminhttp, health, node, register, stream
+from coordinator.api import tokens as tokens_api
 from coordinator.core import Core
 from coordinator.errors import CoordinatorError
 from coordinator.relay.service import RelayService
 from coordinator.relay.service import router as relay_router
 from coordinator.settings import Settings
+from coordinator.web import dashboard
 
 ASGIApp = Callable[
     [dict[str, Any], Callable[[], Awaitable[dict[str, Any]]], Callable[[dict[str, Any]], Awaitable[None]]],
@@ -121,6 +123,9 @@ def create_app(settings: Settings, core: Core | None = None) -> FastAPI:
     if not settings.metrics_listen:
         # public by default (as before); with `metrics_listen` it is served only there, 404 here
         app.include_router(health.metrics_router)
+    # every admin.sock route again under /api/v1, behind scoped tokens; the dashboard under /admin
+    adminhttp.install(app, create_admin_app(the_core))
+    dashboard.install(app)
     app.add_middleware(BodyLimit, limit=settings.max_body)
     return app
 
@@ -130,6 +135,7 @@ def create_admin_app(core: Core) -> FastAPI:
     app = FastAPI(title="coordinator admin", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
     _install_common(app, core)
     app.include_router(admin.router)
+    app.include_router(tokens_api.router)
     app.include_router(health.router)
     app.include_router(health.metrics_router)
     app.add_middleware(BodyLimit, limit=2 * 1024 * 1024)

@@ -40,6 +40,7 @@ nodes_app = typer.Typer(help="Manage nodes.", no_args_is_help=True)
 policy_app = typer.Typer(help="Show or set the policy.", no_args_is_help=True)
 audit_app = typer.Typer(help="Read and verify the audit trail.", no_args_is_help=True)
 relay_app = typer.Typer(help="Standalone relay regions.", no_args_is_help=True)
+tokens_app = typer.Typer(help="Scoped admin API tokens (remote CLI, API, dashboard).", no_args_is_help=True)
 for sub, name in (
     (users_app, "users"),
     (keys_app, "keys"),
@@ -47,6 +48,7 @@ for sub, name in (
     (policy_app, "policy"),
     (audit_app, "audit"),
     (relay_app, "relay"),
+    (tokens_app, "tokens"),
 ):
     app.add_typer(sub, name=name)
 
@@ -59,6 +61,10 @@ class Globals:
 
     state_dir: Path
     state_dir_given: bool
+    #: a remote coordinator (`--url`, `--token-file`, `--ca-cert`): admin calls go there, not to admin.sock
+    url: str | None = None
+    token_file: Path | None = None
+    ca_cert: Path | None = None
 
 
 def _setup_logging() -> None:
@@ -69,8 +75,14 @@ def _setup_logging() -> None:
 
 
 def _admin(ctx: typer.Context, method: str, path: str, body: Any = None) -> Any:
+    given = options(ctx, Globals)
     try:
-        return adminclient.call(options(ctx, Globals).state_dir / "admin.sock", method, path, body)
+        if given.url is not None:
+            if given.token_file is None:
+                fail("--url needs --token-file (or $COORDINATOR_TOKEN_FILE) with an admin token")
+            token = adminclient.read_token_file(given.token_file)
+            return adminclient.call_remote(given.url, token, method, path, body, ca_cert=given.ca_cert)
+        return adminclient.call(given.state_dir / "admin.sock", method, path, body)
     except adminclient.AdminError as exc:
         fail(str(exc))
 
@@ -99,11 +111,30 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document."
 
 
 @app.callback()
-def root(ctx: typer.Context, state_dir: StateDir = None) -> None:
+def root(
+    ctx: typer.Context,
+    state_dir: StateDir = None,
+    url: Annotated[
+        str | None,
+        typer.Option(
+            "--url", envvar="COORDINATOR_URL", help="Drive a remote coordinator (https://HOST:PORT)."
+        ),
+    ] = None,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--token-file", envvar="COORDINATOR_TOKEN_FILE", help="File with an admin token (--url)."
+        ),
+    ] = None,
+    ca_cert: Annotated[
+        Path | None,
+        typer.Option("--ca-cert", help="PEM CA that signed the remote coordinator's certificate."),
+    ] = None,
+) -> None:
     """The coordinator of the mesh: server and admin commands."""
     env = os.environ.get("COORDINATOR_STATE_DIR")
     chosen = state_dir or (Path(env) if env else DEFAULT_STATE_DIR)
-    ctx.obj = Globals(chosen, state_dir is not None)
+    ctx.obj = Globals(chosen, state_dir is not None, url, token_file, ca_cert)
 
 
 # ------------------------------------------------------------------------------------------------- serve
@@ -404,6 +435,58 @@ def relay_serve(
             asyncio.run(run_relay(opts))
     except OSError as exc:
         fail(f"cannot serve the relay on {listen}: {exc.strerror}")
+
+
+# ------------------------------------------------------------------------------------------------ tokens
+@tokens_app.command("create")
+def tokens_create(
+    ctx: typer.Context,
+    scope: Annotated[
+        str, typer.Option("--scope", help="read | nodes | keys | policy | audit | admin (docs/design.md).")
+    ],
+    expiration: Annotated[str, typer.Option("--expiration", help="Lifetime, e.g. 1h, 30d, 90d.")] = "90d",
+    description: Annotated[str, typer.Option("--description", help="What the token is for.")] = "",
+    as_json: JsonOpt = False,
+) -> None:
+    """Create an admin API token; the token is the last word printed (shown only this once)."""
+    seconds = _duration(expiration)
+    t = _admin(
+        ctx, "POST", "/admin/tokens", {"scope": scope, "expiration": seconds, "description": description}
+    )
+    if as_json:
+        _json(t)
+        return
+    sys.stdout.write(
+        f"token {t['id']} with scope {t['scope']}, expires {_when(t['expires_at'])}:\n{t['token']}\n"
+    )
+
+
+@tokens_app.command("list")
+def tokens_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """List admin API tokens (never the tokens themselves)."""
+    rows = _admin(ctx, "GET", "/admin/tokens")
+    if as_json:
+        _json(rows)
+        return
+    table = Table("ID", "PREFIX", "SCOPE", "STATE", "EXPIRES", "LAST USED", "DESCRIPTION")
+    for t in rows:
+        table.add_row(
+            str(t["id"]),
+            t["prefix"] + "...",
+            t["scope"],
+            t["state"],
+            _when(t["expires_at"]),
+            _when(t["last_used_at"]),
+            t["description"] or "-",
+        )
+    out.print(table)
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(ctx: typer.Context, token_id: Annotated[int, typer.Argument(metavar="ID")]) -> None:
+    """Revoke a token: it is refused from now on, and its dashboard sessions end."""
+    _admin(ctx, "DELETE", f"/admin/tokens/{token_id}")
+    out.print(f"revoked token {token_id}")
 
 
 def main(argv: list[str] | None = None) -> None:

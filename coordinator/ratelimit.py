@@ -29,3 +29,8 @@ class TokenBuckets(Generic[K]):
             return False
         self._buckets[key] = (tokens - 1, now)
         return True
+
+    def peek(self, key: K, now: float) -> bool:
+        """Would ``allow`` succeed now? Takes nothing (a check before work that only failures pay for)."""
+        tokens, last = self._buckets.get(key, (self.burst, now))
+        return min(self.burst, tokens + (now - last) * self.rate) >= 1

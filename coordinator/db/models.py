@@ -135,3 +135,18 @@ class AuditCheckpoint(Base):
     time: Mapped[str] = mapped_column(String(40))
     key_id: Mapped[str] = mapped_column(String(64))
     signature: Mapped[str] = mapped_column(String(128))
+
+
+class AdminToken(Base):
+    """A scoped admin API token (coordinator/tokens.py): only its SHA-256 is stored, like pre-auth keys."""
+
+    __tablename__ = "admin_tokens"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))  #: the first characters, for display
+    scope: Mapped[str] = mapped_column(String(16))  #: read | nodes | keys | policy | audit | admin
+    description: Mapped[str] = mapped_column(String(128), default="")
+    created_at: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[float] = mapped_column(Float)
+    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    last_used_at: Mapped[float | None] = mapped_column(Float, nullable=True)

@@ -1,0 +1,1 @@
+"""The web dashboard (server-rendered, no JavaScript): coordinator/web/dashboard.py."""
