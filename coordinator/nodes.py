@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from sqlalchemy import delete, or_, select
 
 from coordinator import policy as access
 from coordinator.certs import issue_node_cert
+from coordinator.coalesce import Coalescer, HeldWrites
 from coordinator.core import Core, Tx, peer_of
 from coordinator.db.models import Meta, Node, Quarantine, User
 from coordinator.errors import BadRequest, Conflict, Forbidden, NotFound
@@ -338,24 +338,18 @@ async def renew_cert(core: Core, node_id: int) -> str:
 log = logging.getLogger(__name__)
 
 
-@dataclass(eq=False)
-class _Held:
-    """One node's endpoints (or online flag) waiting for its write window: the last reported value wins."""
-
-    last: float = float("-inf")  #: monotonic time `credit` was last counted
-    credit: float = 0.0  #: writes that may go out at once (refills one per interval, up to WRITE_BURST)
-    value: tuple[tuple[str, ...] | None, bool | None] = (None, None)
-    task: asyncio.Task[None] | None = field(default=None, repr=False)
-
+_Report = tuple[tuple[str, ...] | None, bool | None]  #: (endpoints, online): one of the two is set
 
 #: writes a node's endpoints (or online flag) may make at once before the 1-per-interval rate applies: a
 #: starting node reports its candidates two or three times within a second (local, then STUN-mapped ones)
 #: and its peers need the last of them at once for a direct path (netns/test_meshd.py, test_traversal.py)
 WRITE_BURST = 3.0
-#: (node id, "endpoints" | "presence") -> held value, per core (tests build several). Endpoints and the
-#: online flag have separate windows: a connect (online) is followed at once by the node's candidates, and
-#: those must not wait for the window (direct paths form on them).
-_held: weakref.WeakKeyDictionary[Core, dict[tuple[int, str], _Held]] = weakref.WeakKeyDictionary()
+#: per core (tests build several): keyed by (node id, "endpoints" | "presence"). Endpoints and the online
+#: flag have separate windows: a connect (online) is followed at once by the node's candidates, and those
+#: must not wait for the window (direct paths form on them).
+_coalescers: weakref.WeakKeyDictionary[Core, Coalescer[tuple[int, str], _Report]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 async def set_endpoints(
@@ -363,52 +357,27 @@ async def set_endpoints(
 ) -> None:
     """Record reported candidates and/or the online flag and tell peers (compact endpoints delta).
 
-    Coalesced: a flapping node writes (and fans out to every peer) each of the two at most once per
-    ``endpoint_write_interval``; a change within the window is held and written when it ends.
+    Coalesced (coordinator/coalesce.py): a flapping node writes (and fans out to every peer) each of the
+    two in a burst of WRITE_BURST, then at most once per ``endpoint_write_interval``; a change within the
+    window is held, the last one wins.
     """
     interval = core.settings.endpoint_write_interval
     if interval <= 0:
         await _write_endpoints(core, node_id, endpoints, online)
         return
-    table = _held.setdefault(core, {})
-    for kind, value in (("endpoints", (endpoints, None)), ("presence", (None, online))):
-        if value == (None, None):
-            continue
-        held = table.get((node_id, kind))
-        now = time.monotonic()
-        if held is not None:
-            held.credit = min(WRITE_BURST, held.credit + (now - held.last) / interval)
-            held.last = now
-        if held is not None and (held.task is not None or held.credit < 1):
-            held.value = value
-            if held.task is None:
-                delay = (1 - held.credit) * interval
-                held.task = asyncio.create_task(_write_later(core, node_id, held, delay))
-                core.held_writes.add(held.task)
-                held.task.add_done_callback(core.held_writes.discard)
-            continue
-        if held is None:
-            if len(table) > 100_000:  # bounded: forget nodes whose window passed
-                for k in [k for k, h in table.items() if h.task is None and now - h.last >= interval]:
-                    del table[k]
-            held = table[(node_id, kind)] = _Held(last=now, credit=WRITE_BURST)
-        held.credit -= 1
-        await _write_endpoints(core, node_id, *value)
+    coalescer = _coalescers.get(core)
+    if coalescer is None:
 
+        async def write(key: tuple[int, str], value: _Report) -> None:
+            await _write_endpoints(core, key[0], *value)
 
-async def _write_later(core: Core, node_id: int, held: _Held, delay: float) -> None:
-    await asyncio.sleep(max(0.0, delay))
-    held.task = None
-    now = time.monotonic()
-    held.credit = (
-        min(WRITE_BURST, held.credit + (now - held.last) / core.settings.endpoint_write_interval) - 1
-    )
-    held.last = now
-    value, held.value = held.value, (None, None)
-    try:
-        await _write_endpoints(core, node_id, *value)
-    except Exception as exc:  # a background write: log, the node's next report retries
-        log.warning("writing held endpoints of node %d failed: %s", node_id, exc)
+        coalescer = _coalescers[core] = Coalescer(
+            HeldWrites(interval, WRITE_BURST), write, clock=time.monotonic, tasks=core.held_writes
+        )
+    if endpoints is not None:
+        await coalescer.submit((node_id, "endpoints"), (endpoints, None))
+    if online is not None:
+        await coalescer.submit((node_id, "presence"), (None, online))
 
 
 async def _write_endpoints(

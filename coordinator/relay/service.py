@@ -34,6 +34,7 @@ from pydantic import BaseModel
 from starlette.websockets import WebSocketDisconnect
 
 from coordinator.api.deps import CoreDep, NodeDep
+from coordinator.coalesce import Coalescer, HeldWrites
 from coordinator.core import Core
 from coordinator.errors import BadRequest, Forbidden, NotFound
 from coordinator.relay import secret as relay_secret
@@ -62,6 +63,10 @@ class FeedRefused(Exception):
 #: reconnect loop would otherwise write two permanent rows per reconnect; the rows held back are counted
 #: and the next row written says how many ("suppressed").
 RELAY_AUDIT_INTERVAL = 60.0
+#: relay_home changes per node: a burst of HOME_BURST, then one per HOME_INTERVAL seconds (the same shape
+#: as endpoint writes): each change is a database write and a delta to every peer that sees the node.
+HOME_BURST = 3.0
+HOME_INTERVAL = 1.0
 
 
 class TicketRequest(BaseModel):
@@ -97,6 +102,13 @@ class RelayService:
         self.skipped = 0  #: effects dropped because MAX_PENDING were in flight
         self._ticker: asyncio.Task[None] | None = None
         core.revoke_hooks.append(self.revoke)
+        #: relay_home changes, coalesced per node like endpoints (coordinator/coalesce.py)
+        self._homes: Coalescer[int, int] = Coalescer(
+            HeldWrites(HOME_INTERVAL, HOME_BURST),
+            self._publish_home,
+            clock=time.monotonic,
+            tasks=core.held_writes,
+        )
         #: (node id, "open" | "close") -> (monotonic time of its last audit row, rows held back since)
         self._audited: dict[tuple[int, str], tuple[float, int]] = {}
 
@@ -272,7 +284,14 @@ class RelayService:
         return peer.name if peer else str(node_id)
 
     async def attach(self, node_id: int, region_id: int) -> None:
-        """A node made `region_id` its home: publish it as the node's ``relay_home``."""
+        """A node made `region_id` its home: publish it as the node's ``relay_home``.
+
+        Coalesced like endpoints (coordinator/nodes.py): a node whose home flaps between regions writes
+        (and fans out to every peer) a burst of HOME_BURST changes, then at most one per
+        HOME_INTERVAL; a change inside the window is held and the last one wins."""
+        await self._homes.submit(node_id, region_id)
+
+    async def _publish_home(self, node_id: int, region_id: int) -> None:
         peer = self.core.state.peers.get(node_id)
         if peer is None or peer.relay_home == region_id:
             return

@@ -189,3 +189,24 @@ async def test_relay_reconnect_loop_writes_bounded_audit_rows(relayed: Coord) ->
         f"(at most one per kind and node per {relay_service.RELAY_AUDIT_INTERVAL:.0f} s)"
     )
     assert rows == {"open": 1, "close": 1}
+
+
+async def test_a_flapping_relay_home_is_coalesced_before_write_and_fan_out(relayed: Coord) -> None:  # noqa: F811
+    """A node whose home region flaps 1, 2, 1, 2, ... writes a bounded number of changes; the last wins."""
+    a = await enroll(relayed, "a")
+    node_id = a.enrollment.node_id
+    svc = relayed.relay  # type: ignore[attr-defined]
+    state = relayed.core.state
+    before = state.version
+    start = time.monotonic()
+    flaps = 200
+    for i in range(flaps):
+        await svc.attach(node_id, 2 if i % 2 == 0 else 1)
+    last = 2 if (flaps - 1) % 2 == 0 else 1
+    await eventually_async(
+        lambda: state.peers[node_id].relay_home == last, within=5, what="the last relay_home is published"
+    )
+    took = time.monotonic() - start
+    writes = state.version - before
+    print(f"\n{flaps} relay_home flaps in {took:.1f} s: {writes} changes written and fanned out")
+    assert writes <= relay_service.HOME_BURST + took / relay_service.HOME_INTERVAL + 1
