@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from sqlalchemy import delete, func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from coordinator import audit, certs
+from coordinator import acting, audit, certs
 from coordinator.db.engine import make_engine, migrate
 from coordinator.db.models import MapChange, Meta, Node, User
 from coordinator.hub import Hub
@@ -77,6 +77,7 @@ class Tx:
         self.undo.append(fn)
 
     async def audit(self, actor: str, action: str, obj: str, details: dict[str, Any] | None = None) -> None:
+        actor = acting.actor(actor)  # `admin` through a token is `token:ID` (coordinator/acting.py)
         # the active key signs the audit checkpoints due with this record (coordinator/audit.py)
         signer = self.core.keys.active_seed
         entry = await audit.append(self.session, actor, action, obj, details, signer=signer)

@@ -42,6 +42,9 @@ ROUTE_SCOPES: dict[tuple[str, str], frozenset[str]] = {
     ("PUT", "/admin/policy"): frozenset({"policy"}),
     ("GET", "/admin/audit"): frozenset({"audit"}),
     ("GET", "/admin/audit/verify"): frozenset({"audit"}),
+    ("GET", "/admin/routes"): frozenset({"read", "nodes"}),
+    ("POST", "/admin/nodes/{name}/routes/approve"): frozenset({"nodes"}),
+    ("POST", "/admin/nodes/{name}/routes/remove"): frozenset({"nodes"}),
 }
 
 

@@ -17,7 +17,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from coordinator import tokens
+from coordinator import acting, tokens
 from coordinator.core import Core
 from coordinator.errors import CoordinatorError, Forbidden, Unauthorized
 from coordinator.ratelimit import TokenBuckets
@@ -103,6 +103,7 @@ async def require_token(
             f"token {info.id} has scope {info.scope!r}, which does not allow {request.method} {route}"
         )
     await tokens.record_use(core, info, request.method, route, source)
+    acting.set_token(info.id)  # the route's own audit records name the token, not `admin`
     return info
 
 

@@ -80,6 +80,15 @@ async def test_every_use_is_audited_with_the_tokens_id(coord: Coord) -> None:
     uses = [r for r in records if r["actor"] == f"token:{token_id}"]
     assert [(u["action"], u["object"]) for u in uses] == [("token.used", "GET /admin/nodes")]
     assert uses[0]["details"]["scope"] == "read"
+    admin_id, admin = await make_token(coord, "admin")
+    assert (await call(coord, admin, "POST", "/admin/users", {"name": "carol"})).status_code == 201
+    records = (await coord.admin.get("/admin/audit")).json()
+    assert [(r["actor"], r["action"]) for r in records[-2:]] == [
+        (f"token:{admin_id}", "token.used"),
+        (f"token:{admin_id}", "user.created"),  # the action itself names the token too
+    ]
+    assert (await coord.admin.post("/admin/users", json={"name": "dave"})).status_code == 201
+    assert (await coord.admin.get("/admin/audit")).json()[-1]["actor"] == "admin"  # admin.sock: as before
     listed = {t["id"]: t for t in (await coord.admin.get("/admin/tokens")).json()}
     assert listed[token_id]["last_used_at"] is not None and listed[token_id]["state"] == "active"
     assert "token" not in listed[token_id]  # the token itself is shown once, at creation
