@@ -39,6 +39,10 @@ from meshd.proto.encoding import b64decode, b64encode, canonical_json
 
 GENESIS = "0" * 64
 _HEAD = "audit_head"
+#: after retention dropped records 1..C (coordinator/auditretention.py): "C:<hash of record C>", the chain's
+#: new start; record C's signed checkpoint is kept and an ``audit.pruned`` record in the chain names it
+BASE = "audit_base"
+PRUNED = "audit.pruned"
 _ADVISORY_LOCK = 0x6D657368  # "mesh"
 
 _SECRET_WORDS = ("key", "secret", "token", "password", "private")
@@ -159,8 +163,21 @@ async def append(
     return AuditEntry(new_id, when, actor, action, obj, details, prev, digest, checkpointed)
 
 
-async def list_records(session: AsyncSession, limit: int | None = None) -> list[AuditEntry]:
-    stmt = select(AuditRecord).order_by(AuditRecord.id)
+async def list_records(
+    session: AsyncSession,
+    limit: int | None = None,
+    *,
+    after: int = 0,
+    since: str | None = None,
+    first: int | None = None,
+) -> list[AuditEntry]:
+    """Records oldest first: the newest `limit`, or (paging) the `first` with an id above `after` and a
+    time at or after `since` (an ISO time as the trail writes them: UTC with microseconds)."""
+    stmt = select(AuditRecord).where(AuditRecord.id > after).order_by(AuditRecord.id)
+    if since is not None:
+        stmt = stmt.where(AuditRecord.time >= since)
+    if first is not None:
+        stmt = stmt.limit(first)
     rows = (await session.execute(stmt)).scalars().all()
     if limit is not None:
         rows = rows[-limit:]
@@ -238,7 +255,14 @@ async def verify(session: AsyncSession, trusted: Sequence[bytes] | None = None) 
     rows = (await session.execute(select(AuditRecord).order_by(AuditRecord.id))).scalars().all()
     prev = GENESIS
     expected_id = 1
-    last_good = 0  #: the newest checkpoint so far that matched the chain
+    base = await session.get(Meta, BASE)
+    if base is not None:  # retention dropped the oldest records: the chain starts after a signed checkpoint
+        problem = _check_base(base.value, checkpoints, by_id, rows)
+        if problem is not None:
+            return VerifyResult(False, len(rows), problem)
+        id_text, prev = base.value.split(":", 1)
+        expected_id = int(id_text) + 1
+    last_good = expected_id - 1  #: the newest checkpoint so far that matched the chain
     for r in rows:
         if r.id != expected_id:
             return VerifyResult(False, len(rows), f"record {expected_id} is missing")
@@ -271,8 +295,9 @@ async def verify(session: AsyncSession, trusted: Sequence[bytes] | None = None) 
             )
         prev = r.hash
         expected_id += 1
-    if anchor is not None and anchor[0] > len(rows):
-        problem = f"records after {len(rows)} were deleted: the state dir's checkpoint is at {anchor[0]}"
+    last_id = expected_id - 1
+    if anchor is not None and anchor[0] > last_id:
+        problem = f"records after {last_id} were deleted: the state dir's checkpoint is at {anchor[0]}"
         return VerifyResult(False, len(rows), problem)
     head = await session.get(Meta, _HEAD)
     head_value = head.value if head else f"0:{GENESIS}"
@@ -280,14 +305,42 @@ async def verify(session: AsyncSession, trusted: Sequence[bytes] | None = None) 
         return VerifyResult(False, len(rows), f"the newest records after {expected_id - 1} were deleted")
     if checkpoints:
         newest = checkpoints[max(checkpoints)]
-        if newest.seq > len(rows):
+        if newest.seq > last_id:
             return VerifyResult(
-                False, len(rows), f"records after {len(rows)} were deleted: there is a {_describe(newest)}"
+                False, len(rows), f"records after {last_id} were deleted: there is a {_describe(newest)}"
             )
         if newest.key_id not in by_id:
             problem = f"the newest {_describe(newest)} is not signed by a key this coordinator trusts"
             return VerifyResult(False, len(rows), problem)
     return VerifyResult(True, len(rows))
+
+
+def _check_base(
+    value: str,
+    checkpoints: dict[int, AuditCheckpoint],
+    by_id: dict[str, bytes],
+    rows: Sequence[AuditRecord],
+) -> str | None:
+    """The retention base "C:hash" holds when record C's checkpoint is kept, matches (and verifies, if its
+    key is still trusted), and the newest ``audit.pruned`` record in the chain names that same base."""
+    try:
+        id_text, digest = value.split(":", 1)
+        seq = int(id_text)
+    except ValueError:
+        return f"the retention base {value!r} is malformed"
+    cp = checkpoints.get(seq)
+    if cp is None or cp.head_hash != digest:
+        return f"records 1..{seq} were dropped but the checkpoint at record {seq} is missing or differs"
+    if cp.key_id in by_id and not _check_signature(cp, by_id[cp.key_id]):
+        return f"{_describe(cp)} has a bad signature (forged or edited)"
+    pruned = [r for r in rows if r.action == PRUNED]
+    if not pruned:
+        return f"records 1..{seq} were deleted, and no {PRUNED} record in the chain says so"
+    said = json.loads(pruned[-1].details)
+    if said.get("through") != seq or said.get("base_hash") != digest:
+        newest = pruned[-1].id
+        return f"records 1..{seq} were deleted, but the newest {PRUNED} record ({newest}) says otherwise"
+    return None
 
 
 async def checkpoint_count(session: AsyncSession) -> int:

@@ -14,6 +14,8 @@ import logging
 import os
 import sys
 import time
+import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -159,6 +161,20 @@ def serve(
         str | None,
         typer.Option("--metrics-listen", help="HOST:PORT for /metrics (then 404 on the node port)."),
     ] = None,
+    audit_syslog: Annotated[
+        str | None,
+        typer.Option("--audit-syslog", help="Send audit records (RFC 5424) to HOST:PORT (UDP) or unix:PATH."),
+    ] = None,
+    audit_jsonl: Annotated[
+        Path | None, typer.Option("--audit-jsonl", help="Append audit records to FILE as JSON lines.")
+    ] = None,
+    audit_retention: Annotated[
+        str | None, typer.Option("--audit-retention", help="Drop audit records older than this (e.g. 400d).")
+    ] = None,
+    audit_ip_prefix: Annotated[
+        str | None,
+        typer.Option("--audit-ip-prefix", help="Truncate IP addresses in audit records: V4BITS/V6BITS."),
+    ] = None,
     config: Annotated[Path | None, typer.Option("--config", help="TOML settings file.")] = None,
 ) -> None:
     """Run the coordinator server (foreground)."""
@@ -176,6 +192,10 @@ def serve(
         "cert_lifetime": cert_lifetime,
         "public_url": public_url,
         "metrics_listen": metrics_listen,
+        "audit_syslog": audit_syslog,
+        "audit_jsonl": audit_jsonl,
+        "audit_retention": audit_retention,
+        "audit_ip_prefix": audit_ip_prefix,
         "state_dir": state_dir or (given.state_dir if given.state_dir_given else None),
     }
     settings = load_settings(flags, config_file=config)
@@ -344,16 +364,53 @@ def policy_set(ctx: typer.Context, file: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------- audit
 @audit_app.command("list")
-def audit_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
-    """Show the audit trail."""
-    records = _admin(ctx, "GET", "/admin/audit")
+def audit_list(
+    ctx: typer.Context,
+    as_json: JsonOpt = False,
+    since: Annotated[
+        str | None,
+        typer.Option("--since", help="From then on: an RFC 3339 time (2026-01-01T00:00:00Z) or an age (7d)."),
+    ] = None,
+) -> None:
+    """Show the audit trail (--json streams it page by page: one JSON array, records oldest first)."""
+    from coordinator.auditexport import parse_since
+
+    try:
+        start = parse_since(since) if since is not None else None
+    except ValueError as exc:
+        fail(str(exc))
+    pages = _audit_pages(ctx, start)
     if as_json:
-        _json(records)
+        first = True
+        sys.stdout.write("[")
+        for page in pages:
+            for r in page:
+                sys.stdout.write(("\n  " if first else ",\n  ") + json.dumps(r, sort_keys=True))
+                first = False
+            sys.stdout.flush()
+        sys.stdout.write("\n]\n" if not first else "]\n")
         return
     table = Table("ID", "TIME", "ACTOR", "ACTION", "OBJECT")
-    for r in records:
-        table.add_row(str(r["id"]), r["time"], r["actor"], r["action"], r["object"])
+    for page in pages:
+        for r in page:
+            table.add_row(str(r["id"]), r["time"], r["actor"], r["action"], r["object"])
     out.print(table)
+
+
+AUDIT_PAGE = 500
+
+
+def _audit_pages(ctx: typer.Context, since: str | None) -> Iterator[list[dict[str, Any]]]:
+    """The trail in pages of AUDIT_PAGE records (a long trail never sits in memory whole)."""
+    after = 0
+    query = f"&since={urllib.parse.quote(since)}" if since is not None else ""
+    while True:
+        page = _admin(ctx, "GET", f"/admin/audit?limit={AUDIT_PAGE}&after={after}{query}")
+        if page:
+            yield page
+        if len(page) < AUDIT_PAGE:
+            return
+        after = page[-1]["id"]
 
 
 @audit_app.command("verify")

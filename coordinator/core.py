@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from sqlalchemy import delete, func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from coordinator import acting, audit, certs
+from coordinator import acting, audit, auditexport, certs
 from coordinator.db.engine import make_engine, migrate
 from coordinator.db.models import MapChange, Meta, Node, User
 from coordinator.hub import Hub
@@ -80,9 +80,15 @@ class Tx:
         actor = acting.actor(actor)  # `admin` through a token is `token:ID` (coordinator/acting.py)
         # the active key signs the audit checkpoints due with this record (coordinator/audit.py)
         signer = self.core.keys.active_seed
+        # a pre-auth key or token typed where a name goes is cut (the trail is copied to log systems)
+        obj, details = auditexport.redact(obj), auditexport.redact_details(details or {})
+        if details and self.core.audit_ip_prefix is not None:  # privacy: --audit-ip-prefix
+            details = auditexport.truncate_ips(details, self.core.audit_ip_prefix)
         entry = await audit.append(self.session, actor, action, obj, details, signer=signer)
         if entry.checkpointed:
             self.on_commit(lambda: self.core.anchor_audit(entry.id, entry.hash))
+        if self.core.audit_export:
+            self.on_commit(lambda: self.core.audit_export.export(entry))
 
 
 class Core:
@@ -117,6 +123,11 @@ class Core:
         self._listener: asyncio.Task[None] | None = None
         #: called with (node id, reason) right after a node is removed or expired (the relay drops it)
         self.revoke_hooks: list[Callable[[int, str], None]] = []
+        self.audit_export = auditexport.AuditExport()  #: opened by start() (--audit-syslog, --audit-jsonl)
+        self.audit_ip_prefix = (
+            auditexport.parse_ip_prefix(settings.audit_ip_prefix) if settings.audit_ip_prefix else None
+        )
+        self._retention: asyncio.Task[None] | None = None
 
     def _count_pushes(self, n: int) -> None:
         self.metrics.pushes.inc(n)
@@ -125,6 +136,7 @@ class Core:
     async def start(self) -> None:
         prepare_state_dir(self.settings.state_dir)
         await migrate(self.engine)
+        self.audit_export = auditexport.AuditExport(self.settings.audit_syslog, self.settings.audit_jsonl)
         self.keys = certs.load_or_create(self.settings.state_dir)
         async with self.transaction() as tx:
             s = tx.session
@@ -164,18 +176,23 @@ class Core:
         self.metrics.nodes.set(len(self.state.peers))
         self.hub.start()
         self._janitor = asyncio.create_task(self._clean_up(), name="janitor")
+        if self.settings.audit_retention > 0:
+            from coordinator import auditretention  # it imports this module
+
+            keep = self.settings.audit_retention
+            self._retention = asyncio.create_task(auditretention.run(self, keep), name="audit-retention")
         self._started = True
         if self.is_postgres:
             self._listener = asyncio.create_task(self._listen(), name="replica-sync")
         log.info("coordinator started: map version %d, %d nodes", self.state.version, len(self.state.peers))
 
     async def stop(self) -> None:
-        for task in (self._janitor, self._listener, *self.held_writes):
+        for task in (self._janitor, self._listener, self._retention, *self.held_writes):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        self._janitor = self._listener = None
+        self._janitor = self._listener = self._retention = None
         await self.hub.stop()
         if self._started:
             self._started = False
@@ -183,6 +200,7 @@ class Core:
                 await self.checkpoint_audit()
             except Exception:  # the database may be gone; the next start signs the head instead
                 log.warning("could not sign the audit head at stop", exc_info=True)
+        self.audit_export.close()
         await self.engine.dispose()
 
     async def _clean_up(self) -> None:

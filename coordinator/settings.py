@@ -63,6 +63,13 @@ class Settings:
     #: HOST:PORT serving /metrics (and /healthz) apart from the node API, whose /metrics then answers 404;
     #: None keeps /metrics public on `listen`
     metrics_listen: str | None = None
+    #: audit export (coordinator/auditexport.py): RFC 5424 to HOST:PORT (UDP) or unix:PATH; JSON lines
+    audit_syslog: str | None = None
+    audit_jsonl: Path | None = None
+    #: drop audit records older than this many seconds (coordinator/auditretention.py); 0 keeps them all
+    audit_retention: float = 0.0
+    #: "V4BITS/V6BITS": IP addresses in audit details are truncated to these networks; None keeps them whole
+    audit_ip_prefix: str | None = None
 
     @property
     def database_url(self) -> str:
@@ -129,6 +136,10 @@ _CONVERT: dict[str, Any] = {
     "preauth_max": int,
     "preauth_max_per_source": int,
     "metrics_listen": lambda v: str(v) or None,
+    "audit_syslog": lambda v: str(v) or None,
+    "audit_jsonl": Path,
+    "audit_retention": lambda v: 0.0 if str(v).strip() in ("0", "0s", "0d", "0.0") else parse_duration(v),
+    "audit_ip_prefix": lambda v: str(v) or None,
     "quarantine": lambda v: 0.0 if str(v).strip() in ("0", "0s", "0.0") else parse_duration(v),
     "relay": lambda v: v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes", "on"),
 }
@@ -183,6 +194,13 @@ def validate(settings: Settings) -> None:
         raise SettingsError(f"bad prefix {settings.prefix!r}: need an IPv4 network of /30 or larger")
     if settings.metrics_listen is not None:
         parse_listen(settings.metrics_listen)
+    if settings.audit_syslog is not None or settings.audit_ip_prefix is not None:
+        from coordinator import auditexport  # it imports this module
+
+        if settings.audit_syslog is not None:
+            auditexport.parse_syslog_target(settings.audit_syslog)
+        if settings.audit_ip_prefix is not None:
+            auditexport.parse_ip_prefix(settings.audit_ip_prefix)
     if settings.preauth_max < 1 or settings.preauth_max_per_source < 1:
         raise SettingsError("preauth_max and preauth_max_per_source must be at least 1")
     if (settings.tls_cert is None) != (settings.tls_key is None):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from coordinator import audit, enrollment, identity, nodes, rotation
+from coordinator import audit, auditexport, enrollment, identity, nodes, rotation
 from coordinator.api.deps import CoreDep
 from coordinator.api.schemas import (
     ApproveBody,
@@ -21,6 +23,7 @@ from coordinator.api.schemas import (
     UserCreate,
     UserPublic,
 )
+from coordinator.errors import BadRequest
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 ACTOR = "admin"
@@ -130,9 +133,20 @@ async def set_policy(body: PolicyBody, core: CoreDep) -> PolicyPublic:
 
 
 @router.get("/audit", response_model=list[AuditPublic])
-async def list_audit(core: CoreDep) -> list[AuditPublic]:
+async def list_audit(
+    core: CoreDep,
+    since: Annotated[str | None, Query(max_length=64, description="RFC 3339: records from then on")] = None,
+    after: Annotated[int, Query(ge=0, description="records with a larger id (paging)")] = 0,
+    limit: Annotated[int | None, Query(ge=1, le=10_000, description="at most this many")] = None,
+) -> list[AuditPublic]:
+    """The trail, oldest first; without parameters all of it (`audit list --since T` pages with after)."""
+    if since is not None:
+        try:
+            since = auditexport.iso_utc(since)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
     async with core.read() as s:
-        entries = await audit.list_records(s)
+        entries = await audit.list_records(s, after=after, since=since, first=limit)
     return [
         AuditPublic(
             id=e.id,

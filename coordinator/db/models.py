@@ -114,7 +114,7 @@ class AuditRecord(Base):
 
     __tablename__ = "audit"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
-    time: Mapped[str] = mapped_column(String(40))
+    time: Mapped[str] = mapped_column(String(40), index=True)  #: ix_audit_time (migration 0008)
     actor: Mapped[str] = mapped_column(String(128))
     action: Mapped[str] = mapped_column(String(64))
     object: Mapped[str] = mapped_column(String(255))

@@ -1,11 +1,13 @@
-"""audit export and retention (issue 18)
+"""audit export and retention (issue 18): an index on the audit records' time
+
+`audit list --since T` and retention (coordinator/auditretention.py) select records by time; the chain's
+new start after a retention cut lives in `meta` (key `audit_base`), so no other table changes.
 
 Revision ID: 0008
 Revises: 0007
 """
 
-import sqlalchemy as sa  # noqa: F401
-from alembic import op  # noqa: F401
+from alembic import op
 
 revision = "0008"
 down_revision = "0007"
@@ -14,8 +16,8 @@ depends_on = None
 
 
 def upgrade() -> None:
-    pass
+    op.create_index("ix_audit_time", "audit", ["time"])
 
 
 def downgrade() -> None:
-    pass
+    op.drop_index("ix_audit_time", table_name="audit")
