@@ -84,6 +84,10 @@ def up(
     key_rotation: Annotated[
         str, typer.Option(help="rotate the WireGuard key this often (e.g. 30d, 12h; 0: never)")
     ] = "30d",
+    dns: Annotated[
+        str,
+        typer.Option(help="names: auto, resolved (systemd-resolved split DNS), hosts (hosts file) or off"),
+    ] = "auto",
     metrics_listen: Annotated[
         str | None, typer.Option(help="HOST:PORT serving Prometheus /metrics (default: off)")
     ] = None,
@@ -91,6 +95,8 @@ def up(
     """Run the daemon in the foreground (enrolls on first start)."""
     if wg_backend not in ("auto", "kernel", "userspace"):
         fail(f"--wg-backend must be auto, kernel or userspace, not {wg_backend!r}")
+    if dns not in ("auto", "resolved", "hosts", "off"):
+        fail(f"--dns must be auto, resolved, hosts or off, not {dns!r}")
     if log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         fail(f"--log-level must be debug, info, warning or error, not {log_level!r}")
     from meshd.rotation import IntervalError, parse_interval
@@ -118,6 +124,7 @@ def up(
         listen_port=listen_port,
         hosts_file=hosts_file,
         key_rotation=rotate_every,
+        dns=dns,
         metrics_listen=metrics_at,
     )
     daemon = Daemon(opts)

@@ -31,6 +31,7 @@ from typing import Any
 from meshd import api, firewall, hosts, localnet, metrics, rotation, runtime, sdnotify
 from meshd.control import ControlClient
 from meshd.credentials import CredentialError, Credentials, default_hostname
+from meshd.dns.service import DnsConfigError, MeshDns
 from meshd.localcmd import LocalCommands
 from meshd.mapapply import MapApplier
 from meshd.nat.mapper import PortMapShell
@@ -70,6 +71,7 @@ class Options:
     hosts_file: Path = hosts.DEFAULT_HOSTS_FILE
     approval_wait: float = 3600.0
     key_rotation: float = rotation.DEFAULT_INTERVAL  #: seconds between WireGuard key rotations; 0: never
+    dns: str = "auto"  #: --dns: auto | resolved | hosts | off (meshd/dns/system.py)
     metrics_listen: tuple[str, int] | None = None  #: (host, port) for Prometheus /metrics; None: off
 
 
@@ -115,6 +117,7 @@ class Daemon:
         self.session: ControlSession | None = None
         self.hosts = hosts.HostsFile(opts.hosts_file, tag=opts.interface)
         self.firewall = firewall.Firewall(opts.interface)  #: policy layer 2 (inbound rules from the map)
+        self.dns = MeshDns(opts.dns, opts.interface)  #: the resolver for mesh names (meshd/dns/)
         self.tasks = TaskGroup(on_fatal=self._fatal)
         self._failed: str | None = None
         self._api: api.ControlServer | None = None
@@ -255,9 +258,11 @@ class Daemon:
                 hosts_file=self.hosts,
                 clock=self.clock,
             )
+            self.dns.attach(self.applier, creds)
             await self.applier.reconcile([])
             self._port = await self.backend.listen_port()
-        except WgError as e:
+            await self.dns.configure(self.applier)
+        except (WgError, DnsConfigError) as e:
             raise DaemonError(str(e)) from None
         try:
             self.hosts.update([])  # a crashed daemon's block goes; ours is rewritten with every map
@@ -310,6 +315,8 @@ class Daemon:
         self.tasks.start("stream", self.session.run, **kw)
         self.tasks.start("renew", lambda: creds.renew_loop(lambda: applier.map), **kw)
         self.tasks.start("watch", lambda: localnet.watch(self.opts.interface, self._local_changed), **kw)
+        if self.dns.enabled:  # no give-up: a resolver that cannot bind must not stop the mesh
+            self.tasks.start("dns", self.dns.serve)
         if self.opts.key_rotation > 0:
             every = self.opts.key_rotation
             self.tasks.start("rotate", lambda: creds.rotation_loop(self.opts.state_dir, every), **kw)
@@ -329,6 +336,7 @@ class Daemon:
             parts.append(_bounded("metrics listener", self._metrics.close(), STOP_PARTS))
         await asyncio.gather(*parts)
         self.portmap = self.paths = self.relay = self._api = self._metrics = None
+        await _bounded("systemd-resolved link settings", self.dns.close(), STOP_PARTS)
         last = [_bounded("firewall table", self.firewall.close(), STOP_INTERFACE)]
         if self.backend is not None:
             last.append(_bounded(f"removing {self.opts.interface}", self.backend.close(), STOP_INTERFACE))

@@ -90,6 +90,7 @@ class LocalCommands:
                 endpoints=tuple(paths.candidates()) if paths is not None else (),
                 relay=relay.home_name() if relay is not None and relay.up else None,
                 firewall_error=self.d.applier.firewall_error,
+                dns=self.d.dns.address,
                 nat=st.NatStatus(
                     mapping_varies_by_dest=nat.mapping_varies_by_dest if nat else None,
                     portmap=nat.portmap if nat else None,

@@ -48,6 +48,7 @@ class SelfStatus:
     relay: str | None = None  #: the relay region in use
     #: why no peer is configured: the inbound rules could not be installed (fail closed); None when fine
     firewall_error: str | None = None
+    dns: str | None = None  #: the resolver's address ("IP" or "IP:PORT") while it answers, else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +95,7 @@ class Status:
                 "nat": {"mapping_varies_by_dest": s.nat.mapping_varies_by_dest, "portmap": s.nat.portmap},
                 "relay": s.relay,
                 "firewall_error": s.firewall_error,
+                "dns": s.dns,
             },
             "coordinator": {"url": self.coordinator.url, "connected": self.coordinator.connected},
             "peers": [
@@ -137,6 +139,7 @@ class Status:
                 ),
                 relay=_opt(s, "relay", str, "self"),
                 firewall_error=_opt(s, "firewall_error", str, "self"),
+                dns=_opt(s, "dns", str, "self"),
             ),
             coordinator=CoordinatorStatus(
                 url=_val(c, "url", str, "coordinator"), connected=_val(c, "connected", bool, "coordinator")
