@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -70,6 +71,51 @@ def proc_stats(pid: int) -> tuple[float, float]:
         fields = f.read().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
     return rss_kb / 1024, (int(fields[11]) + int(fields[12])) / ticks
+
+
+def start_py_spy(path: str | None, pid: int) -> subprocess.Popen[bytes] | None:
+    """Sample the coordinator with py-spy during the admin changes (collapsed stacks to `path`)."""
+    if not path:
+        return None
+    spy = Path(sys.executable).parent / "py-spy"
+    cmd = [
+        str(spy),
+        "record",
+        "--pid",
+        str(pid),
+        "--format",
+        "raw",
+        "--rate",
+        "250",
+        "--gil",
+        "--output",
+        path,
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # attached before the first change
+    return proc
+
+
+def stop_py_spy(proc: subprocess.Popen[bytes] | None, path: str | None) -> None:
+    """Stop sampling and print the functions with the most samples of their own (self time)."""
+    if proc is None or not path:
+        return
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    own: dict[str, int] = {}
+    total = 0
+    with contextlib.suppress(OSError), open(path) as f:
+        for line in f:
+            stack, _, count = line.rstrip().rpartition(" ")
+            leaf = stack.rsplit(";", 1)[-1]
+            own[leaf] = own.get(leaf, 0) + int(count)
+            total += int(count)
+    for leaf, n in sorted(own.items(), key=lambda kv: -kv[1])[:15]:
+        print(f"py-spy self {100 * n / max(total, 1):5.1f}%  {leaf[:150]}", flush=True)
 
 
 def pct(values: list[float], p: float) -> float:
@@ -164,9 +210,11 @@ async def main_async(
         rss0, cpu0 = proc_stats(server.pid)
 
         nodes = [SimNode(NodeKeys.generate(), decode=i % 100 == 0) for i in range(args.nodes)]
+        spy = start_py_spy(args.py_spy and args.py_spy + ".enroll", server.pid)
         t_enroll = await asyncio.wait_for(
             enroll_all(url, key, nodes, args.concurrency), deadline - time.monotonic()
         )
+        stop_py_spy(spy, args.py_spy and args.py_spy + ".enroll")
         _rss1, cpu1 = proc_stats(server.pid)
         results["enroll_seconds"] = round(t_enroll, 2)
         results["enroll_per_second"] = round(args.nodes / t_enroll, 1)
@@ -217,6 +265,7 @@ async def main_async(
         )
         await asyncio.sleep(1.5)  # let the online-flag deltas of the connect storm drain
 
+        spy = start_py_spy(args.py_spy, server.pid)
         lat_all: list[float] = []
         lat_last: list[float] = []
         for round_no in range(args.changes):
@@ -243,6 +292,7 @@ async def main_async(
                 flush=True,
             )
             await asyncio.sleep(0.3)
+        stop_py_spy(spy, args.py_spy)
         rss3, cpu3 = proc_stats(server.pid)
         results["change_to_node_p50_ms"] = round(pct(lat_all, 50) * 1000, 1)
         results["change_to_node_p99_ms"] = round(pct(lat_all, 99) * 1000, 1)
@@ -273,6 +323,9 @@ def main() -> None:
         default=1_000_000,
         help="only the first K nodes fetch a full map; the others resume with since=<current version> "
         "(a full mesh map is O(N) per node, O(N^2) in total: 78 GB at 10,000 nodes)",
+    )
+    parser.add_argument(
+        "--py-spy", metavar="FILE", help="sample the coordinator with py-spy during the changes (raw stacks)"
     )
     args = parser.parse_args()
     if not 1 <= args.nodes <= 20000:
