@@ -175,6 +175,10 @@ def serve(
         str | None,
         typer.Option("--audit-ip-prefix", help="Truncate IP addresses in audit records: V4BITS/V6BITS."),
     ] = None,
+    ephemeral_timeout: Annotated[
+        str | None,
+        typer.Option("--ephemeral-timeout", help="Remove ephemeral nodes offline this long (default 3m)."),
+    ] = None,
     config: Annotated[Path | None, typer.Option("--config", help="TOML settings file.")] = None,
 ) -> None:
     """Run the coordinator server (foreground)."""
@@ -197,6 +201,7 @@ def serve(
         "audit_retention": audit_retention,
         "audit_ip_prefix": audit_ip_prefix,
         "state_dir": state_dir or (given.state_dir if given.state_dir_given else None),
+        "ephemeral_timeout": ephemeral_timeout,
     }
     settings = load_settings(flags, config_file=config)
     _setup_logging()
@@ -238,6 +243,10 @@ def keys_create(
     tag: Annotated[
         list[str] | None, typer.Option("--tag", help="Tag for enrolled nodes (repeatable).")
     ] = None,
+    ephemeral: Annotated[
+        bool,
+        typer.Option("--ephemeral", help="Enrolled nodes are removed when offline a while or on meshd down."),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Create a pre-auth key; the key is the last word printed."""
@@ -246,12 +255,18 @@ def keys_create(
         ctx,
         "POST",
         "/admin/keys",
-        {"user": user, "reusable": reusable, "expiration": seconds, "tags": tag or []},
+        {
+            "user": user,
+            "reusable": reusable,
+            "expiration": seconds,
+            "tags": tag or [],
+            "ephemeral": ephemeral,
+        },
     )
     if as_json:
         _json(key)
         return
-    kind = "reusable" if key["reusable"] else "single-use"
+    kind = ("reusable" if key["reusable"] else "single-use") + (" ephemeral" if key.get("ephemeral") else "")
     sys.stdout.write(f"{kind} key for {key['user']}, expires {_when(key['expires_at'])}:\n{key['key']}\n")
 
 

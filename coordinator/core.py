@@ -121,6 +121,7 @@ class Core:
         self._started = False
         self._janitor: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
+        self._reaper: asyncio.Task[None] | None = None  #: removes ephemeral nodes gone too long
         #: called with (node id, reason) right after a node is removed or expired (the relay drops it)
         self.revoke_hooks: list[Callable[[int, str], None]] = []
         self.audit_export = auditexport.AuditExport()  #: opened by start() (--audit-syslog, --audit-jsonl)
@@ -176,6 +177,10 @@ class Core:
         self.metrics.nodes.set(len(self.state.peers))
         self.hub.start()
         self._janitor = asyncio.create_task(self._clean_up(), name="janitor")
+        from coordinator import ephemeral  # it imports this module
+
+        timeout = self.settings.ephemeral_timeout
+        self._reaper = asyncio.create_task(ephemeral.run(self, timeout), name="ephemeral-nodes")
         if self.settings.audit_retention > 0:
             from coordinator import auditretention  # it imports this module
 
@@ -187,12 +192,12 @@ class Core:
         log.info("coordinator started: map version %d, %d nodes", self.state.version, len(self.state.peers))
 
     async def stop(self) -> None:
-        for task in (self._janitor, self._listener, self._retention, *self.held_writes):
+        for task in (self._janitor, self._listener, self._retention, self._reaper, *self.held_writes):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        self._janitor = self._listener = self._retention = None
+        self._janitor = self._listener = self._retention = self._reaper = None
         await self.hub.stop()
         if self._started:
             self._started = False

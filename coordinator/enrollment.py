@@ -171,6 +171,7 @@ async def register(core: Core, reg: Registration, source: str | None = None) -> 
                     tags=key.tags,
                     actor=f"user:{key.user}",
                     how=f"pre-auth key {key.prefix}",
+                    ephemeral=key.ephemeral,
                 )
             clash = (
                 await tx.session.execute(select(Node.id).where(Node.node_public_key == reg.node_public_key))

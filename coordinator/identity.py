@@ -36,6 +36,7 @@ class NewKey:
     reusable: bool
     expires_at: float
     tags: tuple[str, ...]
+    ephemeral: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +46,7 @@ class RedeemedKey:
     user: str
     tags: tuple[str, ...]
     prefix: str
+    ephemeral: bool = False
 
 
 def hash_key(key: str) -> str:
@@ -82,7 +84,13 @@ async def list_users(core: Core) -> list[UserInfo]:
 
 
 async def create_key(
-    core: Core, user: str, reusable: bool, expiration: float, tags: list[str], actor: str
+    core: Core,
+    user: str,
+    reusable: bool,
+    expiration: float,
+    tags: list[str],
+    actor: str,
+    ephemeral: bool = False,
 ) -> NewKey:
     clean_tags = check_tags(tags)
     policy = core.state.parsed_policy
@@ -107,6 +115,7 @@ async def create_key(
             created_at=now,
             expires_at=now + expiration,
             used_count=0,
+            ephemeral=ephemeral,
         )
         tx.session.add(row)
         await tx.session.flush()
@@ -120,9 +129,10 @@ async def create_key(
                 "expires_at": row.expires_at,
                 "tags": list(clean_tags),
                 "key_prefix": row.prefix,
+                **({"ephemeral": True} if ephemeral else {}),
             },
         )
-    return NewKey(key, row.prefix, user, reusable, row.expires_at, clean_tags)
+    return NewKey(key, row.prefix, user, reusable, row.expires_at, clean_tags, ephemeral)
 
 
 async def redeem_key(tx: Tx, key: str, now: float) -> RedeemedKey:
@@ -145,4 +155,6 @@ async def redeem_key(tx: Tx, key: str, now: float) -> RedeemedKey:
     owner = await tx.session.get(User, row.user_id)
     assert owner is not None
     await tx.audit(f"key:{row.id}", "key.used", f"key:{row.id}", {"user": owner.name})
-    return RedeemedKey(row.id, owner.id, owner.name, tuple(json.loads(row.tags)), row.prefix)
+    return RedeemedKey(
+        row.id, owner.id, owner.name, tuple(json.loads(row.tags)), row.prefix, bool(row.ephemeral)
+    )

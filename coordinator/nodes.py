@@ -91,6 +91,7 @@ async def create_node(
     tags: tuple[str, ...],
     actor: str,
     how: str,
+    ephemeral: bool = False,
 ) -> Enrolled:
     s = tx.session
     clash = (
@@ -133,6 +134,7 @@ async def create_node(
         cert="",
         created_at=now,
         expired=False,
+        ephemeral=ephemeral,
     )
     s.add(node)
     await s.flush()
@@ -149,6 +151,7 @@ async def create_node(
             "ipv6": ipv6,
             "wg_public_key": wg_public_key,
             "node_public_key": node_public_key,
+            **({"ephemeral": True} if ephemeral else {}),
         },
     )
     core = tx.core
@@ -238,7 +241,9 @@ def _quarantine(tx: Tx, node: Node, name: str, ipv4: str | None) -> float | None
     return until
 
 
-async def remove_node(core: Core, name: str, actor: str, release: bool = False) -> None:
+async def remove_node(
+    core: Core, name: str, actor: str, release: bool = False, details: dict[str, object] | None = None
+) -> None:
     """Remove a node; its name and address stay in quarantine unless `release`.
 
     With `release`, a name that is no longer a node but still in quarantine is released (that is how an
@@ -254,9 +259,9 @@ async def remove_node(core: Core, name: str, actor: str, release: bool = False) 
         until = None if release else _quarantine(tx, node, name, node.ipv4)
         if release:
             await _release(tx, name, actor)
-        details: dict[str, object] = {"node_id": node.id, "ipv4": node.ipv4}
-        details.update({"released": True} if release else {"quarantine_until": until})
-        await tx.audit(actor, "node.removed", f"node:{name}", details)
+        record: dict[str, object] = {"node_id": node.id, "ipv4": node.ipv4, **(details or {})}
+        record.update({"released": True} if release else {"quarantine_until": until})
+        await tx.audit(actor, "node.removed", f"node:{name}", record)
         _revoke(tx, node.id, "node removed", False, b"")
         ipv4 = node.ipv4
         tx.on_commit(lambda: core.pool.release(ipv4))

@@ -53,6 +53,8 @@ class Settings:
     #: a removed node's name and address (a renamed node's old name) go to no new node for this long
     #: unless the admin releases them; 0 turns the quarantine off
     quarantine: float = 24 * 3600.0
+    #: an ephemeral node (`keys create --ephemeral`) offline this long is removed (coordinator/ephemeral.py)
+    ephemeral_timeout: float = 180.0
     #: unauthenticated connections (issue 13): a request head or a relay CLIENT_HELLO must arrive within
     #: `preauth_timeout` seconds of accept; at most `preauth_max` are held (then the oldest is closed) and
     #: `preauth_max_per_source` per source address (then new ones are refused). With the unit's
@@ -141,6 +143,7 @@ _CONVERT: dict[str, Any] = {
     "audit_retention": lambda v: 0.0 if str(v).strip() in ("0", "0s", "0d", "0.0") else parse_duration(v),
     "audit_ip_prefix": lambda v: str(v) or None,
     "quarantine": lambda v: 0.0 if str(v).strip() in ("0", "0s", "0.0") else parse_duration(v),
+    "ephemeral_timeout": parse_duration,
     "relay": lambda v: v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes", "on"),
 }
 

@@ -239,6 +239,11 @@ class ControlClient:
             await asyncio.sleep(poll)
 
     # --------------------------------------------------------------------------------- signed calls
+    async def leave(self) -> bool:
+        """Tell the coordinator we go down (``meshd down``); True when it removed us (ephemeral node)."""
+        data = (await self._request("POST", "/api/v1/leave", signer=self._need_id())).json()
+        return bool(data.get("removed"))
+
     async def renew_cert(self) -> str:
         data = (await self._request("POST", "/api/v1/cert/renew", signer=self._need_id())).json()
         return str(data["cert"])

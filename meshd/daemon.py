@@ -53,6 +53,7 @@ STOP_PARTS = 2.0  #: ... for relay, paths, port maps and the control socket to c
 STOP_INTERFACE = 1.5  #: ... for the WireGuard interface to go
 SIGNAL_GRACE = 0.2  #: after a start-up failure, how long a SIGTERM sent with it may take to arrive
 PENDING_KEY_WAIT = 5.0  #: at start, how long to ask the coordinator about an interrupted key rotation
+LEAVE_WITHIN = 1.0  #: on `meshd down`, how long to wait for the coordinator to hear we leave
 
 
 class DaemonError(Exception):
@@ -323,6 +324,9 @@ class Daemon:
 
     async def _tear_down(self) -> None:
         """Everything at once (the relay's reconnects stop first thing), then the interface and the rest."""
+        if self.stop_reason == "meshd down" and self._client is not None and self.creds is not None:
+            # an ephemeral node is removed at once (coordinator/ephemeral.py); others are left as they are
+            await _bounded("telling the coordinator we leave", self._client.leave(), LEAVE_WITHIN)
         parts: list[Awaitable[Any]] = [self.tasks.stop(within=STOP_TASKS)]
         if self.relay is not None:
             parts.append(_bounded("relay links", self.relay.close(), STOP_PARTS))

@@ -44,7 +44,9 @@ async def list_users(core: CoreDep) -> list[UserPublic]:
 
 @router.post("/keys", response_model=KeyPublic, status_code=201)
 async def create_key(body: KeyCreate, core: CoreDep) -> KeyPublic:
-    k = await identity.create_key(core, body.user, body.reusable, body.expiration, body.tags, ACTOR)
+    k = await identity.create_key(
+        core, body.user, body.reusable, body.expiration, body.tags, ACTOR, ephemeral=body.ephemeral
+    )
     return KeyPublic(
         key=k.key,
         prefix=k.prefix,
@@ -52,6 +54,7 @@ async def create_key(body: KeyCreate, core: CoreDep) -> KeyPublic:
         reusable=k.reusable,
         expires_at=k.expires_at,
         tags=list(k.tags),
+        ephemeral=k.ephemeral,
     )
 
 

@@ -18,6 +18,14 @@ from meshd.proto.encoding import b64encode
 router = APIRouter(prefix="/api/v1", tags=["node"])
 
 
+@router.post("/leave")
+async def leave(node_id: NodeDep, core: CoreDep) -> dict[str, bool]:
+    """`meshd down`: an ephemeral node is removed at once (issue 17); any other node is left as it is."""
+    from coordinator import ephemeral  # it imports coordinator.nodes
+
+    return {"removed": await ephemeral.leave(core, node_id)}
+
+
 @router.post("/cert/renew", response_model=CertPublic)
 async def renew(node_id: NodeDep, core: CoreDep) -> CertPublic:
     cert = await nodes.renew_cert(core, node_id)

@@ -71,6 +71,7 @@ class KeyCreate(Strict):
     reusable: bool = False
     expiration: float = Field(default=3600.0, gt=0, le=10 * 365 * 86400)
     tags: list[str] = Field(default_factory=list, max_length=32)
+    ephemeral: bool = False  #: nodes enrolled with it are removed when gone (coordinator/ephemeral.py)
 
 
 class KeyPublic(BaseModel):
@@ -80,6 +81,7 @@ class KeyPublic(BaseModel):
     reusable: bool
     expires_at: float
     tags: list[str]
+    ephemeral: bool = False
 
 
 class NodePublic(BaseModel):

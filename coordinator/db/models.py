@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import Boolean, Float, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.expression import false
 
 
 class Base(DeclarativeBase):
@@ -38,6 +39,8 @@ class PreAuthKey(Base):
     created_at: Mapped[float] = mapped_column(Float)
     expires_at: Mapped[float] = mapped_column(Float)
     used_count: Mapped[int] = mapped_column(Integer, default=0)
+    #: nodes enrolled with it are removed when offline too long or on `meshd down` (coordinator/ephemeral.py)
+    ephemeral: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class Node(Base):
@@ -54,6 +57,7 @@ class Node(Base):
     cert: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[float] = mapped_column(Float)
     expired: Mapped[bool] = mapped_column(Boolean, default=False)
+    ephemeral: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())  #: issue 17
 
 
 class Quarantine(Base):
