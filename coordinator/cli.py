@@ -270,6 +270,42 @@ def keys_create(
     sys.stdout.write(f"{kind} key for {key['user']}, expires {_when(key['expires_at'])}:\n{key['key']}\n")
 
 
+# --------------------------------------------------------------------------------------------------- dns
+dns_app = typer.Typer(help="Admin-defined DNS records (every node's resolver).", no_args_is_help=True)
+app.add_typer(dns_app, name="dns")
+
+
+@dns_app.command("set")
+def dns_set(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Name under the mesh domain, e.g. printer or db.prod.")],
+    ip: Annotated[str, typer.Argument(help="IPv4 or IPv6 address.")],
+) -> None:
+    """Set NAME.<domain> to IP on every node's resolver (replaces an earlier address)."""
+    r = _admin(ctx, "PUT", f"/admin/dns/{urllib.parse.quote(name, safe='')}", {"ip": ip})
+    sys.stdout.write(f"{r['name']} -> {r['ip']}\n")
+
+
+@dns_app.command("list")
+def dns_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """List the admin-defined DNS records."""
+    records = _admin(ctx, "GET", "/admin/dns")
+    if as_json:
+        _json(records)
+        return
+    table = Table("NAME", "IP", "SET")
+    for r in records:
+        table.add_row(r["name"], r["ip"], _when(r["created_at"]))
+    out.print(table)
+
+
+@dns_app.command("remove")
+def dns_remove(ctx: typer.Context, name: Annotated[str, typer.Argument(help="The record's name.")]) -> None:
+    """Remove an admin-defined DNS record."""
+    _admin(ctx, "DELETE", f"/admin/dns/{urllib.parse.quote(name, safe='')}")
+    sys.stdout.write(f"removed {name}\n")
+
+
 # ------------------------------------------------------------------------------------------------- nodes
 @nodes_app.command("list")
 def nodes_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:

@@ -147,6 +147,9 @@ class Core:
                 s.add(ula)
             policy = await s.get(Meta, "policy")
             self.state.policy = policy.value if policy else ""
+            from coordinator import dnsrecords  # it imports this module
+
+            self.state.dns_records = await dnsrecords.load(s)
             self.pool = AddressPool(self.settings.prefix, ula.value)
             last = (await s.execute(select(func.max(MapChange.version)))).scalar()
             self.state.version = int(last or 0)
@@ -306,6 +309,10 @@ class Core:
         if any(r.kind == "policy" for r in rows):
             policy = await session.get(Meta, "policy")
             self.state.policy = policy.value if policy else ""
+        if any(r.kind == "dns" for r in rows):  # another replica changed the admin DNS records
+            from coordinator import dnsrecords
+
+            self.state.dns_records = await dnsrecords.load(session)
         for r in rows:  # another replica's restart does not invalidate our streams' versions
             self.state.record(Change(r.version, "noop" if r.kind == "restart" else r.kind, r.node_id))
         for i in ids:

@@ -51,6 +51,7 @@ class PendingDelta:
     removed: tuple[int, ...]
     policy: bool
     relays: bool
+    dns: bool = False  #: the admin DNS records changed (every node gets them)
 
     @property
     def touched(self) -> frozenset[int]:
@@ -75,6 +76,8 @@ class MapState:
         self._policy: access.Policy | None = None
         self._compiled: access.Compiled | None = None
         self.owners: dict[int, str] = {}  #: node id -> user name (policy: a user's nodes)
+        #: admin DNS records (name, ip) sorted by name, in every map (coordinator/dnsrecords.py)
+        self.dns_records: tuple[tuple[str, str], ...] = ()
         self.version = 0
         self.full_map_before = 0  #: a node asking `since` below this gets a full map
         self.peers: dict[int, Peer] = {}
@@ -200,6 +203,7 @@ class MapState:
             policy="",  # least knowledge: the policy reaches a node as peers and inbound rules only
             domain=self.domain,
             inbound=self.inbound(node_id),
+            dns_records=self.dns_records,
         )
 
     def full_map_message(self, node_id: int) -> str:
@@ -207,8 +211,9 @@ class MapState:
         peers = ",".join(self.peer_json(i) for i in self.visible_ids(node_id))
         relays = _DUMPS([netmap.relay_to_json(r) for r in self.relays])
         inbound = _DUMPS(rules.rules_to_json(self.inbound(node_id)))
+        dns = f'"dns":{_DUMPS(netmap.records_to_json(self.dns_records))},' if self.dns_records else ""
         body = (  # keys in sorted order: canonical JSON, equal to canonical_json(map_to_json(full_map))
-            f'{{"domain":{_DUMPS(self.domain)},"inbound":{inbound},"peers":[{peers}],"relays":{relays},'
+            f'{{{dns}"domain":{_DUMPS(self.domain)},"inbound":{inbound},"peers":[{peers}],"relays":{relays},'
             f'"self":{self.peer_json(node_id)},"version":{self.version}}}'
         )
         return self.signed("map", body, node_id)
@@ -232,7 +237,7 @@ class MapState:
         if since + 1 < oldest:
             return None
         kinds: dict[int, set[str]] = {}
-        policy = relays = False
+        policy = relays = dns = False
         for change in reversed(self.log):
             if change.version <= since:
                 break
@@ -240,6 +245,8 @@ class MapState:
                 policy = True
             elif change.kind == "relays":
                 relays = True
+            elif change.kind == "dns":
+                dns = True
             elif change.node_id is not None:
                 kinds.setdefault(change.node_id, set()).add(change.kind)
         added: list[int] = []
@@ -265,6 +272,7 @@ class MapState:
             tuple(removed),
             policy,
             relays,
+            dns,
         )
 
     def delta_for(self, pending: PendingDelta, node_id: int) -> netmap.Delta:
@@ -304,6 +312,7 @@ class MapState:
             ),
             self_node=self_node,
             relays=self.relays if pending.relays else None,
+            dns_records=self.dns_records if pending.dns else None,
             inbound=self.inbound(node_id) if structural and (self.filtering or pending.policy) else None,
         )
 

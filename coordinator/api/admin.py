@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from coordinator import audit, auditexport, enrollment, identity, nodes, rotation
+from coordinator import audit, auditexport, dnsrecords, enrollment, identity, nodes, rotation
 from coordinator.api.deps import CoreDep
 from coordinator.api.schemas import (
     ApproveBody,
@@ -56,6 +56,31 @@ async def create_key(body: KeyCreate, core: CoreDep) -> KeyPublic:
         tags=list(k.tags),
         ephemeral=k.ephemeral,
     )
+
+
+class DnsRecordBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ip: str = Field(min_length=1, max_length=64)
+
+
+@router.get("/dns")
+async def list_dns(core: CoreDep) -> list[dict[str, object]]:
+    """Admin-defined DNS records (issue 17)."""
+    return [
+        {"name": r.name, "ip": r.ip, "created_at": r.created_at} for r in await dnsrecords.list_records(core)
+    ]
+
+
+@router.put("/dns/{name}")
+async def set_dns(name: str, body: DnsRecordBody, core: CoreDep) -> dict[str, object]:
+    r = await dnsrecords.set_record(core, name, body.ip, ACTOR)
+    return {"name": r.name, "ip": r.ip, "created_at": r.created_at}
+
+
+@router.delete("/dns/{name}", status_code=204)
+async def remove_dns(name: str, core: CoreDep) -> Response:
+    await dnsrecords.remove_record(core, name, ACTOR)
+    return Response(status_code=204)
 
 
 @router.get("/nodes", response_model=list[NodePublic])

@@ -73,6 +73,16 @@ class Quarantine(Base):
     until: Mapped[float] = mapped_column(Float, index=True)
 
 
+class DnsRecord(Base):
+    """An admin-defined DNS record (`coordinator dns set NAME IP`, coordinator/dnsrecords.py)."""
+
+    __tablename__ = "dns_records"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(253), unique=True)
+    ip: Mapped[str] = mapped_column(String(45))
+    created_at: Mapped[float] = mapped_column(Float)
+
+
 class Challenge(Base):
     """A single-use enrollment challenge and the server's ephemeral X25519 private key for it."""
 

@@ -50,6 +50,7 @@ import enum
 import hashlib
 import ipaddress
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -121,6 +122,9 @@ class NetMap:
     policy: str  #: always "": maps no longer carry the policy text (least knowledge); kept for callers
     domain: str
     inbound: tuple[InboundRule, ...] = ALLOW_ALL  #: what this node lets in (meshd/firewall.py)
+    #: admin-defined DNS records (name, ip), sorted by name: `coordinator dns set` (issue 17); JSON key
+    #: ``dns`` only when non-empty, so a map without records keeps its bytes
+    dns_records: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +141,7 @@ class Delta:
     relays: tuple[RelayRegion, ...] | None = None
     domain: str | None = None
     inbound: tuple[InboundRule, ...] | None = None
+    dns_records: tuple[tuple[str, str], ...] | None = None
 
     def is_empty(self) -> bool:
         return not (
@@ -148,6 +153,7 @@ class Delta:
             or self.relays is not None
             or self.domain is not None
             or self.inbound is not None
+            or self.dns_records is not None
         )
 
 
@@ -178,6 +184,7 @@ def diff(old: NetMap, new: NetMap) -> Delta:
         relays=new.relays if new.relays != old.relays else None,
         domain=new.domain if new.domain != old.domain else None,
         inbound=new.inbound if new.inbound != old.inbound else None,
+        dns_records=new.dns_records if new.dns_records != old.dns_records else None,
     )
 
 
@@ -201,6 +208,7 @@ def apply(current: NetMap, delta: Delta) -> NetMap:
         policy=current.policy,
         domain=delta.domain if delta.domain is not None else current.domain,
         inbound=delta.inbound if delta.inbound is not None else current.inbound,
+        dns_records=delta.dns_records if delta.dns_records is not None else current.dns_records,
     )
 
 
@@ -234,6 +242,7 @@ def map_to_json(m: NetMap) -> dict[str, Any]:
         "relays": [relay_to_json(r) for r in m.relays],
         "domain": m.domain,
         "inbound": rules_to_json(m.inbound),
+        **({"dns": records_to_json(m.dns_records)} if m.dns_records else {}),
     }
 
 
@@ -257,6 +266,8 @@ def delta_to_json(d: Delta) -> dict[str, Any]:
         out["domain"] = d.domain
     if d.inbound is not None:
         out["inbound"] = rules_to_json(d.inbound)
+    if d.dns_records is not None:
+        out["dns"] = records_to_json(d.dns_records)
     return out
 
 
@@ -346,6 +357,7 @@ def map_from_json(raw: Any) -> NetMap:
         policy="",  # an older coordinator's policy text is not kept (least knowledge)
         domain=_get(o, "domain", str, "map"),
         inbound=ALLOW_ALL if inbound is None else inbound,
+        dns_records=_records(o, "map") or (),
     )
 
 
@@ -376,7 +388,43 @@ def delta_from_json(raw: Any) -> Delta:
         relays=tuple(relay_from_json(r) for r in relays) if relays is not None else None,
         domain=_get(o, "domain", str, "delta", optional=True),
         inbound=_inbound(o, "delta"),
+        dns_records=_records(o, "delta"),
     )
+
+
+MAX_DNS_RECORDS = 1024  #: admin-defined DNS records a map may carry
+
+
+def records_to_json(records: tuple[tuple[str, str], ...]) -> list[dict[str, str]]:
+    return [{"name": name, "ip": ip} for name, ip in records]
+
+
+def _records(o: dict[str, Any], where: str) -> tuple[tuple[str, str], ...] | None:
+    """Admin DNS records (``dns``): names of DNS labels (a-z, 0-9, '-', dots, at most 200 characters),
+    canonical IP addresses, at most MAX_DNS_RECORDS; None when absent."""
+    if "dns" not in o:
+        return None
+    raw = _get(o, "dns", list, where)
+    if len(raw) > MAX_DNS_RECORDS:
+        raise NetmapError(f"{where}: more than {MAX_DNS_RECORDS} dns records")
+    out = []
+    for r in raw:
+        ro = _obj(r, f"{where}.dns")
+        name, ip = _get(ro, "name", str, f"{where}.dns"), _get(ro, "ip", str, f"{where}.dns")
+        labels = name.split(".")
+        if len(name) > 200 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
+            raise NetmapError(f"{where}: bad dns record name {name[:64]!r}")
+        try:
+            canonical = str(ipaddress.ip_address(ip))
+        except ValueError:
+            raise NetmapError(f"{where}: bad dns record address {ip[:64]!r}") from None
+        if canonical != ip:
+            raise NetmapError(f"{where}: dns record address {ip[:64]!r} is not canonical")
+        out.append((name, ip))
+    return tuple(out)
+
+
+_DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 
 def _node_id(p: Peer) -> int:
