@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from coordinator import adminclient
+from coordinator.completion import node_names, user_names
 from coordinator.errors import CoordinatorError
 from coordinator.settings import DEFAULT_STATE_DIR, load_settings, parse_duration
 from meshd.clikit import fail, options, run
@@ -33,7 +34,7 @@ from meshd.logfmt import EscapingFormatter
 app = typer.Typer(
     help="coordinator: the mesh VPN control plane",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion: node and user names (completion.py)
     pretty_exceptions_enable=False,
 )
 users_app = typer.Typer(help="Manage users.", no_args_is_help=True)
@@ -110,6 +111,7 @@ StateDir = Annotated[
     Path | None, typer.Option("--state-dir", help="State directory (admin.sock lives here).")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
+NodeArg = Annotated[str, typer.Argument(help="A node's name.", autocompletion=node_names)]
 
 
 @app.callback()
@@ -237,7 +239,10 @@ def users_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 @keys_app.command("create")
 def keys_create(
     ctx: typer.Context,
-    user: Annotated[str, typer.Option("--user", help="Owner of the nodes enrolled with the key.")],
+    user: Annotated[
+        str,
+        typer.Option("--user", help="Owner of the nodes enrolled with the key.", autocompletion=user_names),
+    ],
     reusable: Annotated[bool, typer.Option("--reusable", help="Allow many enrollments.")] = False,
     expiration: Annotated[str, typer.Option("--expiration", help="Lifetime, e.g. 30m, 1h, 7d.")] = "1h",
     tag: Annotated[
@@ -332,7 +337,7 @@ def nodes_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 @nodes_app.command("remove")
 def nodes_remove(
     ctx: typer.Context,
-    name: str,
+    name: NodeArg,
     release: Annotated[
         bool,
         typer.Option(
@@ -353,14 +358,14 @@ def nodes_remove(
 
 
 @nodes_app.command("expire")
-def nodes_expire(ctx: typer.Context, name: str) -> None:
+def nodes_expire(ctx: typer.Context, name: NodeArg) -> None:
     """Expire a node: it leaves every map and can no longer renew."""
     _admin(ctx, "POST", f"/admin/nodes/{_seg(name)}/expire")
     out.print(f"expired node {name}")
 
 
 @nodes_app.command("rename")
-def nodes_rename(ctx: typer.Context, old: str, new: str) -> None:
+def nodes_rename(ctx: typer.Context, old: NodeArg, new: str) -> None:
     """Rename a node."""
     _admin(ctx, "POST", f"/admin/nodes/{_seg(old)}/rename", {"new_name": new})
     out.print(f"renamed node {old} to {new}")
@@ -377,7 +382,7 @@ def nodes_approve(ctx: typer.Context, code: str, as_json: JsonOpt = False) -> No
 
 
 @nodes_app.command("tag")
-def nodes_tag(ctx: typer.Context, name: str, tags: list[str]) -> None:
+def nodes_tag(ctx: typer.Context, name: NodeArg, tags: list[str]) -> None:
     """Set a node's tags."""
     result = _admin(ctx, "POST", f"/admin/nodes/{_seg(name)}/tags", {"tags": tags})
     out.print(f"node {name} tags: {', '.join(result['tags']) or '-'}")

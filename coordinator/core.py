@@ -168,6 +168,9 @@ class Core:
                 self.state.log.append(Change(row.version, row.kind, row.node_id))
             owners = await s.execute(select(Node.id, User.name).join(User, Node.user_id == User.id))
             self.state.owners.update({i: name for i, name in owners.all()})
+            from coordinator import routes  # here: coordinator.routes imports this module
+
+            self.state.routes.update(await routes.load(s))
             for node in (await s.execute(select(Node))).scalars().all():
                 self.pool.mark(node.ipv4)
                 self.node_keys[node.id] = (b64decode(node.node_public_key), node.expired)
@@ -306,6 +309,12 @@ class Core:
                 select(Node.id, User.name).join(User, Node.user_id == User.id).where(Node.id.in_(ids))
             )
             self.state.owners.update({i: name for i, name in owners.all()})
+            from coordinator import routes  # here: coordinator.routes imports this module
+
+            carried = await routes.load(session, ids)
+            for i in ids:  # another replica approved or removed a route (issue 17)
+                self.state.routes.pop(i, None)
+            self.state.routes.update(carried)
         if any(r.kind == "policy" for r in rows):
             policy = await session.get(Meta, "policy")
             self.state.policy = policy.value if policy else ""

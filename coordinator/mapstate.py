@@ -78,6 +78,9 @@ class MapState:
         self.owners: dict[int, str] = {}  #: node id -> user name (policy: a user's nodes)
         #: admin DNS records (name, ip) sorted by name, in every map (coordinator/dnsrecords.py)
         self.dns_records: tuple[tuple[str, str], ...] = ()
+        #: node id -> approved and advertised prefixes it routes (coordinator/routes.py); put_peer fills
+        #: them into the node's Peer, so every place that rebuilds a Peer from its row keeps them
+        self.routes: dict[int, tuple[str, ...]] = {}
         self.version = 0
         self.full_map_before = 0  #: a node asking `since` below this gets a full map
         self.peers: dict[int, Peer] = {}
@@ -126,6 +129,7 @@ class MapState:
             self.owners.get(node_id, ""),
             frozenset(access.tag_name(t) for t in p.tags),
             tuple(ipaddress.ip_network(ip, strict=False) for ip in p.ips),
+            tuple(ipaddress.ip_network(r) for r in p.routes),
         )
 
     @property
@@ -152,15 +156,33 @@ class MapState:
             self.full_map_before = change.version
 
     def put_peer(self, peer: Peer) -> None:
+        routes = self.routes.get(peer.node_id, ())
+        if peer.routes != routes:
+            peer = replace(peer, routes=routes)
         old = self.peers.get(peer.node_id)
         if old is None:
             self._sorted_ids = None
-        if old is None or (old.name, old.ips, old.tags) != (peer.name, peer.ips, peer.tags):
+        if old is None or (old.name, old.ips, old.tags, old.routes) != (
+            peer.name,
+            peer.ips,
+            peer.tags,
+            routes,
+        ):
             self._compiled = None
         self.peers[peer.node_id] = peer
         self._peer_json.pop(peer.node_id, None)
 
+    def set_routes(self, node_id: int, routes: tuple[str, ...]) -> None:
+        """The prefixes `node_id` routes now (record a "changed" change for it in the same transaction)."""
+        if routes:
+            self.routes[node_id] = routes
+        else:
+            self.routes.pop(node_id, None)
+        if node_id in self.peers:
+            self.put_peer(self.peers[node_id])
+
     def drop_peer(self, node_id: int) -> None:
+        self.routes.pop(node_id, None)
         if self.peers.pop(node_id, None) is not None:
             self._sorted_ids = None
             self._compiled = None

@@ -118,6 +118,7 @@ class Member:
     user: str
     tags: frozenset[str]
     ips: tuple[IPNetwork, ...]
+    routes: tuple[IPNetwork, ...] = ()  #: approved prefixes it routes for others (issue 17)
 
 
 @dataclass(frozen=True)
@@ -431,6 +432,22 @@ def _matches(policy: Policy, sel: Selector, m: Member) -> bool:
     return sel.kind == "node" and m.name == sel.name
 
 
+def routed(sel: Selector, m: Member) -> tuple[IPNetwork, ...]:
+    """The part of `m`'s routed prefixes a destination selector names (subnet routers, exit nodes).
+
+    ``*`` names all of them; an IP, CIDR or host alias names its overlap with each prefix (the narrower of
+    the two); user:, node:, group: and tag: name nodes' own addresses only, never what they route."""
+    if sel.kind == "any":
+        return m.routes
+    if sel.kind not in ("host", "net") or sel.net is None:
+        return ()
+    out: list[IPNetwork] = []
+    for r in m.routes:
+        if r.version == sel.net.version and r.overlaps(sel.net):
+            out.append(sel.net if sel.net.subnet_of(r) else r)  # type: ignore[arg-type]
+    return tuple(out)
+
+
 def _port_ok(ports: tuple[tuple[int, int], ...], port: int | None) -> bool:
     return not ports or (port is not None and any(lo <= port <= hi for lo, hi in ports))
 
@@ -534,7 +551,14 @@ class Compiled:
                 for i in sorted(src_ids or ()):
                     nets.extend(str(ip) for ip in self.members[i].ips)
             dsts = [
-                (d, frozenset(m.node_id for m in everyone if _matches(policy, d.selector, m)))
+                (
+                    d,
+                    frozenset(
+                        m.node_id
+                        for m in everyone
+                        if _matches(policy, d.selector, m) or routed(d.selector, m)
+                    ),
+                )
                 for d in rule.dst
             ]
             self._rules.append((rule, src_ids, tuple(dict.fromkeys(nets)), dsts))
@@ -574,10 +598,18 @@ class Compiled:
         if cached is not None:
             return cached
         out: list[InboundRule] = []
+        me = self.members.get(node_id)
         for rule, _, nets, dsts in self._rules:
             for d, dst_ids in dsts:
-                if node_id in dst_ids and nets:
-                    r = InboundRule(nets, rule.proto, d.ports)
+                if node_id not in dst_ids or not nets:
+                    continue
+                candidates = []
+                if me is None or _matches(self.policy, d.selector, me):
+                    candidates.append(InboundRule(nets, rule.proto, d.ports))
+                through = routed(d.selector, me) if me is not None else ()
+                if through:  # traffic this node forwards (subnet router, exit node): dst says where to
+                    candidates.append(InboundRule(nets, rule.proto, d.ports, tuple(str(n) for n in through)))
+                for r in candidates:
                     if r not in out:
                         out.append(r)
         result = tuple(out)

@@ -20,13 +20,14 @@ from rich.console import Console
 from meshd import api, hosts
 from meshd import status as st
 from meshd.clikit import fail, options, run
+from meshd.completion import peer_names
 from meshd.logfmt import setup_logging
 from meshd.state import DEFAULT_STATE_DIR, StateDir
 
 app = typer.Typer(
     help="meshd: the mesh VPN host daemon",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish): meshd/completion.py
     pretty_exceptions_enable=False,
 )
 
@@ -181,7 +182,7 @@ def status(
 @app.command()
 def ping(
     ctx: typer.Context,
-    peer: Annotated[str, typer.Argument(help="peer name")],
+    peer: Annotated[str, typer.Argument(help="peer name", autocompletion=peer_names)],
     state_dir: StateDirOpt = None,
 ) -> None:
     """Ping a peer over the mesh and say which path answered."""

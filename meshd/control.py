@@ -248,6 +248,12 @@ class ControlClient:
         data = (await self._request("POST", "/api/v1/cert/renew", signer=self._need_id())).json()
         return str(data["cert"])
 
+    async def advertise_routes(self, routes: list[str]) -> list[str]:
+        """Offer to route `routes` for the mesh (replaces the earlier offer); returns the approved ones."""
+        body = {"routes": routes}
+        data = (await self._request("PUT", "/api/v1/routes", body, signer=self._need_id())).json()
+        return [str(r) for r in data.get("approved", [])]
+
     async def rotate_key(self, new_wg_private: bytes) -> str:
         """Register a new WireGuard key with proof of possession (a box of a fresh challenge made with
         the new private key); returns the re-issued certificate. The caller switches ``keys`` after."""

@@ -37,6 +37,7 @@ from meshd.mapapply import MapApplier
 from meshd.nat.mapper import PortMapShell
 from meshd.nat.strategy import PathStrategy, open_paths
 from meshd.relay.manager import RelayManager
+from meshd.router import RouteService
 from meshd.session import ControlSession
 from meshd.state import StateDir, StateError, StateLock
 from meshd.supervise import TaskGroup
@@ -72,6 +73,10 @@ class Options:
     hosts_file: Path = hosts.DEFAULT_HOSTS_FILE
     approval_wait: float = 3600.0
     key_rotation: float = rotation.DEFAULT_INTERVAL  #: seconds between WireGuard key rotations; 0: never
+    advertise_routes: tuple[str, ...] = ()  #: prefixes offered to the mesh (meshd/router.py)
+    advertise_exit_node: bool = False  #: offer 0.0.0.0/0 and ::/0
+    snat_subnet_routes: bool = True  #: masquerade forwarded traffic (False: keep mesh source addresses)
+    exit_node: str | None = None  #: route internet traffic through this peer (meshd/exitnode.py)
     dns: str = "auto"  #: --dns: auto | resolved | hosts | off (meshd/dns/system.py)
     metrics_listen: tuple[str, int] | None = None  #: (host, port) for Prometheus /metrics; None: off
 
@@ -118,6 +123,9 @@ class Daemon:
         self.session: ControlSession | None = None
         self.hosts = hosts.HostsFile(opts.hosts_file, tag=opts.interface)
         self.firewall = firewall.Firewall(opts.interface)  #: policy layer 2 (inbound rules from the map)
+        self.routes = RouteService(
+            opts.interface, opts.advertise_routes, opts.advertise_exit_node, opts.snat_subnet_routes
+        )
         self.dns = MeshDns(opts.dns, opts.interface)  #: the resolver for mesh names (meshd/dns/)
         self.tasks = TaskGroup(on_fatal=self._fatal)
         self._failed: str | None = None
@@ -260,6 +268,7 @@ class Daemon:
                 clock=self.clock,
             )
             self.dns.attach(self.applier, creds)
+            self.applier.routes = self.routes
             await self.applier.reconcile([])
             self._port = await self.backend.listen_port()
             await self.dns.configure(self.applier)
@@ -316,6 +325,8 @@ class Daemon:
         self.tasks.start("stream", self.session.run, **kw)
         self.tasks.start("renew", lambda: creds.renew_loop(lambda: applier.map), **kw)
         self.tasks.start("watch", lambda: localnet.watch(self.opts.interface, self._local_changed), **kw)
+        client = self._client
+        self.tasks.start("advertise", lambda: self.routes.advertise_loop(client), **kw)
         if self.dns.enabled:  # no give-up: a resolver that cannot bind must not stop the mesh
             self.tasks.start("dns", self.dns.serve)
         if self.opts.key_rotation > 0:
@@ -341,7 +352,10 @@ class Daemon:
         await asyncio.gather(*parts)
         self.portmap = self.paths = self.relay = self._api = self._metrics = None
         await _bounded("systemd-resolved link settings", self.dns.close(), STOP_PARTS)
-        last = [_bounded("firewall table", self.firewall.close(), STOP_INTERFACE)]
+        last = [
+            _bounded("firewall table", self.firewall.close(), STOP_INTERFACE),
+            _bounded("forwarding", self.routes.close(), STOP_INTERFACE),
+        ]
         if self.backend is not None:
             last.append(_bounded(f"removing {self.opts.interface}", self.backend.close(), STOP_INTERFACE))
         await asyncio.gather(*last)  # independent of each other

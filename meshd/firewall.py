@@ -18,6 +18,11 @@ packets arriving on the mesh interface. Why there and not at ``input``:
   permission stops an established flow at once (no conntrack flush needed);
 - everything else is dropped.
 
+While this node routes for others (subnet router, exit node; issue 17) a rule without ``dst`` covers this
+host's own addresses only (``fib daddr type local``, looked up before DNAT, so the address the peer sent
+to), and a rule with ``dst`` covers packets we forward to those prefixes for the sender: a permission for
+this host never opens the networks it routes.
+
 The table is replaced in one ``nft -f`` transaction (never flushed rule by rule), deleted when no policy is
 set (the map's rules allow everything), on ``meshd down`` and by crash clean-up (meshd/runtime.py).
 :func:`render` is pure and tested on its own; :class:`Firewall` runs ``nft``.
@@ -82,14 +87,22 @@ def _ports(ports: tuple[tuple[int, int], ...]) -> str:
     return f"{{ {items} }}"
 
 
-def rule_lines(rule: InboundRule) -> list[str]:
-    """nft statements (accepting) for one inbound rule."""
+def rule_lines(rule: InboundRule, local_only: bool = False) -> list[str]:
+    """nft statements (accepting) for one inbound rule; `local_only`: a rule without ``dst`` matches
+    packets for this host's own addresses only (set while this node routes for others)."""
     out = []
     for family, version, icmp in (("ip", 4, "icmp"), ("ip6", 6, "ipv6-icmp")):
         nets = _nets(rule.sources, version)
         if not nets:
             continue
         match = f"{family} saddr {{ {', '.join(nets)} }}"
+        if rule.dst:  # traffic we route for the sender (subnet router, exit node; issue 17)
+            dsts = _nets(rule.dst, version)
+            if not dsts:
+                continue
+            match += f" {family} daddr {{ {', '.join(dsts)} }}"
+        elif local_only:  # this host itself: a rule for us must not open what we forward (issue 17)
+            match += " fib daddr type local"
         if rule.proto == "icmp":
             out.append(f"{match} meta l4proto {icmp} accept")
         elif rule.proto in ("tcp", "udp"):
@@ -102,7 +115,7 @@ def rule_lines(rule: InboundRule) -> list[str]:
     return out
 
 
-def render(ifname: str, rules: tuple[InboundRule, ...]) -> str:
+def render(ifname: str, rules: tuple[InboundRule, ...], local_only: bool = False) -> str:
     """The nft script that atomically (re)creates the table for `ifname` enforcing `rules`.
 
     FirewallError for anything that is not a canonical interface name, CIDR, protocol or port: only
@@ -118,7 +131,7 @@ def render(ifname: str, rules: tuple[InboundRule, ...]) -> str:
         "ct state related accept",
     ]
     for rule in rules:
-        body.extend(rule_lines(rule))
+        body.extend(rule_lines(rule, local_only or any(r.dst for r in rules)))
     body.append("counter drop")
     lines = [
         f"table inet {table}",
@@ -170,9 +183,11 @@ class Firewall:
     def __init__(self, ifname: str) -> None:
         self.ifname = ifname
         self.rules: tuple[InboundRule, ...] | None = None  #: None: no table installed
+        self.local_only = False  #: this node forwards for peers (meshd/router.py): see rule_lines
         self._lock = asyncio.Lock()
         self._nft_lock = threading.Lock()
         self._closed = False
+        self._installed_local_only = False
 
     def _install(self, script: str) -> None:  # in a worker thread
         with self._nft_lock:
@@ -192,10 +207,11 @@ class Firewall:
                     self.rules = None
                     log.info("firewall: no policy, table removed")
                 return
-            if rules == self.rules:
+            local_only = self.local_only
+            if rules == self.rules and local_only == self._installed_local_only:
                 return
-            await asyncio.to_thread(self._install, render(self.ifname, rules))
-            self.rules = rules
+            await asyncio.to_thread(self._install, render(self.ifname, rules, local_only))
+            self.rules, self._installed_local_only = rules, local_only
             log.info("firewall: %d inbound rule(s) on %s", len(rules), self.ifname)
 
     async def close(self) -> None:

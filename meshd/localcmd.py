@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 from typing import TYPE_CHECKING, Any
 
@@ -78,6 +79,11 @@ class LocalCommands:
             )
             for v in self.d.applier.verified
         )
+        # per peer, the approved prefixes it carries (issue 17)
+        peers = tuple(
+            dataclasses.replace(p, routes=v.peer.routes)
+            for p, v in zip(peers, self.d.applier.verified, strict=True)
+        )
         e = self.d.creds.enrollment
         nat = paths.nat if paths is not None else None
         return st.Status(
@@ -91,6 +97,9 @@ class LocalCommands:
                 relay=relay.home_name() if relay is not None and relay.up else None,
                 firewall_error=self.d.applier.firewall_error,
                 dns=self.d.dns.address,
+                routes_advertised=self.d.routes.advertised,
+                routes_approved=self.d.routes.approved,
+                exit_node=self.d.routes.exit_node,
                 nat=st.NatStatus(
                     mapping_varies_by_dest=nat.mapping_varies_by_dest if nat else None,
                     portmap=nat.portmap if nat else None,

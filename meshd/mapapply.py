@@ -85,6 +85,7 @@ class MapApplier:
         good, bad = peerset.verify_peers(new, self.creds.trusted_keys, self.clock())
         for r in bad:
             log.warning("not configuring peer %s (node %d): %s", r.name, r.node_id, r.reason)
+        self.firewall.local_only = bool(new.self_node.routes)  # we forward: rules for us stay ours
         try:
             await self.firewall.update(new.inbound)
         except firewall.FirewallError as e:

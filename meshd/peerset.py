@@ -72,18 +72,20 @@ def wg_peers(
     peers: Iterable[VerifiedPeer],
     endpoint_for: Callable[[VerifiedPeer], Endpoint | None],
     has_path: Callable[[VerifiedPeer], bool] = lambda v: False,
+    routes: Mapping[int, tuple[str, ...]] | None = None,
 ) -> tuple[PeerConfig, ...]:
     """WireGuard peers: allowed IPs are exactly the certificate's addresses; the endpoint comes from the
     path logic (relay proxy or a direct address), None keeps whatever WireGuard has (roaming, or what
     the traversal engine set). Keepalive only for peers with a path: keepalive on a peer without an
-    endpoint makes WireGuard burn its handshake attempt and wait 5 s (REKEY_TIMEOUT) for the next."""
+    endpoint makes WireGuard burn its handshake attempt and wait 5 s (REKEY_TIMEOUT) for the next.
+    `routes`: node id -> prefixes routed through that peer (meshd.routing), added to its allowed IPs."""
     out = []
     for v in peers:
         endpoint = endpoint_for(v)
         out.append(
             PeerConfig(
                 public_key=v.peer.wg_public_key,
-                allowed_ips=tuple(host_prefix(ip) for ip in v.ips),
+                allowed_ips=(*(host_prefix(ip) for ip in v.ips), *(routes or {}).get(v.peer.node_id, ())),
                 endpoint=endpoint,
                 persistent_keepalive=KEEPALIVE_SECONDS if endpoint is not None or has_path(v) else 0,
             )

@@ -49,6 +49,9 @@ class SelfStatus:
     #: why no peer is configured: the inbound rules could not be installed (fail closed); None when fine
     firewall_error: str | None = None
     dns: str | None = None  #: the resolver's address ("IP" or "IP:PORT") while it answers, else None
+    routes_advertised: tuple[str, ...] = ()  #: prefixes we offer (subnet router, exit node: issue 17)
+    routes_approved: tuple[str, ...] = ()  #: of those, the ones the admin approved (we route them)
+    exit_node: str | None = None  #: the peer our internet traffic leaves through, None: our own uplink
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +72,7 @@ class PeerStatus:
     last_handshake: dt.datetime | None = None
     rx_bytes: int = 0
     tx_bytes: int = 0
+    routes: tuple[str, ...] = ()  #: approved prefixes this peer carries (issue 17)
 
     def __post_init__(self) -> None:
         if self.path not in PATHS:
@@ -96,6 +100,8 @@ class Status:
                 "relay": s.relay,
                 "firewall_error": s.firewall_error,
                 "dns": s.dns,
+                "routes": {"advertised": list(s.routes_advertised), "approved": list(s.routes_approved)},
+                "exit_node": s.exit_node,
             },
             "coordinator": {"url": self.coordinator.url, "connected": self.coordinator.connected},
             "peers": [
@@ -110,6 +116,7 @@ class Status:
                     "last_handshake": format_time(p.last_handshake),
                     "rx_bytes": p.rx_bytes,
                     "tx_bytes": p.tx_bytes,
+                    "routes": list(p.routes),
                 }
                 for p in self.peers
             ],
@@ -121,6 +128,7 @@ class Status:
         d = _obj(doc, "status")
         s = _obj(d.get("self"), "self")
         nat = _obj(s.get("nat"), "self.nat")
+        routes = _obj(s.get("routes", {}), "self.routes")  # issue 17; absent from an older meshd
         c = _obj(d.get("coordinator"), "coordinator")
         peers = d.get("peers")
         if not isinstance(peers, list):
@@ -140,6 +148,9 @@ class Status:
                 relay=_opt(s, "relay", str, "self"),
                 firewall_error=_opt(s, "firewall_error", str, "self"),
                 dns=_opt(s, "dns", str, "self"),
+                routes_advertised=_strs(routes, "advertised", "self.routes") if routes else (),
+                routes_approved=_strs(routes, "approved", "self.routes") if routes else (),
+                exit_node=_opt(s, "exit_node", str, "self"),
             ),
             coordinator=CoordinatorStatus(
                 url=_val(c, "url", str, "coordinator"), connected=_val(c, "connected", bool, "coordinator")
@@ -211,6 +222,7 @@ def _peer(p: dict[str, Any], where: str) -> PeerStatus:
         last_handshake=None if hs is None else parse_time(hs, f"{where}.last_handshake"),
         rx_bytes=_val(p, "rx_bytes", int, where),
         tx_bytes=_val(p, "tx_bytes", int, where),
+        routes=_strs(p, "routes", where) if "routes" in p else (),
     )
 
 

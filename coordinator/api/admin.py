@@ -8,6 +8,7 @@ from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from coordinator import audit, auditexport, dnsrecords, enrollment, identity, nodes, rotation
+from coordinator import routes as subnet_routes
 from coordinator.api.deps import CoreDep
 from coordinator.api.schemas import (
     ApproveBody,
@@ -211,3 +212,34 @@ async def rotate_signing_key(body: SigningRotateBody, core: CoreDep) -> dict[str
         "trusted_until": r.trusted_until,
         "reissued": r.reissued,
     }
+
+
+class RouteBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prefix: str = Field(min_length=1, max_length=64)
+
+
+@router.get("/routes")
+async def list_routes(core: CoreDep) -> list[dict[str, object]]:
+    """Advertised and approved routes of every node (issue 17)."""
+    return [
+        {
+            "node": r.node,
+            "node_id": r.node_id,
+            "prefix": r.prefix,
+            "advertised": r.advertised,
+            "approved": r.approved,
+            "primary": r.primary,
+        }
+        for r in await subnet_routes.list_routes(core)
+    ]
+
+
+@router.post("/nodes/{name}/routes/approve")
+async def approve_route(name: str, body: RouteBody, core: CoreDep) -> dict[str, list[str]]:
+    return {"approved": await subnet_routes.approve(core, name, body.prefix, ACTOR)}
+
+
+@router.post("/nodes/{name}/routes/remove")
+async def remove_route(name: str, body: RouteBody, core: CoreDep) -> dict[str, list[str]]:
+    return {"removed": await subnet_routes.remove(core, name, body.prefix, ACTOR)}

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from coordinator import nodes, rotation
+from coordinator import routes as subnet_routes
 from coordinator.api.deps import CoreDep, NodeDep
 from coordinator.api.schemas import CertPublic
 from coordinator.api.stream import handle_client_message
@@ -83,3 +84,15 @@ async def post_message(node_id: NodeDep, core: CoreDep, request: Request) -> Res
     if reply is not None:
         raise BadRequest(json.loads(reply)["message"])
     return Response(status_code=204)
+
+
+class RoutesAdvertise(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    routes: list[str] = Field(max_length=64)
+
+
+@router.put("/routes")
+async def advertise_routes(body: RoutesAdvertise, node_id: NodeDep, core: CoreDep) -> dict[str, list[str]]:
+    """The prefixes this node offers to route (issue 17; replaces its earlier list); answers the approved."""
+    approved = await subnet_routes.advertise(core, node_id, body.routes)
+    return {"approved": list(approved)}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Boolean, Float, ForeignKey, Integer, String, Text
+from sqlalchemy import Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.sql.expression import false
 
@@ -164,3 +164,16 @@ class AdminToken(Base):
     expires_at: Mapped[float] = mapped_column(Float)
     revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     last_used_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Route(Base):
+    """A prefix a node advertises (subnet router; 0.0.0.0/0 and ::/0: exit node) and whether the admin
+    approved it. Peers route a prefix through the node only when it is both (coordinator/routes.py)."""
+
+    __tablename__ = "routes"
+    __table_args__ = (UniqueConstraint("node_id", "prefix", name="uq_routes_node_prefix"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    node_id: Mapped[int] = mapped_column(ForeignKey("nodes.id", ondelete="CASCADE"))
+    prefix: Mapped[str] = mapped_column(String(64))
+    advertised: Mapped[bool] = mapped_column(Boolean)
+    approved: Mapped[bool] = mapped_column(Boolean)

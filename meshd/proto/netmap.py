@@ -99,6 +99,9 @@ class Peer:
     relay_home: int | None = None  #: relay region id the node is attached to
     online: bool = False
     tags: tuple[str, ...] = ()
+    #: approved prefixes this node routes for others (subnet router; 0.0.0.0/0 and ::/0: exit node);
+    #: JSON key ``routes`` only when non-empty, so a map without routes keeps its bytes (issue 17)
+    routes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +230,7 @@ def peer_to_json(p: Peer) -> dict[str, Any]:
         "relay_home": p.relay_home,
         "online": p.online,
         "tags": list(p.tags),
+        **({"routes": list(p.routes)} if p.routes else {}),
     }
 
 
@@ -318,7 +322,26 @@ def peer_from_json(raw: Any, where: str = "peer") -> Peer:
         relay_home=relay,
         online=_get(o, "online", bool, where),
         tags=_strs(o, "tags", where),
+        routes=_routes(o, where),
     )
+
+
+MAX_ROUTES = 256  #: approved prefixes one peer may carry in a map
+
+
+def _routes(o: dict[str, Any], where: str) -> tuple[str, ...]:
+    """A peer's routed prefixes: canonical CIDRs (network address, no host bits), at most MAX_ROUTES."""
+    if "routes" not in o:
+        return ()
+    values = _strs(o, "routes", where, MAX_ROUTES)
+    for v in values:
+        try:
+            net = ipaddress.ip_network(v, strict=True)
+        except ValueError:
+            raise NetmapError(f"{where}: bad route {v[:64]!r}") from None
+        if str(net) != v:
+            raise NetmapError(f"{where}: route {v[:64]!r} is not canonical")
+    return values
 
 
 def relay_from_json(raw: Any) -> RelayRegion:

@@ -6,7 +6,9 @@ Replies to connections the node opened itself always pass (stateful); everything
 :data:`ALLOW_ALL` (one rule: any source, any protocol) is what a node gets when no policy is set.
 
 JSON form: ``{"src": ["100.64.0.1/32", ...], "proto": "tcp"|"udp"|"icmp"|"any", "ports": [[22, 22], ...]}``
-(``ports`` empty = every port). The codec is strict: anything malformed raises :class:`RuleError`.
+(``ports`` empty = every port), plus ``"dst": ["10.1.0.0/24", ...]`` on a rule for traffic this node
+routes (subnet router or exit node, issue 17): without ``dst`` a rule covers this host's own addresses.
+The codec is strict: anything malformed raises :class:`RuleError`.
 """
 
 from __future__ import annotations
@@ -31,13 +33,21 @@ class InboundRule:
     sources: tuple[str, ...]
     proto: str = "any"
     ports: tuple[tuple[int, int], ...] = ()
+    dst: tuple[str, ...] = ()  #: routed destinations (CIDRs); () = this host itself
 
 
 ALLOW_ALL: tuple[InboundRule, ...] = (InboundRule(("0.0.0.0/0", "::/0"), "any", ()),)
 
 
 def rule_to_json(rule: InboundRule) -> dict[str, Any]:
-    return {"src": list(rule.sources), "proto": rule.proto, "ports": [list(p) for p in rule.ports]}
+    out: dict[str, Any] = {
+        "src": list(rule.sources),
+        "proto": rule.proto,
+        "ports": [list(p) for p in rule.ports],
+    }
+    if rule.dst:
+        out["dst"] = list(rule.dst)
+    return out
 
 
 def rules_to_json(rules: tuple[InboundRule, ...]) -> list[dict[str, Any]]:
@@ -50,18 +60,24 @@ def _port(value: Any) -> int:
     return value
 
 
+def _cidrs(value: Any, what: str) -> list[str]:
+    if not isinstance(value, list) or len(value) > MAX_SOURCES or not all(isinstance(s, str) for s in value):
+        raise RuleError(f"inbound rule: {what} must be a list of CIDR strings")
+    out = []
+    for s in value:
+        try:
+            out.append(str(ipaddress.ip_network(s, strict=False)))
+        except ValueError:
+            raise RuleError(f"inbound rule: bad {what} {s[:64]!r}") from None
+    return out
+
+
 def rule_from_json(raw: Any) -> InboundRule:
     if not isinstance(raw, dict):
         raise RuleError("inbound rule: expected an object")
     src, proto, ports = raw.get("src"), raw.get("proto"), raw.get("ports", [])
-    if not isinstance(src, list) or len(src) > MAX_SOURCES or not all(isinstance(s, str) for s in src):
-        raise RuleError("inbound rule: src must be a list of CIDR strings")
-    sources = []
-    for s in src:
-        try:
-            sources.append(str(ipaddress.ip_network(s, strict=False)))
-        except ValueError:
-            raise RuleError(f"inbound rule: bad source {s[:64]!r}") from None
+    sources = _cidrs(src, "src")
+    dst = _cidrs(raw.get("dst", []), "dst")
     if proto not in PROTOCOLS:
         raise RuleError(f"inbound rule: proto must be one of {', '.join(PROTOCOLS)}")
     if not isinstance(ports, list) or len(ports) > 1024:
@@ -74,7 +90,7 @@ def rule_from_json(raw: Any) -> InboundRule:
         if first > last:
             raise RuleError(f"inbound rule: empty port range {first}-{last}")
         ranges.append((first, last))
-    return InboundRule(tuple(sources), proto, tuple(ranges))
+    return InboundRule(tuple(sources), proto, tuple(ranges), tuple(dst))
 
 
 def rules_from_json(raw: Any) -> tuple[InboundRule, ...]:
@@ -85,4 +101,7 @@ def rules_from_json(raw: Any) -> tuple[InboundRule, ...]:
 
 def allows_everything(rules: tuple[InboundRule, ...]) -> bool:
     """True when the rules let any packet in (no filter needs to be installed)."""
-    return any(r.proto == "any" and not r.ports and {"0.0.0.0/0", "::/0"} <= set(r.sources) for r in rules)
+    return any(
+        r.proto == "any" and not r.ports and not r.dst and {"0.0.0.0/0", "::/0"} <= set(r.sources)
+        for r in rules
+    )

@@ -1,4 +1,5 @@
-"""meshd's Prometheus metrics scraped (httpx) from a running meshd: the values follow what the mesh does."""
+"""meshd's Prometheus metrics scraped (httpx) from a running meshd: the values follow what the mesh does
+(and `meshd ping` completes peer names from it)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import sys
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.coordinator.test_completion import complete
 from tests.eventually import eventually
 from tests.netns.lab import Lab
 from tests.netns.mesh import Mesh, Node
@@ -69,6 +71,10 @@ def test_metrics_follow_the_mesh(lab: Lab, mesh: Mesh) -> None:
     assert m["meshd_peer_transmit_bytes_total", (("peer", "beta"),)] - tx0 >= 10_000
     assert m["meshd_path_receive_bytes_total", (("path", "direct"),)] - direct0 >= 10_000
     assert m["meshd_path_receive_bytes_total", (("path", "relay"),)] >= 0
+
+    # shell completion of `meshd ping` asks this running meshd for its peers
+    done = complete("meshd", f"meshd ping --state-dir {alpha.state_dir} b")
+    assert done.stdout.split() == ["beta"], done.stderr
 
     # beta leaves: its series go, the peer count follows
     mesh.admin("nodes", "remove", "beta")

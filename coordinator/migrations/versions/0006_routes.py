@@ -4,8 +4,8 @@ Revision ID: 0006
 Revises: 0005
 """
 
-import sqlalchemy as sa  # noqa: F401
-from alembic import op  # noqa: F401
+import sqlalchemy as sa
+from alembic import op
 
 revision = "0006"
 down_revision = "0005"
@@ -14,8 +14,16 @@ depends_on = None
 
 
 def upgrade() -> None:
-    pass
+    op.create_table(
+        "routes",
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("node_id", sa.Integer, sa.ForeignKey("nodes.id", ondelete="CASCADE"), nullable=False),
+        sa.Column("prefix", sa.String(64), nullable=False),
+        sa.Column("advertised", sa.Boolean, nullable=False),
+        sa.Column("approved", sa.Boolean, nullable=False),
+        sa.UniqueConstraint("node_id", "prefix", name="uq_routes_node_prefix"),
+    )
 
 
 def downgrade() -> None:
-    pass
+    op.drop_table("routes")

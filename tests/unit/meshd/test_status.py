@@ -51,15 +51,16 @@ DESIGN_EXAMPLE: dict[str, Any] = {
     "self": {"name": "a", "ips": ["100.64.0.1/32", "fd7a:115c:a1e0::1/128"], "public_key": "QUFB",
              "interface": "mesh0", "backend": "userspace", "endpoints": ["6.0.0.2:41641"],
              "nat": {"mapping_varies_by_dest": False, "portmap": "upnp"}, "relay": "default",
-             "firewall_error": None},
+             "firewall_error": None, "dns": None,
+             "routes": {"advertised": [], "approved": []}, "exit_node": None},
     "coordinator": {"url": "http://6.0.0.1:8080", "connected": True},
     "peers": [{"name": "b", "ips": ["100.64.0.2/32"], "public_key": "QkJC",
                "path": "direct", "endpoint": "6.0.0.3:41641", "relay": "default",
                "latency_ms": 1.2, "last_handshake": "2026-01-01T00:00:00Z",
-               "rx_bytes": 0, "tx_bytes": 0},
+               "rx_bytes": 0, "tx_bytes": 0, "routes": []},
               {"name": "c", "ips": ["100.64.0.3/32"], "public_key": "Q0ND",
                "path": "relay", "endpoint": None, "relay": "default",
-               "latency_ms": None, "last_handshake": None, "rx_bytes": 0, "tx_bytes": 0}],
+               "latency_ms": None, "last_handshake": None, "rx_bytes": 0, "tx_bytes": 0, "routes": []}],
 }
 
 
