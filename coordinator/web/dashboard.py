@@ -9,6 +9,7 @@ the token's id; the actor of an approval or removal is ``token:ID``.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -32,10 +33,15 @@ from coordinator.errors import CoordinatorError, Unauthorized
 from coordinator.web.sessions import Session, Sessions, same
 
 HERE = Path(__file__).parent
+log = logging.getLogger("coordinator.dashboard")
 COOKIE = "meshadmin"
 PRE_COOKIE = "meshadmin_login"  #: double-submit secret of the log-in form (no session exists yet)
 REFRESH = 2  #: seconds between reloads of the live pages (nodes, relays)
 AUDIT_PAGE = 200
+LOGIN_ERRORS = {
+    "invalid": "invalid token (unknown, expired or revoked)",
+    "limited": "too many failed token attempts: wait a minute and try again",
+}
 
 _env = Environment(
     loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]), auto_reload=False
@@ -206,7 +212,8 @@ def router() -> APIRouter:
     @r.get("/login")
     async def login_form(request: Request, error: str = "") -> Response:
         pre = secrets.token_urlsafe(24)
-        response = _render("login.html", 401 if error else 200, v=None, pre=pre, error=error[:200])
+        message = LOGIN_ERRORS.get(error, "")  # only our own words: a link cannot put text on this page
+        response = _render("login.html", 401 if message else 200, v=None, pre=pre, error=message)
         _cookie(response, request, PRE_COOKIE, pre, 600)
         return response
 
@@ -222,9 +229,10 @@ def router() -> APIRouter:
                 core, adminhttp.limiter(request.app), form.get("token"), source
             )
         except HTTPException:
-            return RedirectResponse("/admin/login?error=" + quote("invalid token"), status_code=303)
+            return RedirectResponse("/admin/login?error=invalid", status_code=303)
         except CoordinatorError as exc:  # too many attempts
-            return RedirectResponse("/admin/login?error=" + quote(exc.message), status_code=303)
+            log.info("dashboard log-in refused from %s: %s", source, exc.message)
+            return RedirectResponse("/admin/login?error=limited", status_code=303)
         await tokens.record_use(core, info, "POST", "/admin/login", source, "dashboard")
         sid, _ = _sessions(request.app).open(info.id, info.scope, time.monotonic())
         response = RedirectResponse("/admin/nodes", status_code=303, headers=HEADERS)
