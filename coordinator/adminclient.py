@@ -58,15 +58,20 @@ class AdminClient:
         if response.status_code >= 400:
             detail = _detail(response)
             raise AdminError(str(detail))
-        if response.status_code == 204 or not response.content:
-            return None
-        try:
-            return response.json()
-        except ValueError:
-            raise AdminError(
-                f"the coordinator sent an answer this CLI cannot read (HTTP {response.status_code}); "
-                "are the CLI and the server the same version?"
-            ) from None
+        return _answer(response)
+
+
+def _answer(response: httpx.Response) -> Any:
+    """A successful answer's JSON (None for an empty one)."""
+    if response.status_code == 204 or not response.content:
+        return None
+    try:
+        return response.json()
+    except ValueError:
+        raise AdminError(
+            f"the coordinator sent an answer this CLI cannot read (HTTP {response.status_code}); "
+            "are the CLI and the server the same version?"
+        ) from None
 
 
 def _detail(response: httpx.Response) -> str:
@@ -131,14 +136,7 @@ class RemoteClient:
                     f"the coordinator refused the token: {detail}; create one with `tokens create`"
                 )
             raise AdminError(str(detail))
-        if response.status_code == 204 or not response.content:
-            return None
-        try:
-            return response.json()
-        except ValueError:
-            raise AdminError(
-                f"the coordinator sent an answer this CLI cannot read (HTTP {response.status_code})"
-            ) from None
+        return _answer(response)
 
 
 def read_token_file(path: Path) -> str:
