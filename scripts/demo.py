@@ -47,7 +47,9 @@ def main() -> int:
         t0 = time.monotonic()
         laptop = mesh.up(home, "laptop", key=key, wait=False)
         cloud_n = mesh.up(cloud, "cloud", key=key, wait=False)
-        phone = mesh.up(phone_h, "phone", key=key, wait=False)
+        # the phone keeps no hosts block: its names come only from meshd's resolver (see below)
+        phone_hosts = ("--hosts-file", str(mesh.dir / "phone-hosts"))
+        phone = mesh.up(phone_h, "phone", key=key, wait=False, extra=phone_hosts)
         for n in (laptop, cloud_n, phone):
             mesh.wait_ready(n)
         mesh.wait_peer(laptop, "cloud")
@@ -96,6 +98,18 @@ def main() -> int:
         r = mesh.ssh(laptop, "cloud", "hostname; ip netns identify", ssh_key)
         console.print((r.stdout or r.stderr).rstrip())
         results.append(("ssh cloud (by name, over the mesh)", r.returncode == 0 and cloud.ns in r.stdout, ""))
+
+        step("the resolver on 100.100.100.100: from phone, dig cloud.mesh, then ssh cloud through DNS only")
+        # resolv.conf stands in for systemd-resolved's ~mesh routing (meshd up --dns resolved does that)
+        (mesh._hosts_file(phone_h).parent / "resolv.conf").write_text(
+            "nameserver 100.100.100.100\nsearch mesh\n"
+        )
+        answer = phone_h.run(["dig", "@100.100.100.100", "+short", "cloud.mesh"]).stdout.strip()
+        console.print(f"  dig @100.100.100.100 cloud.mesh  ->  {answer}")
+        r = mesh.ssh(phone, "cloud", "hostname; ip netns identify", ssh_key)
+        console.print((r.stdout or r.stderr).rstrip())
+        ok = answer == mesh.overlay_ip(cloud_n) and r.returncode == 0 and cloud.ns in r.stdout
+        results.append(("ssh cloud through the mesh resolver", ok, ""))
 
         doc = mesh.status(laptop)
         console.print_json(json.dumps(doc))
