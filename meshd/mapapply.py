@@ -121,7 +121,7 @@ class MapApplier:
         chosen = self.verified if peers is None else peers
         paths = self.paths
         if self.routes is not None:
-            self.routed = self.routes.through([v.peer for v in chosen])
+            self.routed = await self.routes.through([v.peer for v in chosen])
         desired = InterfaceConfig(
             name=self.interface,
             private_key=b64_from_bytes(self.creds.keys.wg_private),

@@ -66,12 +66,15 @@ class RouteService:
             self.error = str(e)
             log.error("routing for peers: %s", e)
 
-    def through(self, peers: list[netmap.Peer], exit_node: int | None = None) -> dict[int, tuple[str, ...]]:
+    async def through(
+        self, peers: list[netmap.Peer], exit_node: int | None = None
+    ) -> dict[int, tuple[str, ...]]:
         """node id -> prefixes to route through that peer (meshd.routing's choice, minus our LANs)."""
         carriers = {p.node_id: (p.routes, p.online) for p in peers if p.routes}
         if not carriers:
             return {}
-        lans = list(self._local().values())
+        # a netlink dump: pyroute2's synchronous IPRoute runs its own event loop, so not on ours
+        lans = list((await asyncio.to_thread(self._local)).values())
         own = list(self.approved)
         for prefixes, _ in carriers.values():
             for prefix in prefixes:
