@@ -31,9 +31,9 @@ class DnsSetupError(Exception):
     """systemd-resolved did not take the configuration."""
 
 
-def resolved_running(socket_path: Path = RESOLVED_SOCKET) -> bool:
+def resolved_running(socket_path: Path | None = None) -> bool:
     """systemd-resolved is running here (its varlink socket exists) and resolvectl is installed."""
-    return socket_path.exists() and shutil.which("resolvectl") is not None
+    return (socket_path or RESOLVED_SOCKET).exists() and shutil.which("resolvectl") is not None
 
 
 def register_commands(interface: str, server: str, domain: str) -> list[list[str]]:
