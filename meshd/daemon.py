@@ -384,6 +384,8 @@ class Daemon:
             await self.applier.reconcile()
 
     async def _revoked(self, why: str) -> None:
+        if self.stop_event.is_set():  # stopping already: `meshd down` of an ephemeral node removes it
+            return
         self.stop_reason = (
             f"this node was removed or expired ({why}); re-enroll with --auth-key "
             f"after moving {self.store.state_file} away"

@@ -31,6 +31,7 @@ def test_ephemeral_nodes_leave_on_down_and_after_the_timeout(lab: Lab, mesh: Mes
     mesh.meshd(runner, "down")
     assert "runner" not in names(mesh)  # gone by the time `meshd down` returned
     mesh.wait_peer(plain, "runner", present=False, within=5)
+    assert runner.proc is not None and runner.proc.wait(10) == 0, runner.log_tail()  # a stop, not a failure
 
     assert crashed.proc is not None
     crashed.proc.send_signal(signal.SIGKILL)  # no goodbye: the timeout does it
