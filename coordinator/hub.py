@@ -2,6 +2,13 @@
 
 Each connected stream is a :class:`Subscriber` with an outbound queue; the WebSocket handler drains it.
 Long-poll requests wait on :meth:`Hub.wait_for_version`.
+
+Fan-out (issue 16): a delta that leaves a view's members alone is built, signed and encoded as one
+WebSocket frame once per (version it starts from, view) and the same bytes are written to every such
+stream (server frames are unmasked, RFC 6455 §5.1, so one encoded frame serves every connection). Where
+the stream's protocol allows it the frame goes straight to the socket's transport, with no task switch
+and no per-stream encoding; per stream there is a dict look-up and one write. Nodes the change touches,
+or whose view changed, get a delta signed for them as before.
 """
 
 from __future__ import annotations
@@ -13,13 +20,39 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from coordinator.mapstate import MapState, PendingDelta
-from meshd.proto import netmap
 from meshd.proto.netmap import CloseCode
 
 log = logging.getLogger(__name__)
 
 CLOSE = object()  #: put in a subscriber queue to close its stream (with its close_code)
 QUEUE_LIMIT = 256
+#: bytes a stream's socket may hold unsent before the stream counts as too slow (direct frame writes)
+WRITE_BUFFER_LIMIT = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """A server message encoded once as a whole WebSocket text frame (FIN, opcode 1, no mask, no RSV
+    bits: valid with or without permessage-deflate), shared by every stream that gets it."""
+
+    text: str
+    data: bytes
+
+    @classmethod
+    def of(cls, text: str) -> Frame:
+        payload = text.encode("utf-8")
+        n = len(payload)
+        if n < 126:
+            head = bytes((0x81, n))
+        elif n < 1 << 16:
+            head = bytes((0x81, 126)) + n.to_bytes(2, "big")
+        else:
+            head = bytes((0x81, 127)) + n.to_bytes(8, "big")
+        return cls(text, head + payload)
+
+
+#: writes a frame's bytes straight to a stream's socket; False when the socket is too far behind
+RawWriter = Callable[[bytes], bool]
 #: Map streams one node may hold at once. meshd keeps one; a few more cover a reconnect that races the
 #: old stream's close. Past this the new stream is refused (not the oldest closed): evicting would let two
 #: holders of one key (or a reconnect loop) knock each other off forever, each time costing a full map.
@@ -33,6 +66,15 @@ class Subscriber:
     queue: asyncio.Queue[object] = field(default_factory=lambda: asyncio.Queue(QUEUE_LIMIT))
     close_reason: str = ""
     close_code: CloseCode = CloseCode.REVOKED
+    view: str = ""  #: the view token this node was last told (in a node-signed map or delta)
+    raw: RawWriter | None = None  #: direct frame writes, when the stream's protocol allows them
+    busy: bool = False  #: the send loop is writing an item (a direct write now could overtake it)
+
+    def deliver(self, frame: Frame) -> bool:
+        """Send a shared frame: straight to the socket when nothing is queued ahead of it."""
+        if self.raw is not None and not self.busy and self.queue.empty():
+            return self.raw(frame.data)
+        return self.push(frame)
 
     def push(self, item: object) -> bool:
         try:
@@ -167,34 +209,35 @@ class Hub:
     def push_all(self) -> None:
         state = self.state
         current = state.version
-        #: per `since`: the pending delta, its shared body and that body's SHA-256 (signed per node below)
-        generic: dict[int, tuple[PendingDelta | None, str, bytes, frozenset[int]]] = {}
+        pendings: dict[int, PendingDelta | None] = {}  #: per `since`: what changed after it
+        frames: dict[tuple[int, str], Frame] = {}  #: per (`since`, view): the shared delta, encoded
         sent = 0
         for node_id, subs in list(self.subscribers.items()):
-            for sub in subs:
-                if sub.version >= current:
-                    continue
-                if node_id not in state.peers:
+            if node_id not in state.peers:
+                for sub in subs:
                     sub.close("node removed or expired")
+                continue
+            view = state.view_of(node_id)
+            for sub in subs:
+                since = sub.version
+                if since >= current:
                     continue
-                cached = generic.get(sub.version)
-                if cached is None:
-                    pending = state.pending_since(sub.version)
-                    if pending is None:
-                        cached = (None, "", b"", frozenset())
-                    else:
-                        body = state.delta_body(pending, -1)
-                        cached = (pending, body, netmap.body_digest(body), pending.touched)
-                    generic[sub.version] = cached
-                pending, body, digest, touched = cached
+                if since in pendings:
+                    pending = pendings[since]
+                else:
+                    pending = pendings[since] = state.pending_since(since)
                 if pending is None:
-                    message = state.full_map_message(node_id)
-                elif node_id in touched or state.filtering:  # a policy: each node sees its own peers
-                    message = state.delta_message(pending, node_id)
-                else:  # the same body for every such node; the signature binds it to this one
-                    message = state.signed("delta", body, node_id, digest)
-                if sub.push(message):
+                    ok = sub.push(state.full_map_message(node_id))
+                elif sub.view != view or not state.shareable(pending, node_id):
+                    ok = sub.push(state.delta_message(pending, node_id))  # signed for this node
+                else:
+                    frame = frames.get((since, view))
+                    if frame is None:
+                        frame = frames[since, view] = Frame.of(state.shared_delta_message(pending, node_id))
+                    ok = sub.deliver(frame)
+                if ok:
                     sub.version = current
+                    sub.view = view
                     sent += 1
                 else:
                     sub.close("too slow: stream queue full", CloseCode.TOO_SLOW)

@@ -8,10 +8,17 @@ Maps and deltas are signed for their recipient with the active signing key (form
 meshd.proto.netmap). Bodies are built in canonical JSON (sorted keys, compact, UTF-8) so that the bytes
 sent are the bytes signed; the SHA-256 of a shared delta body is taken once, the signature per node.
 Least knowledge: the policy text stays here; a node gets only its visible peers and its inbound rules.
+
+Views (issue 16): nodes whose maps hold the same peers and inbound rules share a view token, derived from
+that content (so every replica derives the same one). A delta that touches none of a view's members is
+built, signed and encoded once for the view (meshd.proto.netmap, "Shared deltas"); the hub writes those
+bytes to every stream of the view. Anything added to a map that differs per recipient must be part of
+the view token (:meth:`MapState.view_of`), or it would be shared across recipients.
 """
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import logging
@@ -30,6 +37,12 @@ log = logging.getLogger("coordinator.mapstate")
 
 #: canonical JSON (meshd.proto.encoding.canonical_json) as text: what is signed is what is sent
 _DUMPS = json.JSONEncoder(separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode
+
+
+#: the view token of every node when no policy is set (the token of "sees all, allows all" with a policy)
+_ONE_VIEW = hashlib.sha256(
+    b"meshvpn view v1\nall\n" + _DUMPS(rules.rules_to_json(rules.ALLOW_ALL)).encode()
+).hexdigest()[: netmap.VIEW_CHARS]
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +100,8 @@ class MapState:
         self.log: deque[Change] = deque(maxlen=log_keep)
         self._peer_json: dict[int, str] = {}
         self._sorted_ids: list[int] | None = None
+        #: view tokens per node, valid for the Compiled object they were derived from
+        self._views: tuple[access.Compiled, dict[int, str]] | None = None
 
     # ------------------------------------------------------------------------------------- policy
     @property
@@ -145,6 +160,26 @@ class MapState:
 
     def inbound(self, node_id: int) -> tuple[rules.InboundRule, ...]:
         return self.compiled.inbound(node_id) if node_id in self.peers else rules.ALLOW_ALL
+
+    def view_of(self, node_id: int) -> str:
+        """The node's view token: a digest of what its map holds apart from itself (the peers it may see,
+        counting itself among them, and its inbound rules). Without a policy every node has one view.
+        A member of a view is never named by a delta shared with that view, so "counting itself" makes
+        the members of one view agree whatever their own ids."""
+        if self._policy is None:
+            return _ONE_VIEW  # no policy: every map holds every peer and allows everything in
+        compiled = self.compiled
+        if self._views is None or self._views[0] is not compiled:
+            self._views = (compiled, {})
+        views = self._views[1]
+        token = views.get(node_id)
+        if token is None:
+            seen = compiled.visible(node_id) if node_id in self.peers else None
+            h = hashlib.sha256(b"meshvpn view v1\n")
+            h.update(b"all" if seen is None else ",".join(map(str, sorted({*seen, node_id}))).encode())
+            h.update(b"\n" + _DUMPS(rules.rules_to_json(self.inbound(node_id))).encode())
+            token = views[node_id] = h.hexdigest()[: netmap.VIEW_CHARS]
+        return token
 
     # ----------------------------------------------------------------------------------- mutation
     def record(self, change: Change) -> None:
@@ -226,6 +261,7 @@ class MapState:
             domain=self.domain,
             inbound=self.inbound(node_id),
             dns_records=self.dns_records,
+            view=self.view_of(node_id),
         )
 
     def full_map_message(self, node_id: int) -> str:
@@ -236,7 +272,7 @@ class MapState:
         dns = f'"dns":{_DUMPS(netmap.records_to_json(self.dns_records))},' if self.dns_records else ""
         body = (  # keys in sorted order: canonical JSON, equal to canonical_json(map_to_json(full_map))
             f'{{{dns}"domain":{_DUMPS(self.domain)},"inbound":{inbound},"peers":[{peers}],"relays":{relays},'
-            f'"self":{self.peer_json(node_id)},"version":{self.version}}}'
+            f'"self":{self.peer_json(node_id)},"version":{self.version},"view":"{self.view_of(node_id)}"}}'
         )
         return self.signed("map", body, node_id)
 
@@ -244,10 +280,14 @@ class MapState:
         """The message for a canonical map/delta `body`, signed for `node_id` (unsigned without a key)."""
         if self.signing_seed is None:
             return f'{{"type":"{kind}","{kind}":{body}}}'
+        return netmap.sign_body(kind, body, node_id, self._key(), digest)
+
+    def _key(self) -> SigningKey:
+        assert self.signing_seed is not None
         seed = self.signing_seed()
         if self._signing_key is None or self._signing_key[0] != seed:
             self._signing_key = (seed, SigningKey(seed))  # expanded once per key, not per message
-        return netmap.sign_body(kind, body, node_id, self._signing_key[1], digest)
+        return self._signing_key[1]
 
     def pending_since(self, since: int) -> PendingDelta | None:
         """What changed after `since`, or None when the log no longer reaches back that far."""
@@ -336,6 +376,7 @@ class MapState:
             relays=self.relays if pending.relays else None,
             dns_records=self.dns_records if pending.dns else None,
             inbound=self.inbound(node_id) if structural and (self.filtering or pending.policy) else None,
+            view=self.view_of(node_id) if node_id in self.peers else None,
         )
 
     def delta_body(self, pending: PendingDelta, node_id: int) -> str:
@@ -344,3 +385,17 @@ class MapState:
 
     def delta_message(self, pending: PendingDelta, node_id: int) -> str:
         return self.signed("delta", self.delta_body(pending, node_id), node_id)
+
+    def shareable(self, pending: PendingDelta, node_id: int) -> bool:
+        """Whether `node_id` (told its current view) may get the delta shared by its view: the change
+        touches neither the node nor everyone's view (a policy change)."""
+        return not pending.policy and node_id not in pending.touched
+
+    def shared_delta_message(self, pending: PendingDelta, node_id: int) -> str:
+        """The delta for every member of `node_id`'s view that :meth:`shareable` allows, signed once for
+        the view (built from one member: for those members the delta does not depend on which one)."""
+        body = _DUMPS(netmap.delta_to_json(replace(self.delta_for(pending, node_id), view=None)))
+        view = self.view_of(node_id)
+        if self.signing_seed is None:
+            return f'{{"type":"delta","delta":{body},"view":"{view}"}}'
+        return netmap.sign_view_body(body, view, self._key())

@@ -354,17 +354,21 @@ class ControlClient:
 
 
 async def check_map(
-    msg: netmap.MapMessage | netmap.DeltaMessage, node_id: int | None, map_keys: MapKeys | None
+    msg: netmap.MapMessage | netmap.DeltaMessage,
+    node_id: int | None,
+    map_keys: MapKeys | None,
+    current: netmap.NetMap | None = None,
 ) -> None:
     """Raise MapRefused unless `msg` is signed for `node_id` by a key `map_keys` trusts (no-op without
-    `map_keys`). An unknown key id goes to `map_keys` like any other: it decides whether to learn it."""
+    `map_keys`). An unknown key id goes to `map_keys` like any other: it decides whether to learn it.
+    A delta shared by a view passes only against `current`, the map it would apply to."""
     if map_keys is None:
         return
     try:
         kid = netmap.signer(msg)
         if kid is None or node_id is None:
             raise netmap.NetmapError("not signed" if kid is None else "not enrolled")
-        netmap.verify(msg, node_id, await map_keys(kid))
+        netmap.verify(msg, node_id, await map_keys(kid), current)
     except netmap.NetmapError as exc:
         raise MapRefused(f"map refused: {exc}") from None
 
@@ -396,7 +400,7 @@ class MapStream:
         except netmap.NetmapError as exc:
             raise ControlError(f"malformed stream message: {exc}") from None
         if isinstance(msg, netmap.MapMessage | netmap.DeltaMessage):
-            await check_map(msg, self.node_id, self.map_keys)
+            await check_map(msg, self.node_id, self.map_keys, self.map)
             if self.map is not None:
                 try:
                     netmap.check_order(self.map, msg)

@@ -26,6 +26,46 @@ log = logging.getLogger("meshd")
 
 RECONNECT_MIN = 0.5
 RECONNECT_MAX = 30.0
+#: After the coordinator said it is restarting (close 1012) or busy (1013), every node hears the close at
+#: once: the first reconnect comes at a uniformly random time within a window sized so that the mesh
+#: (as large as the map we hold) arrives at about RECONNECT_RATE streams per second, at most
+#: RESTART_SPREAD seconds (10,000 nodes: 14 s; 100 nodes: RECONNECT_MIN, as quick as before).
+RECONNECT_RATE = 700.0
+RESTART_SPREAD = 15.0
+#: close codes after which reconnects are spread (RFC 6455: 1012 service restart, 1013 try again later)
+SPREAD_AFTER = frozenset({netmap.CloseCode.RESTART, 1013})
+
+
+#: after a restart close the coordinator is expected back soon: this many failed attempts back off to at
+#: most RESTART_RETRY_MAX (not RECONNECT_MAX), so nodes are not still asleep for 30 s once it is up
+RESTART_ATTEMPTS = 20
+RESTART_RETRY_MAX = 3.0
+
+
+class Backoff:
+    """When to try the map stream again (sans-IO: the caller sleeps what :meth:`next` returns)."""
+
+    def __init__(self) -> None:
+        self.delay = RECONNECT_MIN
+        self.brisk = 0  #: attempts left that back off to RESTART_RETRY_MAX only
+
+    def reset(self) -> None:
+        """The stream worked: the first retry comes quickly."""
+        self.delay, self.brisk = RECONNECT_MIN, 0
+
+    def next(self, status: int | None, mesh_size: int) -> float:
+        """Seconds to wait after an attempt that ended with close code / HTTP `status` (None: no answer;
+        call :meth:`reset` first if the stream worked). After a restart or busy close the wait is
+        uniform over a window sized by `mesh_size`; otherwise the delay doubles per failure, with +-50%
+        jitter so that nodes that failed together drift apart instead of retrying in lockstep."""
+        if status in SPREAD_AFTER:
+            self.delay, self.brisk = RECONNECT_MIN, RESTART_ATTEMPTS
+            return random.uniform(0.0, min(RESTART_SPREAD, max(RECONNECT_MIN, mesh_size / RECONNECT_RATE)))
+        wait = self.delay * random.uniform(0.5, 1.5)
+        cap = RESTART_RETRY_MAX if self.brisk > 0 else RECONNECT_MAX
+        self.brisk = max(0, self.brisk - 1)
+        self.delay = min(cap, self.delay * 2)
+        return wait
 
 
 class ControlSession:
@@ -72,25 +112,27 @@ class ControlSession:
 
     async def run(self) -> None:
         """Hold the stream until cancelled or revoked."""
-        delay = RECONNECT_MIN
+        backoff = Backoff()
         while True:
             self._opened = False
+            status: int | None = None
             try:
                 await self._hold()
             except ControlError as e:
+                status = e.status
                 if e.status in netmap.REFUSED and await self._revoked():
                     log.error("the coordinator no longer accepts this node: %s", e)
                     await self.on_revoked(str(e))
                     return
-                if self._opened and not isinstance(e, MapRefused):
-                    delay = RECONNECT_MIN  # the stream worked: the first retry comes quickly
                 # a refused map (bad signature, out of order) was not applied: the last good map stays,
                 # and we resume from its version; refusals back off like failed connects
-                log.warning("%s; retrying in %.1f s", e, delay)
+                if self._opened and not isinstance(e, MapRefused):
+                    backoff.reset()
+                log.warning("%s; retrying in %.1f s", e, backoff.delay)
             except WgError as e:  # applying a map failed: resuming from the last applied version retries it
                 log.error("wireguard: %s", e)
-            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-            delay = min(RECONNECT_MAX, delay * 2)
+            current = self.current_map()
+            await asyncio.sleep(backoff.next(status, len(current.peers) + 1 if current else 1))
 
     async def _hold(self) -> None:
         current = self.current_map()

@@ -25,7 +25,8 @@ from coordinator import nodes
 from coordinator.api.auth import authenticate_node
 from coordinator.core import Core
 from coordinator.errors import CoordinatorError
-from coordinator.hub import CLOSE, MAX_STREAMS_PER_NODE, Subscriber
+from coordinator.hub import CLOSE, MAX_STREAMS_PER_NODE, WRITE_BUFFER_LIMIT, Frame, RawWriter, Subscriber
+from coordinator.mapstate import MapState, PendingDelta
 from coordinator.ratelimit import TokenBuckets
 from meshd.proto import netmap
 from meshd.proto.netmap import CloseCode
@@ -45,6 +46,12 @@ TOO_MANY_STREAMS = 1013
 MAX_SIGNAL = 8192  #: bytes of the encoded signal message (docs/design.md §2.1: ≤ 8 KiB)
 #: per-sender signal buckets, per core (tests build several)
 _signal_buckets: weakref.WeakKeyDictionary[Core, TokenBuckets[int]] = weakref.WeakKeyDictionary()
+#: Admission control: full maps built and sent at once. A full map is O(N) (megabytes at 10,000 nodes);
+#: after a restart thousands of streams may ask for one together. Each waits for a slot, builds its map
+#: in it and keeps it until the socket has taken the bytes, so at most this many are in memory at once.
+#: Resuming streams (a delta since V) do not wait.
+FULL_MAP_SLOTS = 8
+_full_map_slots: weakref.WeakKeyDictionary[Core, asyncio.Semaphore] = weakref.WeakKeyDictionary()
 
 
 def _signal_allowed(core: Core, node_id: int) -> bool:
@@ -100,10 +107,12 @@ async def stream(ws: WebSocket) -> None:
     try:
         await ws.accept()
         pending = state.pending_since(since) if since is not None else None
-        first = state.full_map_message(node_id) if pending is None else state.delta_message(pending, node_id)
-        sub.version = state.version
-        sub.push(first)  # via the queue: a full map can be megabytes, keep no reference once it is sent
-        del first
+        if pending is None:
+            async with _full_map_slots.setdefault(core, asyncio.Semaphore(FULL_MAP_SLOTS)):
+                await _send_first(ws, sub, state, None)
+        else:
+            await _send_first(ws, sub, state, pending)
+        sub.raw = raw_writer(ws)  # from now on shared frames may go straight to the socket
         core.metrics.connected.set(core.hub.connected)
         sender = asyncio.create_task(_send_loop(ws, sub))
         await nodes.set_endpoints(core, node_id, None, True)
@@ -125,14 +134,63 @@ async def stream(ws: WebSocket) -> None:
                 await ws.close(code=sub.close_code, reason=sub.close_reason[:120])
 
 
+async def _send_first(ws: WebSocket, sub: Subscriber, state: MapState, pending: PendingDelta | None) -> None:
+    """Build and send the stream's first message (node-signed) and wait until the socket took it.
+
+    The subscriber's version is set in the same step as the build, so the hub queues every later change
+    behind it (the send loop starts after this)."""
+    node_id = sub.node_id
+    first = state.full_map_message(node_id) if pending is None else state.delta_message(pending, node_id)
+    sub.version = state.version
+    sub.view = state.view_of(node_id)  # node-signed messages carry the node's view token
+    await ws.send_text(first)
+    del first  # a full map can be megabytes: no reference once it is written
+    writable = getattr(getattr(getattr(ws, "_send", None), "__self__", None), "writable", None)
+    if isinstance(writable, asyncio.Event):
+        await writable.wait()  # the transport drained below its high-water mark
+
+
+def raw_writer(ws: WebSocket) -> RawWriter | None:
+    """Direct frame writes to the socket under uvicorn's websockets-sansio protocol (the default
+    `websocket_impl`): it writes every message whole and synchronously to its transport, so a frame
+    written between two of its messages cannot split one. None for other implementations (the send loop
+    then sends the frame's text as a message)."""
+    proto = getattr(getattr(ws, "_send", None), "__self__", None)
+    if type(proto).__name__ != "WebSocketsSansIOProtocol":
+        return None
+    transport = getattr(proto, "transport", None)
+    if not isinstance(transport, asyncio.WriteTransport):
+        return None
+
+    def write(data: bytes) -> bool:
+        if getattr(proto, "close_sent", True) or transport.is_closing():
+            return True  # the stream is ending: its handler cleans up, nothing to deliver
+        if transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
+            return False
+        transport.write(data)
+        return True
+
+    return write
+
+
 async def _send_loop(ws: WebSocket, sub: Subscriber) -> None:
     while True:
         item = await sub.queue.get()
         if item is CLOSE:
             await ws.close(code=sub.close_code, reason=sub.close_reason[:120])
             return
-        assert isinstance(item, str)
-        await ws.send_text(item)
+        sub.busy = True
+        try:
+            if isinstance(item, Frame):
+                if sub.raw is None:
+                    await ws.send_text(item.text)
+                elif not sub.raw(item.data):
+                    sub.close("too slow: stream queue full", CloseCode.TOO_SLOW)
+            else:
+                assert isinstance(item, str)
+                await ws.send_text(item)
+        finally:
+            sub.busy = False
         del item
 
 

@@ -42,6 +42,23 @@ anyway. Per-message signatures keep each message verifiable on its own. The hash
 (a full map can be a megabyte), the signature per recipient. Signals and error messages are not signed
 (they configure nothing); the floor of versions lives in memory, so a freshly started meshd accepts any
 correctly signed map for itself (at worst an older one, until the next delta or reconnect).
+
+Shared deltas (issue 16). Nodes that see the same peers and inbound rules share a *view token* (16 hex
+digits; the coordinator derives it from what the view contains). Every full map carries the recipient's
+token (``view``), and a node-signed delta carries it again whenever it may have changed. A delta that
+touches none of the recipients themselves is signed once for the token instead of once per node, so the
+coordinator writes the same bytes to every stream of that view::
+
+    {"type": "delta", "delta": {...}, "key": <key id>, "view": <token>, "sig": <b64>}
+    sig = Ed25519(seed, b"meshvpn netmap v1\n" + b"delta view:" + token + b"\n" + SHA-256(body))
+
+A node accepts such a delta only when (:func:`verify`, given the map it holds) the token is the one in
+its own node-signed map, the delta neither names the node (added, changed, removed or endpoints) nor
+carries ``self`` or ``view``, and ``from_version`` is exactly its version (:func:`check_order`). So a
+shared delta is accepted only by a node to which the coordinator would have sent those exact bytes: one
+in that view, at that version, not touched by the change (a touched node gets a node-signed delta). A
+full map is never shared. The token is bound by the node-signed messages that carry it, so a node cannot
+be moved into another view by an attacker.
 """
 
 from __future__ import annotations
@@ -64,6 +81,7 @@ from meshd.proto.policy import ALLOW_ALL, InboundRule, RuleError, rules_from_jso
 
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_CANDIDATES = 32
+VIEW_CHARS = 16  #: hex digits of a view token
 SIG_CONTEXT = b"meshvpn netmap v1\n"
 
 
@@ -125,6 +143,9 @@ class NetMap:
     policy: str  #: always "": maps no longer carry the policy text (least knowledge); kept for callers
     domain: str
     inbound: tuple[InboundRule, ...] = ALLOW_ALL  #: what this node lets in (meshd/firewall.py)
+    #: the node's view token: nodes with one token see the same peers and rules, and a delta signed for
+    #: the token (not per node) serves all of them (module docstring, "Shared deltas"); "" = none yet
+    view: str = ""
     #: admin-defined DNS records (name, ip), sorted by name: `coordinator dns set` (issue 17); JSON key
     #: ``dns`` only when non-empty, so a map without records keeps its bytes
     dns_records: tuple[tuple[str, str], ...] = ()
@@ -144,6 +165,7 @@ class Delta:
     relays: tuple[RelayRegion, ...] | None = None
     domain: str | None = None
     inbound: tuple[InboundRule, ...] | None = None
+    view: str | None = None
     dns_records: tuple[tuple[str, str], ...] | None = None
 
     def is_empty(self) -> bool:
@@ -157,6 +179,7 @@ class Delta:
             or self.domain is not None
             or self.inbound is not None
             or self.dns_records is not None
+            or self.view is not None
         )
 
 
@@ -188,6 +211,7 @@ def diff(old: NetMap, new: NetMap) -> Delta:
         domain=new.domain if new.domain != old.domain else None,
         inbound=new.inbound if new.inbound != old.inbound else None,
         dns_records=new.dns_records if new.dns_records != old.dns_records else None,
+        view=new.view if new.view != old.view else None,
     )
 
 
@@ -212,6 +236,7 @@ def apply(current: NetMap, delta: Delta) -> NetMap:
         domain=delta.domain if delta.domain is not None else current.domain,
         inbound=delta.inbound if delta.inbound is not None else current.inbound,
         dns_records=delta.dns_records if delta.dns_records is not None else current.dns_records,
+        view=delta.view if delta.view is not None else current.view,
     )
 
 
@@ -247,6 +272,7 @@ def map_to_json(m: NetMap) -> dict[str, Any]:
         "domain": m.domain,
         "inbound": rules_to_json(m.inbound),
         **({"dns": records_to_json(m.dns_records)} if m.dns_records else {}),
+        **({"view": m.view} if m.view else {}),
     }
 
 
@@ -272,6 +298,8 @@ def delta_to_json(d: Delta) -> dict[str, Any]:
         out["inbound"] = rules_to_json(d.inbound)
     if d.dns_records is not None:
         out["dns"] = records_to_json(d.dns_records)
+    if d.view is not None:
+        out["view"] = d.view
     return out
 
 
@@ -381,6 +409,7 @@ def map_from_json(raw: Any) -> NetMap:
         domain=_get(o, "domain", str, "map"),
         inbound=ALLOW_ALL if inbound is None else inbound,
         dns_records=_records(o, "map") or (),
+        view=_view(o.get("view", ""), "map"),
     )
 
 
@@ -412,7 +441,18 @@ def delta_from_json(raw: Any) -> Delta:
         domain=_get(o, "domain", str, "delta", optional=True),
         inbound=_inbound(o, "delta"),
         dns_records=_records(o, "delta"),
+        view=_view(o["view"], "delta") if "view" in o else None,
     )
+
+
+def _view(value: Any, where: str) -> str:
+    if value != "" and not (isinstance(value, str) and _is_token(value)):
+        raise NetmapError(f"{where}: view must be a {VIEW_CHARS}-digit hex token")
+    return str(value)
+
+
+def _is_token(value: str) -> bool:
+    return len(value) == VIEW_CHARS and all(c in "0123456789abcdef" for c in value)
 
 
 MAX_DNS_RECORDS = 1024  #: admin-defined DNS records a map may carry
@@ -465,6 +505,7 @@ class Signature:
     key_id: str
     signature: bytes
     digest: bytes
+    view: str | None = None  #: signed for this view token instead of the recipient's node id
 
 
 @dataclass(frozen=True, slots=True)
@@ -511,12 +552,27 @@ def body_digest(body: str | bytes) -> bytes:
     return hashlib.sha256(body.encode("utf-8") if isinstance(body, str) else body).digest()
 
 
+def view_signed_bytes(view: str, digest: bytes) -> bytes:
+    """What the coordinator signs for a delta shared by every node of view token `view`."""
+    return SIG_CONTEXT + f"delta view:{view}\n".encode("ascii") + digest
+
+
 def sign_body(kind: str, body: str, node_id: int, key: SigningKey, digest: bytes | None = None) -> str:
     """The signed message text for a canonical `body` (``canonical_json`` of a map/delta object)."""
     d = body_digest(body) if digest is None else digest
-    sig = key.sign(signed_bytes(kind, node_id, d)).signature
+    return _signed_message(kind, body, key, signed_bytes(kind, node_id, d), "")
+
+
+def sign_view_body(body: str, view: str, key: SigningKey, digest: bytes | None = None) -> str:
+    """A delta message signed for every node of `view` (module docstring, "Shared deltas")."""
+    d = body_digest(body) if digest is None else digest
+    return _signed_message("delta", body, key, view_signed_bytes(view, d), f',"view":"{view}"')
+
+
+def _signed_message(kind: str, body: str, key: SigningKey, signed: bytes, extra: str) -> str:
+    sig = key.sign(signed).signature
     return (
-        f'{{"type":"{kind}","{kind}":{body},"key":"{key_id(bytes(key.verify_key))}",'
+        f'{{"type":"{kind}","{kind}":{body},"key":"{key_id(bytes(key.verify_key))}"{extra},'
         f'"sig":"{b64encode(sig)}"}}'
     )
 
@@ -533,20 +589,45 @@ def signer(msg: MapMessage | DeltaMessage) -> str | None:
     return msg.sig.key_id if msg.sig is not None else None
 
 
-def verify(msg: MapMessage | DeltaMessage, node_id: int, trusted_keys: Iterable[bytes]) -> None:
-    """Raise NetmapError unless `msg` is signed for `node_id` by one of `trusted_keys`."""
+def verify(
+    msg: MapMessage | DeltaMessage,
+    node_id: int,
+    trusted_keys: Iterable[bytes],
+    current: NetMap | None = None,
+) -> None:
+    """Raise NetmapError unless `msg` is signed for `node_id` by one of `trusted_keys`. A delta signed
+    for a view token (shared) passes only for a node holding `current` in that view and not named by it."""
     kind = "map" if isinstance(msg, MapMessage) else "delta"
     if msg.sig is None:
         raise NetmapError(f"{kind}: not signed")
     public = {key_id(k): k for k in trusted_keys}.get(msg.sig.key_id)
     if public is None:
         raise NetmapError(f"{kind}: signed by unknown key {msg.sig.key_id}")
+    if msg.sig.view is None:
+        signed = signed_bytes(kind, node_id, msg.sig.digest)
+    else:
+        _check_shared(msg, node_id, current, msg.sig.view)
+        signed = view_signed_bytes(msg.sig.view, msg.sig.digest)
     try:
-        VerifyKey(public).verify(signed_bytes(kind, node_id, msg.sig.digest), msg.sig.signature)
+        VerifyKey(public).verify(signed, msg.sig.signature)
     except (BadSignatureError, CryptoError, ValueError, TypeError):
         raise NetmapError(
             f"{kind} {_versions(msg)}: signature by key {msg.sig.key_id} does not verify for node {node_id}"
         ) from None
+
+
+def _check_shared(msg: MapMessage | DeltaMessage, node_id: int, current: NetMap | None, view: str) -> None:
+    """A view-signed message is for `node_id` only if it is a delta for the view `current` holds that
+    leaves the node itself alone (a change to the node always comes signed for the node)."""
+    if not isinstance(msg, DeltaMessage):
+        raise NetmapError("map: a full map is signed for its node, never for a view")
+    d = msg.delta
+    if current is None or current.view != view:
+        raise NetmapError(f"delta {_versions(msg)}: signed for view {view}, not this node's view")
+    named = {*d.peers_removed, *(i for i, _, _ in d.endpoints_changed)}
+    named.update(p.node_id for p in (*d.peers_added, *d.peers_changed))
+    if node_id in named or d.self_node is not None or d.view is not None:
+        raise NetmapError(f"delta {_versions(msg)}: a delta signed for a view changes node {node_id}")
 
 
 def check_order(current: NetMap | None, msg: MapMessage | DeltaMessage) -> None:
@@ -577,12 +658,15 @@ def _signature(o: dict[str, Any], body: Any) -> Signature | None:
     key = _get(o, "key", str, "message")
     if len(key) != 16 or any(c not in "0123456789abcdef" for c in key):
         raise NetmapError("message: key must be a 16-digit hex key id")
+    view = o.get("view")
+    if view is not None and not (isinstance(view, str) and _is_token(view)):
+        raise NetmapError(f"message: view must be a {VIEW_CHARS}-digit hex token")
     try:
         signature = b64decode(_get(o, "sig", str, "message"), length=64, what="sig")
         digest = body_digest(canonical_json(body))
     except (ValueError, UnicodeEncodeError, RecursionError) as exc:  # lone surrogates, bad base64
         raise NetmapError(f"message: {exc}") from None
-    return Signature(key, signature, digest)
+    return Signature(key, signature, digest, view)
 
 
 def encode_server_message(msg: ServerMessage) -> str:
