@@ -38,11 +38,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from coordinator.adminclient import AdminClient
-from meshd.control import ControlClient, Enrollment, NodeKeys
+from meshd import session
+from meshd.control import ControlClient, ControlError, Enrollment, NodeKeys
 from meshd.proto import netmap, signing
 
 BIN = Path(sys.executable).parent / "coordinator"
@@ -58,8 +60,21 @@ class SimNode:
     received: dict[str, float] = field(default_factory=dict)  # new name -> arrival time
     messages: int = 0
     decode: bool = False
+    version: int | None = None  #: the map version this node holds (read from each map/delta's text)
+    streams: int = 0  #: streams opened (a reconnect after the restart opens another)
 
 
+def version_of(text: str) -> int:
+    """The version a map or delta message brings: its body's last "version" key (canonical JSON sorts the
+    keys; "from_version" does not match, and no peer record has a "version" key)."""
+    at = text.rfind('"version":') + len('"version":')
+    end = at
+    while text[end].isdigit():
+        end += 1
+    return int(text[at:end])
+
+
+RETRIES: list[str] = []  #: enrollment requests that got no answer in time and were tried again
 EXPECTED: list[str] = []  #: the name the current admin change introduces (others only search for it)
 
 
@@ -136,7 +151,14 @@ async def enroll_all(url: str, key: str, nodes: list[SimNode], concurrency: int)
             while not queue.empty():
                 i, n = queue.get_nowait()
                 client.keys = n.keys
-                result = await client.register(f"sim{i}", auth_key=key)
+                for attempt in range(3):  # a request that timed out on the loaded machine is tried again
+                    try:
+                        result = await client.register(f"sim{i}", auth_key=key)
+                        break
+                    except ControlError as e:
+                        if attempt == 2 or e.status:
+                            raise
+                        RETRIES.append(f"{e}")
                 assert isinstance(result, Enrollment)
                 n.node_id, n.name = result.node_id, result.name
 
@@ -148,8 +170,37 @@ async def enroll_all(url: str, key: str, nodes: list[SimNode], concurrency: int)
 async def run_stream(
     url: str, n: SimNode, ready: asyncio.Event, stop: asyncio.Event, since: int | None = None
 ) -> None:
+    """Hold the node's stream; once it worked, reconnect as meshd does (meshd.session.Backoff: spread
+    after a restart close, jittered doubling after failures) with since=<the version it holds>."""
+    from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+    backoff = session.Backoff()
+    while True:
+        code: int | None = None
+        streams = n.streams
+        try:
+            await hold_stream(url, n, ready, stop, since)
+            return
+        except ConnectionClosed as e:
+            if stop.is_set() or n.version is None:
+                raise
+            code = e.rcvd.code if e.rcvd else None
+        except (OSError, InvalidStatus, TimeoutError):
+            if stop.is_set() or n.version is None:
+                raise
+        if n.streams > streams:
+            backoff.reset()
+        await asyncio.sleep(backoff.next(code, MESH_SIZE[0]))
+        since = n.version
+
+
+MESH_SIZE = [0]  #: nodes in the run (what a node's map tells meshd about the size of the herd)
+
+
+async def hold_stream(
+    url: str, n: SimNode, ready: asyncio.Event, stop: asyncio.Event, since: int | None
+) -> None:
     from websockets.asyncio.client import connect
-    from websockets.exceptions import ConnectionClosed
 
     path = "/api/v1/stream" + (f"?since={since}" if since is not None else "")
     headers = signing.sign_request(n.keys.node_private, str(n.node_id), "GET", path, b"", time.time())
@@ -162,33 +213,88 @@ async def run_stream(
         ping_interval=None,
     ) as ws:
         first = await ws.recv()
+        assert isinstance(first, str)
         n.got_map = time.monotonic()
         n.map_bytes = len(first)
+        n.version = version_of(first)
+        n.streams += 1
         kind = first[:20]
         del first  # a full map can be megabytes; keep only its size
         assert kind.startswith('{"type":"map"' if since is None else '{"type":"delta"'), kind
         ready.set()
+        async for text in ws:  # the task is cancelled at the end of the run
+            assert isinstance(text, str)
+            now = time.monotonic()
+            n.messages += 1
+            if text.startswith(('{"type":"map"', '{"type":"delta"')):
+                n.version = version_of(text)
+            if n.decode:  # a sample of nodes decodes everything (fails loudly on a bad delta)
+                msg = netmap.decode_server_message(text)
+                if isinstance(msg, netmap.DeltaMessage):
+                    for p in msg.delta.peers_changed:
+                        n.received.setdefault(p.name, now)
+                    if msg.delta.self_node is not None:
+                        n.received.setdefault(msg.delta.self_node.name, now)
+            elif EXPECTED and f'"name":"{EXPECTED[0]}"' in text:
+                n.received.setdefault(EXPECTED[0], now)
+
+
+class Servers:
+    """The coordinator process (`coordinator serve` on a fixed loopback port and state dir), restartable."""
+
+    def __init__(self, state: Path, port: int, log: IO[str]) -> None:
+        self.cmd = [
+            str(BIN), "serve", "--listen", f"127.0.0.1:{port}", "--state-dir", str(state), "--stun-port", "0"
+        ]  # fmt: skip
+        self.log = log
+        self.current = self._start()
+
+    def _start(self) -> subprocess.Popen[str]:
+        return subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=self.log, text=True)
+
+    def stop(self) -> None:
+        self.current.send_signal(signal.SIGTERM)
         try:
-            async for text in ws:  # the task is cancelled at the end of the run
-                now = time.monotonic()
-                n.messages += 1
-                if n.decode:  # a sample of nodes decodes everything (fails loudly on a bad delta)
-                    msg = netmap.decode_server_message(text)
-                    if isinstance(msg, netmap.DeltaMessage):
-                        for p in msg.delta.peers_changed:
-                            n.received.setdefault(p.name, now)
-                        if msg.delta.self_node is not None:
-                            n.received.setdefault(msg.delta.self_node.name, now)
-                elif EXPECTED and f'"name":"{EXPECTED[0]}"' in text:
-                    n.received.setdefault(EXPECTED[0], now)
-        except ConnectionClosed:
-            if not stop.is_set():
-                raise
+            self.current.wait(60)
+        except subprocess.TimeoutExpired:
+            self.current.kill()
+            self.current.wait()
+
+    def restart(self) -> None:
+        self.stop()
+        self.current = self._start()
 
 
-async def main_async(
-    args: argparse.Namespace, server: subprocess.Popen[str], state: Path, url: str
+async def restart_storm(
+    args: argparse.Namespace, servers: Servers, nodes: list[SimNode]
 ) -> dict[str, object]:
+    """Restart the coordinator under every connected node; time until every node has a stream again and
+    the map it resumed (a delta since its version, or a full map) arrived."""
+    opened = [n.streams for n in nodes]
+    t0 = time.monotonic()
+    await asyncio.to_thread(servers.restart)
+    t_up = time.monotonic() - t0
+    limit = t0 + args.storm_seconds
+    while time.monotonic() < limit and any(  # noqa: ASYNC110 - bounded poll
+        n.streams <= k for n, k in zip(nodes, opened, strict=True)
+    ):
+        await asyncio.sleep(0.1)
+    back = [n.got_map - t0 for n, k in zip(nodes, opened, strict=True) if n.streams > k and n.got_map]
+    print(
+        f"restart storm: coordinator back in {t_up:.1f} s, {len(back)}/{len(nodes)} streams back, "
+        f"last after {max(back, default=0):.1f} s",
+        flush=True,
+    )
+    return {
+        "restart_storm_seconds": round(max(back), 1) if len(back) == len(nodes) else None,
+        "restart_storm_streams_back": len(back),
+        "restart_storm_p50_seconds": round(pct(back, 50), 1),
+        "restart_coordinator_down_seconds": round(t_up, 1),
+    }
+
+
+async def main_async(args: argparse.Namespace, servers: Servers, state: Path, url: str) -> dict[str, object]:
+    server = servers.current
     deadline = time.monotonic() + args.max_seconds
     results: dict[str, object] = {"nodes": args.nodes}
     tasks: list[asyncio.Task[None]] = []
@@ -219,6 +325,7 @@ async def main_async(
         results["enroll_seconds"] = round(t_enroll, 2)
         results["enroll_per_second"] = round(args.nodes / t_enroll, 1)
         results["enroll_server_cpu_seconds"] = round(cpu1 - cpu0, 2)
+        results["enroll_retries"] = len(RETRIES)
         print(f"enrolled {args.nodes} nodes in {t_enroll:.1f} s ({args.nodes / t_enroll:.0f}/s)", flush=True)
 
         start = time.monotonic()
@@ -303,6 +410,8 @@ async def main_async(
         results["server_rss_mib_idle"] = round(rss0, 1)
         results["server_rss_mib_connected"] = round(max(rss2, rss3), 1)
         results["server_cpu_seconds_total"] = round(cpu3 - cpu0, 1)
+        if args.storm_seconds > 0:
+            results.update(await restart_storm(args, servers, nodes))
         return results
     finally:
         stop.set()
@@ -327,6 +436,13 @@ def main() -> None:
     parser.add_argument(
         "--py-spy", metavar="FILE", help="sample the coordinator with py-spy during the changes (raw stacks)"
     )
+    parser.add_argument(
+        "--storm-seconds",
+        type=float,
+        default=120,
+        help="restart the coordinator under all streams and wait this long for them all to be back "
+        "(0: no restart)",
+    )
     args = parser.parse_args()
     if not 1 <= args.nodes <= 20000:
         parser.error("--nodes must be between 1 and 20000")
@@ -340,28 +456,22 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = open(state.with_suffix(".log"), "w+")  # noqa: SIM115 - closed below
-    server = subprocess.Popen(
-        [str(BIN), "serve", "--listen", f"127.0.0.1:{port}", "--state-dir", str(state), "--stun-port", "0"],
-        stdout=subprocess.DEVNULL,
-        stderr=log,
-        text=True,
-    )
+    MESH_SIZE[0] = args.nodes
+    servers = Servers(state, port, log)
     try:
-        results = asyncio.run(main_async(args, server, state, f"http://127.0.0.1:{port}"))
+        results = asyncio.run(main_async(args, servers, state, f"http://127.0.0.1:{port}"))
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        servers.stop()
         log.seek(0)
         lines = log.read().splitlines()
         errors = [line for line in lines if "Traceback" in line or "ERROR" in line or "Error" in line]
         for line in sorted(set(errors))[:8]:
             print(f"server log: {line[:200]}", file=sys.stderr)
         log.close()
-        os.unlink(log.name)
+        if errors:
+            print(f"server log kept: {log.name}", file=sys.stderr)
+        else:
+            os.unlink(log.name)
         shutil.rmtree(state, ignore_errors=True)
     results["server_errors_logged"] = len(errors)
     print(json.dumps(results, indent=2))
