@@ -34,11 +34,34 @@ The rules (docs/design.md §2.5 "Then direct"):
   packets flow and rejects a session older than REJECT_AFTER_TIME (180 s) (WireGuard paper §6.1), so
   a handshake older than 185 s on a path that carries keepalives means the path does not work.
 * Answers whose round-trip time exceeds ``late_after`` are too late to trust and are ignored.
+* A probe received while no attempt runs starts one at once, and probes to where a peer's probe came
+  from go out at once (``SendProbes.immediate``): that peer's NAT is open to us already.
+
+Sequenced rounds (routers without an input firewall). Such a router turns a probe that arrives before its
+own host sent anything to the prober into a conntrack entry for itself; the host's flow then leaves from
+another port, and the peer's packets from that port hit the same fate on the other router. Unless both
+first probes cross in flight (tens of microseconds on a LAN-speed link: it never happens at 0 ms) every
+flow between the two public addresses is taken. Only expiry frees them (Linux: 30 s for unreplied UDP),
+and only one side's entry may expire. So when an attempt gets no answer at all, up to ``seq_rounds``
+rounds follow, roles alternating and fixed by ``leads`` (the side with the lower node key keeps first,
+the side that probes first in a synchronised punch):
+
+* the *keeper* sends ``SendKeepalives`` (probes with a TTL of 1) to the peer's public candidates every
+  ``seq_keepalive`` seconds for ``seq_wait + attempt_duration + seq_grace``: they refresh its own router's
+  mapping (conntrack refreshes an entry before the TTL check drops the packet) and never reach the
+  peer's router, whose entry for us expires;
+* the *quiet* side sends nothing to the peer for ``seq_wait`` seconds (its own remapped flow expires),
+  then runs an attempt: its probe leaves from its natural port and matches the keeper's mapping; the
+  keeper answers, ends its round and probes back at once.
+
+A round is ended by anything that makes a fresh attempt worth it: new candidates, the relay going down,
+a probe from the peer. After ``seq_rounds`` rounds without success the usual backoff resumes.
 """
 
 from __future__ import annotations
 
 import enum
+import ipaddress
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -85,6 +108,10 @@ class PathConfig:
     handshake_stall: float = 185.0
     stall_penalty: float = 600.0
     switch_ratio: float = 0.7
+    seq_rounds: int = 2
+    seq_wait: float = 32.0  #: > Linux's nf_conntrack_udp_timeout (30 s) for unreplied flows
+    seq_keepalive: float = 5.0
+    seq_grace: float = 3.0
 
 
 # --- decisions (drained with next_event) ---------------------------------------------------------------
@@ -110,13 +137,26 @@ class UseDirect:
 
 @dataclass(frozen=True, slots=True)
 class SendProbes:
-    """Send one authenticated probe to each of ``endpoints`` now (from the WireGuard port)."""
+    """Send one authenticated probe to each of ``endpoints`` now (from the WireGuard port).
+
+    ``immediate``: the peer's NAT is open to us already (its probe arrived): no call-me-maybe first.
+    """
+
+    peer: str
+    endpoints: tuple[Endpoint, ...]
+    immediate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SendKeepalives:
+    """Send a probe with a TTL of 1 to each of ``endpoints``: it refreshes our router's mapping towards the
+    peer and dies there, so it never reaches the peer's router (sequenced rounds, module docstring)."""
 
     peer: str
     endpoints: tuple[Endpoint, ...]
 
 
-PathEvent = UseRelay | UseDirect | SendProbes
+PathEvent = UseRelay | UseDirect | SendProbes | SendKeepalives
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,10 +177,20 @@ class _Answer:
 class PeerPath:
     """Path state for one peer. See the module docstring for the rules."""
 
-    def __init__(self, peer: str, now: float, *, relay_up: bool, config: PathConfig | None = None) -> None:
+    def __init__(
+        self,
+        peer: str,
+        now: float,
+        *,
+        relay_up: bool,
+        config: PathConfig | None = None,
+        leads: bool = False,
+    ) -> None:
         """``relay_up``: whether the relay really is up now (no default: assuming it made a new peer
-        report ``relay`` with every relay link down)."""
+        report ``relay`` with every relay link down). ``leads``: we keep first in sequenced rounds (the
+        two sides must disagree; the caller compares node keys)."""
         self.peer = peer
+        self.leads = leads
         self.config = config or PathConfig()
         self._relay_up = relay_up
         self._candidates: dict[Endpoint, CandidateKind] = {}
@@ -156,6 +206,10 @@ class PeerPath:
         self._next_attempt: float | None = None
         self._next_heartbeat: float | None = None
         self._next_discovery: float | None = None
+        self._seq_round = 0  #: sequenced rounds run since the last fresh start
+        self._seq_keep = False
+        self._seq_until: float | None = None  #: the current round ends (keeper) or probes (quiet side)
+        self._next_keepalive: float | None = None
         self._events: deque[PathEvent] = deque()
         self._events.append(UseRelay(peer, "start"))
 
@@ -168,6 +222,7 @@ class PeerPath:
             self._candidates[self._direct] = CandidateKind.PEER_REFLEXIVE
         self._avoid.clear()
         self._backoff = self.config.backoff_initial
+        self._end_rounds()
         if self._direct is None:
             self._start_attempt(now)
         else:
@@ -186,8 +241,13 @@ class PeerPath:
         self._reselect(now)
 
     def probe_received(self, src: Endpoint, now: float) -> None:
-        """The peer's probe arrived from ``src``: if that is new, probe it back (peer-reflexive)."""
+        """The peer's probe arrived from ``src``: its NAT is open to us, so without a direct path probe
+        back at once (ending a sequenced round); a new ``src`` becomes a candidate (peer-reflexive)."""
         self._learn(src, now)
+        if self._direct is None and self._attempt_until is None:
+            self._end_rounds()
+            self._backoff = self.config.backoff_initial
+            self._start_attempt(now, immediate=True)
 
     def handshake(self, last_handshake: float | None, now: float) -> None:
         """WireGuard's last handshake with this peer, converted by the caller to the clock of ``now``.
@@ -208,7 +268,7 @@ class PeerPath:
 
         Without a direct path an attempt starts at once (backoff reset) unless one is running already.
         """
-        if self._direct is None and self._attempt_until is None:
+        if self._direct is None and self._attempt_until is None and self._seq_until is None:
             self._backoff = self.config.backoff_initial
             self._start_attempt(now)
 
@@ -221,6 +281,7 @@ class PeerPath:
         self._relay_up = False
         if self._direct is None:
             self._backoff = self.config.backoff_initial
+            self._end_rounds()
             self._start_attempt(now)
 
     # --- timers ----------------------------------------------------------------------------------------
@@ -235,6 +296,8 @@ class PeerPath:
                 self._next_attempt,
                 self._next_heartbeat,
                 self._next_discovery,
+                self._seq_until,
+                self._next_keepalive,
                 self._dead_at(),
                 self._stall_at(),
             )
@@ -251,13 +314,15 @@ class PeerPath:
         if self._direct is None:
             if self._attempt_until is not None and now >= self._attempt_until:
                 self._attempt_until = self._next_probe = None
-                self._next_attempt = now + self._backoff
-                self._backoff = min(self._backoff * 2, cfg.backoff_max)
+                if not self._start_round(now):
+                    self._next_attempt = now + self._backoff
+                    self._backoff = min(self._backoff * 2, cfg.backoff_max)
             elif self._next_probe is not None and now >= self._next_probe:
                 self._send_probes(self._probe_targets())
                 self._next_probe = now + cfg.probe_interval
             if self._next_attempt is not None and now >= self._next_attempt:
                 self._start_attempt(now)
+            self._round_timers(now)
         else:
             if self._next_heartbeat is not None and now >= self._next_heartbeat:
                 quiet = now - self._answers[self._direct].at > 1.5 * cfg.heartbeat_interval
@@ -274,6 +339,11 @@ class PeerPath:
         return self._events.popleft() if self._events else None
 
     @property
+    def seq_round(self) -> tuple[int, bool] | None:
+        """The sequenced round running (its number, whether we keep), None outside rounds (for the log)."""
+        return (self._seq_round, self._seq_keep) if self._seq_until is not None else None
+
+    @property
     def status(self) -> PathStatus:
         if self._direct is not None:
             return PathStatus(PathKind.DIRECT, self._direct, self._answers[self._direct].rtt)
@@ -285,24 +355,68 @@ class PeerPath:
         if addr in self._candidates or addr in self._avoid:
             return
         self._candidates[addr] = CandidateKind.PEER_REFLEXIVE
-        self._send_probes((addr,))
+        self._send_probes((addr,), immediate=True)
 
     def _probe_targets(self) -> tuple[Endpoint, ...]:
-        return tuple(sorted(a for a in self._candidates if a not in self._avoid))
+        """Global addresses first: on a Linux NAT a new flow reuses the newest mapping of its source port,
+        even one that expired but is not yet collected. A probe to the expired flow's own address frees
+        it; probing a private address of the peer first would create a new flow on the stale mapping."""
+        return tuple(sorted((a for a in self._candidates if a not in self._avoid), key=global_first))
 
-    def _send_probes(self, targets: tuple[Endpoint, ...]) -> None:
+    def _send_probes(self, targets: tuple[Endpoint, ...], *, immediate: bool = False) -> None:
         if targets:
-            self._events.append(SendProbes(self.peer, targets))
+            self._events.append(SendProbes(self.peer, targets, immediate))
 
-    def _start_attempt(self, now: float) -> None:
+    def _start_attempt(self, now: float, *, immediate: bool = False) -> None:
         self._next_attempt = None
+        self._seq_until = self._next_keepalive = None
         targets = self._probe_targets()
         if not targets:
             self._attempt_until = self._next_probe = None
             return  # nothing to try until candidates arrive
-        self._send_probes(targets)
+        self._send_probes(targets, immediate=immediate)
         self._attempt_until = now + self.config.attempt_duration
         self._next_probe = now + self.config.probe_interval
+
+    def _public_targets(self) -> tuple[Endpoint, ...]:
+        return tuple(a for a in self._probe_targets() if self._candidates[a] is not CandidateKind.LAN)
+
+    def _start_round(self, now: float) -> bool:
+        """An attempt got no answer: start the next sequenced round, if any is left (module docstring)."""
+        cfg = self.config
+        if self._seq_round >= cfg.seq_rounds or not self._public_targets():
+            return False
+        self._seq_round += 1
+        self._seq_keep = self.leads == (self._seq_round % 2 == 1)
+        if self._seq_keep:
+            self._seq_until = now + cfg.seq_wait + cfg.attempt_duration + cfg.seq_grace
+            self._keepalive(now)
+        else:
+            self._seq_until = now + cfg.seq_wait
+        return True
+
+    def _keepalive(self, now: float) -> None:
+        if targets := self._public_targets():
+            self._events.append(SendKeepalives(self.peer, targets))
+        self._next_keepalive = now + self.config.seq_keepalive
+
+    def _round_timers(self, now: float) -> None:
+        if self._seq_until is None:
+            return
+        if self._next_keepalive is not None and now >= self._next_keepalive:
+            self._keepalive(now)
+        if now >= self._seq_until:
+            keeper = self._seq_keep
+            self._seq_until = self._next_keepalive = None
+            if not keeper:
+                self._start_attempt(now)  # our old flow expired, the peer kept its mapping: probe it
+            elif not self._start_round(now):
+                self._next_attempt = now + self._backoff
+                self._backoff = min(self._backoff * 2, self.config.backoff_max)
+
+    def _end_rounds(self) -> None:
+        self._seq_round = 0
+        self._seq_until = self._next_keepalive = None
 
     def _discover(self, now: float) -> None:
         self._send_probes(self._probe_targets())
@@ -339,6 +453,7 @@ class PeerPath:
         if self._direct is None:
             self._direct_since = now
             self._next_discovery = now + self.config.discovery_interval
+        self._end_rounds()
         self._direct = addr
         self._attempt_until = self._next_probe = self._next_attempt = None
         self._next_heartbeat = now + self.config.heartbeat_interval
@@ -381,6 +496,15 @@ class PeerPath:
             self._go_relay(now, f"WireGuard handshake stalled on {_fmt(bad)}")
 
 
+def global_first(addr: Endpoint) -> tuple[bool, str, int]:
+    """Sort key: global addresses before private ones (see ``PeerPath._probe_targets``)."""
+    try:
+        private = ipaddress.ip_address(addr[0]).is_private
+    except ValueError:
+        private = True
+    return (private, addr[0], addr[1])
+
+
 def _fmt(addr: Endpoint) -> str:
     host, port = addr
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -395,7 +519,9 @@ __all__ = [
     "PathKind",
     "PathStatus",
     "PeerPath",
+    "SendKeepalives",
     "SendProbes",
     "UseDirect",
     "UseRelay",
+    "global_first",
 ]

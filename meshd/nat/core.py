@@ -25,13 +25,23 @@ from meshd.nat.gather import Gatherer
 from meshd.nat.probes import Answered, Pinged, Probes
 from meshd.nat.punch import Call, Probe, Punch, Restart
 from meshd.nat.strategy import NO_PATH, NatInfo, Network, PeerInfo
-from meshd.paths import PathConfig, PathKind, PathStatus, PeerPath, SendProbes, UseDirect, UseRelay
+from meshd.paths import (
+    PathConfig,
+    PathKind,
+    PathStatus,
+    PeerPath,
+    SendKeepalives,
+    SendProbes,
+    UseDirect,
+    UseRelay,
+)
 from meshd.proto import disco, stun
 from meshd.proto.cmm import CallMeMaybe
 from meshd.proto.endpoint import Endpoint, format_endpoint
 from meshd.proto.netmap import MAX_CANDIDATES
 
 log = logging.getLogger("meshd.nat")
+KEEPALIVE_TTL = 1  #: dies at our first router, after it refreshed the mapping (meshd.paths, sequenced rounds)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +50,7 @@ class Datagram:
 
     data: bytes
     dst: Endpoint
+    ttl: int | None = None  #: an IP TTL other than the default (sequenced rounds' keepalives)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +90,7 @@ class _Peer:
     info: PeerInfo
     path: PeerPath
     candidates: tuple[Endpoint, ...]  #: the map's, or fresher ones from the peer's call-me-maybe
+    seq_round: tuple[int, bool] | None = None  #: last logged sequenced round
 
 
 class TraversalCore:
@@ -128,9 +140,10 @@ class TraversalCore:
         for key, info in infos.items():
             p = self._peers.get(key)
             if p is None:
-                path = PeerPath(key, now, config=self.config, relay_up=self._relay_up)
+                leads = self._probes.keys.public < info.node_key  # the two sides disagree
+                path = PeerPath(key, now, config=self.config, relay_up=self._relay_up, leads=leads)
                 p = self._peers[key] = _Peer(info, path, info.candidates)
-                self._punch.add(key)
+                self._punch.add(key, lead=leads)
                 path.set_candidates(self._gather.classify(info.candidates), now)
                 continue
             p.info = info
@@ -248,10 +261,20 @@ class TraversalCore:
                 while (ev := p.path.next_event()) is not None:
                     busy = True
                     if isinstance(ev, SendProbes):
-                        if self._probing:
+                        if self._probing and ev.immediate:
+                            self._send_probes(p, ev.endpoints, now)
+                        elif self._probing:
                             self._punch.probe(key, ev.endpoints, now)
+                    elif isinstance(ev, SendKeepalives):
+                        if self._probing:
+                            self._send_probes(p, ev.endpoints, now, ttl=KEEPALIVE_TTL)
                     else:
                         self._decide(p, ev)
+                if (r := p.path.seq_round) != p.seq_round:
+                    p.seq_round = r
+                    if r is not None:
+                        role = "keeping our mapping (TTL-1 probes)" if r[1] else "quiet, then probing"
+                        log.info("%s: no answer; sequenced round %d: %s", p.info.name, r[0], role)
             while (pe := self._punch.next_event()) is not None:
                 busy = True
                 q = self._peers.get(pe.peer)
@@ -275,13 +298,17 @@ class TraversalCore:
     def _call(self, p: _Peer, ev: Call) -> None:
         cands = tuple(self._gather.candidates()[:MAX_CANDIDATES])  # a longer list would be refused
         self._events.append(CallPeer(p.info.node_id, cands, ev.at))
+        log.debug("%s: call-me-maybe sent (%d candidates)", p.info.name, len(cands))
 
-    def _send_probes(self, p: _Peer, targets: Iterable[Endpoint], now: float) -> None:
+    def _send_probes(
+        self, p: _Peer, targets: Iterable[Endpoint], now: float, *, ttl: int | None = None
+    ) -> None:
         for ep in targets:
             if ":" in ep[0]:
                 continue  # the raw socket speaks IPv4 only
             try:
-                self._events.append(Datagram(self._probes.ping(p.info.wg_key, p.info.node_key, ep, now), ep))
+                ping = self._probes.ping(p.info.wg_key, p.info.node_key, ep, now)
+                self._events.append(Datagram(ping, ep, ttl))
             except disco.DiscoError as e:
                 log.debug("probe to %s: %s", format_endpoint(ep), e)
 
@@ -295,4 +322,6 @@ class TraversalCore:
             self._events.append(Datagram(got.reply, src))
             self._peers[got.peer].path.probe_received(src, now)
         elif isinstance(got, Answered):
-            self._peers[got.peer].path.probe_answered(got.sent_to, got.src, got.rtt, now)
+            q = self._peers[got.peer]
+            log.debug("%s: probe to %s answered", q.info.name, format_endpoint(got.sent_to))
+            q.path.probe_answered(got.sent_to, got.src, got.rtt, now)

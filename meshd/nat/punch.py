@@ -13,6 +13,10 @@ remapped to a random port and the punch fails for good. So a new attempt does no
   skewed or hostile clock cannot stall probes);
 * a peer's call-me-maybe counts as ours: we do not answer it with one of our own, and we send at most
   one every ``CMM_MIN_INTERVAL`` seconds per peer;
+* the side with the higher node key (``lead=False``) probes ``FOLLOW_LAG`` after the agreed moment: where
+  the first probes cannot cross (a router without an input firewall, links too fast for two processes
+  to send within the same tens of microseconds) the leader's mapping is the one left intact, which is
+  what the sequenced rounds of :mod:`meshd.paths` build on; on real links the lag is within the jitter;
 * until our own public addresses are known (every STUN server answered or gave up, or
   ``GATHER_TIMEOUT`` after start) probes are held: a punch now would reach the peer's NAT before we can
   tell the peer where to answer. Once gathered, every peer without a direct path starts a fresh,
@@ -33,12 +37,14 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from meshd.paths import global_first
 from meshd.proto.endpoint import Endpoint
 
 PUNCH_DELAY = 0.25  #: a new attempt's first probes go out this long after the call-me-maybe is sent
 MAX_PUNCH_WAIT = 1.0  #: the longest we hold probes for a moment the peer proposed
 CMM_MIN_INTERVAL = 2.0  #: at most one call-me-maybe per peer this often
 GATHER_TIMEOUT = 2.0  #: probes wait at most this long after start for our STUN answers
+FOLLOW_LAG = 0.01  #: the follower's probes leave this long after the agreed moment
 NEVER = float("-inf")
 
 
@@ -77,6 +83,7 @@ class _State:
     hold_until: float | None = None  #: probes wait until this moment (agreed with the peer)
     my_at: float | None = None  #: the moment our last call-me-maybe proposed
     held: set[Endpoint] = field(default_factory=set)
+    lag: float = 0.0  #: FOLLOW_LAG for the follower, 0 for the leader
 
 
 class Punch:
@@ -96,8 +103,9 @@ class Punch:
         if not self._gathered:
             self._gather_deadline = now + GATHER_TIMEOUT
 
-    def add(self, peer: str) -> None:
-        self._peers.setdefault(peer, _State())
+    def add(self, peer: str, *, lead: bool = True) -> None:
+        """``lead``: we probe at the agreed moment; else ``FOLLOW_LAG`` after it (the sides must disagree)."""
+        self._peers.setdefault(peer, _State(lag=0.0 if lead else FOLLOW_LAG))
 
     def remove(self, peer: str) -> None:
         self._peers.pop(peer, None)
@@ -117,7 +125,7 @@ class Punch:
             return
         if not self._is_direct(peer) and now - s.last_cmm >= CMM_MIN_INTERVAL:
             s.last_cmm = now
-            s.hold_until = now + PUNCH_DELAY
+            s.hold_until = now + PUNCH_DELAY + s.lag
             s.my_at = now + PUNCH_DELAY
             s.held.update(targets)
             self._events.append(Call(peer, s.my_at))
@@ -133,7 +141,7 @@ class Punch:
         # both sides may have asked at once (crossing messages): both then use the later moment
         if s.my_at is not None and s.my_at >= now:
             moment = max(moment, s.my_at)
-        s.hold_until = now + min(max(0.0, moment - now), MAX_PUNCH_WAIT)
+        s.hold_until = now + min(max(0.0, moment - now), MAX_PUNCH_WAIT) + s.lag
         s.last_cmm = now  # the peer is already asking: no call-me-maybe back
         self._events.append(Restart(peer))
 
@@ -173,7 +181,7 @@ class Punch:
                 s.hold_until = None
                 held, s.held = s.held, set()
                 if held:
-                    self._events.append(Probe(peer, tuple(sorted(held))))
+                    self._events.append(Probe(peer, tuple(sorted(held, key=global_first))))
 
     # --- outputs ---------------------------------------------------------------------------------------
 

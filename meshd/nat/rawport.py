@@ -25,7 +25,6 @@ SO_ATTACH_FILTER = 26
 _UDP_HEADER = struct.Struct("!HHHH")
 
 
-
 class RawPortError(OSError):
     """The raw socket could not be opened (needs CAP_NET_RAW) or a datagram could not be sent."""
 
@@ -134,14 +133,19 @@ class RawPort:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def send(self, payload: bytes, dst: Endpoint) -> None:
+    def send(self, payload: bytes, dst: Endpoint, *, ttl: int | None = None) -> None:
+        """``ttl``: this datagram's IP TTL instead of the system default."""
         # a destination from the network (a map's STUN port + 1, a peer's candidate) may be out of range:
         # that is this send's failure (RawPortError, which callers handle), not a struct.error that would
         # escape and end the NAT timer task
         if not 0 < dst[1] <= 65535 or len(payload) > 65535 - 8:
             raise RawPortError(f"cannot send {len(payload)} bytes to port {dst[1]}: out of range")
         try:
-            self.sock.sendto(build_udp(self.port, dst, payload), (dst[0], 0))
+            if ttl is None:
+                self.sock.sendto(build_udp(self.port, dst, payload), (dst[0], 0))
+            else:
+                cmsg = [(socket.IPPROTO_IP, socket.IP_TTL, struct.pack("i", ttl))]
+                self.sock.sendmsg([build_udp(self.port, dst, payload)], cmsg, 0, (dst[0], 0))
         except OSError as e:
             raise RawPortError(f"sending to {dst[0]}:{dst[1]} from port {self.port}: {e}") from None
 

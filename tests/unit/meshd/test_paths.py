@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pytest import approx
 
 from meshd.paths import (
     Candidate,
@@ -17,6 +18,7 @@ from meshd.paths import (
     PathConfig,
     PathKind,
     PeerPath,
+    SendKeepalives,
     SendProbes,
     UseDirect,
     UseRelay,
@@ -272,8 +274,10 @@ def test_with_the_relay_down_a_direct_path_shows_and_losing_it_means_none() -> N
 
 
 def test_discovery_upgrades_to_a_better_path_while_direct() -> None:
-    lab = make({PUB: Route(rtt=0.02), LAN: Route(rtt=0.001, up=False)},
-               [Candidate(PUB, CandidateKind.PUBLIC), Candidate(LAN, CandidateKind.LAN)])
+    lab = make(
+        {PUB: Route(rtt=0.02), LAN: Route(rtt=0.001, up=False)},
+        [Candidate(PUB, CandidateKind.PUBLIC), Candidate(LAN, CandidateKind.LAN)],
+    )
     lab.run(5.0)
     assert lab.path.status.endpoint == PUB
     lab.routes[LAN].up = True
@@ -284,8 +288,10 @@ def test_discovery_upgrades_to_a_better_path_while_direct() -> None:
 
 def test_similar_latency_does_not_flap() -> None:
     b: Endpoint = ("7.0.0.9", 41641)
-    lab = make({PUB: Route(rtt=0.020), b: Route(rtt=0.018)},
-               [Candidate(PUB, CandidateKind.PUBLIC), Candidate(b, CandidateKind.PUBLIC)])
+    lab = make(
+        {PUB: Route(rtt=0.020), b: Route(rtt=0.018)},
+        [Candidate(PUB, CandidateKind.PUBLIC), Candidate(b, CandidateKind.PUBLIC)],
+    )
     lab.run(300.0)
     assert len([e for _, e in lab.decisions() if isinstance(e, UseDirect)]) == 1
 
@@ -329,8 +335,10 @@ def test_handshake_stall_after_it_worked() -> None:
 
 
 def test_stall_falls_over_to_another_live_direct_address() -> None:
-    lab = make({PUB: Route(rtt=0.02), LAN: Route(rtt=0.001)},
-               [Candidate(PUB, CandidateKind.PUBLIC), Candidate(LAN, CandidateKind.LAN)])
+    lab = make(
+        {PUB: Route(rtt=0.02), LAN: Route(rtt=0.001)},
+        [Candidate(PUB, CandidateKind.PUBLIC), Candidate(LAN, CandidateKind.LAN)],
+    )
     lab.tick = lambda path, now: path.handshake(None, now)
     lab.run(PathConfig().handshake_stall + 5.0)
     assert lab.path.status.endpoint == PUB  # LAN stalled and is avoided; PUB was alive
@@ -349,8 +357,10 @@ def test_stall_falls_over_to_another_live_direct_address() -> None:
 )
 def test_any_sequence_keeps_invariants(script: list[tuple[float, str, float]]) -> None:
     """Whatever happens: direct only to an address that answered a probe sent to it, timers in future."""
-    lab = make({PUB: Route(rtt=0.02), LAN: Route(rtt=0.003)},
-               [Candidate(PUB, CandidateKind.PUBLIC), Candidate(LAN, CandidateKind.LAN)])
+    lab = make(
+        {PUB: Route(rtt=0.02), LAN: Route(rtt=0.003)},
+        [Candidate(PUB, CandidateKind.PUBLIC), Candidate(LAN, CandidateKind.LAN)],
+    )
     answered: set[Endpoint] = set()
     orig = lab.path.probe_answered
 
@@ -404,3 +414,92 @@ def test_call_me_maybe_during_an_attempt_or_on_direct_sends_nothing_extra() -> N
     lab.path.peer_asked(0.5)
     lab.drain()
     assert len(lab.probes) == n
+
+
+# --- sequenced rounds (routers without an input firewall, links too fast for probes to cross) ----------
+
+
+def _keepalives(lab: Lab) -> list[float]:
+    return [t for t, e in lab.log if isinstance(e, SendKeepalives)]
+
+
+def _make_seq(leads: bool, cands: list[Candidate]) -> Lab:
+    lab = Lab(PeerPath("peerkey", 0.0, relay_up=True, leads=leads))
+    lab.drain()
+    lab.path.set_candidates(cands, 0.0)
+    return lab
+
+
+def test_follower_stays_quiet_until_the_routers_entry_expired_then_probes_then_keeps() -> None:
+    cfg = PathConfig()
+    lab = _make_seq(False, [Candidate(PUB, CandidateKind.PUBLIC)])
+    lab.run(cfg.attempt_duration)  # the first attempt gets no answer
+    assert lab.path.seq_round == (1, False)
+    n = len(lab.probes)
+    lab.run(cfg.attempt_duration + cfg.seq_wait - 0.01)
+    assert len(lab.probes) == n and not _keepalives(lab), "quiet: nothing leaves towards the peer"
+    lab.run(cfg.attempt_duration + cfg.seq_wait + 0.01)
+    assert lab.probes[n][0] == approx(cfg.attempt_duration + cfg.seq_wait), "probes once the wait is over"
+    lab.run(2 * cfg.attempt_duration + cfg.seq_wait + 0.01)  # that attempt failed too: now we keep
+    assert lab.path.seq_round == (2, True)
+    n = len(lab.probes)
+    keep_end = 2 * cfg.attempt_duration + 2 * cfg.seq_wait + cfg.attempt_duration + cfg.seq_grace
+    lab.run(keep_end - 0.01)
+    assert len(lab.probes) == n, "the keeper sends no probe that could reach the peer's router"
+    kept = _keepalives(lab)
+    assert len(kept) >= cfg.seq_wait / cfg.seq_keepalive
+    assert max(b - a for a, b in itertools.pairwise(kept)) <= cfg.seq_keepalive + 1e-9
+    lab.run(keep_end + cfg.backoff_initial + 0.01)
+    assert lab.path.seq_round is None and len(lab.probes) > n, "rounds used up: the usual backoff"
+
+
+def test_leader_keeps_first() -> None:
+    cfg = PathConfig()
+    lab = _make_seq(True, [Candidate(PUB, CandidateKind.PUBLIC)])
+    lab.run(cfg.attempt_duration + 0.01)
+    assert lab.path.seq_round == (1, True)
+    assert _keepalives(lab) == [approx(cfg.attempt_duration)]
+    assert next(e for _, e in lab.log if isinstance(e, SendKeepalives)).endpoints == (PUB,)
+
+
+def test_keeper_answered_by_the_peer_probes_back_at_once_and_goes_direct() -> None:
+    cfg = PathConfig()
+    lab = _make_seq(True, [Candidate(PUB, CandidateKind.PUBLIC)])
+    lab.run(20.0)
+    assert lab.path.seq_round == (1, True)
+    lab.routes[PUB] = Route(rtt=0.001)  # the peer's quiet wait is over: its probe got through
+    lab.path.probe_received(PUB, 20.0)
+    lab.drain()
+    sent = [e for t, e in lab.log if t == 20.0 and isinstance(e, SendProbes)]
+    assert sent and sent[-1].immediate, "no call-me-maybe first: the peer's NAT is open to us"
+    lab.run(20.1)
+    assert lab.path.status.endpoint == PUB and lab.path.seq_round is None
+    assert cfg.seq_rounds == 2
+
+
+def test_call_me_maybe_does_not_break_a_round_but_new_candidates_do() -> None:
+    lab = _make_seq(True, [Candidate(PUB, CandidateKind.PUBLIC)])
+    lab.run(10.0)
+    n = len(lab.probes)
+    lab.path.peer_asked(10.0)  # the quiet side's attempt announces itself: we must not probe back now
+    lab.run(10.5)
+    assert len(lab.probes) == n and lab.path.seq_round == (1, True)
+    lab.path.set_candidates([Candidate(PUB2, CandidateKind.PUBLIC)], 10.5)
+    lab.drain()
+    assert lab.path.seq_round is None and lab.probes[-1] == (10.5, PUB2)
+
+
+def test_lan_only_candidates_need_no_rounds() -> None:
+    lab = _make_seq(False, [Candidate(LAN, CandidateKind.LAN)])
+    lab.run(10.0)
+    assert lab.path.seq_round is None and not _keepalives(lab)
+
+
+def test_global_addresses_are_probed_before_private_ones() -> None:
+    # a Linux NAT gives a new flow the newest mapping of its source port, even an expired one not yet
+    # collected; a probe to the expired flow's own (global) address first frees it
+    private: Endpoint = ("192.168.2.10", 41641)
+    lab = _make_seq(False, [Candidate(private, CandidateKind.PUBLIC), Candidate(PUB, CandidateKind.PUBLIC)])
+    lab.drain()
+    first = next(e for _, e in lab.log if isinstance(e, SendProbes))
+    assert first.endpoints == (PUB, private)

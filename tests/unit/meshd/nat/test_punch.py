@@ -66,7 +66,7 @@ def test_a_new_attempt_calls_the_peer_and_holds_its_probes_until_the_moment_prop
     punch.probe("p", [A, B], now=0.0)
     assert clock.drain() == [Call("p", PUNCH_DELAY)]
     assert clock.run_until(PUNCH_DELAY - 0.01) == []
-    assert clock.run_until(1.0) == [Probe("p", (B, A))]  # sorted
+    assert clock.run_until(1.0) == [Probe("p", (A, B))]  # global addresses first
     assert clock.events[-1][0] == PUNCH_DELAY
 
 
