@@ -179,6 +179,20 @@ def status(
         fail(f"meshd sent a status this CLI cannot read: {e}")
 
 
+@app.command("set")
+def set_(
+    ctx: typer.Context,
+    exit_node: Annotated[
+        str, typer.Option(help="send internet traffic through this exit node, or `none` for our own uplink")
+    ],
+    state_dir: StateDirOpt = None,
+) -> None:
+    """Change a running daemon's settings (issue 17: the exit node)."""
+    r = _call(ctx, state_dir, "set", {"exit_node": None if exit_node == "none" else exit_node}, timeout=15.0)
+    assert isinstance(r, dict)
+    typer.echo(f"exit node: {r['exit_node'] or 'none'}")
+
+
 @app.command()
 def ping(
     ctx: typer.Context,

@@ -124,7 +124,11 @@ class Daemon:
         self.hosts = hosts.HostsFile(opts.hosts_file, tag=opts.interface)
         self.firewall = firewall.Firewall(opts.interface)  #: policy layer 2 (inbound rules from the map)
         self.routes = RouteService(
-            opts.interface, opts.advertise_routes, opts.advertise_exit_node, opts.snat_subnet_routes
+            opts.interface,
+            opts.advertise_routes,
+            opts.advertise_exit_node,
+            opts.snat_subnet_routes,
+            opts.exit_node,
         )
         self.dns = MeshDns(opts.dns, opts.interface)  #: the resolver for mesh names (meshd/dns/)
         self.tasks = TaskGroup(on_fatal=self._fatal)
@@ -326,6 +330,7 @@ class Daemon:
         self.tasks.start("renew", lambda: creds.renew_loop(lambda: applier.map), **kw)
         self.tasks.start("watch", lambda: localnet.watch(self.opts.interface, self._local_changed), **kw)
         client = self._client
+        self.routes.control_url = client.url
         self.tasks.start("advertise", lambda: self.routes.advertise_loop(client), **kw)
         if self.dns.enabled:  # no give-up: a resolver that cannot bind must not stop the mesh
             self.tasks.start("dns", self.dns.serve)

@@ -51,7 +51,11 @@ class LocalCommands:
                 raise api.ApiError(str(e)) from None
             return {"old_public_key": old, "public_key": new}
 
+        async def set_options(args: dict[str, Any]) -> Any:
+            return await self.set_exit_node(args.get("exit_node"))
+
         return {
+            "set": set_options,
             "status": status,
             "ping": ping,
             "down": down,
@@ -111,6 +115,21 @@ class LocalCommands:
             ),
             peers=peers,
         )
+
+    async def set_exit_node(self, name: Any) -> dict[str, Any]:
+        """``meshd set --exit-node NAME|none``: switch at run time (issue 17; meshd/exitnode.py)."""
+        assert self.d.applier is not None
+        if name is not None and (not isinstance(name, str) or not name):
+            raise api.ApiError("exit_node must be a peer name or null")
+        if name is not None:
+            exits = sorted(v.name for v in self.d.applier.verified if "0.0.0.0/0" in v.peer.routes)
+            v = self.d.applier.peer_by_name(name)
+            if v is None or v.name not in exits:
+                raise api.ApiError(f"no exit node named {name!r} (exit nodes: {', '.join(exits) or 'none'})")
+            name = v.name
+        self.d.routes.exit_node = name
+        await self.d.applier.reconcile()
+        return {"exit_node": name}
 
     async def ping(self, name: str) -> dict[str, Any]:
         """Ping ``name`` over the mesh (ICMP to its overlay address) and say which path answered."""

@@ -128,6 +128,7 @@ class MapApplier:
             listen_port=self.listen_port,
             addresses=(*(peerset.host_prefix(ip) for ip in self.creds.enrollment.ips), *self.extra_addresses),
             mtu=MESH_MTU,
+            fwmark=self.routes.fwmark if self.routes is not None else 0,
             peers=peerset.wg_peers(
                 chosen,
                 lambda v: (
@@ -141,6 +142,8 @@ class MapApplier:
         )
         async with self._lock:
             ops = await self.backend.apply(desired)
+            if self.routes is not None:  # exit node: policy routing once WireGuard has the routes
+                await self.routes.settle(self.routed)
         if ops:
             log.info("wireguard: %d change(s)", len(ops))
 

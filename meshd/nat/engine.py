@@ -141,6 +141,18 @@ class Traversal:
         self._core.relay_changed(up, self.clock())
         self._carry_out()
 
+    def relay_ports(
+        self, use: Callable[[str, bool], None], is_relay: Callable[[str, Endpoint | None], bool]
+    ) -> None:
+        """UDP relay ports (issue 14): tell ``use`` which peers are relayed; ``is_relay`` names a peer's
+        relay addresses (TCP relay proxy or UDP relay port). See :meth:`relay_moved`."""
+        self._wg.relay_use = use
+        self._wg.is_relay = is_relay
+
+    def relay_moved(self, wg_key: str) -> None:
+        """A relayed peer's relay endpoint changed (its UDP relay port became usable, or stopped)."""
+        self._wg.relay_moved(wg_key)
+
     def set_portmap(self, protocol: str | None, external: Endpoint | None) -> None:
         self._core.set_portmap(protocol, external, self.clock())
         self._carry_out()
