@@ -13,7 +13,9 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from meshd import firewall, forwarding, hosts
+from pyroute2.netlink.exceptions import NetlinkError
+
+from meshd import exitnode, firewall, forwarding, hosts
 from meshd.state import SOCKET_FILE
 from meshd.wg import link
 from meshd.wg.errors import WgError
@@ -81,6 +83,8 @@ async def clean_leftovers(state_dir: Path) -> Runtime | None:
         hosts.HostsFile(Path(rt.hosts_file), tag=rt.interface).remove()
     firewall.remove_table(rt.interface)
     forwarding.remove_table(rt.interface)  # masquerading for routes we carried (issue 17)
+    with contextlib.suppress(OSError, NetlinkError):
+        await exitnode.clear()  # policy routing towards an exit node (issue 17)
     # sockets of a process that died by SIGKILL (wireguard-go removes its own when it stops cleanly)
     uapi = socket_path(rt.interface)
     if rt.backend == "userspace" and uapi.exists() and not await socket_answers(uapi):
