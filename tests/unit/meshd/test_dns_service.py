@@ -30,21 +30,22 @@ def fake_resolvectl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, fails: b
     return log
 
 
-def parts() -> tuple[Any, Any]:
+async def configured(mode: str) -> tuple[MeshDns, Any]:
+    """A MeshDns for `mode` attached to a stand-in map applier and configured; both."""
     applier = SimpleNamespace(write_hosts=True, extra_addresses=(), on_names=None)
     creds = SimpleNamespace(enrollment=SimpleNamespace(domain="corp"), state=SimpleNamespace(enrollment=None))
-    return applier, creds
+    dns = MeshDns(mode, "mesh0")
+    dns.attach(applier, creds)  # type: ignore[arg-type]
+    await dns.configure(applier)  # type: ignore[arg-type]
+    return dns, applier
 
 
 async def test_auto_registers_split_dns_with_resolved_and_reverts_on_stop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     log = fake_resolvectl(tmp_path, monkeypatch, fails=False)
-    applier, creds = parts()
-    dns = MeshDns("auto", "mesh0")
-    dns.attach(applier, creds)
+    dns, applier = await configured("auto")
     assert applier.extra_addresses == ("100.100.100.100/32",)
-    await dns.configure(applier)
     assert dns.active == "resolved" and applier.write_hosts is False
     await dns.close()
     assert log.read_text().splitlines() == [
@@ -59,10 +60,7 @@ async def test_auto_falls_back_to_the_hosts_block_when_resolved_refuses(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     log = fake_resolvectl(tmp_path, monkeypatch, fails=True)
-    applier, creds = parts()
-    dns = MeshDns("auto", "mesh0")
-    dns.attach(applier, creds)
-    await dns.configure(applier)
+    dns, applier = await configured("auto")
     assert dns.active == "hosts" and applier.write_hosts is True
     await dns.close()  # nothing was registered: nothing to revert
     assert log.read_text().splitlines() == ["dns mesh0 100.100.100.100"]
@@ -72,25 +70,16 @@ async def test_resolved_asked_for_and_refused_is_a_start_up_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fake_resolvectl(tmp_path, monkeypatch, fails=True)
-    applier, creds = parts()
-    dns = MeshDns("resolved", "mesh0")
-    dns.attach(applier, creds)
     with pytest.raises(DnsConfigError, match=r"No such device.*--dns hosts"):
-        await dns.configure(applier)
+        await configured("resolved")
 
 
 async def test_hosts_never_asks_resolved_and_off_runs_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     log = fake_resolvectl(tmp_path, monkeypatch, fails=False)
-    applier, creds = parts()
-    dns = MeshDns("hosts", "mesh0")
-    dns.attach(applier, creds)
-    await dns.configure(applier)
+    dns, applier = await configured("hosts")
     assert dns.active == "hosts" and applier.write_hosts is True and not log.exists()
-    applier, creds = parts()
-    off = MeshDns("off", "mesh0")
-    off.attach(applier, creds)
-    await off.configure(applier)
+    off, applier = await configured("off")
     assert off.active == "off" and not off.enabled and off.address is None
     assert applier.write_hosts is False and applier.extra_addresses == () and not log.exists()
