@@ -9,8 +9,9 @@ meshd.proto.netmap). Bodies are built in canonical JSON (sorted keys, compact, U
 sent are the bytes signed; the SHA-256 of a shared delta body is taken once, the signature per node.
 Least knowledge: the policy text stays here; a node gets only its visible peers and its inbound rules.
 
-Views (issue 16): nodes whose maps hold the same peers and inbound rules share a view token, derived from
-that content (so every replica derives the same one). A delta that touches none of a view's members is
+Views (issue 16): nodes that stand in the same place in every policy rule see the same peers (apart from
+each other) and get the same inbound rules; they share a view token derived from the policy and that place
+(so every replica derives the same one). A delta that touches none of a view's members is
 built, signed and encoded once for the view (meshd.proto.netmap, "Shared deltas"); the hub writes those
 bytes to every stream of the view. Anything added to a map that differs per recipient must be part of
 the view token (:meth:`MapState.view_of`), or it would be shared across recipients.
@@ -43,6 +44,16 @@ _DUMPS = json.JSONEncoder(separators=(",", ":"), sort_keys=True, ensure_ascii=Fa
 _ONE_VIEW = hashlib.sha256(
     b"meshvpn view v1\nall\n" + _DUMPS(rules.rules_to_json(rules.ALLOW_ALL)).encode()
 ).hexdigest()[: netmap.VIEW_CHARS]
+
+
+def _membership(compiled: access.Compiled, node_id: int) -> bytes:
+    """Where `node_id` stands in each compiled rule: in its sources, in each of its destinations."""
+    out = bytearray()
+    for _, src_ids, _, dsts in compiled._rules:  # the policy's own compiled form (policy.py)
+        out.append(2 if src_ids is None else int(node_id in src_ids))
+        out.extend(int(node_id in ids) for _, ids in dsts)
+        out.append(255)
+    return bytes(out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,10 +173,10 @@ class MapState:
         return self.compiled.inbound(node_id) if node_id in self.peers else rules.ALLOW_ALL
 
     def view_of(self, node_id: int) -> str:
-        """The node's view token: a digest of what its map holds apart from itself (the peers it may see,
-        counting itself among them, and its inbound rules). Without a policy every node has one view.
-        A member of a view is never named by a delta shared with that view, so "counting itself" makes
-        the members of one view agree whatever their own ids."""
+        """The node's view token. Nodes that stand in the same place in every rule of the policy (source
+        or not, each destination or not) see the same peers apart from each other and get the same
+        inbound rules: a delta that names none of them is the same for all of them. The token is a digest
+        of the policy and that place, O(rules) per node; without a policy every node has one view."""
         if self._policy is None:
             return _ONE_VIEW  # no policy: every map holds every peer and allows everything in
         compiled = self.compiled
@@ -174,10 +185,8 @@ class MapState:
         views = self._views[1]
         token = views.get(node_id)
         if token is None:
-            seen = compiled.visible(node_id) if node_id in self.peers else None
-            h = hashlib.sha256(b"meshvpn view v1\n")
-            h.update(b"all" if seen is None else ",".join(map(str, sorted({*seen, node_id}))).encode())
-            h.update(b"\n" + _DUMPS(rules.rules_to_json(self.inbound(node_id))).encode())
+            h = hashlib.sha256(b"meshvpn view v1\n" + self._policy_text.encode())
+            h.update(_membership(compiled, node_id) if node_id in self.peers else b"gone")
             token = views[node_id] = h.hexdigest()[: netmap.VIEW_CHARS]
         return token
 
@@ -394,7 +403,14 @@ class MapState:
     def shared_delta_message(self, pending: PendingDelta, node_id: int) -> str:
         """The delta for every member of `node_id`'s view that :meth:`shareable` allows, signed once for
         the view (built from one member: for those members the delta does not depend on which one)."""
-        body = _DUMPS(netmap.delta_to_json(replace(self.delta_for(pending, node_id), view=None)))
+        delta = replace(self.delta_for(pending, node_id), view=None)
+        # Every node the change touched must be named, so that it refuses this delta (its own comes
+        # signed for it). Those the view does not see are named as removals: a no-op for the members.
+        named = {*delta.peers_removed, *(i for i, _, _ in delta.endpoints_changed)}
+        named.update(p.node_id for p in (*delta.peers_added, *delta.peers_changed))
+        if unnamed := sorted(pending.touched - named):
+            delta = replace(delta, peers_removed=(*delta.peers_removed, *unnamed))
+        body = _DUMPS(netmap.delta_to_json(delta))
         view = self.view_of(node_id)
         if self.signing_seed is None:
             return f'{{"type":"delta","delta":{body},"view":"{view}"}}'

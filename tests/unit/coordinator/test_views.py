@@ -49,7 +49,7 @@ def decoded(text: str) -> netmap.DeltaMessage:
     return msg
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(before=ops, after=ops)
 def test_a_shared_delta_gives_every_member_its_own_map_and_no_one_else_anything(
     before: list[tuple[str, int]], after: list[tuple[str, int]]
