@@ -131,3 +131,18 @@ def test_status_carries_routes_and_the_exit_node() -> None:
     assert back.self_.routes_approved == (LAN,) and back.peers[0].routes == (LAN,)
     del doc["self"]["routes"], doc["peers"][0]["routes"]  # an older meshd's document still reads
     assert mstatus.Status.from_json(doc).self_.routes_advertised == ()
+
+
+async def test_the_route_service_skips_prefixes_on_our_own_lans_and_picks_the_exit_by_name() -> None:
+    from meshd.router import RouteService
+
+    lans = {"eth0/10.1.0.7": ipaddress.ip_network("10.1.0.0/24")}
+    service = RouteService("mesh0", exit_node="exit", local_networks=lambda: lans)
+    peers = [
+        netmap.Peer(2, "gw", ("100.64.0.2/32",), "k2", "n", "c", online=True, routes=(LAN, "10.2.0.0/16")),
+        netmap.Peer(3, "exit", ("100.64.0.3/32",), "k3", "n", "c", online=True, routes=("0.0.0.0/0", "::/0")),
+    ]
+    assert await service.through(peers) == {2: ("10.2.0.0/16",), 3: ("0.0.0.0/0", "::/0")}
+    assert service.fwmark == 51820
+    service.exit_node = None
+    assert await service.through(peers) == {2: ("10.2.0.0/16",)} and service.fwmark == 0
