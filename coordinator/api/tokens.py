@@ -51,10 +51,7 @@ async def create_token(body: TokenCreate, core: CoreDep) -> TokenCreated:
 @router.get("/tokens", response_model=list[TokenPublic])
 async def list_tokens(core: CoreDep) -> list[TokenPublic]:
     now = time.time()
-    return [
-        TokenPublic(**asdict(t), state=t.state(now))
-        for t in await tokens.list_tokens(core)
-    ]
+    return [TokenPublic(**asdict(t), state=t.state(now)) for t in await tokens.list_tokens(core)]
 
 
 @router.delete("/tokens/{token_id}", status_code=204)
