@@ -47,7 +47,7 @@ BROKEN_MODES = (
     "future",  # signed 10 minutes from now
     "wrong-target",  # signature over another path
     "wrong-body",  # signature over another body
-    "replay",  # a nonce that was already used (valid signature otherwise)
+    "replay",  # a captured valid request sent again: same nonce, same timestamp
     "malformed",  # envelope headers that do not parse
     "partial",  # one of the four headers missing
 )
@@ -92,6 +92,7 @@ class SigningApp:
     node_id: int = 0
     node_key: bytes = b""
     used_nonce: str = ""
+    used_at: float = 0.0  #: the timestamp signed with ``used_nonce``
     stranger_key: bytes = field(default_factory=lambda: os.urandom(32))
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
@@ -138,10 +139,12 @@ class SigningApp:
         elif mode == "wrong-body":
             body += b" "
         elif mode == "replay":
-            nonce = self.used_nonce
+            # a captured request sent again: its nonce and its timestamp (re-signing with a fresh timestamp
+            # needs the node's key, and after the window the server rightly no longer remembers the nonce)
+            nonce, now = self.used_nonce, self.used_at
         out = signing.sign_request(key, node, method, target, body, now, nonce)
         if mode == VALID and not self.used_nonce:
-            self.used_nonce = out[signing.HEADER_NONCE]
+            self.used_nonce, self.used_at = out[signing.HEADER_NONCE], now
         if mode == "bad-signature":
             raw = bytearray(b64decode(out[signing.HEADER_SIGNATURE]))
             raw[0] ^= 1
