@@ -15,8 +15,14 @@ hosts behind the scenario's routers), two pre-auth keys created beforehand, then
   handshake initiation before the other's arrived. Then both answer as responders, neither may send data
   first, and the first ping waits for WireGuard's REKEY_TIMEOUT (5 s): the "ping > 4 s" column.
 
-Also prints where the first-ping time goes (phases from the daemons' own log lines, later of the two
-daemons, p50 over runs) and meshd's Python start-up cost.
+Also prints where the time goes (phases from the daemons' own log lines, run at debug level, later of the
+two daemons, p50 over runs: process start, enrollment, stream open, STUN answered, call-me-maybe sent,
+first probe answered, direct decision; the first WireGuard handshake response from the capture) and
+meshd's Python start-up cost.
+
+Every pairing runs with instant links and with 20 ms of one-way latency on each router's WAN link
+(``-20ms``). ``join-eim``: two EIM nodes are up and direct, then the clock starts and a third joins; the
+figures are the third node's first ping to the first one and both directions' direct paths.
 
     PYTHONPATH=. .venv/bin/python benchmarks/time_to_direct.py [--runs N] [--quick] [--only eim-eim,...]
 """
@@ -44,53 +50,85 @@ from meshd import api
 from tests.netns.lab import Host, Lab, LabError
 from tests.netns.mesh import MESHD, Mesh, MeshError, Node
 
-TARGET_PING = 1.0
-TARGET_DIRECT = 2.0
+TARGET_PING = 0.5  #: at 0 ms
+TARGET_JOIN_PING = 0.7  #: a third node joining a mesh of two
+TARGET_DIRECT = 1.0
+TARGET_LAN = 0.5  #: direct on a shared LAN
 RUN_TIMEOUT = 30.0  #: seconds per run, from starting the daemons
 
 
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    build: Callable[[Lab], tuple[Host, Host]]
+    build: Callable[[Lab], tuple[Host, ...]]
     expect: str  #: "direct" or "relay"
     quick: bool = False
+    timeout: float = RUN_TIMEOUT
+    join: bool = False  #: the first two are up and direct before the clock starts; the third joins
+    delayed: bool = False  #: 20 ms links: no targets (they are for instant links)
 
 
-def _pair(a: dict[str, object], b: dict[str, object]) -> Callable[[Lab], tuple[Host, Host]]:
+def _pair(a: dict[str, object], b: dict[str, object]) -> Callable[[Lab], tuple[Host, ...]]:
     return lambda lab: (lab.host(**a), lab.host(**b))  # type: ignore[arg-type]
 
 
-def _same_lan(lab: Lab) -> tuple[Host, Host]:
+def _same_lan(lab: Lab) -> tuple[Host, ...]:
     ha = lab.host(nat="eim")
     return ha, lab.host(router=ha.router)
 
 
-SCENARIOS = [
+def _three_eim(lab: Lab) -> tuple[Host, ...]:
+    return lab.host(nat="eim"), lab.host(nat="eim"), lab.host(nat="eim")
+
+
+def _delayed(sc: Scenario) -> Scenario:
+    """The same pairing with 20 ms one-way latency on each router's (or public host's) WAN link."""
+
+    def build(lab: Lab) -> tuple[Host, ...]:
+        orig = lab.host
+
+        def host(**kw: object) -> Host:
+            if kw.get("router") is None:
+                kw.setdefault("wan_delay_ms", 20)
+            return orig(**kw)  # type: ignore[arg-type]
+
+        lab.host = host  # type: ignore[method-assign,assignment]
+        try:
+            return sc.build(lab)
+        finally:
+            lab.host = orig  # type: ignore[method-assign]
+
+    return Scenario(f"{sc.name}-20ms", build, sc.expect, timeout=sc.timeout, join=sc.join, delayed=True)
+
+
+BASE_SCENARIOS = [
     Scenario("public-eim", _pair({"nat": "public"}, {"nat": "eim"}), "direct", quick=True),
     Scenario("eim-eim", _pair({"nat": "eim"}, {"nat": "eim"}), "direct", quick=True),
     Scenario("upnp-edm", _pair({"nat": "upnp", "portmap": ("upnp",)}, {"nat": "edm"}), "direct"),
     Scenario("natpmp-edm", _pair({"nat": "upnp", "portmap": ("natpmp",)}, {"nat": "edm"}), "direct"),
     Scenario("pcp-edm", _pair({"nat": "upnp", "portmap": ("pcp",)}, {"nat": "edm"}), "direct"),
     Scenario("cgnat-eim", _pair({"nat": "cgnat"}, {"nat": "eim"}), "direct"),
-    Scenario("same-lan", _same_lan, "direct"),
-    Scenario(
-        "eim-nofw-20ms",
-        _pair({"nat": "eim-nofw", "wan_delay_ms": 20}, {"nat": "eim-nofw", "wan_delay_ms": 20}),
-        "direct",
-    ),
+    Scenario("same-lan", _same_lan, "direct", quick=True),
+    Scenario("join-eim", _three_eim, "direct", quick=True, join=True),
+    Scenario("eim-nofw", _pair({"nat": "eim-nofw"}, {"nat": "eim-nofw"}), "direct", timeout=110.0),
     Scenario("edm-edm", _pair({"nat": "edm"}, {"nat": "edm"}), "relay", quick=True),
     Scenario("udpblocked-eim", _pair({"nat": "udp-blocked"}, {"nat": "eim"}), "relay"),
 ]
+SCENARIOS = [*BASE_SCENARIOS, *(_delayed(s) for s in BASE_SCENARIOS if s.name != "same-lan")]
 
 #: Phases of a daemon's start, from its own log lines (first match of each).
 PHASES = [
+    ("start", "ts="),
     ("enrolled", 'msg="enrolled as '),
     ("wg-go", "wireguard-go running"),
     ("up", 'msg="meshd up: '),
     ("stream", "coordinator stream connected"),
+    ("stun", 'msg="public address(es)'),
     ("peer", "AddPeer("),
     ("relay", "relay default connected"),
+    ("cmm", "call-me-maybe sent"),
+    ("probe ok", 'answered"'),
+    ("direct", " direct via "),
 ]
 _TS = re.compile(r"^ts=(\S+) ")
 
@@ -166,8 +204,9 @@ def start_capture(host: Host, path: Path) -> subprocess.Popen[bytes]:
     return proc
 
 
-def wg_handshakes(path: Path) -> tuple[list[float], list[float]]:
-    """(times WireGuard on this host sent a handshake initiation, times it received one), from a capture.
+def wg_handshakes(path: Path, kind: int = 1) -> tuple[list[float], list[float]]:
+    """(times WireGuard on this host sent a handshake initiation, times it received one), from a capture
+    (``kind=2``: handshake responses).
 
     WireGuard messages (type byte 1 = initiation, 148 bytes; whitepaper §5.4.2) sent by WireGuard have its
     port as source, received ones as destination, on eth0 and on lo (relay proxy) alike.
@@ -186,7 +225,7 @@ def wg_handshakes(path: Path) -> tuple[list[float], list[float]]:
         data = bytes.fromhex("".join(hexdump))
         ihl = (data[0] & 0x0F) * 4 if data else 20
         payload = data[ihl + 8 : ihl + 12]
-        if payload == b"\x01\x00\x00\x00" and len(data) >= ihl + 8 + 4:
+        if payload == bytes([kind, 0, 0, 0]) and len(data) >= ihl + 8 + 4:
             if int(head["sport"]) == WG_PORT:
                 sent.append(float(head["ts"]))
             elif int(head["dport"]) == WG_PORT:
@@ -209,20 +248,31 @@ def crossed(a: tuple[list[float], list[float]], b: tuple[list[float], list[float
     return bool(sa and sb and (not ra or sa[0] < ra[0]) and (not rb or sb[0] < rb[0]))
 
 
-def one_run(sc: Scenario, hold: float, capture: bool = True) -> Run:
+def one_run(sc: Scenario, hold: float, capture: bool = True, debug_logs: bool = False) -> Run:
     run = Run()
     with Lab() as lab, Mesh(lab) as mesh:
         mesh.start_coordinator(lab.server(name="coord"))
-        ha, hb = sc.build(lab)
+        hosts = sc.build(lab)
+        # call-me-maybe and probe answers are logged at debug level (which costs time: opt-in)
+        debug = ("--log-level", "debug") if debug_logs else ()
+        if sc.join:  # alpha joins a mesh of beta and gamma (beta: the one it pings)
+            ha, hb, hc = hosts
+            b = mesh.up(hb, "beta", extra=debug)
+            c = mesh.up(hc, "gamma", extra=debug)
+            mesh.wait_path(b, "gamma", "direct", within=15)
+            mesh.wait_path(c, "beta", "direct", within=15)
+        else:
+            ha, hb = hosts
         keys = (mesh.new_key(), mesh.new_key())
         caps = [lab.tmpdir / "a.pcap", lab.tmpdir / "b.pcap"]
         tcpdumps = [start_capture(h, c) for h, c in zip((ha, hb), caps, strict=True)] if capture else []
         stop = threading.Event()
         t0 = time.monotonic()
         t0_wall = time.time()
-        a = mesh.up(ha, "alpha", key=keys[0], wait=False)
-        b = mesh.up(hb, "beta", key=keys[1], wait=False)
-        deadline = t0 + RUN_TIMEOUT
+        a = mesh.up(ha, "alpha", key=keys[0], wait=False, extra=debug)
+        if not sc.join:
+            b = mesh.up(hb, "beta", key=keys[1], wait=False, extra=debug)
+        deadline = t0 + sc.timeout
 
         def pinger() -> None:
             ip = None
@@ -275,13 +325,19 @@ def one_run(sc: Scenario, hold: float, capture: bool = True) -> Run:
                         run.wrong = True
                 time.sleep(0.1)
         pa, pb = _phases(a, t0_wall), _phases(b, t0_wall)
-        run.phases = {k: max(pa[k], pb[k]) for k in pa.keys() & pb.keys()}
+        if sc.join:  # beta started before the clock: its own start-up phases are not this run's
+            run.phases = {k: (max(pa[k], pb[k]) if k in pb and pb[k] > 0 else pa[k]) for k in pa}
+        else:
+            run.phases = {k: max(pa[k], pb[k]) for k in pa.keys() & pb.keys()}
         for proc in tcpdumps:
             proc.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(5)
         if capture:
             run.crossed = crossed(wg_handshakes(caps[0]), wg_handshakes(caps[1]))
+            answers = [t for cap in caps for t in wg_handshakes(cap, kind=2)[1]]  # responses received
+            if answers:
+                run.phases["wg hs"] = min(answers) - t0_wall
         if run.ping is None or run.path is None:
             run.error = f"alpha log:\n{a.log_tail(12)}\nbeta log:\n{b.log_tail(12)}"
     return run
@@ -334,6 +390,11 @@ def main() -> None:
     ap.add_argument(
         "--no-capture", action="store_true", help="skip the tcpdump of WireGuard handshakes (crossed column)"
     )
+    ap.add_argument(
+        "--debug-logs",
+        action="store_true",
+        help="daemons log at debug level: adds the call-me-maybe and first-probe-answered phases (slower)",
+    )
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("error: needs root (network namespaces); run it as root")
@@ -357,7 +418,7 @@ def main() -> None:
         results[sc.name] = []
         for i in range(runs):
             try:
-                r = one_run(sc, hold, capture=not args.no_capture)
+                r = one_run(sc, hold, capture=not args.no_capture, debug_logs=args.debug_logs)
             except (LabError, MeshError) as e:
                 r = Run(error=str(e).splitlines()[0])
             results[sc.name].append(r)
@@ -369,8 +430,9 @@ def main() -> None:
                     highlight=False,
                 )
     table = Table(
-        title=f"time to first ping / direct path ({runs} run(s) each; targets: ping <= "
-        f"{TARGET_PING:g} s, direct <= {TARGET_DIRECT:g} s)"
+        title=f"time to first ping / direct path ({runs} run(s) each; targets at 0 ms: ping <= "
+        f"{TARGET_PING:g} s (join {TARGET_JOIN_PING:g} s), direct <= {TARGET_DIRECT:g} s (same LAN "
+        f"{TARGET_LAN:g} s))"
     )
     for col in (
         "scenario",
@@ -386,10 +448,13 @@ def main() -> None:
         table.add_column(col, justify="left" if col == "scenario" else "right")
     for sc in scenarios:
         rs = results[sc.name]
-        ping = _fmt([r.ping for r in rs if r.ping is not None], TARGET_PING)
+        ping_target = None if sc.delayed else TARGET_JOIN_PING if sc.join else TARGET_PING
+        ping = _fmt([r.ping for r in rs if r.ping is not None], ping_target)
         paths = [r.path for r in rs if r.path is not None]
         if sc.expect == "direct":
-            direct = _fmt(paths, TARGET_DIRECT)
+            direct = _fmt(
+                paths, None if sc.delayed else TARGET_LAN if sc.name == "same-lan" else TARGET_DIRECT
+            )
         else:
             direct = ("relay only", "went direct!" if any(r.wrong for r in rs) else "relay only")
         flaps = sum(r.flaps for r in rs)
@@ -402,8 +467,8 @@ def main() -> None:
             sc.name, *ping, *direct, hold_txt, f"{slow}/{len(rs)}", cross_txt, f"{failed}/{len(rs)}"
         )
     console.print(table)
-    phase_table = Table(title="where the first-ping time goes (s after start, later daemon, p50)")
-    names = [n for n, _ in PHASES]
+    phase_table = Table(title="where the time goes (s after start, later daemon, p50)")
+    names = [*(n for n, _ in PHASES), "wg hs"]
     for col in ("scenario", *names, "hosts entry", "first ping"):
         phase_table.add_column(col, justify="left" if col == "scenario" else "right")
     for sc in scenarios:

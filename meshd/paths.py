@@ -43,7 +43,8 @@ another port, and the peer's packets from that port hit the same fate on the oth
 first probes cross in flight (tens of microseconds on a LAN-speed link: it never happens at 0 ms) every
 flow between the two public addresses is taken. Only expiry frees them (Linux: 30 s for unreplied UDP),
 and only one side's entry may expire. So when an attempt gets no answer at all, up to ``seq_rounds``
-rounds follow, roles alternating and fixed by ``leads`` (the side with the lower node key keeps first,
+rounds follow (when the peer probed in that attempt too: it sent a call-me-maybe; else a plain retry
+first), roles alternating and fixed by ``leads`` (the side with the lower node key keeps first,
 the side that probes first in a synchronised punch):
 
 * the *keeper* sends ``SendKeepalives`` (probes with a TTL of 1) to the peer's public candidates every
@@ -207,6 +208,7 @@ class PeerPath:
         self._next_heartbeat: float | None = None
         self._next_discovery: float | None = None
         self._seq_round = 0  #: sequenced rounds run since the last fresh start
+        self._attempt_asked = False  #: the peer asked (call-me-maybe) during this attempt: it probed too
         self._seq_keep = False
         self._seq_until: float | None = None  #: the current round ends (keeper) or probes (quiet side)
         self._next_keepalive: float | None = None
@@ -268,6 +270,12 @@ class PeerPath:
 
         Without a direct path an attempt starts at once (backoff reset) unless one is running already.
         """
+        self.retry_now(now)
+        self._attempt_asked = self._attempt_until is not None
+
+    def retry_now(self, now: float) -> None:
+        """Our own addresses changed: start an attempt at once (as :meth:`peer_asked`, which the peer
+        did not), unless one or a sequenced round runs."""
         if self._direct is None and self._attempt_until is None and self._seq_until is None:
             self._backoff = self.config.backoff_initial
             self._start_attempt(now)
@@ -369,6 +377,7 @@ class PeerPath:
 
     def _start_attempt(self, now: float, *, immediate: bool = False) -> None:
         self._next_attempt = None
+        self._attempt_asked = False
         self._seq_until = self._next_keepalive = None
         targets = self._probe_targets()
         if not targets:
@@ -384,6 +393,8 @@ class PeerPath:
     def _start_round(self, now: float) -> bool:
         """An attempt got no answer: start the next sequenced round, if any is left (module docstring)."""
         cfg = self.config
+        if not self._attempt_asked and self._seq_round == 0:
+            return False  # the peer did not probe with us (it may not know us yet): a plain retry
         if self._seq_round >= cfg.seq_rounds or not self._public_targets():
             return False
         self._seq_round += 1

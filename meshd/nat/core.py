@@ -281,7 +281,7 @@ class TraversalCore:
                 if q is None:
                     continue  # the peer left since
                 if isinstance(pe, Restart):
-                    q.path.peer_asked(now)
+                    q.path.peer_asked(now) if pe.by_peer else q.path.retry_now(now)
                 elif isinstance(pe, Probe):
                     self._send_probes(q, pe.endpoints, now)
                 else:

@@ -72,6 +72,7 @@ class Restart:
     """Start an upgrade attempt for the peer now, unless one runs (``PeerPath.peer_asked``)."""
 
     peer: str
+    by_peer: bool = False  #: the peer's call-me-maybe (it probes too), not our own addresses changing
 
 
 PunchEvent = Probe | Call | Restart
@@ -143,7 +144,7 @@ class Punch:
             moment = max(moment, s.my_at)
         s.hold_until = now + min(max(0.0, moment - now), MAX_PUNCH_WAIT) + s.lag
         s.last_cmm = now  # the peer is already asking: no call-me-maybe back
-        self._events.append(Restart(peer))
+        self._events.append(Restart(peer, by_peer=True))
 
     def peer_candidates_changed(self, peer: str) -> None:
         """New addresses for the peer: agree on a new moment with it before probing them."""

@@ -427,7 +427,15 @@ def _make_seq(leads: bool, cands: list[Candidate]) -> Lab:
     lab = Lab(PeerPath("peerkey", 0.0, relay_up=True, leads=leads))
     lab.drain()
     lab.path.set_candidates(cands, 0.0)
+    lab.path.peer_asked(0.0)  # the peer probes in the same attempt (its call-me-maybe arrived)
     return lab
+
+
+def test_a_failed_attempt_the_peer_did_not_join_is_retried_plainly() -> None:
+    lab = Lab(PeerPath("peerkey", 0.0, relay_up=True, leads=True))
+    lab.path.set_candidates([Candidate(PUB, CandidateKind.PUBLIC)], 0.0)
+    lab.run(PathConfig().attempt_duration + 0.01)
+    assert lab.path.seq_round is None and not _keepalives(lab)
 
 
 def test_follower_stays_quiet_until_the_routers_entry_expired_then_probes_then_keeps() -> None:

@@ -92,7 +92,7 @@ def test_the_peers_call_suppresses_ours_and_its_moment_is_used() -> None:
     punch, clock = gathered("p")
     clock.now = 5.0
     punch.called("p", at=WALL + 5.0 + 0.4, now=5.0, wall=WALL + 5.0)
-    assert clock.drain() == [Restart("p")]
+    assert clock.drain() == [Restart("p", by_peer=True)]
     punch.probe("p", [A], now=5.0)  # the attempt the Restart started
     assert clock.drain() == []  # held for the peer's moment, and no call back
     assert clock.run_until(6.0) == [Probe("p", (A,))]
