@@ -16,6 +16,7 @@ from coordinator.app import create_admin_app, create_app, create_metrics_app
 from coordinator.core import Core
 from coordinator.errors import CoordinatorError
 from coordinator.relay import secret as relay_secret
+from coordinator.relay import udp as relay_udp
 from coordinator.relay.front import PreAuth
 from coordinator.relay.front import install as install_front
 from coordinator.relay.service import RelayService
@@ -102,6 +103,19 @@ async def serve(settings: Settings) -> None:
             log.warning("serving plain HTTP on %s: use --tls-cert/--tls-key outside a lab", settings.listen)
         relay: RelayService = node_app.state.relay
         relay.start()
+        if relay.hub is not None:  # UDP relay ports (issue 14), next to the embedded relay
+            try:
+                udp_ports = relay_udp.parse_range(settings.relay_udp_ports)
+            except ValueError as exc:
+                raise ServeError(f"{exc}; use --relay-udp-ports LOW-HIGH (0 disables them)") from None
+            if udp_ports is not None:
+                relay_udp.start(
+                    relay.hub,
+                    settings.listen_host_port[0],
+                    udp_ports,
+                    may_talk=relay_udp.policy_check(core.state),
+                    kernel=relay_udp.kernel_forwarder(relay.hub.region_id),
+                )
         node_config = uvicorn.Config(
             node_app,
             log_level="warning",

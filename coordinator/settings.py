@@ -47,6 +47,8 @@ class Settings:
     endpoint_write_interval: float = 1.0
     stun_port: int = 3478
     relay: bool = True
+    #: UDP relay ports of the embedded relay (issue 14): "LOW-HIGH", or "0" for none (TCP relay only)
+    relay_udp_ports: str = "40000-40999"
     max_body: int = 64 * 1024
     change_log_keep: int = 100_000
     websocket_impl: str = "websockets-sansio"  #: uvicorn's WebSocket protocol implementation
@@ -132,6 +134,7 @@ _CONVERT: dict[str, Any] = {
     "coalesce": float,
     "endpoint_write_interval": float,
     "stun_port": int,
+    "relay_udp_ports": str,
     "max_body": int,
     "change_log_keep": int,
     "preauth_timeout": parse_duration,

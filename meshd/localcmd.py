@@ -80,6 +80,7 @@ class LocalCommands:
                 wg=wg.peer(v.peer.wg_public_key) if wg is not None else None,
                 relay=relay.region_name(v.peer.relay_home) if relay is not None else None,
                 pinged_ms=self._pinged.get(v.name),
+                relay_transport=relay.transport(v.peer.wg_public_key) if relay is not None else None,
             )
             for v in self.d.applier.verified
         )

@@ -72,6 +72,9 @@ class PeerStatus:
     last_handshake: dt.datetime | None = None
     rx_bytes: int = 0
     tx_bytes: int = 0
+    #: how a relayed peer's packets go (issue 14): "udp" (UDP relay ports), "tcp" (the relay session) or
+    #: "peer" (a peer relay); None unless path is "relay"
+    relay_transport: str | None = None
     routes: tuple[str, ...] = ()  #: approved prefixes this peer carries (issue 17)
 
     def __post_init__(self) -> None:
@@ -116,6 +119,7 @@ class Status:
                     "last_handshake": format_time(p.last_handshake),
                     "rx_bytes": p.rx_bytes,
                     "tx_bytes": p.tx_bytes,
+                    "relay_transport": p.relay_transport,
                     "routes": list(p.routes),
                 }
                 for p in self.peers
@@ -222,6 +226,7 @@ def _peer(p: dict[str, Any], where: str) -> PeerStatus:
         last_handshake=None if hs is None else parse_time(hs, f"{where}.last_handshake"),
         rx_bytes=_val(p, "rx_bytes", int, where),
         tx_bytes=_val(p, "tx_bytes", int, where),
+        relay_transport=_opt(p, "relay_transport", str, where),
         routes=_strs(p, "routes", where) if "routes" in p else (),
     )
 
@@ -297,6 +302,7 @@ def peer_status(
     wg: PeerState | None,
     relay: str | None,
     pinged_ms: float | None = None,
+    relay_transport: str | None = None,
 ) -> PeerStatus:
     """One peer's row: the path is the path strategy's decision, never re-derived here.
 
@@ -316,6 +322,7 @@ def peer_status(
         last_handshake=dt.datetime.fromtimestamp(hs, dt.UTC) if hs else None,
         rx_bytes=wg.rx_bytes if wg is not None else 0,
         tx_bytes=wg.tx_bytes if wg is not None else 0,
+        relay_transport=relay_transport if decision.path == PathKind.RELAY else None,
     )
 
 

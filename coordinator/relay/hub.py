@@ -20,13 +20,17 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from meshd.proto import relay, relayfeed
+from meshd.proto import relay, relayfeed, relayport
 from meshd.proto.relay import FrameType, RelayProtocolError
 from meshd.proto.relayfeed import SessionRecord
 from meshd.proto.ticket import TicketError, TicketPayload
+
+if TYPE_CHECKING:
+    from coordinator.relay.udp import UdpPorts
 
 log = logging.getLogger("coordinator.relay")
 
@@ -65,6 +69,12 @@ class RelayMetrics:
             "Connections closed for breaking the framing",
             ["region"],
             registry=registry,
+        )
+        self.udp_allocations = Gauge(
+            "relay_udp_allocations", "UDP relay port pairs allocated", ["region"], registry=registry
+        )
+        self.udp_bytes = Counter(
+            "relay_udp_bytes", "Packet bytes forwarded between UDP relay ports", ["region"], registry=registry
         )
 
 
@@ -187,6 +197,10 @@ class ClientConn:
             raise RelayProtocolError(f"{t.name} before CLIENT_HELLO")
         elif t == FrameType.PING:
             self.hub.pong(self, frame.payload)
+        elif t == FrameType.PORT_REQUEST:
+            if self.hub.ports is None:
+                raise RelayProtocolError("PORT_REQUEST: this relay serves no UDP ports")
+            self.hub.ports.request(self, relayport.decode_request(frame.payload))
         elif t in (FrameType.KEEPALIVE, FrameType.PONG):
             pass
         elif t == FrameType.CLOSE:
@@ -232,6 +246,8 @@ class RelayHub:
         self._held_total = 0
         self._packets = 0
         self._bytes = 0
+        #: UDP relay ports (coordinator/relay/udp.py), when this region serves them
+        self.ports: UdpPorts | None = None
 
     def hold(self, dst: bytes, src: bytes, packet: bytes) -> bool:
         """Keep a small packet for a node that is not connected (yet) for a moment; True if kept.
@@ -322,7 +338,8 @@ class RelayHub:
         if old is not None and old is not conn:
             old.close("replaced by a newer connection of the same node", tell=True)
         self.metrics.clients.labels(self.region).set(len(self.clients))
-        conn.send(relay.server_hello(relay.ServerHello(self.region, self.region_id, KEEPALIVE)))
+        hello_back = relay.ServerHello(self.region, self.region_id, KEEPALIVE, self.ports is not None)
+        conn.send(relay.server_hello(hello_back))
         log.info("relay session open: node %d (%s) from %s", conn.node_id, conn.transport_name, conn.peer)
         if self.on_open is not None:
             self.on_open(conn)
@@ -342,6 +359,8 @@ class RelayHub:
             return
         if self.clients.get(conn.key) is conn:
             del self.clients[conn.key]
+            if self.ports is not None:  # its UDP relay ports end with its last session
+                self.ports.node_left(conn.key, reason)
         self.metrics.clients.labels(self.region).set(len(self.clients))
         self.flush_counts()
         now = time.time()
@@ -386,7 +405,11 @@ class RelayHub:
             c.close("no CLIENT_HELLO in time", tell=True)
         self._expire_held()
         self.flush_counts()
+        if self.ports is not None:
+            self.ports.tick()
 
     def close_all(self, reason: str) -> None:
         for c in list(self.conns):
             c.close(reason, tell=True)
+        if self.ports is not None:
+            self.ports.close(reason)

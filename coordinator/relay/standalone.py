@@ -26,6 +26,7 @@ from fastapi import FastAPI, WebSocket
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CollectorRegistry, generate_latest
 
+from coordinator.relay import udp as relay_udp
 from coordinator.relay.front import install
 from coordinator.relay.hub import ClientConn, RelayHub, RelayMetrics
 from coordinator.relay.service import TICK
@@ -52,6 +53,7 @@ class RelayOptions:
     public_url: str | None = None
     stun_port: int = 0
     pong_delay: float = 0.0  #: TEST ONLY (see RelayHub.pong_delay)
+    udp_ports: range | None = None  #: UDP relay ports (issue 14); None: TCP relay only
 
 
 class Standalone:
@@ -206,6 +208,8 @@ async def serve(opts: RelayOptions) -> None:
     stun: list[asyncio.DatagramTransport] = []
     if opts.stun_port:
         stun = await start_stun(host, opts.stun_port)
+    if opts.udp_ports is not None:  # every pair asks from both sides: that is the policy's consent here
+        relay_udp.start(region.hub, host, opts.udp_ports, kernel=relay_udp.kernel_forwarder(opts.region_id))
     config = uvicorn.Config(region.app(), log_level="warning", lifespan="off", timeout_graceful_shutdown=1)
     install(config, region.hub)
     server = uvicorn.Server(config)

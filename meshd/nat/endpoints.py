@@ -67,6 +67,19 @@ class WgEndpoints:
         self._applied: dict[str, _Applied] = {}
         self._decided: dict[str, tuple[str, UseDirect | UseRelay]] = {}  # latest (name, decision) not done
         self._ready = asyncio.Event()
+        #: UDP relay ports (issue 14, meshd/relay/udpports.py): told which peers are relayed; which
+        #: addresses are a peer's relay (its TCP relay proxy or its UDP relay port); relayed peers whose
+        #: relay endpoint changed, to be pointed at it again
+        self.relay_use: Callable[[str, bool], None] = lambda peer, relayed: None
+        self.is_relay: Callable[[str, Endpoint | None], bool] = lambda peer, ep: (
+            ep == self.relay_endpoint(peer)
+        )
+        self._moved: set[str] = set()
+
+    def relay_moved(self, peer: str) -> None:
+        """The peer's relay endpoint changed (UDP relay port ready, or gone): re-point it if relayed."""
+        self._moved.add(peer)
+        self._ready.set()
 
     def decide(self, peer: str, name: str, ev: UseDirect | UseRelay) -> None:
         """Point ``peer`` (WireGuard key) where ``ev`` says, soon; ``name`` is for the log."""
@@ -90,6 +103,24 @@ class WgEndpoints:
             while self._decided:
                 peer = next(iter(self._decided))
                 await self._apply(peer, *self._decided.pop(peer))
+            moved, self._moved = self._moved, set()
+            for peer in moved:
+                await self._relay_moved(peer)
+
+    async def _relay_moved(self, peer: str) -> None:
+        a = self._applied.get(peer)
+        if a is None or a.direct or a.endpoint is None:
+            return
+        target = self.relay_endpoint(peer)
+        if target is None or target == a.endpoint:
+            return
+        try:
+            await self.backend.set_endpoint(peer, target, KEEPALIVE_SECONDS if a.keepalive_on else None)
+        except WgError as e:
+            log.warning("%s: setting relay endpoint %s: %s", a.name, format_endpoint(target), e)
+            return
+        log.info("%s: relay endpoint %s", a.name, format_endpoint(target))
+        a.endpoint = target
 
     async def handshakes(self) -> list[tuple[str, float | None]]:
         """Every peer's last handshake on the ``clock`` timeline; turns keepalive on where it is due."""
@@ -106,7 +137,11 @@ class WgEndpoints:
             a = self._applied.get(ps.public_key)
             if a is None or a.endpoint is None:
                 continue
-            if a.direct and ps.endpoint != a.endpoint and ps.endpoint == self.relay_endpoint(ps.public_key):
+            if (
+                ps.endpoint != a.endpoint
+                and self.is_relay(ps.public_key, ps.endpoint)
+                and (a.direct or a.endpoint == self.relay_endpoint(ps.public_key))
+            ):
                 log.info(
                     "%s: WireGuard roamed back to the relay; pointing it at %s again",
                     a.name,
@@ -124,6 +159,7 @@ class WgEndpoints:
         return out
 
     async def _apply(self, peer: str, name: str, ev: UseDirect | UseRelay) -> None:
+        self.relay_use(peer, isinstance(ev, UseRelay))
         target = ev.endpoint if isinstance(ev, UseDirect) else self.relay_endpoint(peer)
         if target is None:
             return

@@ -111,6 +111,10 @@ class FrameType(IntEnum):
     # 0x09 was HEALTH: never sent by any relay, removed; do not reuse the number
     CLOSE = 0x0A  #: utf-8 reason; the sender closes after it
     SERVER_CHALLENGE = 0x0B  #: region id(4) + nonce(32): the relay's first frame
+    # UDP relay ports (meshd.proto.relayport): sent only to a relay whose SERVER_HELLO says udp_ports
+    PORT_REQUEST = 0x0C  #: client: peer key(32): a UDP relay port for our side of the pair, please
+    PORT_GRANT = 0x0D  #: relay: peer key(32) + port(2) + secret(16) + idle timeout s(2)
+    PORT_STATE = 0x0E  #: relay: peer key(32) + flags(1) (bound: ours 1, the peer's 2; ended 4)
 
 
 class GoneReason(IntEnum):
@@ -129,6 +133,9 @@ _LIMITS: dict[int, tuple[int, int]] = {
     FrameType.PONG: (8, 8),
     FrameType.CLOSE: (0, 1024),
     FrameType.SERVER_CHALLENGE: (4 + NONCE_LEN, 4 + NONCE_LEN),
+    FrameType.PORT_REQUEST: (KEY_LEN, KEY_LEN),
+    FrameType.PORT_GRANT: (KEY_LEN + 20, KEY_LEN + 20),
+    FrameType.PORT_STATE: (KEY_LEN + 1, KEY_LEN + 1),
 }
 
 
@@ -270,13 +277,18 @@ class ServerHello:
     region: str  #: the region's name
     region_id: int
     keepalive: float  #: seconds between the relay's keepalives (a hint for dead-link detection)
+    #: the relay serves UDP relay ports (PORT_* frames); absent (False) from older relays
+    udp_ports: bool = False
 
 
 def server_hello(hello: ServerHello) -> bytes:
     """The SERVER_HELLO frame (encoder of :class:`ServerHello`)."""
     if not 0 < len(hello.region) <= MAX_REGION_NAME:
         raise RelayProtocolError(f"region name must have 1 to {MAX_REGION_NAME} characters")
-    body = {"region": hello.region, "region_id": hello.region_id, "keepalive": hello.keepalive}
+    body: dict[str, Any] = {"region": hello.region, "region_id": hello.region_id}
+    body["keepalive"] = hello.keepalive
+    if hello.udp_ports:
+        body["udp_ports"] = True
     return encode(FrameType.SERVER_HELLO, json.dumps(body).encode())
 
 
@@ -301,7 +313,7 @@ def parse_server_hello(frame: Frame) -> ServerHello:
         or (isinstance(keepalive, float) and math.isfinite(keepalive) and 0 < keepalive <= MAX_KEEPALIVE)
     ):
         raise RelayProtocolError("SERVER_HELLO: keepalive must be a positive number of seconds")
-    return ServerHello(region, region_id, float(keepalive))
+    return ServerHello(region, region_id, float(keepalive), raw.get("udp_ports") is True)
 
 
 MAX_URL = 1024

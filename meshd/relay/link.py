@@ -68,6 +68,14 @@ def _tune(sock: socket.socket | None) -> None:
             sock.setsockopt(level, opt, value)
 
 
+def _peer_ip(transport: Any) -> str | None:
+    """The IPv4 address a transport is connected to (None for IPv6 or unknown: no UDP relay ports)."""
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    if isinstance(peer, tuple) and peer and isinstance(peer[0], str) and ":" not in peer[0]:
+        return peer[0]
+    return None
+
+
 def _retrieve(fut: asyncio.Future[Any]) -> None:
     """Mark a future's exception as seen (nobody awaits a hello that failed after connect gave up)."""
     if not fut.cancelled():
@@ -80,6 +88,9 @@ class _Base:
     def __init__(self, on_packet: PacketHandler, on_gone: Callable[[bytes], None], hello: _Hello) -> None:
         self.on_packet = on_packet
         self.on_gone = on_gone
+        #: PORT_GRANT / PORT_STATE frames (UDP relay ports, meshd.proto.relayport); set by the manager
+        self.on_port: Callable[[relay.Frame], None] = lambda f: None
+        self.peer_ip: str | None = None  #: the relay's IPv4 address as connected (its UDP ports live there)
         self.me = hello
         self.decoder = relay.FrameDecoder()
         loop = asyncio.get_running_loop()
@@ -139,6 +150,8 @@ class _Base:
                     fut.set_result(time.monotonic())
             elif t == FrameType.PEER_GONE:
                 self.on_gone(f.key)
+            elif t in (FrameType.PORT_GRANT, FrameType.PORT_STATE):
+                self.on_port(f)
             elif t == FrameType.CLOSE:
                 self.close("relay closed the connection: " + f.payload.decode("utf-8", "replace"))
                 return
@@ -170,6 +183,7 @@ class _UpgradeProtocol(_Base, asyncio.Protocol):
         self.transport = transport
         transport.set_write_buffer_limits(high=relay.WRITE_HIGH)
         _tune(transport.get_extra_info("socket"))
+        self.peer_ip = _peer_ip(transport)
         transport.write(self.request)
 
     def data_received(self, data: bytes) -> None:
@@ -311,6 +325,27 @@ class RelayLink:
         data = relay.HEADER.pack(FrameType.SEND_PACKET, relay.KEY_LEN + len(packet)) + dst + packet
         self._impl.write(data, droppable=True)
 
+    @property
+    def on_port(self) -> Callable[[relay.Frame], None]:
+        return self._impl.on_port
+
+    @on_port.setter
+    def on_port(self, handler: Callable[[relay.Frame], None]) -> None:
+        self._impl.on_port = handler
+
+    @property
+    def peer_ip(self) -> str | None:
+        return self._impl.peer_ip
+
+    @property
+    def udp_ports(self) -> bool:
+        """The relay serves UDP relay ports (its SERVER_HELLO said so)."""
+        return self.info.udp_ports
+
+    def request_port(self, peer: bytes) -> None:
+        """PORT_REQUEST: a UDP relay port for our side of the pair with ``peer``."""
+        self._impl.write(relay.encode(FrameType.PORT_REQUEST, peer))
+
     def renew(self, key: bytes, ticket: bytes, home: bool) -> None:
         """A fresh ticket (or the home flag) over the open link, signed over this link's challenge."""
         self._impl.write(self._impl.me.frame(key, ticket, home))
@@ -428,6 +463,7 @@ async def _connect_ws(
     )
     _tune(ws.transport.get_extra_info("socket"))
     link = _WsLink(on_packet, on_gone, hello, ws)  # the hello goes out when the challenge comes in
+    link.peer_ip = _peer_ip(ws.transport)
     try:
         info = await asyncio.shield(link.hello)
     except BaseException:  # failed, timed out or cancelled: never leave the websocket behind

@@ -24,13 +24,14 @@ from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from meshd.proto import relay
-from meshd.proto.encoding import b64decode
+from meshd.proto.encoding import b64decode, b64encode
 from meshd.proto.netmap import RelayRegion
 from meshd.relay import home as choose
 from meshd.relay import link as rlink
 from meshd.relay.proxy import ProxyTable
 from meshd.relay.region import RegionLink, RegionStatus
 from meshd.relay.tickets import TicketCache, TicketSource
+from meshd.relay.udpports import UdpPorts
 from meshd.supervise import supervise
 
 log = logging.getLogger("meshd.relay")
@@ -62,6 +63,10 @@ class RelayManager:
         self.regions: dict[int, RegionLink] = {}
         self.home: int | None = None
         self.proxies = ProxyTable(wg_port, self._send)
+        #: UDP relay ports (issue 14); ``on_moved`` (WireGuard key, base64) is told when a relayed peer's
+        #: endpoint changes between its UDP relay port and the TCP relay's proxy
+        self.on_moved: Callable[[str], None] = lambda key: None
+        self.udp = UdpPorts(wg_port, on_moved=lambda k: self.on_moved(b64encode(k)))
         self.peer_home: dict[bytes, int | None] = {}  #: from the map
         self.dropped = 0
         self.reconnects: dict[int, int] = {}  #: region id -> links made again after one was lost (metrics)
@@ -74,6 +79,7 @@ class RelayManager:
     # -- inputs --------------------------------------------------------------------------------------------
     def start(self) -> None:
         self._spawn("relay-maintain", self._maintain)
+        self._spawn("relay-udp-ports", self.udp.run)
 
     def set_regions(self, regions: Iterable[RelayRegion]) -> None:
         """The relay map changed: start links for new regions, stop removed ones, (re)choose home."""
@@ -109,6 +115,7 @@ class RelayManager:
             return
         homes = {b64decode(k, length=32): h for k, h in peers}
         self.proxies.keep_only(homes)
+        self.udp.forget_others(set(homes))
         self.peer_home = homes
         self._reconcile_links()
 
@@ -122,10 +129,36 @@ class RelayManager:
                 r.link.close("wireguard key rotated")
 
     def endpoint(self, wg_key: str) -> tuple[str, int] | None:
-        """The 127.0.0.1 address WireGuard should use for this peer while it is relayed."""
+        """Where WireGuard should send this peer's packets while it is relayed: the UDP relay port once
+        both sides are bound, else the 127.0.0.1 proxy of the TCP relay."""
         if self._closed:
             return None
-        return self.proxies.open(b64decode(wg_key, length=32)).address
+        key = b64decode(wg_key, length=32)
+        return self.udp.endpoint(key) or self.proxies.open(key).address
+
+    def use(self, wg_key: str, relayed: bool) -> None:
+        """The path machines put this peer on the relay (or took it off): ask for (or stop binding) its
+        UDP relay port."""
+        if self._closed:
+            return
+        key = b64decode(wg_key, length=32)
+        self.udp.want(key, self._pair_region(key), relayed)
+
+    def is_relay_address(self, wg_key: str, endpoint: tuple[str, int] | None) -> bool:
+        """``endpoint`` is one of the peer's relay addresses (its TCP relay proxy or UDP relay port)."""
+        if endpoint is None or self._closed:
+            return False
+        key = b64decode(wg_key, length=32)
+        proxy = self.proxies.get(key)
+        return (proxy is not None and endpoint == proxy.address) or endpoint == self.udp.endpoint(key)
+
+    def transport(self, wg_key: str) -> str:
+        """How a relayed peer's packets go: ``udp`` (UDP relay ports) or ``tcp`` (the relay session)."""
+        return "udp" if self.udp.endpoint(b64decode(wg_key, length=32)) is not None else "tcp"
+
+    def _pair_region(self, peer: bytes) -> int | None:
+        """The region of a pair's UDP relay ports: the home region of the side with the lower key."""
+        return self.home if self.wg_key < peer else (self.peer_home.get(peer) or self.home)
 
     # -- state ---------------------------------------------------------------------------------------------
     @property
@@ -158,6 +191,7 @@ class RelayManager:
         for rid in list(self.regions):
             self._stop_region(rid)
         self.proxies.close()
+        self.udp.close()
         if tasks:
             _, late = await asyncio.wait(tasks, timeout=CLOSE_WITHIN)
             for t in late:
@@ -246,10 +280,14 @@ class RelayManager:
 
     async def _serve(self, rid: int, r: RegionLink, link: rlink.RelayLink) -> None:
         r.attach(link)
+        self.udp.session_up(rid, link)
         if rid == self.home:
             self._home_down_since = None
             self._set_up(True)
-        reason = await r.wait_closed(link)
+        try:
+            reason = await r.wait_closed(link)
+        finally:
+            self.udp.session_lost(rid)
         if rid == self.home:
             self._set_up(False)
             self._home_down_since = time.monotonic()

@@ -69,8 +69,9 @@ class PeerProxy(asyncio.DatagramProtocol):
             self.task.add_done_callback(lambda _: self.transport.close() if self.transport else None)
 
 
-def open_proxy(peer_key: bytes, wg_port: int, forward: Callable[[bytes, bytes], None]) -> PeerProxy:
-    """Bind a proxy socket now (synchronously: the endpoint must exist the moment a peer appears)."""
+def udp_socket(host: str, port: int) -> socket.socket:
+    """A non-blocking IPv4 UDP socket bound to (host, port) with SOCK_BUF buffers (also the relay's UDP
+    relay ports, coordinator/relay/udp.py)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         for opt, force in ((socket.SO_RCVBUF, SO_RCVBUFFORCE), (socket.SO_SNDBUF, SO_SNDBUFFORCE)):
@@ -78,11 +79,17 @@ def open_proxy(peer_key: bytes, wg_port: int, forward: Callable[[bytes, bytes], 
                 sock.setsockopt(socket.SOL_SOCKET, opt, SOCK_BUF)
             with contextlib.suppress(OSError):  # beyond net.core.rmem_max/wmem_max (we run as root)
                 sock.setsockopt(socket.SOL_SOCKET, force, SOCK_BUF)
-        sock.bind((LOOPBACK, 0))
+        sock.bind((host, port))
         sock.setblocking(False)
     except OSError:
         sock.close()
         raise
+    return sock
+
+
+def open_proxy(peer_key: bytes, wg_port: int, forward: Callable[[bytes, bytes], None]) -> PeerProxy:
+    """Bind a proxy socket now (synchronously: the endpoint must exist the moment a peer appears)."""
+    sock = udp_socket(LOOPBACK, 0)
     proto = PeerProxy(peer_key, wg_port, forward)
     proto.bound = (LOOPBACK, int(sock.getsockname()[1]))
     proto.sock = sock
@@ -110,6 +117,10 @@ class ProxyTable:
 
     def __contains__(self, key: object) -> bool:
         return key in self._proxies
+
+    def get(self, key: bytes) -> PeerProxy | None:
+        """The peer's proxy if it has one (never binds)."""
+        return self._proxies.get(key)
 
     def open(self, key: bytes) -> PeerProxy:
         """The peer's proxy, bound now if it has none (OSError when no socket can be had)."""

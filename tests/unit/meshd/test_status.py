@@ -42,7 +42,10 @@ STATUS = Status(
             name="b", ips=("100.64.0.2/32",), public_key="QkJC", path="direct", endpoint="6.0.0.3:41641",
             relay="default", latency_ms=1.2, last_handshake=T0, rx_bytes=0, tx_bytes=0,
         ),
-        PeerStatus(name="c", ips=("100.64.0.3/32",), public_key="Q0ND", path="relay", relay="default"),
+        PeerStatus(
+            name="c", ips=("100.64.0.3/32",), public_key="Q0ND", path="relay", relay="default",
+            relay_transport="udp",
+        ),
     ),
 )
 
@@ -57,10 +60,11 @@ DESIGN_EXAMPLE: dict[str, Any] = {
     "peers": [{"name": "b", "ips": ["100.64.0.2/32"], "public_key": "QkJC",
                "path": "direct", "endpoint": "6.0.0.3:41641", "relay": "default",
                "latency_ms": 1.2, "last_handshake": "2026-01-01T00:00:00Z",
-               "rx_bytes": 0, "tx_bytes": 0, "routes": []},
+               "rx_bytes": 0, "tx_bytes": 0, "routes": [], "relay_transport": None},
               {"name": "c", "ips": ["100.64.0.3/32"], "public_key": "Q0ND",
                "path": "relay", "endpoint": None, "relay": "default",
-               "latency_ms": None, "last_handshake": None, "rx_bytes": 0, "tx_bytes": 0, "routes": []}],
+               "latency_ms": None, "last_handshake": None, "rx_bytes": 0, "tx_bytes": 0, "routes": [],
+               "relay_transport": "udp"}],
 }
 
 
