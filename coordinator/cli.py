@@ -155,6 +155,10 @@ def serve(
     prefix: Annotated[str | None, typer.Option(help="IPv4 overlay prefix (default 100.64.0.0/10).")] = None,
     stun_port: Annotated[int | None, typer.Option("--stun-port", help="STUN UDP port.")] = None,
     no_relay: Annotated[bool, typer.Option("--no-relay", help="Do not run the embedded relay.")] = False,
+    relay_udp_ports: Annotated[
+        str | None,
+        typer.Option("--relay-udp-ports", help="UDP relay port range LOW-HIGH (0: none; default 40000-40999)."),
+    ] = None,
     cert_lifetime: Annotated[
         str | None, typer.Option("--cert-lifetime", help="Node certificate lifetime.")
     ] = None,
@@ -195,6 +199,7 @@ def serve(
         "prefix": prefix,
         "stun_port": stun_port,
         "relay": False if no_relay else None,
+        "relay_udp_ports": relay_udp_ports,
         "cert_lifetime": cert_lifetime,
         "public_url": public_url,
         "metrics_listen": metrics_listen,
@@ -512,6 +517,9 @@ def relay_serve(
     name: Annotated[str | None, typer.Option("--name", help="Region name (default region<ID>).")] = None,
     public_url: Annotated[str | None, typer.Option("--public-url", help="URL nodes use to reach us.")] = None,
     stun_port: Annotated[int, typer.Option("--stun-port", help="STUN UDP port (0: none).")] = 0,
+    udp_ports: Annotated[
+        str, typer.Option("--udp-ports", help="UDP relay port range LOW-HIGH (0: none).")
+    ] = "40000-40999",
     pong_delay: Annotated[float, typer.Option("--test-pong-delay", hidden=True)] = 0.0,
 ) -> None:
     """Run a standalone relay region (foreground)."""
@@ -532,7 +540,14 @@ def relay_serve(
         secret = relay_secret.check(os.environ["RELAY_SECRET"], "$RELAY_SECRET")
     else:
         fail("no relay secret: give --secret-file (coordinator's relay.secret) or $RELAY_SECRET")
+    from coordinator.relay.udp import parse_range
+
+    try:
+        udp_range = parse_range(udp_ports)
+    except ValueError as exc:
+        fail(f"{exc}; use --udp-ports LOW-HIGH (0 disables them)")
     opts = RelayOptions(
+        udp_ports=udp_range,
         listen=parse_listen(listen),
         coordinator=coordinator,
         secret=secret,

@@ -34,6 +34,7 @@ from meshd.credentials import CredentialError, Credentials, default_hostname
 from meshd.dns.service import DnsConfigError, MeshDns
 from meshd.localcmd import LocalCommands
 from meshd.mapapply import MapApplier
+from meshd.nat.engine import Traversal
 from meshd.nat.mapper import PortMapShell
 from meshd.nat.strategy import PathStrategy, open_paths
 from meshd.relay.manager import RelayManager
@@ -304,6 +305,9 @@ class Daemon:
             send_signal=self._send_signal,
             relay_up=self.relay.up,
         )
+        if isinstance(self.paths, Traversal):  # UDP relay ports need the WireGuard port's raw socket
+            self.paths.relay_ports(self.relay.use, self.relay.is_relay_address)
+            self.relay.on_moved = self.paths.relay_moved
         self.applier.relay, self.applier.paths = self.relay, self.paths
         if self.paths.probing:
             label = f"{creds.enrollment.name}/{self.opts.interface}"
