@@ -8,6 +8,10 @@ namespace (/proc/net/snmp Udp: InErrors, RcvbufErrors, SndbufErrors... before/af
 WireGuard -> meshd's loopback UDP proxy -> WebSocket -> relay -> WebSocket -> proxy -> WireGuard), the CPU
 seconds each process used during the relay runs, and the coordinator's (relay's) RSS.
 
+Part ``--transports`` (namespace lab, root; issue 14): the same iperf3 TCP flow over an EDM-EDM pair's
+UDP relay ports with kernel forwarding, with userspace forwarding, over the TCP relay, and over a bare
+wireguard-go pair (direct), a fresh lab for each; prints a Markdown table with the ratios to direct.
+
 Part ``--soak`` (loopback only, no root): starts a relay hub behind the real front (HTTP Upgrade on a
 uvicorn port) in this process, connects 2*PAIRS real meshd RelayLinks with real signed tickets, and has
 every client send 1300-byte packets to its partner for DURATION seconds (bounded). Prints delivered packets
@@ -18,6 +22,7 @@ With neither flag both parts run (iperf first).
 
     PYTHONPATH=. .venv/bin/python benchmarks/relay_throughput.py --iperf [--seconds 5] [--repeat 2]
     PYTHONPATH=. .venv/bin/python benchmarks/relay_throughput.py --soak --pairs 200 --duration 60
+    PYTHONPATH=. .venv/bin/python benchmarks/relay_throughput.py --transports [--seconds 5] [--repeat 2]
 """
 
 from __future__ import annotations
@@ -145,6 +150,70 @@ def socket_drops(host: Any) -> list[str]:
     return out
 
 
+#: the relay transports compared by ``--transports`` (issue 14): coordinator flags, environment, the
+#: ``relay_transport`` meshd must report before the runs
+TRANSPORTS: dict[str, tuple[tuple[str, ...], dict[str, str], str]] = {
+    "UDP relay, kernel": ((), {}, "udp"),
+    "UDP relay, userspace": ((), {"MESHRELAY_USERSPACE": "1"}, "udp"),
+    "TCP relay": (("--relay-udp-ports", "0"), {}, "tcp"),
+}
+
+
+def transports_part(seconds: float, rounds: int) -> None:
+    """iperf3 TCP over each relay transport of an EDM-EDM pair (a fresh lab each) and a bare
+    wireguard-go pair (direct), 0 ms links; prints a table with the ratio to direct."""
+    from benchmarks import direct_throughput as dt
+    from tests.eventually import eventually
+    from tests.netns.lab import Lab, LabError
+    from tests.netns.mesh import Mesh, MeshError
+
+    quiet = ("--dns", "off")  # the benchmark pings by address; the resolver plays no part
+    results: dict[str, list[float]] = {}
+    try:
+        with Lab() as lab:
+            bare = dt.bare_pair(lab, lab.host(nat="public"), lab.host(nat="public"), mtu=dt.MESHD_MTU)
+            results["direct (bare wireguard-go)"] = [
+                dt.iperf(bare.a, bare.b, bare.ip_b, seconds).mbit for _ in range(rounds)
+            ]
+        for name, (flags, env, want) in TRANSPORTS.items():
+            old = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
+            try:
+                with Lab() as lab, Mesh(lab) as mesh:
+                    mesh.start_coordinator(lab.server(name="coord"), extra=flags)
+                    a = mesh.up(lab.host(nat="edm"), "alpha", extra=quiet)
+                    b = mesh.up(lab.host(nat="edm"), "beta", extra=quiet)
+                    mesh.wait_peer(a, "beta")
+                    mesh.wait_peer(b, "alpha")
+                    for n, peer in ((a, "beta"), (b, "alpha")):
+                        eventually(
+                            lambda n=n, peer=peer, want=want: (
+                                (mesh.peer(n, peer) or {}).get("relay_transport") == want
+                            ),
+                            within=20,
+                            what=f"{n.name}: relay_transport {want}",
+                        )
+                    mesh.wait_ping(a, b, within=10)
+                    ip_b = mesh.overlay_ip(b)
+                    results[name] = [dt.iperf(a.host, b.host, ip_b, seconds).mbit for _ in range(rounds)]
+            finally:
+                for k, v in old.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+    except (LabError, MeshError, dt.BenchError) as e:
+        sys.exit(f"error: {str(e).splitlines()[0]}")
+    direct = statistics.median(results["direct (bare wireguard-go)"])
+    print(f"relay transports, iperf3 TCP, {seconds:g} s x {rounds}, EDM-EDM, 0 ms links")
+    print(f"| {'path':<28} | Mbit/s p50 | runs | vs direct |")
+    print(f"|{'-' * 30}|-----------:|------|----------:|")
+    for name, runs in results.items():
+        p50 = statistics.median(runs)
+        shown = ", ".join(f"{r:.0f}" for r in runs)
+        print(f"| {name:<28} | {p50:10.0f} | {shown} | {p50 / direct:9.2f} |")
+
+
 def iperf_part(seconds: float, rounds: int) -> None:
     """iperf3 over the relay path of a meshed EDM-EDM pair versus a bare wireguard-go pair (see above)."""
     from rich.console import Console
@@ -239,6 +308,11 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iperf", action="store_true", help="run the iperf3 part (root, namespace lab)")
     ap.add_argument("--soak", action="store_true", help="run the simulated-clients soak part")
+    ap.add_argument(
+        "--transports",
+        action="store_true",
+        help="iperf3 over each relay transport (UDP kernel, UDP userspace, TCP) vs direct (root)",
+    )
     ap.add_argument("--seconds", type=float, default=5.0, help="iperf: seconds per measurement")
     ap.add_argument("--repeat", type=int, default=2, help="iperf: alternating bare/relay rounds")
     ap.add_argument("--pairs", type=int, default=200, help="soak: relay client pairs")
@@ -247,6 +321,11 @@ if __name__ == "__main__":
     ap.add_argument("--rate", type=int, default=50, help="soak: packets/s per client")
     ap.add_argument("--quick", action="store_true", help="iperf 1 round of 3 s; soak 20 pairs for 10 s")
     a = ap.parse_args()
+    if a.transports:
+        if os.geteuid() != 0:
+            sys.exit("error: --transports needs root (network namespaces)")
+        transports_part(min(max(a.seconds, 1.0), 60.0), min(max(a.repeat, 1), 10))
+        sys.exit(0)
     both = not (a.iperf or a.soak)
     if a.iperf or both:
         if os.geteuid() != 0:
