@@ -70,7 +70,8 @@ class MapApplier:
         self.firewall_error: str | None = None  #: why no peer is configured (nft failed), else None
         self.routes: RouteService | None = None  #: subnet routes and exit nodes (meshd/router.py)
         self.routed: dict[int, tuple[str, ...]] = {}  #: node id -> prefixes routed through it now
-        #: addresses on the interface besides our own (the resolver's, meshd.dns); never a peer's
+        #: addresses on the interface besides our own (the resolver's, meshd.dns), scope host: never a
+        #: peer's, never the source of mesh traffic
         self.extra_addresses: tuple[str, ...] = ()
         self.write_hosts = True  #: False with --dns resolved/off: names come from the resolver only
         #: called with every applied map and the peers configured from it (the resolver's zone)
@@ -126,7 +127,8 @@ class MapApplier:
             name=self.interface,
             private_key=b64_from_bytes(self.creds.keys.wg_private),
             listen_port=self.listen_port,
-            addresses=(*(peerset.host_prefix(ip) for ip in self.creds.enrollment.ips), *self.extra_addresses),
+            addresses=tuple(peerset.host_prefix(ip) for ip in self.creds.enrollment.ips),
+            local_addresses=self.extra_addresses,
             mtu=MESH_MTU,
             fwmark=self.routes.fwmark if self.routes is not None else 0,
             peers=peerset.wg_peers(

@@ -120,7 +120,13 @@ class ReconcilingBackend(abc.ABC):
         if ops:
             log.info("%s: applying %d WireGuard change(s): %s", self._name, len(ops), ops)
             await self._write(ops)
-        await link.sync_link(self._name, desired.addresses, desired.mtu, sorted(desired_routes(desired)))
+        await link.sync_link(
+            self._name,
+            desired.addresses,
+            desired.mtu,
+            sorted(desired_routes(desired)),
+            local=desired.local_addresses,
+        )
         return ops
 
     async def set_endpoint(

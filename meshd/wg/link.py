@@ -84,10 +84,17 @@ async def set_up(ifname: str, up: bool = True) -> None:
 
 
 async def sync_link(
-    ifname: str, addresses: Iterable[str], mtu: int | None, routes: Iterable[str], up: bool = True
+    ifname: str,
+    addresses: Iterable[str],
+    mtu: int | None,
+    routes: Iterable[str],
+    up: bool = True,
+    *,
+    local: Iterable[str] = (),
 ) -> None:
-    """Make the link match: exactly these addresses (IPv6 link-local ones are left alone), MTU (None =
-    leave), up/down, and exactly these routes (our ROUTE_PROTO ones) via the link. Works by diff."""
+    """Make the link match: exactly these addresses (IPv6 link-local ones are left alone) plus the
+    ``local`` ones with scope host (never chosen as a source address), MTU (None = leave), up/down, and
+    exactly these routes (our ROUTE_PROTO ones) via the link. Works by diff."""
     async with AsyncIPRoute() as ipr:
         index = await _index(ipr, ifname)
         msgs: list[Any] = await ipr.link("get", index=index)
@@ -101,20 +108,24 @@ async def sync_link(
         except NetlinkError as e:
             raise _fail(f"configuring {ifname}", e) from None
 
+        # an address is "a/len" or "a/len host" (scope host): a wrong scope is a remove plus an add
         have = [
-            f"{m.get('IFA_ADDRESS')}/{m['prefixlen']}"
+            f"{m.get('IFA_ADDRESS')}/{m['prefixlen']}" + (" host" if m["scope"] == _SCOPE_HOST else "")
             async for m in await ipr.addr("dump", index=index)
             if m["index"] == index
         ]
-        have = [a for a in have if not ipaddress.ip_interface(a).is_link_local]
-        plan = plan_set(addresses, have)
+        have = [a for a in have if not ipaddress.ip_interface(a.split()[0]).is_link_local]
+        plan = plan_set([*addresses, *(f"{a} host" for a in local)], have)
         for text in plan.remove:
-            addr = ipaddress.ip_interface(text)
+            addr = ipaddress.ip_interface(text.split()[0])
             await _quiet(ipr.addr("del", index=index, address=str(addr.ip), prefixlen=addr.network.prefixlen))
         for text in plan.add:
-            addr = ipaddress.ip_interface(text)
+            addr = ipaddress.ip_interface(text.split()[0])
+            scope = {"scope": _SCOPE_HOST} if text.endswith(" host") else {}
             try:
-                await ipr.addr("add", index=index, address=str(addr.ip), prefixlen=addr.network.prefixlen)
+                await ipr.addr(
+                    "add", index=index, address=str(addr.ip), prefixlen=addr.network.prefixlen, **scope
+                )
             except NetlinkError as e:
                 if e.code != errno.EEXIST:
                     raise _fail(f"adding address {text} to {ifname}", e) from None
@@ -134,6 +145,9 @@ async def sync_link(
                 await ipr.route("replace", dst=dst, oif=index, proto=ROUTE_PROTO)
             except NetlinkError as e:
                 raise _fail(f"adding route {dst} via {ifname}", e) from None
+
+
+_SCOPE_HOST = 254  #: RT_SCOPE_HOST
 
 
 async def _index(ipr: AsyncIPRoute, ifname: str) -> int:

@@ -126,7 +126,9 @@ class InterfaceConfig:
 
     `listen_port` 0 lets the backend pick a free port once; an interface that already listens keeps
     its port. `fwmark` 0 means none. `mtu` None leaves the link's MTU alone. `addresses` are interface
-    addresses with prefix (IPv4 and IPv6).
+    addresses with prefix (IPv4 and IPv6). `local_addresses` are served on this host only (scope host,
+    e.g. the resolver's 100.100.100.100): the kernel never picks one as the source address of mesh
+    traffic, which peers would drop (it is not in their AllowedIPs for us).
     """
 
     name: str
@@ -136,6 +138,7 @@ class InterfaceConfig:
     addresses: tuple[str, ...] = ()
     mtu: int | None = None
     peers: tuple[PeerConfig, ...] = ()
+    local_addresses: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_ifname(self.name)
@@ -144,6 +147,8 @@ class InterfaceConfig:
         _check_u(self.fwmark, 32, "fwmark")
         addrs = tuple(dict.fromkeys(canonical_interface_address(a) for a in self.addresses))
         object.__setattr__(self, "addresses", addrs)
+        local = tuple(dict.fromkeys(canonical_interface_address(a) for a in self.local_addresses))
+        object.__setattr__(self, "local_addresses", local)
         if self.mtu is not None and not (isinstance(self.mtu, int) and 576 <= self.mtu <= 65535):
             raise WgConfigError(f"MTU {self.mtu!r} is not in 576..65535")
         keys = [p.public_key for p in self.peers]
