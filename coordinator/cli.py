@@ -44,7 +44,9 @@ policy_app = typer.Typer(help="Show or set the policy.", no_args_is_help=True)
 audit_app = typer.Typer(help="Read and verify the audit trail.", no_args_is_help=True)
 relay_app = typer.Typer(help="Standalone relay regions.", no_args_is_help=True)
 tokens_app = typer.Typer(help="Scoped admin API tokens (remote CLI, API, dashboard).", no_args_is_help=True)
+routes_app = typer.Typer(help="Subnet routes and exit nodes: list, approve, remove.", no_args_is_help=True)
 for sub, name in (
+    (routes_app, "routes"),
     (users_app, "users"),
     (keys_app, "keys"),
     (nodes_app, "nodes"),
@@ -397,6 +399,35 @@ def _seg(name: str) -> str:
     if not name or "/" in name or name in (".", ".."):
         fail(f"bad node name {name!r}")
     return name
+
+
+# ------------------------------------------------------------------------------------------------ routes
+@routes_app.command("list")
+def routes_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Every node's advertised and approved routes (0.0.0.0/0 and ::/0: exit node)."""
+    rows = _admin(ctx, "GET", "/admin/routes")
+    if as_json:
+        _json(rows)
+        return
+    table = Table("NODE", "PREFIX", "ADVERTISED", "APPROVED", "PRIMARY")
+    for r in rows:
+        yes = {True: "yes", False: "no"}
+        table.add_row(r["node"], r["prefix"], yes[r["advertised"]], yes[r["approved"]], yes[r["primary"]])
+    out.print(table)
+
+
+@routes_app.command("approve")
+def routes_approve(ctx: typer.Context, node: str, prefix: str) -> None:
+    """Let NODE route PREFIX (a CIDR, or `exit` for 0.0.0.0/0 and ::/0) for the nodes the policy allows."""
+    r = _admin(ctx, "POST", f"/admin/nodes/{_seg(node)}/routes/approve", {"prefix": prefix})
+    out.print(f"approved {', '.join(r['approved'])} on node {node}")
+
+
+@routes_app.command("remove")
+def routes_remove(ctx: typer.Context, node: str, prefix: str) -> None:
+    """Withdraw the approval of PREFIX (or `exit`) on NODE: peers stop routing it through NODE at once."""
+    r = _admin(ctx, "POST", f"/admin/nodes/{_seg(node)}/routes/remove", {"prefix": prefix})
+    out.print(f"removed {', '.join(r['removed'])} from node {node}")
 
 
 # ------------------------------------------------------------------------------------------------ policy

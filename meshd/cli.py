@@ -92,6 +92,18 @@ def up(
     metrics_listen: Annotated[
         str | None, typer.Option(help="HOST:PORT serving Prometheus /metrics (default: off)")
     ] = None,
+    advertise_routes: Annotated[
+        str, typer.Option(help="offer to route these networks for the mesh, e.g. 10.1.0.0/24,10.2.0.0/16")
+    ] = "",
+    advertise_exit_node: Annotated[
+        bool, typer.Option("--advertise-exit-node", help="offer this node as an exit node (internet)")
+    ] = False,
+    snat_subnet_routes: Annotated[
+        str, typer.Option(help="true: masquerade routed traffic; false: keep mesh source addresses")
+    ] = "true",
+    exit_node: Annotated[
+        str | None, typer.Option(help="send internet traffic through this peer (an approved exit node)")
+    ] = None,
 ) -> None:
     """Run the daemon in the foreground (enrolls on first start)."""
     if wg_backend not in ("auto", "kernel", "userspace"):
@@ -112,6 +124,17 @@ def up(
         metrics_at = parse_listen(metrics_listen) if metrics_listen is not None else None
     except MetricsListenError as e:
         fail(str(e))
+    from meshd.routing import parse_advertised
+
+    try:
+        advertised = parse_advertised(advertise_routes)
+    except ValueError as e:
+        fail(f"--advertise-routes: {e}")
+    snat = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(
+        snat_subnet_routes.lower()
+    )
+    if snat is None:
+        fail(f"--snat-subnet-routes must be true or false, not {snat_subnet_routes!r}")
     setup_logging(log_level.upper())
     from meshd.daemon import Daemon, DaemonError, Options  # after the checks: a bad flag needs no daemon
 
@@ -127,6 +150,10 @@ def up(
         key_rotation=rotate_every,
         dns=dns,
         metrics_listen=metrics_at,
+        advertise_routes=advertised,
+        advertise_exit_node=advertise_exit_node,
+        snat_subnet_routes=snat,
+        exit_node=None if exit_node in (None, "", "none") else exit_node,
     )
     daemon = Daemon(opts)
     try:

@@ -74,11 +74,11 @@ class Options:
     hosts_file: Path = hosts.DEFAULT_HOSTS_FILE
     approval_wait: float = 3600.0
     key_rotation: float = rotation.DEFAULT_INTERVAL  #: seconds between WireGuard key rotations; 0: never
+    dns: str = "auto"  #: --dns: auto | resolved | hosts | off (meshd/dns/system.py)
     advertise_routes: tuple[str, ...] = ()  #: prefixes offered to the mesh (meshd/router.py)
     advertise_exit_node: bool = False  #: offer 0.0.0.0/0 and ::/0
     snat_subnet_routes: bool = True  #: masquerade forwarded traffic (False: keep mesh source addresses)
     exit_node: str | None = None  #: route internet traffic through this peer (meshd/exitnode.py)
-    dns: str = "auto"  #: --dns: auto | resolved | hosts | off (meshd/dns/system.py)
     metrics_listen: tuple[str, int] | None = None  #: (host, port) for Prometheus /metrics; None: off
 
 

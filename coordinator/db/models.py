@@ -151,6 +151,19 @@ class AuditCheckpoint(Base):
     signature: Mapped[str] = mapped_column(String(128))
 
 
+class Route(Base):
+    """A prefix a node advertises (subnet router; 0.0.0.0/0 and ::/0: exit node) and whether the admin
+    approved it. Peers route a prefix through the node only when it is both (coordinator/routes.py)."""
+
+    __tablename__ = "routes"
+    __table_args__ = (UniqueConstraint("node_id", "prefix", name="uq_routes_node_prefix"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    node_id: Mapped[int] = mapped_column(ForeignKey("nodes.id", ondelete="CASCADE"))
+    prefix: Mapped[str] = mapped_column(String(64))
+    advertised: Mapped[bool] = mapped_column(Boolean)
+    approved: Mapped[bool] = mapped_column(Boolean)
+
+
 class AdminToken(Base):
     """A scoped admin API token (coordinator/tokens.py): only its SHA-256 is stored, like pre-auth keys."""
 
@@ -164,16 +177,3 @@ class AdminToken(Base):
     expires_at: Mapped[float] = mapped_column(Float)
     revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     last_used_at: Mapped[float | None] = mapped_column(Float, nullable=True)
-
-
-class Route(Base):
-    """A prefix a node advertises (subnet router; 0.0.0.0/0 and ::/0: exit node) and whether the admin
-    approved it. Peers route a prefix through the node only when it is both (coordinator/routes.py)."""
-
-    __tablename__ = "routes"
-    __table_args__ = (UniqueConstraint("node_id", "prefix", name="uq_routes_node_prefix"),)
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    node_id: Mapped[int] = mapped_column(ForeignKey("nodes.id", ondelete="CASCADE"))
-    prefix: Mapped[str] = mapped_column(String(64))
-    advertised: Mapped[bool] = mapped_column(Boolean)
-    approved: Mapped[bool] = mapped_column(Boolean)
