@@ -118,3 +118,15 @@ def test_nat_rebinding_heals_within_seconds(lab: Lab, mesh: Mesh) -> None:
     print(f"NAT rebinding healed in {healed:.2f} s")
     assert healed < 8.0
     assert _transport(mesh, a, "beta") == ("relay", "udp")
+
+
+def test_udp_blocked_host_stays_on_the_tcp_relay(lab: Lab, mesh: Mesh) -> None:
+    mesh.start_coordinator(lab.server())
+    a = mesh.up(lab.host(nat="udp-blocked"), "alpha", extra=MESHD)
+    b = mesh.up(lab.host(nat="eim"), "beta", extra=MESHD)
+    mesh.wait_peer(a, "beta")
+    mesh.wait_ping(a, b, within=10)
+    # its binds never reach the relay, so the pair is never ready: the TCP relay carries it
+    assert _transport(mesh, a, "beta") == ("relay", "tcp")
+    assert _transport(mesh, b, "alpha") == ("relay", "tcp")
+    mesh.wait_ping(a, b, within=5)
