@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+import weakref
 from collections.abc import Mapping
 
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from starlette.datastructures import URL
 
@@ -19,17 +22,61 @@ def target_of(url: URL) -> str:
 
 
 async def remember_nonce(core: Core, scope: str, envelope: signing.SignedHeaders) -> None:
-    """Store the nonce for the window; a second use is a replay (works across replicas sharing the DB)."""
-    try:
-        async with core.transaction() as tx:
-            tx.session.add(
-                Nonce(
-                    nonce=f"{scope}:{envelope.nonce}",
-                    expires_at=envelope.timestamp + signing.WINDOW_SECONDS + 1,
-                )
-            )
-    except IntegrityError:
-        raise Unauthorized("replayed request: nonce already used") from None
+    """Store the nonce for the window; a second use is a replay (works across replicas sharing the DB).
+
+    Group commit (issue 16): nonces of requests that arrive while a write is under way are stored
+    together in the next transaction, so a burst of stream handshakes (a restart storm) costs one
+    fsync'd commit per batch instead of one per request."""
+    writer = _nonce_writers.get(core)
+    if writer is None:
+        writer = _nonce_writers[core] = _NonceWriter(core)
+    await writer.remember(f"{scope}:{envelope.nonce}", envelope.timestamp + signing.WINDOW_SECONDS + 1)
+
+
+class _NonceWriter:
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self.waiting: dict[str, tuple[float, asyncio.Future[bool]]] = {}
+        self.task: asyncio.Task[None] | None = None
+
+    async def remember(self, key: str, expires_at: float) -> None:
+        if key in self.waiting:
+            raise Unauthorized("replayed request: nonce already used")
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.waiting[key] = (expires_at, done)
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._flush(), name="nonce-writer")
+        if not await done:
+            raise Unauthorized("replayed request: nonce already used")
+
+    async def _flush(self) -> None:
+        while self.waiting:
+            batch, self.waiting = self.waiting, {}
+            try:
+                async with self.core.transaction() as tx:
+                    stored = set(
+                        (await tx.session.execute(select(Nonce.nonce).where(Nonce.nonce.in_(list(batch)))))
+                        .scalars()
+                        .all()
+                    )
+                    for key, (expires_at, _) in batch.items():
+                        if key not in stored:
+                            tx.session.add(Nonce(nonce=key, expires_at=expires_at))
+            except Exception as exc:  # every request of the batch fails as its own transaction would have
+                for _, done in batch.values():
+                    if not done.done():
+                        done.set_exception(
+                            Unauthorized("replayed request: nonce already used")
+                            if isinstance(exc, IntegrityError)
+                            else exc
+                        )
+                continue
+            for key, (_, done) in batch.items():
+                if not done.done():
+                    done.set_result(key not in stored)
+
+
+_nonce_writers: weakref.WeakKeyDictionary[Core, _NonceWriter] = weakref.WeakKeyDictionary()
 
 
 def envelope_of(headers: Mapping[str, str]) -> signing.SignedHeaders:
