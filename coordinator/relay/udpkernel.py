@@ -1,7 +1,8 @@
 """Kernel forwarding for UDP relay ports: nftables DNAT/masquerade between the two bound addresses.
 
 Used when the relay runs with CAP_NET_ADMIN (and ``nft`` and ``conntrack`` exist). The relay owns one
-table, ``ip meshrelay<region id>``; it is deleted and made again at start-up, and deleted at shutdown,
+table, ``ip meshrelay<region id>``; a leftover one is deleted at start-up, it is made when the first pair
+is bound (so is ip_forward turned on, if it was off) and deleted at shutdown,
 so nothing of an earlier run is left (its conntrack entries carry our ct mark and go with it)::
 
     prerouting (dstnat)   ip saddr A udp sport a udp dport portA  ct mark set M  dnat to B:b
@@ -73,18 +74,23 @@ class NftForwarder:
         self._counters: dict[int, tuple[int, int, int, int]] = {}
         self._read_at = 0.0
         self.own_forwarding = False
+        self._made = False  #: the table exists (made at the first install)
 
     # -- life cycle -----------------------------------------------------------------------------------
     def setup(self) -> None:
-        """Remove what an earlier run left (table and marked conntrack entries), make the table."""
+        """Remove what an earlier run left (our table and marked conntrack entries). Nothing is made
+        before the first pair is bound (:meth:`install`): a relay nobody uses changes no kernel state."""
+        t = self.table
+        _run(["nft", "-f", "-"], f"table ip {t}\ndelete table ip {t}\n")  # made if absent, then gone
         self._flush_conntrack()
-        forward_policy = ""
+
+    def _ensure_table(self) -> None:
+        if self._made:
+            return
         if IP_FORWARD.read_text().strip() != "1":
             IP_FORWARD.write_text("1\n")
             self.own_forwarding = True
             log.warning("relay ports: net.ipv4.ip_forward turned on; only relayed flows are forwarded")
-        if self.own_forwarding:
-            forward_policy = f"ct mark != {self.mark:#x} drop"
         t = self.table
         _run(
             ["nft", "-f", "-"],
@@ -95,18 +101,22 @@ class NftForwarder:
             "  chain relayfwd { type filter hook forward priority filter; policy accept; }\n"
             "}\n",
         )
-        if forward_policy:
-            # last in the chain: the counting rules are inserted before it
-            _run(["nft", "add", "rule", "ip", t, "relayfwd", *forward_policy.split()])
+        if self.own_forwarding:
+            # last in the chain (the counting rules are inserted before it): we made this host a router,
+            # so it forwards our flows and nothing else
+            _run(["nft", "add", "rule", "ip", t, "relayfwd", "ct", "mark", "!=", f"{self.mark:#x}", "drop"])
+        self._made = True
 
     def close(self) -> None:
         """Delete the table and our conntrack entries (the relay stops or restarts)."""
+        t = self.table
         try:
-            _run(["nft", "delete", "table", "ip", self.table])
+            _run(["nft", "-f", "-"], f"table ip {t}\ndelete table ip {t}\n")
         except NftError as exc:
             log.warning("relay ports: %s", exc)
         self._flush_conntrack()
         self._rules.clear()
+        self._made = False
         if self.own_forwarding:
             try:
                 IP_FORWARD.write_text("0\n")
@@ -120,6 +130,7 @@ class NftForwarder:
         if a.addr is None or b.addr is None:
             return
         self.remove(alloc)
+        self._ensure_table()
         rules = _Rules(ports=(a.port, b.port), addrs=(a.addr, b.addr))
         self._rules[id(alloc)] = rules
         m = f"{self.mark:#x}"
