@@ -62,6 +62,7 @@ class SimNode:
     decode: bool = False
     version: int | None = None  #: the map version this node holds (read from each map/delta's text)
     streams: int = 0  #: streams opened (a reconnect after the restart opens another)
+    resumed_with_map: int = 0  #: resumptions (since=V) answered with a full map
 
 
 def version_of(text: str) -> int:
@@ -172,7 +173,7 @@ async def run_stream(
 ) -> None:
     """Hold the node's stream; once it worked, reconnect as meshd does (meshd.session.Backoff: spread
     after a restart close, jittered doubling after failures) with since=<the version it holds>."""
-    from websockets.exceptions import ConnectionClosed, InvalidStatus
+    from websockets.exceptions import ConnectionClosed, WebSocketException
 
     backoff = session.Backoff()
     while True:
@@ -185,7 +186,7 @@ async def run_stream(
             if stop.is_set() or n.version is None:
                 raise
             code = e.rcvd.code if e.rcvd else None
-        except (OSError, InvalidStatus, TimeoutError):
+        except (OSError, WebSocketException, TimeoutError, EOFError):  # as meshd's ControlError covers
             if stop.is_set() or n.version is None:
                 raise
         if n.streams > streams:
@@ -220,7 +221,12 @@ async def hold_stream(
         n.streams += 1
         kind = first[:20]
         del first  # a full map can be megabytes; keep only its size
-        assert kind.startswith('{"type":"map"' if since is None else '{"type":"delta"'), kind
+        # a resumed stream gets the delta since its version, or a full map when the coordinator cannot
+        # build one (after a restart it sends full maps: its in-memory online flags start over)
+        assert kind.startswith('{"type":"map"' if since is None else ('{"type":"delta"', '{"type":"map"')), (
+            kind
+        )
+        n.resumed_with_map += since is not None and kind.startswith('{"type":"map"')
         ready.set()
         async for text in ws:  # the task is cancelled at the end of the run
             assert isinstance(text, str)
@@ -290,6 +296,7 @@ async def restart_storm(
         "restart_storm_streams_back": len(back),
         "restart_storm_p50_seconds": round(pct(back, 50), 1),
         "restart_coordinator_down_seconds": round(t_up, 1),
+        "restart_full_maps": sum(n.resumed_with_map for n in nodes),
     }
 
 
