@@ -92,7 +92,20 @@ def test_two_hosts_behind_one_nat_go_direct_over_the_lan(lab: Lab, mesh: Mesh) -
 
 
 @pytest.mark.parametrize(
-    "delay_ms", [pytest.param(0, id="0ms", marks=pytest.mark.slow), pytest.param(20, id="20ms")]
+    "delay_ms",
+    [
+        pytest.param(
+            0,
+            id="0ms",
+            marks=[
+                pytest.mark.slow,
+                # measured 3 of 7: when the follower's router reuses an expired, uncollected mapping the
+                # second round fails too (README, issue 15); not strict, so a pass shows as XPASS
+                pytest.mark.xfail(reason="sequenced round succeeds in ~40% of runs", strict=False),
+            ],
+        ),
+        pytest.param(20, id="20ms"),
+    ],
 )
 def test_eim_routers_without_input_firewall(lab: Lab, mesh: Mesh, delay_ms: int) -> None:
     """Such a router turns a probe that arrives before its host's own first packet into a conntrack entry for
