@@ -10,14 +10,81 @@ import time
 from rich.console import Console
 from rich.table import Table
 
-from tests.netns.lab import Lab
-from tests.netns.mesh import Mesh
+from tests.eventually import eventually
+from tests.netns.lab import Host, Lab
+from tests.netns.mesh import Mesh, Node
 
 console = Console()
 
 
 def step(text: str) -> None:
     console.print(f"[bold cyan]>[/] {text}")
+
+
+def lan_ping(node: Node, ip: str, wait: float = 1.0) -> bool:
+    return node.host.run(["ping", "-n", "-c", "1", "-W", str(wait), ip], timeout=5).returncode == 0
+
+
+def subnet_router(
+    mesh: Mesh,
+    results: list[tuple[str, bool, str]],
+    laptop: Node,
+    cloud: Node,
+    phone: Node,
+    nas: Host,
+    lan: str,
+) -> None:
+    """The NAS on the laptop's home LAN, reached from the cloud host through the laptop (a subnet router)."""
+    step(f"subnet router: coordinator routes list (the laptop offers {lan}; nobody uses it until approved)")
+    try:
+        eventually(
+            lambda: any(
+                r["node"] == "laptop" for r in json.loads(mesh.admin("routes", "list", "--json").stdout)
+            ),
+            within=10,
+            what="the laptop's route offer reaches the coordinator",
+        )
+    except Exception as e:  # the demo reports instead of crashing
+        console.print(f"[red]{e}")
+    console.print(mesh.admin("routes", "list").stdout.rstrip())
+
+    step(f"a policy: the demo's nodes reach each other; only the cloud host may use {lan}; approve the route")
+    policy = mesh.dir / "policy.toml"
+    policy.write_text(
+        f'[[rules]]\nsrc = ["user:demo"]\ndst = ["user:demo:*"]\n\n'
+        f'[[rules]]\nsrc = ["node:cloud"]\ndst = ["{lan}:*"]\n'
+    )
+    console.print(policy.read_text().rstrip(), markup=False)  # "[[rules]]" is not markup
+    mesh.admin("policy", "set", str(policy))
+    t0 = time.monotonic()
+    mesh.admin("routes", "approve", "laptop", lan)
+    try:
+        eventually(
+            lambda: lan_ping(cloud, nas.ip, wait=0.3),
+            within=10,
+            interval=0.05,
+            what=f"cloud pings nas {nas.ip}",
+        )
+        ok = True
+    except Exception as e:  # the demo reports instead of crashing
+        ok = False
+        console.print(f"[red]{e}")
+    took = time.monotonic() - t0
+    console.print(f"  cloud: ping {nas.ip} (nas, no meshd) through the laptop: {'ok' if ok else 'FAILED'}")
+    results.append(("cloud pings nas (LAN, no meshd) via laptop", ok, f"{took:.1f} s after approval"))
+
+    step("sshd on nas; from cloud: ssh to it (the NAS sees the laptop's LAN address: masqueraded)")
+    ssh_key = mesh.start_sshd(nas)
+    r = mesh.ssh(cloud, nas.ip, "ip netns identify; echo from $SSH_CLIENT", ssh_key)
+    console.print((r.stdout or r.stderr).rstrip())
+    words = r.stdout.split()
+    ok = r.returncode == 0 and nas.ns in words and laptop.host.ip in words
+    results.append(("ssh nas through the subnet router", ok, ""))
+
+    refused = not lan_ping(phone, nas.ip)
+    verdict = "fails (no route to it, as it should)" if refused else "PASSES (wrong)"
+    console.print(f"  phone (no rule for {lan}): ping {nas.ip} {verdict}")
+    results.append(("phone may not reach nas (policy)", refused, ""))
 
 
 def main() -> int:
@@ -35,6 +102,9 @@ def main() -> int:
         home = lab.host(nat="eim", name="laptop")
         cloud = lab.host(nat="public", name="cloud")
         phone_h = lab.host(nat="edm", name="phone")
+        assert home.router is not None
+        nas = lab.host(router=home.router, name="nas")  # on the laptop's home LAN; runs no meshd
+        home_lan = str(home.router.lan_net)
         console.print(lab.describe())
 
         step(f"starting the coordinator on {server.ip}:8080")
@@ -44,8 +114,9 @@ def main() -> int:
         console.print(f"  coordinator keys create --user demo --reusable  ->  key {key[:8]}… (shown once)")
 
         step("meshd up on the three hosts (each enrolls with the pre-auth key)")
+        step(f"the laptop also offers its home LAN as a subnet router: --advertise-routes {home_lan}")
         t0 = time.monotonic()
-        laptop = mesh.up(home, "laptop", key=key, wait=False)
+        laptop = mesh.up(home, "laptop", key=key, wait=False, extra=("--advertise-routes", home_lan))
         cloud_n = mesh.up(cloud, "cloud", key=key, wait=False)
         # the phone keeps no hosts block: its names come only from meshd's resolver (see below)
         phone_hosts = ("--hosts-file", str(mesh.dir / "phone-hosts"))
@@ -110,6 +181,8 @@ def main() -> int:
         console.print((r.stdout or r.stderr).rstrip())
         ok = answer == mesh.overlay_ip(cloud_n) and r.returncode == 0 and cloud.ns in r.stdout
         results.append(("ssh cloud through the mesh resolver", ok, ""))
+
+        subnet_router(mesh, results, laptop, cloud_n, phone, nas, home_lan)
 
         doc = mesh.status(laptop)
         console.print_json(json.dumps(doc))
