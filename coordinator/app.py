@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from coordinator.api import admin, adminhttp, health, node, register, stream
+from coordinator.api import admin, adminhttp, health, node, paths, register, stream
 from coordinator.api import tokens as tokens_api
 from coordinator.core import Core
 from coordinator.errors import CoordinatorError
@@ -120,6 +120,7 @@ def create_app(settings: Settings, core: Core | None = None) -> FastAPI:
     app.state.relay = relay
     for r in (health.router, register.router, node.router, stream.router, relay_router(relay)):
         app.include_router(r)
+    app.include_router(paths.router)  # meshd's path reports (issue 18)
     if not settings.metrics_listen:
         # public by default (as before); with `metrics_listen` it is served only there, 404 here
         app.include_router(health.metrics_router)
@@ -136,6 +137,7 @@ def create_admin_app(core: Core) -> FastAPI:
     _install_common(app, core)
     app.include_router(admin.router)
     app.include_router(tokens_api.router)
+    app.include_router(paths.admin_router)
     app.include_router(health.router)
     app.include_router(health.metrics_router)
     app.add_middleware(BodyLimit, limit=2 * 1024 * 1024)

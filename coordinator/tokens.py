@@ -45,6 +45,7 @@ ROUTE_SCOPES: dict[tuple[str, str], frozenset[str]] = {
     ("GET", "/admin/routes"): frozenset({"read", "nodes"}),
     ("POST", "/admin/nodes/{name}/routes/approve"): frozenset({"nodes"}),
     ("POST", "/admin/nodes/{name}/routes/remove"): frozenset({"nodes"}),
+    ("GET", "/admin/paths"): frozenset({"read", "nodes"}),
 }
 
 

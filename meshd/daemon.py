@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meshd import api, firewall, hosts, localnet, metrics, rotation, runtime, sdnotify
+from meshd import api, firewall, hosts, localnet, metrics, pathreport, rotation, runtime, sdnotify
 from meshd.control import ControlClient
 from meshd.credentials import CredentialError, Credentials, default_hostname
 from meshd.dns.service import DnsConfigError, MeshDns
@@ -336,6 +336,8 @@ class Daemon:
         client = self._client
         self.routes.control_url = client.url
         self.tasks.start("advertise", lambda: self.routes.advertise_loop(client), **kw)
+        # no give-up: a coordinator that refuses path reports must not stop the mesh (issue 18)
+        self.tasks.start("pathreport", lambda: pathreport.report_loop(self))
         if self.dns.enabled:  # no give-up: a resolver that cannot bind must not stop the mesh
             self.tasks.start("dns", self.dns.serve)
         if self.opts.key_rotation > 0:

@@ -27,6 +27,7 @@ from sqlalchemy import select
 from coordinator import audit, enrollment, nodes, tokens
 from coordinator import policy as access
 from coordinator.api import adminhttp
+from coordinator.api.paths import path_rows
 from coordinator.core import Core
 from coordinator.db.models import AuditRecord, PendingEnrollment
 from coordinator.errors import CoordinatorError, Unauthorized
@@ -258,6 +259,7 @@ def router() -> APIRouter:
             return refused
         core: Core = request.app.state.core
         regions = {rg.id: rg.name for rg in core.state.relays}
+        reported = path_rows(core)  # each node's own report of its path to each peer (issue 18)
         rows = []
         for n in await nodes.list_nodes(core):
             peer = core.state.peers.get(n.id)
@@ -267,6 +269,7 @@ def router() -> APIRouter:
                     "node": n,
                     "state": "expired" if n.expired else ("online" if n.online else "offline"),
                     "relay": regions.get(home, f"region {home}") if home else "-",
+                    "paths": reported.get(n.name),
                 }
             )
         return _render("nodes.html", v=v, page="nodes", rows=rows, refresh=REFRESH, notice=notice[:200])

@@ -1,0 +1,66 @@
+"""Path reports (issue 18): meshd's signed ``PUT /api/v1/paths`` and the admin's ``GET /admin/paths``."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field
+
+from coordinator.api.deps import CoreDep, NodeDep
+from coordinator.core import Core
+from coordinator.pathreports import MAX_ENTRIES, PeerPath, reports_of
+
+router = APIRouter(prefix="/api/v1", tags=["node"])
+admin_router = APIRouter(prefix="/admin", tags=["admin"])
+
+
+class PeerPathIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    node: int = Field(ge=1)
+    path: Literal["direct", "relay", "none"]
+    relay_transport: Literal["udp", "tcp", "peer"] | None = None
+    latency_ms: float | None = Field(default=None, ge=0, le=600_000)
+
+
+class PathReportIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    peers: list[PeerPathIn] = Field(max_length=MAX_ENTRIES)
+
+
+@router.put("/paths")
+async def report_paths(body: PathReportIn, node_id: NodeDep, core: CoreDep) -> dict[str, int]:
+    """The node's path to each peer; peers it may not see are ignored. Answers how many were kept."""
+    peers = [
+        PeerPath(p.node, p.path, p.relay_transport if p.path == "relay" else None, p.latency_ms)
+        for p in body.peers
+    ]
+    return {"accepted": reports_of(core).store(core, node_id, peers)}
+
+
+def path_rows(core: Core) -> dict[str, dict[str, Any]]:
+    """Per node name: when it reported and its peers by name (the dashboard's and /admin/paths' view)."""
+    names = {i: peer.name for i, peer in core.state.peers.items()}
+    out: dict[str, dict[str, Any]] = {}
+    for node_id, report in sorted(reports_of(core).current(core).items()):
+        if node_id not in names:
+            continue
+        out[names[node_id]] = {
+            "reported_at": report.at,
+            "peers": [
+                {
+                    "name": names.get(p.node, str(p.node)),
+                    "path": p.path,
+                    "relay_transport": p.relay_transport,
+                    "latency_ms": p.latency_ms,
+                }
+                for p in sorted(report.peers, key=lambda p: names.get(p.node, ""))
+            ],
+        }
+    return out
+
+
+@admin_router.get("/paths")
+async def list_paths(core: CoreDep) -> dict[str, dict[str, Any]]:
+    """The latest path report of each node that sent one (memory only; empty after a restart)."""
+    return path_rows(core)

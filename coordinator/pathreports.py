@@ -1,0 +1,76 @@
+"""The latest path summary each node reported (meshd/pathreport.py), for the dashboard (issue 18).
+
+Memory only, and never audited: it is telemetry the node may restate at any time, not a change to the
+network. Bounded: per node at most :data:`MAX_ENTRIES` peers, only peers the node's map shows it
+(a node cannot plant rows about nodes it may not see), and a node's report goes with the node (it is
+dropped at the next store or read once the node is no longer in the map).
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from dataclasses import dataclass
+
+from coordinator.core import Core
+
+MAX_ENTRIES = 1024
+PATHS = ("direct", "relay", "none")
+TRANSPORTS = ("udp", "tcp", "peer")
+
+
+@dataclass(frozen=True, slots=True)
+class PeerPath:
+    node: int
+    path: str
+    relay_transport: str | None
+    latency_ms: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    at: float  #: wall-clock time the coordinator received it
+    peers: tuple[PeerPath, ...]
+
+
+class PathReports:
+    def __init__(self) -> None:
+        self.latest: dict[int, Report] = {}
+
+    def store(self, core: Core, node_id: int, peers: list[PeerPath], now: float | None = None) -> int:
+        """Keep ``peers`` (those ``node_id`` may see, first MAX_ENTRIES) as its latest; answers how many."""
+        self.prune(core)
+        if node_id not in core.state.peers:
+            return 0
+        visible = set(core.state.visible_ids(node_id))
+        kept: dict[int, PeerPath] = {}
+        for p in peers:
+            if p.node in visible and len(kept) < MAX_ENTRIES:
+                kept[p.node] = p
+        self.latest[node_id] = Report(time.time() if now is None else now, tuple(kept.values()))
+        return len(kept)
+
+    def prune(self, core: Core) -> None:
+        """Forget the reports of nodes that are gone (removed or expired out of the map)."""
+        for gone in [n for n in self.latest if n not in core.state.peers]:
+            del self.latest[gone]
+
+    def current(self, core: Core) -> dict[int, Report]:
+        """The reports, each narrowed to peers its node may see now (the policy may have changed)."""
+        self.prune(core)
+        out = {}
+        for node_id, report in self.latest.items():
+            visible = set(core.state.visible_ids(node_id))
+            out[node_id] = Report(report.at, tuple(p for p in report.peers if p.node in visible))
+        return out
+
+
+_reports: weakref.WeakKeyDictionary[Core, PathReports] = weakref.WeakKeyDictionary()
+
+
+def reports_of(core: Core) -> PathReports:
+    """The store of this core (shared by the node app, admin.sock and the dashboard)."""
+    found = _reports.get(core)
+    if found is None:
+        found = _reports[core] = PathReports()
+    return found

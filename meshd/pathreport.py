@@ -1,0 +1,141 @@
+"""Tell the coordinator how this node reaches each peer, for the admin dashboard (issue 18).
+
+The summary is small on purpose: per peer node id its path (``direct``, ``relay`` or ``none``), the
+relay transport when relayed and the probe round trip; no endpoints, no byte counts. It is sent as a
+signed ``PUT /api/v1/paths`` only when it changed, and at most once per :data:`MIN_INTERVAL` seconds
+(a path that flaps between relay and direct costs the coordinator one request per 5 s, not one per
+flap). A latency change counts only when it leaves its half-octave bucket, so jitter sends nothing.
+
+:class:`Debouncer` is the sans-IO core; :func:`report_loop` the thin shell the daemon supervises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from meshd.control import ControlClient, ControlError
+from meshd.localcmd import LocalCommands
+from meshd.status import PeerStatus
+
+if TYPE_CHECKING:
+    from meshd.daemon import Daemon
+
+log = logging.getLogger("meshd.pathreport")
+
+PATH = "/api/v1/paths"
+MIN_INTERVAL = 5.0  #: seconds between two reports (and between retries after a failure)
+POLL = 1.0  #: seconds between looks at the local status
+MAX_PEERS = 1024  #: the coordinator keeps no more than this per node either
+
+
+@dataclass(frozen=True, slots=True)
+class PathEntry:
+    node: int  #: the peer's node id
+    path: str  #: "direct" | "relay" | "none"
+    relay_transport: str | None = None  #: "udp" | "tcp" | "peer" when relayed
+    latency_ms: float | None = None
+
+    def key(self) -> tuple[int, str, str | None, int | None]:
+        """What counts as a change: the path, the transport, the latency's half-octave bucket."""
+        bucket = None if self.latency_ms is None else round(2 * math.log2(1 + self.latency_ms))
+        return (self.node, self.path, self.relay_transport, bucket)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "node": self.node,
+            "path": self.path,
+            "relay_transport": self.relay_transport,
+            "latency_ms": self.latency_ms,
+        }
+
+
+Summary = tuple[PathEntry, ...]
+
+
+def summarize(peers: Iterable[PeerStatus], ids: dict[str, int]) -> Summary:
+    """The summary of ``meshd status``'s peers; ``ids`` maps peer names to node ids (unknown: skipped)."""
+    entries = [
+        PathEntry(
+            node=ids[p.name],
+            path=p.path,
+            relay_transport=p.relay_transport if p.path == "relay" else None,
+            latency_ms=None if p.latency_ms is None else round(p.latency_ms, 1),
+        )
+        for p in peers
+        if p.name in ids
+    ]
+    return tuple(sorted(entries, key=lambda e: e.node)[:MAX_PEERS])
+
+
+def _keys(summary: Summary) -> tuple[tuple[int, str, str | None, int | None], ...]:
+    return tuple(e.key() for e in summary)
+
+
+class Debouncer:
+    """Decides when to send: on a change, never sooner than ``interval`` after the last attempt."""
+
+    def __init__(self, interval: float = MIN_INTERVAL) -> None:
+        self.interval = interval
+        self.sent: Summary | None = None  #: what the coordinator has (None: nothing yet)
+        self.last_attempt: float | None = None
+
+    def due(self, summary: Summary, now: float) -> Summary | None:
+        """The summary to send now, or None (unchanged, or too soon: ask again later)."""
+        if self.sent is not None and _keys(summary) == _keys(self.sent):
+            return None
+        if self.last_attempt is not None and now - self.last_attempt < self.interval:
+            return None
+        self.last_attempt = now
+        return summary
+
+    def delivered(self, summary: Summary) -> None:
+        self.sent = summary
+
+
+async def send(client: ControlClient, summary: Summary) -> int:
+    """One signed report; answers how many entries the coordinator kept."""
+    body = {"peers": [e.to_json() for e in summary]}
+    # the client's signed-request plumbing (the same envelope as PUT /api/v1/routes)
+    data = (await client._request("PUT", PATH, body, signer=client._need_id())).json()
+    return int(data.get("accepted", 0))
+
+
+async def run(
+    client: ControlClient,
+    snapshot: Callable[[], Awaitable[Summary]],
+    *,
+    debouncer: Debouncer | None = None,
+    poll: float = POLL,
+) -> None:
+    """Look at the paths every ``poll`` seconds and report what the debouncer lets through."""
+    gate = debouncer or Debouncer()
+    loop = asyncio.get_running_loop()
+    while True:
+        summary = await snapshot()
+        due = gate.due(summary, loop.time())
+        if due is not None:
+            try:
+                await send(client, due)
+            except ControlError as e:  # the coordinator is away: the next change (or poll) tries again
+                log.info("path report not delivered: %s", e)
+            else:
+                gate.delivered(due)
+        await asyncio.sleep(poll)
+
+
+async def report_loop(daemon: Daemon) -> None:
+    """The daemon's supervised task: its status builder gives each peer's path."""
+    commands = LocalCommands(daemon)
+
+    async def snapshot() -> Summary:
+        assert daemon.applier is not None
+        ids = {v.name: v.peer.node_id for v in daemon.applier.verified}
+        return summarize((await commands.status()).peers, ids)
+
+    assert daemon._client is not None
+    await run(daemon._client, snapshot)

@@ -1,0 +1,99 @@
+"""Path reports (issue 18): a node's signed summary of its path to each peer reaches GET /admin/paths and
+the dashboard's nodes page; unsigned or forged reports are refused, peers the node may not see ignored,
+nothing is audited, and a removed node's report goes with it."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from coordinator.settings import Settings
+from meshd import pathreport
+from meshd.control import ControlError, NodeKeys
+from meshd.pathreport import PathEntry
+from meshd.proto import signing
+from tests.coordinator.conftest import Coord
+from tests.coordinator.test_dashboard import browser, log_in, token_of
+
+POLICY = '[[rules]]\nsrc = ["node:a"]\ndst = ["node:b:*"]\n'  # a and b see each other; c sees nobody
+
+
+async def test_a_signed_report_is_stored_shown_and_never_audited(coord: Coord, settings: Settings) -> None:
+    key = await coord.user_and_key(reusable=True)
+    (a, ea), (b, eb) = await coord.enroll("a", key), await coord.enroll("b", key)
+    before = len((await coord.admin.get("/admin/audit")).json())
+    summary = (PathEntry(eb.node_id, "relay", "tcp", 41.3),)
+    assert await pathreport.send(a, summary) == 1
+    assert await pathreport.send(b, (PathEntry(ea.node_id, "direct", None, 2.0),)) == 1
+    got = (await coord.admin.get("/admin/paths")).json()
+    assert got["a"]["peers"] == [{"name": "b", "path": "relay", "relay_transport": "tcp", "latency_ms": 41.3}]
+    assert got["b"]["peers"] == [{"name": "a", "path": "direct", "relay_transport": None, "latency_ms": 2.0}]
+    assert abs(got["a"]["reported_at"] - time.time()) < 60
+    assert len((await coord.admin.get("/admin/audit")).json()) == before  # telemetry, not a change
+    # a read token sees it over the remote admin API
+    token = await token_of(coord, "read")
+    r = await coord.api.get("/api/v1/admin/paths", headers={"authorization": f"Bearer {token}"})
+    assert r.status_code == 200 and r.json()["a"]["peers"][0]["path"] == "relay"
+    async with browser(coord, settings) as client:
+        await log_in(client, token)
+        page = (await client.get("/admin/nodes")).text
+        assert 'data-peer="b" data-path="relay"' in page and "b: relay (tcp) 41 ms" in page
+        assert 'data-peer="a" data-path="direct"' in page
+    # a node removed takes its report with it
+    assert (await coord.admin.delete("/admin/nodes/a")).status_code == 204
+    got = (await coord.admin.get("/admin/paths")).json()
+    assert "a" not in got and got["b"]["peers"] == []  # b's row about a is gone too
+    for c in (a, b):
+        await c.aclose()
+
+
+async def test_unsigned_and_forged_reports_are_refused(coord: Coord) -> None:
+    a, ea = await coord.enroll("a")
+    b, eb = await coord.enroll("b")
+    body = {"peers": [{"node": eb.node_id, "path": "direct"}]}
+    r = await coord.api.put("/api/v1/paths", json=body)
+    assert r.status_code == 401
+    # signed with another key in a's name
+    forger = coord.client(NodeKeys.generate(), ea.node_id)
+    with pytest.raises(ControlError) as refused:
+        await pathreport.send(forger, (PathEntry(eb.node_id, "direct"),))
+    assert refused.value.status == 401
+    # a's genuine signature over a different body
+
+    headers = signing.sign_request(
+        a.keys.node_private, str(ea.node_id), "PUT", "/api/v1/paths", b"{}", time.time()
+    )
+    r = await coord.api.put("/api/v1/paths", content=json.dumps(body), headers=headers)
+    assert r.status_code == 401
+    for bad in (
+        {"peers": [{"node": eb.node_id, "path": "teleport"}]},
+        {"peers": [{"node": eb.node_id, "path": "direct", "x": 1}]},
+    ):
+        with_bad = coord.client(a.keys, ea.node_id)
+        try:
+            await with_bad._request("PUT", "/api/v1/paths", bad, signer=str(ea.node_id))
+            raise AssertionError("a malformed report was accepted")
+        except ControlError as e:
+            assert e.status == 422
+        await with_bad.aclose()
+    assert (await coord.admin.get("/admin/paths")).json() == {}
+    for c in (a, b, forger):
+        await c.aclose()
+
+
+async def test_peers_the_node_may_not_see_are_ignored(coord: Coord) -> None:
+    key = await coord.user_and_key(reusable=True)
+    (a, ea), (b, eb), (c, ec) = [await coord.enroll(n, key) for n in ("a", "b", "c")]
+    assert (await coord.admin.put("/admin/policy", json={"policy": POLICY})).status_code == 200
+    assert (
+        await pathreport.send(c, (PathEntry(ea.node_id, "direct"), PathEntry(eb.node_id, "relay", "udp")))
+        == 0
+    )
+    both = (PathEntry(eb.node_id, "direct"), PathEntry(ec.node_id, "direct"), PathEntry(999, "direct"))
+    assert await pathreport.send(a, both) == 1
+    got = (await coord.admin.get("/admin/paths")).json()
+    assert got["c"]["peers"] == [] and [p["name"] for p in got["a"]["peers"]] == ["b"]
+    for n in (a, b, c):
+        await n.aclose()
