@@ -4,6 +4,8 @@ nothing is audited, and a removed node's report goes with it."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 
@@ -11,11 +13,12 @@ import pytest
 
 from coordinator.settings import Settings
 from meshd import pathreport
-from meshd.control import ControlError, NodeKeys
+from meshd.control import ControlClient, ControlError, NodeKeys
 from meshd.pathreport import PathEntry
 from meshd.proto import signing
 from tests.coordinator.conftest import Coord
 from tests.coordinator.test_dashboard import browser, log_in, token_of
+from tests.eventually import eventually_async
 
 POLICY = '[[rules]]\nsrc = ["node:a"]\ndst = ["node:b:*"]\n'  # a and b see each other; c sees nobody
 
@@ -97,3 +100,43 @@ async def test_peers_the_node_may_not_see_are_ignored(coord: Coord) -> None:
     assert got["c"]["peers"] == [] and [p["name"] for p in got["a"]["peers"]] == ["b"]
     for n in (a, b, c):
         await n.aclose()
+
+
+async def test_the_report_loop_sends_changes_debounced(coord: Coord, monkeypatch: pytest.MonkeyPatch) -> None:
+    key = await coord.user_and_key(reusable=True)
+    (a, _), (_, eb) = await coord.enroll("a", key), await coord.enroll("b", key)
+    current = [PathEntry(eb.node_id, "relay", "udp", 30.0)]
+    sent: list[float] = []
+    looks = [0]
+    real_send = pathreport.send
+
+    async def counting(client: ControlClient, summary: pathreport.Summary) -> int:
+        sent.append(asyncio.get_running_loop().time())
+        return await real_send(client, summary)
+
+    async def snapshot() -> pathreport.Summary:
+        looks[0] += 1
+        return tuple(current)
+
+    async def shown() -> str | None:
+        rows = (await coord.admin.get("/admin/paths")).json()
+        return str(rows["a"]["peers"][0]["path"]) if "a" in rows else None
+
+    async def is_shown(path: str) -> bool:
+        return await shown() == path
+
+    monkeypatch.setattr(pathreport, "send", counting)
+    loop = pathreport.run(a, snapshot, debouncer=pathreport.Debouncer(0.5), poll=0.02)
+    task = asyncio.create_task(loop)
+    try:
+        await eventually_async(lambda: is_shown("relay"), within=10)
+        current[0] = PathEntry(eb.node_id, "direct", None, 3.0)
+        await eventually_async(lambda: is_shown("direct"), within=10)
+        seen = looks[0]
+        await eventually_async(lambda: looks[0] >= seen + 20, within=10)  # it keeps looking ...
+        assert len(sent) == 2 and sent[1] - sent[0] >= 0.5  # ... but sends nothing unchanged
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await a.aclose()
