@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import threading
@@ -19,7 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from meshd import pathreport
 from meshd.control import ControlClient, Enrollment, NodeKeys, PendingApproval
+from meshd.pathreport import PathEntry
 from tests.coordinator.test_cli import cli, free_port, start_server, stop_server
 from tests.eventually import eventually
 
@@ -160,6 +163,15 @@ def test_log_in_approve_and_watch_a_node_go_offline(tmp_path: Path, browser: obj
 
         pending = asyncio.run(wait_in_line())
 
+        async def phone_reports_its_path() -> None:  # issue 18: a node's path report on the nodes page
+            listed = json.loads(cli(state, "nodes", "list", "--json").stdout)
+            laptop_id = next(int(n["id"]) for n in listed if n["name"] == "laptop")
+            async with ControlClient(url, NodeKeys.generate()) as c:
+                assert isinstance(await c.register("phone", auth_key=key), Enrollment)
+                assert await pathreport.send(c, (PathEntry(laptop_id, "relay", "tcp", 41.0),)) == 1
+
+        asyncio.run(phone_reports_its_path())
+
         # log in: the dashboard sends an anonymous visitor to the log-in page
         driver.get(url + "/admin")
         assert driver.current_url.endswith("/admin/login")
@@ -174,6 +186,9 @@ def test_log_in_approve_and_watch_a_node_go_offline(tmp_path: Path, browser: obj
         assert cookie is not None and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
         assert token not in cookie["value"]
         eventually(lambda: row_state("laptop") == "online", within=10, what="laptop shown online")
+        path = driver.find_element(By.CSS_SELECTOR, '#node-phone .path[data-peer="laptop"]')
+        assert path.get_attribute("data-path") == "relay" and path.text == "laptop: relay (tcp) 41 ms"
+        assert "not reported" in driver.find_element(By.ID, "node-laptop").text
         shot("nodes")
 
         # approve the waiting machine, after a confirmation page
