@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from coordinator.core import Core
 
-MAX_ENTRIES = 1024
+MAX_ENTRIES = 512  #: as meshd/pathreport.py MAX_PEERS (a report of that many fits the 64 KiB body limit)
 PATHS = ("direct", "relay", "none")
 TRANSPORTS = ("udp", "tcp", "peer")
 

@@ -30,7 +30,9 @@ log = logging.getLogger("meshd.pathreport")
 PATH = "/api/v1/paths"
 MIN_INTERVAL = 5.0  #: seconds between two reports (and between retries after a failure)
 POLL = 1.0  #: seconds between looks at the local status
-MAX_PEERS = 1024  #: the coordinator keeps no more than this per node either
+#: the coordinator keeps no more than this per node either; 512 worst-case entries (~40 KB) stay well
+#: under the coordinator's 64 KiB body limit
+MAX_PEERS = 512
 
 
 @dataclass(frozen=True, slots=True)

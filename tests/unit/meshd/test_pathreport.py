@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 from hypothesis import given
 from hypothesis import strategies as hs
@@ -44,6 +45,11 @@ def test_the_summary_names_peers_by_node_id_with_path_transport_and_latency_only
 def test_the_summary_is_bounded() -> None:
     peers = [peer(f"p{i}", "direct") for i in range(MAX_PEERS + 10)]
     assert len(summarize(peers, {f"p{i}": i + 1 for i in range(MAX_PEERS + 10)})) == MAX_PEERS
+
+
+def test_the_largest_report_fits_the_coordinators_body_limit() -> None:
+    worst = [PathEntry(10**9 + i, "relay", "peer", 599_999.9) for i in range(MAX_PEERS)]
+    assert len(json.dumps({"peers": [e.to_json() for e in worst]})) < 64 * 1024
 
 
 def s(*entries: PathEntry) -> Summary:
