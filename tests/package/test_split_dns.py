@@ -7,7 +7,7 @@ resolved's stub 127.0.0.53 and puts ``resolve`` into nsswitch.conf's hosts line,
 Inside: the coordinator, meshd.service (node alpha, ``--dns resolved``) and a peer beta in a network
 namespace; then resolved's view of the mesh link, ``getent`` through nss-resolve and through the stub,
 a name outside the mesh domain that resolved must not route to the link, and the link's settings gone
-after meshd stops.
+after meshd stops; then the same again under ``--dns auto``, which picks resolved where it runs.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def _addresses(c: pkg.Container, cmd: list[str]) -> set[str]:
     return {line.split()[0] for line in c.run(cmd, check=False).stdout.splitlines() if line.strip()}
 
 
-def test_meshd_registers_split_dns_with_systemd_resolved_and_reverts_it_on_stop(
+def test_meshd_registers_split_dns_with_systemd_resolved_under_resolved_and_auto_and_reverts_it_on_stop(
     container: pkg.Container,
 ) -> None:
     c = container
@@ -135,4 +135,21 @@ def test_meshd_registers_split_dns_with_systemd_resolved_and_reverts_it_on_stop(
     assert "100.100.100.100" not in left and "~mesh" not in left, left
     gone = c.run(["getent", "hosts", "beta.mesh"], check=False)
     assert gone.returncode != 0, gone.stdout
+
+    # --dns auto picks resolved where it runs: the same split DNS again, from the kept state (no key used)
+    c.sh("sed -i 's/--dns resolved/--dns auto/' /etc/default/meshd")
+    c.run(["systemctl", "start", "meshd"], timeout=120)
+    status = c.run(["resolvectl", "status", "mesh0"]).stdout
+    assert "100.100.100.100" in status and "~mesh" in status, status
+    again = eventually(
+        lambda: _addresses(c, ["getent", "ahosts", "beta.mesh"]),
+        within=10, what="beta.mesh resolves again under --dns auto",
+    )  # fmt: skip
+    assert again == want, (again, want)
+    c.run(["systemctl", "stop", "meshd"], timeout=60)
+    journal = c.run(["journalctl", "--no-pager", "-o", "cat", "-u", "meshd"]).stdout
+    assert journal.count("answers ~mesh on mesh0") == 2, journal[-3000:]
+    assert "systemd-resolved link settings" not in journal, journal[-3000:]
+    left = _link_settings(c)
+    assert "100.100.100.100" not in left and "~mesh" not in left, left
     c.run(["systemctl", "stop", "meshd-beta"], timeout=60)
