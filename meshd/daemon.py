@@ -280,7 +280,12 @@ class Daemon:
         except (WgError, DnsConfigError) as e:
             raise DaemonError(str(e)) from None
         try:
-            self.hosts.update([])  # a crashed daemon's block goes; ours is rewritten with every map
+            # a crashed daemon's block goes; ours is rewritten with every map, or never written at all when
+            # names come from the resolver (--dns resolved/off): no empty markers in /etc/hosts then
+            if self.applier.write_hosts:
+                self.hosts.update([])
+            else:
+                self.hosts.remove()
         except hosts.HostsError as e:
             raise DaemonError(str(e)) from None
 

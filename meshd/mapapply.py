@@ -156,7 +156,8 @@ class MapApplier:
             self.on_names(None, [])
         await self.reconcile([])
         try:
-            self.hosts.update([])
+            if self.write_hosts:
+                self.hosts.update([])
         except hosts.HostsError as e:
             log.error("hosts file: %s", e)
 

@@ -102,6 +102,7 @@ def test_dns_off_runs_no_resolver_and_writes_no_hosts_block(lab: Lab, mesh: Mesh
     mesh.wait_peer(beta, "alpha")
     assert mesh.status(alpha)["self"]["dns"] is None
     assert "beta" not in mesh.hosts_block(alpha)
+    assert f"BEGIN meshd {alpha.interface}" not in mesh.hosts_block(alpha), "not even empty markers"
     r = alpha.host.run(["ip", "-4", "addr", "show", "dev", alpha.interface], check=True)
     assert RESOLVER not in r.stdout
     # the positive control: --dns hosts keeps the hosts block and the resolver
