@@ -159,7 +159,9 @@ def serve(
     no_relay: Annotated[bool, typer.Option("--no-relay", help="Do not run the embedded relay.")] = False,
     relay_udp_ports: Annotated[
         str | None,
-        typer.Option("--relay-udp-ports", help="UDP relay port range LOW-HIGH (0: none; default 40000-40999)."),
+        typer.Option(
+            "--relay-udp-ports", help="UDP relay port range LOW-HIGH (0: none; default 40000-40999)."
+        ),
     ] = None,
     cert_lifetime: Annotated[
         str | None, typer.Option("--cert-lifetime", help="Node certificate lifetime.")
