@@ -1,5 +1,6 @@
-"""Path reports end to end (issue 18): two real meshd find a direct path, and the coordinator's
-`GET /admin/paths` (the dashboard's Paths column) shows each one's report of it within seconds."""
+"""Path reports end to end (issue 18): real meshd find their paths (direct between two public hosts, the
+TCP relay to a host whose UDP is blocked), and the coordinator's `GET /admin/paths` (the dashboard's
+Paths column) shows each one's report of them within seconds."""
 
 from __future__ import annotations
 
@@ -15,22 +16,36 @@ from tests.netns.mesh import Mesh
 pytestmark = pytest.mark.netns
 
 
-def test_each_node_reports_its_path_to_the_coordinator(lab: Lab, mesh: Mesh) -> None:
+def test_each_node_reports_its_paths_to_the_coordinator(lab: Lab, mesh: Mesh) -> None:
     mesh.start_coordinator(lab.server())
     alpha = mesh.up(lab.host(nat="public"), "alpha")
     beta = mesh.up(lab.host(nat="public"), "beta")
+    gamma = mesh.up(lab.host(nat="udp-blocked"), "gamma")
     mesh.wait_path(alpha, "beta", "direct", within=20)
     mesh.wait_path(beta, "alpha", "direct", within=20)
+    mesh.wait_peer(gamma, "alpha")
+    mesh.wait_ping(gamma, alpha, within=10)
     transport = httpx.HTTPTransport(uds=str(mesh.coord_dir / "admin.sock"))
+    want = {
+        ("alpha", "beta"): ("direct", None),
+        ("beta", "alpha"): ("direct", None),
+        ("alpha", "gamma"): ("relay", "tcp"),
+        ("gamma", "alpha"): ("relay", "tcp"),
+        ("beta", "gamma"): ("relay", "tcp"),
+        ("gamma", "beta"): ("relay", "tcp"),
+    }
 
     def reported() -> dict[str, Any] | None:
         with httpx.Client(transport=transport, base_url="http://admin", timeout=5) as admin:
             rows: dict[str, Any] = admin.get("/admin/paths").json()
-        paths = {(name, p["name"]): p["path"] for name, row in rows.items() for p in row["peers"]}
-        return rows if paths == {("alpha", "beta"): "direct", ("beta", "alpha"): "direct"} else None
+        paths = {
+            (name, p["name"]): (p["path"], p["relay_transport"])
+            for name, row in rows.items()
+            for p in row["peers"]
+        }
+        return rows if paths == want else None
 
-    rows = eventually(reported, within=15, what="both nodes' direct paths reported")
+    rows = eventually(reported, within=20, what="every node's paths reported")
     assert rows is not None
     peer = rows["alpha"]["peers"][0]
-    assert peer["relay_transport"] is None
     assert peer["latency_ms"] is None or 0 <= peer["latency_ms"] < 1000
