@@ -4,6 +4,9 @@ Memory only, and never audited: it is telemetry the node may restate at any time
 network. Bounded: per node at most :data:`MAX_ENTRIES` peers, only peers the node's map shows it
 (a node cannot plant rows about nodes it may not see), and a node's report goes with the node (it is
 dropped at the next store or read once the node is no longer in the map).
+
+A report may carry the node's own netcheck facts (UDP, NAT mapping, port map); with both sides' facts
+:func:`why` explains a relayed pair (meshd/why.py).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import weakref
 from dataclasses import dataclass
 
 from coordinator.core import Core
+from meshd import why as verdicts
 
 MAX_ENTRIES = 512  #: as meshd/pathreport.py MAX_PEERS (a report of that many fits the 64 KiB body limit)
 PATHS = ("direct", "relay", "none")
@@ -28,16 +32,46 @@ class PeerPath:
 
 
 @dataclass(frozen=True, slots=True)
+class Facts:
+    """The reporting node's own netcheck facts (meshd.pathreport.Facts); None where it does not know."""
+
+    udp: bool | None
+    mapping: str | None  #: "EIM" | "EDM" | "none"
+    portmap: str | None  #: "upnp" | "natpmp" | "pcp" while a port map is active
+
+
+@dataclass(frozen=True, slots=True)
 class Report:
     at: float  #: wall-clock time the coordinator received it
     peers: tuple[PeerPath, ...]
+    facts: Facts | None = None  #: absent in reports of older meshd
+
+
+def why(a: tuple[str, Facts | None], b: tuple[str, Facts | None], path: str) -> str | None:
+    """Why ``a``'s path to ``b`` is relayed (meshd/why.py's verdict); None when not relayed or unknown."""
+    (na, fa), (nb, fb) = a, b
+    if path != "relay" or fa is None or fb is None:
+        return None
+
+    def net(name: str, f: Facts) -> verdicts.NetFacts:
+        mapping = verdicts.Mapping(f.mapping) if f.mapping is not None else None
+        return verdicts.NetFacts(name, f.udp, mapping, f.portmap)
+
+    return verdicts.verdict(net(na, fa), net(nb, fb), direct=False)
 
 
 class PathReports:
     def __init__(self) -> None:
         self.latest: dict[int, Report] = {}
 
-    def store(self, core: Core, node_id: int, peers: list[PeerPath], now: float | None = None) -> int:
+    def store(
+        self,
+        core: Core,
+        node_id: int,
+        peers: list[PeerPath],
+        now: float | None = None,
+        facts: Facts | None = None,
+    ) -> int:
         """Keep ``peers`` (those ``node_id`` may see, first MAX_ENTRIES) as its latest; answers how many."""
         self.prune(core)
         if node_id not in core.state.peers:
@@ -47,7 +81,7 @@ class PathReports:
         for p in peers:
             if p.node in visible and len(kept) < MAX_ENTRIES:
                 kept[p.node] = p
-        self.latest[node_id] = Report(time.time() if now is None else now, tuple(kept.values()))
+        self.latest[node_id] = Report(time.time() if now is None else now, tuple(kept.values()), facts)
         return len(kept)
 
     def prune(self, core: Core) -> None:
@@ -61,7 +95,9 @@ class PathReports:
         out = {}
         for node_id, report in self.latest.items():
             visible = set(core.state.visible_ids(node_id))
-            out[node_id] = Report(report.at, tuple(p for p in report.peers if p.node in visible))
+            out[node_id] = Report(
+                report.at, tuple(p for p in report.peers if p.node in visible), report.facts
+            )
         return out
 
 

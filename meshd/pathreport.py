@@ -5,6 +5,8 @@ relay transport when relayed and the probe round trip; no endpoints, no byte cou
 signed ``PUT /api/v1/paths`` only when it changed, and at most once per :data:`MIN_INTERVAL` seconds
 (a path that flaps between relay and direct costs the coordinator one request per 5 s, not one per
 flap). A latency change counts only when it leaves its half-octave bucket, so jitter sends nothing.
+The report also carries this node's own netcheck :class:`Facts` (UDP reachable, NAT mapping, active port
+map) so the coordinator can say why a pair is relayed (meshd/why.py); a change of facts is a change too.
 
 :class:`Debouncer` is the sans-IO core; :func:`report_loop` the thin shell the daemon supervises.
 """
@@ -24,6 +26,7 @@ from meshd.status import PeerStatus
 
 if TYPE_CHECKING:
     from meshd.daemon import Daemon
+    from meshd.nat.strategy import NatInfo
 
 log = logging.getLogger("meshd.pathreport")
 
@@ -59,6 +62,33 @@ class PathEntry:
 Summary = tuple[PathEntry, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """What this node's netcheck knows of its own network (the ``facts`` object of a report)."""
+
+    udp: bool | None  #: STUN over UDP answered (None: not known yet)
+    mapping: str | None  #: "EIM" | "EDM" (None: fewer than two STUN answers)
+    portmap: str | None = None  #: "upnp" | "natpmp" | "pcp" while a port map is active
+
+    def to_json(self) -> dict[str, Any]:
+        return {"udp": self.udp, "mapping": self.mapping, "portmap": self.portmap}
+
+
+def facts_of(nat: NatInfo | None) -> Facts | None:
+    """Our facts from the path strategy's NAT view (as ``meshd netcheck``); None before anything is known.
+
+    UDP counts as blocked when a STUN question went unanswered and no STUN server ever answered.
+    """
+    if nat is None:
+        return None
+    udp = True if nat.reflexive else (False if nat.stun_unanswered else None)
+    varies = nat.mapping_varies_by_dest
+    mapping = None if varies is None else ("EDM" if varies else "EIM")
+    if udp is None and mapping is None and nat.portmap is None:
+        return None
+    return Facts(udp, mapping, nat.portmap)
+
+
 def summarize(peers: Iterable[PeerStatus], ids: dict[str, int]) -> Summary:
     """The summary of ``meshd status``'s peers; ``ids`` maps peer names to node ids (unknown: skipped)."""
     entries = [
@@ -84,24 +114,28 @@ class Debouncer:
     def __init__(self, interval: float = MIN_INTERVAL) -> None:
         self.interval = interval
         self.sent: Summary | None = None  #: what the coordinator has (None: nothing yet)
+        self.sent_facts: Facts | None = None  #: the facts sent with it
         self.last_attempt: float | None = None
 
-    def due(self, summary: Summary, now: float) -> Summary | None:
-        """The summary to send now, or None (unchanged, or too soon: ask again later)."""
-        if self.sent is not None and _keys(summary) == _keys(self.sent):
+    def due(self, summary: Summary, now: float, facts: Facts | None = None) -> Summary | None:
+        """The summary to send now, or None (unchanged, facts too, or too soon: ask again later)."""
+        if self.sent is not None and _keys(summary) == _keys(self.sent) and facts == self.sent_facts:
             return None
         if self.last_attempt is not None and now - self.last_attempt < self.interval:
             return None
         self.last_attempt = now
         return summary
 
-    def delivered(self, summary: Summary) -> None:
+    def delivered(self, summary: Summary, facts: Facts | None = None) -> None:
         self.sent = summary
+        self.sent_facts = facts
 
 
-async def send(client: ControlClient, summary: Summary) -> int:
+async def send(client: ControlClient, summary: Summary, facts: Facts | None = None) -> int:
     """One signed report; answers how many entries the coordinator kept."""
-    body = {"peers": [e.to_json() for e in summary]}
+    body: dict[str, Any] = {"peers": [e.to_json() for e in summary]}
+    if facts is not None:  # optional: a coordinator without it ignores nothing (reports stay valid)
+        body["facts"] = facts.to_json()
     # the client's signed-request plumbing (the same envelope as PUT /api/v1/routes)
     data = (await client._request("PUT", PATH, body, signer=client._need_id())).json()
     return int(data.get("accepted", 0))
@@ -111,22 +145,24 @@ async def run(
     client: ControlClient,
     snapshot: Callable[[], Awaitable[Summary]],
     *,
+    facts: Callable[[], Facts | None] = lambda: None,
     debouncer: Debouncer | None = None,
     poll: float = POLL,
 ) -> None:
-    """Look at the paths every ``poll`` seconds and report what the debouncer lets through."""
+    """Look at the paths (and our facts) every ``poll`` seconds and report what the debouncer lets through."""
     gate = debouncer or Debouncer()
     loop = asyncio.get_running_loop()
     while True:
         summary = await snapshot()
-        due = gate.due(summary, loop.time())
+        ours = facts()
+        due = gate.due(summary, loop.time(), ours)
         if due is not None:
             try:
-                await send(client, due)
+                await send(client, due, ours)
             except ControlError as e:  # the coordinator is away: the next change (or poll) tries again
                 log.info("path report not delivered: %s", e)
             else:
-                gate.delivered(due)
+                gate.delivered(due, ours)
         await asyncio.sleep(poll)
 
 
@@ -139,5 +175,8 @@ async def report_loop(daemon: Daemon) -> None:
         ids = {v.name: v.peer.node_id for v in daemon.applier.verified}
         return summarize((await commands.status()).peers, ids)
 
+    def facts() -> Facts | None:
+        return facts_of(daemon.paths.nat if daemon.paths is not None else None)
+
     assert daemon._client is not None
-    await run(daemon._client, snapshot)
+    await run(daemon._client, snapshot, facts=facts)

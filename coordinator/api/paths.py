@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from coordinator.api.deps import CoreDep, NodeDep
 from coordinator.core import Core
-from coordinator.pathreports import MAX_ENTRIES, PeerPath, reports_of
+from coordinator.pathreports import MAX_ENTRIES, Facts, PeerPath, reports_of, why
 
 router = APIRouter(prefix="/api/v1", tags=["node"])
 admin_router = APIRouter(prefix="/admin", tags=["admin"])
@@ -23,9 +23,19 @@ class PeerPathIn(BaseModel):
     latency_ms: float | None = Field(default=None, ge=0, le=600_000)
 
 
+class FactsIn(BaseModel):
+    """The node's own netcheck facts (optional: older meshd send none)."""
+
+    model_config = ConfigDict(extra="forbid")
+    udp: bool | None = None
+    mapping: Literal["EIM", "EDM", "none"] | None = None
+    portmap: Literal["upnp", "natpmp", "pcp"] | None = None
+
+
 class PathReportIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     peers: list[PeerPathIn] = Field(max_length=MAX_ENTRIES)
+    facts: FactsIn | None = None
 
 
 @router.put("/paths")
@@ -35,14 +45,21 @@ async def report_paths(body: PathReportIn, node_id: NodeDep, core: CoreDep) -> d
         PeerPath(p.node, p.path, p.relay_transport if p.path == "relay" else None, p.latency_ms)
         for p in body.peers
     ]
-    return {"accepted": reports_of(core).store(core, node_id, peers)}
+    f = body.facts
+    facts = Facts(f.udp, f.mapping, f.portmap) if f is not None else None
+    return {"accepted": reports_of(core).store(core, node_id, peers, facts=facts)}
 
 
 def path_rows(core: Core) -> dict[str, dict[str, Any]]:
-    """Per node name: when it reported and its peers by name (the dashboard's and /admin/paths' view)."""
+    """Per node name: when it reported and its peers by name (the dashboard's and /admin/paths' view).
+
+    ``why`` explains a relayed path when both sides reported their netcheck facts, else it is null.
+    """
     names = {i: peer.name for i, peer in core.state.peers.items()}
     out: dict[str, dict[str, Any]] = {}
-    for node_id, report in sorted(reports_of(core).current(core).items()):
+    current = reports_of(core).current(core)
+    facts = {node_id: report.facts for node_id, report in current.items()}
+    for node_id, report in sorted(current.items()):
         if node_id not in names:
             continue
         out[names[node_id]] = {
@@ -53,6 +70,11 @@ def path_rows(core: Core) -> dict[str, dict[str, Any]]:
                     "path": p.path,
                     "relay_transport": p.relay_transport,
                     "latency_ms": p.latency_ms,
+                    "why": why(
+                        (names[node_id], report.facts),
+                        (names.get(p.node, str(p.node)), facts.get(p.node)),
+                        p.path,
+                    ),
                 }
                 for p in sorted(report.peers, key=lambda p: names.get(p.node, ""))
             ],

@@ -87,6 +87,7 @@ class Gatherer:
                     self.nat.reflexive[ev.server] = ev.mapped
                     changed = True
             else:
+                self.nat.stun_unanswered = True
                 log.debug("STUN %s: %s", format_endpoint(ev.server), ev.reason)
         if changed:
             log.info(

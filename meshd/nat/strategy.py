@@ -63,6 +63,8 @@ class NatInfo:
     reflexive: dict[Endpoint, Endpoint] = field(default_factory=dict)  #: STUN server -> our mapped address
     portmap: str | None = None  #: "upnp", "natpmp", "pcp" or None
     portmapped: Endpoint | None = None
+    #: a STUN question went unanswered (with no answer at all, UDP is likely blocked: path reports)
+    stun_unanswered: bool = False
 
     @property
     def mapping_varies_by_dest(self) -> bool | None:

@@ -14,7 +14,7 @@ import pytest
 from coordinator.settings import Settings
 from meshd import pathreport
 from meshd.control import ControlClient, ControlError, NodeKeys
-from meshd.pathreport import PathEntry
+from meshd.pathreport import Facts, PathEntry
 from meshd.proto import signing
 from tests.coordinator.conftest import Coord
 from tests.coordinator.test_dashboard import browser, log_in, token_of
@@ -31,8 +31,12 @@ async def test_a_signed_report_is_stored_shown_and_never_audited(coord: Coord, s
     assert await pathreport.send(a, summary) == 1
     assert await pathreport.send(b, (PathEntry(ea.node_id, "direct", None, 2.0),)) == 1
     got = (await coord.admin.get("/admin/paths")).json()
-    assert got["a"]["peers"] == [{"name": "b", "path": "relay", "relay_transport": "tcp", "latency_ms": 41.3}]
-    assert got["b"]["peers"] == [{"name": "a", "path": "direct", "relay_transport": None, "latency_ms": 2.0}]
+    assert got["a"]["peers"] == [
+        {"name": "b", "path": "relay", "relay_transport": "tcp", "latency_ms": 41.3, "why": None}
+    ]
+    assert got["b"]["peers"] == [
+        {"name": "a", "path": "direct", "relay_transport": None, "latency_ms": 2.0, "why": None}
+    ]
     assert abs(got["a"]["reported_at"] - time.time()) < 60
     assert len((await coord.admin.get("/admin/audit")).json()) == before  # telemetry, not a change
     # a read token sees it over the remote admin API
@@ -110,9 +114,11 @@ async def test_the_report_loop_sends_changes_debounced(coord: Coord, monkeypatch
     looks = [0]
     real_send = pathreport.send
 
-    async def counting(client: ControlClient, summary: pathreport.Summary) -> int:
+    async def counting(
+        client: ControlClient, summary: pathreport.Summary, facts: pathreport.Facts | None = None
+    ) -> int:
         sent.append(asyncio.get_running_loop().time())
-        return await real_send(client, summary)
+        return await real_send(client, summary, facts)
 
     async def snapshot() -> pathreport.Summary:
         looks[0] += 1
@@ -140,3 +146,35 @@ async def test_the_report_loop_sends_changes_debounced(coord: Coord, monkeypatch
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await a.aclose()
+
+
+async def test_a_relayed_pair_with_both_sides_facts_says_why(coord: Coord, settings: Settings) -> None:
+    key = await coord.user_and_key(reusable=True)
+    (a, ea), (b, eb) = await coord.enroll("a", key), await coord.enroll("b", key)
+    edm = Facts(udp=True, mapping="EDM", portmap=None)
+    assert await pathreport.send(a, (PathEntry(eb.node_id, "relay", "udp", 30.0),), edm) == 1
+    # b's facts are not known yet: nothing to explain
+    assert await pathreport.send(b, (PathEntry(ea.node_id, "relay", "udp", 30.0),)) == 1
+    got = (await coord.admin.get("/admin/paths")).json()
+    assert got["a"]["peers"][0]["why"] is None and got["b"]["peers"][0]["why"] is None
+    assert await pathreport.send(b, (PathEntry(ea.node_id, "relay", "udp", 30.0),), edm) == 1
+    got = (await coord.admin.get("/admin/paths")).json()
+    assert got["a"]["peers"][0]["why"] == (
+        "a: EDM, b: EDM, neither with port mapping: no passable port pair; "
+        "enable UPnP or NAT-PMP on a's or b's router"
+    )
+    assert got["b"]["peers"][0]["why"].startswith("b: EDM, a: EDM, neither with port mapping")
+    async with browser(coord, settings) as client:
+        await log_in(client, await token_of(coord, "read"))
+        page = (await client.get("/admin/nodes")).text
+        assert "(why: a: EDM, b: EDM, neither with port mapping: no passable port pair;" in page
+    # a direct path has nothing to explain, whatever the facts
+    assert await pathreport.send(a, (PathEntry(eb.node_id, "direct", None, 2.0),), edm) == 1
+    assert (await coord.admin.get("/admin/paths")).json()["a"]["peers"][0]["why"] is None
+    # a facts object that is not netcheck's vocabulary is refused
+    bad = {"peers": [], "facts": {"udp": True, "mapping": "symmetric"}}
+    with pytest.raises(ControlError) as refused:
+        await a._request("PUT", "/api/v1/paths", bad, signer=str(ea.node_id))
+    assert refused.value.status == 422
+    for c in (a, b):
+        await c.aclose()

@@ -8,7 +8,8 @@ import json
 from hypothesis import given
 from hypothesis import strategies as hs
 
-from meshd.pathreport import MAX_PEERS, Debouncer, PathEntry, Summary, summarize
+from meshd.nat.strategy import NatInfo
+from meshd.pathreport import MAX_PEERS, Debouncer, Facts, PathEntry, Summary, facts_of, summarize
 from meshd.status import PeerStatus
 
 
@@ -96,3 +97,40 @@ def test_never_two_reports_within_the_interval(changes: list[tuple[float, str]])
             sent.append(now)
             d.delivered(due)
     assert all(b - a >= 5.0 for a, b in itertools.pairwise(sent))
+
+
+STUN_A, STUN_B = ("198.51.100.1", 3478), ("198.51.100.1", 3479)
+
+
+def test_the_facts_are_netchecks_udp_mapping_and_active_port_map() -> None:
+    assert facts_of(None) is None  # no path strategy yet
+    assert facts_of(NatInfo()) is None  # nothing asked or answered yet: nothing to tell
+    edm = NatInfo(reflexive={STUN_A: ("203.0.113.5", 1000), STUN_B: ("203.0.113.5", 1001)})
+    assert facts_of(edm) == Facts(udp=True, mapping="EDM", portmap=None)
+    eim = NatInfo(
+        reflexive={STUN_A: ("203.0.113.5", 1000), STUN_B: ("203.0.113.5", 1000)},
+        portmap="natpmp",
+        portmapped=("203.0.113.5", 41641),
+    )
+    assert facts_of(eim) == Facts(udp=True, mapping="EIM", portmap="natpmp")
+    one = NatInfo(reflexive={STUN_A: ("203.0.113.5", 1000)})
+    assert facts_of(one) == Facts(udp=True, mapping=None)  # one answer cannot tell the mapping
+    # STUN went unanswered and nothing ever answered: UDP is blocked
+    assert facts_of(NatInfo(stun_unanswered=True)) == Facts(udp=False, mapping=None)
+    # one server unanswered but another answered: UDP works
+    assert facts_of(NatInfo(reflexive=dict(one.reflexive), stun_unanswered=True)) == Facts(True, None)
+    assert Facts(False, None).to_json() == {"udp": False, "mapping": None, "portmap": None}
+
+
+def test_a_change_of_facts_alone_is_a_change_for_the_debouncer() -> None:
+    d = Debouncer(interval=5.0)
+    same = s(PathEntry(2, "relay", "tcp", 40.0))
+    assert d.due(same, 0.0, None) == same
+    d.delivered(same, None)
+    assert d.due(same, 10.0, None) is None
+    blocked = Facts(udp=False, mapping=None)
+    assert d.due(same, 10.0, blocked) == same  # netcheck learnt something: the coordinator should know
+    d.delivered(same, blocked)
+    assert d.due(same, 11.0, Facts(udp=False, mapping=None)) is None  # equal facts: nothing new
+    assert d.due(same, 12.0, Facts(udp=True, mapping="EDM")) is None  # new, but within the interval
+    assert d.due(same, 15.0, Facts(udp=True, mapping="EDM")) == same
