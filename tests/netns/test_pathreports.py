@@ -1,6 +1,6 @@
 """Path reports end to end (issue 18): real meshd find their paths (direct between two public hosts, the
 TCP relay to a host whose UDP is blocked), and the coordinator's `GET /admin/paths` (the dashboard's
-Paths column) shows each one's report of them within seconds."""
+Paths column) shows each one's report of them within seconds, with why a relayed pair is relayed."""
 
 from __future__ import annotations
 
@@ -47,5 +47,20 @@ def test_each_node_reports_its_paths_to_the_coordinator(lab: Lab, mesh: Mesh) ->
 
     rows = eventually(reported, within=20, what="every node's paths reported")
     assert rows is not None
+
+    def why_of(node: str, peer: str) -> str | None:
+        with httpx.Client(transport=transport, base_url="http://admin", timeout=5) as admin:
+            rows = admin.get("/admin/paths").json()
+        return next((p["why"] for p in rows[node]["peers"] if p["name"] == peer), None)
+
+    # both sides' netcheck facts reached the coordinator: it says why gamma is relayed (STUN unanswered)
+    eventually(
+        lambda: "UDP blocked on gamma's network" in (why_of("alpha", "gamma") or ""),
+        within=20,
+        interval=0.2,
+        what="why alpha-gamma is relayed",
+    )
+    assert "UDP blocked on gamma's network" in (why_of("gamma", "beta") or "")
+    assert why_of("alpha", "beta") is None  # direct: nothing to explain
     peer = rows["alpha"]["peers"][0]
     assert peer["latency_ms"] is None or 0 <= peer["latency_ms"] < 1000
