@@ -176,22 +176,6 @@ class Container:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    reason = _why_not()
-    if reason:
-        pytest.skip(f"cannot build and install the package here: {reason}")
-    if os.environ.get("MESHVPN_TEST_DEB"):  # a package built before (scripts/package, lintian included)
-        return Path(os.environ["MESHVPN_TEST_DEB"])
-    out = tmp_path_factory.mktemp("dist")
-    r = subprocess.run(
-        ["bash", str(ROOT / "scripts/package"), "--out", str(out)],
-        capture_output=True, text=True, timeout=900, check=False,
-    )  # fmt: skip
-    assert r.returncode == 0, f"scripts/package failed (lintian errors fail it):\n{r.stderr[-6000:]}"
-    return Path(r.stdout.strip().splitlines()[-1])
-
-
 @pytest.fixture
 def container(deb: Path) -> Iterator[Container]:
     lower = _rootfs(BASE + _depends(deb))

@@ -25,7 +25,6 @@ from tests.package import test_deb_install as pkg
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 RESOLVED = ["systemd-resolved", "libnss-resolve"]
-deb = pkg.deb  # the same module-scoped fixture: the package from scripts/package (or MESHVPN_TEST_DEB)
 
 
 @pytest.fixture
