@@ -120,6 +120,16 @@ def browser() -> Iterator[object]:
         driver.quit()
 
 
+def _stale(element: object) -> bool:
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    try:
+        element.is_enabled()  # type: ignore[attr-defined]
+    except StaleElementReferenceException:
+        return True
+    return False
+
+
 def test_log_in_approve_and_watch_a_node_go_offline(tmp_path: Path, browser: object) -> None:
     from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
@@ -131,6 +141,13 @@ def test_log_in_approve_and_watch_a_node_go_offline(tmp_path: Path, browser: obj
 
     def shot(name: str) -> None:
         driver.save_screenshot(str(SHOTS / f"{name}.png"))
+
+    def follow(by: str, what: str) -> None:
+        """Click a link or button and wait for the next page: a click returns before the navigation it
+        starts, so reading the page at once can read the old one (the old URL, the old rows)."""
+        old = driver.find_element(By.TAG_NAME, "html")
+        driver.find_element(by, what).click()
+        eventually(lambda: _stale(old), within=10, what=f"the page after clicking {what}")
 
     def row_state(name: str) -> str | None:
         try:
@@ -177,10 +194,10 @@ def test_log_in_approve_and_watch_a_node_go_offline(tmp_path: Path, browser: obj
         assert driver.current_url.endswith("/admin/login")
         shot("login")
         driver.find_element(By.ID, "token").send_keys("meshtok-wrong")
-        driver.find_element(By.ID, "login").click()
+        follow(By.ID, "login")
         assert "invalid token" in driver.find_element(By.ID, "error").text
         driver.find_element(By.ID, "token").send_keys(token)
-        driver.find_element(By.ID, "login").click()
+        follow(By.ID, "login")
         assert driver.current_url.endswith("/admin/nodes")
         cookie = driver.get_cookie("meshadmin")
         assert cookie is not None and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
@@ -192,18 +209,18 @@ def test_log_in_approve_and_watch_a_node_go_offline(tmp_path: Path, browser: obj
         shot("nodes")
 
         # approve the waiting machine, after a confirmation page
-        driver.find_element(By.ID, "nav-pending").click()
+        follow(By.ID, "nav-pending")
         assert driver.find_elements(By.ID, f"pending-{pending.code}")
         shot("approvals")
-        driver.find_element(By.CSS_SELECTOR, f"#pending-{pending.code} a.approve").click()
+        follow(By.CSS_SELECTOR, f"#pending-{pending.code} a.approve")
         assert "Approve newbox" in driver.find_element(By.TAG_NAME, "h1").text
         shot("approve-confirm")
-        driver.find_element(By.ID, "confirm").click()
+        follow(By.ID, "confirm")
         assert "approved node newbox" in driver.find_element(By.ID, "notice").text
         assert not driver.find_elements(By.ID, f"pending-{pending.code}")
 
         # the node goes offline: the page (reloading itself every 2 s) shows it within a few seconds
-        driver.find_element(By.ID, "nav-nodes").click()
+        follow(By.ID, "nav-nodes")
         assert row_state("newbox") == "offline"  # approved, never connected
         node.stop()
         node = None
@@ -212,25 +229,25 @@ def test_log_in_approve_and_watch_a_node_go_offline(tmp_path: Path, browser: obj
         print(f"node shown offline {time.monotonic() - went:.1f} s after its stream closed")
         shot("nodes-offline")
 
-        driver.find_element(By.ID, "nav-relays").click()
+        follow(By.ID, "nav-relays")
         assert driver.find_elements(By.ID, "region-1")
         shot("relays")
 
-        driver.find_element(By.ID, "nav-policy").click()
+        follow(By.ID, "nav-policy")
         results = [
             r.get_attribute("class") for r in driver.find_elements(By.CSS_SELECTOR, "#policy-tests tbody tr")
         ]
         assert results == ["pass"], results
         shot("policy")
 
-        driver.find_element(By.ID, "nav-audit").click()
+        follow(By.ID, "nav-audit")
         assert "Chain intact" in driver.find_element(By.ID, "verdict").text
         driver.find_element(By.NAME, "action").send_keys("node.approved")
-        driver.find_element(By.ID, "filter").click()
+        follow(By.ID, "filter")
         rows = driver.find_elements(By.CSS_SELECTOR, "#audit tbody tr")
         assert len(rows) == 1 and "token:1" in rows[0].text and "newbox" in rows[0].text
         driver.find_element(By.NAME, "action").clear()
-        driver.find_element(By.ID, "filter").click()
+        follow(By.ID, "filter")
         shot("audit")
         assert token not in driver.page_source
 
