@@ -13,6 +13,7 @@ to our port whose payload starts with the probe magic, or carries the STUN magic
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ipaddress
 import socket
@@ -22,6 +23,20 @@ from meshd.proto import disco, stun
 from meshd.proto.endpoint import Endpoint
 
 SO_ATTACH_FILTER = 26
+SO_MARK = 36
+
+
+def mark_underlay(sock: socket.socket) -> None:
+    """Give ``sock``'s packets WireGuard's fwmark: like WireGuard's own packets they are underlay, so an
+    exit node's policy routing (meshd/exitnode.py: ``not fwmark TABLE lookup TABLE``) never sends a probe,
+    a STUN query or a relay bind into the tunnel. Without an exit node no rule looks at the mark."""
+    from meshd.exitnode import TABLE  # the mark is the exit table's number, as in wg-quick
+
+    # needs CAP_NET_ADMIN: without it, probes simply follow the routing table
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, SO_MARK, TABLE)
+
+
 _UDP_HEADER = struct.Struct("!HHHH")
 
 
@@ -125,6 +140,7 @@ class RawPort:
             raise RawPortError(f"raw socket needs root or CAP_NET_RAW: {e}") from None
         try:
             _attach_filter(self.sock, port)
+            mark_underlay(self.sock)
             self.sock.setblocking(False)
         except OSError:
             self.sock.close()

@@ -20,7 +20,7 @@ import socket
 import time
 from collections.abc import Callable
 
-from meshd.nat.rawport import SO_ATTACH_FILTER, _SockFilter, _SockFprog, build_udp
+from meshd.nat.rawport import SO_ATTACH_FILTER, _SockFilter, _SockFprog, build_udp, mark_underlay
 from meshd.proto import relay, relayport
 from meshd.proto.endpoint import Endpoint
 from meshd.proto.relayport import PortClient
@@ -38,6 +38,7 @@ def _send_only_raw_socket() -> socket.socket:
         sock.setsockopt(
             socket.SOL_SOCKET, SO_ATTACH_FILTER, ctypes.string_at(ctypes.addressof(prog), ctypes.sizeof(prog))
         )
+        mark_underlay(sock)
         sock.setblocking(False)
     except OSError:
         sock.close()
