@@ -207,9 +207,10 @@ async def list_nodes(core: Core) -> list[NodeInfo]:
     return out
 
 
-async def _by_name(tx: Tx, name: str) -> Node:
+async def by_name(tx: Tx, name: str, *, live: bool = False) -> Node:
+    """The node called ``name`` (NotFound if none; with ``live``, also if it expired)."""
     node = (await tx.session.execute(select(Node).where(Node.name == name))).scalar_one_or_none()
-    if node is None:
+    if node is None or (live and node.expired):
         raise NotFound(f"unknown node {name!r}")
     return node
 
@@ -280,7 +281,7 @@ async def _release(tx: Tx, name: str, actor: str) -> bool:
 
 async def expire_node(core: Core, name: str, actor: str) -> None:
     async with core.transaction() as tx:
-        node = await _by_name(tx, name)
+        node = await by_name(tx, name)
         if node.expired:
             raise Conflict(f"node {name!r} is already expired")
         node.expired = True
@@ -304,7 +305,7 @@ async def rename_node(core: Core, old: str, new: str, actor: str) -> None:
     if not is_dns_label(new):
         raise BadRequest(f"bad node name {new!r}: one DNS label (a-z, 0-9, '-'), at most 63 characters")
     async with core.transaction() as tx:
-        node = await _by_name(tx, old)
+        node = await by_name(tx, old)
         if old == new:
             return
         if (await tx.session.execute(select(Node.id).where(Node.name == new))).first() is not None:
@@ -322,7 +323,7 @@ async def rename_node(core: Core, old: str, new: str, actor: str) -> None:
 async def tag_node(core: Core, name: str, tags: list[str], actor: str) -> tuple[str, ...]:
     clean = check_tags(tags)
     async with core.transaction() as tx:
-        node = await _by_name(tx, name)
+        node = await by_name(tx, name)
         node.tags = json.dumps(list(clean))
         await tx.audit(actor, "node.tagged", f"node:{name}", {"node_id": node.id, "tags": list(clean)})
         await _reissue_and_publish(tx, node)

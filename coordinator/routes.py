@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from coordinator.core import Core, Tx
 from coordinator.db.models import Node, Route
 from coordinator.errors import BadRequest, NotFound
+from coordinator.nodes import by_name
 from meshd.routing import EXIT_PREFIXES, MAX_ADVERTISED, canonical_prefix, primaries
 
 
@@ -112,18 +113,11 @@ async def advertise(core: Core, node_id: int, prefixes: list[str]) -> tuple[str,
         return tuple(r.prefix for r in rows if r.advertised and r.approved)
 
 
-async def _node(tx: Tx, name: str) -> Node:
-    node = (await tx.session.execute(select(Node).where(Node.name == name))).scalar_one_or_none()
-    if node is None or node.expired:
-        raise NotFound(f"unknown node {name!r}")
-    return node
-
-
 async def approve(core: Core, name: str, prefix: str, actor: str) -> list[str]:
     """Approve `prefix` (or ``exit``) for node `name`; it takes effect once the node advertises it."""
     chosen = parse_prefixes([prefix])
     async with core.transaction() as tx:
-        node = await _node(tx, name)
+        node = await by_name(tx, name, live=True)
         rows = await _rows(tx, node.id)
         have = {r.prefix: r for r in rows}
         for p in chosen:
@@ -142,7 +136,7 @@ async def remove(core: Core, name: str, prefix: str, actor: str) -> list[str]:
     """Withdraw the approval of `prefix` (or ``exit``) for node `name`: peers stop routing it at once."""
     chosen = parse_prefixes([prefix])
     async with core.transaction() as tx:
-        node = await _node(tx, name)
+        node = await by_name(tx, name, live=True)
         rows = await _rows(tx, node.id)
         have = {r.prefix: r for r in rows}
         if not any(p in have and have[p].approved for p in chosen):
