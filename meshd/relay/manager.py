@@ -145,12 +145,13 @@ class RelayManager:
         self.udp.want(key, self._pair_region(key), relayed)
 
     def is_relay_address(self, wg_key: str, endpoint: tuple[str, int] | None) -> bool:
-        """``endpoint`` is one of the peer's relay addresses (its TCP relay proxy or UDP relay port)."""
+        """``endpoint`` is one of the peer's relay addresses (its TCP relay proxy or a UDP relay port it
+        has had: WireGuard may roam onto one after we stopped using it)."""
         if endpoint is None or self._closed:
             return False
         key = b64decode(wg_key, length=32)
         proxy = self.proxies.get(key)
-        return (proxy is not None and endpoint == proxy.address) or endpoint == self.udp.endpoint(key)
+        return (proxy is not None and endpoint == proxy.address) or self.udp.was_endpoint(key, endpoint)
 
     def transport(self, wg_key: str) -> str:
         """How a relayed peer's packets go: ``udp`` (UDP relay ports) or ``tcp`` (the relay session)."""

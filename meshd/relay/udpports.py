@@ -27,6 +27,7 @@ from meshd.proto.relayport import PortClient
 from meshd.relay import link as rlink
 
 log = logging.getLogger("meshd.relay")
+PAST_PORTS = 4  #: relay ports remembered per peer (see ``UdpPorts._past``)
 
 
 def _send_only_raw_socket() -> socket.socket:
@@ -62,6 +63,10 @@ class UdpPorts:
         self._clients: dict[int, PortClient] = {}  #: region id -> its port client
         self._links: dict[int, rlink.RelayLink] = {}  #: region id -> the open link serving ports
         self._region_of: dict[bytes, int] = {}  #: wanted peer -> the region its pair lives on
+        #: every relay port a peer has had (a few, newest last), kept after we stop wanting it: the
+        #: relay forwards until the allocation idles out, so the peer's last packets sent that way still
+        #: arrive from it and WireGuard roams there; the endpoint shell must recognise it to undo that
+        self._past: dict[bytes, list[Endpoint]] = {}
         self._sock: socket.socket | None = None
         self._disabled: str | None = None
         self._wake = asyncio.Event()
@@ -83,6 +88,7 @@ class UdpPorts:
         """Only these peers are in the map: stop wanting the others' ports."""
         for peer in [p for p in self._region_of if p not in peers]:
             self.want(peer, None, False)
+        self._past = {p: eps for p, eps in self._past.items() if p in peers}
 
     def session_up(self, region_id: int, link: rlink.RelayLink) -> None:
         if not link.udp_ports or link.peer_ip is None:
@@ -107,6 +113,10 @@ class UdpPorts:
             return None
         port = self._clients[rid].port(peer)
         return (link.peer_ip, port) if port is not None else None
+
+    def was_endpoint(self, peer: bytes, ep: Endpoint) -> bool:
+        """``ep`` is (or was, while this peer is in the map) one of ``peer``'s UDP relay ports."""
+        return ep == self.endpoint(peer) or ep in self._past.get(peer, ())
 
     async def run(self) -> None:
         """The bind timer (run it supervised)."""
@@ -180,6 +190,12 @@ class UdpPorts:
                         except OSError as exc:
                             log.debug("bind to %s:%d: %s", link.peer_ip, ev.port, exc)
                 else:
+                    if ev.port is not None and link is not None and link.peer_ip is not None:
+                        past = self._past.setdefault(ev.peer, [])
+                        ep = (link.peer_ip, ev.port)
+                        if ep not in past:
+                            past.append(ep)
+                            del past[:-PAST_PORTS]
                     log.info(
                         "relay %s: peer %s on %s",
                         rid,

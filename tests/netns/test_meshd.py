@@ -83,6 +83,18 @@ def test_tunnels_survive_a_coordinator_outage_and_the_stream_comes_back(
     mesh.wait_path(alpha, "beta", "direct")
     mesh.wait_path(beta, "alpha", "direct")
     mesh.wait_ping(alpha, beta)
+
+    def wireguard_on_the_direct_path() -> bool:
+        # "direct" in status is the path machine's decision; WireGuard itself must send there too (it
+        # roams onto the relay port when the peer's last relayed packets arrive after the switch)
+        for node, other in ((alpha, beta), (beta, alpha)):
+            peer = mesh.peer(node, other.name)
+            eps = node.host.run(["wg", "show", node.interface, "endpoints"], check=True).stdout
+            if peer is None or peer["path"] != "direct" or f"\t{peer['endpoint']}\n" not in eps:
+                return False
+        return True
+
+    eventually(wireguard_on_the_direct_path, within=5, what="both WireGuards on the direct endpoint")
     mesh.stop_coordinator()
     # 10 s of pings, two a second, while the coordinator is down: every one must be answered
     sent = 20
