@@ -105,6 +105,9 @@ class MapState:
         #: node id -> approved and advertised prefixes it routes (coordinator/routes.py); put_peer fills
         #: them into the node's Peer, so every place that rebuilds a Peer from its row keeps them
         self.routes: dict[int, tuple[str, ...]] = {}
+        #: node id -> its own netcheck facts from its last path report (issue 15; memory only, like the
+        #: reports): put_peer fills them into the node's Peer, so peers learn why a path is relayed
+        self.nat: dict[int, netmap.PeerNat] = {}
         self.version = 0
         self.full_map_before = 0  #: a node asking `since` below this gets a full map
         self.peers: dict[int, Peer] = {}
@@ -203,6 +206,9 @@ class MapState:
         routes = self.routes.get(peer.node_id, ())
         if peer.routes != routes:
             peer = replace(peer, routes=routes)
+        nat = self.nat.get(peer.node_id)
+        if peer.nat != nat:
+            peer = replace(peer, nat=nat)
         old = self.peers.get(peer.node_id)
         if old is None:
             self._sorted_ids = None
@@ -225,8 +231,18 @@ class MapState:
         if node_id in self.peers:
             self.put_peer(self.peers[node_id])
 
+    def set_nat(self, node_id: int, nat: netmap.PeerNat | None) -> None:
+        """The node's netcheck facts now (record a "changed" change for it in the same transaction)."""
+        if nat is not None:
+            self.nat[node_id] = nat
+        else:
+            self.nat.pop(node_id, None)
+        if node_id in self.peers:
+            self.put_peer(self.peers[node_id])
+
     def drop_peer(self, node_id: int) -> None:
         self.routes.pop(node_id, None)
+        self.nat.pop(node_id, None)
         if self.peers.pop(node_id, None) is not None:
             self._sorted_ids = None
             self._compiled = None

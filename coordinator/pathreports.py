@@ -6,7 +6,10 @@ network. Bounded: per node at most :data:`MAX_ENTRIES` peers, only peers the nod
 dropped at the next store or read once the node is no longer in the map).
 
 A report may carry the node's own netcheck facts (UDP, NAT mapping, port map); with both sides' facts
-:func:`why` explains a relayed pair (meshd/why.py).
+:func:`why` explains a relayed pair (meshd/why.py). :func:`publish_facts` also puts them into the node's
+record in the network map (``nat``, issue 15), so each peer that may see the node can explain a relayed
+path itself (``meshd ping --explain``, ``status --json`` ``why``). Like the reports, they live in this
+replica's memory: after a restart peers learn them again from the node's next report that changes them.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 
 from coordinator.core import Core
 from meshd import why as verdicts
+from meshd.proto.netmap import PeerNat
 
 MAX_ENTRIES = 512  #: as meshd/pathreport.py MAX_PEERS (a report of that many fits the 64 KiB body limit)
 PATHS = ("direct", "relay", "none")
@@ -58,6 +62,26 @@ def why(a: tuple[str, Facts | None], b: tuple[str, Facts | None], path: str) -> 
         return verdicts.NetFacts(name, f.udp, mapping, f.portmap)
 
     return verdicts.verdict(net(na, fa), net(nb, fb), direct=False)
+
+
+def peer_nat(facts: Facts | None) -> PeerNat | None:
+    """The map's form of a node's facts (None when it knows nothing)."""
+    if facts is None or (facts.udp is None and facts.mapping is None and facts.portmap is None):
+        return None
+    return PeerNat(facts.udp, facts.mapping, facts.portmap)
+
+
+async def publish_facts(core: Core, node_id: int, facts: Facts | None) -> bool:
+    """Carry ``node_id``'s facts in the map when they changed (a "changed" change: its peers get the
+    record in their next delta); True when they did. meshd sends a report at most every 5 s, so this
+    costs its peers at most one delta per 5 s, and none while the facts hold."""
+    nat = peer_nat(facts)
+    if node_id not in core.state.peers or core.state.nat.get(node_id) == nat:
+        return False
+    async with core.transaction() as tx:
+        tx.change("changed", node_id)
+        tx.on_commit(lambda: core.state.set_nat(node_id, nat))
+    return True
 
 
 class PathReports:

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from coordinator.api.deps import CoreDep, NodeDep
 from coordinator.core import Core
-from coordinator.pathreports import MAX_ENTRIES, Facts, PeerPath, reports_of, why
+from coordinator.pathreports import MAX_ENTRIES, Facts, PeerPath, publish_facts, reports_of, why
 
 router = APIRouter(prefix="/api/v1", tags=["node"])
 admin_router = APIRouter(prefix="/admin", tags=["admin"])
@@ -47,7 +47,9 @@ async def report_paths(body: PathReportIn, node_id: NodeDep, core: CoreDep) -> d
     ]
     f = body.facts
     facts = Facts(f.udp, f.mapping, f.portmap) if f is not None else None
-    return {"accepted": reports_of(core).store(core, node_id, peers, facts=facts)}
+    accepted = reports_of(core).store(core, node_id, peers, facts=facts)
+    await publish_facts(core, node_id, facts)  # peers see them in the map (issue 15)
+    return {"accepted": accepted}
 
 
 def path_rows(core: Core) -> dict[str, dict[str, Any]]:

@@ -103,6 +103,23 @@ class NetmapError(ValueError):
     """A map, delta or stream message is malformed."""
 
 
+NAT_MAPPINGS = ("EIM", "EDM", "none")  #: a peer's NAT mapping; "none": a public address, no NAT
+NAT_PORTMAPS = ("upnp", "natpmp", "pcp")
+
+
+@dataclass(frozen=True, slots=True)
+class PeerNat:
+    """A node's own netcheck facts, as its path report told the coordinator (issue 15: "why relayed?").
+
+    Each field is None where the node does not know (yet). JSON: ``{"udp": bool, "mapping": "EIM" |
+    "EDM" | "none", "portmap": "upnp" | "natpmp" | "pcp"}``, unknown fields left out (compact).
+    """
+
+    udp: bool | None = None  #: STUN over UDP answered (False: blocked)
+    mapping: str | None = None  #: one of NAT_MAPPINGS
+    portmap: str | None = None  #: one of NAT_PORTMAPS while a port map is active
+
+
 @dataclass(frozen=True, slots=True)
 class Peer:
     """One node as others see it (also used for the node itself)."""
@@ -120,6 +137,9 @@ class Peer:
     #: approved prefixes this node routes for others (subnet router; 0.0.0.0/0 and ::/0: exit node);
     #: JSON key ``routes`` only when non-empty, so a map without routes keeps its bytes (issue 17)
     routes: tuple[str, ...] = ()
+    #: the node's own netcheck facts (issue 15); JSON key ``nat`` only when known, so a map without
+    #: them keeps its bytes. Only peers the recipient may see are in its map, so only their facts.
+    nat: PeerNat | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,7 +276,33 @@ def peer_to_json(p: Peer) -> dict[str, Any]:
         "online": p.online,
         "tags": list(p.tags),
         **({"routes": list(p.routes)} if p.routes else {}),
+        **({"nat": nat_to_json(p.nat)} if p.nat is not None else {}),
     }
+
+
+def nat_to_json(n: PeerNat) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if n.udp is not None:
+        out["udp"] = n.udp
+    if n.mapping is not None:
+        out["mapping"] = n.mapping
+    if n.portmap is not None:
+        out["portmap"] = n.portmap
+    return out
+
+
+def nat_from_json(raw: Any, where: str) -> PeerNat:
+    """A peer's ``nat`` object: each known field one of its allowed values (others are ignored, so
+    a later coordinator may add facts)."""
+    o = _obj(raw, f"{where}.nat")
+    udp, mapping, portmap = o.get("udp"), o.get("mapping"), o.get("portmap")
+    if udp is not None and not isinstance(udp, bool):
+        raise NetmapError(f"{where}.nat: udp must be a boolean")
+    if mapping is not None and mapping not in NAT_MAPPINGS:
+        raise NetmapError(f"{where}.nat: mapping must be one of {', '.join(NAT_MAPPINGS)}")
+    if portmap is not None and portmap not in NAT_PORTMAPS:
+        raise NetmapError(f"{where}.nat: portmap must be one of {', '.join(NAT_PORTMAPS)}")
+    return PeerNat(udp, mapping, portmap)
 
 
 def relay_to_json(r: RelayRegion) -> dict[str, Any]:
@@ -351,6 +397,7 @@ def peer_from_json(raw: Any, where: str = "peer") -> Peer:
         online=_get(o, "online", bool, where),
         tags=_strs(o, "tags", where),
         routes=_routes(o, where),
+        nat=nat_from_json(o["nat"], where) if o.get("nat") is not None else None,
     )
 
 
