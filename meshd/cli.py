@@ -224,15 +224,36 @@ def set_(
 def ping(
     ctx: typer.Context,
     peer: Annotated[str, typer.Argument(help="peer name", autocompletion=peer_names)],
+    explain: Annotated[
+        bool, typer.Option("--explain", help="say why the path is relayed, from both sides' netcheck")
+    ] = False,
     state_dir: StateDirOpt = None,
 ) -> None:
     """Ping a peer over the mesh and say which path answered."""
     r = _call(ctx, state_dir, "ping", {"peer": peer}, timeout=15.0)
     assert isinstance(r, dict)
     if not r.get("answered"):
+        if explain:
+            typer.echo(explanation(r))
         fail(f"no answer from {r.get('peer')} ({r.get('ip')}) over the mesh; path: {r.get('path')}")
     via = r["path"] + (f" {r['endpoint']}" if r.get("endpoint") else "")
     typer.echo(f"pong from {r['peer']} ({r['ip']}) via {via} in {r['rtt_ms']:.2f} ms")
+    if explain:
+        typer.echo(explanation(r))
+
+
+def explanation(r: dict[str, object]) -> str:
+    """``meshd ping --explain``'s lines: the verdict (meshd/why.py), then both sides' facts behind it."""
+    path, why, facts = r.get("path"), r.get("why"), r.get("facts")
+    if path == "direct":
+        head = "direct: nothing to explain"
+    elif path == "relay":
+        head = f"why relayed: {why or 'unknown'}"
+    else:
+        head = "no path yet: the peer is offline, or neither a relay nor a direct path is up"
+    if isinstance(facts, dict):
+        head += f"\n  this node: {facts.get('self')}\n  {r.get('peer')}: {facts.get('peer')}"
+    return head
 
 
 @app.command("rotate-keys")

@@ -120,6 +120,9 @@ class Daemon:
         self.applier: MapApplier | None = None
         self.relay: RelayManager | None = None
         self.paths: PathStrategy | None = None
+        #: our own addresses, "ifname/addr" (localnet.local_networks): a STUN answer naming one of them
+        #: means a public address, no NAT (pathreport.facts_of, issue 15)
+        self.local_addresses: frozenset[str] = frozenset()
         self.portmap: PortMapShell | None = None
         self.session: ControlSession | None = None
         self.hosts = hosts.HostsFile(opts.hosts_file, tag=opts.interface)
@@ -394,6 +397,7 @@ class Daemon:
 
     async def _local_changed(self, nets: dict[str, localnet.Network]) -> None:
         """Roaming: the path strategy hears of new addresses and WireGuard is re-diffed (no map re-apply)."""
+        self.local_addresses = frozenset(key.partition("/")[2] for key in nets)
         if self.paths is not None:
             self.paths.set_local(nets)
         if self.applier is not None and self.applier.map is not None:

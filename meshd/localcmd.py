@@ -12,13 +12,14 @@ import dataclasses
 import ipaddress
 from typing import TYPE_CHECKING, Any
 
-from meshd import api, localnet
+from meshd import api, localnet, why
 from meshd import status as st
 from meshd.credentials import CredentialError
 from meshd.wg.errors import WgError
 
 if TYPE_CHECKING:
     from meshd.daemon import Daemon
+    from meshd.peerset import VerifiedPeer
 
 
 class LocalCommands:
@@ -90,6 +91,12 @@ class LocalCommands:
             for p, v in zip(peers, self.d.applier.verified, strict=True)
         )
         e = self.d.creds.enrollment
+        # per relayed peer, why: our netcheck facts and the peer's from the map (issue 15)
+        ours = self.own_facts(e.name)
+        peers = tuple(
+            dataclasses.replace(p, why=why.for_path(p.path, ours, self.peer_facts(v)))
+            for p, v in zip(peers, self.d.applier.verified, strict=True)
+        )
         nat = paths.nat if paths is not None else None
         return st.Status(
             self_=st.SelfStatus(
@@ -116,6 +123,19 @@ class LocalCommands:
             ),
             peers=peers,
         )
+
+    def own_facts(self, name: str) -> why.NetFacts:
+        """This node's netcheck facts (what its path report tells the coordinator)."""
+        from meshd.pathreport import facts_of  # here: meshd.pathreport imports this module
+
+        f = facts_of(self.d.paths.nat if self.d.paths is not None else None, self.d.local_addresses)
+        return why.side(name, f.udp, f.mapping, f.portmap) if f else why.NetFacts(name, None, None)
+
+    @staticmethod
+    def peer_facts(v: VerifiedPeer) -> why.NetFacts:
+        """A peer's netcheck facts as the map carries them (``nat``; unknown until it reported)."""
+        n = v.peer.nat
+        return why.side(v.name, n.udp, n.mapping, n.portmap) if n else why.NetFacts(v.name, None, None)
 
     async def set_exit_node(self, name: Any) -> dict[str, Any]:
         """``meshd set --exit-node NAME|none``: switch at run time (issue 17; meshd/exitnode.py)."""
@@ -150,6 +170,11 @@ class LocalCommands:
         out["path"] = peer.path if peer else "none"
         if rtt is not None:
             out["endpoint"] = peer.endpoint if peer else None
+        # `meshd ping --explain` (issue 15): why relayed, and both sides' facts behind the verdict
+        out["why"] = peer.why if peer else None
+        assert self.d.creds is not None
+        ours = self.own_facts(self.d.creds.enrollment.name)
+        out["facts"] = {"self": why.summary(ours), "peer": why.summary(self.peer_facts(v))}
         return out
 
     async def netcheck(self) -> dict[str, Any]:

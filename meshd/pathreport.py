@@ -67,23 +67,29 @@ class Facts:
     """What this node's netcheck knows of its own network (the ``facts`` object of a report)."""
 
     udp: bool | None  #: STUN over UDP answered (None: not known yet)
-    mapping: str | None  #: "EIM" | "EDM" (None: fewer than two STUN answers)
+    #: "EIM" | "EDM" (None: fewer than two STUN answers) | "none": a public address (no NAT)
+    mapping: str | None
     portmap: str | None = None  #: "upnp" | "natpmp" | "pcp" while a port map is active
 
     def to_json(self) -> dict[str, Any]:
         return {"udp": self.udp, "mapping": self.mapping, "portmap": self.portmap}
 
 
-def facts_of(nat: NatInfo | None) -> Facts | None:
+def facts_of(nat: NatInfo | None, local: Iterable[str] = ()) -> Facts | None:
     """Our facts from the path strategy's NAT view (as ``meshd netcheck``); None before anything is known.
 
-    UDP counts as blocked when a STUN question went unanswered and no STUN server ever answered.
+    UDP counts as blocked when a STUN question went unanswered and no STUN server ever answered. When
+    every STUN server saw us at one of our own addresses (``local``), there is no NAT: mapping "none"
+    (a public address), known from the first answer.
     """
     if nat is None:
         return None
     udp = True if nat.reflexive else (False if nat.stun_unanswered else None)
     varies = nat.mapping_varies_by_dest
     mapping = None if varies is None else ("EDM" if varies else "EIM")
+    own = set(local)
+    if nat.reflexive and all(host in own for host, _ in nat.reflexive.values()):
+        mapping = "none"
     if udp is None and mapping is None and nat.portmap is None:
         return None
     return Facts(udp, mapping, nat.portmap)
@@ -176,7 +182,7 @@ async def report_loop(daemon: Daemon) -> None:
         return summarize((await commands.status()).peers, ids)
 
     def facts() -> Facts | None:
-        return facts_of(daemon.paths.nat if daemon.paths is not None else None)
+        return facts_of(daemon.paths.nat if daemon.paths is not None else None, daemon.local_addresses)
 
     assert daemon._client is not None
     await run(daemon._client, snapshot, facts=facts)

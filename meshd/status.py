@@ -76,6 +76,9 @@ class PeerStatus:
     #: "peer" (a peer relay); None unless path is "relay"
     relay_transport: str | None = None
     routes: tuple[str, ...] = ()  #: approved prefixes this peer carries (issue 17)
+    #: why the path is relayed, from both sides' netcheck facts (meshd/why.py, issue 15); None unless
+    #: path is "relay"
+    why: str | None = None
 
     def __post_init__(self) -> None:
         if self.path not in PATHS:
@@ -121,6 +124,7 @@ class Status:
                     "tx_bytes": p.tx_bytes,
                     "relay_transport": p.relay_transport,
                     "routes": list(p.routes),
+                    "why": p.why,
                 }
                 for p in self.peers
             ],
@@ -228,6 +232,7 @@ def _peer(p: dict[str, Any], where: str) -> PeerStatus:
         tx_bytes=_val(p, "tx_bytes", int, where),
         relay_transport=_opt(p, "relay_transport", str, where),
         routes=_strs(p, "routes", where) if "routes" in p else (),
+        why=_opt(p, "why", str, where),
     )
 
 
@@ -287,7 +292,8 @@ def render(status: Status, now: dt.datetime | None = None) -> Group:
         )
     if not status.peers:
         return Group(head, Text("no peers yet"))
-    return Group(head, table)
+    whys = [Text(f"{p.name} relayed: {p.why}") for p in sorted(status.peers, key=lambda p: p.name) if p.why]
+    return Group(head, table, *whys)
 
 
 # --- builders (pure: the daemon gathers the facts, these shape the documents) ---------------------------

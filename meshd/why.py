@@ -81,3 +81,25 @@ def verdict(a: NetFacts, b: NetFacts, *, direct: bool) -> str | None:
         f"{_describe(a)}, {_describe(b)}: a direct path should exist but probes are not answered; "
         "a firewall between them may drop UDP (or the attempt is still running)"
     )
+
+
+def side(name: str, udp: bool | None, mapping: str | None, portmap: str | None) -> NetFacts:
+    """One side's facts from their wire form (a path report, the map's ``nat``); an unknown mapping
+    spelling counts as not known."""
+    known = mapping in {m.value for m in Mapping}
+    return NetFacts(name, udp, Mapping(mapping) if known and mapping is not None else None, portmap)
+
+
+def for_path(path: str, a: NetFacts, b: NetFacts) -> str | None:
+    """``meshd status``'s ``why`` of ``a``'s path to ``b``: a sentence while relayed, else None (a direct
+    path needs no explanation, and "none" is no path at all: the peer is away, not relayed)."""
+    return verdict(a, b, direct=False) if path == "relay" else None
+
+
+def summary(f: NetFacts) -> str:
+    """One side's facts for a person: ``UDP yes, NAT EDM, port mapping none``."""
+    udp = {True: "yes", False: "blocked", None: "unknown"}[f.udp]
+    if f.mapping is Mapping.NONE:
+        return f"UDP {udp}, public address (no NAT)"
+    nat = f.mapping.value if f.mapping is not None else "unknown"
+    return f"UDP {udp}, NAT {nat}, port mapping {f.portmap or 'none'}"

@@ -24,6 +24,7 @@ from meshd.status import (
 )
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+WHY_C = "a: EIM, c: EDM without port mapping: no passable port pair; enable UPnP or NAT-PMP on c's router"
 
 STATUS = Status(
     self_=SelfStatus(
@@ -44,7 +45,7 @@ STATUS = Status(
         ),
         PeerStatus(
             name="c", ips=("100.64.0.3/32",), public_key="Q0ND", path="relay", relay="default",
-            relay_transport="udp",
+            relay_transport="udp", why=WHY_C,
         ),
     ),
 )
@@ -60,11 +61,11 @@ DESIGN_EXAMPLE: dict[str, Any] = {
     "peers": [{"name": "b", "ips": ["100.64.0.2/32"], "public_key": "QkJC",
                "path": "direct", "endpoint": "6.0.0.3:41641", "relay": "default",
                "latency_ms": 1.2, "last_handshake": "2026-01-01T00:00:00Z",
-               "rx_bytes": 0, "tx_bytes": 0, "routes": [], "relay_transport": None},
+               "rx_bytes": 0, "tx_bytes": 0, "routes": [], "relay_transport": None, "why": None},
               {"name": "c", "ips": ["100.64.0.3/32"], "public_key": "Q0ND",
                "path": "relay", "endpoint": None, "relay": "default",
                "latency_ms": None, "last_handshake": None, "rx_bytes": 0, "tx_bytes": 0, "routes": [],
-               "relay_transport": "udp"}],
+               "relay_transport": "udp", "why": WHY_C}],
 }
 
 
