@@ -15,16 +15,24 @@ hosts behind the scenario's routers), two pre-auth keys created beforehand, then
   handshake initiation before the other's arrived. Then both answer as responders, neither may send data
   first, and the first ping waits for WireGuard's REKEY_TIMEOUT (5 s): the "ping > 4 s" column.
 
-Also prints where the time goes (phases from the daemons' own log lines, run at debug level, later of the
-two daemons, p50 over runs: process start, enrollment, stream open, STUN answered, call-me-maybe sent,
-first probe answered, direct decision; the first WireGuard handshake response from the capture) and
-meshd's Python start-up cost.
+Also prints where the time goes (phases from the daemons' own log lines, later of the two daemons, p50
+over runs: "start" is meshd's first line, ``starting (pid N)``, once Python is up and every module is
+imported; then enrollment, stream open, STUN answered, call-me-maybe sent and first probe answered (these
+two with ``--debug-logs``), direct decision; the first WireGuard handshake response from the capture) and
+meshd's Python start-up cost: wall time of ``meshd --help`` and the CPU time of its imports (less
+sensitive than wall time to the load of a shared machine).
+
+Bytecode: by default the tree's modules are compiled first (``compileall``), as an installed meshd's are.
+``--bytecode source`` removes meshd's and the coordinator's ``__pycache__`` and runs with
+PYTHONDONTWRITEBYTECODE=1, so that every start compiles them again (what a checkout run with that
+variable set pays: about 150 ms of CPU per start on this machine).
 
 Every pairing runs with instant links and with 20 ms of one-way latency on each router's WAN link
 (``-20ms``). ``join-eim``: two EIM nodes are up and direct, then the clock starts and a third joins; the
 figures are the third node's first ping to the first one and both directions' direct paths.
 
     PYTHONPATH=. .venv/bin/python benchmarks/time_to_direct.py [--runs N] [--quick] [--only eim-eim,...]
+        [--bytecode compiled|source]
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import argparse
 import contextlib
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -118,7 +127,7 @@ SCENARIOS = [*BASE_SCENARIOS, *(_delayed(s) for s in BASE_SCENARIOS if s.name !=
 
 #: Phases of a daemon's start, from its own log lines (first match of each).
 PHASES = [
-    ("start", "ts="),
+    ("start", "ts="),  #: meshd's first line ("starting (pid N)"): Python up, modules imported
     ("enrolled", 'msg="enrolled as '),
     ("wg-go", "wireguard-go running"),
     ("up", 'msg="meshd up: '),
@@ -377,7 +386,42 @@ def startup_cost() -> list[str]:
         f"import meshd.cli + meshd.daemon: {total / 1e6:.2f} s (-X importtime); heaviest packages: "
         + ", ".join(f"{n} {us / 1e6:.2f} s" for us, n in libs)
     )
+    cpu = import_cpu()
+    lines.append(
+        f"import meshd.cli + meshd.daemon, CPU time: p50 {statistics.median(cpu) * 1000:.0f} ms, "
+        f"min {min(cpu) * 1000:.0f} ms (5 runs)"
+    )
     return lines
+
+
+def import_cpu(runs: int = 5) -> list[float]:
+    """CPU seconds (user + system) that importing what `meshd up` needs takes, once per fresh process."""
+    code = (
+        "import time; t = time.process_time(); import meshd.cli, meshd.daemon; print(time.process_time() - t)"
+    )
+    out = []
+    for _ in range(runs):
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        out.append(float(r.stdout.strip().splitlines()[-1]))
+    return out
+
+
+def prepare_bytecode(mode: str) -> None:
+    """``compiled``: compile meshd and the coordinator (as installed); ``source``: drop their bytecode and
+    write none, so that each process compiles every module it imports."""
+    root = Path(__file__).resolve().parent.parent
+    if mode == "compiled":
+        subprocess.run(
+            [sys.executable, "-m", "compileall", "-q", str(root / "meshd"), str(root / "coordinator")],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            timeout=300,
+        )
+        return
+    os.environ["PYTHONDONTWRITEBYTECODE"] = "1"  # inherited by every daemon the lab starts
+    for pkg in ("meshd", "coordinator"):
+        for cache in (root / pkg).rglob("__pycache__"):
+            shutil.rmtree(cache, ignore_errors=True)
 
 
 def main() -> None:
@@ -395,9 +439,16 @@ def main() -> None:
         action="store_true",
         help="daemons log at debug level: adds the call-me-maybe and first-probe-answered phases (slower)",
     )
+    ap.add_argument(
+        "--bytecode",
+        choices=("compiled", "source"),
+        default="compiled",
+        help="compiled: as installed (default); source: every start compiles meshd's modules",
+    )
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("error: needs root (network namespaces); run it as root")
+    prepare_bytecode(args.bytecode)
     runs = 1 if args.quick else max(1, min(args.runs, 50))
     hold = min(max(0.0, args.hold), 60.0) if not args.quick else min(args.hold, 3.0)
     scenarios = [s for s in SCENARIOS if (not args.quick or s.quick)]
@@ -488,7 +539,7 @@ def main() -> None:
     load1 = os.getloadavg()
     console.print(
         f"wall {time.monotonic() - t_all:.0f} s; load average (1 min) {load0[0]:.2f} before, "
-        f"{load1[0]:.2f} after ({os.cpu_count()} CPUs, shared)",
+        f"{load1[0]:.2f} after ({os.cpu_count()} CPUs, shared); bytecode: {args.bytecode}",
         markup=False,
         highlight=False,
     )

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from meshd import api, hosts
 from meshd import status as st
@@ -118,12 +117,14 @@ def up(
         rotate_every = parse_interval(key_rotation)
     except IntervalError as e:
         fail(str(e))
-    from meshd.metrics import MetricsListenError, parse_listen
+    metrics_at = None
+    if metrics_listen is not None:  # prometheus_client is imported only when metrics are asked for
+        from meshd.metrics import MetricsListenError, parse_listen
 
-    try:
-        metrics_at = parse_listen(metrics_listen) if metrics_listen is not None else None
-    except MetricsListenError as e:
-        fail(str(e))
+        try:
+            metrics_at = parse_listen(metrics_listen)
+        except MetricsListenError as e:
+            fail(str(e))
     from meshd.routing import parse_advertised
 
     try:
@@ -200,6 +201,8 @@ def status(
     if json_out:
         typer.echo(json.dumps(doc, indent=2))
         return
+    from rich.console import Console  # here: `meshd up` never draws (issue 15: start-up time)
+
     try:
         Console().print(st.render(st.Status.from_json(doc)))
     except st.StatusError as e:

@@ -26,9 +26,9 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from meshd import api, firewall, hosts, localnet, metrics, pathreport, rotation, runtime, sdnotify
+from meshd import api, firewall, hosts, localnet, pathreport, rotation, runtime, sdnotify
 from meshd.control import ControlClient
 from meshd.credentials import CredentialError, Credentials, default_hostname
 from meshd.dns.service import DnsConfigError, MeshDns
@@ -45,6 +45,9 @@ from meshd.supervise import TaskGroup
 from meshd.wg.base import WireGuardBackend
 from meshd.wg.errors import WgError
 from meshd.wg.select import open_backend
+
+if TYPE_CHECKING:
+    from meshd import metrics
 
 log = logging.getLogger("meshd")
 
@@ -146,6 +149,8 @@ class Daemon:
     # -- life cycle ----------------------------------------------------------------------------------------
 
     async def run(self, *, on_ready: Callable[[], None] | None = None) -> None:
+        # the first line: Python start-up and imports are behind us (benchmarks/time_to_direct.py)
+        log.info("starting (pid %d)", os.getpid())
         if os.geteuid() != 0:
             raise DaemonError("meshd up must run as root (it configures network interfaces); use sudo")
         loop = asyncio.get_running_loop()
@@ -217,6 +222,8 @@ class Daemon:
         except api.ApiError as e:
             raise DaemonError(str(e)) from None
         if self.opts.metrics_listen is not None:
+            from meshd import metrics  # here: prometheus_client only when metrics are asked for
+
             self._metrics = metrics.MetricsServer(self, *self.opts.metrics_listen)
             try:
                 await self._metrics.start()

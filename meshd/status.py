@@ -13,14 +13,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from rich.console import Group
-from rich.table import Table
-from rich.text import Text
-
 from meshd.paths import PathKind, PathStatus
 from meshd.proto.endpoint import Endpoint, format_endpoint
 
 if TYPE_CHECKING:  # meshd.wg pulls in pyroute2; `meshd status` only draws a table
+    from rich.console import Group
+
     from meshd.wg.model import PeerState
 
 PATHS = ("direct", "relay", "none")
@@ -257,6 +255,10 @@ def _bytes(n: int) -> str:
 
 def render(status: Status, now: dt.datetime | None = None) -> Group:
     """A summary line for this host and one table row per peer."""
+    from rich.console import Group  # here: the daemon builds status documents, only the CLI draws them
+    from rich.table import Table
+    from rich.text import Text
+
     now = now or dt.datetime.now(dt.UTC)
     s, c = status.self_, status.coordinator
     head = Text()
