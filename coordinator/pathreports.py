@@ -14,11 +14,13 @@ replica's memory: after a restart peers learn them again from the node's next re
 
 from __future__ import annotations
 
+import asyncio
 import time
 import weakref
 from dataclasses import dataclass
 
 from coordinator.core import Core
+from coordinator.ratelimit import TokenBuckets
 from meshd import why as verdicts
 from meshd.proto.netmap import PeerNat
 
@@ -71,17 +73,51 @@ def peer_nat(facts: Facts | None) -> PeerNat | None:
     return PeerNat(facts.udp, facts.mapping, facts.portmap)
 
 
+FACTS_BURST = 3  #: fact changes a node may publish at once (a starting node learns UDP, mapping, port map)
+FACTS_INTERVAL = 10.0  #: seconds per further change: a node flipping its facts costs its peers little
+
+
 async def publish_facts(core: Core, node_id: int, facts: Facts | None) -> bool:
     """Carry ``node_id``'s facts in the map when they changed (a "changed" change: its peers get the
-    record in their next delta); True when they did. meshd sends a report at most every 5 s, so this
-    costs its peers at most one delta per 5 s, and none while the facts hold."""
+    record in their next delta); True when they did. Nothing is spent while the facts hold; beyond
+    FACTS_BURST changes, one per FACTS_INTERVAL: a change that comes sooner is held, and the node's
+    latest facts are published when its turn comes (meshd does not send the same facts again)."""
     nat = peer_nat(facts)
     if node_id not in core.state.peers or core.state.nat.get(node_id) == nat:
+        return False
+    buckets = _facts_buckets.setdefault(core, TokenBuckets(1 / FACTS_INTERVAL, FACTS_BURST))
+    if not buckets.allow(node_id, time.monotonic()):
+        held = _held.setdefault(core, {})
+        if node_id not in held:  # one held publication per node: it takes the latest facts then
+            task = asyncio.create_task(_publish_later(core, node_id), name=f"facts-{node_id}")
+            held[node_id] = task
+            core.held_writes.add(task)  # cancelled when the coordinator stops
+
+            def done(t: asyncio.Task[None]) -> None:
+                core.held_writes.discard(t)
+                held.pop(node_id, None)
+
+            task.add_done_callback(done)
         return False
     async with core.transaction() as tx:
         tx.change("changed", node_id)
         tx.on_commit(lambda: core.state.set_nat(node_id, nat))
     return True
+
+
+async def _publish_later(core: Core, node_id: int) -> None:
+    await asyncio.sleep(FACTS_INTERVAL)
+    report = reports_of(core).latest.get(node_id)
+    _facts_buckets[core].allow(node_id, time.monotonic())  # this turn's token
+    nat = peer_nat(report.facts if report is not None else None)
+    if node_id in core.state.peers and core.state.nat.get(node_id) != nat:
+        async with core.transaction() as tx:
+            tx.change("changed", node_id)
+            tx.on_commit(lambda: core.state.set_nat(node_id, nat))
+
+
+_facts_buckets: weakref.WeakKeyDictionary[Core, TokenBuckets[int]] = weakref.WeakKeyDictionary()
+_held: weakref.WeakKeyDictionary[Core, dict[int, asyncio.Task[None]]] = weakref.WeakKeyDictionary()
 
 
 class PathReports:

@@ -4,12 +4,18 @@ they change (nothing is sent while they hold)."""
 
 from __future__ import annotations
 
+import time
+
+import pytest
+
+from coordinator import pathreports
 from meshd import pathreport
 from meshd.control import ControlClient
 from meshd.pathreport import Facts, PathEntry
 from meshd.proto import netmap
 from meshd.proto.netmap import PeerNat
 from tests.coordinator.conftest import Coord
+from tests.eventually import eventually_async
 
 POLICY = '[[rules]]\nsrc = ["node:a"]\ndst = ["node:b:*"]\n'  # a and b see each other; c sees nobody
 
@@ -52,4 +58,30 @@ async def test_a_reported_fact_reaches_the_peers_that_may_see_the_node(coord: Co
     await pathreport.send(a, ())
     assert nat_of(await full_map(b), ea.node_id) is None
     for n in (a, b, c):
+        await n.aclose()
+
+
+async def test_a_node_flipping_its_facts_costs_a_few_map_versions_and_the_last_facts_win(
+    coord: Coord, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    interval = 1.0
+    monkeypatch.setattr(pathreports, "FACTS_INTERVAL", interval)
+    key = await coord.user_and_key(reusable=True)
+    (a, ea), (b, _) = [await coord.enroll(n, key) for n in ("a", "b")]
+    before = coord.core.state.version
+    flips = [Facts(udp=i % 2 == 0, mapping="EIM", portmap=None) for i in range(20)]
+    t0 = time.monotonic()
+    for f in flips:  # a hostile (or broken) node: 20 changes as fast as it can
+        await pathreport.send(a, (), f)
+    # the burst, then one per interval (a slow machine lets a few more turns pass during the loop)
+    turns = pathreports.FACTS_BURST + 1 + int((time.monotonic() - t0) / interval)
+    assert pathreports.FACTS_BURST <= coord.core.state.version - before <= turns < len(flips)
+    want = PeerNat(flips[-1].udp, "EIM", None)
+
+    async def published() -> bool:
+        return nat_of(await full_map(b), ea.node_id) == want
+
+    await eventually_async(published, within=10)  # the latest facts go out when their turn comes
+    assert coord.core.state.version - before <= turns + 1
+    for n in (a, b):
         await n.aclose()
