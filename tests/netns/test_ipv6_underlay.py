@@ -1,0 +1,51 @@
+"""IPv6 underlay (issue 15): where IPv4 would stay on the relay, native IPv6 gives a direct path.
+
+The lab's dual-stack routers route 2001:db8::/32 without NAT behind a stateful firewall (new inbound
+dropped): only the two sides probing each other at once opens both firewalls, as with a NAT's filter.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from tests.netns.lab import Host, Lab
+from tests.netns.mesh import Mesh, Node
+
+pytestmark = pytest.mark.netns
+
+
+def _up_all(mesh: Mesh, hosts: list[Host]) -> list[Node]:
+    nodes = [mesh.up(h, f"n{i}", wait=False) for i, h in enumerate(hosts)]
+    for n in nodes:
+        mesh.wait_ready(n)
+    return nodes
+
+
+def _direct_over_ipv6(mesh: Mesh, nodes: list[Node], *, within: float = 15.0) -> None:
+    for a, b in itertools.permutations(nodes, 2):
+        took = mesh.wait_path(a, b.name, "direct", within=within)
+        print(f"{a.name} -> {b.name}: direct after {took:.2f} s more")
+    for a, b in itertools.permutations(nodes, 2):
+        peer = mesh.peer(a, b.name)
+        assert peer is not None
+        assert peer["endpoint"] == f"[{b.host.ip6}]:41641", f"{a.name} -> {b.name}: {peer['endpoint']}"
+        mesh.wait_ping(a, b, within=10.0)
+
+
+def test_edm_pair_with_native_ipv6_goes_direct_over_ipv6(lab: Lab, mesh: Mesh) -> None:
+    mesh.start_coordinator(lab.server(name="coord"))
+    a, b = _up_all(mesh, [lab.host(nat="edm", ipv6=True), lab.host(nat="edm", ipv6=True)])
+    _direct_over_ipv6(mesh, [a, b])
+    me = mesh.status(a)["self"]
+    assert f"[{a.host.ip6}]:41641" in me["endpoints"]
+    assert me["nat"]["mapping_varies_by_dest"] is True, "IPv4 is still endpoint-dependent"
+
+
+def test_cgnat_with_native_ipv6_goes_direct_over_ipv6(lab: Lab, mesh: Mesh) -> None:
+    """CGNAT and EDM: over IPv4 neither side learns a port that passes the other's NAT (the relay, see
+    test_traversal's three-node test); both have IPv6, as many CGNAT users do."""
+    mesh.start_coordinator(lab.server(name="coord"))
+    a, b = _up_all(mesh, [lab.host(nat="cgnat", ipv6=True), lab.host(nat="edm", ipv6=True)])
+    _direct_over_ipv6(mesh, [a, b])
