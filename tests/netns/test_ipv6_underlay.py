@@ -49,3 +49,19 @@ def test_cgnat_with_native_ipv6_goes_direct_over_ipv6(lab: Lab, mesh: Mesh) -> N
     mesh.start_coordinator(lab.server(name="coord"))
     a, b = _up_all(mesh, [lab.host(nat="cgnat", ipv6=True), lab.host(nat="edm", ipv6=True)])
     _direct_over_ipv6(mesh, [a, b])
+
+
+def test_ipv6_only_hosts_reach_an_ipv4_coordinator_through_its_ipv6_address(lab: Lab, mesh: Mesh) -> None:
+    """The coordinator's URL names its IPv4 address; it also serves on its IPv6 one (--listen-ipv6), which
+    the relay map carries. One node's network drops all outgoing UDP: only the relay (TCP over IPv6)
+    joins the two, and STUN over IPv6 answers the other."""
+    s = lab.server(name="coord", ipv6=True)
+    assert s.ip6 is not None
+    mesh.start_coordinator(s, extra=("--listen-ipv6", s.ip6))
+    mesh.url = f"http://[{s.ip6}]:8080"  # what IPv6-only nodes enroll with; the map still says IPv4
+    a, b = _up_all(mesh, [lab.host(nat="udp-blocked", ipv6="only"), lab.host(nat="eim", ipv6="only")])
+    for x, y in itertools.permutations((a, b)):
+        mesh.wait_path(x, y.name, "relay", within=15.0)
+        mesh.wait_ping(x, y, within=10.0)
+    assert f"[{b.host.ip6}]:41641" in mesh.status(b)["self"]["endpoints"]
+    assert f"IPv6 address seen by [{s.ip6}]:3478: [{b.host.ip6}]:41641" in b.log.read_text()
