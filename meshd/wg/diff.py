@@ -104,7 +104,9 @@ def plan_device(desired: InterfaceConfig, actual: InterfaceState) -> list[Device
 def _peer_update(want: PeerConfig, have: PeerState) -> UpdatePeer | None:
     endpoint = want.endpoint if want.endpoint is not None and want.endpoint != have.endpoint else None
     allowed = want.allowed_ips if set(want.allowed_ips) != set(have.allowed_ips) else None
-    keepalive = want.persistent_keepalive if want.persistent_keepalive != have.persistent_keepalive else None
+    keepalive = (
+        want.persistent_keepalive if want.persistent_keepalive != have.persistent_keepalive else None
+    )
     psk = (want.preshared_key or ZERO_KEY_B64) if want.preshared_key != have.preshared_key else None
     update = UpdatePeer(want.public_key, endpoint, allowed, keepalive, psk)
     return None if update == UpdatePeer(want.public_key) else update
