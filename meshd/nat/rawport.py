@@ -54,40 +54,27 @@ class RawPortError(OSError):
     """The raw socket could not be opened (needs CAP_NET_RAW) or a datagram could not be sent."""
 
 
-def _bpf_program(port: int) -> list[tuple[int, int, int, int]]:
+def _bpf_program(port: int, *, ipv6: bool = False) -> list[tuple[int, int, int, int]]:
     """cBPF (code, jt, jf, k): accept UDP datagrams to ``port`` carrying probe magic or the STUN cookie.
 
-    The raw socket delivers the IPv4 header, so the UDP header sits at 4*IHL (``ldx msh``). Jump offsets
-    count from the next instruction.
+    A raw IPv4 socket delivers the IPv4 header, so the UDP header sits at 4*IHL (``ldx msh``, then
+    indexed loads); a raw IPv6 socket delivers none, so it sits at 0 (absolute loads). Jump offsets count
+    from the next instruction.
     """
     magic = struct.unpack("!I", disco.MAGIC)[0]
-    ldx_msh, ldh_ind, ld_ind, jeq, ret = 0xB1, 0x48, 0x40, 0x15, 0x06
+    ldh, ld = (0x28, 0x20) if ipv6 else (0x48, 0x40)  # absolute or indexed (X +) loads
+    jeq, ret = 0x15, 0x06
+    head = [] if ipv6 else [(0xB1, 0, 0, 0)]  # ldx msh: X = 4 * (IP[0] & 0xf)
     return [
-        (ldx_msh, 0, 0, 0),  # 0: X = 4 * (IP[0] & 0xf)
-        (ldh_ind, 0, 0, 2),  # 1: A = UDP destination port
-        (jeq, 0, 4, port),  # 2: our port? else -> 7 (drop)
-        (ld_ind, 0, 0, 8),  # 3: A = payload bytes 0..3
-        (jeq, 3, 0, magic),  # 4: probe magic -> 8 (accept)
-        (ld_ind, 0, 0, 12),  # 5: A = payload bytes 4..7
-        (jeq, 1, 0, stun.MAGIC_COOKIE),  # 6: STUN cookie -> 8 (accept)
-        (ret, 0, 0, 0),  # 7: drop
-        (ret, 0, 0, 0xFFFF),  # 8: accept
-    ]
-
-
-def _bpf_program6(port: int) -> list[tuple[int, int, int, int]]:
-    """As :func:`_bpf_program` for a raw IPv6 socket, whose packets start at the UDP header."""
-    magic = struct.unpack("!I", disco.MAGIC)[0]
-    ldh_abs, ld_abs, jeq, ret = 0x28, 0x20, 0x15, 0x06
-    return [
-        (ldh_abs, 0, 0, 2),  # 0: A = UDP destination port
-        (jeq, 0, 4, port),  # 1: our port? else -> 6 (drop)
-        (ld_abs, 0, 0, 8),  # 2: A = payload bytes 0..3
-        (jeq, 3, 0, magic),  # 3: probe magic -> 7 (accept)
-        (ld_abs, 0, 0, 12),  # 4: A = payload bytes 4..7
-        (jeq, 1, 0, stun.MAGIC_COOKIE),  # 5: STUN cookie -> 7 (accept)
-        (ret, 0, 0, 0),  # 6: drop
-        (ret, 0, 0, 0xFFFF),  # 7: accept
+        *head,
+        (ldh, 0, 0, 2),  # A = UDP destination port
+        (jeq, 0, 4, port),  # our port? else drop
+        (ld, 0, 0, 8),  # A = payload bytes 0..3
+        (jeq, 3, 0, magic),  # probe magic -> accept
+        (ld, 0, 0, 12),  # A = payload bytes 4..7
+        (jeq, 1, 0, stun.MAGIC_COOKIE),  # STUN cookie -> accept
+        (ret, 0, 0, 0),  # drop
+        (ret, 0, 0, 0xFFFF),  # accept
     ]
 
 
@@ -105,7 +92,7 @@ class _SockFprog(ctypes.Structure):
 
 
 def _attach_filter(sock: socket.socket, port: int, *, ipv6: bool = False) -> None:
-    prog = _bpf_program6(port) if ipv6 else _bpf_program(port)
+    prog = _bpf_program(port, ipv6=ipv6)
     insns = (_SockFilter * len(prog))(*[_SockFilter(*i) for i in prog])
     fprog = _SockFprog(len(prog), insns)  # the kernel copies the program during setsockopt
     sock.setsockopt(
