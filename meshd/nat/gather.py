@@ -14,6 +14,11 @@ gathered). Link-local, loopback, multicast, site-local and IPv4-mapped addresses
 STUN over IPv6 (a separate client, so IPv6 answers never count as the IPv4 NAT's mapping and an
 unanswered IPv6 server never makes IPv4 look blocked) adds the address a server saw, should a NAT66 or
 prefix translation sit in between. IPv6 servers are asked only while we have an IPv6 candidate.
+
+Probes and STUN leave from whichever source address the kernel picks (no explicit source), as
+WireGuard's own packets do: with several global addresses (privacy extensions) the address a peer sees,
+and so the firewall state both sides create, is the one WireGuard will use. Every address is announced,
+so the peer probes that one too (or learns it as peer-reflexive from our answer).
 """
 
 from __future__ import annotations
