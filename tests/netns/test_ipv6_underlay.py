@@ -14,7 +14,7 @@ from tests.eventually import eventually
 from tests.netns.lab import Host, Lab
 from tests.netns.mesh import Mesh, Node
 
-pytestmark = pytest.mark.netns
+pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 
 def _up_all(mesh: Mesh, hosts: list[Host]) -> list[Node]:
