@@ -167,6 +167,10 @@ def serve(
         str | None, typer.Option("--cert-lifetime", help="Node certificate lifetime.")
     ] = None,
     public_url: Annotated[str | None, typer.Option("--public-url", help="URL nodes use to reach us.")] = None,
+    listen_ipv6: Annotated[
+        str | None,
+        typer.Option("--listen-ipv6", help="Also serve nodes, relay and STUN on this IPv6 address."),
+    ] = None,
     metrics_listen: Annotated[
         str | None,
         typer.Option("--metrics-listen", help="HOST:PORT for /metrics (then 404 on the node port)."),
@@ -206,6 +210,7 @@ def serve(
         "relay_udp_ports": relay_udp_ports,
         "cert_lifetime": cert_lifetime,
         "public_url": public_url,
+        "listen_ipv6": listen_ipv6,
         "metrics_listen": metrics_listen,
         "audit_syslog": audit_syslog,
         "audit_jsonl": audit_jsonl,

@@ -105,9 +105,12 @@ class Core:
             },
         )
         self.keys: certs.SigningKeys
+        embedded = RelayRegion(
+            1, "default", settings.url, settings.stun_port, settings.listen_ipv6_addr or ""
+        )
         self.state = MapState(
             domain=settings.domain,
-            relays=(RelayRegion(1, "default", settings.url, settings.stun_port),) if settings.relay else (),
+            relays=(embedded,) if settings.relay else (),
             log_keep=settings.change_log_keep,
             signing_seed=lambda: self.keys.active_seed,  # maps and deltas are signed (meshd verifies)
         )

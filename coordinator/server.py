@@ -83,6 +83,9 @@ async def serve(settings: Settings) -> None:
     # fail closed before anything listens: an empty or short relay.secret is refused, never used
     relay_secret.load_or_create(settings.state_dir)
     tcp = _tcp_socket(settings)
+    v6 = settings.listen_ipv6_addr
+    # the node API and the relay on IPv6 as well (issue 15), same port
+    tcp6 = _tcp_socket(settings, f"[{v6}]:{tcp.getsockname()[1]}") if v6 else None
     metrics_tcp = _tcp_socket(settings, settings.metrics_listen) if settings.metrics_listen else None
     uds = _admin_socket(settings)
     core = Core(settings)
@@ -92,6 +95,8 @@ async def serve(settings: Settings) -> None:
         if settings.stun_port:
             try:
                 stun_transports = await start_stun(settings.listen_host_port[0], settings.stun_port)
+                if v6:
+                    stun_transports += await start_stun(v6, settings.stun_port)
             except OSError as exc:
                 raise ServeError(
                     f"cannot serve STUN on udp/{settings.stun_port}+1: {exc.strerror}; "
@@ -144,7 +149,7 @@ async def serve(settings: Settings) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         tasks = [
-            asyncio.create_task(node_server.serve(sockets=[tcp])),
+            asyncio.create_task(node_server.serve(sockets=[tcp] if tcp6 is None else [tcp, tcp6])),
             asyncio.create_task(admin_server.serve(sockets=[uds])),
         ]
         servers = [node_server, admin_server]
@@ -159,6 +164,8 @@ async def serve(settings: Settings) -> None:
             mhost, mport = metrics_tcp.getsockname()[:2]
             log.info("metrics on %s:%d (not on the node port)", mhost, mport)
         host, port = tcp.getsockname()[:2]
+        if tcp6 is not None:
+            log.info("coordinator listening on [%s]:%d too", v6, port)
         log.info("coordinator listening on %s:%d, admin socket %s", host, port, settings.admin_socket)
         print(f"coordinator listening on {host}:{port} (admin socket {settings.admin_socket})", flush=True)
         sdnotify.ready(f"listening on {host}:{port}")
@@ -179,6 +186,8 @@ async def serve(settings: Settings) -> None:
         with contextlib.suppress(OSError):
             settings.admin_socket.unlink()
         tcp.close()
+        if tcp6 is not None:
+            tcp6.close()
         uds.close()
         if metrics_tcp is not None:
             metrics_tcp.close()

@@ -38,6 +38,9 @@ class Settings:
     prefix: str = "100.64.0.0/10"
     domain: str = "mesh"
     public_url: str | None = None  #: how nodes reach us (relay map); default from `listen`
+    #: an IPv6 address to serve on as well (node API, relay, STUN on the same ports as `listen`); the relay
+    #: map names it, so nodes STUN over IPv6 and IPv6-only nodes reach the relay (issue 15)
+    listen_ipv6: str | None = None
     cert_lifetime: float = 24 * 3600.0
     enroll_code_lifetime: float = 3600.0
     challenge_lifetime: float = 60.0
@@ -86,6 +89,22 @@ class Settings:
     @property
     def listen_host_port(self) -> tuple[str, int]:
         return parse_listen(self.listen)
+
+    @property
+    def listen_ipv6_addr(self) -> str | None:
+        """`listen_ipv6` normalised; SettingsError unless a unicast IPv6 address (not ::, not link-local:
+        nodes elsewhere must reach it)."""
+        if self.listen_ipv6 is None:
+            return None
+        try:
+            ip = ipaddress.IPv6Address(self.listen_ipv6.strip("[]"))
+        except ValueError:
+            ip = None
+        if ip is None or ip.is_unspecified or ip.is_link_local or ip.is_multicast or ip.scope_id is not None:
+            raise SettingsError(
+                f"bad listen_ipv6 {self.listen_ipv6!r}: an IPv6 address of this host (not ::, not fe80::/10)"
+            )
+        return str(ip)
 
     @property
     def url(self) -> str:
@@ -141,6 +160,7 @@ _CONVERT: dict[str, Any] = {
     "preauth_max": int,
     "preauth_max_per_source": int,
     "metrics_listen": lambda v: str(v) or None,
+    "listen_ipv6": lambda v: str(v) or None,
     "audit_syslog": lambda v: str(v) or None,
     "audit_jsonl": Path,
     "audit_retention": lambda v: 0.0 if str(v).strip() in ("0", "0s", "0d", "0.0") else parse_duration(v),
@@ -200,6 +220,8 @@ def validate(settings: Settings) -> None:
         raise SettingsError(f"bad prefix {settings.prefix!r}: need an IPv4 network of /30 or larger")
     if settings.metrics_listen is not None:
         parse_listen(settings.metrics_listen)
+    if settings.listen_ipv6 is not None:
+        settings.listen_ipv6_addr  # noqa: B018 - raises SettingsError when malformed
     if settings.audit_syslog is not None or settings.audit_ip_prefix is not None:
         from coordinator import auditexport  # it imports this module
 

@@ -18,6 +18,7 @@ calls :meth:`reconcile` (WireGuard only), which is all that depends on it.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
 from collections.abc import Callable
@@ -166,12 +167,21 @@ class MapApplier:
         return next((v for v in self.verified if v.name == bare), None)
 
     async def _stun_servers(self, m: netmap.NetMap) -> list[Endpoint]:
-        """Each relay region's STUN port and the one after it (two destinations: mapping variance)."""
+        """Each relay region's STUN port and the one after it (two destinations: mapping variance), and
+        its IPv6 address's STUN port (issue 15: the gatherer asks it only while we have IPv6)."""
         out: list[Endpoint] = []
         for region in m.relays:
             if not region.stun_port:
                 continue
+            if region.ipv6:
+                out.append((region.ipv6, region.stun_port))
             host = urlsplit(region.url).hostname or ""
+            if ":" in host:  # an IPv6 literal URL: that is the IPv6 server
+                try:
+                    out.append((str(ipaddress.IPv6Address(host)), region.stun_port))
+                except ValueError:
+                    log.warning("relay region %s: bad IPv6 host %r", region.name, host[:64])
+                continue
             ip = self._resolved.get(host)
             if ip is None:
                 try:

@@ -21,8 +21,9 @@ The rules (docs/design.md §2.5 "Then direct"):
   check is valid only if the response comes from where the request went). An answer from another
   address (a NAT rebinding, a peer-reflexive address, RFC 8445 §7.2.5.3.1) makes that address a
   candidate which is probed at once, and used when it answers in turn.
-* Choice among answered addresses: LAN before public, then lowest round-trip time; a path in the same
-  class replaces the current one only when it is clearly faster (``switch_ratio``), to avoid flapping.
+* Choice among answered addresses: IPv4 before IPv6, LAN before public, then lowest round-trip time; a
+  path in the same class replaces the current one only when it is clearly faster (``switch_ratio``),
+  to avoid flapping.
 * On a direct path the current endpoint gets a heartbeat probe every ``heartbeat_interval``; with no
   answer for ``dead_after`` seconds the path is dead and the peer goes to another live direct address
   or back to the relay (with the defaults, within 3 s of the last answer, so within 5 s of a failure).
@@ -441,7 +442,9 @@ class PeerPath:
         }
 
     def _rank(self, addr: Endpoint, ans: _Answer) -> tuple[int, float]:
-        return (int(self._candidates[addr]), ans.rtt)
+        # IPv4 before IPv6 when both answer (issue 15): IPv6 is for peers IPv4 would leave on the relay
+        family = len(CandidateKind) if ":" in addr[0] else 0
+        return (family + int(self._candidates[addr]), ans.rtt)
 
     def _reselect(self, now: float) -> None:
         alive = self._alive(now)

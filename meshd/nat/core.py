@@ -304,8 +304,6 @@ class TraversalCore:
         self, p: _Peer, targets: Iterable[Endpoint], now: float, *, ttl: int | None = None
     ) -> None:
         for ep in targets:
-            if ":" in ep[0]:
-                continue  # the raw socket speaks IPv4 only
             try:
                 ping = self._probes.ping(p.info.wg_key, p.info.node_key, ep, now)
                 self._events.append(Datagram(ping, ep, ttl))

@@ -42,7 +42,7 @@ READ_BATCH = 64  #: datagrams read per wake-up before the decisions are carried 
 
 
 class Traversal:
-    """Direct paths for every peer of one daemon (IPv4 for now)."""
+    """Direct paths for every peer of one daemon (over IPv4 and IPv6)."""
 
     def __init__(
         self,
@@ -84,7 +84,8 @@ class Traversal:
             raise RuntimeError("traversal closed")
         self._raw = RawPort(self.port)
         self._core.start(self.clock())
-        asyncio.get_running_loop().add_reader(self._raw.fileno(), self._readable)
+        for fd in self._raw.filenos():  # IPv4, and IPv6 when the host has it (issue 15)
+            asyncio.get_running_loop().add_reader(fd, self._readable)
         self._loops.start("nat-timers", self._timer_loop)
         self._loops.start("nat-endpoints", self._wg.apply_loop)
         self._loops.start("nat-stun", self._stun_loop)
@@ -104,7 +105,8 @@ class Traversal:
             await asyncio.gather(*waits)
         finally:  # even when the caller gives up waiting: the socket never outlives close()
             if self._raw is not None:
-                asyncio.get_running_loop().remove_reader(self._raw.fileno())
+                for fd in self._raw.filenos():
+                    asyncio.get_running_loop().remove_reader(fd)
                 self._raw.close()
                 self._raw = None
 

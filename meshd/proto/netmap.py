@@ -150,6 +150,10 @@ class RelayRegion:
     name: str
     url: str
     stun_port: int
+    #: the region's IPv6 address when its URL names an IPv4 one (issue 15): STUN over IPv6 goes there, and
+    #: an IPv6-only node reaches the relay at the URL with this host; JSON key ``ipv6`` only when set, so
+    #: a region without one keeps its bytes
+    ipv6: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,7 +310,13 @@ def nat_from_json(raw: Any, where: str) -> PeerNat:
 
 
 def relay_to_json(r: RelayRegion) -> dict[str, Any]:
-    return {"id": r.id, "name": r.name, "url": r.url, "stun_port": r.stun_port}
+    return {
+        "id": r.id,
+        "name": r.name,
+        "url": r.url,
+        "stun_port": r.stun_port,
+        **({"ipv6": r.ipv6} if r.ipv6 else {}),
+    }
 
 
 def map_to_json(m: NetMap) -> dict[str, Any]:
@@ -428,11 +438,25 @@ def relay_from_json(raw: Any) -> RelayRegion:
         name=_get(o, "name", str, "relay"),
         url=_get(o, "url", str, "relay"),
         stun_port=_get(o, "stun_port", int, "relay"),
+        ipv6=_relay_ipv6(o.get("ipv6", "")),
     )
     # a region meshd cannot use (``http://[`` raised ValueError deep in meshd and killed the stream task)
     if (problem := region_problem(region.id, region.name, region.url, region.stun_port)) is not None:
         raise NetmapError(f"relay {str(region.id)[:20]}: {problem}")
     return region
+
+
+def _relay_ipv6(value: Any) -> str:
+    """A relay region's ``ipv6``: "" or a unicast IPv6 address literal, normalised."""
+    if value == "":
+        return ""
+    try:
+        ip = ipaddress.IPv6Address(value) if isinstance(value, str) and len(value) <= 64 else None
+    except ValueError:
+        ip = None
+    if ip is None or ip.scope_id is not None or ip.is_link_local or ip.is_multicast or ip.is_unspecified:
+        raise NetmapError(f"relay: ipv6 {str(value)[:64]!r} is not a unicast IPv6 address")
+    return str(ip)
 
 
 def _inbound(o: dict[str, Any], where: str) -> tuple[InboundRule, ...] | None:

@@ -28,6 +28,7 @@ from meshd.proto.encoding import b64decode, b64encode
 from meshd.proto.netmap import RelayRegion
 from meshd.relay import home as choose
 from meshd.relay import link as rlink
+from meshd.relay.dualstack import relay_urls
 from meshd.relay.proxy import ProxyTable
 from meshd.relay.region import RegionLink, RegionStatus
 from meshd.relay.tickets import TicketCache, TicketSource
@@ -250,16 +251,24 @@ class RelayManager:
         while not self._closed:
             try:
                 grant = await self.tickets.get(rid)
-                link = await rlink.connect(
-                    r.region.url,
-                    self.wg_key,
-                    grant.ticket.encode("ascii"),
-                    sign=grant.sign,
-                    region_id=rid,
-                    home=rid == self.home,
-                    on_packet=self._received,
-                    ssl_context=self.ssl_context,
-                )
+                urls = relay_urls(r.region)  # its IPv6 address last (issue 15: IPv6-only nodes)
+                for i, url in enumerate(urls):
+                    try:
+                        link = await rlink.connect(
+                            url,
+                            self.wg_key,
+                            grant.ticket.encode("ascii"),
+                            sign=grant.sign,
+                            region_id=rid,
+                            home=rid == self.home,
+                            on_packet=self._received,
+                            ssl_context=self.ssl_context,
+                        )
+                        break
+                    except rlink.RelayLinkError as exc:
+                        if i == len(urls) - 1:
+                            raise
+                        log.debug("relay %s: %s; trying %s", r.name, exc, urls[i + 1])
             except Exception as exc:  # expected: network trouble, refused ticket, coordinator down, bad URL
                 r.error = str(exc)
                 log.warning("relay %s: %s; retrying in %.1f s", r.name, exc, delay)

@@ -62,6 +62,36 @@ table ip {TABLE} {{
 """
 
 
+TABLE6 = "meshlab6"
+
+
+def ruleset6(kind: NatKind) -> str:
+    """The ``nft -f`` input for a dual-stack router's IPv6 side (issue 15): routed, no NAT, and a stateful
+    firewall as home routers have: new connections from ``wan0`` are dropped on the forward hook (so a
+    host is reachable only at an address and port it sent to first) and, unless ``eim-nofw``, on the input
+    hook. ICMPv6 reaches the router itself (neighbour discovery must); errors about a flow pass as related.
+    ``udp-blocked`` drops UDP leaving ``wan0`` over IPv6 too."""
+    if kind is NatKind.PUBLIC:
+        raise ValueError("a public host has no router")
+    input_rules = "" if kind is NatKind.EIM_NOFW else f'iifname "{WAN}" ct state new drop\n'
+    forward_rules = f'iifname "{WAN}" ct state new drop\n'
+    if kind is NatKind.UDP_BLOCKED:
+        forward_rules += f'oifname "{WAN}" meta l4proto udp drop\n'
+    return f"""
+table ip6 {TABLE6} {{
+    chain input {{
+        type filter hook input priority filter; policy accept;
+        meta l4proto ipv6-icmp accept
+        {input_rules}
+    }}
+    chain forward {{
+        type filter hook forward priority filter; policy accept;
+        {forward_rules}
+    }}
+}}
+"""
+
+
 #: miniupnpd's own tables and chains (it adds DNAT and filter rules to these, never creates them).
 MINIUPNPD_TABLE = "miniupnpd"
 MINIUPNPD_NAT_TABLE = "miniupnpd_nat"

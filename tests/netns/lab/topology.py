@@ -10,6 +10,17 @@ Addressing (all inside the lab's namespaces; nothing is routed to the machine's 
     cgnat     the home router's wan0 is 100.64.<c>.<2+j>/24 on carrier c's lan0 (100.64.<c>.1/24)
 
 Public-looking 6/8 and 7/8 are used because miniupnpd refuses private or reserved WAN addresses.
+
+IPv6 (issue 15, only for nodes made with ``ipv6=``; a lab without them has no IPv6 address at all) uses
+the documentation prefix 2001:db8::/32, routed without NAT::
+
+    inet      inet0 2001:db8::1/64, forwarding; a route to each dual-stack router's LAN prefix
+    routers   wan0 2001:db8::6:<n>/64; lan0 2001:db8:<k>::1/64 (k in hex); a stateful IPv6 firewall
+              (nat.ruleset6: new inbound dropped, established/related allowed)
+    hosts     eth0 2001:db8:<k>::<10+j>/64 (``ipv6="only"``: no IPv4 address or route at all)
+    public    eth0 2001:db8::7:<n>/64
+    cgnat     the carrier routes IPv6 (no NAT, no firewall): its lan0 is 2001:db8:100:<c>::1/64, the home
+              router's wan0 2001:db8:100:<c>::<2+j>/64
 Interface names are fixed per namespace (eth0, wan0, lan0, inet0, veth ports p<j>/r<k>/s<n>), so they never
 collide across namespaces or runs; the namespaces themselves carry the run-unique owner tag.
 """
@@ -43,6 +54,7 @@ WATCHDOG_SCRIPT = Path(__file__).with_name("watchdog.py")
 INET_BRIDGE = "inet0"
 INET_GW = "6.0.0.1"
 INET_PREFIXLEN = 7
+INET_GW6 = "2001:db8::1"
 ECHO_PORT = 4000
 SENTINEL = "lab-sentinel"
 PCP_MIN_LIFETIME = 2  #: seconds; see Lab.router
@@ -154,9 +166,13 @@ class Router(Node):
         wan_ip: str,
         lan_net: ipaddress.IPv4Network,
         upstream: Router | None,
+        wan_ip6: str | None = None,
+        lan_net6: ipaddress.IPv6Network | None = None,
     ) -> None:
         super().__init__(lab, name, netns)
         self.kind = kind
+        self.wan_ip6 = wan_ip6  #: its IPv6 WAN address (None: an IPv4-only router)
+        self.lan_net6 = lan_net6  #: the IPv6 prefix routed to its LAN
         self.index = index
         self.wan_ip = wan_ip  #: this router's own WAN address (100.64.x.y for a cgnat home router)
         self.lan_net = lan_net
@@ -192,10 +208,13 @@ class Router(Node):
 class Host(Node):
     """A machine: behind ``router`` on its LAN, or (``router is None``) directly on the internet."""
 
-    def __init__(self, lab: Lab, name: str, netns: Namespace, ip: str, router: Router | None) -> None:
+    def __init__(
+        self, lab: Lab, name: str, netns: Namespace, ip: str, router: Router | None, ip6: str | None = None
+    ) -> None:
         super().__init__(lab, name, netns)
-        self.ip = ip  #: its own address (LAN address behind a router)
+        self.ip = ip  #: its own address (LAN address behind a router; its IPv6 address if IPv6-only)
         self.router = router
+        self.ip6 = ip6  #: its global IPv6 address (None: IPv4 only); no NAT, so peers see this one
 
     @property
     def public_ip(self) -> str:
@@ -278,6 +297,7 @@ class Lab:
         self._counters: dict[str, int] = {}
         self._closed = False
         self._wan_n = 1  # 6.0.0.1 is the internet gateway
+        self._inet6 = False  # IPv6 on the internet bridge, set up with the first dual-stack node
         self._pub_n = 0
         self._inet_ports = 0
         self._carriers = 0
@@ -363,6 +383,30 @@ class Lab:
         self._names.add(name)
         return name
 
+    def _inet6_up(self) -> None:
+        if not self._inet6:
+            self.inet.sh(
+                "sysctl -qw net.ipv6.conf.all.forwarding=1 net.ipv6.conf.default.accept_dad=0\n"
+                f"sysctl -qw net.ipv6.conf.{INET_BRIDGE}.accept_dad=0\n"
+                # its link-local address may still be tentative (duplicate address detection, see _no_dad):
+                # neighbour solicitations from it would wait, so it gets one that is valid at once
+                f"ip -6 addr flush dev {INET_BRIDGE} scope link\n"
+                f"ip -6 addr add fe80::1/64 dev {INET_BRIDGE} nodad\n"
+                f"ip -6 addr add {INET_GW6}/64 dev {INET_BRIDGE} nodad\n"
+            )
+            self._inet6 = True
+
+    @staticmethod
+    def _no_dad(netns: Namespace) -> None:
+        """Interfaces made in ``netns`` from now on skip duplicate address detection: with it their
+        link-local addresses stay tentative for ~2 s and the first IPv6 packets through them are lost."""
+        netns.sh("sysctl -qw net.ipv6.conf.default.accept_dad=0 net.ipv6.conf.all.accept_dad=0\n")
+
+    @staticmethod
+    def _add6(netns: Namespace, ifname: str, ip6: str, gateway: str) -> None:
+        """IPv6 address (no duplicate address detection: usable at once) and default route."""
+        netns.sh(f"ip -6 addr add {ip6}/64 dev {ifname} nodad\nip -6 route add default via {gateway}\n")
+
     def _attach_to_inet(self, netns: Namespace, ifname: str, ip: str, delay_ms: float = 0.0) -> None:
         """Give ``netns`` an interface ``ifname`` with ``ip`` on the internet bridge and a default route.
 
@@ -395,6 +439,9 @@ class Lab:
                 [sys.executable, str(DELAY_SCRIPT), "a0", "b0", str(delay_ms)], stdout=subprocess.PIPE
             )
             _wait_ready(proc, f"delay link {wire.name}", 10.0)
+        if not ip:  # IPv6 only (issue 15)
+            netns.sh(f"ip link set {ifname} up\n")
+            return
         netns.sh(
             f"ip addr add {ip}/{INET_PREFIXLEN} dev {ifname}\n"
             f"ip link set {ifname} up\n"
@@ -407,6 +454,9 @@ class Lab:
             f"ip link add {port} type veth peer name {ifname} netns {netns.name}\n"
             f"ip link set {port} master {LAN} up\n"
         )
+        if not ip:  # IPv6 only (issue 15)
+            netns.sh(f"ip link set {ifname} up\n")
+            return
         netns.sh(
             f"ip addr add {ip}/{prefixlen} dev {ifname}\n"
             f"ip link set {ifname} up\n"
@@ -422,6 +472,7 @@ class Lab:
         pcp_min_lifetime: int = PCP_MIN_LIFETIME,
         portmap: tuple[str, ...] = rules.PORTMAP_PROTOCOLS,
         wan_delay_ms: float = 0.0,
+        ipv6: bool = False,
     ) -> Router:
         """A new router of kind ``nat`` on the internet (for ``cgnat``: behind ``carrier`` or a new one).
 
@@ -429,6 +480,7 @@ class Lab:
         so renewal can be tested in seconds; pass 120 for miniupnpd's (and many routers') default.
         ``portmap`` (upnp only): the protocols the router speaks, a subset of ("upnp", "natpmp", "pcp").
         ``wan_delay_ms``: one-way latency of the router's link to the internet (not for cgnat homes).
+        ``ipv6``: dual-stack (issue 15): a routed IPv6 prefix behind a stateful firewall (module docstring).
         """
         if pcp_min_lifetime < 1:
             raise ValueError("pcp_min_lifetime must be at least 1 s")
@@ -438,12 +490,18 @@ class Lab:
         if carrier is not None and kind is not NatKind.CGNAT:
             raise ValueError("carrier= is only for nat='cgnat'")
         if kind is NatKind.CGNAT and carrier is None:
-            carrier = self._carrier()
+            carrier = self._carrier(ipv6=ipv6)
+        if ipv6 and carrier is not None and carrier.lan_net6 is None:
+            raise ValueError(
+                f"carrier {carrier.name} has no IPv6: a dual-stack home needs a dual-stack carrier"
+            )
         index = len(self.routers) + 1
         if index > 250:
             raise LabError("at most 250 routers per lab")
         name = self._name(name, "r")
         netns = self._namespace(name)
+        if ipv6:
+            self._no_dad(netns)
         lan_net = ipaddress.IPv4Network(f"192.168.{index}.0/24")
         upstream = carrier
         if upstream is None:
@@ -452,6 +510,13 @@ class Lab:
         else:
             wan_ip = str(upstream.lan_net.network_address + 2 + upstream._ports)
         r = Router(self, name, netns, kind, index=index, wan_ip=wan_ip, lan_net=lan_net, upstream=upstream)
+        if ipv6:
+            r.lan_net6 = ipaddress.IPv6Network(f"2001:db8:{index:x}::/64")
+            if upstream is None:
+                r.wan_ip6 = f"2001:db8::6:{self._wan_n:x}"
+            else:
+                assert upstream.lan_net6 is not None
+                r.wan_ip6 = str(upstream.lan_net6.network_address + 2 + upstream._ports)
         self.routers.append(r)
         netns.sh(
             "sysctl -qw net.ipv4.ip_forward=1\n"
@@ -464,20 +529,44 @@ class Lab:
         else:
             self._attach_to_lan(upstream, netns, WAN, wan_ip, upstream.lan_net.prefixlen)
         netns.run(["nft", "-f", "-"], input=rules.ruleset(kind), check=True)
+        if ipv6:
+            self._router6(r)
         if kind is NatKind.UPNP:
             if tuple(portmap) != rules.PORTMAP_PROTOCOLS:
                 netns.run(["nft", "-f", "-"], input=rules.portmap_filter(tuple(portmap), LAN), check=True)
             self._start_miniupnpd(r, pcp_min_lifetime, tuple(portmap))
         return r
 
-    def _carrier(self) -> Router:
-        """A carrier-grade NAT: EIM with WAN input drop; its LAN is 100.64.<c>.0/24."""
+    def _router6(self, r: Router) -> None:
+        """IPv6 for router ``r`` (addresses chosen): forwarding, its LAN prefix, routes to it, firewall."""
+        assert r.wan_ip6 is not None and r.lan_net6 is not None
+        self._inet6_up()
+        lan_gw = r.lan_net6.network_address + 1
+        up = r.upstream
+        gateway = INET_GW6
+        if up is not None:
+            assert up.lan_net6 is not None and up.wan_ip6 is not None
+            gateway = str(up.lan_net6.network_address + 1)
+        r.netns.sh(f"sysctl -qw net.ipv6.conf.all.forwarding=1\nip -6 addr add {lan_gw}/64 dev {LAN} nodad\n")
+        self._add6(r.netns, WAN, r.wan_ip6, gateway)
+        if up is None:
+            self.inet.sh(f"ip -6 route add {r.lan_net6} via {r.wan_ip6}\n")
+        else:  # the carrier routes the home's prefix, and the internet routes it to the carrier
+            up.netns.sh(f"ip -6 route add {r.lan_net6} via {r.wan_ip6}\n")
+            self.inet.sh(f"ip -6 route add {r.lan_net6} via {up.wan_ip6}\n")
+        r.netns.run(["nft", "-f", "-"], input=rules.ruleset6(r.kind), check=True)
+
+    def _carrier(self, *, ipv6: bool = False) -> Router:
+        """A carrier-grade NAT: EIM with WAN input drop; its LAN is 100.64.<c>.0/24. With ``ipv6`` it also
+        routes IPv6 (no NAT, no firewall: that is the home router's job)."""
         self._carriers += 1
         c = self._carriers
         if c > 250:
             raise LabError("at most 250 carrier NATs per lab")
         name = self._name(None, "cgn")
         netns = self._namespace(name)
+        if ipv6:
+            self._no_dad(netns)
         self._wan_n += 1
         wan_ip = str(ipaddress.IPv4Address("6.0.0.0") + self._wan_n)
         lan_net = ipaddress.IPv4Network(f"100.64.{c}.0/24")
@@ -490,6 +579,16 @@ class Lab:
         )
         self._attach_to_inet(netns, WAN, wan_ip)
         netns.run(["nft", "-f", "-"], input=rules.ruleset(NatKind.EIM), check=True)
+        if ipv6:
+            self._inet6_up()
+            r.wan_ip6 = f"2001:db8::6:{self._wan_n:x}"
+            r.lan_net6 = ipaddress.IPv6Network(f"2001:db8:100:{c:x}::/64")
+            netns.sh(
+                "sysctl -qw net.ipv6.conf.all.forwarding=1\n"
+                f"ip -6 addr add {r.lan_net6.network_address + 1}/64 dev {LAN} nodad\n"
+            )
+            self._add6(netns, WAN, r.wan_ip6, INET_GW6)
+            self.inet.sh(f"ip -6 route add {r.lan_net6} via {r.wan_ip6}\n")
         self.carriers.append(r)
         return r
 
@@ -536,49 +635,73 @@ class Lab:
         name: str | None = None,
         portmap: tuple[str, ...] | None = None,
         wan_delay_ms: float = 0.0,
+        ipv6: bool | str = False,
     ) -> Host:
         """A host behind a new router of kind ``nat`` (default ``eim``), or behind ``router``.
 
         ``nat="public"`` puts the host directly on the internet (no router, no firewall).
+        ``ipv6=True``: dual-stack (a new router is made dual-stack too; ``router=`` must be); ``"only"``:
+        an IPv6 address and no IPv4 one (issue 15).
         """
+        if ipv6 not in (False, True, "only"):
+            raise ValueError(f"ipv6={ipv6!r}: use False, True or 'only'")
         if router is not None and nat is not None:
             raise ValueError("give either nat= (a new router) or router= (an existing one), not both")
         if router is None:
             kind = parse_kind(nat if nat is not None else "eim")
             if kind is NatKind.PUBLIC:
-                return self._public(name, "h", wan_delay_ms)
+                return self._public(name, "h", wan_delay_ms, ipv6=ipv6)
             opts: dict[str, Any] = {"wan_delay_ms": wan_delay_ms}
+            if ipv6:
+                opts["ipv6"] = True
             if portmap is not None:
                 opts["portmap"] = portmap
             router = self.router(kind, **opts)
         if router.lab is not self:
             raise ValueError(f"router {router.name} belongs to another lab")
+        if ipv6 and router.lan_net6 is None:
+            raise ValueError(f"router {router.name} has no IPv6: make it with ipv6=True")
         j = len(router.hosts) + 1
         if j > 240:
             raise LabError(f"at most 240 hosts behind router {router.name}")
         name = self._name(name, "h")
         netns = self._namespace(name)
+        if ipv6:
+            self._no_dad(netns)
         ip = str(router.lan_net.network_address + 9 + j)
-        h = Host(self, name, netns, ip, router)
-        self._attach_to_lan(router, netns, "eth0", ip, router.lan_net.prefixlen)
+        ip6 = str(router.lan_net6.network_address + 9 + j) if ipv6 and router.lan_net6 is not None else None
+        h = Host(self, name, netns, ip6 if ipv6 == "only" and ip6 else ip, router, ip6)
+        self._attach_to_lan(router, netns, "eth0", "" if ipv6 == "only" else ip, router.lan_net.prefixlen)
+        if ip6 is not None and router.lan_net6 is not None:
+            self._add6(netns, "eth0", ip6, str(router.lan_net6.network_address + 1))
         router.hosts.append(h)
         self.hosts.append(h)
         return h
 
-    def server(self, *, name: str | None = None, delay_ms: float = 0.0) -> Host:
+    def server(self, *, name: str | None = None, delay_ms: float = 0.0, ipv6: bool | str = False) -> Host:
         """A public host (no NAT, no firewall) for the coordinator, STUN-like checks and echo servers;
-        ``delay_ms`` is the one-way latency of its link."""
-        return self._public(name, "s", delay_ms)
+        ``delay_ms`` is the one-way latency of its link; ``ipv6`` as for :meth:`host`."""
+        if ipv6 not in (False, True, "only"):
+            raise ValueError(f"ipv6={ipv6!r}: use False, True or 'only'")
+        return self._public(name, "s", delay_ms, ipv6=ipv6)
 
-    def _public(self, name: str | None, prefix: str, delay_ms: float = 0.0) -> Host:
+    def _public(
+        self, name: str | None, prefix: str, delay_ms: float = 0.0, *, ipv6: bool | str = False
+    ) -> Host:
         self._pub_n += 1
         if self._pub_n > 60000:
             raise LabError("too many public hosts")
         name = self._name(name, prefix)
         netns = self._namespace(name)
+        if ipv6:
+            self._no_dad(netns)
         ip = str(ipaddress.IPv4Address("7.0.0.0") + self._pub_n)
-        h = Host(self, name, netns, ip, None)
-        self._attach_to_inet(netns, "eth0", ip, delay_ms)
+        ip6 = f"2001:db8::7:{self._pub_n:x}" if ipv6 else None
+        h = Host(self, name, netns, ip6 if ipv6 == "only" and ip6 else ip, None, ip6)
+        self._attach_to_inet(netns, "eth0", "" if ipv6 == "only" else ip, delay_ms)
+        if ip6 is not None:
+            self._inet6_up()
+            self._add6(netns, "eth0", ip6, INET_GW6)
         self.hosts.append(h)
         return h
 
@@ -588,10 +711,12 @@ class Lab:
         lines = [f"inet {self.inet.name} {INET_GW}/{INET_PREFIXLEN}"]
         for r in [*self.carriers, *self.routers]:
             up = f" via {r.upstream.name}" if r.upstream else ""
-            lines.append(f"router {r.name} [{r.kind}] ns={r.ns} wan={r.wan_ip}{up} lan={r.lan_net}")
+            six = f" wan6={r.wan_ip6} lan6={r.lan_net6}" if r.lan_net6 is not None else ""
+            lines.append(f"router {r.name} [{r.kind}] ns={r.ns} wan={r.wan_ip}{up} lan={r.lan_net}{six}")
         for h in self.hosts:
             where = f"behind {h.router.name}" if h.router else "public"
-            lines.append(f"host {h.name} ns={h.ns} ip={h.ip} {where}")
+            six = f" ip6={h.ip6}" if h.ip6 is not None else ""
+            lines.append(f"host {h.name} ns={h.ns} ip={h.ip}{six} {where}")
         return "\n".join(lines)
 
     def dump(self) -> str:

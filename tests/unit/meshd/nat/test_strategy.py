@@ -65,6 +65,9 @@ class FakeRawPort:
     def fileno(self) -> int:
         return self._a.fileno()
 
+    def filenos(self) -> list[int]:
+        return [self._a.fileno()]
+
     def send(self, payload: bytes, dst: Endpoint) -> None:
         self.sent.append((payload, dst))
 
