@@ -256,6 +256,16 @@ class Ended:
 PortEvent = SendGrant | SendState | Opened | Bound | Ended
 
 
+@dataclass(frozen=True, slots=True)
+class Assigned:
+    """One side of a pair a coordinator assigned to a peer relay: its node, port and secret."""
+
+    key: bytes
+    node_id: int
+    port: int
+    secret: bytes = field(repr=False)
+
+
 class Refused(Exception):
     """A PORT_REQUEST that cannot be served (caps, no free port, policy); the text says why."""
 
@@ -344,6 +354,50 @@ class Allocations:
         self._events.append(Opened(alloc))
         for s in (a, b):
             self._events.append(SendGrant(s.key, Grant(s.other.key, s.port, s.secret, int(self.idle))))
+
+    def assign(self, a: Assigned, b: Assigned, now: float) -> None:
+        """A peer relay (issue 14): the coordinator chose the pair's ports and secrets and sent them to
+        both nodes; no request and no grant here. The same assignment again changes nothing (bind
+        counters stay); a different one for the pair, or one on a port another pair holds, replaces it.
+        Raises :class:`Refused` for ports outside the range or past the caps."""
+        if a.key == b.key or a.port == b.port:
+            raise Refused("a port pair needs two different nodes and ports")
+        for s in (a, b):
+            if s.port not in self.ports or len(s.secret) != SECRET_LEN:
+                raise Refused(f"port {s.port} is not in the relay's range")
+        pair = frozenset((a.key, b.key))
+        old = self.by_pair.get(pair)
+        if old is not None:
+            mine = {(s.key, s.node_id, s.port, s.secret) for s in old.sides()}
+            if mine == {(s.key, s.node_id, s.port, s.secret) for s in (a, b)}:
+                return
+            self._end(old, "reassigned")
+        for s in (a, b):
+            held = self.by_port.get(s.port)
+            if held is not None:
+                self._end(self.by_pair[frozenset((held.key, held.other.key))], "port reassigned")
+        for k in (a.key, b.key):
+            if self.per_key.get(k, 0) >= self.per_node:
+                self.refused += 1
+                raise Refused(f"a node may hold {self.per_node} relay port pairs")
+        if len(self.by_pair) >= self.total:
+            self.refused += 1
+            raise Refused("the relay holds its most port pairs")
+        sa = Side(a.key, a.node_id, a.port, a.secret)
+        sb = Side(b.key, b.node_id, b.port, b.secret)
+        sa.other, sb.other = sb, sa
+        alloc = Allocation(sa, sb, now, now)
+        self.by_pair[pair] = alloc
+        self.by_port[a.port], self.by_port[b.port] = sa, sb
+        for k in (a.key, b.key):
+            self.per_key[k] = self.per_key.get(k, 0) + 1
+        self._events.append(Opened(alloc))
+
+    def unassign(self, key_a: bytes, key_b: bytes, reason: str) -> None:
+        """The coordinator withdrew the pair's peer relay."""
+        alloc = self.by_pair.get(frozenset((key_a, key_b)))
+        if alloc is not None:
+            self._end(alloc, reason)
 
     def failed(self, alloc: Allocation, reason: str) -> None:
         """The shell could not open the ports of ``alloc``: it ends (the nodes stay on the TCP relay)."""
