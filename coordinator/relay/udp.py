@@ -97,7 +97,7 @@ class UdpPorts(PortServer):
     def _send_grant(self, to: bytes, grant: Grant) -> None:
         self._send(to, relay.FrameType.PORT_GRANT, relayport.encode_grant(grant))
 
-    def _send_state(self, to: bytes, peer: bytes, flags: PortFlags) -> None:
+    def _send_state(self, to: bytes, peer: bytes, flags: PortFlags, node: int) -> None:
         self._send(to, relay.FrameType.PORT_STATE, relayport.encode_state(peer, flags))
 
     def _send(self, to: bytes, ftype: relay.FrameType, payload: bytes) -> None:

@@ -229,6 +229,7 @@ class SendState:
     to: bytes
     peer: bytes
     flags: PortFlags
+    node: int = 0  #: the node id of ``to`` (a peer relay tells it through the coordinator)
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,7 +322,7 @@ class Allocations:
             side.secret = self.random(SECRET_LEN)
             side.counter = 0
             self._events.append(SendGrant(key, Grant(peer, side.port, side.secret, int(self.idle))))
-            self._events.append(SendState(key, peer, self._flags(side)))
+            self._events.append(SendState(key, peer, self._flags(side), node_id))
             return
         back = self.pending.pop((peer, key), None)
         if back is None or now - back[1] > PENDING_SECONDS:
@@ -431,7 +432,7 @@ class Allocations:
             self._events.append(Bound(alloc))
             if first:
                 for s in alloc.sides():
-                    self._events.append(SendState(s.key, s.other.key, self._flags(s)))
+                    self._events.append(SendState(s.key, s.other.key, self._flags(s), s.node_id))
         return True
 
     def node_left(self, key: bytes, reason: str) -> None:
@@ -497,7 +498,7 @@ class Allocations:
                 self.per_key[s.key] = left
             else:
                 self.per_key.pop(s.key, None)
-            self._events.append(SendState(s.key, s.other.key, PortFlags.CLOSED))
+            self._events.append(SendState(s.key, s.other.key, PortFlags.CLOSED, s.node_id))
         self._events.append(Ended(alloc, reason))
 
 
@@ -544,9 +545,13 @@ class PortClient:
     reports :class:`Moved` when a peer's port is usable (both sides bound) and when it stops being so.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, counter_base: Callable[[], int] = lambda: 0) -> None:
         self._want: dict[bytes, _Want] = {}
         self._events: list[ClientEvent] = []
+        #: a grant's first bind counter - 1. A region relay resets the counter with each grant; a peer
+        #: relay keeps it for an assignment the coordinator re-sends, so a restarted meshd starts from
+        #: the clock (milliseconds) to stay above what it sent before
+        self.counter_base = counter_base
 
     def want(self, peer: bytes, on: bool, now: float) -> None:
         w = self._want.get(peer)
@@ -565,8 +570,10 @@ class PortClient:
         w = self._want.get(g.peer)
         if w is None:
             return  # we no longer want it: the relay ends it when idle
+        if w.grant == g:
+            return  # the same grant again (a peer relay's re-sent assignment): keep binding as before
         was_ready = w.flags == PortFlags.READY
-        w.grant, w.counter, w.flags = g, 0, PortFlags.NONE
+        w.grant, w.counter, w.flags = g, self.counter_base(), PortFlags.NONE
         if was_ready:
             self._events.append(Moved(g.peer, None))
         self._bind(w, now)

@@ -112,8 +112,8 @@ class PortServer:
     def _send_grant(self, to: bytes, grant: Grant) -> None:
         """Tell node ``to`` (WireGuard key) its port and secret (region relays; peer relays never)."""
 
-    def _send_state(self, to: bytes, peer: bytes, flags: PortFlags) -> None:
-        """Tell node ``to`` whether its pair with ``peer`` is bound."""
+    def _send_state(self, to: bytes, peer: bytes, flags: PortFlags, node: int) -> None:
+        """Tell node ``to`` (node id ``node``) whether its pair with ``peer`` is bound."""
 
     def _on_ended(self, alloc: Allocation, reason: str, opened: float) -> None:
         """An allocation ended and its ports are closed (``opened``: wall clock at creation)."""
@@ -148,7 +148,7 @@ class PortServer:
             if isinstance(ev, relayport.SendGrant):
                 self._send_grant(ev.to, ev.grant)
             elif isinstance(ev, relayport.SendState):
-                self._send_state(ev.to, ev.peer, ev.flags)
+                self._send_state(ev.to, ev.peer, ev.flags, ev.node)
             elif isinstance(ev, relayport.Opened):
                 self._open(ev.alloc)
             elif isinstance(ev, relayport.Bound):
