@@ -229,7 +229,7 @@ class SendState:
     to: bytes
     peer: bytes
     flags: PortFlags
-    node: int = 0  #: the node id of ``to`` (a peer relay tells it through the coordinator)
+    node: int = field(default=0, compare=False)  #: node id of ``to`` (a peer relay signals it)
 
 
 @dataclass(frozen=True, slots=True)
