@@ -119,6 +119,11 @@ class Plan:
     sent: float = 0.0  #: when the signals were last sent (monotonic)
 
 
+def _capacity(s: Server) -> int:
+    """Pairs one peer relay serves at most: its cap, and two ports a pair."""
+    return min(MAX_PLANS_PER_RELAY, len(s.ports) // 2)
+
+
 @dataclass
 class Planner:
     """The plans of one coordinator (state; :meth:`step` is pure apart from ``random``)."""
@@ -144,7 +149,7 @@ class Planner:
             if a not in keys or b not in keys:
                 continue
             cur = self.plans.get(pair)
-            usable = [s for s in servers.values() if load.get(s.node, 0) < MAX_PLANS_PER_RELAY]
+            usable = [s for s in servers.values() if load.get(s.node, 0) < _capacity(s)]
             r = choose(a, b, usable, inp, cur.relay if cur is not None else None)
             if r is not None:
                 want[pair] = r

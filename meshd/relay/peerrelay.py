@@ -74,8 +74,9 @@ class PeerRelayServer(PortServer):
         *,
         clock: Callable[[], float] = time.monotonic,
         kernel: bool = True,
+        host: str = "0.0.0.0",
     ) -> None:
-        super().__init__("0.0.0.0", Allocations(ports), clock=clock)
+        super().__init__(host, Allocations(ports), clock=clock)
         self.ports = ports
         self.send_signal = send_signal
         self._want_kernel = kernel
