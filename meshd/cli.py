@@ -141,10 +141,10 @@ def up(
     )
     if snat is None:
         fail(f"--snat-subnet-routes must be true or false, not {snat_subnet_routes!r}")
-    from meshd.relay.peerrelay import parse_ports
+    from meshd.relay.portserver import parse_range
 
     try:
-        relay_ports = parse_ports(peer_relay_ports)
+        relay_ports = parse_range(peer_relay_ports)
     except ValueError as e:
         fail(f"--peer-relay-ports: {e}")
     setup_logging(log_level.upper())

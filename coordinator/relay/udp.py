@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from meshd.proto import relay, relayfeed, relayport
 from meshd.proto.relayfeed import SessionRecord
 from meshd.proto.relayport import Allocation, Allocations, Grant, PortFlags, Refused
-from meshd.relay.portserver import KernelForwarder, PortServer
+from meshd.relay.portserver import KernelForwarder, PortServer, parse_range
 from meshd.relay.udpkernel import kernel_forwarder
 
 if TYPE_CHECKING:
@@ -29,21 +29,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("coordinator.relay")
 
 __all__ = ["KernelForwarder", "UdpPorts", "kernel_forwarder", "parse_range", "policy_check", "start"]
-
-
-def parse_range(text: str) -> range | None:
-    """``LOW-HIGH`` (inclusive) as a range, ``0``/``off``/empty as None; ValueError says what is wrong."""
-    text = text.strip().lower()
-    if text in ("", "0", "off", "none"):
-        return None
-    low, sep, high = text.partition("-")
-    try:
-        lo, hi = int(low), int(high if sep else low)
-    except ValueError:
-        raise ValueError(f"UDP relay ports must be LOW-HIGH, not {text!r}") from None
-    if not 1 <= lo < hi <= 65535:
-        raise ValueError(f"UDP relay ports {text!r}: need 1 <= LOW < HIGH <= 65535 (at least two ports)")
-    return range(lo, hi + 1)
 
 
 class UdpPorts(PortServer):

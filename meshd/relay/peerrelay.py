@@ -34,21 +34,6 @@ TABLE = "meshpeerrelay"
 TICK = 1.0
 
 
-def parse_ports(text: str) -> range | None:
-    """``LOW-HIGH`` (inclusive, at least two ports) or ``0``/``off`` (None); ValueError says why."""
-    text = text.strip().lower()
-    if text in ("", "0", "off", "none"):
-        return None
-    low, sep, high = text.partition("-")
-    try:
-        lo, hi = int(low), int(high)
-    except ValueError:
-        raise ValueError(f"want LOW-HIGH, not {text!r}") from None
-    if not sep or not 1 <= lo < hi <= 65535:
-        raise ValueError(f"{text!r}: need 1 <= LOW < HIGH <= 65535")
-    return range(lo, hi + 1)
-
-
 def public_address(reflexive: Iterable[Endpoint], local: Iterable[str]) -> str | None:
     """Our public IPv4 address: a STUN-mapped address that is also on one of our interfaces (no NAT in
     front of us), else None. (A port map maps only WireGuard's port, not a relay range: not enough.)"""

@@ -35,6 +35,21 @@ _WG_TYPES = frozenset((1, 2, 3, 4))
 _ZERO3 = b"\x00\x00\x00"
 
 
+def parse_range(text: str) -> range | None:
+    """``LOW-HIGH`` (inclusive) as a range, ``0``/``off``/empty as None; ValueError says what is wrong."""
+    text = text.strip().lower()
+    if text in ("", "0", "off", "none"):
+        return None
+    low, sep, high = text.partition("-")
+    try:
+        lo, hi = int(low), int(high if sep else low)
+    except ValueError:
+        raise ValueError(f"UDP relay ports must be LOW-HIGH, not {text!r}") from None
+    if not 1 <= lo < hi <= 65535:
+        raise ValueError(f"UDP relay ports {text!r}: need 1 <= LOW < HIGH <= 65535 (at least two ports)")
+    return range(lo, hi + 1)
+
+
 class KernelForwarder(Protocol):
     """The fast path: install/remove the forwarding of one bound allocation (udpkernel.NftForwarder)."""
 

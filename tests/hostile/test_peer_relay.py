@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import socket
 import time
 from typing import Any
 
@@ -25,27 +24,13 @@ from coordinator.peerrelays import Inputs, Server, choose
 from meshd.proto import peerrelay, relayport
 from meshd.proto.relayport import Assigned
 from meshd.relay.peerrelay import PeerRelayServer
+from tests.hostile.test_relay_ports import _recv, _udp
 
 pytestmark = pytest.mark.hostile
 
 A, B, M = b"\x0a" * 32, b"\x0b" * 32, b"\x0c" * 32
 RELAY_NODE = 7
 WG_DATA = bytes([4, 0, 0, 0]) + os.urandom(60)  #: shaped like a WireGuard transport message
-
-
-def _udp() -> socket.socket:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("127.0.0.1", 0))
-    s.setblocking(False)
-    return s
-
-
-async def _recv(sock: socket.socket, within: float = 0.3) -> bytes | None:
-    try:
-        async with asyncio.timeout(within):
-            return await asyncio.get_running_loop().sock_recv(sock, 2048)
-    except TimeoutError:
-        return None
 
 
 def test_the_planner_never_offers_the_relay_to_a_node_the_policy_keeps_from_it() -> None:
