@@ -8,6 +8,7 @@ pair falls back to the region relay."""
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
@@ -74,3 +75,55 @@ def test_a_peer_relay_carries_a_pair_when_the_region_relay_is_far(lab: Lab, mesh
         what="alpha back on the region relay",
     )
     mesh.wait_ping(a, b, within=15)
+
+
+#: alpha, beta and mallory may talk; alpha and beta may use the peer relay, mallory may not
+POLICY = """
+[[rules]]
+src = ["node:alpha", "node:beta", "node:mallory"]
+dst = ["node:alpha:*", "node:beta:*", "node:mallory:*"]
+
+[[rules]]
+src = ["node:alpha", "node:beta"]
+dst = ["node:hop:*"]
+"""
+
+
+@pytest.mark.hostile
+def test_a_node_the_policy_keeps_from_the_peer_relay_never_gets_it(lab: Lab, mesh: Mesh) -> None:
+    mesh.start_coordinator(lab.server(delay_ms=40))
+    policy = mesh.dir / "policy.toml"
+    policy.write_text(POLICY)
+    mesh.admin("policy", "set", str(policy))
+    r = mesh.up(lab.host(nat="public"), "hop", extra=MESHD)
+    mesh.admin("nodes", "relay", "hop", "on")
+    a = mesh.up(lab.host(nat="edm"), "alpha", extra=MESHD)
+    b = mesh.up(lab.host(nat="edm"), "beta", extra=MESHD)
+    m = mesh.up(lab.host(nat="edm"), "mallory", extra=MESHD)
+    # the positive control: the pair the policy lets use the relay gets it
+    eventually(
+        lambda: _transport(mesh, a, "beta")[:2] == ("relay", "peer"),
+        within=45,
+        what="alpha relayed to beta through the peer relay",
+    )
+    mesh.wait_ping(m, a, within=10)  # mallory and alpha talk, over the region relay
+    # mallory's pairs are just as relayed and the peer relay just as close, yet never offered to her
+    assert mallory_router_ip(m) not in r.host.run(["nft", "list", "ruleset"]).stdout
+    t0 = time.monotonic()
+
+    def watched_long_enough() -> bool:
+        """Fails the test at once if mallory is ever on the peer relay; done after 10 s of looking."""
+        for node, peer in ((m, "alpha"), (m, "beta"), (a, "mallory")):
+            assert _transport(mesh, node, peer)[1] != "peer", f"{node.name} -> {peer} on the peer relay"
+        assert mallory_router_ip(m) not in r.host.run(["nft", "list", "ruleset"]).stdout
+        return time.monotonic() - t0 >= 10.0
+
+    eventually(watched_long_enough, within=30, interval=0.5, what="10 s of mallory off the peer relay")
+    assert _transport(mesh, a, "beta")[:2] == ("relay", "peer")  # and the control still holds
+    mesh.wait_ping(a, b, within=5)
+
+
+def mallory_router_ip(node: Node) -> str:
+    router = node.host.router
+    assert router is not None
+    return str(router.wan_ip)
