@@ -321,7 +321,9 @@ class Daemon:
             self.paths.relay_ports(self.relay.use, self.relay.is_relay_address)
             self.relay.on_moved = self.paths.relay_moved
             if self.opts.peer_relay_ports is not None:  # a peer relay binds and forwards as root
-                self.peer_relay = PeerRelayServer(self.opts.peer_relay_ports, self._signal_soon)
+                self.peer_relay = PeerRelayServer(
+                    self.opts.peer_relay_ports, self._signal_soon, mesh_if=self.opts.interface
+                )
         self.applier.relay, self.applier.paths = self.relay, self.paths
         if self.paths.probing:
             label = f"{creds.enrollment.name}/{self.opts.interface}"

@@ -60,12 +60,14 @@ class PeerRelayServer(PortServer):
         clock: Callable[[], float] = time.monotonic,
         kernel: bool = True,
         host: str = "0.0.0.0",
+        mesh_if: str | None = None,
     ) -> None:
         super().__init__(host, Allocations(ports), clock=clock)
         self.ports = ports
         self.send_signal = send_signal
         self._want_kernel = kernel
         self._kernel_tried = False
+        self.mesh_if = mesh_if
 
     def handle(self, body: peerrelay.Serve | peerrelay.Stop) -> None:
         """A verified ``serve`` or ``stop`` from the coordinator."""
@@ -92,7 +94,7 @@ class PeerRelayServer(PortServer):
         if self._kernel_tried or not self._want_kernel:
             return
         self._kernel_tried = True
-        self.kernel = kernel_forwarder(0, TABLE)
+        self.kernel = kernel_forwarder(0, TABLE, self.mesh_if)
         log.info("peer relay on ports %d-%d (%s forwarding)", self.ports.start, self.ports.stop - 1,
                  "kernel" if self.kernel is not None else "userspace")  # fmt: skip
 

@@ -68,8 +68,11 @@ class _Rules:
 class NftForwarder:
     """The kernel fast path of one region's relay ports (see the module docstring)."""
 
-    def __init__(self, region_id: int, table: str | None = None) -> None:
+    def __init__(self, region_id: int, table: str | None = None, mesh_if: str | None = None) -> None:
         self.table = table or f"meshrelay{region_id}"
+        #: a peer relay's own mesh interface: forwarding to and from it (subnet routes, exit node, issue
+        #: 17) is not ours to drop when we turned ip_forward on
+        self.mesh_if = mesh_if
         self.mark = MARK_BASE | (region_id & 0xFFFF)
         self._rules: dict[int, _Rules] = {}  #: id(alloc) -> its rules
         self._counters: dict[int, tuple[int, int, int, int]] = {}
@@ -105,7 +108,23 @@ class NftForwarder:
         if self.own_forwarding:
             # last in the chain (the counting rules are inserted before it): we made this host a router,
             # so it forwards our flows and nothing else
-            _run(["nft", "add", "rule", "ip", t, "relayfwd", "ct", "mark", "!=", f"{self.mark:#x}", "drop"])
+            keep = ["iifname", "!=", self.mesh_if, "oifname", "!=", self.mesh_if] if self.mesh_if else []
+            _run(
+                [
+                    "nft",
+                    "add",
+                    "rule",
+                    "ip",
+                    t,
+                    "relayfwd",
+                    *keep,
+                    "ct",
+                    "mark",
+                    "!=",
+                    f"{self.mark:#x}",
+                    "drop",
+                ]
+            )
         self._made = True
 
     def close(self) -> None:
@@ -227,14 +246,16 @@ class NftForwarder:
             _run(["conntrack", "-D", "--mark", str(self.mark)])
 
 
-def kernel_forwarder(region_id: int, table: str | None = None) -> NftForwarder | None:
+def kernel_forwarder(
+    region_id: int, table: str | None = None, mesh_if: str | None = None
+) -> NftForwarder | None:
     """The kernel fast path when we may use it (root or CAP_NET_ADMIN, nft and conntrack), else None.
     A peer relay (meshd) passes region 0 and its own ``table``."""
     if os.environ.get("MESHRELAY_USERSPACE") == "1":  # the benchmark's userspace column, and for debugging
         return None
     if shutil.which("nft") is None or shutil.which("conntrack") is None:
         return None
-    fw = NftForwarder(region_id, table)
+    fw = NftForwarder(region_id, table, mesh_if)
     try:
         fw.setup()
     except (NftError, OSError) as exc:
