@@ -9,7 +9,8 @@ WireGuard -> meshd's loopback UDP proxy -> WebSocket -> relay -> WebSocket -> pr
 seconds each process used during the relay runs, and the coordinator's (relay's) RSS.
 
 Part ``--transports`` (namespace lab, root; issue 14): the same iperf3 TCP flow over an EDM-EDM pair's
-UDP relay ports with kernel forwarding, with userspace forwarding, over the TCP relay, and over a bare
+UDP relay ports with kernel forwarding, with userspace forwarding, over the TCP relay, through a peer relay
+(a third, public mesh node; kernel forwarding), and over a bare
 wireguard-go pair (direct), a fresh lab for each; prints a Markdown table with the ratios to direct.
 
 Part ``--soak`` (loopback only, no root): starts a relay hub behind the real front (HTTP Upgrade on a
@@ -156,6 +157,9 @@ TRANSPORTS: dict[str, tuple[tuple[str, ...], dict[str, str], str]] = {
     "UDP relay, kernel": ((), {}, "udp"),
     "UDP relay, userspace": ((), {"MESHRELAY_USERSPACE": "1"}, "udp"),
     "TCP relay": (("--relay-udp-ports", "0"), {}, "tcp"),
+    # a third, public node as peer relay; the coordinator's control traffic crosses a 20 ms wire (so
+    # the peer relay is the closer one), the data path does not
+    "peer relay, kernel": ((), {}, "peer"),
 }
 
 
@@ -180,7 +184,12 @@ def transports_part(seconds: float, rounds: int) -> None:
             os.environ.update(env)
             try:
                 with Lab() as lab, Mesh(lab) as mesh:
-                    mesh.start_coordinator(lab.server(name="coord"), extra=flags)
+                    peer_relay = want == "peer"
+                    coord = lab.server(name="coord", delay_ms=20 if peer_relay else 0)
+                    mesh.start_coordinator(coord, extra=flags)
+                    if peer_relay:
+                        mesh.up(lab.host(nat="public"), "hop", extra=quiet)
+                        mesh.admin("nodes", "relay", "hop", "on")
                     a = mesh.up(lab.host(nat="edm"), "alpha", extra=quiet)
                     b = mesh.up(lab.host(nat="edm"), "beta", extra=quiet)
                     mesh.wait_peer(a, "beta")
@@ -190,7 +199,7 @@ def transports_part(seconds: float, rounds: int) -> None:
                             lambda n=n, peer=peer, want=want: (
                                 (mesh.peer(n, peer) or {}).get("relay_transport") == want
                             ),
-                            within=20,
+                            within=60 if peer_relay else 20,
                             what=f"{n.name}: relay_transport {want}",
                         )
                     mesh.wait_ping(a, b, within=10)

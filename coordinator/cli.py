@@ -402,6 +402,15 @@ def nodes_tag(ctx: typer.Context, name: NodeArg, tags: list[str]) -> None:
     out.print(f"node {name} tags: {', '.join(result['tags']) or '-'}")
 
 
+@nodes_app.command("relay")
+def nodes_relay(ctx: typer.Context, name: NodeArg, state: str) -> None:
+    """Make a node a peer relay for other nodes (on) or stop it (off); it needs a public address."""
+    if state not in ("on", "off"):
+        fail(f"relay state must be on or off, not {state!r}")
+    result = _admin(ctx, "POST", f"/admin/nodes/{_seg(name)}/relay", {"on": state == "on"})
+    out.print(f"node {name} peer relay: {'on' if result['on'] else 'off'}")
+
+
 def _seg(name: str) -> str:
     if not name or "/" in name or name in (".", ".."):
         fail(f"bad node name {name!r}")

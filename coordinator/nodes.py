@@ -330,6 +330,17 @@ async def tag_node(core: Core, name: str, tags: list[str], actor: str) -> tuple[
     return clean
 
 
+async def set_peer_relay(core: Core, name: str, on: bool, actor: str) -> bool:
+    """Make a node a peer relay (it serves UDP relay ports for pairs the coordinator offers it to) or
+    stop it (issue 14); audited. Its offers end within one planning round (coordinator/peerrelays.py)."""
+    async with core.transaction() as tx:
+        node = await by_name(tx, name)
+        if node.peer_relay != on:
+            node.peer_relay = on
+            await tx.audit(actor, "node.peer_relay", f"node:{name}", {"node_id": node.id, "on": on})
+    return on
+
+
 async def renew_cert(core: Core, node_id: int) -> str:
     async with core.transaction() as tx:
         node = await tx.session.get(Node, node_id)

@@ -44,6 +44,8 @@ class Facts:
     udp: bool | None
     mapping: str | None  #: "EIM" | "EDM" | "none"
     portmap: str | None  #: "upnp" | "natpmp" | "pcp" while a port map is active
+    relay_ms: float | None = None  #: round trip to its home region relay (peer relays, issue 14)
+    serve: tuple[str, int, int] | None = None  #: it can be a peer relay: (public address, low, high port)
 
 
 @dataclass(frozen=True, slots=True)

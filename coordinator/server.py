@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import uvicorn
 
+from coordinator import peerrelays
 from coordinator.app import create_admin_app, create_app, create_metrics_app
 from coordinator.core import Core
 from coordinator.errors import CoordinatorError
@@ -23,6 +24,7 @@ from coordinator.relay.service import RelayService
 from coordinator.settings import Settings, parse_listen, prepare_state_dir
 from coordinator.stun import start_stun
 from meshd import sdnotify
+from meshd.supervise import supervise
 
 log = logging.getLogger("coordinator")
 
@@ -153,6 +155,8 @@ async def serve(settings: Settings) -> None:
             asyncio.create_task(admin_server.serve(sockets=[uds])),
         ]
         servers = [node_server, admin_server]
+        # peer relays (issue 14): a background planner; its failures are logged and it restarts
+        planner = asyncio.create_task(supervise("peer-relays", lambda: peerrelays.run(core)))
         if metrics_tcp is not None:
             metrics_config = uvicorn.Config(
                 create_metrics_app(core), log_level="warning", lifespan="off", timeout_graceful_shutdown=2
@@ -174,6 +178,9 @@ async def serve(settings: Settings) -> None:
         sdnotify.stopping()
         for server in servers:
             server.should_exit = True
+        planner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await planner
         await relay.stop()
         # close streams so graceful shutdown doesn't wait on them
         await core.hub.stop()

@@ -36,6 +36,7 @@ ROUTE_SCOPES: dict[tuple[str, str], frozenset[str]] = {
     ("POST", "/admin/nodes/{name}/expire"): frozenset({"nodes"}),
     ("POST", "/admin/nodes/{name}/rename"): frozenset({"nodes"}),
     ("POST", "/admin/nodes/{name}/tags"): frozenset({"nodes"}),
+    ("POST", "/admin/nodes/{name}/relay"): frozenset({"nodes"}),  # peer relay on/off (issue 14)
     ("POST", "/admin/approve"): frozenset({"nodes"}),
     ("GET", "/admin/pending"): frozenset({"read", "nodes"}),
     ("GET", "/admin/policy"): frozenset({"read", "policy"}),

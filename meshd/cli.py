@@ -103,6 +103,12 @@ def up(
     exit_node: Annotated[
         str | None, typer.Option(help="send internet traffic through this peer (an approved exit node)")
     ] = None,
+    peer_relay_ports: Annotated[
+        str,
+        typer.Option(
+            help="UDP ports served when the coordinator makes this node a peer relay (LOW-HIGH; 0: never)"
+        ),
+    ] = "41800-41899",
 ) -> None:
     """Run the daemon in the foreground (enrolls on first start)."""
     if wg_backend not in ("auto", "kernel", "userspace"):
@@ -136,6 +142,12 @@ def up(
     )
     if snat is None:
         fail(f"--snat-subnet-routes must be true or false, not {snat_subnet_routes!r}")
+    from meshd.relay.portserver import parse_range
+
+    try:
+        relay_ports = parse_range(peer_relay_ports)
+    except ValueError as e:
+        fail(f"--peer-relay-ports: {e}")
     setup_logging(log_level.upper())
     from meshd.daemon import Daemon, DaemonError, Options  # after the checks: a bad flag needs no daemon
 
@@ -155,6 +167,7 @@ def up(
         advertise_exit_node=advertise_exit_node,
         snat_subnet_routes=snat,
         exit_node=None if exit_node in (None, "", "none") else exit_node,
+        peer_relay_ports=relay_ports,
     )
     daemon = Daemon(opts)
     try:

@@ -37,7 +37,9 @@ from meshd.mapapply import MapApplier
 from meshd.nat.engine import Traversal
 from meshd.nat.mapper import PortMapShell
 from meshd.nat.strategy import PathStrategy, open_paths
+from meshd.proto import peerrelay
 from meshd.relay.manager import RelayManager
+from meshd.relay.peerrelay import PeerRelayServer, public_address
 from meshd.router import RouteService
 from meshd.session import ControlSession
 from meshd.state import StateDir, StateError, StateLock
@@ -83,6 +85,8 @@ class Options:
     snat_subnet_routes: bool = True  #: masquerade forwarded traffic (False: keep mesh source addresses)
     exit_node: str | None = None  #: route internet traffic through this peer (meshd/exitnode.py)
     metrics_listen: tuple[str, int] | None = None  #: (host, port) for Prometheus /metrics; None: off
+    #: UDP ports served if the coordinator makes this node a peer relay (issue 14); None: never
+    peer_relay_ports: range | None = None
 
 
 async def _bounded(what: str, step: Awaitable[Any], within: float) -> None:
@@ -122,6 +126,8 @@ class Daemon:
         self.backend: WireGuardBackend | None = None
         self.applier: MapApplier | None = None
         self.relay: RelayManager | None = None
+        self.peer_relay: PeerRelayServer | None = None  #: serves when the coordinator says so (issue 14)
+        self._signal_tasks: set[asyncio.Task[None]] = set()
         self.paths: PathStrategy | None = None
         #: our own addresses, "ifname/addr" (localnet.local_networks): a STUN answer naming one of them
         #: means a public address, no NAT (pathreport.facts_of, issue 15)
@@ -323,6 +329,10 @@ class Daemon:
         if isinstance(self.paths, Traversal):  # UDP relay ports need the WireGuard port's raw socket
             self.paths.relay_ports(self.relay.use, self.relay.is_relay_address)
             self.relay.on_moved = self.paths.relay_moved
+            if self.opts.peer_relay_ports is not None:  # a peer relay binds and forwards as root
+                self.peer_relay = PeerRelayServer(
+                    self.opts.peer_relay_ports, self._signal_soon, mesh_if=self.opts.interface
+                )
         self.applier.relay, self.applier.paths = self.relay, self.paths
         if self.paths.probing:
             label = f"{creds.enrollment.name}/{self.opts.interface}"
@@ -338,7 +348,7 @@ class Daemon:
         self.session = ControlSession(
             self._client,
             on_map=applier.apply,
-            on_signal=lambda node, payload: self.paths.on_signal(node, payload) if self.paths else None,
+            on_signal=self._on_signal,
             on_revoked=self._revoked,
             candidates=lambda: self.paths.candidates() if self.paths else [],
             current_map=lambda: applier.map,
@@ -353,6 +363,8 @@ class Daemon:
         self.tasks.start("advertise", lambda: self.routes.advertise_loop(client), **kw)
         # no give-up: a coordinator that refuses path reports must not stop the mesh (issue 18)
         self.tasks.start("pathreport", lambda: pathreport.report_loop(self))
+        if self.peer_relay is not None:
+            self.tasks.start("peer-relay", self.peer_relay.run)
         if self.dns.enabled:  # no give-up: a resolver that cannot bind must not stop the mesh
             self.tasks.start("dns", self.dns.serve)
         if self.opts.key_rotation > 0:
@@ -367,6 +379,11 @@ class Daemon:
         parts: list[Awaitable[Any]] = [self.tasks.stop(within=STOP_TASKS)]
         if self.relay is not None:
             parts.append(_bounded("relay links", self.relay.close(), STOP_PARTS))
+        if self.peer_relay is not None:  # its sockets, nft table and conntrack entries (issue 14)
+            try:
+                self.peer_relay.close("meshd stopping")
+            except Exception as e:  # the tear-down goes on
+                log.warning("stopping: peer relay ports: %s", e)
         if self.paths is not None:
             parts.append(_bounded("path strategy", self.paths.close(), STOP_PARTS))
         if self.portmap is not None:
@@ -377,6 +394,7 @@ class Daemon:
             parts.append(_bounded("metrics listener", self._metrics.close(), STOP_PARTS))
         await asyncio.gather(*parts)
         self.portmap = self.paths = self.relay = self._api = self._metrics = None
+        self.peer_relay = None
         await _bounded("systemd-resolved link settings", self.dns.close(), STOP_PARTS)
         last = [
             _bounded("firewall table", self.firewall.close(), STOP_INTERFACE),
@@ -401,6 +419,59 @@ class Daemon:
     async def _send_signal(self, node_id: int, payload: dict[str, Any]) -> None:
         if self.session is not None:
             await self.session.send_signal(node_id, payload)
+
+    def _signal_soon(self, node_id: int, payload: dict[str, Any]) -> None:
+        """Send a signal from sync code (the peer relay's state messages)."""
+        task = asyncio.get_running_loop().create_task(self._send_signal(node_id, payload))
+        self._signal_tasks.add(task)
+        task.add_done_callback(self._signal_tasks.discard)
+
+    def _on_signal(self, node: int, payload: dict[str, Any]) -> None:
+        """A signal on the map stream: peer relay messages (issue 14), else call-me-maybe."""
+        kind = payload.get("type")
+        if kind == peerrelay.TYPE:
+            if node == 0:  # from the coordinator itself; verified before use
+                task = asyncio.get_running_loop().create_task(self._peer_relay_signal(payload))
+                self._signal_tasks.add(task)
+                task.add_done_callback(self._signal_tasks.discard)
+            return
+        if kind == peerrelay.STATE_TYPE:
+            if self.relay is not None:
+                try:
+                    peer, flags = peerrelay.decode_state(payload)
+                except peerrelay.PeerRelayError as e:
+                    log.warning("peer relay state from node %d ignored: %s", node, e)
+                    return
+                self.relay.udp.peer_state(node, peer, flags)
+            return
+        if self.paths is not None:
+            self.paths.on_signal(node, payload)
+
+    async def _peer_relay_signal(self, payload: dict[str, Any]) -> None:
+        client = self._client
+        if client is None or client.node_id is None or client.map_keys is None:
+            return
+        try:
+            keys = await client.map_keys(peerrelay.signer(payload))
+            body = peerrelay.decode(payload, client.node_id, keys, time.time())
+        except Exception as e:  # a bad or forged offer costs nothing but this line
+            log.warning("peer relay message refused: %s", e)
+            return
+        if isinstance(body, peerrelay.Serve | peerrelay.Stop):
+            if self.peer_relay is not None:
+                self.peer_relay.handle(body)
+            else:
+                log.info("the coordinator asks this node to be a peer relay, but it cannot serve")
+        elif self.relay is not None:
+            self.relay.peer_relay(body)
+
+    def peer_relay_facts(self) -> tuple[str, int, int] | None:
+        """(public address, low, high) when this node can be a peer relay (reported to the coordinator)."""
+        if self.peer_relay is None or self.paths is None:
+            return None
+        addr = public_address(self.paths.nat.reflexive.values(), set(self.local_addresses))
+        ports = self.peer_relay.ports
+        return (addr, ports.start, ports.stop - 1) if addr is not None else None
 
     async def _local_changed(self, nets: dict[str, localnet.Network]) -> None:
         """Roaming: the path strategy hears of new addresses and WireGuard is re-diffed (no map re-apply)."""

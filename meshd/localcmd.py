@@ -79,7 +79,9 @@ class LocalCommands:
                 public_key=v.peer.wg_public_key,
                 decision=paths.path(v.peer.wg_public_key) if paths is not None else st.NO_PATH,
                 wg=wg.peer(v.peer.wg_public_key) if wg is not None else None,
-                relay=relay.region_name(v.peer.relay_home) if relay is not None else None,
+                relay=relay.relay_name(v.peer.wg_public_key, v.peer.relay_home)
+                if relay is not None
+                else None,
                 pinged_ms=self._pinged.get(v.name),
                 relay_transport=relay.transport(v.peer.wg_public_key) if relay is not None else None,
             )

@@ -70,12 +70,32 @@ class Facts:
     #: "EIM" | "EDM" (None: fewer than two STUN answers) | "none": a public address (no NAT)
     mapping: str | None
     portmap: str | None = None  #: "upnp" | "natpmp" | "pcp" while a port map is active
+    #: round trip to the home region relay, ms, in half-octave steps (peer relays, issue 14)
+    relay_ms: float | None = None
+    serve: tuple[str, int, int] | None = None  #: can be a peer relay: (public address, low, high port)
 
     def to_json(self) -> dict[str, Any]:
-        return {"udp": self.udp, "mapping": self.mapping, "portmap": self.portmap}
+        out: dict[str, Any] = {"udp": self.udp, "mapping": self.mapping, "portmap": self.portmap}
+        if self.relay_ms is not None:
+            out["relay_ms"] = self.relay_ms
+        if self.serve is not None:
+            out["serve"] = {"addr": self.serve[0], "low": self.serve[1], "high": self.serve[2]}
+        return out
 
 
-def facts_of(nat: NatInfo | None, local: Iterable[str] = ()) -> Facts | None:
+def coarse_ms(ms: float | None) -> float | None:
+    """``ms`` rounded to its half-octave step (as PathEntry's latency key): jitter is no change."""
+    if ms is None:
+        return None
+    return round(2 ** (round(2 * math.log2(1 + ms)) / 2) - 1, 1)
+
+
+def facts_of(
+    nat: NatInfo | None,
+    local: Iterable[str] = (),
+    relay_ms: float | None = None,
+    serve: tuple[str, int, int] | None = None,
+) -> Facts | None:
     """Our facts from the path strategy's NAT view (as ``meshd netcheck``); None before anything is known.
 
     UDP counts as blocked when a STUN question went unanswered and no STUN server ever answered. When
@@ -90,9 +110,9 @@ def facts_of(nat: NatInfo | None, local: Iterable[str] = ()) -> Facts | None:
     own = set(local)
     if nat.reflexive and all(host in own for host, _ in nat.reflexive.values()):
         mapping = "none"
-    if udp is None and mapping is None and nat.portmap is None:
+    if udp is None and mapping is None and nat.portmap is None and relay_ms is None and serve is None:
         return None
-    return Facts(udp, mapping, nat.portmap)
+    return Facts(udp, mapping, nat.portmap, coarse_ms(relay_ms), serve)
 
 
 def summarize(peers: Iterable[PeerStatus], ids: dict[str, int]) -> Summary:
@@ -182,7 +202,13 @@ async def report_loop(daemon: Daemon) -> None:
         return summarize((await commands.status()).peers, ids)
 
     def facts() -> Facts | None:
-        return facts_of(daemon.paths.nat if daemon.paths is not None else None, daemon.local_addresses)
+        relay = daemon.relay
+        return facts_of(
+            daemon.paths.nat if daemon.paths is not None else None,
+            daemon.local_addresses,
+            relay.home_rtt_ms() if relay is not None else None,
+            daemon.peer_relay_facts(),
+        )
 
     assert daemon._client is not None
     await run(daemon._client, snapshot, facts=facts)

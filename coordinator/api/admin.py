@@ -129,6 +129,17 @@ async def tag_node(name: str, body: TagsBody, core: CoreDep) -> TagsBody:
     return TagsBody(tags=list(await nodes.tag_node(core, name, body.tags, ACTOR)))
 
 
+class PeerRelayBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    on: bool
+
+
+@router.post("/nodes/{name}/relay", response_model=PeerRelayBody)
+async def peer_relay_node(name: str, body: PeerRelayBody, core: CoreDep) -> PeerRelayBody:
+    """Turn a node's peer relay on or off (issue 14)."""
+    return PeerRelayBody(on=await nodes.set_peer_relay(core, name, body.on, ACTOR))
+
+
 @router.post("/approve", response_model=NodePublic)
 async def approve(body: ApproveBody, core: CoreDep) -> NodePublic:
     e = await enrollment.approve(core, body.code, ACTOR)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from ipaddress import IPv4Address
 from typing import Any, Literal
 
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from coordinator.api.deps import CoreDep, NodeDep
 from coordinator.core import Core
@@ -23,6 +24,21 @@ class PeerPathIn(BaseModel):
     latency_ms: float | None = Field(default=None, ge=0, le=600_000)
 
 
+class ServeIn(BaseModel):
+    """A node that can be a peer relay: its public IPv4 address and its UDP relay port range."""
+
+    model_config = ConfigDict(extra="forbid")
+    addr: IPv4Address
+    low: int = Field(ge=1, le=65535)
+    high: int = Field(ge=1, le=65535)
+
+    @model_validator(mode="after")
+    def _range(self) -> ServeIn:
+        if not self.low < self.high:
+            raise ValueError("serve: low must be below high")
+        return self
+
+
 class FactsIn(BaseModel):
     """The node's own netcheck facts (optional: older meshd send none)."""
 
@@ -30,6 +46,8 @@ class FactsIn(BaseModel):
     udp: bool | None = None
     mapping: Literal["EIM", "EDM", "none"] | None = None
     portmap: Literal["upnp", "natpmp", "pcp"] | None = None
+    relay_ms: float | None = Field(default=None, ge=0, le=600_000)  #: home region relay round trip
+    serve: ServeIn | None = None  #: the node can serve as a peer relay (issue 14)
 
 
 class PathReportIn(BaseModel):
@@ -46,7 +64,10 @@ async def report_paths(body: PathReportIn, node_id: NodeDep, core: CoreDep) -> d
         for p in body.peers
     ]
     f = body.facts
-    facts = Facts(f.udp, f.mapping, f.portmap) if f is not None else None
+    facts = None
+    if f is not None:
+        serve = (str(f.serve.addr), f.serve.low, f.serve.high) if f.serve is not None else None
+        facts = Facts(f.udp, f.mapping, f.portmap, f.relay_ms, serve)
     accepted = reports_of(core).store(core, node_id, peers, facts=facts)
     await publish_facts(core, node_id, facts)  # peers see them in the map (issue 15)
     return {"accepted": accepted}

@@ -58,6 +58,8 @@ class Node(Base):
     created_at: Mapped[float] = mapped_column(Float)
     expired: Mapped[bool] = mapped_column(Boolean, default=False)
     ephemeral: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())  #: issue 17
+    #: serves UDP relay ports for other nodes (`coordinator nodes relay NAME on`, issue 14)
+    peer_relay: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class Quarantine(Base):

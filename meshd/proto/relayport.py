@@ -229,6 +229,7 @@ class SendState:
     to: bytes
     peer: bytes
     flags: PortFlags
+    node: int = field(default=0, compare=False)  #: node id of ``to`` (a peer relay signals it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +255,16 @@ class Ended:
 
 
 PortEvent = SendGrant | SendState | Opened | Bound | Ended
+
+
+@dataclass(frozen=True, slots=True)
+class Assigned:
+    """One side of a pair a coordinator assigned to a peer relay: its node, port and secret."""
+
+    key: bytes
+    node_id: int
+    port: int
+    secret: bytes = field(repr=False)
 
 
 class Refused(Exception):
@@ -311,7 +322,7 @@ class Allocations:
             side.secret = self.random(SECRET_LEN)
             side.counter = 0
             self._events.append(SendGrant(key, Grant(peer, side.port, side.secret, int(self.idle))))
-            self._events.append(SendState(key, peer, self._flags(side)))
+            self._events.append(SendState(key, peer, self._flags(side), node_id))
             return
         back = self.pending.pop((peer, key), None)
         if back is None or now - back[1] > PENDING_SECONDS:
@@ -345,6 +356,50 @@ class Allocations:
         for s in (a, b):
             self._events.append(SendGrant(s.key, Grant(s.other.key, s.port, s.secret, int(self.idle))))
 
+    def assign(self, a: Assigned, b: Assigned, now: float) -> None:
+        """A peer relay (issue 14): the coordinator chose the pair's ports and secrets and sent them to
+        both nodes; no request and no grant here. The same assignment again changes nothing (bind
+        counters stay); a different one for the pair, or one on a port another pair holds, replaces it.
+        Raises :class:`Refused` for ports outside the range or past the caps."""
+        if a.key == b.key or a.port == b.port:
+            raise Refused("a port pair needs two different nodes and ports")
+        for s in (a, b):
+            if s.port not in self.ports or len(s.secret) != SECRET_LEN:
+                raise Refused(f"port {s.port} is not in the relay's range")
+        pair = frozenset((a.key, b.key))
+        old = self.by_pair.get(pair)
+        if old is not None:
+            mine = {(s.key, s.node_id, s.port, s.secret) for s in old.sides()}
+            if mine == {(s.key, s.node_id, s.port, s.secret) for s in (a, b)}:
+                return
+            self._end(old, "reassigned")
+        for s in (a, b):
+            held = self.by_port.get(s.port)
+            if held is not None:
+                self._end(self.by_pair[frozenset((held.key, held.other.key))], "port reassigned")
+        for k in (a.key, b.key):
+            if self.per_key.get(k, 0) >= self.per_node:
+                self.refused += 1
+                raise Refused(f"a node may hold {self.per_node} relay port pairs")
+        if len(self.by_pair) >= self.total:
+            self.refused += 1
+            raise Refused("the relay holds its most port pairs")
+        sa = Side(a.key, a.node_id, a.port, a.secret)
+        sb = Side(b.key, b.node_id, b.port, b.secret)
+        sa.other, sb.other = sb, sa
+        alloc = Allocation(sa, sb, now, now)
+        self.by_pair[pair] = alloc
+        self.by_port[a.port], self.by_port[b.port] = sa, sb
+        for k in (a.key, b.key):
+            self.per_key[k] = self.per_key.get(k, 0) + 1
+        self._events.append(Opened(alloc))
+
+    def unassign(self, key_a: bytes, key_b: bytes, reason: str) -> None:
+        """The coordinator withdrew the pair's peer relay."""
+        alloc = self.by_pair.get(frozenset((key_a, key_b)))
+        if alloc is not None:
+            self._end(alloc, reason)
+
     def failed(self, alloc: Allocation, reason: str) -> None:
         """The shell could not open the ports of ``alloc``: it ends (the nodes stay on the TCP relay)."""
         self._end(alloc, reason)
@@ -377,7 +432,7 @@ class Allocations:
             self._events.append(Bound(alloc))
             if first:
                 for s in alloc.sides():
-                    self._events.append(SendState(s.key, s.other.key, self._flags(s)))
+                    self._events.append(SendState(s.key, s.other.key, self._flags(s), s.node_id))
         return True
 
     def node_left(self, key: bytes, reason: str) -> None:
@@ -443,7 +498,7 @@ class Allocations:
                 self.per_key[s.key] = left
             else:
                 self.per_key.pop(s.key, None)
-            self._events.append(SendState(s.key, s.other.key, PortFlags.CLOSED))
+            self._events.append(SendState(s.key, s.other.key, PortFlags.CLOSED, s.node_id))
         self._events.append(Ended(alloc, reason))
 
 
@@ -490,9 +545,13 @@ class PortClient:
     reports :class:`Moved` when a peer's port is usable (both sides bound) and when it stops being so.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, counter_base: Callable[[], int] = lambda: 0) -> None:
         self._want: dict[bytes, _Want] = {}
         self._events: list[ClientEvent] = []
+        #: a grant's first bind counter - 1. A region relay resets the counter with each grant; a peer
+        #: relay keeps it for an assignment the coordinator re-sends, so a restarted meshd starts from
+        #: the clock (milliseconds) to stay above what it sent before
+        self.counter_base = counter_base
 
     def want(self, peer: bytes, on: bool, now: float) -> None:
         w = self._want.get(peer)
@@ -511,8 +570,10 @@ class PortClient:
         w = self._want.get(g.peer)
         if w is None:
             return  # we no longer want it: the relay ends it when idle
+        if w.grant == g:
+            return  # the same grant again (a peer relay's re-sent assignment): keep binding as before
         was_ready = w.flags == PortFlags.READY
-        w.grant, w.counter, w.flags = g, 0, PortFlags.NONE
+        w.grant, w.counter, w.flags = g, self.counter_base(), PortFlags.NONE
         if was_ready:
             self._events.append(Moved(g.peer, None))
         self._bind(w, now)

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
-from meshd.proto import relay
+from meshd.proto import peerrelay, relay
 from meshd.proto.encoding import b64decode, b64encode
 from meshd.proto.netmap import RelayRegion
 from meshd.relay import home as choose
@@ -69,6 +69,7 @@ class RelayManager:
         self.on_moved: Callable[[str], None] = lambda key: None
         self.udp = UdpPorts(wg_port, on_moved=lambda k: self.on_moved(b64encode(k)))
         self.peer_home: dict[bytes, int | None] = {}  #: from the map
+        self._relayed: set[bytes] = set()  #: peers the path machines put on the relay
         self.dropped = 0
         self.reconnects: dict[int, int] = {}  #: region id -> links made again after one was lost (metrics)
         self._up = False
@@ -117,6 +118,7 @@ class RelayManager:
         homes = {b64decode(k, length=32): h for k, h in peers}
         self.proxies.keep_only(homes)
         self.udp.forget_others(set(homes))
+        self._relayed &= set(homes)
         self.peer_home = homes
         self._reconcile_links()
 
@@ -143,7 +145,23 @@ class RelayManager:
         if self._closed:
             return
         key = b64decode(wg_key, length=32)
+        if relayed:
+            self._relayed.add(key)
+        else:
+            self._relayed.discard(key)
         self.udp.want(key, self._pair_region(key), relayed)
+
+    def peer_relay(self, body: peerrelay.Use | peerrelay.Drop) -> None:
+        """The coordinator offered (``use``) or withdrew (``drop``) a peer relay for a peer (issue 14): a
+        relayed peer moves to it (or back to its region's ports) at once."""
+        if self._closed:
+            return
+        if isinstance(body, peerrelay.Use):
+            self.udp.offer(body)
+        else:
+            self.udp.withdraw(body.peer)
+        if body.peer in self._relayed:
+            self.udp.want(body.peer, self._pair_region(body.peer), True)
 
     def is_relay_address(self, wg_key: str, endpoint: tuple[str, int] | None) -> bool:
         """``endpoint`` is one of the peer's relay addresses (its TCP relay proxy or a UDP relay port it
@@ -156,10 +174,22 @@ class RelayManager:
 
     def transport(self, wg_key: str) -> str:
         """How a relayed peer's packets go: ``udp`` (UDP relay ports) or ``tcp`` (the relay session)."""
-        return "udp" if self.udp.endpoint(b64decode(wg_key, length=32)) is not None else "tcp"
+        key = b64decode(wg_key, length=32)
+        if self.udp.via_peer(key) is not None:
+            return "peer"
+        return "udp" if self.udp.endpoint(key) is not None else "tcp"
+
+    def relay_name(self, wg_key: str, relay_home: int | None) -> str | None:
+        """What status calls a relayed peer's relay: the peer relay node, else the region."""
+        use = self.udp.via_peer(b64decode(wg_key, length=32))
+        return use.name if use is not None else self.region_name(relay_home)
 
     def _pair_region(self, peer: bytes) -> int | None:
-        """The region of a pair's UDP relay ports: the home region of the side with the lower key."""
+        """The region of a pair's UDP relay ports: the home region of the side with the lower key, or
+        ``-node id`` of the peer relay the coordinator offered (issue 14)."""
+        use = self.udp.offered(peer)
+        if use is not None:
+            return -use.relay
         return self.home if self.wg_key < peer else (self.peer_home.get(peer) or self.home)
 
     # -- state ---------------------------------------------------------------------------------------------
@@ -171,6 +201,11 @@ class RelayManager:
     def home_name(self) -> str | None:
         r = self.regions.get(self.home) if self.home is not None else None
         return r.region.name if r else None
+
+    def home_rtt_ms(self) -> float | None:
+        """The last measured round trip to the home region's relay, in ms (path reports' facts)."""
+        r = self.regions.get(self.home) if self.home is not None else None
+        return r.rtt * 1000 if r is not None and r.rtt is not None else None
 
     def region_name(self, region_id: int | None) -> str | None:
         r = self.regions.get(region_id) if region_id is not None else None

@@ -7,6 +7,10 @@ both sides are bound points WireGuard straight at ``relay:our_port`` (:meth:`Udp
 TCP relay and the local proxy stay as the start and the fallback. A pair's region is the home region of
 the side with the lower WireGuard key (both sides compute the same one from the map's ``relay_home``).
 
+Peer relays (issue 14) use the same client: the coordinator's signed ``use`` (:mod:`meshd.proto.peerrelay`)
+is a grant on a pseudo-region ``-<relay node id>`` whose address is the relay node's; its
+``peer_relay_state`` signals play the part of PORT_STATE frames.
+
 Without a raw socket (not root) there are no binds and so no UDP relay ports: peers stay on the TCP relay.
 """
 
@@ -21,7 +25,7 @@ import time
 from collections.abc import Callable
 
 from meshd.nat.rawport import SO_ATTACH_FILTER, _SockFilter, _SockFprog, build_udp, mark_underlay
-from meshd.proto import relay, relayport
+from meshd.proto import peerrelay, relay, relayport
 from meshd.proto.endpoint import Endpoint
 from meshd.proto.relayport import PortClient
 from meshd.relay import link as rlink
@@ -67,6 +71,9 @@ class UdpPorts:
         #: relay forwards until the allocation idles out, so the peer's last packets sent that way still
         #: arrive from it and WireGuard roams there; the endpoint shell must recognise it to undo that
         self._past: dict[bytes, list[Endpoint]] = {}
+        #: peer relays: the coordinator's offer per peer, and each pseudo-region's address
+        self._offers: dict[bytes, peerrelay.Use] = {}
+        self._addrs: dict[int, str] = {}
         self._sock: socket.socket | None = None
         self._disabled: str | None = None
         self._wake = asyncio.Event()
@@ -89,6 +96,51 @@ class UdpPorts:
         for peer in [p for p in self._region_of if p not in peers]:
             self.want(peer, None, False)
         self._past = {p: eps for p, eps in self._past.items() if p in peers}
+        self._offers = {p: use for p, use in self._offers.items() if p in peers}
+
+    # -- peer relays ----------------------------------------------------------------------------------
+    def offer(self, use: peerrelay.Use) -> None:
+        """The coordinator offers a peer relay for ``use.peer`` (taken when the peer is relayed)."""
+        old = self._offers.get(use.peer)
+        self._offers[use.peer] = use
+        self._addrs[-use.relay] = use.addr
+        if old is not None and old.relay == use.relay and self._region_of.get(use.peer) == -use.relay:
+            self._client(-use.relay).granted(self._grant(use), self.clock())
+        self._flush()
+
+    def withdraw(self, peer: bytes) -> None:
+        self._offers.pop(peer, None)
+
+    def offered(self, peer: bytes) -> peerrelay.Use | None:
+        """The peer relay offered for ``peer`` (None: none, or no raw socket to bind with)."""
+        use = self._offers.get(peer)
+        return use if use is not None and self._usable() else None
+
+    def peer_state(self, from_node: int, peer: bytes, flags: relayport.PortFlags) -> None:
+        """A ``peer_relay_state`` signal: taken only from the relay our offer for ``peer`` names."""
+        use = self._offers.get(peer)
+        if use is None or use.relay != from_node or self._region_of.get(peer) != -from_node:
+            return
+        self._client(-from_node).state(peer, flags, self.clock())
+        self._flush()
+
+    def via_peer(self, peer: bytes) -> peerrelay.Use | None:
+        """The peer relay this peer's packets take now (both sides bound), else None."""
+        rid = self._region_of.get(peer)
+        use = self._offers.get(peer)
+        if rid is None or rid >= 0 or use is None or self.endpoint(peer) is None:
+            return None
+        return use
+
+    @staticmethod
+    def _grant(use: peerrelay.Use) -> relayport.Grant:
+        return relayport.Grant(use.peer, use.port, use.secret, int(relayport.IDLE_TIMEOUT))
+
+    def _ip(self, rid: int) -> str | None:
+        if rid < 0:
+            return self._addrs.get(rid)
+        link = self._links.get(rid)
+        return link.peer_ip if link is not None else None
 
     def session_up(self, region_id: int, link: rlink.RelayLink) -> None:
         if not link.udp_ports or link.peer_ip is None:
@@ -108,11 +160,11 @@ class UdpPorts:
     def endpoint(self, peer: bytes) -> Endpoint | None:
         """``relay:our_port`` once both sides are bound, else None (the TCP relay)."""
         rid = self._region_of.get(peer)
-        link = self._links.get(rid) if rid is not None else None
-        if rid is None or link is None or link.peer_ip is None:
+        ip = self._ip(rid) if rid is not None else None
+        if rid is None or ip is None:
             return None
         port = self._clients[rid].port(peer)
-        return (link.peer_ip, port) if port is not None else None
+        return (ip, port) if port is not None else None
 
     def was_endpoint(self, peer: bytes, ep: Endpoint) -> bool:
         """``ep`` is (or was, while this peer is in the map) one of ``peer``'s UDP relay ports."""
@@ -142,7 +194,8 @@ class UdpPorts:
     def _client(self, region_id: int) -> PortClient:
         c = self._clients.get(region_id)
         if c is None:
-            c = self._clients[region_id] = PortClient()
+            base = (lambda: int(time.time() * 1000)) if region_id < 0 else (lambda: 0)
+            c = self._clients[region_id] = PortClient(base)
         return c
 
     def _usable(self) -> bool:
@@ -174,31 +227,42 @@ class UdpPorts:
         self._flush()
 
     def _flush(self) -> None:
-        for rid, c in self._clients.items():
+        for _ in range(3):  # a peer relay's re-grant (below) makes events of its own: one more round
+            if not self._flush_once():
+                break
+        self._wake.set()
+
+    def _flush_once(self) -> bool:
+        more = False
+        for rid, c in list(self._clients.items()):
             link = self._links.get(rid)
+            ip = self._ip(rid)
             for ev in c.events():
                 if isinstance(ev, relayport.SendRequest):
-                    if link is not None and link.is_open:
+                    if rid < 0:  # a peer relay is never asked: the coordinator's offer is the grant
+                        use = self._offers.get(ev.peer)
+                        if use is not None and -use.relay == rid:
+                            c.granted(self._grant(use), self.clock())
+                            more = True
+                    elif link is not None and link.is_open:
                         link.request_port(ev.peer)
                 elif isinstance(ev, relayport.SendBind):
-                    if link is not None and link.peer_ip is not None and self._sock is not None:
+                    if ip is not None and self._sock is not None:
                         try:
-                            self._sock.sendto(
-                                build_udp(self.wg_port, (link.peer_ip, ev.port), ev.data), (link.peer_ip, 0)
-                            )
+                            self._sock.sendto(build_udp(self.wg_port, (ip, ev.port), ev.data), (ip, 0))
                             self.binds_sent += 1
                         except OSError as exc:
-                            log.debug("bind to %s:%d: %s", link.peer_ip, ev.port, exc)
+                            log.debug("bind to %s:%d: %s", ip, ev.port, exc)
                 else:
-                    if ev.port is not None and link is not None and link.peer_ip is not None:
+                    if ev.port is not None and ip is not None:
                         past = self._past.setdefault(ev.peer, [])
-                        ep = (link.peer_ip, ev.port)
+                        ep = (ip, ev.port)
                         if ep not in past:
                             past.append(ep)
                             del past[:-PAST_PORTS]
                     log.info(
                         "relay %s: peer %s on %s",
-                        rid,
+                        rid if rid >= 0 else f"peer node {-rid}",
                         ev.peer.hex()[:8],
                         f"UDP relay port {ev.port}" if ev.port is not None else "the TCP relay",
                     )
@@ -206,4 +270,4 @@ class UdpPorts:
                         self.on_moved(ev.peer)
                     except Exception:  # the callback's bug must not break the relay client
                         log.exception("relay port callback failed")
-        self._wake.set()
+        return more

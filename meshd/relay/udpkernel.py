@@ -1,6 +1,7 @@
 """Kernel forwarding for UDP relay ports: nftables DNAT/masquerade between the two bound addresses.
 
-Used when the relay runs with CAP_NET_ADMIN (and ``nft`` and ``conntrack`` exist). The relay owns one
+Used by region relays (coordinator) and peer relays (meshd, table ``ip meshpeerrelay``) when they run
+with CAP_NET_ADMIN (and ``nft`` and ``conntrack`` exist). The relay owns one
 table, ``ip meshrelay<region id>``; a leftover one is deleted at start-up, it is made when the first pair
 is bound (so is ip_forward turned on, if it was off) and deleted at shutdown,
 so nothing of an earlier run is left (its conntrack entries carry our ct mark and go with it)::
@@ -35,7 +36,7 @@ from pathlib import Path
 
 from meshd.proto.relayport import Allocation
 
-log = logging.getLogger("coordinator.relay")
+log = logging.getLogger("meshd.relay.ports")
 
 MARK_BASE = 0x4D520000  #: "MR" + region id (low 16 bits): our conntrack entries
 COUNTER_EVERY = 2.0  #: seconds between reads of the rule counters
@@ -67,8 +68,11 @@ class _Rules:
 class NftForwarder:
     """The kernel fast path of one region's relay ports (see the module docstring)."""
 
-    def __init__(self, region_id: int) -> None:
-        self.table = f"meshrelay{region_id}"
+    def __init__(self, region_id: int, table: str | None = None, mesh_if: str | None = None) -> None:
+        self.table = table or f"meshrelay{region_id}"
+        #: a peer relay's own mesh interface: forwarding to and from it (subnet routes, exit node, issue
+        #: 17) is not ours to drop when we turned ip_forward on
+        self.mesh_if = mesh_if
         self.mark = MARK_BASE | (region_id & 0xFFFF)
         self._rules: dict[int, _Rules] = {}  #: id(alloc) -> its rules
         self._counters: dict[int, tuple[int, int, int, int]] = {}
@@ -104,7 +108,23 @@ class NftForwarder:
         if self.own_forwarding:
             # last in the chain (the counting rules are inserted before it): we made this host a router,
             # so it forwards our flows and nothing else
-            _run(["nft", "add", "rule", "ip", t, "relayfwd", "ct", "mark", "!=", f"{self.mark:#x}", "drop"])
+            keep = ["iifname", "!=", self.mesh_if, "oifname", "!=", self.mesh_if] if self.mesh_if else []
+            _run(
+                [
+                    "nft",
+                    "add",
+                    "rule",
+                    "ip",
+                    t,
+                    "relayfwd",
+                    *keep,
+                    "ct",
+                    "mark",
+                    "!=",
+                    f"{self.mark:#x}",
+                    "drop",
+                ]
+            )
         self._made = True
 
     def close(self) -> None:
@@ -226,13 +246,16 @@ class NftForwarder:
             _run(["conntrack", "-D", "--mark", str(self.mark)])
 
 
-def kernel_forwarder(region_id: int) -> NftForwarder | None:
-    """The kernel fast path when we may use it (root or CAP_NET_ADMIN, nft and conntrack), else None."""
+def kernel_forwarder(
+    region_id: int, table: str | None = None, mesh_if: str | None = None
+) -> NftForwarder | None:
+    """The kernel fast path when we may use it (root or CAP_NET_ADMIN, nft and conntrack), else None.
+    A peer relay (meshd) passes region 0 and its own ``table``."""
     if os.environ.get("MESHRELAY_USERSPACE") == "1":  # the benchmark's userspace column, and for debugging
         return None
     if shutil.which("nft") is None or shutil.which("conntrack") is None:
         return None
-    fw = NftForwarder(region_id)
+    fw = NftForwarder(region_id, table, mesh_if)
     try:
         fw.setup()
     except (NftError, OSError) as exc:

@@ -1,0 +1,243 @@
+"""UDP relay ports, the serving side's asyncio shell around :class:`meshd.proto.relayport.Allocations`,
+shared by the region relays (coordinator/relay/udp.py) and peer relays (meshd/relay/peerrelay.py).
+
+Each allocation owns two UDP sockets (one port per side) bound on the relay's address. Userspace
+forwarding is one hop: a WireGuard message arriving at side A's port from A's bound address is sent
+out of B's port to B's bound address, and nothing else is forwarded (binds go to the core; anything
+else is dropped and counted). The hot path is a tuple comparison, a 4-byte check and one ``sendto``.
+
+With a kernel forwarder (:mod:`meshd.relay.udpkernel`, when the process has CAP_NET_ADMIN) the
+bound pair is also installed as nftables DNAT/SNAT rules, so WireGuard packets stop reaching Python;
+binds still do (they come from the node's WireGuard port, so they match the rule; see udpkernel).
+
+What the core asks to tell a node (grants, states) and what an ended allocation leaves (audit records)
+differ between the two programs: subclasses implement :meth:`PortServer._send_grant`,
+:meth:`PortServer._send_state` and :meth:`PortServer._on_ended`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Callable
+from typing import Protocol, cast
+
+from meshd.proto import relayport
+from meshd.proto.relayport import Allocation, Allocations, Grant, PortFlags, Side
+from meshd.relay.proxy import udp_socket  # 4 MiB buffers: bulk WireGuard overflows the default
+
+log = logging.getLogger("meshd.relay.ports")
+
+_WG_TYPES = frozenset((1, 2, 3, 4))
+_ZERO3 = b"\x00\x00\x00"
+
+
+def parse_range(text: str) -> range | None:
+    """``LOW-HIGH`` (inclusive) as a range, ``0``/``off``/empty as None; ValueError says what is wrong."""
+    text = text.strip().lower()
+    if text in ("", "0", "off", "none"):
+        return None
+    low, sep, high = text.partition("-")
+    try:
+        lo, hi = int(low), int(high if sep else low)
+    except ValueError:
+        raise ValueError(f"UDP relay ports must be LOW-HIGH, not {text!r}") from None
+    if not 1 <= lo < hi <= 65535:
+        raise ValueError(f"UDP relay ports {text!r}: need 1 <= LOW < HIGH <= 65535 (at least two ports)")
+    return range(lo, hi + 1)
+
+
+class KernelForwarder(Protocol):
+    """The fast path: install/remove the forwarding of one bound allocation (udpkernel.NftForwarder)."""
+
+    def install(self, alloc: Allocation) -> None: ...
+    def remove(self, alloc: Allocation) -> None: ...
+    def counters(self, alloc: Allocation) -> tuple[int, int, int, int] | None: ...
+    def close(self) -> None: ...
+
+
+class _PortProtocol(asyncio.DatagramProtocol):
+    """One side's port. ``side`` is the core's record; ``out`` the other side's port (it sends)."""
+
+    __slots__ = ("dropped", "out", "owner", "side", "transport")
+
+    def __init__(self, owner: PortServer, side: Side) -> None:
+        self.owner = owner
+        self.side = side
+        self.out: _PortProtocol | None = None
+        self.transport: asyncio.DatagramTransport | None = None
+        self.dropped = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        side = self.side
+        if (
+            addr == side.addr
+            and len(data) >= 4
+            and data[0] in _WG_TYPES
+            and data[1:4] == _ZERO3
+            and (other := side.other).addr is not None
+            and (out := self.out) is not None
+            and out.transport is not None
+        ):
+            out.transport.sendto(data, other.addr)
+            side.packets += 1
+            side.bytes += len(data)
+            return
+        if relayport.looks_like_bind(data):
+            self.owner.bind(side.port, addr, data)
+            return
+        self.dropped += 1
+
+    def error_received(self, exc: Exception) -> None:
+        pass  # ICMP unreachable from a node that went away: its next bind or the idle timeout decides
+
+
+class PortServer:
+    """The UDP relay ports of one relay (see the module docstring)."""
+
+    def __init__(
+        self,
+        host: str,
+        core: Allocations,
+        *,
+        kernel: KernelForwarder | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.host = "0.0.0.0" if host in ("", "::", "0.0.0.0") else host
+        self.core = core
+        self.kernel = kernel
+        self.clock = clock
+        self.protos: dict[int, _PortProtocol] = {}
+        self._sockets: dict[int, socket.socket] = {}
+        self._opened_wall: dict[int, float] = {}  #: allocation id -> wall clock at creation (audit)
+        self._attaching: set[asyncio.Task[None]] = set()
+        self.closed = False
+
+    @property
+    def allocations(self) -> int:
+        return len(self.core.by_pair)
+
+    # -- hooks ----------------------------------------------------------------------------------------
+    def _send_grant(self, to: bytes, grant: Grant) -> None:
+        """Tell node ``to`` (WireGuard key) its port and secret (region relays; peer relays never)."""
+
+    def _send_state(self, to: bytes, peer: bytes, flags: PortFlags, node: int) -> None:
+        """Tell node ``to`` (node id ``node``) whether its pair with ``peer`` is bound."""
+
+    def _on_ended(self, alloc: Allocation, reason: str, opened: float) -> None:
+        """An allocation ended and its ports are closed (``opened``: wall clock at creation)."""
+
+    # -- inputs ---------------------------------------------------------------------------------------
+    def bind(self, port: int, src: tuple[str, int], data: bytes) -> None:
+        self.core.bind(port, src, data, self.clock())
+        self._run()
+
+    def tick(self) -> None:
+        """Periodic: sample kernel counters, expire idle allocations."""
+        if self.kernel is not None:
+            for alloc in self.core.by_pair.values():
+                got = self.kernel.counters(alloc)
+                if got is not None:  # kernel-forwarded packets count as the sides' traffic
+                    pa, ba, pb, bb = got
+                    alloc.a.packets, alloc.a.bytes = max(alloc.a.packets, pa), max(alloc.a.bytes, ba)
+                    alloc.b.packets, alloc.b.bytes = max(alloc.b.packets, pb), max(alloc.b.bytes, bb)
+        self.core.expire(self.clock())
+        self._run()
+
+    def close(self, reason: str) -> None:
+        self.core.close_all(reason)
+        self._run()
+        self.closed = True
+        if self.kernel is not None:
+            self.kernel.close()
+
+    # -- effects ------------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        for ev in self.core.events():
+            if isinstance(ev, relayport.SendGrant):
+                self._send_grant(ev.to, ev.grant)
+            elif isinstance(ev, relayport.SendState):
+                self._send_state(ev.to, ev.peer, ev.flags, ev.node)
+            elif isinstance(ev, relayport.Opened):
+                self._open(ev.alloc)
+            elif isinstance(ev, relayport.Bound):
+                if self.kernel is not None and ev.alloc.a.addr and ev.alloc.b.addr:
+                    try:
+                        self.kernel.install(ev.alloc)
+                    except Exception as exc:  # nft refused: userspace keeps forwarding
+                        log.warning("relay ports: kernel forwarding not installed: %s", exc)
+            else:
+                self._ended(ev.alloc, ev.reason)
+
+    def _open(self, alloc: Allocation) -> None:
+        if self.closed:
+            self.core.failed(alloc, "relay shutting down")
+            return
+        made: list[tuple[int, socket.socket]] = []
+        try:
+            for s in alloc.sides():
+                made.append((s.port, udp_socket(self.host, s.port)))
+        except OSError as exc:
+            for _, sock in made:
+                sock.close()
+            log.warning("relay ports %d/%d: %s", alloc.a.port, alloc.b.port, exc)
+            self.core.failed(alloc, f"cannot open the ports: {exc}")
+            return
+        pa, pb = _PortProtocol(self, alloc.a), _PortProtocol(self, alloc.b)
+        pa.out, pb.out = pb, pa
+        loop = asyncio.get_running_loop()
+        for (port, sock), proto in zip(made, (pa, pb), strict=True):
+            self.protos[port] = proto
+            self._sockets[port] = sock
+            # the datagram endpoint attaches on the next loop turn; datagrams wait in the socket buffer
+            task = loop.create_task(self._attach(sock, proto))
+            self._attaching.add(task)
+            task.add_done_callback(self._attaching.discard)
+        self._opened_wall[id(alloc)] = time.time()
+        log.info(
+            "relay ports %d/%d for nodes %d and %d",
+            alloc.a.port,
+            alloc.b.port,
+            alloc.a.node_id,
+            alloc.b.node_id,
+        )
+
+    async def _attach(self, sock: socket.socket, proto: _PortProtocol) -> None:
+        try:
+            await asyncio.get_running_loop().create_datagram_endpoint(lambda: proto, sock=sock)
+        except OSError as exc:
+            log.warning("relay port %d: %s", proto.side.port, exc)
+            sock.close()
+            return
+        if self.protos.get(proto.side.port) is not proto and proto.transport is not None:
+            proto.transport.close()  # ended before it attached
+
+    def _ended(self, alloc: Allocation, reason: str) -> None:
+        if self.kernel is not None:
+            with contextlib.suppress(Exception):  # logged inside; nothing else to do
+                self.kernel.remove(alloc)
+        for s in alloc.sides():
+            proto = self.protos.pop(s.port, None)
+            sock = self._sockets.pop(s.port, None)
+            if proto is not None and proto.transport is not None:
+                proto.transport.close()
+            elif sock is not None:
+                sock.close()
+        opened = self._opened_wall.pop(id(alloc), time.time())
+        log.info(
+            "relay ports %d/%d closed (%s): %d/%d bytes forwarded, %d binds, %d rebinds",
+            alloc.a.port,
+            alloc.b.port,
+            reason,
+            alloc.a.bytes,
+            alloc.b.bytes,
+            alloc.binds,
+            alloc.rebinds,
+        )
+        self._on_ended(alloc, reason, opened)
