@@ -43,20 +43,28 @@ another port, and the peer's packets from that port hit the same fate on the oth
 first probes cross in flight (tens of microseconds on a LAN-speed link: it never happens at 0 ms) every
 flow between the two public addresses is taken. Only expiry frees them (Linux: 30 s for unreplied UDP),
 and only one side's entry may expire. So when an attempt gets no answer at all, up to ``seq_rounds``
-rounds follow (when the peer probed in that attempt too: it sent a call-me-maybe; else a plain retry
+rounds follow (when a call-me-maybe went either way during it, so the peer probed too; else a plain retry
 first), roles alternating and fixed by ``leads`` (the side with the lower node key keeps first,
-the side that probes first in a synchronised punch):
+the side that probes first in a synchronised punch). Both sides must start the same round at the same
+moment: a call-me-maybe (at most one per attempt, :mod:`meshd.nat.punch`) anchors the attempt's end on both
+sides at ``attempt_duration`` after the moment it agreed (the later one if both called):
 
 * the *keeper* sends ``SendKeepalives`` (probes with a TTL of 1) to the peer's public candidates every
   ``seq_keepalive`` seconds for ``seq_wait + attempt_duration + seq_grace``: they refresh its own router's
   mapping (conntrack refreshes an entry before the TTL check drops the packet) and never reach the
   peer's router, whose entry for us expires;
-* the *quiet* side sends nothing to the peer for ``seq_wait`` seconds (its own remapped flow expires),
-  then runs an attempt: its probe leaves from its natural port and matches the keeper's mapping; the
-  keeper answers, ends its round and probes back at once.
+* the *quiet* side sends nothing to the peer for ``seq_wait`` seconds (its own remapped flows expire),
+  then sends TTL-1 probes to every address it probed (a Linux NAT gives a new flow the port of the newest
+  flow of the same source, even an expired one it has not collected yet, so a stale flow to the peer's
+  LAN address would hand the moved port on; a packet of the stale flow makes the router collect it, and
+  one that dies there creates nothing), then runs an attempt without a call-me-maybe (a call would make
+  the keeper probe too, and poison the quiet side's router again): its probe leaves from its natural port
+  and matches the keeper's mapping; the keeper answers, ends its round and probes back at once.
 
 A round is ended by anything that makes a fresh attempt worth it: new candidates, the relay going down,
-a probe from the peer. After ``seq_rounds`` rounds without success the usual backoff resumes.
+a probe from the peer, a call-me-maybe from the peer (a peer in our round never calls: this one restarted
+or missed the attempt, and the attempt both now run puts them into the same round if it fails). After
+``seq_rounds`` rounds without success the usual backoff resumes.
 """
 
 from __future__ import annotations
@@ -390,9 +398,8 @@ class PeerPath:
         self._send_probes((addr,), immediate=True)
 
     def _probe_targets(self) -> tuple[Endpoint, ...]:
-        """Global addresses first: on a Linux NAT a new flow reuses the newest mapping of its source port,
-        even one that expired but is not yet collected. A probe to the expired flow's own address frees
-        it; probing a private address of the peer first would create a new flow on the stale mapping."""
+        """Global addresses first: they matter most, and a new flow on a Linux NAT takes the port of the
+        newest flow of its source (sequenced rounds), so the flow to the global address is made first."""
         return tuple(sorted((a for a in self._candidates if a not in self._avoid), key=global_first))
 
     def _send_probes(
@@ -448,12 +455,8 @@ class PeerPath:
             keeper = self._seq_keep
             self._seq_until = self._next_keepalive = None
             if not keeper:
-                # Our old flows expired, the peer kept its mapping: probe it, without a call-me-maybe (the
-                # keeper would probe too, and its probe would poison our router again). First TTL-1 probes
-                # to every address we probed: a Linux NAT gives a new flow the port of the newest flow of
-                # the same source even when that one expired (find_appropriate_src skips no expired entry),
-                # so a stale flow to the peer's LAN address would hand its moved port on; a packet of the
-                # stale flow makes the router collect it, and one that dies there creates nothing new.
+                # our old flows expired, the peer kept its mapping: make our router forget the stale flows
+                # (TTL-1), then probe it without a call-me-maybe (module docstring)
                 if targets := self._probe_targets():
                     self._events.append(SendKeepalives(self.peer, targets))
                 self._start_attempt(now, immediate=True)
