@@ -193,12 +193,10 @@ class Internet:
                     if inside is not None:
                         dst.core.receive([(src, data)], self.now)
                 self.carry_out(dst)
-            else:
-                for n in self.nodes:
-                    t = n.core.next_timer()
-                    if t is not None and t <= self.now:
-                        n.core.handle_timer(self.now)
-                        self.carry_out(n)
+                continue
+            for n in (n for n in self.nodes if (t := n.core.next_timer()) is not None and t <= self.now):
+                n.core.handle_timer(self.now)
+                self.carry_out(n)
         self.now = until
 
 
