@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from meshd.nat.gather import Gatherer
 from meshd.nat.probes import Answered, Pinged, Probes
-from meshd.nat.punch import OPEN_TTL, Call, Open, Probe, Punch, Restart
+from meshd.nat.punch import Call, Probe, Punch, Restart
 from meshd.nat.strategy import NO_PATH, NatInfo, Network, PeerInfo
 from meshd.paths import (
     PathConfig,
@@ -282,10 +282,9 @@ class TraversalCore:
                     continue  # the peer left since
                 if isinstance(pe, Restart):
                     q.path.peer_asked(now, pe.at) if pe.by_peer else q.path.retry_now(now)
-                elif isinstance(pe, Probe | Open):
+                elif isinstance(pe, Probe):
                     if q.path.seq_round is None:  # held probes must not break a round's silence
-                        ttl = OPEN_TTL if isinstance(pe, Open) else None
-                        self._send_probes(q, pe.endpoints, now, ttl=ttl)
+                        self._send_probes(q, pe.endpoints, now)
                 else:
                     self._call(q, pe, now)
 

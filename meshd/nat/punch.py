@@ -19,23 +19,17 @@ remapped to a random port and the punch fails for good. So a new attempt does no
   the first probes cannot cross (a router without an input firewall, links too fast for two processes
   to send within the same tens of microseconds) the leader's mapping is the one left intact, which is
   what the sequenced rounds of :mod:`meshd.paths` build on; on real links the lag is within the jitter;
-* ``OPEN_LEAD`` before its moment (the follower's moment is its own, ``FOLLOW_LAG`` later) each side sends
-  the probes it holds with an IP TTL of ``OPEN_TTL`` (:class:`Open`): on the internet they open its own
-  router's mapping and die a hop or two further, before the peer's router, so the probes that follow find
-  both routers open even where a first probe would otherwise reach a router that has not seen its host
-  send yet (routers without an input firewall, little latency). Where nothing lies between the routers
-  (the netns lab) they arrive like early probes, in the same order as the probes would, so no worse;
 * until our own public addresses are known (every STUN server answered or gave up, or
   ``GATHER_TIMEOUT`` after start) probes are held: a punch now would reach the peer's NAT before we can
   tell the peer where to answer. Once gathered, every peer without a direct path starts a fresh,
   synchronised attempt.
 
-:class:`Punch` owns no socket, clock or task. It is fed the path machines' probe decisions with ``now`` (any
-monotonic clock) and hands out what to do with :meth:`Punch.next_event`: :class:`Probe` (send now),
-:class:`Open` (send now with a TTL of ``OPEN_TTL``), :class:`Call` (send a call-me-maybe) and :class:`Restart`
-(start an attempt now: ``PeerPath.peer_asked``). Moments are kept on the ``now`` timeline; the wall clock
-enters only where a moment crosses the wire: :meth:`Punch.called` takes ``wall`` with the peer's proposal, and
-whoever sends a :class:`Call` converts its ``at`` (``wall + at - now``). It asks ``is_direct(peer)`` (the path
+:class:`Punch` owns no socket, clock or task. It is fed the path machines' probe decisions with
+``now`` (any monotonic clock) and hands out what to do with :meth:`Punch.next_event`: :class:`Probe`
+(send now), :class:`Call` (send a call-me-maybe) and :class:`Restart` (start an attempt now:
+``PeerPath.peer_asked``). Moments are kept on the ``now`` timeline; the wall clock enters only where a
+moment crosses the wire: :meth:`Punch.called` takes ``wall`` with the peer's proposal, and whoever
+sends a :class:`Call` converts its ``at`` (``wall + at - now``). It asks ``is_direct(peer)`` (the path
 machine's current status) where the rules depend on it.
 """
 
@@ -53,22 +47,12 @@ MAX_PUNCH_WAIT = 1.0  #: the longest we hold probes for a moment the peer propos
 CMM_MIN_INTERVAL = 2.0  #: at most one call-me-maybe per peer this often
 GATHER_TIMEOUT = 2.0  #: probes wait at most this long after start for our STUN answers
 FOLLOW_LAG = 0.01  #: the follower's probes leave this long after the agreed moment
-OPEN_LEAD = 0.02  #: TTL-limited opening probes leave this long before our moment
-OPEN_TTL = 2  #: through our own router and one hop of the internet
 NEVER = float("-inf")
 
 
 @dataclass(frozen=True, slots=True)
 class Probe:
     """Send one probe to each of ``endpoints`` now."""
-
-    peer: str
-    endpoints: tuple[Endpoint, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Open:
-    """Send one probe to each of ``endpoints`` now, with an IP TTL of ``OPEN_TTL`` (module docstring)."""
 
     peer: str
     endpoints: tuple[Endpoint, ...]
@@ -94,14 +78,13 @@ class Restart:
     at: float | None = None  #: the moment agreed with the peer (``now`` timeline), for ``by_peer``
 
 
-PunchEvent = Probe | Open | Call | Restart
+PunchEvent = Probe | Call | Restart
 
 
 @dataclass
 class _State:
     last_cmm: float = NEVER  #: when a call-me-maybe last went either way
     hold_until: float | None = None  #: probes wait until this moment (agreed with the peer)
-    open_at: float | None = None  #: the held probes go out TTL-limited at this moment (OPEN_LEAD before)
     my_at: float | None = None  #: the moment our last call-me-maybe proposed
     held: set[Endpoint] = field(default_factory=set)
     lag: float = 0.0  #: FOLLOW_LAG for the follower, 0 for the leader
@@ -153,7 +136,6 @@ class Punch:
             s.last_cmm = now
             s.need_call = False
             s.hold_until = now + PUNCH_DELAY + s.lag
-            s.open_at = s.hold_until - OPEN_LEAD
             s.my_at = now + PUNCH_DELAY
             s.held.update(targets)
             self._events.append(Call(peer, s.my_at))
@@ -171,7 +153,6 @@ class Punch:
             moment = max(moment, s.my_at)
         agreed = now + min(max(0.0, moment - now), MAX_PUNCH_WAIT)
         s.hold_until = agreed + s.lag
-        s.open_at = s.hold_until - OPEN_LEAD if s.hold_until - OPEN_LEAD > now else None  # else: too late
         s.last_cmm = now  # the peer is already asking: no call-me-maybe back
         s.need_call = False
         self._events.append(Restart(peer, by_peer=True, at=agreed))
@@ -200,7 +181,7 @@ class Punch:
     # --- timers ----------------------------------------------------------------------------------------
 
     def next_timer(self) -> float | None:
-        times = [t for s in self._peers.values() for t in (s.hold_until, s.open_at) if t is not None]
+        times = [s.hold_until for s in self._peers.values() if s.hold_until is not None]
         if self._gather_deadline is not None:
             times.append(self._gather_deadline)
         return min(times) if times else None
@@ -209,10 +190,6 @@ class Punch:
         if self._gather_deadline is not None and now >= self._gather_deadline:
             self.gathered()  # STUN is slow or absent: go with what we have
         for peer, s in self._peers.items():
-            if s.open_at is not None and now >= s.open_at:
-                s.open_at = None
-                if s.held and (s.hold_until is None or now < s.hold_until):
-                    self._events.append(Open(peer, tuple(sorted(s.held, key=global_first))))
             if s.hold_until is not None and now >= s.hold_until:
                 s.hold_until = None
                 held, s.held = s.held, set()

@@ -64,13 +64,13 @@ class Router:
     def _taken(self, flow: Flow, now: float) -> bool:
         return self._lookup(flow, now) is not None
 
-    def outbound(self, src: Endpoint, dst: Endpoint, ttl: int, now: float) -> Endpoint | None:
+    def outbound(self, src: Endpoint, dst: Endpoint, ttl: int | None, now: float) -> Endpoint | None:
         """The translated source of a host's packet, or None when it dies here."""
         e = self._lookup((src, dst), now)
         if e is not None:
             e.expires = now + UDP_TIMEOUT  # conntrack runs before the TTL check
-            return None if ttl <= 1 else e.reply[1]
-        if ttl <= 1:
+            return None if ttl == 1 else e.reply[1]
+        if ttl == 1:
             return None  # never confirmed: no entry
         newest = next((e.reply[1] for e in reversed(self.entries) if e.inside == src), None)
         public = next(
@@ -86,12 +86,12 @@ class Router:
         self.entries.append(Entry((src, dst), (dst, public), now + UDP_TIMEOUT, src))
         return public
 
-    def inbound(self, src: Endpoint, dst: Endpoint, ttl: int, now: float) -> Endpoint | None:
-        """The inside host a packet from the internet goes to, or None (the router took it, or it died)."""
+    def inbound(self, src: Endpoint, dst: Endpoint, now: float) -> Endpoint | None:
+        """The inside host a packet from the internet goes to, or None (the router took it)."""
         e = self._lookup((src, dst), now)
         if e is not None:
             e.expires = now + UDP_TIMEOUT
-            return e.inside if e.reply == (src, dst) and ttl > 1 else None
+            return e.inside if e.reply == (src, dst) else None
         self.entries.append(Entry((src, dst), (dst, src), now + UDP_TIMEOUT, None))
         return None
 
@@ -114,9 +114,8 @@ class Node:
 
 
 class Internet:
-    def __init__(self, *, signal_latency: tuple[float, float] = (0.05, 0.05), hops: int = 0) -> None:
+    def __init__(self, *, signal_latency: tuple[float, float] = (0.05, 0.05)) -> None:
         self.now = 0.0
-        self.hops = hops  #: routers between the two home routers (each takes one from the TTL)
         self.signal_latency = signal_latency  # a's signals to b, b's to a
         self._queue: list[tuple[float, int, object]] = []
         self._seq = itertools.count()
@@ -152,11 +151,9 @@ class Internet:
             if isinstance(ev, Datagram):
                 if ev.ttl is None:
                     self.first_probe.setdefault(n.name, self.now)
-                ttl = ev.ttl or 64
-                src = n.router.outbound(n.inside, ev.dst, ttl, self.now)
-                ttl -= 1 + self.hops  # our router, then the hops: a packet dies where its TTL would reach 0
-                if src is not None and ttl >= 1 and ev.dst[0] == peer.router.public_ip:
-                    self.at(self.now + LINK, ("datagram", peer, src, ev.dst, ev.data, ttl))
+                src = n.router.outbound(n.inside, ev.dst, ev.ttl, self.now)
+                if src is not None and ev.dst[0] == peer.router.public_ip:
+                    self.at(self.now + LINK, ("datagram", peer, src, ev.dst, ev.data))
             elif isinstance(ev, CallPeer):
                 msg = ev.message(self.now, WALL + self.now)
                 self.at(self.now + self.signal_latency[self.nodes.index(n)], ("signal", peer, n.node_id, msg))
@@ -191,8 +188,8 @@ class Internet:
                     _, dst, src_id, msg = item
                     dst.core.called(src_id, msg, self.now, WALL + self.now)
                 else:
-                    _, dst, src, to, data, ttl = item
-                    inside = dst.router.inbound(src, to, ttl, self.now)
+                    _, dst, src, to, data = item
+                    inside = dst.router.inbound(src, to, self.now)
                     if inside is not None:
                         dst.core.receive([(src, data)], self.now)
                 self.carry_out(dst)
@@ -240,13 +237,3 @@ def test_a_peer_that_starts_during_our_round_resynchronises(b_starts: float) -> 
     for n in net.nodes:
         assert n.direct_at is not None, f"{n.name} never went direct"
         assert n.direct_at < b_starts + 80.0
-
-
-def test_with_a_router_between_the_homes_ttl_limited_opening_lets_the_first_probes_through() -> None:
-    # the real internet: the opening probes (TTL 2) open each home router and die at the next hop, so
-    # the probes at the agreed moment find both routers open: direct in the first attempt, no round
-    net = Internet(hops=1)
-    net.run_until(10.0, starts={"a": 0.0, "b": 0.3})
-    for n in net.nodes:
-        assert n.direct_at is not None and n.direct_at < 3.0, f"{n.name} direct at {n.direct_at}"
-        assert not [e for e in n.router.entries if e.inside is None], "no router took a probe for itself"

@@ -8,13 +8,10 @@ from pytest import approx
 
 from meshd.nat.punch import (
     CMM_MIN_INTERVAL,
-    FOLLOW_LAG,
     GATHER_TIMEOUT,
     MAX_PUNCH_WAIT,
-    OPEN_LEAD,
     PUNCH_DELAY,
     Call,
-    Open,
     Probe,
     Punch,
     PunchEvent,
@@ -68,34 +65,9 @@ def test_a_new_attempt_calls_the_peer_and_holds_its_probes_until_the_moment_prop
     punch, clock = gathered("p")
     punch.probe("p", [A, B], now=0.0)
     assert clock.drain() == [Call("p", PUNCH_DELAY)]
-    assert clock.run_until(PUNCH_DELAY - OPEN_LEAD - 0.001) == []
-    assert clock.run_until(PUNCH_DELAY - 0.001) == [Open("p", (A, B))]  # TTL-limited, global first
-    assert clock.events[-1][0] == approx(PUNCH_DELAY - OPEN_LEAD)
+    assert clock.run_until(PUNCH_DELAY - 0.01) == []
     assert clock.run_until(1.0) == [Probe("p", (A, B))]  # global addresses first
     assert clock.events[-1][0] == PUNCH_DELAY
-
-
-def test_the_follower_opens_and_probes_its_lag_after_the_leader() -> None:
-    punch = Punch(lambda peer: False)
-    punch.add("p", lead=False)
-    punch.start(0.0)
-    punch.gathered()
-    clock = Clock(punch)
-    clock.drain()
-    punch.called("p", at=WALL + 0.25, now=0.0, wall=WALL)
-    punch.probe("p", [A], now=0.0, first=True)
-    assert clock.run_until(1.0)[1:] == [Open("p", (A,)), Probe("p", (A,))]
-    assert [t for t, _ in clock.events[-2:]] == [
-        approx(0.25 + FOLLOW_LAG - OPEN_LEAD),
-        approx(0.25 + FOLLOW_LAG),
-    ]
-
-
-def test_a_call_that_arrives_too_late_to_open_first_only_probes() -> None:
-    punch, clock = gathered("p")
-    punch.called("p", at=WALL - 1.0, now=0.0, wall=WALL)  # its moment passed in transit
-    punch.probe("p", [A], now=0.0, first=True)
-    assert [e for e in clock.run_until(1.0) if not isinstance(e, Restart)] == [Probe("p", (A,))]
 
 
 def test_one_call_per_attempt_and_no_more_than_one_per_two_seconds() -> None:
@@ -128,7 +100,7 @@ def test_the_peers_call_suppresses_ours_and_its_moment_is_used() -> None:
     assert clock.drain() == [Restart("p", by_peer=True, at=approx(5.4))]
     punch.probe("p", [A], now=5.0, first=True)  # the attempt the Restart started
     assert clock.drain() == []  # held for the peer's moment, and no call back
-    assert clock.run_until(6.0) == [Open("p", (A,)), Probe("p", (A,))]
+    assert clock.run_until(6.0) == [Probe("p", (A,))]
     assert clock.events[-1][0] == approx(5.4)
     punch.probe("p", [A], now=6.0)
     assert clock.drain() == [Probe("p", (A,))], "within 2 s of the peer's call: no call of ours"
@@ -197,7 +169,7 @@ def test_probes_are_held_until_gathered_then_every_peer_without_a_direct_path_re
     assert clock.drain() == [Restart("p")]
     punch.probe("p", [A], now=0.4)  # the fresh attempt calls first, though probes were asked before
     assert clock.drain() == [Call("p", 0.4 + PUNCH_DELAY)]
-    assert clock.run_until(1.0) == [Open("p", (A,)), Probe("p", (A,))]
+    assert clock.run_until(1.0) == [Probe("p", (A,))]
 
 
 def test_without_stun_answers_probing_starts_after_the_gather_timeout() -> None:
