@@ -44,20 +44,28 @@ another port, and the peer's packets from that port hit the same fate on the oth
 first probes cross in flight (tens of microseconds on a LAN-speed link: it never happens at 0 ms) every
 flow between the two public addresses is taken. Only expiry frees them (Linux: 30 s for unreplied UDP),
 and only one side's entry may expire. So when an attempt gets no answer at all, up to ``seq_rounds``
-rounds follow (when the peer probed in that attempt too: it sent a call-me-maybe; else a plain retry
+rounds follow (when a call-me-maybe went either way during it, so the peer probed too; else a plain retry
 first), roles alternating and fixed by ``leads`` (the side with the lower node key keeps first,
-the side that probes first in a synchronised punch):
+the side that probes first in a synchronised punch). Both sides must start the same round at the same
+moment: a call-me-maybe (at most one per attempt, :mod:`meshd.nat.punch`) anchors the attempt's end on both
+sides at ``attempt_duration`` after the moment it agreed (the later one if both called):
 
 * the *keeper* sends ``SendKeepalives`` (probes with a TTL of 1) to the peer's public candidates every
   ``seq_keepalive`` seconds for ``seq_wait + attempt_duration + seq_grace``: they refresh its own router's
   mapping (conntrack refreshes an entry before the TTL check drops the packet) and never reach the
   peer's router, whose entry for us expires;
-* the *quiet* side sends nothing to the peer for ``seq_wait`` seconds (its own remapped flow expires),
-  then runs an attempt: its probe leaves from its natural port and matches the keeper's mapping; the
-  keeper answers, ends its round and probes back at once.
+* the *quiet* side sends nothing to the peer for ``seq_wait`` seconds (its own remapped flows expire),
+  then sends TTL-1 probes to every address it probed (a Linux NAT gives a new flow the port of the newest
+  flow of the same source, even an expired one it has not collected yet, so a stale flow to the peer's
+  LAN address would hand the moved port on; a packet of the stale flow makes the router collect it, and
+  one that dies there creates nothing), then runs an attempt without a call-me-maybe (a call would make
+  the keeper probe too, and poison the quiet side's router again): its probe leaves from its natural port
+  and matches the keeper's mapping; the keeper answers, ends its round and probes back at once.
 
 A round is ended by anything that makes a fresh attempt worth it: new candidates, the relay going down,
-a probe from the peer. After ``seq_rounds`` rounds without success the usual backoff resumes.
+a probe from the peer, a call-me-maybe from the peer (a peer in our round never calls: this one restarted
+or missed the attempt, and the attempt both now run puts them into the same round if it fails). After
+``seq_rounds`` rounds without success the usual backoff resumes.
 """
 
 from __future__ import annotations
@@ -142,17 +150,20 @@ class SendProbes:
     """Send one authenticated probe to each of ``endpoints`` now (from the WireGuard port).
 
     ``immediate``: the peer's NAT is open to us already (its probe arrived): no call-me-maybe first.
+    ``first``: the first probes of a new attempt (the one moment a call-me-maybe is worth sending).
     """
 
     peer: str
     endpoints: tuple[Endpoint, ...]
     immediate: bool = False
+    first: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class SendKeepalives:
     """Send a probe with a TTL of 1 to each of ``endpoints``: it refreshes our router's mapping towards the
-    peer and dies there, so it never reaches the peer's router (sequenced rounds, module docstring)."""
+    peer, or makes the router forget an expired one, and dies there, so it never reaches the peer's router
+    (sequenced rounds, module docstring)."""
 
     peer: str
     endpoints: tuple[Endpoint, ...]
@@ -209,7 +220,9 @@ class PeerPath:
         self._next_heartbeat: float | None = None
         self._next_discovery: float | None = None
         self._seq_round = 0  #: sequenced rounds run since the last fresh start
-        self._attempt_asked = False  #: the peer asked (call-me-maybe) during this attempt: it probed too
+        self._attempt_synced = False  #: a call-me-maybe went either way during this attempt: both probed
+        self._attempt_immediate = False  #: this attempt's probes need no call-me-maybe (module docstring)
+        self._attempt_anchor: float | None = None  #: the moment agreed with the peer for this attempt
         self._seq_keep = False
         self._seq_until: float | None = None  #: the current round ends (keeper) or probes (quiet side)
         self._next_keepalive: float | None = None
@@ -266,13 +279,32 @@ class PeerPath:
             self._backoff = self.config.backoff_initial  # the direct path proved itself
         self._check_stall(now)
 
-    def peer_asked(self, now: float) -> None:
+    def peer_asked(self, now: float, at: float | None = None) -> None:
         """The peer asked us to probe now ("call me maybe"): both sides probing together opens the NATs.
 
         Without a direct path an attempt starts at once (backoff reset) unless one is running already.
+        It ends a sequenced round: a peer in our round never calls (its probes at the end of its wait go
+        out without a call), so this one is not in it (it restarted, or missed the attempt before); an
+        attempt both sides ran puts them into the same round when it fails.
         """
+        if self._seq_until is not None:
+            self._end_rounds()
         self.retry_now(now)
-        self._attempt_asked = self._attempt_until is not None
+        self._synchronise(now if at is None else at)
+
+    def calling(self, now: float, at: float) -> None:
+        """Our call-me-maybe went out, proposing to probe at ``at``: the peer probes in this attempt too."""
+        self._synchronise(at)
+
+    def _synchronise(self, at: float) -> None:
+        """A call-me-maybe went either way for the running attempt: both sides probe from ``at`` on, and
+        both end the attempt ``attempt_duration`` after the latest such moment, so that when it fails they
+        start the same sequenced round at the same moment."""
+        if self._attempt_until is None:
+            return
+        self._attempt_anchor = at if self._attempt_anchor is None else max(self._attempt_anchor, at)
+        self._attempt_until = self._attempt_anchor + self.config.attempt_duration
+        self._attempt_synced = True
 
     def retry_now(self, now: float) -> None:
         """Our own addresses changed: start an attempt at once (as :meth:`peer_asked`, which the peer
@@ -327,7 +359,7 @@ class PeerPath:
                     self._next_attempt = now + self._backoff
                     self._backoff = min(self._backoff * 2, cfg.backoff_max)
             elif self._next_probe is not None and now >= self._next_probe:
-                self._send_probes(self._probe_targets())
+                self._send_probes(self._probe_targets(), immediate=self._attempt_immediate)
                 self._next_probe = now + cfg.probe_interval
             if self._next_attempt is not None and now >= self._next_attempt:
                 self._start_attempt(now)
@@ -367,24 +399,27 @@ class PeerPath:
         self._send_probes((addr,), immediate=True)
 
     def _probe_targets(self) -> tuple[Endpoint, ...]:
-        """Global addresses first: on a Linux NAT a new flow reuses the newest mapping of its source port,
-        even one that expired but is not yet collected. A probe to the expired flow's own address frees
-        it; probing a private address of the peer first would create a new flow on the stale mapping."""
+        """Global addresses first: they matter most, and a new flow on a Linux NAT takes the port of the
+        newest flow of its source (sequenced rounds), so the flow to the global address is made first."""
         return tuple(sorted((a for a in self._candidates if a not in self._avoid), key=global_first))
 
-    def _send_probes(self, targets: tuple[Endpoint, ...], *, immediate: bool = False) -> None:
+    def _send_probes(
+        self, targets: tuple[Endpoint, ...], *, immediate: bool = False, first: bool = False
+    ) -> None:
         if targets:
-            self._events.append(SendProbes(self.peer, targets, immediate))
+            self._events.append(SendProbes(self.peer, targets, immediate, first))
 
     def _start_attempt(self, now: float, *, immediate: bool = False) -> None:
         self._next_attempt = None
-        self._attempt_asked = False
+        self._attempt_synced = False
+        self._attempt_immediate = immediate
+        self._attempt_anchor = None
         self._seq_until = self._next_keepalive = None
         targets = self._probe_targets()
         if not targets:
             self._attempt_until = self._next_probe = None
             return  # nothing to try until candidates arrive
-        self._send_probes(targets, immediate=immediate)
+        self._send_probes(targets, immediate=immediate, first=not immediate)
         self._attempt_until = now + self.config.attempt_duration
         self._next_probe = now + self.config.probe_interval
 
@@ -394,8 +429,8 @@ class PeerPath:
     def _start_round(self, now: float) -> bool:
         """An attempt got no answer: start the next sequenced round, if any is left (module docstring)."""
         cfg = self.config
-        if not self._attempt_asked and self._seq_round == 0:
-            return False  # the peer did not probe with us (it may not know us yet): a plain retry
+        if not self._attempt_synced and self._seq_round == 0:
+            return False  # no call-me-maybe either way: the peer may not know us yet, a plain retry
         if self._seq_round >= cfg.seq_rounds or not self._public_targets():
             return False
         self._seq_round += 1
@@ -421,7 +456,11 @@ class PeerPath:
             keeper = self._seq_keep
             self._seq_until = self._next_keepalive = None
             if not keeper:
-                self._start_attempt(now)  # our old flow expired, the peer kept its mapping: probe it
+                # our old flows expired, the peer kept its mapping: make our router forget the stale flows
+                # (TTL-1), then probe it without a call-me-maybe (module docstring)
+                if targets := self._probe_targets():
+                    self._events.append(SendKeepalives(self.peer, targets))
+                self._start_attempt(now, immediate=True)
             elif not self._start_round(now):
                 self._next_attempt = now + self._backoff
                 self._backoff = min(self._backoff * 2, self.config.backoff_max)

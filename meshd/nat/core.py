@@ -264,7 +264,7 @@ class TraversalCore:
                         if self._probing and ev.immediate:
                             self._send_probes(p, ev.endpoints, now)
                         elif self._probing:
-                            self._punch.probe(key, ev.endpoints, now)
+                            self._punch.probe(key, ev.endpoints, now, first=ev.first)
                     elif isinstance(ev, SendKeepalives):
                         if self._probing:
                             self._send_probes(p, ev.endpoints, now, ttl=KEEPALIVE_TTL)
@@ -281,11 +281,12 @@ class TraversalCore:
                 if q is None:
                     continue  # the peer left since
                 if isinstance(pe, Restart):
-                    q.path.peer_asked(now) if pe.by_peer else q.path.retry_now(now)
+                    q.path.peer_asked(now, pe.at) if pe.by_peer else q.path.retry_now(now)
                 elif isinstance(pe, Probe):
-                    self._send_probes(q, pe.endpoints, now)
+                    if q.path.seq_round is None:  # held probes must not break a round's silence
+                        self._send_probes(q, pe.endpoints, now)
                 else:
-                    self._call(q, pe)
+                    self._call(q, pe, now)
 
     def _decide(self, p: _Peer, ev: UseDirect | UseRelay) -> None:
         if isinstance(ev, UseDirect):
@@ -295,9 +296,10 @@ class TraversalCore:
             log.info("%s: relay (%s)", p.info.name, ev.reason)
         self._events.append(Decided(p.info.wg_key, p.info.name, ev))
 
-    def _call(self, p: _Peer, ev: Call) -> None:
+    def _call(self, p: _Peer, ev: Call, now: float) -> None:
         cands = tuple(self._gather.candidates()[:MAX_CANDIDATES])  # a longer list would be refused
         self._events.append(CallPeer(p.info.node_id, cands, ev.at))
+        p.path.calling(now, ev.at)
         log.debug("%s: call-me-maybe sent (%d candidates)", p.info.name, len(cands))
 
     def _send_probes(

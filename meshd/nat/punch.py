@@ -12,7 +12,9 @@ remapped to a random port and the punch fails for good. So a new attempt does no
 * the wait is never negative (a moment in the past means now) nor longer than ``MAX_PUNCH_WAIT`` (a
   skewed or hostile clock cannot stall probes);
 * a peer's call-me-maybe counts as ours: we do not answer it with one of our own, and we send at most
-  one every ``CMM_MIN_INTERVAL`` seconds per peer;
+  one every ``CMM_MIN_INTERVAL`` seconds per peer, and one per attempt (its first probes, or the first
+  ones after a change of addresses): both sides end the attempt a fixed time after the moment agreed,
+  so a second call in the same attempt would stretch it (``PeerPath.calling``);
 * the side with the higher node key (``lead=False``) probes ``FOLLOW_LAG`` after the agreed moment: where
   the first probes cannot cross (a router without an input firewall, links too fast for two processes
   to send within the same tens of microseconds) the leader's mapping is the one left intact, which is
@@ -73,6 +75,7 @@ class Restart:
 
     peer: str
     by_peer: bool = False  #: the peer's call-me-maybe (it probes too), not our own addresses changing
+    at: float | None = None  #: the moment agreed with the peer (``now`` timeline), for ``by_peer``
 
 
 PunchEvent = Probe | Call | Restart
@@ -85,6 +88,7 @@ class _State:
     my_at: float | None = None  #: the moment our last call-me-maybe proposed
     held: set[Endpoint] = field(default_factory=set)
     lag: float = 0.0  #: FOLLOW_LAG for the follower, 0 for the leader
+    need_call: bool = True  #: no call-me-maybe went either way for the current attempt yet
 
 
 class Punch:
@@ -111,11 +115,15 @@ class Punch:
     def remove(self, peer: str) -> None:
         self._peers.pop(peer, None)
 
-    def probe(self, peer: str, targets: Iterable[Endpoint], now: float) -> None:
-        """The path machine wants probes sent: send them, hold them, or first call the peer."""
+    def probe(self, peer: str, targets: Iterable[Endpoint], now: float, *, first: bool = False) -> None:
+        """The path machine wants probes sent: send them, hold them, or first call the peer.
+
+        ``first``: the first probes of a new attempt (a call-me-maybe is due)."""
         s = self._peers.get(peer)
         if s is None:
             return
+        if first:
+            s.need_call = True
         targets = tuple(targets)
         if not self._gathered:
             s.held.update(targets)
@@ -124,8 +132,9 @@ class Punch:
         if s.hold_until is not None and now < s.hold_until:
             s.held.update(targets)
             return
-        if not self._is_direct(peer) and now - s.last_cmm >= CMM_MIN_INTERVAL:
+        if not self._is_direct(peer) and s.need_call and now - s.last_cmm >= CMM_MIN_INTERVAL:
             s.last_cmm = now
+            s.need_call = False
             s.hold_until = now + PUNCH_DELAY + s.lag
             s.my_at = now + PUNCH_DELAY
             s.held.update(targets)
@@ -142,14 +151,17 @@ class Punch:
         # both sides may have asked at once (crossing messages): both then use the later moment
         if s.my_at is not None and s.my_at >= now:
             moment = max(moment, s.my_at)
-        s.hold_until = now + min(max(0.0, moment - now), MAX_PUNCH_WAIT) + s.lag
+        agreed = now + min(max(0.0, moment - now), MAX_PUNCH_WAIT)
+        s.hold_until = agreed + s.lag
         s.last_cmm = now  # the peer is already asking: no call-me-maybe back
-        self._events.append(Restart(peer, by_peer=True))
+        s.need_call = False
+        self._events.append(Restart(peer, by_peer=True, at=agreed))
 
     def peer_candidates_changed(self, peer: str) -> None:
         """New addresses for the peer: agree on a new moment with it before probing them."""
         if (s := self._peers.get(peer)) is not None:
             s.last_cmm = NEVER
+            s.need_call = True
 
     def candidates_changed(self) -> None:
         """Our own addresses changed: every peer without a direct path hears them at once, with a moment."""
@@ -195,4 +207,5 @@ class Punch:
         for peer, s in self._peers.items():
             if not self._is_direct(peer):
                 s.last_cmm = NEVER
+                s.need_call = True
                 self._events.append(Restart(peer))

@@ -485,16 +485,19 @@ def test_keeper_answered_by_the_peer_probes_back_at_once_and_goes_direct() -> No
     assert cfg.seq_rounds == 2
 
 
-def test_call_me_maybe_does_not_break_a_round_but_new_candidates_do() -> None:
+def test_a_call_me_maybe_during_a_round_joins_the_peers_attempt_and_so_do_new_candidates() -> None:
+    # a peer in our round never calls (the quiet side's probes go without one): this peer restarted
     lab = _make_seq(True, [Candidate(PUB, CandidateKind.PUBLIC)])
     lab.run(10.0)
-    n = len(lab.probes)
-    lab.path.peer_asked(10.0)  # the quiet side's attempt announces itself: we must not probe back now
-    lab.run(10.5)
-    assert len(lab.probes) == n and lab.path.seq_round == (1, True)
-    lab.path.set_candidates([Candidate(PUB2, CandidateKind.PUBLIC)], 10.5)
+    lab.path.peer_asked(10.0, at=10.25)
     lab.drain()
-    assert lab.path.seq_round is None and lab.probes[-1] == (10.5, PUB2)
+    assert lab.path.seq_round is None and lab.probes[-1] == (10.0, PUB)
+    lab.run(10.25 + lab.path.config.attempt_duration + 0.01)  # it ends at the agreed moment + duration
+    assert lab.path.seq_round == (1, True), "both sides ran it: the same round starts on both"
+    lab.run(20.0)
+    lab.path.set_candidates([Candidate(PUB2, CandidateKind.PUBLIC)], 20.0)
+    lab.drain()
+    assert lab.path.seq_round is None and lab.probes[-1] == (20.0, PUB2)
 
 
 def test_lan_only_candidates_need_no_rounds() -> None:
@@ -511,3 +514,20 @@ def test_global_addresses_are_probed_before_private_ones() -> None:
     lab.drain()
     first = next(e for _, e in lab.log if isinstance(e, SendProbes))
     assert first.endpoints == (PUB, private)
+
+
+def test_the_quiet_side_first_makes_its_router_forget_every_stale_flow_then_probes_without_a_call() -> None:
+    # TTL-1 probes to every address probed before (the LAN one too: a stale flow to it would hand the
+    # moved port on to the new flow), then ordinary probes that need no call-me-maybe
+    cfg = PathConfig()
+    lab = _make_seq(False, [Candidate(PUB, CandidateKind.PUBLIC), Candidate(LAN, CandidateKind.LAN)])
+    lab.run(cfg.attempt_duration + cfg.seq_wait + 0.01)
+    end = cfg.attempt_duration + cfg.seq_wait
+    at_end = [e for t, e in lab.log if t == approx(end) and isinstance(e, (SendKeepalives, SendProbes))]
+    assert isinstance(at_end[0], SendKeepalives) and set(at_end[0].endpoints) == {PUB, LAN}
+    assert (
+        isinstance(at_end[1], SendProbes) and at_end[1].immediate and set(at_end[1].endpoints) == {PUB, LAN}
+    )
+    lab.run(end + 1.01)
+    later = [e for t, e in lab.log if t > end and isinstance(e, SendProbes)]
+    assert later and all(e.immediate for e in later), "no call-me-maybe: the keeper must not probe back"

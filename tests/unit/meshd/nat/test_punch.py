@@ -70,16 +70,21 @@ def test_a_new_attempt_calls_the_peer_and_holds_its_probes_until_the_moment_prop
     assert clock.events[-1][0] == PUNCH_DELAY
 
 
-def test_probes_of_a_running_attempt_go_at_once_and_no_more_than_one_call_per_two_seconds() -> None:
+def test_one_call_per_attempt_and_no_more_than_one_per_two_seconds() -> None:
     punch, clock = gathered("p")
     punch.probe("p", [A], now=0.0)
     clock.run_until(0.5)
     punch.probe("p", [A], now=0.5)
     assert clock.drain() == [Probe("p", (A,))]
-    punch.probe("p", [A], now=CMM_MIN_INTERVAL - 0.01)
+    punch.probe("p", [A], now=CMM_MIN_INTERVAL + 0.5)
+    assert clock.drain() == [Probe("p", (A,))], "the running attempt was called already"
+    punch.probe("p", [A], now=CMM_MIN_INTERVAL - 0.01 + 0.0, first=True)  # the next attempt, too soon
     assert clock.drain() == [Probe("p", (A,))]
-    punch.probe("p", [A], now=CMM_MIN_INTERVAL)
+    punch.probe("p", [A], now=CMM_MIN_INTERVAL)  # a later probe of that attempt calls once allowed
     assert clock.drain() == [Call("p", CMM_MIN_INTERVAL + PUNCH_DELAY)]
+    clock.run_until(CMM_MIN_INTERVAL + 1.0)
+    punch.probe("p", [A], now=2 * CMM_MIN_INTERVAL + 1.0)
+    assert clock.drain() == [Probe("p", (A,))]
 
 
 def test_a_peer_on_a_direct_path_is_never_called() -> None:
@@ -92,8 +97,8 @@ def test_the_peers_call_suppresses_ours_and_its_moment_is_used() -> None:
     punch, clock = gathered("p")
     clock.now = 5.0
     punch.called("p", at=WALL + 5.0 + 0.4, now=5.0, wall=WALL + 5.0)
-    assert clock.drain() == [Restart("p", by_peer=True)]
-    punch.probe("p", [A], now=5.0)  # the attempt the Restart started
+    assert clock.drain() == [Restart("p", by_peer=True, at=approx(5.4))]
+    punch.probe("p", [A], now=5.0, first=True)  # the attempt the Restart started
     assert clock.drain() == []  # held for the peer's moment, and no call back
     assert clock.run_until(6.0) == [Probe("p", (A,))]
     assert clock.events[-1][0] == approx(5.4)
