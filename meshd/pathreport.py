@@ -33,6 +33,10 @@ log = logging.getLogger("meshd.pathreport")
 PATH = "/api/v1/paths"
 MIN_INTERVAL = 5.0  #: seconds between two reports (and between retries after a failure)
 POLL = 1.0  #: seconds between looks at the local status
+#: seconds after start before the first look: a report at start says nothing (no peer has a path yet)
+#: and its status snapshot and signed request would compete with the map stream's handshake for the CPU
+#: and the coordinator, in the second that decides the time to the first ping (issue 15)
+FIRST_LOOK = 2.0
 #: the coordinator keeps no more than this per node either; 512 worst-case entries (~40 KB) stay well
 #: under the coordinator's 64 KiB body limit
 MAX_PEERS = 512
@@ -211,4 +215,5 @@ async def report_loop(daemon: Daemon) -> None:
         )
 
     assert daemon._client is not None
+    await asyncio.sleep(FIRST_LOOK)
     await run(daemon._client, snapshot, facts=facts)

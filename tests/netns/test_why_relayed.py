@@ -23,7 +23,7 @@ def test_an_edm_pair_on_the_relay_says_why_on_each_node(lab: Lab, mesh: Mesh) ->
     for n in (a, b):
         mesh.wait_ready(n)
     for x, y in ((a, b), (b, a)):
-        mesh.wait_path(x, y.name, "relay", within=20)
+        mesh.wait_path(x, y.name, "relay", within=30)
         mesh.wait_ping(x, y)
 
     def why(x: str, y: str) -> str | None:
@@ -38,7 +38,7 @@ def test_an_edm_pair_on_the_relay_says_why_on_each_node(lab: Lab, mesh: Mesh) ->
         # both reports (at most 5 s apart) reach the coordinator, and the peer's facts come back in the map
         said = eventually(
             lambda x=x, y=y, start=start: (w := why(x, y)) is not None and w.startswith(start) and w,
-            within=25,
+            within=40,
             interval=0.3,
             what=f"{x} says why {y} is relayed",
         )

@@ -94,7 +94,7 @@ def daemon_answering() -> Iterator[tuple[Path, list[dict[str, Any]]]]:
         return answers.pop(0)
 
     loop = asyncio.new_event_loop()
-    server = ControlServer(d / "meshd.sock", {"ping": ping})
+    server = ControlServer(d / "meshd.sock", {"ping": ping, "status": ping})
     loop.run_until_complete(server.start())
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -126,3 +126,31 @@ def test_meshd_ping_explain_prints_the_verdict_and_both_sides(
     unanswered = CliRunner().invoke(app, ["ping", "b", "--explain", "--state-dir", str(state_dir)])
     assert unanswered.exit_code == 1
     assert f"why relayed: {EDM_SENTENCE}" in unanswered.output and "no answer from b" in unanswered.output
+
+
+BLOCKED = "UDP blocked on a's network: TCP relay; allow outbound UDP there for a direct path"
+
+
+def test_the_status_table_says_why_under_the_peers(
+    daemon_answering: tuple[Path, list[dict[str, Any]]],
+) -> None:
+    state_dir, answers = daemon_answering
+    peer = {
+        "name": "b", "ips": ["100.64.0.2/32"], "public_key": "QkJC", "path": "relay", "endpoint": None,
+        "relay": "default", "latency_ms": None, "last_handshake": None, "rx_bytes": 0, "tx_bytes": 0,
+        "relay_transport": "tcp", "routes": [], "why": BLOCKED,
+    }  # fmt: skip
+    doc = {
+        "self": {"name": "a", "ips": ["100.64.0.1/32"], "public_key": "QUFB", "interface": "mesh0",
+                 "backend": "userspace", "endpoints": [],
+                 "nat": {"mapping_varies_by_dest": None, "portmap": None},
+                 "relay": "default", "firewall_error": None, "dns": None},
+        "coordinator": {"url": "http://c", "connected": True},
+        "peers": [peer],
+    }  # fmt: skip
+    answers.extend([doc, doc])
+    r = CliRunner().invoke(app, ["status", "--state-dir", str(state_dir)], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert f"b relayed: {peer['why']}" in r.output
+    r = CliRunner().invoke(app, ["status", "--json", "--state-dir", str(state_dir)])
+    assert r.exit_code == 0 and '"why": "UDP blocked on a' in r.output
