@@ -30,6 +30,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from sqlalchemy import event
+
 from coordinator.core import Core, Tx
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,8 @@ class GroupCommit:
         self._worker: asyncio.Task[None] | None = None
         self.groups = 0  #: shared transactions committed (tests and benchmarks read it)
         self.largest = 0  #: units in the largest group committed
+        self.alone = 0  #: units run in a transaction of their own (a group of one, or after a failure)
+        self.failed = 0  #: units that raised inside a group (each then ran alone)
 
     async def run(self, unit: Callable[[Tx], Awaitable[T]]) -> T:
         """Run `unit` in a transaction shared with the other units waiting now; its result or exception."""
@@ -96,12 +100,14 @@ class GroupCommit:
             results: list[Any] = []
             try:
                 async with self.core.transaction() as tx:
+                    _hold_rows(tx, [])
                     for i, w in enumerate(group):
                         try:
                             results.append(await w.unit(tx))
                         except Exception as exc:
                             raise _UnitFailed(i) from exc
             except _UnitFailed as failed:
+                self.failed += 1
                 # rolled back: run the failing unit alone (its own outcome), then the rest again
                 await self._alone(group[failed.index])
                 group = group[: failed.index] + group[failed.index + 1 :]
@@ -124,6 +130,7 @@ class GroupCommit:
             return
 
     async def _alone(self, w: _Waiting) -> None:
+        self.alone += 1
         try:
             async with self.core.transaction() as tx:
                 result = await w.unit(tx)
@@ -137,6 +144,15 @@ class GroupCommit:
             raise
         if not w.done.done():
             w.done.set_result(result)
+
+
+def _hold_rows(tx: Tx, held: list[object]) -> None:
+    """Keep every row the group's session loads or writes alive until the group ends. The identity map
+    holds clean rows weakly: without this the rows every unit reads (the audit head, the certificate
+    serial, the key's owner) are dropped after each flush and read again by the next unit."""
+    sync = tx.session.sync_session
+    event.listen(sync, "loaded_as_persistent", lambda _s, row: held.append(row))
+    event.listen(sync, "pending_to_persistent", lambda _s, row: held.append(row))
 
 
 _groups: weakref.WeakKeyDictionary[Core, GroupCommit] = weakref.WeakKeyDictionary()
