@@ -11,18 +11,12 @@ from coordinator import nodes, rotation
 from coordinator import routes as subnet_routes
 from coordinator.api.deps import CoreDep, NodeDep
 from coordinator.api.schemas import CertPublic
-from coordinator.api.stream import OUTDATED_REASON, handle_client_message
-from coordinator.errors import BadRequest, CoordinatorError, Forbidden
+from coordinator.api.stream import handle_client_message
+from coordinator.errors import BadRequest, Forbidden
 from meshd.proto import netmap, trust
 from meshd.proto.encoding import b64encode
 
 router = APIRouter(prefix="/api/v1", tags=["node"])
-
-
-class UpgradeRequired(CoordinatorError):
-    """The node asked for a map format this coordinator no longer sends (?proto=, issue 16)."""
-
-    status = 426
 
 
 @router.post("/leave")
@@ -65,13 +59,14 @@ async def long_poll(
     core: CoreDep,
     since: int | None = Query(default=None, ge=0),
     wait: float = Query(default=0.0, ge=0, le=120),
-    proto: int = Query(default=1),
+    # required: a schema-valid request is a format-2 one (an older meshd sends none: 422 naming `proto`)
+    proto: int = Query(
+        ge=netmap.MAP_FORMAT, le=netmap.MAP_FORMAT, description="map format (netmap.MAP_FORMAT)"
+    ),
 ) -> Response:
     """The full map (no `since`, or too old) or the delta since `since`, waiting up to `wait` seconds.
 
     The same signed messages as the stream (meshd.proto.netmap): signed for this node, checked by meshd."""
-    if proto != netmap.MAP_FORMAT:
-        raise UpgradeRequired(OUTDATED_REASON)
     state = core.state
     if since is not None and since >= state.version and wait > 0:
         await core.hub.wait_for_version(since, wait)

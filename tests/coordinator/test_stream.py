@@ -255,7 +255,7 @@ async def test_a_meshd_older_than_map_format_2_is_told_to_upgrade(live: Coord) -
         client.keys.node_private, str(client.node_id), "GET", path, b"", time.time()
     )
     r = await live.api.get(path, headers=headers)
-    assert r.status_code == 426 and "upgrade meshd" in r.text
+    assert r.status_code == 422 and "query.proto" in r.json()["detail"]
     # positive control: this meshd asks for format 2 and gets its map, on the stream and by long poll
     async with client.stream() as s:
         assert (await s.next_map(within=5)).self_node.name == "old"
