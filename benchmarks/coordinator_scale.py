@@ -56,7 +56,8 @@ class SimNode:
     node_id: int = 0
     name: str = ""
     got_map: float | None = None
-    map_bytes: int = 0
+    map_bytes: int = 0  #: the first message's bytes on the wire (WebSocket payload)
+    map_text_bytes: int = 0  #: the same message as JSON text
     received: dict[str, float] = field(default_factory=dict)  # new name -> arrival time
     messages: int = 0
     decode: bool = False
@@ -203,7 +204,7 @@ async def hold_stream(
 ) -> None:
     from websockets.asyncio.client import connect
 
-    path = "/api/v1/stream" + (f"?since={since}" if since is not None else "")
+    path = f"/api/v1/stream?proto={netmap.MAP_FORMAT}" + (f"&since={since}" if since is not None else "")
     headers = signing.sign_request(n.keys.node_private, str(n.node_id), "GET", path, b"", time.time())
     async with connect(
         "ws" + url[4:] + path,
@@ -214,9 +215,11 @@ async def hold_stream(
         ping_interval=None,
     ) as ws:
         first = await ws.recv()
-        assert isinstance(first, str)
         n.got_map = time.monotonic()
-        n.map_bytes = len(first)
+        n.map_bytes = len(first)  # on the wire: a long message is a zlib binary frame
+        if isinstance(first, bytes):
+            first = netmap.inflate_frame(first)
+        n.map_text_bytes = len(first)
         n.version = version_of(first)
         n.streams += 1
         kind = first[:20]
@@ -229,7 +232,8 @@ async def hold_stream(
         n.resumed_with_map += since is not None and kind.startswith('{"type":"map"')
         ready.set()
         async for text in ws:  # the task is cancelled at the end of the run
-            assert isinstance(text, str)
+            if isinstance(text, bytes):
+                text = netmap.inflate_frame(text)
             now = time.monotonic()
             n.messages += 1
             if text.startswith(('{"type":"map"', '{"type":"delta"')):
@@ -241,7 +245,7 @@ async def hold_stream(
                         n.received.setdefault(p.name, now)
                     if msg.delta.self_node is not None:
                         n.received.setdefault(msg.delta.self_node.name, now)
-            elif EXPECTED and f'"name":"{EXPECTED[0]}"' in text:
+            elif EXPECTED and f'"n":"{EXPECTED[0]}"' in text:
                 n.received.setdefault(EXPECTED[0], now)
 
 
@@ -370,6 +374,8 @@ async def main_async(args: argparse.Namespace, servers: Servers, state: Path, ur
         results["connect_all_seconds"] = round(t_connect, 2)
         results["full_maps_sent"] = min(args.full_maps, args.nodes)
         results["full_map_bytes_per_node"] = nodes[0].map_bytes
+        results["full_map_text_bytes_per_node"] = nodes[0].map_text_bytes
+        results["full_map_wire_bytes_per_peer"] = round(nodes[0].map_bytes / max(1, args.nodes - 1), 1)
         results["connect_server_cpu_seconds"] = round(cpu2 - cpu1, 2)
         print(
             f"{args.nodes} streams open with full maps in {t_connect:.1f} s "

@@ -24,7 +24,8 @@ from nacl.exceptions import CryptoError
 from nacl.public import Box, PrivateKey, PublicKey
 from sqlalchemy import delete, func, select
 
-from coordinator.core import Core
+from coordinator import groupcommit
+from coordinator.core import Core, Tx
 from coordinator.db.models import Challenge, Node, PendingEnrollment
 from coordinator.errors import BadRequest, Conflict, CoordinatorError, Gone, NotFound, Unauthorized
 from coordinator.identity import redeem_key
@@ -105,7 +106,8 @@ async def issue_challenge(core: Core) -> IssuedChallenge:
     challenge = os.urandom(32)
     ephemeral = PrivateKey.generate()
     expires = time.time() + core.settings.challenge_lifetime
-    async with core.transaction() as tx:
+
+    async def unit(tx: Tx) -> None:  # the row is made here: a unit may run twice (coordinator/groupcommit.py)
         tx.session.add(
             Challenge(
                 challenge=_challenge_id(challenge),
@@ -113,6 +115,8 @@ async def issue_challenge(core: Core) -> IssuedChallenge:
                 expires_at=expires,
             )
         )
+
+    await groupcommit.of(core).run(unit)  # shares its commit with the enrollments arriving with it
     return IssuedChallenge(b64encode(challenge), b64encode(bytes(ephemeral.public_key)), expires)
 
 
@@ -145,86 +149,93 @@ async def register(core: Core, reg: Registration, source: str | None = None) -> 
         signing.verify_enrollment(sig, challenge, wg, node_pub, reg.hostname)
     except signing.SignatureError as exc:
         raise Unauthorized(f"{exc}: the node key did not sign this enrollment") from None
-    async with core.transaction() as tx:
-        row = await tx.session.get(Challenge, _challenge_id(challenge))
-        if row is None:
-            raise Unauthorized("unknown or already used challenge: request a new one")
-        await tx.session.delete(row)
-        if row.expires_at <= now:
-            expired = True
-        else:
-            expired = False
-            try:
-                opened = Box(PrivateKey(b64decode(row.ephemeral_private)), PublicKey(wg)).decrypt(box)
-            except (CryptoError, ValueError, TypeError):
-                opened = b""
-            if opened != challenge:
-                raise Unauthorized("bad proof of the WireGuard key: the box does not open to the challenge")
-            if reg.auth_key is not None:
-                key = await redeem_key(tx, reg.auth_key, now)
-                return await create_node(
-                    tx,
-                    hostname=reg.hostname,
-                    wg_public_key=reg.wg_public_key,
-                    node_public_key=reg.node_public_key,
-                    user_id=key.user_id,
-                    tags=key.tags,
-                    actor=f"user:{key.user}",
-                    how=f"pre-auth key {key.prefix}",
-                    ephemeral=key.ephemeral,
-                )
-            clash = (
-                await tx.session.execute(select(Node.id).where(Node.node_public_key == reg.node_public_key))
-            ).first()
-            if clash is not None:
-                raise Conflict("this node key is already enrolled")
-            # purge: unapproved codes once expired; approved ones a lifetime later (their node polled by then)
-            await tx.session.execute(
-                delete(PendingEnrollment).where(
-                    PendingEnrollment.expires_at <= now,
-                    (PendingEnrollment.node_id.is_(None))
-                    | (PendingEnrollment.expires_at <= now - core.settings.enroll_code_lifetime),
-                )
-            )
-            waiting = (
-                await tx.session.execute(
-                    select(func.count())
-                    .select_from(PendingEnrollment)
-                    .where(PendingEnrollment.node_id.is_(None))
-                )
-            ).scalar_one()
-            if waiting >= MAX_PENDING:
-                raise RateLimited(f"too many enrollments wait for approval ({MAX_PENDING}): try again later")
-            existing = (
-                await tx.session.execute(
-                    select(PendingEnrollment).where(PendingEnrollment.node_public_key == reg.node_public_key)
-                )
-            ).scalar_one_or_none()
-            if existing is not None:
-                await tx.session.delete(existing)
-                await tx.session.flush()
-            code = "".join(secrets.choice(CODE_ALPHABET) for _ in range(8))
-            code = f"{code[:4]}-{code[4:]}"
-            pending = PendingEnrollment(
-                code=code,
-                hostname=reg.hostname,
-                wg_public_key=reg.wg_public_key,
-                node_public_key=reg.node_public_key,
-                created_at=now,
-                expires_at=now + core.settings.enroll_code_lifetime,
-                node_id=None,
-            )
-            tx.session.add(pending)
-            await tx.audit(
-                "node",
-                "enrollment.requested",
-                f"code:{code}",
-                {"hostname": audit_hostname(reg.hostname), "node_public_key": reg.node_public_key},
-            )
-            return Pending(code, pending.expires_at)
-    # the consumed expired challenge is committed before we complain
-    assert expired
-    raise Unauthorized("challenge expired: request a new one")
+
+    async def unit(tx: Tx) -> Enrolled | Pending | Unauthorized:
+        return await _register(tx, reg, wg, challenge, box, now)
+
+    result = await groupcommit.of(core).run(unit)  # one commit (fsync) for the enrollments arriving together
+    if isinstance(result, Unauthorized):
+        raise result  # the consumed expired challenge is committed before we complain
+    return result
+
+
+async def _register(
+    tx: Tx, reg: Registration, wg: bytes, challenge: bytes, box: bytes, now: float
+) -> Enrolled | Pending | Unauthorized:
+    """The transactional part of :func:`register` (a group-commit unit: every effect goes through `tx`)."""
+    core = tx.core
+    row = await tx.session.get(Challenge, _challenge_id(challenge))
+    if row is None:
+        raise Unauthorized("unknown or already used challenge: request a new one")
+    await tx.session.delete(row)
+    if row.expires_at <= now:
+        return Unauthorized("challenge expired: request a new one")
+    try:
+        opened = Box(PrivateKey(b64decode(row.ephemeral_private)), PublicKey(wg)).decrypt(box)
+    except (CryptoError, ValueError, TypeError):
+        opened = b""
+    if opened != challenge:
+        raise Unauthorized("bad proof of the WireGuard key: the box does not open to the challenge")
+    if reg.auth_key is not None:
+        key = await redeem_key(tx, reg.auth_key, now)
+        return await create_node(
+            tx,
+            hostname=reg.hostname,
+            wg_public_key=reg.wg_public_key,
+            node_public_key=reg.node_public_key,
+            user_id=key.user_id,
+            tags=key.tags,
+            actor=f"user:{key.user}",
+            how=f"pre-auth key {key.prefix}",
+            ephemeral=key.ephemeral,
+        )
+    clash = (
+        await tx.session.execute(select(Node.id).where(Node.node_public_key == reg.node_public_key))
+    ).first()
+    if clash is not None:
+        raise Conflict("this node key is already enrolled")
+    # purge: unapproved codes once expired; approved ones a lifetime later (their node polled by then)
+    await tx.session.execute(
+        delete(PendingEnrollment).where(
+            PendingEnrollment.expires_at <= now,
+            (PendingEnrollment.node_id.is_(None))
+            | (PendingEnrollment.expires_at <= now - core.settings.enroll_code_lifetime),
+        )
+    )
+    waiting = (
+        await tx.session.execute(
+            select(func.count()).select_from(PendingEnrollment).where(PendingEnrollment.node_id.is_(None))
+        )
+    ).scalar_one()
+    if waiting >= MAX_PENDING:
+        raise RateLimited(f"too many enrollments wait for approval ({MAX_PENDING}): try again later")
+    existing = (
+        await tx.session.execute(
+            select(PendingEnrollment).where(PendingEnrollment.node_public_key == reg.node_public_key)
+        )
+    ).scalar_one_or_none()
+    if existing is not None:
+        await tx.session.delete(existing)
+        await tx.session.flush()
+    code = "".join(secrets.choice(CODE_ALPHABET) for _ in range(8))
+    code = f"{code[:4]}-{code[4:]}"
+    pending = PendingEnrollment(
+        code=code,
+        hostname=reg.hostname,
+        wg_public_key=reg.wg_public_key,
+        node_public_key=reg.node_public_key,
+        created_at=now,
+        expires_at=now + core.settings.enroll_code_lifetime,
+        node_id=None,
+    )
+    tx.session.add(pending)
+    await tx.audit(
+        "node",
+        "enrollment.requested",
+        f"code:{code}",
+        {"hostname": audit_hostname(reg.hostname), "node_public_key": reg.node_public_key},
+    )
+    return Pending(code, pending.expires_at)
 
 
 async def pending_public_key(core: Core, code: str) -> bytes:

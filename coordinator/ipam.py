@@ -101,7 +101,8 @@ class AddressPool:
         was removed: the cursor starts again at the lowest index after a restart, and peers' policy,
         firewall rules and hosts files may still name the old node by that address)."""
         usable = self.size - 2
-        if len(self.live | self.reserved) >= usable:
+        # counted without building the union: this runs per enrollment and `live` holds every node
+        if len(self.live) + sum(1 for r in self.reserved if r not in self.live) >= usable:
             raise IpamError(f"address pool {self.v4} is exhausted")
         held = {self.index_of(ip) for ip in avoid} | self.reserved
         for _ in range(usable):

@@ -81,6 +81,26 @@ async def _issue(tx: Tx, node: Node, now: float) -> str:
     return cert
 
 
+_HELD = "create_node.held"  #: session.info key: the quarantine and user names read once per transaction
+
+
+async def _held_names(tx: Tx, now: float) -> tuple[list[tuple[str, str | None]], set[str]]:
+    """The quarantined (name, ipv4) pairs, and every name a new node may not take as it is (quarantined,
+    users', reserved), read once per transaction: enrollments that share one (coordinator/groupcommit.py)
+    only add nodes, and nothing that writes quarantine or users shares a transaction with create_node."""
+    cached: tuple[list[tuple[str, str | None]], set[str]] | None = tx.session.info.get(_HELD)
+    if cached is not None:
+        return cached
+    s = tx.session
+    await s.execute(delete(Quarantine).where(Quarantine.until <= now))
+    held = [(name, ipv4) for name, ipv4 in (await s.execute(select(Quarantine.name, Quarantine.ipv4))).all()]
+    names = {name for name, _ in held}
+    names |= {u.lower() for u in (await s.execute(select(User.name))).scalars().all()}
+    names |= reserved_names(tx.core.settings.domain)
+    tx.session.info[_HELD] = (held, names)
+    return held, names
+
+
 async def create_node(
     tx: Tx,
     *,
@@ -105,17 +125,14 @@ async def create_node(
         raise Conflict("this WireGuard or node key is already enrolled")
     base = dns_label(hostname)
     now = time.time()
-    await s.execute(delete(Quarantine).where(Quarantine.until <= now))
     similar = or_(Node.name == base, Node.name.like(f"{base}-%"))
     taken = set((await s.execute(select(Node.name).where(similar))).scalars().all())
-    held = (await s.execute(select(Quarantine.name, Quarantine.ipv4))).all()
     # Names that would make the node look like someone else get a suffix, like a taken name: a removed
     # node's name still in quarantine (policy or peers' hosts files may still mean the old node), a user's
     # name (a node named "alice" is not user alice, but it would read as her machine), and reserved names
     # (localhost, wpad, gateway, the mesh domain's own labels...).
-    taken |= {name for name, _ in held}
-    taken |= {u.lower() for u in (await s.execute(select(User.name))).scalars().all()}
-    taken |= reserved_names(tx.core.settings.domain)
+    held, others = await _held_names(tx, now)
+    taken |= others
     name = unique_name(base, taken)
     try:
         ipv4, ipv6 = tx.core.pool.allocate(avoid=[ip for _, ip in held if ip is not None])

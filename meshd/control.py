@@ -294,13 +294,13 @@ class ControlClient:
 
     async def fetch_map(self, since: int | None = None, wait: float = 0.0) -> netmap.ServerMessage:
         """Long-poll fallback: the full map, or the delta since `since` (blocking up to `wait` s)."""
-        params: dict[str, Any] = {}
+        params: dict[str, Any] = {"proto": netmap.MAP_FORMAT}
         if since is not None:
             params["since"] = since
         if wait:
             params["wait"] = wait
         response = await self._request(
-            "GET", "/api/v1/map", signer=self._need_id(), params=params or None, request_timeout=wait + 30
+            "GET", "/api/v1/map", signer=self._need_id(), params=params, request_timeout=wait + 30
         )
         try:
             msg = netmap.decode_server_message(response.content)
@@ -326,7 +326,7 @@ class ControlClient:
     @asynccontextmanager
     async def stream(self, since: int | None = None) -> AsyncIterator[MapStream]:
         """Open the map WebSocket (signed handshake)."""
-        path = "/api/v1/stream" + (f"?since={since}" if since is not None else "")
+        path = f"/api/v1/stream?proto={netmap.MAP_FORMAT}" + (f"&since={since}" if since is not None else "")
         ws_url = "ws" + self.url[len("http") :] + path
         headers = signing.sign_request(self.keys.node_private, self._need_id(), "GET", path, b"", time.time())
         context = self._ssl if ws_url.startswith("wss") else None
@@ -396,6 +396,8 @@ class MapStream:
             code = exc.rcvd.code if exc.rcvd else 0
             raise ControlError(f"map stream closed: {reason}", code) from None
         try:
+            if isinstance(text, bytes):  # a long message, compressed (netmap.frame_server_message)
+                text = netmap.inflate_frame(text)
             msg = netmap.decode_server_message(text)
         except netmap.NetmapError as exc:
             raise ControlError(f"malformed stream message: {exc}") from None

@@ -59,6 +59,10 @@ async def long_poll(
     core: CoreDep,
     since: int | None = Query(default=None, ge=0),
     wait: float = Query(default=0.0, ge=0, le=120),
+    # required: a schema-valid request is a format-2 one (an older meshd sends none: 422 naming `proto`)
+    proto: int = Query(
+        ge=netmap.MAP_FORMAT, le=netmap.MAP_FORMAT, description="map format (netmap.MAP_FORMAT)"
+    ),
 ) -> Response:
     """The full map (no `since`, or too old) or the delta since `since`, waiting up to `wait` seconds.
 

@@ -1,6 +1,8 @@
 """The map stream: one WebSocket per node. Full map (or the missed delta) on connect, then deltas.
 
-Handshake: ``GET /api/v1/stream?since=V`` signed like every node request. The server sends
+Handshake: ``GET /api/v1/stream?proto=2&since=V`` signed like every node request; ``proto`` names the map
+format (netmap.MAP_FORMAT), and a stream without it is closed with OUTDATED (4426, "upgrade meshd").
+A long message (a full map) comes as a binary frame of its zlib-compressed text. The server sends
 ``map``/``delta``/``signal``/``error`` messages (maps and deltas signed for the node: meshd verifies
 them before use); the node sends ``endpoints`` and ``signal`` messages (format: meshd.proto.netmap).
 
@@ -43,6 +45,10 @@ SIGNAL_BURST = 40.0
 #: close code for a stream past the node's MAX_STREAMS_PER_NODE: 1013 "try again later" (RFC 6455), so meshd
 #: backs off and retries as after any network error, rather than 4403 which would make it think it was removed
 TOO_MANY_STREAMS = 1013
+#: why a stream that did not ask for this map format is closed (CloseCode.OUTDATED; meshd logs it)
+OUTDATED_REASON = f"meshd too old: this coordinator sends map format {netmap.MAP_FORMAT}; upgrade meshd"
+#: messages at least this long are compressed off the event loop (_send)
+COMPRESS_IN_THREAD_AT = 256 * 1024
 MAX_SIGNAL = 8192  #: bytes of the encoded signal message (docs/design.md §2.1: ≤ 8 KiB)
 #: per-sender signal buckets, per core (tests build several)
 _signal_buckets: weakref.WeakKeyDictionary[Core, TokenBuckets[int]] = weakref.WeakKeyDictionary()
@@ -89,6 +95,10 @@ async def stream(ws: WebSocket) -> None:
         return
     if node_id not in core.state.peers:
         await ws.close(code=CloseCode.REVOKED, reason="node removed or expired")
+        return
+    if ws.query_params.get("proto") != str(netmap.MAP_FORMAT):
+        await ws.accept()
+        await ws.close(code=CloseCode.OUTDATED, reason=OUTDATED_REASON)
         return
     since_text = ws.query_params.get("since")
     since = int(since_text) if since_text and since_text.isdigit() and len(since_text) < 19 else None
@@ -143,7 +153,7 @@ async def _send_first(ws: WebSocket, sub: Subscriber, state: MapState, pending: 
     first = state.full_map_message(node_id) if pending is None else state.delta_message(pending, node_id)
     sub.version = state.version
     sub.view = state.view_of(node_id)  # node-signed messages carry the node's view token
-    await ws.send_text(first)
+    await _send(ws, first)
     del first  # a full map can be megabytes: no reference once it is written
     writable = getattr(getattr(getattr(ws, "_send", None), "__self__", None), "writable", None)
     if isinstance(writable, asyncio.Event):
@@ -188,10 +198,24 @@ async def _send_loop(ws: WebSocket, sub: Subscriber) -> None:
                     sub.close("too slow: stream queue full", CloseCode.TOO_SLOW)
             else:
                 assert isinstance(item, str)
-                await ws.send_text(item)
+                await _send(ws, item)
         finally:
             sub.busy = False
         del item
+
+
+async def _send(ws: WebSocket, text: str) -> None:
+    """A server message as text, or compressed in a binary frame when long (netmap.frame_server_message).
+    A full map of thousands of peers is compressed in a worker thread: zlib releases the GIL, so the
+    event loop goes on fanning out deltas meanwhile (60 ms for 10,000 peers on this machine)."""
+    if len(text) >= COMPRESS_IN_THREAD_AT:
+        framed = await asyncio.to_thread(netmap.frame_server_message, text)
+    else:
+        framed = netmap.frame_server_message(text)
+    if isinstance(framed, bytes):
+        await ws.send_bytes(framed)
+    else:
+        await ws.send_text(framed)
 
 
 async def _receive_loop(ws: WebSocket, core: Core, node_id: int, sub: Subscriber) -> None:

@@ -56,9 +56,19 @@ def issue(payload: CertPayload, signing_key: bytes) -> str:
     key = SigningKey(signing_key)
     if payload.issuer != key_id(bytes(key.verify_key)):
         raise CertError("issuer does not match the signing key")
-    body = canonical_json(_to_json(payload))
-    signature = key.sign(body).signature
-    return f"{_b64u(body)}.{_b64u(signature)}"
+    signature = key.sign(payload_bytes(payload)).signature
+    return assemble(payload, signature)
+
+
+def payload_bytes(payload: CertPayload) -> bytes:
+    """The bytes a certificate's signature covers: the canonical JSON of `payload`."""
+    return canonical_json(_to_json(payload))
+
+
+def assemble(payload: CertPayload, signature: bytes) -> str:
+    """The wire form of a certificate from its payload and signature (a map carries the payload's
+    fields once, in the peer record, and only the signature and validity: meshd.proto.netmap)."""
+    return f"{_b64u(payload_bytes(payload))}.{_b64u(signature)}"
 
 
 def decode(cert: str) -> tuple[CertPayload, bytes, bytes]:

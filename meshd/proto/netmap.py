@@ -9,7 +9,11 @@ Least knowledge: a map carries no policy text (users, groups, host aliases, rule
 reaches a node only as the peers it may see and its own ``inbound`` rules (CIDRs and ports). A ``policy``
 field from an older coordinator is accepted and dropped on decode.
 
-Stream messages (one JSON object per WebSocket text message, or per long-poll response):
+Stream messages (one JSON object per WebSocket text message, or per long-poll response; on the stream a
+message of COMPRESS_AT characters or more comes as a binary frame of its zlib-compressed text instead:
+:func:`frame_server_message`, :func:`inflate_frame`). Peer records are map format 2 (:func:`peer_to_json`:
+one-letter keys, the certificate as signature and validity); meshd asks for the format with ``proto=2``
+in the stream and long-poll query, and the coordinator refuses a node that does not (CloseCode.OUTDATED).
 
 server -> node: ``{"type": "map", "map": {...}, "key": <key id>, "sig": <b64>}``,
 ``{"type": "delta", "delta": {...}, "key": <key id>, "sig": <b64>}``,
@@ -68,6 +72,7 @@ import hashlib
 import ipaddress
 import json
 import re
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -75,6 +80,7 @@ from typing import Any
 from nacl.exceptions import BadSignatureError, CryptoError
 from nacl.signing import SigningKey, VerifyKey
 
+from meshd.proto import cert
 from meshd.proto.cert import key_id
 from meshd.proto.encoding import b64decode, b64encode, canonical_json
 from meshd.proto.policy import ALLOW_ALL, InboundRule, RuleError, rules_from_json, rules_to_json
@@ -93,6 +99,7 @@ class CloseCode(enum.IntEnum):
     UNAUTHORIZED = 4401  #: the request was not authenticated
     REVOKED = 4403  #: the node was removed or expired: do not reconnect
     TOO_SLOW = 4408  #: the node did not keep up with its stream: reconnect with since=V
+    OUTDATED = 4426  #: the node did not ask for MAP_FORMAT (?proto=2): meshd is older than the coordinator
 
 
 #: ControlError statuses (HTTP or close code) after which meshd asks whether it was removed
@@ -135,9 +142,9 @@ class Peer:
     online: bool = False
     tags: tuple[str, ...] = ()
     #: approved prefixes this node routes for others (subnet router; 0.0.0.0/0 and ::/0: exit node);
-    #: JSON key ``routes`` only when non-empty, so a map without routes keeps its bytes (issue 17)
+    #: JSON key ``r`` only when non-empty, so a map without routes keeps its bytes (issue 17)
     routes: tuple[str, ...] = ()
-    #: the node's own netcheck facts (issue 15); JSON key ``nat`` only when known, so a map without
+    #: the node's own netcheck facts (issue 15); JSON key ``f`` only when known, so a map without
     #: them keeps its bytes. Only peers the recipient may see are in its map, so only their facts.
     nat: PeerNat | None = None
 
@@ -267,21 +274,97 @@ def apply(current: NetMap, delta: Delta) -> NetMap:
 # ---------------------------------------------------------------------------------------------- JSON codec
 
 
+#: The map wire format (issue 16). Format 2 spells a peer record with one-letter keys and carries its
+#: certificate as the signature and validity only (``c``, below); a stream or long poll asks for it with
+#: ``?proto=2`` and the coordinator refuses any other (meshd older than format 2: "upgrade meshd").
+MAP_FORMAT = 2
+#: a server message at least this long goes as a binary frame holding its zlib-compressed text
+#: (:func:`frame_server_message`): a full map is mostly JSON keys, addresses and base64 that deflate well
+COMPRESS_AT = 4096
+
+
 def peer_to_json(p: Peer) -> dict[str, Any]:
-    return {
-        "node_id": p.node_id,
-        "name": p.name,
-        "ips": list(p.ips),
-        "wg_public_key": p.wg_public_key,
-        "node_public_key": p.node_public_key,
-        "cert": p.cert,
-        "endpoints": list(p.endpoints),
-        "relay_home": p.relay_home,
-        "online": p.online,
-        "tags": list(p.tags),
-        **({"routes": list(p.routes)} if p.routes else {}),
-        **({"nat": nat_to_json(p.nat)} if p.nat is not None else {}),
+    """A peer record (format 2): ``i`` node id, ``n`` name, ``a`` addresses, ``w`` WireGuard key, ``k``
+    node key, ``c`` certificate, ``e`` endpoints, ``h`` relay home, ``o`` online, ``t`` tags, ``r`` routes
+    (the last five only when not empty/false), ``f`` the node's netcheck facts (issue 15, only when known).
+
+    ``c`` is ``[serial, not_before, not_after, issuer, signature]`` when the certificate's payload is
+    exactly what the record's own fields rebuild (meshd.proto.cert.assemble): the receiver reassembles
+    the certificate from them and verifies it as before, so the signature covers the record's name,
+    addresses, keys and tags. Any other certificate goes whole, as its string."""
+    out: dict[str, Any] = {
+        "i": p.node_id,
+        "n": p.name,
+        "a": list(p.ips),
+        "w": p.wg_public_key,
+        "k": p.node_public_key,
+        "c": _cert_to_json(p),
     }
+    if p.endpoints:
+        out["e"] = list(p.endpoints)
+    if p.relay_home is not None:
+        out["h"] = p.relay_home
+    if p.online:
+        out["o"] = True
+    if p.tags:
+        out["t"] = list(p.tags)
+    if p.routes:
+        out["r"] = list(p.routes)
+    if p.nat is not None:
+        out["f"] = nat_to_json(p.nat)
+    return out
+
+
+def _rebuilt(p: Peer, serial: int, not_before: int, not_after: int, issuer: str) -> cert.CertPayload:
+    return cert.CertPayload(
+        version=cert.CERT_VERSION,
+        serial=serial,
+        name=p.name,
+        node_id=p.node_id,
+        ips=p.ips,
+        wg_public_key=p.wg_public_key,
+        node_public_key=p.node_public_key,
+        tags=p.tags,
+        not_before=not_before,
+        not_after=not_after,
+        issuer=issuer,
+    )
+
+
+def _cert_to_json(p: Peer) -> list[Any] | str:
+    try:
+        payload, _, signature = cert.decode(p.cert)
+        rebuilt = _rebuilt(p, payload.serial, payload.not_before, payload.not_after, payload.issuer)
+        if cert.assemble(rebuilt, signature) == p.cert:
+            return [
+                payload.serial,
+                payload.not_before,
+                payload.not_after,
+                payload.issuer,
+                b64encode(signature),
+            ]
+    except (cert.CertError, ValueError):  # not a certificate we can take apart: it goes whole
+        pass
+    return p.cert
+
+
+def _cert_from_json(value: Any, p: Peer, where: str) -> str:
+    if isinstance(value, str):
+        return value
+    if not (isinstance(value, list) and len(value) == 5):
+        raise NetmapError(
+            f"{where}: field c must be a certificate or [serial, not_before, not_after, issuer, sig]"
+        )
+    serial, not_before, not_after, issuer, sig = value
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (serial, not_before, not_after)):
+        raise NetmapError(f"{where}: certificate serial and validity must be integers")
+    if not (isinstance(issuer, str) and len(issuer) == 16 and all(c in "0123456789abcdef" for c in issuer)):
+        raise NetmapError(f"{where}: certificate issuer must be a 16-digit hex key id")
+    try:
+        signature = b64decode(sig, length=64, what="certificate signature")
+        return cert.assemble(_rebuilt(p, serial, not_before, not_after, issuer), signature)
+    except (ValueError, UnicodeEncodeError, RecursionError) as exc:  # lone surrogates in a name or tag
+        raise NetmapError(f"{where}: {exc}") from None
 
 
 def nat_to_json(n: PeerNat) -> dict[str, Any]:
@@ -341,9 +424,7 @@ def delta_to_json(d: Delta) -> dict[str, Any]:
     if d.peers_removed:
         out["peers_removed"] = list(d.peers_removed)
     if d.endpoints_changed:
-        out["endpoints_changed"] = [
-            {"node_id": i, "endpoints": list(e), "online": o} for i, e, o in d.endpoints_changed
-        ]
+        out["endpoints_changed"] = [{"i": i, "e": list(e), "o": o} for i, e, o in d.endpoints_changed]
     if d.self_node is not None:
         out["self"] = peer_to_json(d.self_node)
     if d.relays is not None:
@@ -392,23 +473,29 @@ def _list(raw: dict[str, Any], key: str, where: str) -> list[Any]:
 
 def peer_from_json(raw: Any, where: str = "peer") -> Peer:
     o = _obj(raw, where)
-    relay = o.get("relay_home")
+    relay = o.get("h")
     if relay is not None and (not isinstance(relay, int) or isinstance(relay, bool)):
-        raise NetmapError(f"{where}: field relay_home must be int or null")
-    return Peer(
-        node_id=_get(o, "node_id", int, where),
-        name=_get(o, "name", str, where),
-        ips=_strs(o, "ips", where),
-        wg_public_key=_get(o, "wg_public_key", str, where),
-        node_public_key=_get(o, "node_public_key", str, where),
-        cert=_get(o, "cert", str, where),
-        endpoints=_map_candidates(_strs(o, "endpoints", where)),
+        raise NetmapError(f"{where}: field h (relay home) must be int")
+    online = o.get("o", False)
+    if not isinstance(online, bool):
+        raise NetmapError(f"{where}: field o (online) must be bool")
+    peer = Peer(
+        node_id=_get(o, "i", int, where),
+        name=_get(o, "n", str, where),
+        ips=_strs(o, "a", where),
+        wg_public_key=_get(o, "w", str, where),
+        node_public_key=_get(o, "k", str, where),
+        cert="",
+        endpoints=_map_candidates(_strs(o, "e", where)) if "e" in o else (),
         relay_home=relay,
-        online=_get(o, "online", bool, where),
-        tags=_strs(o, "tags", where),
+        online=online,
+        tags=_strs(o, "t", where) if "t" in o else (),
         routes=_routes(o, where),
-        nat=nat_from_json(o["nat"], where) if o.get("nat") is not None else None,
+        nat=nat_from_json(o["f"], where) if o.get("f") is not None else None,
     )
+    if "c" not in o:
+        raise NetmapError(f"{where}: missing field c")
+    return replace(peer, cert=_cert_from_json(o["c"], peer, where))
 
 
 MAX_ROUTES = 256  #: approved prefixes one peer may carry in a map
@@ -416,9 +503,9 @@ MAX_ROUTES = 256  #: approved prefixes one peer may carry in a map
 
 def _routes(o: dict[str, Any], where: str) -> tuple[str, ...]:
     """A peer's routed prefixes: canonical CIDRs (network address, no host bits), at most MAX_ROUTES."""
-    if "routes" not in o:
+    if "r" not in o:
         return ()
-    values = _strs(o, "routes", where, MAX_ROUTES)
+    values = _strs(o, "r", where, MAX_ROUTES)
     for v in values:
         try:
             net = ipaddress.ip_network(v, strict=True)
@@ -494,9 +581,9 @@ def delta_from_json(raw: Any) -> Delta:
         eo = _obj(e, "delta.endpoints_changed")
         endpoints.append(
             (
-                _get(eo, "node_id", int, "delta.endpoints_changed"),
-                _map_candidates(_strs(eo, "endpoints", "delta.endpoints_changed")),
-                _get(eo, "online", bool, "delta.endpoints_changed"),
+                _get(eo, "i", int, "delta.endpoints_changed"),
+                _map_candidates(_strs(eo, "e", "delta.endpoints_changed")),
+                _get(eo, "o", bool, "delta.endpoints_changed"),
             )
         )
     relays = _get(o, "relays", list, "delta", optional=True)
@@ -749,6 +836,34 @@ def encode_server_message(msg: ServerMessage) -> str:
     if isinstance(msg, SignalMessage):
         return json.dumps({"type": "signal", "from": msg.peer, "payload": msg.payload}, separators=(",", ":"))
     return json.dumps({"type": "error", "message": msg.message})
+
+
+def frame_server_message(text: str) -> str | bytes:
+    """What the stream sends for a server message: the text itself, or for a long one (a full map, a
+    delta after a policy change) a binary frame of its zlib-compressed UTF-8 (:func:`inflate_frame`).
+    Compression is per message, so the same bytes may go to any stream; nothing is negotiated per
+    connection (no permessage-deflate state per stream)."""
+    if len(text) < COMPRESS_AT:
+        return text
+    return zlib.compress(text.encode("utf-8"), 6)
+
+
+def inflate_frame(data: bytes, max_bytes: int = 256 * 1024 * 1024) -> str:
+    """The message text of a binary stream frame (:func:`frame_server_message`): NetmapError when it is
+    not one complete zlib stream of UTF-8 text of at most `max_bytes` (a bomb stops at the bound)."""
+    inflater = zlib.decompressobj()
+    try:
+        out = inflater.decompress(data, max_bytes + 1)
+    except zlib.error:
+        raise NetmapError("binary frame is not zlib data") from None
+    if len(out) > max_bytes or inflater.unconsumed_tail:
+        raise NetmapError("message too large")
+    if not inflater.eof or inflater.unused_data:
+        raise NetmapError("binary frame is not one complete zlib stream")
+    try:
+        return out.decode("utf-8")
+    except UnicodeDecodeError:
+        raise NetmapError("message is not UTF-8") from None
 
 
 def encode_client_message(msg: ClientMessage) -> str:

@@ -77,6 +77,6 @@ async def test_a_rename_is_encoded_once_and_the_same_bytes_reach_every_other_nod
         assert encoded == [others.pop()], "encoded once for the view, not once per stream"
         (own,) = texts[0]
         mine = json.loads(own)
-        assert "view" not in mine and mine["delta"]["self"]["name"] == "aa", "a's delta is signed for a"
+        assert "view" not in mine and mine["delta"]["self"]["n"] == "aa", "a's delta is signed for a"
     for c in clients:
         await c.aclose()

@@ -12,7 +12,7 @@ import pytest
 from coordinator.core import Core
 from meshd.control import ControlClient, ControlError, Enrollment, MapStream, NodeKeys
 from meshd.proto import cert as certfmt
-from meshd.proto import netmap
+from meshd.proto import netmap, signing
 from tests.coordinator.conftest import Coord
 from tests.eventually import EventuallyTimeout, eventually_async
 
@@ -229,3 +229,35 @@ async def test_full_maps_deltas_and_long_polls_are_signed_for_their_node(live: C
         await a.fetch_map(since=delta.delta.version + 1)
     await a.aclose()
     await b.aclose()
+
+
+async def test_a_meshd_older_than_map_format_2_is_told_to_upgrade(live: Coord) -> None:
+    """Format 2 (compact peers, issue 16) is negotiated: a stream or long poll without ?proto=2 (an older
+    meshd, which could not parse the records) is refused with a reason that says what to do."""
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
+
+    key = await live.user_and_key(reusable=True)
+    client = await enroll_live(live, "old", key)
+    assert client.node_id is not None
+    for path in ("/api/v1/stream", "/api/v1/stream?since=1", "/api/v1/stream?proto=1"):
+        headers = signing.sign_request(
+            client.keys.node_private, str(client.node_id), "GET", path, b"", time.time()
+        )
+        async with connect("ws" + live.url[4:] + path, additional_headers=headers, open_timeout=5) as ws:
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 5)
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == netmap.CloseCode.OUTDATED
+        assert "upgrade meshd" in closed.value.rcvd.reason and "map format 2" in closed.value.rcvd.reason
+    path = "/api/v1/map"
+    headers = signing.sign_request(
+        client.keys.node_private, str(client.node_id), "GET", path, b"", time.time()
+    )
+    r = await live.api.get(path, headers=headers)
+    assert r.status_code == 422 and "query.proto" in r.json()["detail"]
+    # positive control: this meshd asks for format 2 and gets its map, on the stream and by long poll
+    async with client.stream() as s:
+        assert (await s.next_map(within=5)).self_node.name == "old"
+    assert isinstance(await client.fetch_map(), netmap.MapMessage)
+    await client.aclose()

@@ -277,7 +277,7 @@ async def test_a_rewritten_delta_is_refused_logged_and_the_last_good_map_stays(
     assert len(refused) == 1, refused
     assert "signature" in refused[0] and "does not verify" in refused[0] and f"node {b.node_id}" in refused[0]
     # the reconnect after the refusal resumed from the last good map, not from the rewritten one
-    resumed = [p for p in proxy.paths if p.startswith("/api/v1/stream?since=")]
+    resumed = [p for p in proxy.paths if p.startswith("/api/v1/stream?proto=2&since=")]
     assert resumed and int(resumed[0].rsplit("=", 1)[1]) < final.version
 
 

@@ -103,9 +103,9 @@ def test_routed_rules_and_peer_routes_on_the_wire() -> None:
     assert not allows_everything((everything,))
     peer = netmap.Peer(1, "gw", ("100.64.0.1/32",), "k", "n", "c", routes=(LAN, "0.0.0.0/0"))
     assert netmap.peer_from_json(netmap.peer_to_json(peer)) == peer
-    assert "routes" not in netmap.peer_to_json(netmap.Peer(1, "gw", (), "k", "n", "c"))
+    assert "r" not in netmap.peer_to_json(netmap.Peer(1, "gw", (), "k", "n", "c"))
     for bad in (["10.1.0.1/24"], ["nonsense"], [7], "10.1.0.0/24"):
-        raw = netmap.peer_to_json(peer) | {"routes": bad}
+        raw = netmap.peer_to_json(peer) | {"r": bad}
         with pytest.raises(netmap.NetmapError):
             netmap.peer_from_json(raw)
 

@@ -1,4 +1,4 @@
-"""A peer's netcheck facts in the map (issue 15, ``nat``): compact, strict on values, additive."""
+"""A peer's netcheck facts in the map (issue 15, ``f``): compact, strict on values, additive."""
 
 from __future__ import annotations
 
@@ -42,9 +42,9 @@ def test_maps_and_deltas_with_facts_survive_the_codec(before: PeerNat | None, af
 
 
 def test_a_peer_without_facts_keeps_its_bytes_and_known_facts_are_compact() -> None:
-    assert "nat" not in netmap.peer_to_json(peer(1))
+    assert "f" not in netmap.peer_to_json(peer(1))
     doc = netmap.peer_to_json(peer(1, PeerNat(udp=True, mapping="EDM")))
-    assert doc["nat"] == {"udp": True, "mapping": "EDM"}  # unknown (portmap) left out
+    assert doc["f"] == {"udp": True, "mapping": "EDM"}  # unknown (portmap) left out
     public = netmap.peer_to_json(peer(1, PeerNat(udp=True, mapping="none")))
     assert netmap.peer_from_json(public).nat == PeerNat(True, "none", None)
 
@@ -70,11 +70,11 @@ def test_a_change_of_facts_reaches_peers_as_a_changed_peer() -> None:
     ],
 )
 def test_bad_facts_are_refused_with_netmap_error(nat: object) -> None:
-    doc = {**netmap.peer_to_json(peer(1)), "nat": nat}
+    doc = {**netmap.peer_to_json(peer(1)), "f": nat}
     with pytest.raises(NetmapError, match="nat"):
         netmap.peer_from_json(json.loads(json.dumps(doc)))
 
 
 def test_facts_a_later_coordinator_adds_are_ignored() -> None:
-    doc = {**netmap.peer_to_json(peer(1)), "nat": {"udp": True, "filtering": "APDF"}}
+    doc = {**netmap.peer_to_json(peer(1)), "f": {"udp": True, "filtering": "APDF"}}
     assert netmap.peer_from_json(doc) == replace(peer(1), nat=PeerNat(udp=True))
