@@ -125,7 +125,7 @@ async def test_a_dead_replicas_nodes_go_offline_on_the_survivor_within_the_bound
 async def test_a_clean_stop_takes_its_nodes_offline_at_once(
     live: Coord, settings: Settings, replica: tuple[Core, httpx.AsyncClient]
 ) -> None:
-    other, other_admin = replica
+    _, other_admin = replica
     a, _ = await live.enroll("a")
     async with a.stream() as sa:
         await sa.next_map(within=5)
@@ -144,7 +144,7 @@ async def test_a_clean_stop_takes_its_nodes_offline_at_once(
 async def test_a_signing_key_rotated_on_one_replica_is_used_by_the_other(
     live: Coord, replica: tuple[Core, httpx.AsyncClient]
 ) -> None:
-    other, other_admin = replica
+    other, _ = replica
     assert other.keys.active_seed == live.core.keys.active_seed
     r = await live.admin.post("/admin/signing-key/rotate", json={})
     assert r.status_code == 200, r.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import subprocess
@@ -145,7 +146,8 @@ async def test_rekey_reseals_every_secret_with_the_new_key(tmp_path: Path, db_ur
     await first.stop()
     env = {**os.environ, sharedsecrets.KEY_ENV: old_path.read_text().strip()}
     state = tmp_path / "cli"
-    r = subprocess.run(
+    r = await asyncio.to_thread(
+        subprocess.run,
         [
             str(BIN),
             "--state-dir",
@@ -173,7 +175,8 @@ async def test_rekey_reseals_every_secret_with_the_new_key(tmp_path: Path, db_ur
     finally:
         await again.stop()
     # rekey with a key that does not open them: one line, non-zero, nothing changed
-    r = subprocess.run(
+    r = await asyncio.to_thread(
+        subprocess.run,
         [
             str(BIN),
             "--state-dir",
