@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import weakref
@@ -111,7 +112,9 @@ async def stream(ws: WebSocket) -> None:
             async with _full_map_slots.setdefault(core, asyncio.Semaphore(FULL_MAP_SLOTS)):
                 await _send_first(ws, sub, state, None)
         else:
-            await _send_first(ws, sub, state, pending)
+            # the relay map always comes along: a node failing over from another replica (issue 16) holds
+            # that replica's relay map, whose embedded relay is gone with it
+            await _send_first(ws, sub, state, dataclasses.replace(pending, relays=True))
         sub.raw = raw_writer(ws)  # from now on shared frames may go straight to the socket
         core.metrics.connected.set(core.hub.connected)
         sender = asyncio.create_task(_send_loop(ws, sub))
