@@ -101,13 +101,19 @@ class Presence:
             result = await s.execute(update(Replica).where(Replica.id == self.id).values(last_seen=now))
             return bool(result.rowcount)  # type: ignore[attr-defined]
 
-    async def reap(self) -> None:
+    async def anyone_late(self) -> bool:
+        """A cheap read before the write lock is taken: is some replica's heartbeat older than the timeout?"""
+        async with self.core.sessions() as s:
+            now = await db_now(s)
+            late = await s.execute(select(Replica.id).where(Replica.last_seen < now - self.timeout).limit(1))
+            return late.first() is not None
+
+    async def reap(self, alive: bool = True) -> None:
         """Drop dead replicas' presence (their nodes go offline unless streaming elsewhere); re-register
-        when we were taken for dead ourselves."""
+        when we were taken for dead ourselves (`alive` False: our heartbeat found no row)."""
         from coordinator import nodes  # it imports coordinator.core
 
         core = self.core
-        alive = await self.beat()
         async with core.transaction() as tx:
             s = tx.session
             now = await db_now(s)
@@ -166,9 +172,25 @@ class Presence:
                     tx.on_commit(nodes.presence_applier(core, i, False))
 
     async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self.heartbeat)
-            try:
-                await self.reap()
-            except Exception:  # pragma: no cover - database away: the next beat retries
-                log.warning("replica heartbeat failed; retrying", exc_info=True)
+        """The heartbeat, every `heartbeat` seconds whatever else is going on: it takes no write lock (a
+        queue of writes behind it would make a busy replica look dead); the reaping after it takes the
+        lock only when some replica is late or our row was gone."""
+        reaping: asyncio.Task[None] | None = None
+        try:
+            while True:
+                await asyncio.sleep(self.heartbeat)
+                try:
+                    alive = await self.beat()
+                    if (reaping is None or reaping.done()) and (not alive or await self.anyone_late()):
+                        reaping = asyncio.create_task(self.reap(alive), name="replica-reaper")
+                        reaping.add_done_callback(_log_failure)
+                except Exception:  # pragma: no cover - database away: the next beat retries
+                    log.warning("replica heartbeat failed; retrying", exc_info=True)
+        finally:
+            if reaping is not None:
+                reaping.cancel()
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("reaping dead replicas failed; the next heartbeat retries", exc_info=task.exception())
