@@ -10,11 +10,11 @@ import httpx
 import pytest
 
 from coordinator import sharedsecrets
-from coordinator.app import create_admin_app
 from coordinator.core import Core
 from coordinator.settings import Settings
 from meshd.control import Enrollment
 from tests.coordinator.conftest import Coord
+from tests.coordinator.test_replicas import started
 from tests.eventually import eventually_async
 
 pytestmark = pytest.mark.postgres
@@ -54,14 +54,8 @@ async def replica(settings: Settings, live: Coord) -> AsyncIterator[tuple[Core, 
             secrets_key_file=settings.secrets_key_file,
         )
     )
-    await core.start()
-    try:
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=create_admin_app(core)), base_url="http://replica"
-        ) as admin:
-            yield core, admin
-    finally:
-        await core.stop()
+    async with started(core) as pair:
+        yield pair
 
 
 async def online(admin: httpx.AsyncClient, name: str) -> bool:

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from coordinator import sharedsecrets
 from coordinator.core import Core
+from coordinator.db.models import SharedSecret
 from coordinator.settings import Settings
 from coordinator.sharedsecrets import AtRestKey, SecretsError
 from tests.coordinator.test_cli import BIN, cli
@@ -78,15 +79,20 @@ def test_the_key_comes_from_the_file_or_else_the_environment(tmp_path: Path) -> 
 
 
 # ------------------------------------------------------------------------------- start, in sequence
-async def test_the_first_replica_shares_its_secrets_and_the_next_takes_them(
-    tmp_path: Path, db_url: str
-) -> None:
-    key = key_file(tmp_path)
+async def run_first(tmp_path: Path, db_url: str, key: Path) -> tuple[Core, dict[str, SharedSecret]]:
+    """The first replica started (it seals its secrets) and stopped; the rows it left."""
     first = replica(tmp_path, db_url, "one", key)
     await first.start()
     await first.stop()
     async with first.sessions() as s:
-        rows = await sharedsecrets.read_rows(s)
+        return first, await sharedsecrets.read_rows(s)
+
+
+async def test_the_first_replica_shares_its_secrets_and_the_next_takes_them(
+    tmp_path: Path, db_url: str
+) -> None:
+    key = key_file(tmp_path)
+    first, rows = await run_first(tmp_path, db_url, key)
     assert set(rows) == set(sharedsecrets.FILES)
     signing = (tmp_path / "one" / "signing_key").read_text().strip()
     assert all(signing not in r.sealed for r in rows.values())  # sealed at rest, not stored as text
@@ -104,11 +110,8 @@ async def test_a_missing_wrong_or_conflicting_key_is_refused_never_replaced(
     tmp_path: Path, db_url: str
 ) -> None:
     key = key_file(tmp_path)
-    first = replica(tmp_path, db_url, "one", key)
-    await first.start()
-    await first.stop()
-    async with first.sessions() as s:
-        before = {n: r.sealed for n, r in (await sharedsecrets.read_rows(s)).items()}
+    first, rows = await run_first(tmp_path, db_url, key)
+    before = {n: r.sealed for n, r in rows.items()}
     with pytest.raises(SecretsError, match="give --secrets-key-file FILE or \\$COORDINATOR_SECRETS_KEY"):
         await replica(tmp_path, db_url, "nokey", None).start()
     wrong = sharedsecrets.key_from(key_file(tmp_path, "wrong.key"))
@@ -146,24 +149,7 @@ async def test_rekey_reseals_every_secret_with_the_new_key(tmp_path: Path, db_ur
     await first.stop()
     env = {**os.environ, sharedsecrets.KEY_ENV: old_path.read_text().strip()}
     state = tmp_path / "cli"
-    r = await asyncio.to_thread(
-        subprocess.run,
-        [
-            str(BIN),
-            "--state-dir",
-            str(state),
-            "secrets",
-            "rekey",
-            "--database",
-            db_url,
-            "--new-key-file",
-            str(new_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
+    r = await rekey(state, db_url, new_path, env)
     assert r.returncode == 0, r.stderr
     assert "re-sealed 4 shared secret(s)" in r.stdout
     with pytest.raises(SecretsError, match="is not the one"):
@@ -175,25 +161,27 @@ async def test_rekey_reseals_every_secret_with_the_new_key(tmp_path: Path, db_ur
     finally:
         await again.stop()
     # rekey with a key that does not open them: one line, non-zero, nothing changed
-    r = await asyncio.to_thread(
-        subprocess.run,
-        [
-            str(BIN),
-            "--state-dir",
-            str(state),
-            "secrets",
-            "rekey",
-            "--database",
-            db_url,
-            "--new-key-file",
-            str(old_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
+    r = await rekey(state, db_url, old_path, env)
     assert r.returncode != 0 and r.stderr.count("\n") == 1 and "is not the one" in r.stderr, r.stderr
+
+
+async def rekey(
+    state: Path, db_url: str, new_key: Path, env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    """`coordinator secrets rekey` (the current key from `env`)."""
+    args = [
+        "--state-dir",
+        str(state),
+        "secrets",
+        "rekey",
+        "--database",
+        db_url,
+        "--new-key-file",
+        str(new_key),
+    ]
+    return await asyncio.to_thread(
+        subprocess.run, [str(BIN), *args], capture_output=True, text=True, timeout=60, env=env
+    )
 
 
 def test_new_key_writes_a_private_key_file_once(tmp_path: Path) -> None:
