@@ -36,6 +36,9 @@ log = logging.getLogger("coordinator")
 
 PG_WRITE_LOCK = 0x6D657368 + 1  #: cluster-wide advisory lock serialising writers across replicas
 NOTIFY_CHANNEL = "coordinator_map"
+#: call-me-maybe signals for a node streaming to another replica: "NODE_ID TEXT" (the encoded message)
+SIGNAL_CHANNEL = "coordinator_signal"
+SIGNAL_NOTIFY_MAX = 7900  #: PostgreSQL's NOTIFY payload limit is 8000 bytes
 
 
 class Metrics:
@@ -390,6 +393,25 @@ class Core:
         self.hub.notify(self.hub.delay_for({r.kind for r in rows}))
         return True
 
+    async def forward_signal(self, node_id: int, text_: str) -> bool:
+        """Hand a signal to the other replicas (the one `node_id` streams to sends it); False when it is
+        too large for a notification or the database is away."""
+        payload = f"{node_id} {text_}"
+        if len(payload.encode()) > SIGNAL_NOTIFY_MAX:
+            return False
+        try:
+            async with self.sessions() as s, s.begin():
+                await s.execute(text("SELECT pg_notify(:c, :v)"), {"c": SIGNAL_CHANNEL, "v": payload})
+        except Exception as exc:  # the sender gets "not connected", as for a peer that is gone
+            log.warning("cannot forward a signal to the other replicas: %s", exc)
+            return False
+        return True
+
+    def _deliver_signal(self, payload: str) -> None:
+        node, _, message = payload.partition(" ")
+        if node.isdigit():
+            self.hub.send_to(int(node), message)  # not ours: another replica holds that stream
+
     async def _listen(self) -> None:
         """Wake up on other replicas' NOTIFY (and poll every few seconds in case one was missed)."""
         import asyncpg
@@ -409,6 +431,7 @@ class Core:
                         port=url.port,
                     )
                     await conn.add_listener(NOTIFY_CHANNEL, lambda *_: woken.set())
+                    await conn.add_listener(SIGNAL_CHANNEL, lambda *a: self._deliver_signal(str(a[-1])))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(woken.wait(), 5.0)
                 woken.clear()

@@ -75,9 +75,17 @@ async def handle_client_message(core: Core, node_id: int, msg: netmap.ClientMess
     if msg.peer == node_id or msg.peer not in core.state.peers or (seen is not None and msg.peer not in seen):
         return netmap.encode_server_message(netmap.ErrorMessage(f"signal: unknown peer {msg.peer}"))
     forwarded = netmap.encode_server_message(netmap.SignalMessage(node_id, msg.payload))
-    if not core.hub.send_to(msg.peer, forwarded):
-        return netmap.encode_server_message(netmap.ErrorMessage(f"signal: peer {msg.peer} is not connected"))
-    return None
+    if core.hub.send_to(msg.peer, forwarded):
+        return None
+    peer = core.state.peers.get(msg.peer)
+    if (
+        core.presence is not None
+        and peer is not None
+        and peer.online
+        and await core.forward_signal(msg.peer, forwarded)
+    ):
+        return None  # the peer streams to another replica (issue 16): it delivers
+    return netmap.encode_server_message(netmap.ErrorMessage(f"signal: peer {msg.peer} is not connected"))
 
 
 @router.websocket("/api/v1/stream")

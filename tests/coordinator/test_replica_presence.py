@@ -12,9 +12,11 @@ import pytest
 from coordinator import sharedsecrets
 from coordinator.core import Core
 from coordinator.settings import Settings
-from meshd.control import Enrollment
-from tests.coordinator.conftest import Coord
+from meshd.control import ControlClient, Enrollment, NodeKeys
+from meshd.proto import netmap
+from tests.coordinator.conftest import Coord, served
 from tests.coordinator.test_replicas import started
+from tests.coordinator.test_stream import next_message, next_signal
 from tests.eventually import eventually_async
 
 pytestmark = pytest.mark.postgres
@@ -161,3 +163,34 @@ async def test_a_signing_key_rotated_on_one_replica_is_used_by_the_other(
         assert third.keys.active_id == new_id and third.keys.trusted == live.core.keys.trusted
     finally:
         await third.stop()
+
+
+async def test_a_signal_reaches_a_peer_streaming_to_the_other_replica(
+    live: Coord, replica: tuple[Core, httpx.AsyncClient]
+) -> None:
+    other, _ = replica
+    key = await live.user_and_key(reusable=True)
+    a, _ = await live.enroll("a", key)
+    async with served(other, other.settings) as url2:
+        b = ControlClient(url2, NodeKeys.generate())
+        enrolled = await b.register("b", auth_key=key)
+        assert isinstance(enrolled, Enrollment) and a.node_id is not None
+        live_a = ControlClient(live.url, a.keys, a.node_id)
+        async with live_a.stream() as sa, b.stream() as sb:
+            await sa.next_map(within=5)
+            await sb.next_map(within=5)
+            await eventually_async(
+                lambda: (p := live.core.state.peers.get(enrolled.node_id)) is not None and p.online,
+                within=5,
+                what="b online on replica 1",
+            )
+            await sa.send_signal(enrolled.node_id, {"kind": "call-me-maybe", "candidates": ["6.0.0.2:41641"]})
+            signal = await next_signal(sb, 2.0)
+            assert signal.peer == a.node_id and signal.payload["kind"] == "call-me-maybe"
+            # too large for a database notification: the sender hears so, nothing is cut
+            await sa.send_signal(enrolled.node_id, {"pad": "x" * 7950})
+            error = await next_message(sa, netmap.ErrorMessage, 2.0)
+            assert "not connected" in error.message
+        await live_a.aclose()
+        await b.aclose()
+    await a.aclose()
