@@ -20,6 +20,7 @@ import base64
 import binascii
 import hashlib
 import json
+import logging
 import os
 import time
 from collections.abc import Mapping
@@ -35,6 +36,8 @@ from coordinator import certs
 from coordinator.db.models import SharedSecret
 from coordinator.errors import CoordinatorError
 from coordinator.relay import secret as relay_secret
+
+log = logging.getLogger("coordinator")
 
 KEY_ENV = "COORDINATOR_SECRETS_KEY"
 #: secret name -> its file in the state dir. An absent file is stored as "" (and "" removes the file).
@@ -186,6 +189,12 @@ async def sync(session: AsyncSession, state_dir: Path, key: AtRestKey | None) ->
         raise SecretsError(
             f"{state_dir / 'signing_key'} is not the shared signing key in the database: move it away to use "
             "the shared one (nodes trust the shared key), or restore the database"
+        )
+    local_relay = _read_file(state_dir, "relay_secret").strip()
+    if local_relay and local_relay != values["relay_secret"].strip():
+        # serve made one before the database was read (a new replica), or it was this replica's own
+        log.info(
+            "relay.secret replaced by the shared one: standalone relays use %s", state_dir / "relay.secret"
         )
     write_all(state_dir, values)
     return True

@@ -180,7 +180,7 @@ async def rekey(
         str(new_key),
     ]
     return await asyncio.to_thread(
-        subprocess.run, [str(BIN), *args], capture_output=True, text=True, timeout=60, env=env
+        subprocess.run, [str(BIN), *args], capture_output=True, text=True, timeout=120, env=env
     )
 
 
@@ -210,6 +210,6 @@ def test_serve_with_a_malformed_key_fails_in_one_line(tmp_path: Path) -> None:
         ],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=120,
     )
     assert r.returncode != 0 and r.stderr.count("\n") == 1 and "32 bytes of base64" in r.stderr, r.stderr
