@@ -13,6 +13,12 @@ Everything is bounded: --max-seconds for the whole run, per-phase timeouts, N <=
 
     .venv/bin/python benchmarks/coordinator_scale.py --nodes 1000
     .venv/bin/python benchmarks/coordinator_scale.py --nodes 10000 --max-seconds 1500
+    .venv/bin/python benchmarks/coordinator_scale.py --nodes 1000 --replicas 2 --postgres   # needs root
+
+`--replicas 2 --postgres` (issue 16): the same measurements against two replicas on a throw-away
+PostgreSQL (tests/coordinator/pg.py: fsync off) sharing their secrets (`--secrets-key-file`); node i
+enrolls and streams to replica i mod 2, changes are made on replica 0 (so half the nodes hear them
+through the other replica), the restart storm restarts every replica, RSS and CPU are replica 0's.
 
 Simulated nodes keep the raw text of the full map (they do not build dataclasses for thousands of peers:
 that is the daemon's cost, not the coordinator's); one node in 100 decodes every delta with
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -148,8 +155,8 @@ async def enroll_all(url: str, key: str, nodes: list[SimNode], concurrency: int)
     for item in enumerate(nodes):
         queue.put_nowait(item)
 
-    async def worker() -> None:
-        async with ControlClient(url, NodeKeys.generate()) as client:
+    async def worker(w: int) -> None:
+        async with ControlClient(url_for(url, w), NodeKeys.generate()) as client:
             while not queue.empty():
                 i, n = queue.get_nowait()
                 client.keys = n.keys
@@ -165,7 +172,7 @@ async def enroll_all(url: str, key: str, nodes: list[SimNode], concurrency: int)
                 n.node_id, n.name = result.node_id, result.name
 
     start = time.monotonic()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
     return time.monotonic() - start
 
 
@@ -252,9 +259,10 @@ async def hold_stream(
 class Servers:
     """The coordinator process (`coordinator serve` on a fixed loopback port and state dir), restartable."""
 
-    def __init__(self, state: Path, port: int, log: IO[str]) -> None:
+    def __init__(self, state: Path, port: int, log: IO[str], extra: tuple[str, ...] = ()) -> None:
         self.cmd = [
-            str(BIN), "serve", "--listen", f"127.0.0.1:{port}", "--state-dir", str(state), "--stun-port", "0"
+            str(BIN), "serve", "--listen", f"127.0.0.1:{port}", "--state-dir", str(state), "--stun-port", "0",
+            *extra,
         ]  # fmt: skip
         self.log = log
         self.current = self._start()
@@ -273,6 +281,34 @@ class Servers:
     def restart(self) -> None:
         self.stop()
         self.current = self._start()
+
+
+URLS: list[str] = []  #: --replicas: every replica's URL; node i uses URLS[i % len(URLS)]
+
+
+def url_for(url: str, i: int) -> str:
+    return URLS[i % len(URLS)] if URLS else url
+
+
+class ReplicaSet(Servers):
+    """--replicas N: N `coordinator serve` on one database; `current` is replica 0 (admin, figures)."""
+
+    def __init__(self, servers: list[Servers]) -> None:
+        self.replicas = servers
+        self.log = servers[0].log
+        self.current = servers[0].current
+
+    def stop(self) -> None:
+        for r in self.replicas:
+            r.current.send_signal(signal.SIGTERM)  # all at once, then wait for each
+        for r in self.replicas:
+            r.stop()
+
+    def restart(self) -> None:
+        self.stop()
+        for r in self.replicas:
+            r.current = r._start()
+        self.current = self.replicas[0].current
 
 
 async def restart_storm(
@@ -356,7 +392,7 @@ async def main_async(args: argparse.Namespace, servers: Servers, state: Path, ur
             ready = asyncio.Event()
             since = None if i < args.full_maps else latest["version"]
             async with sem:
-                task = asyncio.create_task(run_stream(url, n, ready, stop, since))
+                task = asyncio.create_task(run_stream(url_for(url, i), n, ready, stop, since))
                 tasks.append(task)
                 waiter = asyncio.ensure_future(ready.wait())
                 await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
@@ -456,9 +492,15 @@ def main() -> None:
         help="restart the coordinator under all streams and wait this long for them all to be back "
         "(0: no restart)",
     )
+    parser.add_argument(
+        "--replicas", type=int, default=1, help="coordinator replicas (2 or more: --postgres)"
+    )
+    parser.add_argument("--postgres", action="store_true", help="a throw-away PostgreSQL (needs root)")
     args = parser.parse_args()
     if not 1 <= args.nodes <= 20000:
         parser.error("--nodes must be between 1 and 20000")
+    if not 1 <= args.replicas <= 4 or (args.replicas > 1 and not args.postgres):
+        parser.error("--replicas must be 1 to 4, and more than 1 needs --postgres")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # clean up the server on SIGTERM too
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = min(hard, args.nodes * 2 + 1024)
@@ -470,11 +512,39 @@ def main() -> None:
         port = s.getsockname()[1]
     log = open(state.with_suffix(".log"), "w+")  # noqa: SIM115 - closed below
     MESH_SIZE[0] = args.nodes
-    servers = Servers(state, port, log)
+    results: dict[str, object] = {}
+    pg = contextlib.ExitStack()
+    if args.postgres:
+        from tests.coordinator import pg as pgtest
+
+        if not pgtest.available():
+            parser.error("--postgres needs root and Debian's postgresql package")
+        key = state.with_suffix(".key")
+        key.write_text(base64.b64encode(os.urandom(32)).decode())
+        db = pgtest.create_database(pg.enter_context(pgtest.postgres_server()))
+        extra: tuple[str, ...] = ("--database", db)
+        extra += ("--secrets-key-file", str(key))
+        replicas = [Servers(state, port, log, extra)]
+        for r in range(1, args.replicas):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                other = s.getsockname()[1]
+            replicas.append(Servers(Path(f"{state}-r{r}"), other, log, extra))
+            URLS.append(f"http://127.0.0.1:{other}")
+        if URLS:
+            URLS.insert(0, f"http://127.0.0.1:{port}")
+        servers: Servers = ReplicaSet(replicas)
+        results["replicas"] = args.replicas
+    else:
+        servers = Servers(state, port, log)
     try:
-        results = asyncio.run(main_async(args, servers, state, f"http://127.0.0.1:{port}"))
+        results.update(asyncio.run(main_async(args, servers, state, f"http://127.0.0.1:{port}")))
     finally:
         servers.stop()
+        pg.close()
+        for extra_state in Path(state).parent.glob(f"{state.name}-r*"):
+            shutil.rmtree(extra_state, ignore_errors=True)
+        state.with_suffix(".key").unlink(missing_ok=True)
         log.seek(0)
         lines = log.read().splitlines()
         errors = [line for line in lines if "Traceback" in line or "ERROR" in line or "Error" in line]

@@ -18,7 +18,7 @@ import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -30,6 +30,9 @@ from coordinator.errors import CoordinatorError
 from coordinator.settings import DEFAULT_STATE_DIR, load_settings, parse_duration
 from meshd.clikit import fail, options, run
 from meshd.logfmt import EscapingFormatter
+
+if TYPE_CHECKING:
+    from coordinator import sharedsecrets
 
 app = typer.Typer(
     help="coordinator: the mesh VPN control plane",
@@ -194,6 +197,13 @@ def serve(
         typer.Option("--ephemeral-timeout", help="Remove ephemeral nodes offline this long (default 3m)."),
     ] = None,
     config: Annotated[Path | None, typer.Option("--config", help="TOML settings file.")] = None,
+    secrets_key_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--secrets-key-file",
+            help="Key sealing the secrets replicas share in the database (else $COORDINATOR_SECRETS_KEY).",
+        ),
+    ] = None,
 ) -> None:
     """Run the coordinator server (foreground)."""
     from coordinator.server import serve as run_server
@@ -218,6 +228,7 @@ def serve(
         "audit_ip_prefix": audit_ip_prefix,
         "state_dir": state_dir or (given.state_dir if given.state_dir_given else None),
         "ephemeral_timeout": ephemeral_timeout,
+        "secrets_key_file": secrets_key_file,
     }
     settings = load_settings(flags, config_file=config)
     _setup_logging()
@@ -662,6 +673,81 @@ def tokens_revoke(ctx: typer.Context, token_id: Annotated[int, typer.Argument(me
     """Revoke a token: it is refused from now on, and its dashboard sessions end."""
     _admin(ctx, "DELETE", f"/admin/tokens/{token_id}")
     out.print(f"revoked token {token_id}")
+
+
+secrets_app = typer.Typer(
+    help="The at-rest key of the secrets replicas share in the database.", no_args_is_help=True
+)
+app.add_typer(secrets_app, name="secrets")
+
+
+@secrets_app.command("new-key")
+def secrets_new_key(
+    file: Annotated[Path, typer.Argument(help="Where to write the key (mode 0600; must not exist).")],
+) -> None:
+    """Make an at-rest key for --secrets-key-file (or its text for $COORDINATOR_SECRETS_KEY)."""
+    from coordinator import sharedsecrets
+
+    try:
+        fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        fail(f"cannot create {file}: {exc.strerror}")
+    with os.fdopen(fd, "w") as f:
+        f.write(sharedsecrets.new_key_text() + "\n")
+    out.print(f"wrote a new secrets key to {file}; give the same file to every replica")
+
+
+@secrets_app.command("rekey")
+def secrets_rekey(
+    ctx: typer.Context,
+    new_key_file: Annotated[
+        Path, typer.Option("--new-key-file", help="The key to re-seal the secrets with.")
+    ],
+    database: Annotated[
+        str | None, typer.Option(help="SQLAlchemy URL (default SQLite in the state dir).")
+    ] = None,
+    secrets_key_file: Annotated[
+        Path | None,
+        typer.Option("--secrets-key-file", help="The current key (else $COORDINATOR_SECRETS_KEY)."),
+    ] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="TOML settings file.")] = None,
+) -> None:
+    """Re-seal the shared secrets with a new at-rest key (one transaction), then restart the replicas
+    one by one with the new key."""
+    from coordinator import sharedsecrets
+
+    given = options(ctx, Globals)
+    flags = {
+        "database": database,
+        "secrets_key_file": secrets_key_file,
+        "state_dir": given.state_dir if given.state_dir_given else None,
+    }
+    settings = load_settings(flags, config_file=config)
+    old = sharedsecrets.key_from(settings.secrets_key_file)
+    if old is None:
+        fail("give the current key: --secrets-key-file FILE or $COORDINATOR_SECRETS_KEY")
+    new = sharedsecrets.key_from(new_key_file)
+    assert new is not None
+    count = asyncio.run(_rekey(settings.database_url, old, new))
+    out.print(f"re-sealed {count} shared secret(s) with key {new.id}; restart each replica with the new key")
+
+
+async def _rekey(url: str, old: sharedsecrets.AtRestKey, new: sharedsecrets.AtRestKey) -> int:
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    from coordinator import core, sharedsecrets
+    from coordinator.db.engine import make_engine, migrate
+
+    engine = make_engine(url)
+    try:
+        await migrate(engine)
+        async with AsyncSession(engine) as session, session.begin():
+            if engine.dialect.name == "postgresql":  # not while a replica rotates the signing key
+                await session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": core.PG_WRITE_LOCK})
+            return await sharedsecrets.rekey(session, old, new)
+    finally:
+        await engine.dispose()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,20 +21,24 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from sqlalchemy import delete, func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from coordinator import acting, audit, auditexport, certs
+from coordinator import acting, audit, auditexport, certs, sharedsecrets
 from coordinator.db.engine import make_engine, migrate
 from coordinator.db.models import MapChange, Meta, Node, User
 from coordinator.hub import Hub
 from coordinator.ipam import AddressPool, random_ula48
 from coordinator.mapstate import Change, MapState
+from coordinator.presence import Presence
 from coordinator.settings import Settings, prepare_state_dir
 from meshd.proto.encoding import b64decode
 from meshd.proto.netmap import Peer, RelayRegion
 
 log = logging.getLogger("coordinator")
 
-_PG_WRITE_LOCK = 0x6D657368 + 1  #: cluster-wide advisory lock serialising writers across replicas
+PG_WRITE_LOCK = 0x6D657368 + 1  #: cluster-wide advisory lock serialising writers across replicas
 NOTIFY_CHANNEL = "coordinator_map"
+#: call-me-maybe signals for a node streaming to another replica: "NODE_ID TEXT" (the encoded message)
+SIGNAL_CHANNEL = "coordinator_signal"
+SIGNAL_NOTIFY_MAX = 7900  #: PostgreSQL's NOTIFY payload limit is 8000 bytes
 
 
 class Metrics:
@@ -132,6 +136,12 @@ class Core:
             auditexport.parse_ip_prefix(settings.audit_ip_prefix) if settings.audit_ip_prefix else None
         )
         self._retention: asyncio.Task[None] | None = None
+        #: replicas (issue 16): the at-rest key of the shared secrets (coordinator/sharedsecrets.py), and
+        #: this replica's heartbeat and node presence on PostgreSQL (coordinator/presence.py)
+        self.secrets_key = sharedsecrets.key_from(settings.secrets_key_file)
+        self.secrets_shared = False
+        self.presence: Presence | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
 
     def _count_pushes(self, n: int) -> None:
         self.metrics.pushes.inc(n)
@@ -141,9 +151,19 @@ class Core:
         prepare_state_dir(self.settings.state_dir)
         await migrate(self.engine)
         self.audit_export = auditexport.AuditExport(self.settings.audit_syslog, self.settings.audit_jsonl)
+        async with self.transaction() as tx:  # before the keys are read: they may come from the database
+            self.secrets_shared = await sharedsecrets.sync(
+                tx.session, self.settings.state_dir, self.secrets_key
+            )
         self.keys = certs.load_or_create(self.settings.state_dir)
+        if self.is_postgres:
+            self.presence = Presence(self)
         async with self.transaction() as tx:
             s = tx.session
+            online: set[int] = set()
+            if self.presence is not None:
+                await self.presence.register(s)
+                online = await self.presence.online_among(s)  # nodes streaming to the other replicas
             ula = await s.get(Meta, "ula48")
             if ula is None:
                 ula = Meta(key="ula48", value=random_ula48())
@@ -178,7 +198,7 @@ class Core:
                 self.pool.mark(node.ipv4)
                 self.node_keys[node.id] = (b64decode(node.node_public_key), node.expired)
                 if not node.expired:
-                    self.state.put_peer(peer_of(node))
+                    self.state.put_peer(peer_of(node, online=node.id in online))
             tx.change("restart")  # streams from before this start get a full map
             signed = await audit.checkpoint(s, self.keys.active_seed)  # also anchors a trail from before them
             if signed is not None:
@@ -198,16 +218,30 @@ class Core:
         self._started = True
         if self.is_postgres:
             self._listener = asyncio.create_task(self._listen(), name="replica-sync")
+        if self.presence is not None:
+            self._heartbeat = asyncio.create_task(self.presence.run(), name="replica-heartbeat")
         log.info("coordinator started: map version %d, %d nodes", self.state.version, len(self.state.peers))
 
     async def stop(self) -> None:
-        for task in (self._janitor, self._listener, self._retention, self._reaper, *self.held_writes):
+        for task in (
+            self._janitor,
+            self._listener,
+            self._retention,
+            self._reaper,
+            self._heartbeat,
+            *self.held_writes,
+        ):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        self._janitor = self._listener = self._retention = self._reaper = None
+        self._janitor = self._listener = self._retention = self._reaper = self._heartbeat = None
         await self.hub.stop()
+        if self.presence is not None and self._started:
+            try:  # our nodes go offline now (or stay online on the replica they reconnect to)
+                await self.presence.leave()
+            except Exception:  # the database may be gone; the other replicas reap us after the timeout
+                log.warning("could not drop this replica's presence at stop", exc_info=True)
         if self._started:
             self._started = False
             try:
@@ -232,6 +266,13 @@ class Core:
                     await tx.session.execute(delete(MapChange).where(MapChange.version < floor))
             except Exception:  # pragma: no cover - retried next minute
                 log.exception("clean-up failed")
+
+    async def share_secrets(self, tx: Tx) -> None:
+        """The signing key files changed (rotation): seal them into the database for the other replicas."""
+        if self.secrets_shared and self.secrets_key is not None:
+            names = ("signing_key", "trusted_keys", "endorsements")
+            await sharedsecrets.store(tx.session, self.settings.state_dir, self.secrets_key, names)
+            tx.change("secrets")
 
     async def checkpoint_audit(self) -> int | None:
         """Sign the audit chain's current head (done at start and stop); returns its record id."""
@@ -262,7 +303,7 @@ class Core:
             try:
                 async with session.begin():
                     if self.is_postgres:
-                        await session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_WRITE_LOCK})
+                        await session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": PG_WRITE_LOCK})
                         if self._started:
                             await self._catch_up(session)
                     yield tx
@@ -325,6 +366,13 @@ class Core:
             from coordinator import dnsrecords
 
             self.state.dns_records = await dnsrecords.load(session)
+        if any(r.kind == "secrets" for r in rows) and self.secrets_key is not None:
+            # another replica rotated the signing key: take the shared one before signing anything more
+            sharedsecrets.write_all(
+                self.settings.state_dir, await sharedsecrets.unseal_all(session, self.secrets_key)
+            )
+            self.keys = certs.load_or_create(self.settings.state_dir)
+        online = await self.presence.online_among(session, ids) if self.presence is not None else set()
         for r in rows:  # another replica's restart does not invalidate our streams' versions
             self.state.record(Change(r.version, "noop" if r.kind == "restart" else r.kind, r.node_id))
         for i in ids:
@@ -332,7 +380,8 @@ class Core:
             if node is not None and not node.expired:
                 self.pool.mark(node.ipv4)
                 self.node_keys[i] = (b64decode(node.node_public_key), False)
-                self.state.put_peer(peer_of(node, online=bool(old and old.online)))
+                home = old.relay_home if old is not None else 1
+                self.state.put_peer(peer_of(node, online=node.id in online, relay_home=home))
                 continue
             if node is None:
                 self.node_keys.pop(i, None)
@@ -346,6 +395,25 @@ class Core:
         self.metrics.version.set(self.state.version)
         self.hub.notify(self.hub.delay_for({r.kind for r in rows}))
         return True
+
+    async def forward_signal(self, node_id: int, text_: str) -> bool:
+        """Hand a signal to the other replicas (the one `node_id` streams to sends it); False when it is
+        too large for a notification or the database is away."""
+        payload = f"{node_id} {text_}"
+        if len(payload.encode()) > SIGNAL_NOTIFY_MAX:
+            return False
+        try:
+            async with self.sessions() as s, s.begin():
+                await s.execute(text("SELECT pg_notify(:c, :v)"), {"c": SIGNAL_CHANNEL, "v": payload})
+        except Exception as exc:  # the sender gets "not connected", as for a peer that is gone
+            log.warning("cannot forward a signal to the other replicas: %s", exc)
+            return False
+        return True
+
+    def _deliver_signal(self, payload: str) -> None:
+        node, _, message = payload.partition(" ")
+        if node.isdigit():
+            self.hub.send_to(int(node), message)  # not ours: another replica holds that stream
 
     async def _listen(self) -> None:
         """Wake up on other replicas' NOTIFY (and poll every few seconds in case one was missed)."""
@@ -366,6 +434,7 @@ class Core:
                         port=url.port,
                     )
                     await conn.add_listener(NOTIFY_CHANNEL, lambda *_: woken.set())
+                    await conn.add_listener(SIGNAL_CHANNEL, lambda *a: self._deliver_signal(str(a[-1])))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(woken.wait(), 5.0)
                 woken.clear()

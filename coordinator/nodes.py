@@ -6,6 +6,7 @@ import json
 import logging
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import delete, or_, select
@@ -420,9 +421,24 @@ async def _write_endpoints(
     peer = core.state.peers.get(node_id)
     if peer is None:
         return
-    if (endpoints is None or endpoints == peer.endpoints) and (online is None or online == peer.online):
+    # replicas (coordinator/presence.py): this replica's stream count always goes to the database; the
+    # node is online while it streams to any replica
+    shared = online is not None and core.presence is not None
+    if (
+        not shared
+        and (endpoints is None or endpoints == peer.endpoints)
+        and (online is None or online == peer.online)
+    ):
         return
     async with core.transaction() as tx:
+        if shared:
+            assert core.presence is not None and online is not None
+            online = await core.presence.set_local(tx.session, node_id, online)
+            peer = core.state.peers.get(node_id)  # the transaction caught up with other replicas
+            if peer is None:
+                return
+            if (endpoints is None or endpoints == peer.endpoints) and online == peer.online:
+                return  # the presence row alone changed: commits, nothing to tell peers
         if endpoints is not None and endpoints != peer.endpoints:
             node = await tx.session.get(Node, node_id)
             if node is None:
@@ -436,6 +452,15 @@ async def _write_endpoints(
             core.state.set_endpoints(node_id, endpoints, online)
 
         tx.on_commit(commit)
+
+
+def presence_applier(core: Core, node_id: int, online: bool) -> Callable[[], None]:
+    """The in-memory effect of a committed presence change (coordinator/presence.py)."""
+
+    def apply() -> None:
+        core.state.set_endpoints(node_id, None, online)
+
+    return apply
 
 
 async def get_policy(core: Core) -> str:

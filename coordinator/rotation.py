@@ -110,6 +110,7 @@ async def rotate_signing_key(core: Core, overlap: float | None, actor: str) -> S
     async with core.transaction() as tx:
         previous = core.keys
         core.keys = certs.rotate(core.settings.state_dir, previous, overlap, now)
+        await core.share_secrets(tx)  # replicas (issue 16): the other replicas take the new key
         # on a failed commit the new key stays active: certificates are re-issued at renewal anyway
         rows = (await tx.session.execute(select(Node).where(Node.expired.is_(False)))).scalars().all()
         for node in rows:

@@ -77,6 +77,9 @@ class Settings:
     audit_retention: float = 0.0
     #: "V4BITS/V6BITS": IP addresses in audit details are truncated to these networks; None keeps them whole
     audit_ip_prefix: str | None = None
+    #: the key sealing the secrets replicas share in the database (coordinator/sharedsecrets.py); without
+    #: it, $COORDINATOR_SECRETS_KEY; without both, the secrets stay files in the state dir
+    secrets_key_file: Path | None = None
 
     @property
     def database_url(self) -> str:
@@ -163,6 +166,7 @@ _CONVERT: dict[str, Any] = {
     "listen_ipv6": lambda v: str(v) or None,
     "audit_syslog": lambda v: str(v) or None,
     "audit_jsonl": Path,
+    "secrets_key_file": Path,
     "audit_retention": lambda v: 0.0 if str(v).strip() in ("0", "0s", "0d", "0.0") else parse_duration(v),
     "audit_ip_prefix": lambda v: str(v) or None,
     "quarantine": lambda v: 0.0 if str(v).strip() in ("0", "0s", "0.0") else parse_duration(v),

@@ -69,7 +69,10 @@ def _call(
 def up(
     ctx: typer.Context,
     coordinator: Annotated[
-        str | None, typer.Option(help="coordinator URL, e.g. http://10.0.0.1:8080")
+        str | None,
+        typer.Option(
+            help="coordinator URL, e.g. http://10.0.0.1:8080; replicas: several, comma-separated (fail-over)"
+        ),
     ] = None,
     auth_key: Annotated[
         str | None, typer.Option(help="pre-auth key (or env MESHD_AUTH_KEY)", envvar="MESHD_AUTH_KEY")

@@ -121,11 +121,15 @@ class ControlClient:
         timeout: float = 30.0,
         verify: bool | str | ssl.SSLContext = True,
         map_keys: MapKeys | None = None,
+        fallbacks: tuple[str, ...] = (),
     ) -> None:
         """`verify`: True (system CAs), False, a CA bundle path, or an SSLContext. `map_keys`: where the
         keys that maps must be signed with come from; None takes maps unverified (tests and tools only:
-        meshd's Credentials always sets it)."""
+        meshd's Credentials always sets it). `fallbacks`: more URLs of the same coordinator (replicas on
+        one database), taken in turn by :meth:`fail_over`."""
         self.url = url.rstrip("/")
+        #: every URL of the coordinator, the one in use first at start (issue 16: replicas)
+        self.urls = tuple(dict.fromkeys((self.url, *(u.rstrip("/") for u in fallbacks))))
         self.keys = keys
         self.node_id = node_id
         self.map_keys = map_keys
@@ -137,6 +141,15 @@ class ControlClient:
             self._ssl.check_hostname = False
             self._ssl.verify_mode = ssl.CERT_NONE
         self._http = httpx.AsyncClient(base_url=self.url, transport=transport, timeout=timeout, verify=verify)
+
+    def fail_over(self) -> bool:
+        """Use the next of :attr:`urls` from now on (every later request and stream); False when there is
+        only one."""
+        if len(self.urls) < 2:
+            return False
+        self.url = self.urls[(self.urls.index(self.url) + 1) % len(self.urls)]
+        self._http.base_url = httpx.URL(self.url)
+        return True
 
     @property
     def ssl_context(self) -> ssl.SSLContext | None:

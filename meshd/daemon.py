@@ -63,6 +63,11 @@ PENDING_KEY_WAIT = 5.0  #: at start, how long to ask the coordinator about an in
 LEAVE_WITHIN = 1.0  #: on `meshd down`, how long to wait for the coordinator to hear we leave
 
 
+def coordinator_urls(text: str) -> tuple[str, ...]:
+    """``--coordinator`` (or the saved URL): one URL or several, comma-separated, without trailing /."""
+    return tuple(dict.fromkeys(u.strip().rstrip("/") for u in text.split(",") if u.strip()))
+
+
 class DaemonError(Exception):
     """A failure the user must act on; the message says what to do (printed as one line)."""
 
@@ -211,7 +216,8 @@ class Daemon:
         if creds.state.enrollment is None:
             hostname = self.opts.hostname or default_hostname()
             try:
-                await creds.enroll(creds.client.url, hostname, self.opts.auth_key, self.opts.approval_wait)
+                urls = ",".join(creds.client.urls)  # all of them are saved: the next start fails over too
+                await creds.enroll(urls, hostname, self.opts.auth_key, self.opts.approval_wait)
             except CredentialError as e:
                 raise DaemonError(str(e)) from None
         if creds.state.pending_wg_private is not None:  # a rotation was cut short: settle it first
@@ -251,18 +257,20 @@ class Daemon:
         except StateError as e:
             raise DaemonError(str(e)) from None
         saved = state.coordinator_url
-        url = (self.opts.coordinator or saved or "").rstrip("/")
-        if not url:
+        # several URLs, comma-separated: replicas of one coordinator, failed over between (issue 16)
+        urls = coordinator_urls(self.opts.coordinator or saved or "")
+        if not urls:
             raise DaemonError("no coordinator: give --coordinator URL (e.g. http://coord.example:8080)")
-        if not url.startswith(("http://", "https://")):
-            raise DaemonError(f"coordinator URL {url!r} must start with http:// or https://")
-        if saved and state.enrolled and saved.rstrip("/") != url:
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise DaemonError(f"coordinator URL {url!r} must start with http:// or https://")
+        if saved and state.enrolled and not set(coordinator_urls(saved)) & set(urls):
             raise DaemonError(
-                f"this node is enrolled with {saved}, not {url}; "
+                f"this node is enrolled with {saved}, not {','.join(urls)}; "
                 f"use --state-dir for another mesh or move {self.store.state_file} away to re-enroll"
             )
         node_id = state.enrollment.node_id if state.enrollment else None
-        self._client = ControlClient(url, state.keys, node_id)
+        self._client = ControlClient(urls[0], state.keys, node_id, fallbacks=urls[1:])
         return Credentials(self.store, state, self._client, clock=self.clock)
 
     def kind(self) -> str:
@@ -359,7 +367,7 @@ class Daemon:
         self.tasks.start("renew", lambda: creds.renew_loop(lambda: applier.map), **kw)
         self.tasks.start("watch", lambda: localnet.watch(self.opts.interface, self._local_changed), **kw)
         client = self._client
-        self.routes.control_url = client.url
+        self.routes.control_url = ",".join(client.urls)
         self.tasks.start("advertise", lambda: self.routes.advertise_loop(client), **kw)
         # no give-up: a coordinator that refuses path reports must not stop the mesh (issue 18)
         self.tasks.start("pathreport", lambda: pathreport.report_loop(self))

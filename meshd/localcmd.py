@@ -120,7 +120,10 @@ class LocalCommands:
                 ),
             ),
             coordinator=st.CoordinatorStatus(
-                url=self.d.creds.state.coordinator_url or "",
+                # the URL in use (of several: replicas, issue 16)
+                url=self.d._client.url
+                if self.d._client is not None
+                else self.d.creds.state.coordinator_url or "",
                 connected=self.d.session is not None and self.d.session.connected,
             ),
             peers=peers,

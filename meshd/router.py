@@ -113,7 +113,7 @@ class RouteService:
     async def _keep(self) -> tuple[str, ...]:
         """The coordinator's and relays' addresses (they stay on the normal path)."""
         out: list[str] = []
-        for url in (self.control_url, *self._relay_urls):
+        for url in (*self.control_url.split(","), *self._relay_urls):  # several: replicas (issue 16)
             host = urlsplit(url).hostname or ""
             if not host:
                 continue

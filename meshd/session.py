@@ -40,6 +40,10 @@ SPREAD_AFTER = frozenset({netmap.CloseCode.RESTART, 1013})
 #: most RESTART_RETRY_MAX (not RECONNECT_MAX), so nodes are not still asleep for 30 s once it is up
 RESTART_ATTEMPTS = 20
 RESTART_RETRY_MAX = 3.0
+#: several coordinator URLs (replicas, issue 16): after a failure the next URL is tried, waiting at most
+#: this long, until every URL was tried once since the stream last worked; then the usual backoff. A
+#: replica that dies is left within RECONNECT_MIN * 1.5 (its TCP connection is reset), well within 5 s.
+FAILOVER_WAIT = 1.0
 
 
 class Backoff:
@@ -113,6 +117,7 @@ class ControlSession:
     async def run(self) -> None:
         """Hold the stream until cancelled or revoked."""
         backoff = Backoff()
+        tried = 0  #: URLs tried since the stream last worked
         while True:
             self._opened = False
             status: int | None = None
@@ -132,7 +137,15 @@ class ControlSession:
             except WgError as e:  # applying a map failed: resuming from the last applied version retries it
                 log.error("wireguard: %s", e)
             current = self.current_map()
-            await asyncio.sleep(backoff.next(status, len(current.peers) + 1 if current else 1))
+            wait = backoff.next(status, len(current.peers) + 1 if current else 1)
+            tried = 1 if self._opened else tried + 1
+            if status not in netmap.REFUSED and tried < len(self.client.urls) and self.client.fail_over():
+                wait = min(wait, FAILOVER_WAIT)  # another replica: no reason to wait for this one
+                log.info("trying the coordinator at %s next", self.client.url)
+            elif tried >= len(self.client.urls):
+                tried = 0  # a full round failed: the usual backoff, then the next round
+                self.client.fail_over()
+            await asyncio.sleep(wait)
 
     async def _hold(self) -> None:
         current = self.current_map()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import weakref
@@ -80,9 +81,17 @@ async def handle_client_message(core: Core, node_id: int, msg: netmap.ClientMess
     if msg.peer == node_id or msg.peer not in core.state.peers or (seen is not None and msg.peer not in seen):
         return netmap.encode_server_message(netmap.ErrorMessage(f"signal: unknown peer {msg.peer}"))
     forwarded = netmap.encode_server_message(netmap.SignalMessage(node_id, msg.payload))
-    if not core.hub.send_to(msg.peer, forwarded):
-        return netmap.encode_server_message(netmap.ErrorMessage(f"signal: peer {msg.peer} is not connected"))
-    return None
+    if core.hub.send_to(msg.peer, forwarded):
+        return None
+    peer = core.state.peers.get(msg.peer)
+    if (
+        core.presence is not None
+        and peer is not None
+        and peer.online
+        and await core.forward_signal(msg.peer, forwarded)
+    ):
+        return None  # the peer streams to another replica (issue 16): it delivers
+    return netmap.encode_server_message(netmap.ErrorMessage(f"signal: peer {msg.peer} is not connected"))
 
 
 @router.websocket("/api/v1/stream")
@@ -121,7 +130,9 @@ async def stream(ws: WebSocket) -> None:
             async with _full_map_slots.setdefault(core, asyncio.Semaphore(FULL_MAP_SLOTS)):
                 await _send_first(ws, sub, state, None)
         else:
-            await _send_first(ws, sub, state, pending)
+            # the relay map always comes along: a node failing over from another replica (issue 16) holds
+            # that replica's relay map, whose embedded relay is gone with it
+            await _send_first(ws, sub, state, dataclasses.replace(pending, relays=True))
         sub.raw = raw_writer(ws)  # from now on shared frames may go straight to the socket
         core.metrics.connected.set(core.hub.connected)
         sender = asyncio.create_task(_send_loop(ws, sub))

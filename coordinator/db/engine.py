@@ -9,12 +9,13 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 DB_FILE_MODE = 0o600
+MIGRATION_LOCK = 0x6D657368 + 2  #: PostgreSQL advisory lock held while migrating (issue 16: replicas)
 
 
 def make_engine(url: str) -> AsyncEngine:
@@ -76,4 +77,6 @@ async def migrate(engine: AsyncEngine) -> None:
     """Bring the schema to the newest revision (idempotent); a SQLite file is made private first."""
     secure_sqlite_file(engine.url.render_as_string(hide_password=False))
     async with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":  # replicas starting together migrate one after the other
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK})
         await conn.run_sync(_upgrade)

@@ -179,3 +179,34 @@ class AdminToken(Base):
     expires_at: Mapped[float] = mapped_column(Float)
     revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     last_used_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class SharedSecret(Base):
+    """A secret every replica must agree on (signing key, relay secret, ...: coordinator/sharedsecrets.py),
+    sealed (NaCl SecretBox, base64) with the at-rest key whose id `key_id` names (migration 0009)."""
+
+    __tablename__ = "shared_secrets"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(32))
+    sealed: Mapped[str] = mapped_column(Text)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class Replica(Base):
+    """A running coordinator replica; `last_seen` is its heartbeat in the database's clock
+    (coordinator/presence.py). A replica not seen for presence.REPLICA_TIMEOUT is dead."""
+
+    __tablename__ = "replicas"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(255))
+    started_at: Mapped[float] = mapped_column(Float)
+    last_seen: Mapped[float] = mapped_column(Float, index=True)
+
+
+class NodePresence(Base):
+    """Node `node_id` holds a map stream on replica `replica_id`: it is online while any such row exists."""
+
+    __tablename__ = "node_presence"
+    node_id: Mapped[int] = mapped_column(ForeignKey("nodes.id", ondelete="CASCADE"), primary_key=True)
+    replica_id: Mapped[str] = mapped_column(ForeignKey("replicas.id", ondelete="CASCADE"), primary_key=True)
+    since: Mapped[float] = mapped_column(Float)

@@ -94,21 +94,27 @@ async def coord(core: Core, settings: Settings) -> AsyncIterator[Coord]:
 @pytest.fixture
 async def live(coord: Coord, settings: Settings) -> AsyncIterator[Coord]:
     """The same coordinator also served by uvicorn on a random loopback port (for WebSocket tests)."""
+    async with served(coord.core, settings) as url:
+        yield Coord(coord.core, coord.api, coord.admin, coord.transport, url)
+
+
+@contextlib.asynccontextmanager
+async def served(core: Core, settings: Settings) -> AsyncIterator[str]:
+    """`core`'s node API served by uvicorn on a random loopback port; yields its URL."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # TCP_NODELAY on accept
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     server = uvicorn.Server(
-        uvicorn.Config(create_app(settings, core=coord.core), log_level="warning", lifespan="off")
+        uvicorn.Config(create_app(settings, core=core), log_level="warning", lifespan="off")
     )
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         await eventually_async(lambda: server.started, within=5, what="uvicorn serves the live coordinator")
-        url = f"http://127.0.0.1:{port}"
-        yield Coord(coord.core, coord.api, coord.admin, coord.transport, url)
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
-        await coord.core.hub.stop()
+        await core.hub.stop()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(task, 10)
         sock.close()

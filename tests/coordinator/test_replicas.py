@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import httpx
 import pytest
@@ -36,6 +37,13 @@ async def replica(settings: Settings, live: Coord) -> AsyncIterator[tuple[Core, 
     state.mkdir()
     shutil.copy(settings.state_dir / "signing_key", state / "signing_key")
     core = Core(Settings(state_dir=state, database=settings.database, coalesce=0.02, listen="127.0.0.1:0"))
+    async with started(core) as pair:
+        yield pair
+
+
+@asynccontextmanager
+async def started(core: Core) -> AsyncIterator[tuple[Core, httpx.AsyncClient]]:
+    """`core` started, with an admin API client; stopped at the end."""
     await core.start()
     try:
         async with httpx.AsyncClient(

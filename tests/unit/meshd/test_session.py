@@ -65,6 +65,37 @@ class FakeClient:
         if self.fetch_error is not None:
             raise self.fetch_error
 
+    urls: tuple[str, ...] = ("http://coordinator",)
+    url = "http://coordinator"
+
+    def fail_over(self) -> bool:
+        return False
+
+
+class Replicas(FakeClient):
+    """Several coordinator URLs (replicas, issue 16): each has its own script of streams."""
+
+    def __init__(self, scripts: dict[str, list[FakeStream | ControlError]]) -> None:
+        super().__init__([])
+        self.scripts = scripts
+        self.urls = tuple(scripts)
+        self.url = self.urls[0]
+        self.tried: list[tuple[str, float]] = []  #: (URL, loop time) of every stream attempt
+
+    @asynccontextmanager
+    async def stream(self, since: int | None = None) -> AsyncIterator[FakeStream]:
+        self.since.append(since)
+        self.tried.append((self.url, asyncio.get_running_loop().time()))
+        script = self.scripts[self.url]
+        nxt = script.pop(0) if script else ControlError(f"cannot reach {self.url}", 0)
+        if isinstance(nxt, ControlError):
+            raise nxt
+        yield nxt
+
+    def fail_over(self) -> bool:
+        self.url = self.urls[(self.urls.index(self.url) + 1) % len(self.urls)]
+        return True
+
 
 @pytest.fixture(autouse=True)
 def fast_reconnect(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -183,3 +214,55 @@ async def test_a_refused_map_keeps_the_last_good_one_and_backs_off(
     assert [m.rsplit("retrying in ", 1)[1] for m in refused] == ["0.1 s", "0.2 s", "0.4 s", "0.8 s"], (
         "refusals back off although the stream opened"
     )
+
+
+async def test_a_dead_replica_is_left_for_the_next_url_at_once_resuming_with_since(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(session_mod, "RECONNECT_MIN", 0.5)  # the real first delay
+    died = ControlError("map stream closed: connection lost", 1006)
+    client = Replicas(
+        {
+            "http://r1": [FakeStream([netmap.MapMessage(a_map(3)), died])],
+            "http://r2": [FakeStream([netmap.MapMessage(a_map(4))])],
+        }
+    )
+    applied: list[netmap.NetMap] = []
+    task = asyncio.create_task(make(client, applied).run())
+    await eventually_async(lambda: [m.version for m in applied] == [3, 4], within=3.0)
+    assert [u for u, _ in client.tried] == ["http://r1", "http://r2"]
+    assert client.since == [None, 3]  # resumed: only what was missed
+    assert client.tried[1][1] - client.tried[0][1] <= session_mod.FAILOVER_WAIT + 0.2
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_when_every_replica_fails_each_is_tried_in_turn_with_the_usual_backoff_between_rounds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(session_mod, "RECONNECT_MIN", 0.2)
+    client = Replicas({"http://r1": [], "http://r2": [], "http://r3": []})
+    task = asyncio.create_task(make(client, []).run())
+    await eventually_async(lambda: len(client.tried) >= 5, within=10.0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert [u for u, _ in client.tried[:5]] == [
+        "http://r1",
+        "http://r2",
+        "http://r3",
+        "http://r1",
+        "http://r2",
+    ]
+    gaps = [b - a for (_, a), (_, b) in zip(client.tried, client.tried[1:], strict=False)]
+    assert max(gaps[:2]) <= session_mod.FAILOVER_WAIT + 0.2  # within a round: the next replica soon
+    assert gaps[2] >= 0.8 * 0.5 - 0.05  # after a round: the backoff (0.8 s +-50 %)
+
+
+async def test_a_refused_stream_is_not_taken_elsewhere() -> None:
+    client = Replicas({"http://r1": [ControlError("stream refused: HTTP 403", 403)], "http://r2": []})
+    client.fetch_error = ControlError("coordinator said 403", 403)
+    revoked: list[str] = []
+    await asyncio.wait_for(make(client, [], revoked=revoked).run(), 3)
+    assert [u for u, _ in client.tried] == ["http://r1"] and revoked
