@@ -3,16 +3,25 @@
 
 Starts a real `coordinator serve` (SQLite, temp state dir, random loopback port), then in this process:
 
-1. enrolls N nodes with a reusable pre-auth key (proof of possession, real crypto) -> enrollment rate;
-2. opens N signed map WebSockets and waits until every node has its full map -> connect time;
+1. seeds N - K nodes straight into the database through the coordinator's own store code
+   (coordinator.nodes.create_node, real keys and certificates) before the server starts, then enrolls
+   the other K (--enroll-sample) through the real API with a reusable pre-auth key (proof of possession,
+   real crypto) -> enrollment rate, measured on the sample;
+2. opens N signed map WebSockets and waits until every node has its first map -> connect time;
 3. makes admin changes (`nodes rename` over the admin socket) and records, per node, when the delta
    naming the change arrives -> p50/p99/max from the admin call to the node, and to the LAST node;
 4. samples the coordinator's RSS and CPU time from /proc.
 
 Everything is bounded: --max-seconds for the whole run, per-phase timeouts, N <= 20000.
 
+The simulated nodes are cheap so that the coordinator, not the simulator, is what is measured: one
+process, each stream a bare asyncio protocol speaking just enough RFC 6455 (a signed upgrade request,
+unmasked server frames, masked pongs and close replies) with no per-message task switch; each node
+connects from its own loopback address group (127.0.x.y, 50 nodes per address) as nodes on many hosts
+would. The JSON reports the simulator's own CPU seconds per phase next to the coordinator's.
+
     .venv/bin/python benchmarks/coordinator_scale.py --nodes 1000
-    .venv/bin/python benchmarks/coordinator_scale.py --nodes 10000 --max-seconds 1500
+    .venv/bin/python benchmarks/coordinator_scale.py --nodes 10000 --full-maps 200 --max-seconds 1500
 
 Simulated nodes keep the raw text of the full map (they do not build dataclasses for thousands of peers:
 that is the daemon's cost, not the coordinator's); one node in 100 decodes every delta with
@@ -24,9 +33,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -46,6 +57,7 @@ from coordinator.adminclient import AdminClient
 from meshd import session
 from meshd.control import ControlClient, ControlError, Enrollment, NodeKeys
 from meshd.proto import netmap, signing
+from meshd.proto.encoding import b64encode
 
 BIN = Path(sys.executable).parent / "coordinator"
 
@@ -65,14 +77,15 @@ class SimNode:
     resumed_with_map: int = 0  #: resumptions (since=V) answered with a full map
 
 
-def version_of(text: str) -> int:
+_DIGITS = re.compile(rb"\d+")
+
+
+def version_of(data: bytes) -> int:
     """The version a map or delta message brings: its body's last "version" key (canonical JSON sorts the
     keys; "from_version" does not match, and no peer record has a "version" key)."""
-    at = text.rfind('"version":') + len('"version":')
-    end = at
-    while text[end].isdigit():
-        end += 1
-    return int(text[at:end])
+    found = _DIGITS.match(data, data.rfind(b'"version":') + len(b'"version":'))
+    assert found is not None, data[:60]
+    return int(found.group())
 
 
 RETRIES: list[str] = []  #: enrollment requests that got no answer in time and were tried again
@@ -141,6 +154,46 @@ def pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
+async def seed_nodes(state: Path, nodes: list[SimNode], user: str, batch: int = 250) -> float:
+    """Enroll `nodes` straight into the database of the coordinator about to serve `state`, through its
+    own store code (coordinator.nodes.create_node: names, addresses, certificates, audit records, map
+    change log) and with the nodes' real public keys: what enrollment commits, without the HTTP round
+    trips and proof-of-possession checks that the enrolled sample measures."""
+    from coordinator.core import Core
+    from coordinator.identity import create_user
+    from coordinator.nodes import create_node
+    from coordinator.settings import Settings
+
+    start = time.monotonic()
+    core = Core(Settings(state_dir=state, stun_port=0))
+    await core.start()
+    try:
+        user_id = (await create_user(core, user, "admin")).id
+        for first in range(0, len(nodes), batch):
+            async with core.transaction() as tx:
+                for i, n in enumerate(nodes[first : first + batch], first):
+                    done = await create_node(
+                        tx,
+                        hostname=f"sim{i}",
+                        wg_public_key=b64encode(n.keys.wg_public),
+                        node_public_key=b64encode(n.keys.node_public),
+                        user_id=user_id,
+                        tags=(),
+                        actor=f"user:{user}",
+                        how="benchmark seed",
+                    )
+                    n.node_id, n.name = done.node_id, done.name
+    finally:
+        await core.stop()
+    return time.monotonic() - start
+
+
+def cpu_self() -> float:
+    """CPU seconds (user + system) this simulator process used so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 async def enroll_all(url: str, key: str, nodes: list[SimNode], concurrency: int) -> float:
     """`concurrency` workers, each one HTTP client reused for many nodes (only the keys change)."""
     queue: asyncio.Queue[tuple[int, SimNode]] = asyncio.Queue()
@@ -154,7 +207,7 @@ async def enroll_all(url: str, key: str, nodes: list[SimNode], concurrency: int)
                 client.keys = n.keys
                 for attempt in range(3):  # a request that timed out on the loaded machine is tried again
                     try:
-                        result = await client.register(f"sim{i}", auth_key=key)
+                        result = await client.register(f"enrolled{i}", auth_key=key)
                         break
                     except ControlError as e:
                         if attempt == 2 or e.status:
@@ -168,81 +221,201 @@ async def enroll_all(url: str, key: str, nodes: list[SimNode], concurrency: int)
     return time.monotonic() - start
 
 
+class HandshakeError(Exception):
+    """The coordinator answered the upgrade request with an HTTP status other than 101."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
+
+
+def source_address(i: int) -> str:
+    """Node i's loopback source address: 50 nodes per address, as nodes behind a few NATs would be (the
+    coordinator caps unauthenticated connections per source address)."""
+    group = i // 50
+    return f"127.0.{1 + group // 250}.{2 + group % 250}"
+
+
+class LightStream(asyncio.Protocol):
+    """One node's map stream, as little client work per message as the protocol allows.
+
+    Speaks the client side of RFC 6455 for one upgrade: sends the signed request, reads the 101 answer,
+    then parses unmasked server frames in `data_received` and handles each message inline (no queue, no
+    task switch). Pings are answered with masked pongs and a close frame with a close reply."""
+
+    def __init__(self, n: SimNode, since: int | None) -> None:
+        loop = asyncio.get_running_loop()
+        self.n = n
+        self.since = since
+        self.first: asyncio.Future[None] = loop.create_future()
+        self.closed: asyncio.Future[int | None] = loop.create_future()
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.upgraded = False
+        self.parts: list[bytes] = []  #: fragments of a message sent in several frames
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.first.done():
+            self.first.set_exception(ConnectionError("closed before the first map"))
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        if not self.upgraded:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            status = int(bytes(buf[9:12]))
+            del buf[: end + 4]
+            if status != 101:
+                self.first.set_exception(HandshakeError(status))
+                assert self.transport is not None
+                self.transport.close()
+                return
+            self.upgraded = True
+        pos = 0
+        size = len(buf)
+        while size - pos >= 2:
+            b0, b1 = buf[pos], buf[pos + 1]
+            length = b1 & 0x7F
+            head = 2
+            if length == 126:
+                if size - pos < 4:
+                    break
+                length = int.from_bytes(buf[pos + 2 : pos + 4], "big")
+                head = 4
+            elif length == 127:
+                if size - pos < 10:
+                    break
+                length = int.from_bytes(buf[pos + 2 : pos + 10], "big")
+                head = 10
+            if size - pos < head + length:
+                break
+            payload = bytes(buf[pos + head : pos + head + length])
+            pos += head + length
+            self.frame(b0 & 0x0F, bool(b0 & 0x80), payload)
+        del buf[:pos]
+
+    def send(self, opcode: int, payload: bytes) -> None:
+        """A masked control frame (payloads < 126 bytes)."""
+        mask = os.urandom(4)
+        masked = bytes(c ^ mask[i % 4] for i, c in enumerate(payload))
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(bytes((0x80 | opcode, 0x80 | len(payload))) + mask + masked)
+
+    def frame(self, opcode: int, fin: bool, payload: bytes) -> None:
+        if opcode in (0, 1, 2):
+            self.parts.append(payload)
+            if fin:
+                message = self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
+                self.parts = []
+                self.message(message)
+        elif opcode == 8:  # close: answer it and report the code
+            code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else None
+            self.send(8, payload[:2])
+            if not self.closed.done():
+                self.closed.set_result(code)
+            assert self.transport is not None
+            self.transport.close()
+        elif opcode == 9:
+            self.send(10, payload)
+
+    def message(self, data: bytes) -> None:
+        n = self.n
+        now = time.monotonic()
+        if not self.first.done():
+            n.got_map = now
+            n.map_bytes = len(data)
+            n.version = version_of(data)
+            n.streams += 1
+            # a resumed stream gets the delta since its version, or a full map when the coordinator
+            # cannot build one
+            is_map = data.startswith(b'{"type":"map"')
+            if not (is_map or (self.since is not None and data.startswith(b'{"type":"delta"'))):
+                self.first.set_exception(AssertionError(f"unexpected first message {data[:30]!r}"))
+                return
+            n.resumed_with_map += self.since is not None and is_map
+            self.first.set_result(None)
+            return
+        n.messages += 1
+        if data.startswith((b'{"type":"map"', b'{"type":"delta"')):
+            n.version = version_of(data)
+        if n.decode:  # a sample of nodes decodes everything (fails loudly on a bad delta)
+            msg = netmap.decode_server_message(data.decode())
+            if isinstance(msg, netmap.DeltaMessage):
+                for p in msg.delta.peers_changed:
+                    n.received.setdefault(p.name, now)
+                if msg.delta.self_node is not None:
+                    n.received.setdefault(msg.delta.self_node.name, now)
+        elif EXPECTED and EXPECTED_BYTES[0] in data:
+            n.received.setdefault(EXPECTED[0], now)
+
+
+EXPECTED_BYTES: list[bytes] = [b""]  #: '"name":"<EXPECTED[0]>"' as bytes
+
+
 async def run_stream(
-    url: str, n: SimNode, ready: asyncio.Event, stop: asyncio.Event, since: int | None = None
+    addr: tuple[str, int], i: int, n: SimNode, ready: asyncio.Event, stop: asyncio.Event, since: int | None
 ) -> None:
     """Hold the node's stream; once it worked, reconnect as meshd does (meshd.session.Backoff: spread
     after a restart close, jittered doubling after failures) with since=<the version it holds>."""
-    from websockets.exceptions import ConnectionClosed, WebSocketException
-
     backoff = session.Backoff()
     while True:
         code: int | None = None
         streams = n.streams
         try:
-            await hold_stream(url, n, ready, stop, since)
+            code = await hold_stream(addr, i, n, ready, since)
+        except (OSError, TimeoutError, HandshakeError) as e:
+            if stop.is_set() or n.version is None:
+                raise
+            code = e.status if isinstance(e, HandshakeError) else None
+        if stop.is_set():
             return
-        except ConnectionClosed as e:
-            if stop.is_set() or n.version is None:
-                raise
-            code = e.rcvd.code if e.rcvd else None
-        except (OSError, WebSocketException, TimeoutError, EOFError):  # as meshd's ControlError covers
-            if stop.is_set() or n.version is None:
-                raise
+        if n.version is None:
+            raise ConnectionError(f"stream closed before its first map (close code {code})")
         if n.streams > streams:
             backoff.reset()
         await asyncio.sleep(backoff.next(code, MESH_SIZE[0]))
         since = n.version
 
 
+LOAD = [0.0]  #: the 1-minute load average when the changes start (the machine is shared)
+SEED_SECONDS = [0.0]
 MESH_SIZE = [0]  #: nodes in the run (what a node's map tells meshd about the size of the herd)
 
 
 async def hold_stream(
-    url: str, n: SimNode, ready: asyncio.Event, stop: asyncio.Event, since: int | None
-) -> None:
-    from websockets.asyncio.client import connect
-
+    addr: tuple[str, int], i: int, n: SimNode, ready: asyncio.Event, since: int | None
+) -> int | None:
+    """One stream until it closes; returns the close code (None: the connection was lost)."""
     path = "/api/v1/stream" + (f"?since={since}" if since is not None else "")
     headers = signing.sign_request(n.keys.node_private, str(n.node_id), "GET", path, b"", time.time())
-    async with connect(
-        "ws" + url[4:] + path,
-        additional_headers=headers,
-        max_size=None,
-        compression=None,
-        open_timeout=120,
-        ping_interval=None,
-    ) as ws:
-        first = await ws.recv()
-        assert isinstance(first, str)
-        n.got_map = time.monotonic()
-        n.map_bytes = len(first)
-        n.version = version_of(first)
-        n.streams += 1
-        kind = first[:20]
-        del first  # a full map can be megabytes; keep only its size
-        # a resumed stream gets the delta since its version, or a full map when the coordinator cannot
-        # build one (after a restart it sends full maps: its in-memory online flags start over)
-        assert kind.startswith('{"type":"map"' if since is None else ('{"type":"delta"', '{"type":"map"')), (
-            kind
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: {addr[0]}:{addr[1]}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\nSec-WebSocket-Version: 13\r\n"
+        + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        + "\r\n"
+    )
+    loop = asyncio.get_running_loop()
+    proto = LightStream(n, since)
+    async with asyncio.timeout(120):
+        transport, _ = await loop.create_connection(
+            lambda: proto, addr[0], addr[1], local_addr=(source_address(i), 0)
         )
-        n.resumed_with_map += since is not None and kind.startswith('{"type":"map"')
+    try:
+        transport.write(request.encode())
+        async with asyncio.timeout(120):
+            await proto.first
         ready.set()
-        async for text in ws:  # the task is cancelled at the end of the run
-            assert isinstance(text, str)
-            now = time.monotonic()
-            n.messages += 1
-            if text.startswith(('{"type":"map"', '{"type":"delta"')):
-                n.version = version_of(text)
-            if n.decode:  # a sample of nodes decodes everything (fails loudly on a bad delta)
-                msg = netmap.decode_server_message(text)
-                if isinstance(msg, netmap.DeltaMessage):
-                    for p in msg.delta.peers_changed:
-                        n.received.setdefault(p.name, now)
-                    if msg.delta.self_node is not None:
-                        n.received.setdefault(msg.delta.self_node.name, now)
-            elif EXPECTED and f'"name":"{EXPECTED[0]}"' in text:
-                n.received.setdefault(EXPECTED[0], now)
+        return await proto.closed
+    finally:
+        transport.close()
 
 
 class Servers:
@@ -300,12 +473,15 @@ async def restart_storm(
     }
 
 
-async def main_async(args: argparse.Namespace, servers: Servers, state: Path, url: str) -> dict[str, object]:
+async def main_async(
+    args: argparse.Namespace, servers: Servers, state: Path, url: str, nodes: list[SimNode], seeded: int
+) -> dict[str, object]:
     server = servers.current
     deadline = time.monotonic() + args.max_seconds
     results: dict[str, object] = {"nodes": args.nodes}
     tasks: list[asyncio.Task[None]] = []
     stop = asyncio.Event()
+    addr = ("127.0.0.1", int(url.rsplit(":", 1)[1]))
     try:
         admin = AdminClient(state / "admin.sock")
         while True:
@@ -316,24 +492,33 @@ async def main_async(args: argparse.Namespace, servers: Servers, state: Path, ur
                 if server.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("coordinator did not start (see its log)") from None
                 await asyncio.sleep(0.1)
-        admin.call("POST", "/admin/users", {"name": "bench"})
+        if not seeded:
+            admin.call("POST", "/admin/users", {"name": "bench"})
         key = admin.call("POST", "/admin/keys", {"user": "bench", "reusable": True, "expiration": 86400})[
             "key"
         ]
         rss0, cpu0 = proc_stats(server.pid)
+        sample = nodes[seeded:]
 
-        nodes = [SimNode(NodeKeys.generate(), decode=i % 100 == 0) for i in range(args.nodes)]
         spy = start_py_spy(args.py_spy and args.py_spy + ".enroll", server.pid)
         t_enroll = await asyncio.wait_for(
-            enroll_all(url, key, nodes, args.concurrency), deadline - time.monotonic()
+            enroll_all(url, key, sample, args.concurrency), deadline - time.monotonic()
         )
         stop_py_spy(spy, args.py_spy and args.py_spy + ".enroll")
         _rss1, cpu1 = proc_stats(server.pid)
         results["enroll_seconds"] = round(t_enroll, 2)
-        results["enroll_per_second"] = round(args.nodes / t_enroll, 1)
+        results["enroll_per_second"] = round(len(sample) / t_enroll, 1) if sample else None
         results["enroll_server_cpu_seconds"] = round(cpu1 - cpu0, 2)
         results["enroll_retries"] = len(RETRIES)
-        print(f"enrolled {args.nodes} nodes in {t_enroll:.1f} s ({args.nodes / t_enroll:.0f}/s)", flush=True)
+        results["enrolled_through_api"] = len(sample)
+        results["seeded_nodes"] = seeded
+        results["seed_seconds"] = SEED_SECONDS[0]
+        print(
+            f"enrolled {len(sample)} nodes through the API in {t_enroll:.1f} s "
+            f"({len(sample) / t_enroll:.0f}/s); {seeded} seeded in {SEED_SECONDS[0]:.1f} s",
+            flush=True,
+        )
+        sim0 = cpu_self()
 
         start = time.monotonic()
         sem = asyncio.Semaphore(args.concurrency)
@@ -352,7 +537,7 @@ async def main_async(args: argparse.Namespace, servers: Servers, state: Path, ur
             ready = asyncio.Event()
             since = None if i < args.full_maps else latest["version"]
             async with sem:
-                task = asyncio.create_task(run_stream(url, n, ready, stop, since))
+                task = asyncio.create_task(run_stream(addr, i, n, ready, stop, since))
                 tasks.append(task)
                 waiter = asyncio.ensure_future(ready.wait())
                 await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
@@ -371,6 +556,8 @@ async def main_async(args: argparse.Namespace, servers: Servers, state: Path, ur
         results["full_maps_sent"] = min(args.full_maps, args.nodes)
         results["full_map_bytes_per_node"] = nodes[0].map_bytes
         results["connect_server_cpu_seconds"] = round(cpu2 - cpu1, 2)
+        sim1 = cpu_self()
+        results["connect_simulator_cpu_seconds"] = round(sim1 - sim0, 2)
         print(
             f"{args.nodes} streams open with full maps in {t_connect:.1f} s "
             f"({min(args.full_maps, args.nodes)} full maps of {nodes[0].map_bytes / 1024:.0f} KiB, "
@@ -378,6 +565,7 @@ async def main_async(args: argparse.Namespace, servers: Servers, state: Path, ur
             flush=True,
         )
         await asyncio.sleep(1.5)  # let the online-flag deltas of the connect storm drain
+        LOAD[0] = os.getloadavg()[0]
 
         spy = start_py_spy(args.py_spy, server.pid)
         lat_all: list[float] = []
@@ -386,6 +574,7 @@ async def main_async(args: argparse.Namespace, servers: Servers, state: Path, ur
             target = nodes[round_no % len(nodes)]
             new_name = f"renamed{round_no}"
             EXPECTED[:] = [new_name]
+            EXPECTED_BYTES[0] = f'"name":"{new_name}"'.encode()
             t0 = time.monotonic()
             await asyncio.to_thread(
                 admin.call, "POST", f"/admin/nodes/{target.name}/rename", {"new_name": new_name}
@@ -417,8 +606,14 @@ async def main_async(args: argparse.Namespace, servers: Servers, state: Path, ur
         results["server_rss_mib_idle"] = round(rss0, 1)
         results["server_rss_mib_connected"] = round(max(rss2, rss3), 1)
         results["server_cpu_seconds_total"] = round(cpu3 - cpu0, 1)
+        sim2 = cpu_self()
+        results["changes_server_cpu_seconds"] = round(cpu3 - cpu2, 2)
+        results["changes_simulator_cpu_seconds"] = round(sim2 - sim1, 2)
+        results["load_average_before_changes"] = round(LOAD[0], 2)
         if args.storm_seconds > 0:
             results.update(await restart_storm(args, servers, nodes))
+            results["restart_storm_simulator_cpu_seconds"] = round(cpu_self() - sim2, 2)
+        results["load_average_1min_end"] = round(os.getloadavg()[0], 2)
         return results
     finally:
         stop.set()
@@ -431,6 +626,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--nodes", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument(
+        "--enroll-sample",
+        type=int,
+        default=500,
+        metavar="K",
+        help="enroll K nodes through the real API (the enrollment figures); seed the others straight into "
+        "the database with the coordinator's store code before it starts (K >= --nodes: enroll all)",
+    )
     parser.add_argument("--changes", type=int, default=5)
     parser.add_argument("--max-seconds", type=float, default=900)
     parser.add_argument(
@@ -464,9 +667,15 @@ def main() -> None:
         port = s.getsockname()[1]
     log = open(state.with_suffix(".log"), "w+")  # noqa: SIM115 - closed below
     MESH_SIZE[0] = args.nodes
+    results: dict[str, object] = {}
+    nodes = [SimNode(NodeKeys.generate(), decode=i % 100 == 0) for i in range(args.nodes)]
+    seeded = max(0, args.nodes - args.enroll_sample)
+    if seeded:
+        SEED_SECONDS[0] = round(asyncio.run(seed_nodes(state, nodes[:seeded], "bench")), 1)
+        print(f"seeded {seeded} nodes in {SEED_SECONDS[0]} s", flush=True)
     servers = Servers(state, port, log)
     try:
-        results = asyncio.run(main_async(args, servers, state, f"http://127.0.0.1:{port}"))
+        results = asyncio.run(main_async(args, servers, state, f"http://127.0.0.1:{port}", nodes, seeded))
     finally:
         servers.stop()
         log.seek(0)

@@ -122,6 +122,8 @@ class Core:
         self._janitor: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
         self._reaper: asyncio.Task[None] | None = None  #: removes ephemeral nodes gone too long
+        #: marks offline the nodes online before a graceful restart that did not come back (presence.py)
+        self._presence: asyncio.Task[None] | None = None
         #: called with (node id, reason) right after a node is removed or expired (the relay drops it)
         self.revoke_hooks: list[Callable[[int, str], None]] = []
         self.audit_export = auditexport.AuditExport()  #: opened by start() (--audit-syslog, --audit-jsonl)
@@ -153,6 +155,9 @@ class Core:
             self.pool = AddressPool(self.settings.prefix, ula.value)
             last = (await s.execute(select(func.max(MapChange.version)))).scalar()
             self.state.version = int(last or 0)
+            from coordinator import presence  # it imports this module
+
+            online = None if self.is_postgres else await presence.take(s, self.state.version)
             recent = (
                 (
                     await s.execute(
@@ -175,8 +180,10 @@ class Core:
                 self.pool.mark(node.ipv4)
                 self.node_keys[node.id] = (b64decode(node.node_public_key), node.expired)
                 if not node.expired:
-                    self.state.put_peer(peer_of(node))
-            tx.change("restart")  # streams from before this start get a full map
+                    self.state.put_peer(peer_of(node, online=online is not None and node.id in online))
+            # streams from before this start get a full map, unless the last stop was graceful and left
+            # the online flags (coordinator/presence.py): then they resume with the delta since their version
+            tx.change("restart" if online is None else "resume")
             signed = await audit.checkpoint(s, self.keys.active_seed)  # also anchors a trail from before them
             if signed is not None:
                 tx.on_commit(lambda: self.anchor_audit(*signed))
@@ -193,20 +200,30 @@ class Core:
             keep = self.settings.audit_retention
             self._retention = asyncio.create_task(auditretention.run(self, keep), name="audit-retention")
         self._started = True
+        if online:
+            self._presence = asyncio.create_task(presence.settle(self, online), name="presence-after-restart")
         if self.is_postgres:
             self._listener = asyncio.create_task(self._listen(), name="replica-sync")
         log.info("coordinator started: map version %d, %d nodes", self.state.version, len(self.state.peers))
 
     async def stop(self) -> None:
-        for task in (self._janitor, self._listener, self._retention, self._reaper, *self.held_writes):
+        tasks = (self._janitor, self._listener, self._retention, self._reaper, self._presence)
+        for task in (*tasks, *self.held_writes):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        self._janitor = self._listener = self._retention = self._reaper = None
+        self._janitor = self._listener = self._retention = self._reaper = self._presence = None
         await self.hub.stop()
         if self._started:
             self._started = False
+            if not self.is_postgres:
+                from coordinator import presence  # it imports this module
+
+                try:
+                    await presence.save(self)
+                except Exception:  # the next start sends full maps instead
+                    log.warning("could not save the online flags at stop", exc_info=True)
             try:
                 await self.checkpoint_audit()
             except Exception:  # the database may be gone; the next start signs the head instead

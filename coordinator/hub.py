@@ -102,11 +102,15 @@ class Hub:
         self._cycle: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._on_sent = on_sent
+        #: stop() was called: streams closing now leave their node's online flag alone (a graceful stop
+        #: saves the flags for the next start, coordinator/presence.py, instead of one write per stream)
+        self.stopping = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="map-hub")
 
     async def stop(self) -> None:
+        self.stopping = True
         if self._task:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

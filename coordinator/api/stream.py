@@ -126,7 +126,7 @@ async def stream(ws: WebSocket) -> None:
                 await sender
         last = core.hub.remove(sub)
         core.metrics.connected.set(core.hub.connected)
-        if last:
+        if last and not core.hub.stopping:
             with contextlib.suppress(Exception):
                 await nodes.set_endpoints(core, node_id, None, False)
         if sub.close_reason:
