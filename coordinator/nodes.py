@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from sqlalchemy import delete, or_, select
 
 from coordinator import policy as access
+from coordinator import presence
 from coordinator.certs import issue_node_cert
 from coordinator.coalesce import Coalescer, HeldWrites
 from coordinator.core import Core, Tx, peer_of
@@ -393,6 +394,9 @@ async def _write_endpoints(
     if peer is None:
         return
     if (endpoints is None or endpoints == peer.endpoints) and (online is None or online == peer.online):
+        return
+    if endpoints is None and online is not None:  # the flag alone: committed with others (presence.py)
+        await presence.writer(core).write(node_id, online)
         return
     async with core.transaction() as tx:
         if endpoints is not None and endpoints != peer.endpoints:

@@ -16,8 +16,10 @@ another replica's restart is already a no-op for the others' streams (core.Core.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
+import weakref
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -83,3 +85,69 @@ async def settle(core: Core, online: frozenset[int], grace: float = GRACE) -> No
 
         tx.on_commit(commit)
     log.info("%d nodes online before the restart did not come back within %.0f s", len(gone), grace)
+
+
+class PresenceWriter:
+    """Group commit of online flags: the flags of streams that open or close while a write is under way
+    are written together in the next transaction (one "presence" change per node whose flag flips), so a
+    connect storm of thousands of streams costs a few commits instead of one fsync'd commit per stream."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self.waiting: dict[int, tuple[bool, list[asyncio.Future[None]]]] = {}
+        self.task: asyncio.Task[None] | None = None
+
+    async def write(self, node_id: int, online: bool) -> None:
+        """Set the node's flag; returns once committed (and the change is on its way to the hub)."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        _, waiters = self.waiting.get(node_id, (online, []))
+        waiters.append(done)
+        self.waiting[node_id] = (online, waiters)  # the last report wins, as in the coalescer
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._flush(), name="presence-writer")
+            self.core.held_writes.add(self.task)  # cancelled by Core.stop
+            self.task.add_done_callback(self.core.held_writes.discard)
+        await done
+
+    async def _flush(self) -> None:
+        core = self.core
+        while self.waiting:
+            batch, self.waiting = self.waiting, {}
+            try:
+                async with core.transaction() as tx:
+                    flips = _flips(core, batch)
+                    for node_id in flips:
+                        tx.change("presence", node_id)
+                    tx.on_commit(functools.partial(_apply, core, flips))
+            except Exception as exc:  # every waiter fails as its own transaction would have
+                for _, waiters in batch.values():
+                    for w in waiters:
+                        if not w.done():
+                            w.set_exception(exc)
+                continue
+            for _, waiters in batch.values():
+                for w in waiters:
+                    if not w.done():
+                        w.set_result(None)
+
+
+def _flips(core: Core, batch: dict[int, tuple[bool, list[asyncio.Future[None]]]]) -> dict[int, bool]:
+    """The flags of `batch` that differ from the map's."""
+    peers = core.state.peers
+    return {i: on for i, (on, _) in batch.items() if (p := peers.get(i)) is not None and p.online != on}
+
+
+def _apply(core: Core, flips: dict[int, bool]) -> None:
+    for node_id, on in flips.items():
+        core.state.set_endpoints(node_id, None, on)
+
+
+_writers: weakref.WeakKeyDictionary[Core, PresenceWriter] = weakref.WeakKeyDictionary()
+
+
+def writer(core: Core) -> PresenceWriter:
+    """The core's presence writer (one per core: tests build several)."""
+    found = _writers.get(core)
+    if found is None:
+        found = _writers[core] = PresenceWriter(core)
+    return found
