@@ -106,10 +106,12 @@ async def stream(ws: WebSocket) -> None:
     sender: asyncio.Task[None] | None = None
     try:
         await ws.accept()
-        pending = state.pending_since(since) if since is not None else None
+        pending, frames = _resumption(core, since) if since is not None else (None, {})
         if pending is None:
             async with _full_map_slots.setdefault(core, asyncio.Semaphore(FULL_MAP_SLOTS)):
                 await _send_first(ws, sub, state, None)
+        elif state.shareable(pending, node_id):
+            await _send_shared_first(ws, sub, state, pending, frames)
         else:
             await _send_first(ws, sub, state, pending)
         sub.raw = raw_writer(ws)  # from now on shared frames may go straight to the socket
@@ -132,6 +134,45 @@ async def stream(ws: WebSocket) -> None:
         if sub.close_reason:
             with contextlib.suppress(Exception):
                 await ws.close(code=sub.close_code, reason=sub.close_reason[:120])
+
+
+#: Resumptions (issue 16): per core, the map version they hold for and, per `since`, what changed after
+#: it and the delta frames shared by views. A storm of streams resuming from the same few versions (after
+#: a restart, or a connect storm) costs a dict look-up and one write each instead of a delta built and
+#: signed per node; a version change starts the cache over.
+_resumptions: weakref.WeakKeyDictionary[
+    Core, tuple[int, dict[int, tuple[PendingDelta | None, dict[str, Frame]]]]
+] = weakref.WeakKeyDictionary()
+#: distinct `since` values cached per version (each may hold a delta frame per view)
+RESUMPTIONS_KEPT = 256
+
+
+def _resumption(core: Core, since: int) -> tuple[PendingDelta | None, dict[str, Frame]]:
+    """What changed after `since` (None: a full map is needed) and the shared frames built for it."""
+    state = core.state
+    cached = _resumptions.get(core)
+    if cached is None or cached[0] != state.version or len(cached[1]) >= RESUMPTIONS_KEPT:
+        cached = _resumptions[core] = (state.version, {})
+    entry = cached[1].get(since)
+    if entry is None:
+        entry = cached[1][since] = (state.pending_since(since), {})
+    return entry
+
+
+async def _send_shared_first(
+    ws: WebSocket, sub: Subscriber, state: MapState, pending: PendingDelta, frames: dict[str, Frame]
+) -> None:
+    """Send a resuming stream the delta its view shares (:meth:`MapState.shareable`: the change leaves
+    the node and the policy alone, so the node's view is the one it held at `since`; meshd checks the
+    view signature against the map it holds). Built once per (version, since, view)."""
+    view = state.view_of(sub.node_id)
+    frame = frames.get(view)
+    if frame is None:
+        frame = frames[view] = Frame.of(state.shared_delta_message(pending, sub.node_id))
+    sub.version, sub.view = pending.version, view  # no await since `pending` was current
+    raw = raw_writer(ws)
+    if raw is None or not raw(frame.data):
+        await ws.send_text(frame.text)
 
 
 async def _send_first(ws: WebSocket, sub: Subscriber, state: MapState, pending: PendingDelta | None) -> None:
