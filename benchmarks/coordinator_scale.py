@@ -294,6 +294,8 @@ class LightStream(asyncio.Protocol):
         self.n = n
         self.since = since
         self.first: asyncio.Future[None] = loop.create_future()
+        # retrieved here too: a stream whose waiter timed out still fails it later (no asyncio warning)
+        self.first.add_done_callback(lambda f: f.cancelled() or f.exception())
         self.closed: asyncio.Future[int | None] = loop.create_future()
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
