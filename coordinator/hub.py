@@ -213,11 +213,13 @@ class Hub:
     def push_all(self) -> None:
         state = self.state
         current = state.version
-        pendings: dict[int, PendingDelta | None] = {}  #: per `since`: what changed after it
+        peers = state.peers
+        #: per `since`: what changed after it, and the nodes it touches (None: everyone, a policy change)
+        pendings: dict[int, tuple[PendingDelta | None, frozenset[int] | None]] = {}
         frames: dict[tuple[int, str], Frame] = {}  #: per (`since`, view): the shared delta, encoded
         sent = 0
         for node_id, subs in list(self.subscribers.items()):
-            if node_id not in state.peers:
+            if node_id not in peers:
                 for sub in subs:
                     sub.close("node removed or expired")
                 continue
@@ -226,13 +228,15 @@ class Hub:
                 since = sub.version
                 if since >= current:
                     continue
-                if since in pendings:
-                    pending = pendings[since]
-                else:
-                    pending = pendings[since] = state.pending_since(since)
+                entry = pendings.get(since)
+                if entry is None:
+                    found = state.pending_since(since)
+                    touched = None if found is None or found.policy else found.touched
+                    entry = pendings[since] = (found, touched)
+                pending, touched = entry
                 if pending is None:
                     ok = sub.push(state.full_map_message(node_id))
-                elif sub.view != view or not state.shareable(pending, node_id):
+                elif sub.view != view or touched is None or node_id in touched:  # not MapState.shareable
                     ok = sub.push(state.delta_message(pending, node_id))  # signed for this node
                 else:
                     frame = frames.get((since, view))
