@@ -474,6 +474,7 @@ class Servers:
             str(BIN), "serve", "--listen", f"127.0.0.1:{port}", "--state-dir", str(state), "--stun-port", "0"
         ]  # fmt: skip
         self.log = log
+        self.port = port
         self.current = self._start()
 
     def _start(self) -> subprocess.Popen[str]:
@@ -492,6 +493,19 @@ class Servers:
         self.current = self._start()
 
 
+async def until_listening(port: int, limit: float) -> float:
+    """When (monotonic) the coordinator's port accepts connections again."""
+    while time.monotonic() < limit:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        return time.monotonic()
+    return limit
+
+
 async def restart_storm(
     args: argparse.Namespace, servers: Servers, nodes: list[SimNode]
 ) -> dict[str, object]:
@@ -502,13 +516,16 @@ async def restart_storm(
     await asyncio.to_thread(servers.restart)
     t_up = time.monotonic() - t0
     limit = t0 + args.storm_seconds
+    listening = asyncio.create_task(until_listening(servers.port, limit))
     while time.monotonic() < limit and any(  # noqa: ASYNC110 - bounded poll
         n.streams <= k for n, k in zip(nodes, opened, strict=True)
     ):
         await asyncio.sleep(0.1)
     back = [n.got_map - t0 for n, k in zip(nodes, opened, strict=True) if n.streams > k and n.got_map]
+    t_listen = (await listening) - t0
     print(
-        f"restart storm: coordinator back in {t_up:.1f} s, {len(back)}/{len(nodes)} streams back, "
+        f"restart storm: coordinator stopped and started in {t_up:.1f} s, listening after {t_listen:.1f} s, "
+        f"{len(back)}/{len(nodes)} streams back, "
         f"last after {max(back, default=0):.1f} s",
         flush=True,
     )
@@ -518,6 +535,10 @@ async def restart_storm(
         "restart_storm_p50_seconds": round(pct(back, 50), 1),
         "restart_coordinator_down_seconds": round(t_up, 1),
         "restart_full_maps": sum(n.resumed_with_map for n in nodes),
+        # the new process's start (imports, migrations check, loading the nodes) until its port accepts,
+        # from the restart; the storm proper is what comes after it
+        "restart_listening_seconds": round(t_listen, 1),
+        "restart_storm_after_listening_seconds": round(max(back) - t_listen, 1) if back else None,
     }
 
 
