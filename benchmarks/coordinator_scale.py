@@ -389,11 +389,13 @@ class LightStream(asyncio.Protocol):
                 self.first.set_exception(AssertionError(f"unexpected first message {data[:30]!r}"))
                 return
             n.resumed_with_map += self.since is not None and is_map
+            NEWEST[0] = max(NEWEST[0], n.version)
             self.first.set_result(None)
             return
         n.messages += 1
         if data.startswith((b'{"type":"map"', b'{"type":"delta"')):
             n.version = version_of(data)
+            NEWEST[0] = max(NEWEST[0], n.version)
         if n.decode:  # a sample of nodes decodes everything (fails loudly on a bad delta)
             msg = netmap.decode_server_message(data.decode())
             if isinstance(msg, netmap.DeltaMessage):
@@ -405,6 +407,9 @@ class LightStream(asyncio.Protocol):
             n.received.setdefault(EXPECTED[0], now)
 
 
+#: the newest map version any simulated node received: what a node resuming in the connect phase
+#: claims (as a node that was connected a moment ago would), with the admin API's version as a floor
+NEWEST = [0]
 EXPECTED_BYTES: list[bytes] = [b""]  #: '"name":"<EXPECTED[0]>"' as bytes
 
 
@@ -604,7 +609,7 @@ async def main_async(
 
         async def connect(i: int, n: SimNode) -> None:
             ready = asyncio.Event()
-            since = None if i < args.full_maps else latest["version"]
+            since = None if i < args.full_maps else max(latest["version"], NEWEST[0])
             async with sem:
                 task = asyncio.create_task(run_stream(addr, i, n, ready, stop, since))
                 tasks.append(task)
