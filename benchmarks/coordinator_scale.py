@@ -731,10 +731,20 @@ def main() -> None:
     if not 1 <= args.nodes <= 20000:
         parser.error("--nodes must be between 1 and 20000")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # clean up the server on SIGTERM too
+    # each process (this simulator, the coordinator, which inherits the limit) holds one descriptor per
+    # stream plus some: raise the hard limit too where allowed (root); say so where it cannot be done
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = min(hard, args.nodes * 2 + 1024)
+    want = args.nodes * 2 + 1024
     if soft < want:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))  # inherited by the coordinator
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(hard, want)))
+        except (ValueError, OSError):
+            if hard < args.nodes + 1024:
+                parser.error(
+                    f"--nodes {args.nodes} needs about {args.nodes + 1024} open files per process; the hard "
+                    f"limit is {hard} (raise it: ulimit -Hn, LimitNOFILE=, or run as root)"
+                )
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     state = Path(tempfile.mkdtemp(prefix=f"coordbench-{os.getpid()}-"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
