@@ -3,22 +3,25 @@
 
 Starts a real `coordinator serve` (SQLite, temp state dir, random loopback port), then in this process:
 
-1. enrolls N nodes with a reusable pre-auth key (proof of possession, real crypto) -> enrollment rate;
-2. opens N signed map WebSockets and waits until every node has its full map -> connect time;
+1. seeds N - K nodes straight into the database through the coordinator's own store code
+   (coordinator.nodes.create_node, real keys and certificates) before the server starts, then enrolls
+   the other K (--enroll-sample) through the real API with a reusable pre-auth key (proof of possession,
+   real crypto) -> enrollment rate, measured on the sample;
+2. opens N signed map WebSockets and waits until every node has its first map -> connect time;
 3. makes admin changes (`nodes rename` over the admin socket) and records, per node, when the delta
    naming the change arrives -> p50/p99/max from the admin call to the node, and to the LAST node;
 4. samples the coordinator's RSS and CPU time from /proc.
 
 Everything is bounded: --max-seconds for the whole run, per-phase timeouts, N <= 20000.
 
-    .venv/bin/python benchmarks/coordinator_scale.py --nodes 1000
-    .venv/bin/python benchmarks/coordinator_scale.py --nodes 10000 --max-seconds 1500
-    .venv/bin/python benchmarks/coordinator_scale.py --nodes 1000 --replicas 2 --postgres   # needs root
+The simulated nodes are cheap so that the coordinator, not the simulator, is what is measured: one
+process, each stream a bare asyncio protocol speaking just enough RFC 6455 (a signed upgrade request,
+unmasked server frames, masked pongs and close replies) with no per-message task switch; each node
+connects from its own loopback address group (127.0.x.y, 50 nodes per address) as nodes on many hosts
+would. The JSON reports the simulator's own CPU seconds per phase next to the coordinator's.
 
-`--replicas 2 --postgres` (issue 16): the same measurements against two replicas on a throw-away
-PostgreSQL (tests/coordinator/pg.py: fsync off) sharing their secrets (`--secrets-key-file`); node i
-enrolls and streams to replica i mod 2, changes are made on replica 0 (so half the nodes hear them
-through the other replica), the restart storm restarts every replica, RSS and CPU are replica 0's.
+    .venv/bin/python benchmarks/coordinator_scale.py --nodes 1000
+    .venv/bin/python benchmarks/coordinator_scale.py --nodes 10000 --full-maps 200 --max-seconds 1500
 
 Simulated nodes keep the raw text of the full map (they do not build dataclasses for thousands of peers:
 that is the daemon's cost, not the coordinator's); one node in 100 decodes every delta with
@@ -34,6 +37,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -53,6 +57,7 @@ from coordinator.adminclient import AdminClient
 from meshd import session
 from meshd.control import ControlClient, ControlError, Enrollment, NodeKeys
 from meshd.proto import netmap, signing
+from meshd.proto.encoding import b64encode
 
 BIN = Path(sys.executable).parent / "coordinator"
 
@@ -63,8 +68,7 @@ class SimNode:
     node_id: int = 0
     name: str = ""
     got_map: float | None = None
-    map_bytes: int = 0  #: the first message's bytes on the wire (WebSocket payload)
-    map_text_bytes: int = 0  #: the same message as JSON text
+    map_bytes: int = 0
     received: dict[str, float] = field(default_factory=dict)  # new name -> arrival time
     messages: int = 0
     decode: bool = False
@@ -73,14 +77,15 @@ class SimNode:
     resumed_with_map: int = 0  #: resumptions (since=V) answered with a full map
 
 
-def version_of(text: str) -> int:
+_DIGITS = re.compile(rb"\d+")
+
+
+def version_of(data: bytes) -> int:
     """The version a map or delta message brings: its body's last "version" key (canonical JSON sorts the
     keys; "from_version" does not match, and no peer record has a "version" key)."""
-    at = text.rfind('"version":') + len('"version":')
-    end = at
-    while text[end].isdigit():
-        end += 1
-    return int(text[at:end])
+    found = _DIGITS.match(data, data.rfind(b'"version":') + len(b'"version":'))
+    assert found is not None, data[:60]
+    return int(found.group())
 
 
 RETRIES: list[str] = []  #: enrollment requests that got no answer in time and were tried again
@@ -102,6 +107,8 @@ def start_py_spy(path: str | None, pid: int) -> subprocess.Popen[bytes] | None:
     if not path:
         return None
     spy = Path(sys.executable).parent / "py-spy"
+    if not spy.exists():  # a venv that shares another's site-packages: py-spy is on PATH
+        spy = Path(shutil.which("py-spy") or spy)
     cmd = [
         str(spy),
         "record",
@@ -149,20 +156,104 @@ def pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
+async def seed_nodes(state: Path, nodes: list[SimNode], user: str, batch: int = 1000) -> float:
+    """Enroll `nodes` straight into the database of the coordinator about to serve `state`, with the
+    nodes' real public keys and through the coordinator's own store pieces: the address pool, the node
+    certificate issuer (signed by its key), the map change log ("added" per node) and the audit trail (one
+    record per batch); rows go in with one multi-row INSERT per batch. What enrollment commits, without
+    the HTTP round trips, proof-of-possession checks and per-node name look-ups that the enrolled sample
+    measures (create_node costs 15 ms a node here on a loaded machine: 10,000 would take minutes)."""
+    from sqlalchemy import func, insert, select
+
+    from coordinator.certs import issue_node_cert
+    from coordinator.core import Core
+    from coordinator.db.models import Meta, Node
+    from coordinator.identity import create_user
+    from coordinator.settings import Settings
+
+    start = time.monotonic()
+    core = Core(Settings(state_dir=state, stun_port=0))
+    await core.start()
+    try:
+        user_id = (await create_user(core, user, "admin")).id
+        for first in range(0, len(nodes), batch):
+            async with core.transaction() as tx:
+                s = tx.session
+                next_id = int((await s.execute(select(func.max(Node.id)))).scalar() or 0) + 1
+                serial = await s.get(Meta, "cert_serial")
+                if serial is None:
+                    serial = Meta(key="cert_serial", value="0")
+                    s.add(serial)
+                now = time.time()
+                rows = []
+                for k, n in enumerate(nodes[first : first + batch]):
+                    node_id, name = next_id + k, f"sim{first + k}"
+                    ipv4, ipv6 = core.pool.allocate()
+                    wg, node_key = b64encode(n.keys.wg_public), b64encode(n.keys.node_public)
+                    cert, _ = issue_node_cert(
+                        core.keys,
+                        serial=int(serial.value) + k + 1,
+                        name=name,
+                        node_id=node_id,
+                        ips=(f"{ipv4}/32", f"{ipv6}/128"),
+                        wg_public_key=wg,
+                        node_public_key=node_key,
+                        tags=(),
+                        now=now,
+                        lifetime=core.settings.cert_lifetime,
+                    )
+                    rows.append(
+                        {
+                            "id": node_id,
+                            "name": name,
+                            "user_id": user_id,
+                            "ipv4": ipv4,
+                            "ipv6": ipv6,
+                            "wg_public_key": wg,
+                            "node_public_key": node_key,
+                            "tags": "[]",
+                            "endpoints": "[]",
+                            "cert": cert,
+                            "created_at": now,
+                            "expired": False,
+                            "ephemeral": False,
+                        }
+                    )
+                    tx.change("added", node_id)
+                    n.node_id, n.name = node_id, name
+                await s.execute(insert(Node), rows)
+                serial.value = str(int(serial.value) + len(rows))
+                await tx.audit(
+                    f"user:{user}",
+                    "node.enrolled",
+                    f"node:{rows[0]['name']}",
+                    {"how": "benchmark seed", "nodes": len(rows), "last": rows[-1]["name"]},
+                )
+    finally:
+        await core.stop()
+    return time.monotonic() - start
+
+
+def cpu_self() -> float:
+    """CPU seconds (user + system) this simulator process used so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 async def enroll_all(url: str, key: str, nodes: list[SimNode], concurrency: int) -> float:
     """`concurrency` workers, each one HTTP client reused for many nodes (only the keys change)."""
     queue: asyncio.Queue[tuple[int, SimNode]] = asyncio.Queue()
     for item in enumerate(nodes):
         queue.put_nowait(item)
 
-    async def worker(w: int) -> None:
-        async with ControlClient(url_for(url, w), NodeKeys.generate()) as client:
+    async def worker() -> None:
+        async with ControlClient(url, NodeKeys.generate()) as client:
             while not queue.empty():
                 i, n = queue.get_nowait()
                 client.keys = n.keys
                 for attempt in range(3):  # a request that timed out on the loaded machine is tried again
                     try:
-                        result = await client.register(f"sim{i}", auth_key=key)
+                        result = await client.register(f"enrolled{i}", auth_key=key)
                         break
                     except ControlError as e:
                         if attempt == 2 or e.status:
@@ -172,99 +263,223 @@ async def enroll_all(url: str, key: str, nodes: list[SimNode], concurrency: int)
                 n.node_id, n.name = result.node_id, result.name
 
     start = time.monotonic()
-    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
     return time.monotonic() - start
 
 
+class HandshakeError(Exception):
+    """The coordinator answered the upgrade request with an HTTP status other than 101."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
+
+
+def source_address(i: int) -> str:
+    """Node i's loopback source address: 50 nodes per address, as nodes behind a few NATs would be (the
+    coordinator caps unauthenticated connections per source address)."""
+    group = i // 50
+    return f"127.0.{1 + group // 250}.{2 + group % 250}"
+
+
+class LightStream(asyncio.Protocol):
+    """One node's map stream, as little client work per message as the protocol allows.
+
+    Speaks the client side of RFC 6455 for one upgrade: sends the signed request, reads the 101 answer,
+    then parses unmasked server frames in `data_received` and handles each message inline (no queue, no
+    task switch). Pings are answered with masked pongs and a close frame with a close reply."""
+
+    def __init__(self, n: SimNode, since: int | None) -> None:
+        loop = asyncio.get_running_loop()
+        self.n = n
+        self.since = since
+        self.first: asyncio.Future[None] = loop.create_future()
+        # retrieved here too: a stream whose waiter timed out still fails it later (no asyncio warning)
+        self.first.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self.closed: asyncio.Future[int | None] = loop.create_future()
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.upgraded = False
+        self.parts: list[bytes] = []  #: fragments of a message sent in several frames
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.first.done():
+            self.first.set_exception(ConnectionError("closed before the first map"))
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        if not self.upgraded:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            status = int(bytes(buf[9:12]))
+            del buf[: end + 4]
+            if status != 101:
+                self.first.set_exception(HandshakeError(status))
+                assert self.transport is not None
+                self.transport.close()
+                return
+            self.upgraded = True
+        pos = 0
+        size = len(buf)
+        while size - pos >= 2:
+            b0, b1 = buf[pos], buf[pos + 1]
+            length = b1 & 0x7F
+            head = 2
+            if length == 126:
+                if size - pos < 4:
+                    break
+                length = int.from_bytes(buf[pos + 2 : pos + 4], "big")
+                head = 4
+            elif length == 127:
+                if size - pos < 10:
+                    break
+                length = int.from_bytes(buf[pos + 2 : pos + 10], "big")
+                head = 10
+            if size - pos < head + length:
+                break
+            payload = bytes(buf[pos + head : pos + head + length])
+            pos += head + length
+            self.frame(b0 & 0x0F, bool(b0 & 0x80), payload)
+        del buf[:pos]
+
+    def send(self, opcode: int, payload: bytes) -> None:
+        """A masked control frame (payloads < 126 bytes)."""
+        mask = os.urandom(4)
+        masked = bytes(c ^ mask[i % 4] for i, c in enumerate(payload))
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(bytes((0x80 | opcode, 0x80 | len(payload))) + mask + masked)
+
+    def frame(self, opcode: int, fin: bool, payload: bytes) -> None:
+        if opcode in (0, 1, 2):
+            self.parts.append(payload)
+            if fin:
+                message = self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
+                self.parts = []
+                self.message(message)
+        elif opcode == 8:  # close: answer it and report the code
+            code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else None
+            self.send(8, payload[:2])
+            if not self.closed.done():
+                self.closed.set_result(code)
+            assert self.transport is not None
+            self.transport.close()
+        elif opcode == 9:
+            self.send(10, payload)
+
+    def message(self, data: bytes) -> None:
+        n = self.n
+        now = time.monotonic()
+        if not self.first.done():
+            n.got_map = now
+            n.map_bytes = len(data)
+            n.version = version_of(data)
+            n.streams += 1
+            # a resumed stream gets the delta since its version, or a full map when the coordinator
+            # cannot build one
+            is_map = data.startswith(b'{"type":"map"')
+            if not (is_map or (self.since is not None and data.startswith(b'{"type":"delta"'))):
+                self.first.set_exception(AssertionError(f"unexpected first message {data[:30]!r}"))
+                return
+            n.resumed_with_map += self.since is not None and is_map
+            NEWEST[0] = max(NEWEST[0], n.version)
+            self.first.set_result(None)
+            return
+        n.messages += 1
+        if data.startswith((b'{"type":"map"', b'{"type":"delta"')):
+            n.version = version_of(data)
+            NEWEST[0] = max(NEWEST[0], n.version)
+        if n.decode:  # a sample of nodes decodes everything (fails loudly on a bad delta)
+            msg = netmap.decode_server_message(data.decode())
+            if isinstance(msg, netmap.DeltaMessage):
+                for p in msg.delta.peers_changed:
+                    n.received.setdefault(p.name, now)
+                if msg.delta.self_node is not None:
+                    n.received.setdefault(msg.delta.self_node.name, now)
+        elif EXPECTED and EXPECTED_BYTES[0] in data:
+            n.received.setdefault(EXPECTED[0], now)
+
+
+#: the newest map version any simulated node received: what a node resuming in the connect phase
+#: claims (as a node that was connected a moment ago would), with the admin API's version as a floor
+NEWEST = [0]
+EXPECTED_BYTES: list[bytes] = [b""]  #: '"name":"<EXPECTED[0]>"' as bytes
+
+
 async def run_stream(
-    url: str, n: SimNode, ready: asyncio.Event, stop: asyncio.Event, since: int | None = None
+    addr: tuple[str, int], i: int, n: SimNode, ready: asyncio.Event, stop: asyncio.Event, since: int | None
 ) -> None:
     """Hold the node's stream; once it worked, reconnect as meshd does (meshd.session.Backoff: spread
     after a restart close, jittered doubling after failures) with since=<the version it holds>."""
-    from websockets.exceptions import ConnectionClosed, WebSocketException
-
     backoff = session.Backoff()
     while True:
         code: int | None = None
         streams = n.streams
         try:
-            await hold_stream(url, n, ready, stop, since)
+            code = await hold_stream(addr, i, n, ready, since)
+        except (OSError, TimeoutError, HandshakeError) as e:
+            if stop.is_set() or n.version is None:
+                raise
+            code = e.status if isinstance(e, HandshakeError) else None
+        if stop.is_set():
             return
-        except ConnectionClosed as e:
-            if stop.is_set() or n.version is None:
-                raise
-            code = e.rcvd.code if e.rcvd else None
-        except (OSError, WebSocketException, TimeoutError, EOFError):  # as meshd's ControlError covers
-            if stop.is_set() or n.version is None:
-                raise
+        if n.version is None:
+            raise ConnectionError(f"stream closed before its first map (close code {code})")
         if n.streams > streams:
             backoff.reset()
         await asyncio.sleep(backoff.next(code, MESH_SIZE[0]))
         since = n.version
 
 
+LOAD = [0.0]  #: the 1-minute load average when the changes start (the machine is shared)
+SEED_SECONDS = [0.0]
 MESH_SIZE = [0]  #: nodes in the run (what a node's map tells meshd about the size of the herd)
 
 
 async def hold_stream(
-    url: str, n: SimNode, ready: asyncio.Event, stop: asyncio.Event, since: int | None
-) -> None:
-    from websockets.asyncio.client import connect
-
-    path = f"/api/v1/stream?proto={netmap.MAP_FORMAT}" + (f"&since={since}" if since is not None else "")
+    addr: tuple[str, int], i: int, n: SimNode, ready: asyncio.Event, since: int | None
+) -> int | None:
+    """One stream until it closes; returns the close code (None: the connection was lost)."""
+    path = "/api/v1/stream" + (f"?since={since}" if since is not None else "")
     headers = signing.sign_request(n.keys.node_private, str(n.node_id), "GET", path, b"", time.time())
-    async with connect(
-        "ws" + url[4:] + path,
-        additional_headers=headers,
-        max_size=None,
-        compression=None,
-        open_timeout=120,
-        ping_interval=None,
-    ) as ws:
-        first = await ws.recv()
-        n.got_map = time.monotonic()
-        n.map_bytes = len(first)  # on the wire: a long message is a zlib binary frame
-        if isinstance(first, bytes):
-            first = netmap.inflate_frame(first)
-        n.map_text_bytes = len(first)
-        n.version = version_of(first)
-        n.streams += 1
-        kind = first[:20]
-        del first  # a full map can be megabytes; keep only its size
-        # a resumed stream gets the delta since its version, or a full map when the coordinator cannot
-        # build one (after a restart it sends full maps: its in-memory online flags start over)
-        assert kind.startswith('{"type":"map"' if since is None else ('{"type":"delta"', '{"type":"map"')), (
-            kind
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: {addr[0]}:{addr[1]}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\nSec-WebSocket-Version: 13\r\n"
+        + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        + "\r\n"
+    )
+    loop = asyncio.get_running_loop()
+    proto = LightStream(n, since)
+    async with asyncio.timeout(120):
+        transport, _ = await loop.create_connection(
+            lambda: proto, addr[0], addr[1], local_addr=(source_address(i), 0)
         )
-        n.resumed_with_map += since is not None and kind.startswith('{"type":"map"')
+    try:
+        transport.write(request.encode())
+        async with asyncio.timeout(120):
+            await proto.first
         ready.set()
-        async for text in ws:  # the task is cancelled at the end of the run
-            if isinstance(text, bytes):
-                text = netmap.inflate_frame(text)
-            now = time.monotonic()
-            n.messages += 1
-            if text.startswith(('{"type":"map"', '{"type":"delta"')):
-                n.version = version_of(text)
-            if n.decode:  # a sample of nodes decodes everything (fails loudly on a bad delta)
-                msg = netmap.decode_server_message(text)
-                if isinstance(msg, netmap.DeltaMessage):
-                    for p in msg.delta.peers_changed:
-                        n.received.setdefault(p.name, now)
-                    if msg.delta.self_node is not None:
-                        n.received.setdefault(msg.delta.self_node.name, now)
-            elif EXPECTED and f'"n":"{EXPECTED[0]}"' in text:
-                n.received.setdefault(EXPECTED[0], now)
+        return await proto.closed
+    finally:
+        transport.close()
 
 
 class Servers:
     """The coordinator process (`coordinator serve` on a fixed loopback port and state dir), restartable."""
 
-    def __init__(self, state: Path, port: int, log: IO[str], extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, state: Path, port: int, log: IO[str]) -> None:
         self.cmd = [
-            str(BIN), "serve", "--listen", f"127.0.0.1:{port}", "--state-dir", str(state), "--stun-port", "0",
-            *extra,
+            str(BIN), "serve", "--listen", f"127.0.0.1:{port}", "--state-dir", str(state), "--stun-port", "0"
         ]  # fmt: skip
         self.log = log
+        self.port = port
         self.current = self._start()
 
     def _start(self) -> subprocess.Popen[str]:
@@ -283,32 +498,17 @@ class Servers:
         self.current = self._start()
 
 
-URLS: list[str] = []  #: --replicas: every replica's URL; node i uses URLS[i % len(URLS)]
-
-
-def url_for(url: str, i: int) -> str:
-    return URLS[i % len(URLS)] if URLS else url
-
-
-class ReplicaSet(Servers):
-    """--replicas N: N `coordinator serve` on one database; `current` is replica 0 (admin, figures)."""
-
-    def __init__(self, servers: list[Servers]) -> None:
-        self.replicas = servers
-        self.log = servers[0].log
-        self.current = servers[0].current
-
-    def stop(self) -> None:
-        for r in self.replicas:
-            r.current.send_signal(signal.SIGTERM)  # all at once, then wait for each
-        for r in self.replicas:
-            r.stop()
-
-    def restart(self) -> None:
-        self.stop()
-        for r in self.replicas:
-            r.current = r._start()
-        self.current = self.replicas[0].current
+async def until_listening(port: int, limit: float) -> float:
+    """When (monotonic) the coordinator's port accepts connections again."""
+    while time.monotonic() < limit:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        return time.monotonic()
+    return limit
 
 
 async def restart_storm(
@@ -321,13 +521,16 @@ async def restart_storm(
     await asyncio.to_thread(servers.restart)
     t_up = time.monotonic() - t0
     limit = t0 + args.storm_seconds
+    listening = asyncio.create_task(until_listening(servers.port, limit))
     while time.monotonic() < limit and any(  # noqa: ASYNC110 - bounded poll
         n.streams <= k for n, k in zip(nodes, opened, strict=True)
     ):
         await asyncio.sleep(0.1)
     back = [n.got_map - t0 for n, k in zip(nodes, opened, strict=True) if n.streams > k and n.got_map]
+    t_listen = (await listening) - t0
     print(
-        f"restart storm: coordinator back in {t_up:.1f} s, {len(back)}/{len(nodes)} streams back, "
+        f"restart storm: coordinator stopped and started in {t_up:.1f} s, listening after {t_listen:.1f} s, "
+        f"{len(back)}/{len(nodes)} streams back, "
         f"last after {max(back, default=0):.1f} s",
         flush=True,
     )
@@ -337,15 +540,22 @@ async def restart_storm(
         "restart_storm_p50_seconds": round(pct(back, 50), 1),
         "restart_coordinator_down_seconds": round(t_up, 1),
         "restart_full_maps": sum(n.resumed_with_map for n in nodes),
+        # the new process's start (imports, migrations check, loading the nodes) until its port accepts,
+        # from the restart; the storm proper is what comes after it
+        "restart_listening_seconds": round(t_listen, 1),
+        "restart_storm_after_listening_seconds": round(max(back) - t_listen, 1) if back else None,
     }
 
 
-async def main_async(args: argparse.Namespace, servers: Servers, state: Path, url: str) -> dict[str, object]:
+async def main_async(
+    args: argparse.Namespace, servers: Servers, state: Path, url: str, nodes: list[SimNode], seeded: int
+) -> dict[str, object]:
     server = servers.current
     deadline = time.monotonic() + args.max_seconds
     results: dict[str, object] = {"nodes": args.nodes}
     tasks: list[asyncio.Task[None]] = []
     stop = asyncio.Event()
+    addr = ("127.0.0.1", int(url.rsplit(":", 1)[1]))
     try:
         admin = AdminClient(state / "admin.sock")
         while True:
@@ -356,24 +566,33 @@ async def main_async(args: argparse.Namespace, servers: Servers, state: Path, ur
                 if server.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("coordinator did not start (see its log)") from None
                 await asyncio.sleep(0.1)
-        admin.call("POST", "/admin/users", {"name": "bench"})
+        if not seeded:
+            admin.call("POST", "/admin/users", {"name": "bench"})
         key = admin.call("POST", "/admin/keys", {"user": "bench", "reusable": True, "expiration": 86400})[
             "key"
         ]
         rss0, cpu0 = proc_stats(server.pid)
+        sample = nodes[seeded:]
 
-        nodes = [SimNode(NodeKeys.generate(), decode=i % 100 == 0) for i in range(args.nodes)]
         spy = start_py_spy(args.py_spy and args.py_spy + ".enroll", server.pid)
         t_enroll = await asyncio.wait_for(
-            enroll_all(url, key, nodes, args.concurrency), deadline - time.monotonic()
+            enroll_all(url, key, sample, args.concurrency), deadline - time.monotonic()
         )
         stop_py_spy(spy, args.py_spy and args.py_spy + ".enroll")
         _rss1, cpu1 = proc_stats(server.pid)
         results["enroll_seconds"] = round(t_enroll, 2)
-        results["enroll_per_second"] = round(args.nodes / t_enroll, 1)
+        results["enroll_per_second"] = round(len(sample) / t_enroll, 1) if sample else None
         results["enroll_server_cpu_seconds"] = round(cpu1 - cpu0, 2)
         results["enroll_retries"] = len(RETRIES)
-        print(f"enrolled {args.nodes} nodes in {t_enroll:.1f} s ({args.nodes / t_enroll:.0f}/s)", flush=True)
+        results["enrolled_through_api"] = len(sample)
+        results["seeded_nodes"] = seeded
+        results["seed_seconds"] = SEED_SECONDS[0]
+        print(
+            f"enrolled {len(sample)} nodes through the API in {t_enroll:.1f} s "
+            f"({len(sample) / t_enroll:.0f}/s); {seeded} seeded in {SEED_SECONDS[0]:.1f} s",
+            flush=True,
+        )
+        sim0 = cpu_self()
 
         start = time.monotonic()
         sem = asyncio.Semaphore(args.concurrency)
@@ -390,9 +609,9 @@ async def main_async(args: argparse.Namespace, servers: Servers, state: Path, ur
 
         async def connect(i: int, n: SimNode) -> None:
             ready = asyncio.Event()
-            since = None if i < args.full_maps else latest["version"]
+            since = None if i < args.full_maps else max(latest["version"], NEWEST[0])
             async with sem:
-                task = asyncio.create_task(run_stream(url_for(url, i), n, ready, stop, since))
+                task = asyncio.create_task(run_stream(addr, i, n, ready, stop, since))
                 tasks.append(task)
                 waiter = asyncio.ensure_future(ready.wait())
                 await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
@@ -410,9 +629,9 @@ async def main_async(args: argparse.Namespace, servers: Servers, state: Path, ur
         results["connect_all_seconds"] = round(t_connect, 2)
         results["full_maps_sent"] = min(args.full_maps, args.nodes)
         results["full_map_bytes_per_node"] = nodes[0].map_bytes
-        results["full_map_text_bytes_per_node"] = nodes[0].map_text_bytes
-        results["full_map_wire_bytes_per_peer"] = round(nodes[0].map_bytes / max(1, args.nodes - 1), 1)
         results["connect_server_cpu_seconds"] = round(cpu2 - cpu1, 2)
+        sim1 = cpu_self()
+        results["connect_simulator_cpu_seconds"] = round(sim1 - sim0, 2)
         print(
             f"{args.nodes} streams open with full maps in {t_connect:.1f} s "
             f"({min(args.full_maps, args.nodes)} full maps of {nodes[0].map_bytes / 1024:.0f} KiB, "
@@ -420,6 +639,7 @@ async def main_async(args: argparse.Namespace, servers: Servers, state: Path, ur
             flush=True,
         )
         await asyncio.sleep(1.5)  # let the online-flag deltas of the connect storm drain
+        LOAD[0] = os.getloadavg()[0]
 
         spy = start_py_spy(args.py_spy, server.pid)
         lat_all: list[float] = []
@@ -428,6 +648,7 @@ async def main_async(args: argparse.Namespace, servers: Servers, state: Path, ur
             target = nodes[round_no % len(nodes)]
             new_name = f"renamed{round_no}"
             EXPECTED[:] = [new_name]
+            EXPECTED_BYTES[0] = f'"name":"{new_name}"'.encode()
             t0 = time.monotonic()
             await asyncio.to_thread(
                 admin.call, "POST", f"/admin/nodes/{target.name}/rename", {"new_name": new_name}
@@ -459,8 +680,14 @@ async def main_async(args: argparse.Namespace, servers: Servers, state: Path, ur
         results["server_rss_mib_idle"] = round(rss0, 1)
         results["server_rss_mib_connected"] = round(max(rss2, rss3), 1)
         results["server_cpu_seconds_total"] = round(cpu3 - cpu0, 1)
+        sim2 = cpu_self()
+        results["changes_server_cpu_seconds"] = round(cpu3 - cpu2, 2)
+        results["changes_simulator_cpu_seconds"] = round(sim2 - sim1, 2)
+        results["load_average_before_changes"] = round(LOAD[0], 2)
         if args.storm_seconds > 0:
             results.update(await restart_storm(args, servers, nodes))
+            results["restart_storm_simulator_cpu_seconds"] = round(cpu_self() - sim2, 2)
+        results["load_average_1min_end"] = round(os.getloadavg()[0], 2)
         return results
     finally:
         stop.set()
@@ -473,6 +700,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--nodes", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument(
+        "--enroll-sample",
+        type=int,
+        default=500,
+        metavar="K",
+        help="enroll K nodes through the real API (the enrollment figures); seed the others straight into "
+        "the database with the coordinator's store code before it starts (K >= --nodes: enroll all)",
+    )
     parser.add_argument("--changes", type=int, default=5)
     parser.add_argument("--max-seconds", type=float, default=900)
     parser.add_argument(
@@ -492,20 +727,24 @@ def main() -> None:
         help="restart the coordinator under all streams and wait this long for them all to be back "
         "(0: no restart)",
     )
-    parser.add_argument(
-        "--replicas", type=int, default=1, help="coordinator replicas (2 or more: --postgres)"
-    )
-    parser.add_argument("--postgres", action="store_true", help="a throw-away PostgreSQL (needs root)")
     args = parser.parse_args()
     if not 1 <= args.nodes <= 20000:
         parser.error("--nodes must be between 1 and 20000")
-    if not 1 <= args.replicas <= 4 or (args.replicas > 1 and not args.postgres):
-        parser.error("--replicas must be 1 to 4, and more than 1 needs --postgres")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # clean up the server on SIGTERM too
+    # each process (this simulator, the coordinator, which inherits the limit) holds one descriptor per
+    # stream plus some: raise the hard limit too where allowed (root); say so where it cannot be done
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = min(hard, args.nodes * 2 + 1024)
+    want = args.nodes * 2 + 1024
     if soft < want:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))  # inherited by the coordinator
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(hard, want)))
+        except (ValueError, OSError):
+            if hard < args.nodes + 1024:
+                parser.error(
+                    f"--nodes {args.nodes} needs about {args.nodes + 1024} open files per process; the hard "
+                    f"limit is {hard} (raise it: ulimit -Hn, LimitNOFILE=, or run as root)"
+                )
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     state = Path(tempfile.mkdtemp(prefix=f"coordbench-{os.getpid()}-"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -513,38 +752,16 @@ def main() -> None:
     log = open(state.with_suffix(".log"), "w+")  # noqa: SIM115 - closed below
     MESH_SIZE[0] = args.nodes
     results: dict[str, object] = {}
-    pg = contextlib.ExitStack()
-    if args.postgres:
-        from tests.coordinator import pg as pgtest
-
-        if not pgtest.available():
-            parser.error("--postgres needs root and Debian's postgresql package")
-        key = state.with_suffix(".key")
-        key.write_text(base64.b64encode(os.urandom(32)).decode())
-        db = pgtest.create_database(pg.enter_context(pgtest.postgres_server()))
-        extra: tuple[str, ...] = ("--database", db)
-        extra += ("--secrets-key-file", str(key))
-        replicas = [Servers(state, port, log, extra)]
-        for r in range(1, args.replicas):
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                other = s.getsockname()[1]
-            replicas.append(Servers(Path(f"{state}-r{r}"), other, log, extra))
-            URLS.append(f"http://127.0.0.1:{other}")
-        if URLS:
-            URLS.insert(0, f"http://127.0.0.1:{port}")
-        servers: Servers = ReplicaSet(replicas)
-        results["replicas"] = args.replicas
-    else:
-        servers = Servers(state, port, log)
+    nodes = [SimNode(NodeKeys.generate(), decode=i % 100 == 0) for i in range(args.nodes)]
+    seeded = max(0, args.nodes - args.enroll_sample)
+    if seeded:
+        SEED_SECONDS[0] = round(asyncio.run(seed_nodes(state, nodes[:seeded], "bench")), 1)
+        print(f"seeded {seeded} nodes in {SEED_SECONDS[0]} s", flush=True)
+    servers = Servers(state, port, log)
     try:
-        results.update(asyncio.run(main_async(args, servers, state, f"http://127.0.0.1:{port}")))
+        results = asyncio.run(main_async(args, servers, state, f"http://127.0.0.1:{port}", nodes, seeded))
     finally:
         servers.stop()
-        pg.close()
-        for extra_state in Path(state).parent.glob(f"{state.name}-r*"):
-            shutil.rmtree(extra_state, ignore_errors=True)
-        state.with_suffix(".key").unlink(missing_ok=True)
         log.seek(0)
         lines = log.read().splitlines()
         errors = [line for line in lines if "Traceback" in line or "ERROR" in line or "Error" in line]

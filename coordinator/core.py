@@ -129,6 +129,8 @@ class Core:
         self._janitor: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
         self._reaper: asyncio.Task[None] | None = None  #: removes ephemeral nodes gone too long
+        #: marks offline the nodes online before a graceful restart that did not come back (onlineflags.py)
+        self._settle: asyncio.Task[None] | None = None
         #: called with (node id, reason) right after a node is removed or expired (the relay drops it)
         self.revoke_hooks: list[Callable[[int, str], None]] = []
         self.audit_export = auditexport.AuditExport()  #: opened by start() (--audit-syslog, --audit-jsonl)
@@ -176,6 +178,11 @@ class Core:
             self.pool = AddressPool(self.settings.prefix, ula.value)
             last = (await s.execute(select(func.max(MapChange.version)))).scalar()
             self.state.version = int(last or 0)
+            from coordinator import onlineflags  # it imports this module
+
+            # SQLite: the online flags a graceful stop left (None: a crash, or PostgreSQL, where the other
+            # replicas' presence rows above are the truth)
+            restored = None if self.is_postgres else await onlineflags.take(s, self.state.version)
             recent = (
                 (
                     await s.execute(
@@ -198,8 +205,11 @@ class Core:
                 self.pool.mark(node.ipv4)
                 self.node_keys[node.id] = (b64decode(node.node_public_key), node.expired)
                 if not node.expired:
-                    self.state.put_peer(peer_of(node, online=node.id in online))
-            tx.change("restart")  # streams from before this start get a full map
+                    was_online = node.id in online or (restored is not None and node.id in restored)
+                    self.state.put_peer(peer_of(node, online=was_online))
+            # streams from before this start get a full map, unless the last stop was graceful and left the
+            # online flags (coordinator/onlineflags.py): then they resume with the delta since their version
+            tx.change("restart" if restored is None else "resume")
             signed = await audit.checkpoint(s, self.keys.active_seed)  # also anchors a trail from before them
             if signed is not None:
                 tx.on_commit(lambda: self.anchor_audit(*signed))
@@ -216,6 +226,9 @@ class Core:
             keep = self.settings.audit_retention
             self._retention = asyncio.create_task(auditretention.run(self, keep), name="audit-retention")
         self._started = True
+        if restored:
+            settle = onlineflags.settle(self, restored)
+            self._settle = asyncio.create_task(settle, name="presence-after-restart")
         if self.is_postgres:
             self._listener = asyncio.create_task(self._listen(), name="replica-sync")
         if self.presence is not None:
@@ -223,19 +236,14 @@ class Core:
         log.info("coordinator started: map version %d, %d nodes", self.state.version, len(self.state.peers))
 
     async def stop(self) -> None:
-        for task in (
-            self._janitor,
-            self._listener,
-            self._retention,
-            self._reaper,
-            self._heartbeat,
-            *self.held_writes,
-        ):
+        tasks = (self._janitor, self._listener, self._retention, self._reaper, self._heartbeat, self._settle)
+        for task in (*tasks, *self.held_writes):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        self._janitor = self._listener = self._retention = self._reaper = self._heartbeat = None
+        self._janitor = self._listener = self._retention = self._reaper = None
+        self._heartbeat = self._settle = None
         await self.hub.stop()
         if self.presence is not None and self._started:
             try:  # our nodes go offline now (or stay online on the replica they reconnect to)
@@ -244,6 +252,13 @@ class Core:
                 log.warning("could not drop this replica's presence at stop", exc_info=True)
         if self._started:
             self._started = False
+            if not self.is_postgres:
+                from coordinator import onlineflags  # it imports this module
+
+                try:
+                    await onlineflags.save(self)
+                except Exception:  # the next start sends full maps instead
+                    log.warning("could not save the online flags at stop", exc_info=True)
             try:
                 await self.checkpoint_audit()
             except Exception:  # the database may be gone; the next start signs the head instead

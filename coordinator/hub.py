@@ -102,11 +102,15 @@ class Hub:
         self._cycle: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._on_sent = on_sent
+        #: stop() was called: streams closing now leave their node's online flag alone (a graceful stop
+        #: saves the flags for the next start, coordinator/presence.py, instead of one write per stream)
+        self.stopping = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="map-hub")
 
     async def stop(self) -> None:
+        self.stopping = True
         if self._task:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -209,11 +213,13 @@ class Hub:
     def push_all(self) -> None:
         state = self.state
         current = state.version
-        pendings: dict[int, PendingDelta | None] = {}  #: per `since`: what changed after it
+        peers = state.peers
+        #: per `since`: what changed after it, and the nodes it touches (None: everyone, a policy change)
+        pendings: dict[int, tuple[PendingDelta | None, frozenset[int] | None]] = {}
         frames: dict[tuple[int, str], Frame] = {}  #: per (`since`, view): the shared delta, encoded
         sent = 0
         for node_id, subs in list(self.subscribers.items()):
-            if node_id not in state.peers:
+            if node_id not in peers:
                 for sub in subs:
                     sub.close("node removed or expired")
                 continue
@@ -222,13 +228,15 @@ class Hub:
                 since = sub.version
                 if since >= current:
                     continue
-                if since in pendings:
-                    pending = pendings[since]
-                else:
-                    pending = pendings[since] = state.pending_since(since)
+                entry = pendings.get(since)
+                if entry is None:
+                    found = state.pending_since(since)
+                    touched = None if found is None or found.policy else found.touched
+                    entry = pendings[since] = (found, touched)
+                pending, touched = entry
                 if pending is None:
                     ok = sub.push(state.full_map_message(node_id))
-                elif sub.view != view or not state.shareable(pending, node_id):
+                elif sub.view != view or touched is None or node_id in touched:  # not MapState.shareable
                     ok = sub.push(state.delta_message(pending, node_id))  # signed for this node
                 else:
                     frame = frames.get((since, view))

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import delete, or_, select
 
+from coordinator import onlineflags
 from coordinator import policy as access
 from coordinator.certs import issue_node_cert
 from coordinator.coalesce import Coalescer, HeldWrites
@@ -429,6 +430,10 @@ async def _write_endpoints(
         and (endpoints is None or endpoints == peer.endpoints)
         and (online is None or online == peer.online)
     ):
+        return
+    if endpoints is None and online is not None and not shared:
+        # the flag alone (one replica): committed together with others (onlineflags.py)
+        await onlineflags.writer(core).write(node_id, online)
         return
     async with core.transaction() as tx:
         if shared:

@@ -62,9 +62,15 @@ class Backoff:
         call :meth:`reset` first if the stream worked). After a restart or busy close the wait is
         uniform over a window sized by `mesh_size`; otherwise the delay doubles per failure, with +-50%
         jitter so that nodes that failed together drift apart instead of retrying in lockstep."""
+        window = min(RESTART_SPREAD, max(RECONNECT_MIN, mesh_size / RECONNECT_RATE))
         if status in SPREAD_AFTER:
             self.delay, self.brisk = RECONNECT_MIN, RESTART_ATTEMPTS
-            return random.uniform(0.0, min(RESTART_SPREAD, max(RECONNECT_MIN, mesh_size / RECONNECT_RATE)))
+            return random.uniform(0.0, window)
+        if self.brisk > 0 and window > RESTART_RETRY_MAX:
+            # a large mesh waiting for its coordinator: retries stay spread over the herd's window (about
+            # RECONNECT_RATE attempts per second in all), not every node every 3 s once it is back
+            self.brisk -= 1
+            return random.uniform(RECONNECT_MIN, window)
         wait = self.delay * random.uniform(0.5, 1.5)
         cap = RESTART_RETRY_MAX if self.brisk > 0 else RECONNECT_MAX
         self.brisk = max(0, self.brisk - 1)

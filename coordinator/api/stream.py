@@ -125,10 +125,14 @@ async def stream(ws: WebSocket) -> None:
     sender: asyncio.Task[None] | None = None
     try:
         await ws.accept()
-        pending = state.pending_since(since) if since is not None else None
+        pending, frames = _resumption(core, since) if since is not None else (None, {})
         if pending is None:
             async with _full_map_slots.setdefault(core, asyncio.Semaphore(FULL_MAP_SLOTS)):
                 await _send_first(ws, sub, state, None)
+        elif state.shareable(pending, node_id) and not _touched_since(state, pending, node_id):
+            await _send_shared_first(ws, sub, state, pending, frames)
+            if sub.version < state.version:
+                core.hub.notify()  # the changes after the cached entry go with the next push
         else:
             # the relay map always comes along: a node failing over from another replica (issue 16) holds
             # that replica's relay map, whose embedded relay is gone with it
@@ -147,12 +151,71 @@ async def stream(ws: WebSocket) -> None:
                 await sender
         last = core.hub.remove(sub)
         core.metrics.connected.set(core.hub.connected)
-        if last:
+        if last and not core.hub.stopping:
             with contextlib.suppress(Exception):
                 await nodes.set_endpoints(core, node_id, None, False)
         if sub.close_reason:
             with contextlib.suppress(Exception):
                 await ws.close(code=sub.close_code, reason=sub.close_reason[:120])
+
+
+#: Resumptions (issue 16): per core, when the cache was started and, per `since`, what changed after it
+#: (up to the version current when it was built) and the delta frames shared by views. A storm of streams
+#: resuming from the same few versions (after a restart, or a connect storm) costs a dict look-up and one
+#: write each instead of a delta built and signed per node. An entry may lag the current version by up to
+#: RESUMPTION_TTL: the stream's version is then the entry's and the hub sends it the rest with everyone's.
+_resumptions: weakref.WeakKeyDictionary[
+    Core, tuple[float, dict[int, tuple[PendingDelta | None, dict[str, Frame]]]]
+] = weakref.WeakKeyDictionary()
+RESUMPTION_TTL = 1.0  #: seconds a cached resumption serves (map versions change with every connect)
+RESUMPTIONS_KEPT = 256  #: distinct `since` values cached at once (each may hold a frame per view)
+
+
+def _resumption(core: Core, since: int) -> tuple[PendingDelta | None, dict[str, Frame]]:
+    """What changed after `since` (None: a full map is needed) and the shared frames built for it."""
+    now = time.monotonic()
+    cached = _resumptions.get(core)
+    if cached is None or now - cached[0] > RESUMPTION_TTL or len(cached[1]) >= RESUMPTIONS_KEPT:
+        cached = _resumptions[core] = (now, {})
+    entry = cached[1].get(since)
+    if entry is None:
+        entry = cached[1][since] = (core.state.pending_since(since), {})
+    return entry
+
+
+def _touched_since(state: MapState, pending: PendingDelta, node_id: int) -> bool:
+    """Whether the node or the policy changed after the cached `pending` was built (then its view may
+    differ from the one the shared frame would be signed for: it gets a delta signed for itself)."""
+    if pending.version == state.version:
+        return False
+    key = (pending.version, state.version)
+    newer = _newer.get(state)
+    if newer is None or newer[0] != key:
+        later = state.pending_since(pending.version)
+        newer = _newer[state] = (key, None if later is None or later.policy else later.touched)
+    return newer[1] is None or node_id in newer[1]
+
+
+#: per map state: (cached version, current version) -> the nodes changed in between (None: the policy)
+_newer: weakref.WeakKeyDictionary[MapState, tuple[tuple[int, int], frozenset[int] | None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def _send_shared_first(
+    ws: WebSocket, sub: Subscriber, state: MapState, pending: PendingDelta, frames: dict[str, Frame]
+) -> None:
+    """Send a resuming stream the delta its view shares (:meth:`MapState.shareable`: the change leaves
+    the node and the policy alone, so the node's view is the one it held at `since`; meshd checks the
+    view signature against the map it holds). Built once per (version, since, view)."""
+    view = state.view_of(sub.node_id)
+    frame = frames.get(view)
+    if frame is None:
+        frame = frames[view] = Frame.of(state.shared_delta_message(pending, sub.node_id))
+    sub.version, sub.view = pending.version, view  # the hub sends what changed after pending.version
+    raw = raw_writer(ws)
+    if raw is None or not raw(frame.data):
+        await ws.send_text(frame.text)
 
 
 async def _send_first(ws: WebSocket, sub: Subscriber, state: MapState, pending: PendingDelta | None) -> None:

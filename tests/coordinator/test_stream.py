@@ -261,3 +261,38 @@ async def test_a_meshd_older_than_map_format_2_is_told_to_upgrade(live: Coord) -
         assert (await s.next_map(within=5)).self_node.name == "old"
     assert isinstance(await client.fetch_map(), netmap.MapMessage)
     await client.aclose()
+
+
+async def test_streams_resuming_from_one_version_share_one_view_signed_delta(live: Coord) -> None:
+    """Resumptions from the same version get the same bytes (built once for the view), which verify
+    against the map a node of that view holds, as meshd checks them; a node the changes touched (c
+    renamed, a whose stream came and went) gets a delta signed for itself."""
+    key = await live.user_and_key(reusable=True)
+    a, b, c, d = [await enroll_live(live, name, key) for name in "abcd"]
+    async with a.stream() as sa:
+        seen = await caught_up(sa, live.core)
+    await eventually_async(
+        lambda: a.node_id not in live.core.hub.subscribers, within=5, what="the coordinator saw a leave"
+    )
+    assert (await live.admin.post("/admin/nodes/c/rename", json={"new_name": "sea"})).status_code == 204
+    trusted = list(live.core.keys.trusted)
+    firsts: list[netmap.ServerMessage] = []
+    for client in (b, d, a, c):
+        async with client.stream(since=seen.version) as s:
+            firsts.append(await s.recv(within=5))
+    shared_b, shared_d, own_a, own_c = firsts
+    assert isinstance(shared_b, netmap.DeltaMessage) and shared_b.sig is not None
+    assert isinstance(shared_d, netmap.DeltaMessage) and shared_d.sig is not None
+    assert shared_b.sig.view is not None and shared_d.sig.view == shared_b.sig.view
+    if shared_d.delta.version == shared_b.delta.version:  # b's own online flag may come in between
+        assert shared_d == shared_b
+    assert [p.name for p in shared_b.delta.peers_changed] == ["sea"]
+    assert b.node_id is not None and d.node_id is not None
+    netmap.verify(shared_b, b.node_id, trusted, seen)
+    netmap.verify(shared_d, d.node_id, trusted, seen)
+    for own, client in ((own_a, a), (own_c, c)):
+        assert isinstance(own, netmap.DeltaMessage) and own.sig is not None and own.sig.view is None
+        assert client.node_id is not None
+        netmap.verify(own, client.node_id, trusted)
+    for client in (a, b, c, d):
+        await client.aclose()
