@@ -7,7 +7,6 @@ global options on ``ctx.obj`` (:class:`Globals`); `--json` prints exactly one JS
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -28,6 +27,7 @@ from coordinator import adminclient
 from coordinator.completion import node_names, user_names
 from coordinator.errors import CoordinatorError
 from coordinator.settings import DEFAULT_STATE_DIR, load_settings, parse_duration
+from meshd import eventloop
 from meshd.clikit import fail, options, run
 from meshd.logfmt import EscapingFormatter
 
@@ -217,7 +217,7 @@ def serve(
     settings = load_settings(flags, config_file=config)
     _setup_logging()
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run_server(settings))
+        eventloop.run(run_server(settings))  # uvloop when installed (the relay data path)
 
 
 # ------------------------------------------------------------------------------------------------- users
@@ -593,7 +593,7 @@ def relay_serve(
     _setup_logging()
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(run_relay(opts))
+            eventloop.run(run_relay(opts))
     except OSError as exc:
         fail(f"cannot serve the relay on {listen}: {exc.strerror}")
 

@@ -116,6 +116,9 @@ class TcpClient(ClientConn, asyncio.Protocol):
     def _write(self, data: bytes) -> None:
         self.transport.write(data)
 
+    def _write_parts(self, parts: list[bytes | memoryview]) -> None:
+        self.transport.writelines(parts)  # one send (uvloop: writev) for the whole batch
+
     def _close_transport(self) -> None:
         self.transport.close()
 

@@ -413,6 +413,19 @@ def websocket_url(base: str, path: str) -> str:
     return "ws" + base[len("http") :] + path
 
 
+def check_header(t: int, length: int, pos: int) -> FrameType:
+    """The type of a frame header, or :class:`RelayProtocolError` for an unknown type or a length outside
+    the type's limits (``pos``: the header's stream offset, for the message)."""
+    try:
+        ftype = FrameType(t)
+    except ValueError:
+        raise RelayProtocolError(f"unknown frame type 0x{t:02x} at stream offset +{pos}") from None
+    lo, hi = _LIMITS[ftype]
+    if not lo <= length <= hi:
+        raise RelayProtocolError(f"{ftype.name} frame of {length} bytes outside [{lo}, {hi}]")
+    return ftype
+
+
 class FrameDecoder:
     """Incremental decoder for a byte stream: :meth:`feed` bytes as they arrive, get whole frames back.
 
@@ -435,13 +448,7 @@ class FrameDecoder:
         n = len(buf)
         while n - pos >= HEADER_LEN:
             t, length = HEADER.unpack_from(buf, pos)
-            try:
-                ftype = FrameType(t)
-            except ValueError:
-                raise RelayProtocolError(f"unknown frame type 0x{t:02x} at stream offset +{pos}") from None
-            lo, hi = _LIMITS[ftype]
-            if not lo <= length <= hi:
-                raise RelayProtocolError(f"{ftype.name} frame of {length} bytes outside [{lo}, {hi}]")
+            ftype = check_header(t, length, pos)
             end = pos + HEADER_LEN + length
             if end > n:
                 break

@@ -49,7 +49,7 @@ class PeerProxy(asyncio.DatagramProtocol):
         self.sent += 1
         self.forward(self.peer_key, data)
 
-    def deliver(self, packet: bytes) -> None:
+    def deliver(self, packet: bytes | memoryview) -> None:
         self.delivered += 1
         if self.transport is not None:
             self.transport.sendto(packet, self.wg_addr)
@@ -129,7 +129,7 @@ class ProxyTable:
             proxy = self._proxies[key] = open_proxy(key, self.wg_port, self.forward)
         return proxy
 
-    def deliver(self, src: bytes, packet: bytes) -> None:
+    def deliver(self, src: bytes, packet: bytes | memoryview) -> None:
         """A packet from the relay to WireGuard, from the peer's proxy."""
         try:
             proxy = self.open(src)
