@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from meshd import api, eventloop, hosts
+from meshd import api, hosts
 from meshd import status as st
 from meshd.clikit import fail, options, run
 from meshd.completion import peer_names
@@ -157,7 +157,7 @@ def up(
     )
     daemon = Daemon(opts)
     try:
-        eventloop.run(daemon.run())  # uvloop when installed (the relay data path)
+        asyncio.run(daemon.run())
     except DaemonError as e:
         fail(str(e))
     except KeyboardInterrupt:

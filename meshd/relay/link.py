@@ -30,7 +30,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from meshd.proto import relay
@@ -199,8 +199,7 @@ class _UpgradeProtocol(_Base, asyncio.Protocol):
         self.flush_due = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
         transport.set_write_buffer_limits(high=relay.WRITE_HIGH)
         _tune(transport.get_extra_info("socket"))
         self.peer_ip = _peer_ip(transport)

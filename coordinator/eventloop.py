@@ -1,11 +1,16 @@
-"""The event loop both programs run on: uvloop when it is installed, asyncio's own otherwise.
+"""The coordinator's event loop (``coordinator serve`` and ``coordinator relay serve``): uvloop when it is
+installed, asyncio's own otherwise.
 
-The relay data path (meshd's local proxies and relay links, the coordinator's relay hub and UDP relay
-ports) is per-packet event-loop work: uvloop (libuv, Cython transports) costs fewer CPU cycles per read
-and write than the pure-Python selector loop, and reads up to 32 datagrams per readiness event where
-asyncio reads one, which is what lets the proxies hand several packets to the relay at once. Nothing in
-either program depends on which loop runs: uvloop is a drop-in ``asyncio`` loop, and without it (a
-platform without wheels, a trimmed install) everything works the same, only slower.
+The relay data path (the relay hub's TCP clients, the UDP relay ports' userspace forwarding) is
+per-packet event-loop work: uvloop (libuv, Cython transports) costs fewer CPU cycles per read and write
+than the pure-Python selector loop and reads up to 32 datagrams per readiness event where asyncio reads
+one. Nothing depends on which loop runs: uvloop is a drop-in ``asyncio`` loop (its transports are no
+subclasses of asyncio's, so nothing here checks ``isinstance(transport, asyncio.Transport)``), and
+without it (no wheel for the platform, a trimmed install) everything works the same, only slower.
+
+meshd stays on asyncio's loop: pyroute2's async netlink sockets are datagram endpoints of family
+AF_NETLINK, which uvloop's ``create_datagram_endpoint`` refuses ("invalid family 16"). Its relay path
+batches without uvloop (meshd/relay/link.py).
 
 ``MESH_EVENT_LOOP=asyncio`` in the environment forces asyncio's loop (benchmarks/relay_throughput.py
 compares both in one run; also a way out should uvloop ever misbehave on some system).
