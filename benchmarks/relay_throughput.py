@@ -64,6 +64,7 @@ from fastapi import FastAPI
 from nacl.signing import SigningKey
 from prometheus_client import CollectorRegistry
 
+from coordinator import eventloop
 from coordinator.relay.front import install
 from coordinator.relay.hub import RelayHub, RelayMetrics
 from meshd.proto import ticket
@@ -97,15 +98,27 @@ async def main(pairs: int, duration: float, size: int, rate: int) -> None:
         await asyncio.sleep(0.01)
     received = [0]
 
-    def on_packet(src: bytes, pkt: bytes) -> None:
+    def on_packet(src: bytes, pkt: bytes | memoryview) -> None:
         received[0] += 1
 
     keys = [os.urandom(32) for _ in range(2 * pairs)]
     links = []
     t0 = time.monotonic()
     for i, k in enumerate(keys):
-        t = ticket.make(i + 1, b64encode(k), seed, time.time()).encode()
-        links.append(await rlink.connect(url, k, t, home=True, on_packet=on_packet))
+        node = SigningKey(os.urandom(32))  # the node key that signs the hello
+        node_pub = b64encode(bytes(node.verify_key))
+        t = ticket.make(i + 1, node_pub, b64encode(k), 1, seed, time.time()).encode()
+        links.append(
+            await rlink.connect(
+                url,
+                k,
+                t,
+                sign=lambda m, node=node: node.sign(m).signature,
+                region_id=1,
+                home=True,
+                on_packet=on_packet,
+            )
+        )
     print(f"{len(links)} clients connected in {time.monotonic() - t0:.2f} s; RSS {rss_mib():.1f} MiB")
     payload = os.urandom(size)
     sent = 0
@@ -665,6 +678,6 @@ if __name__ == "__main__":
             iperf_part(min(max(a.seconds, 1.0), 60.0), min(max(a.repeat, 1), 10))
     if a.soak or both:
         if a.quick:
-            asyncio.run(main(20, 10.0, a.size, a.rate))
+            eventloop.run(main(20, 10.0, a.size, a.rate))
         else:
-            asyncio.run(main(a.pairs, min(a.duration, 600.0), a.size, a.rate))
+            eventloop.run(main(a.pairs, min(a.duration, 600.0), a.size, a.rate))
