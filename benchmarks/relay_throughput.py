@@ -203,6 +203,10 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("UDP relay, kernel", transport="udp"),
     Variant("UDP relay, userspace", env=(("MESHRELAY_USERSPACE", "1"),), transport="udp"),
     Variant("TCP relay", flags=("--relay-udp-ports", "0")),
+    # the TCP relay with the kernel's buffer autotuning instead of meshd.proto.relay.SOCK_BUF
+    Variant(
+        "TCP relay, autotuned buffers", flags=("--relay-udp-ports", "0"), env=(("MESHRELAY_TCP_BUF", "auto"),)
+    ),
     # the same TCP relay on asyncio's own loop: what uvloop buys, measured in the same run
     Variant(
         "TCP relay, asyncio loop", flags=("--relay-udp-ports", "0"), env=(("MESH_EVENT_LOOP", "asyncio"),)
@@ -286,7 +290,9 @@ def _relayed_pair(lab: Any, mesh: Any, v: Variant, delay: float) -> tuple[Any, A
     return a, b
 
 
-def transports_part(seconds: float, rounds: int, delays: list[float], spy_dir: str | None) -> None:
+def transports_part(
+    seconds: float, rounds: int, delays: list[float], spy_dir: str | None, only: str | None = None
+) -> None:
     """iperf3 TCP over a bare wireguard-go pair (direct) and each relay variant of an EDM-EDM pair, all in
     one lab, at each link delay; every path is set up first, then the rounds interleave the paths (the
     machine is shared: a load change hits every path alike). Prints a Markdown table: Mbit/s, the ratio
@@ -296,7 +302,7 @@ def transports_part(seconds: float, rounds: int, delays: list[float], spy_dir: s
     from tests.netns.lab import Lab, LabError
     from tests.netns.mesh import Mesh, MeshError
 
-    variants = list(VARIANTS)
+    variants = [v for v in VARIANTS if not only or only.lower() in v.name.lower()]
     if PEER_RELAY is not None:
         variants.append(Variant("peer relay", transport=PEER_RELAY[1]))
     load0 = os.getloadavg()
@@ -412,7 +418,11 @@ def capacity_part(pairs: int, seconds: float, which: str) -> None:
     from tests.netns.lab import Lab, LabError
     from tests.netns.mesh import Mesh, MeshError
 
-    v = {"udp-kernel": VARIANTS[1], "udp-userspace": VARIANTS[2], "tcp": VARIANTS[3]}[which]
+    v = {x.name: x for x in VARIANTS}[
+        {"udp-kernel": "UDP relay, kernel", "udp-userspace": "UDP relay, userspace", "tcp": "TCP relay"}[
+            which
+        ]
+    ]
     load0 = os.getloadavg()
     t0 = time.monotonic()
     deadline = t0 + CAPACITY_SETUP
@@ -643,6 +653,7 @@ if __name__ == "__main__":
     ap.add_argument(
         "--delays", default="0,20", help="--transports: one-way WAN link delays, ms (default 0,20)"
     )
+    ap.add_argument("--only", help="--transports: only the relay variants whose name has this text")
     ap.add_argument("--py-spy", metavar="DIR", help="--transports: py-spy the TCP relay rows' first round")
     ap.add_argument("--seconds", type=float, default=5.0, help="iperf: seconds per measurement")
     ap.add_argument("--repeat", type=int, default=2, help="iperf: alternating bare/relay rounds")
@@ -666,7 +677,8 @@ if __name__ == "__main__":
         if os.geteuid() != 0:
             sys.exit("error: --transports needs root (network namespaces)")
         delays = [min(max(float(d), 0.0), 200.0) for d in a.delays.split(",") if d.strip()]
-        transports_part(min(max(a.seconds, 1.0), 60.0), min(max(a.repeat, 1), 10), delays or [0.0], a.py_spy)
+        rounds = min(max(a.repeat, 1), 10)
+        transports_part(min(max(a.seconds, 1.0), 60.0), rounds, delays or [0.0], a.py_spy, a.only)
         sys.exit(0)
     both = not (a.iperf or a.soak)
     if a.iperf or both:

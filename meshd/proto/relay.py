@@ -34,6 +34,7 @@ import collections
 import hashlib
 import json
 import math
+import os
 import socket
 import struct
 from dataclasses import dataclass, field
@@ -60,6 +61,10 @@ SOCKET_OPTIONS: tuple[tuple[int, int, int], ...] = (
     (socket.SOL_SOCKET, socket.SO_SNDBUF, SOCK_BUF),
     (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),  # packets are latency-sensitive, never wait for Nagle
 )
+#: ``MESHRELAY_TCP_BUF=auto`` when a process starts: no buffer sizes on relay TCP sockets, the kernel's
+#: autotuning instead (net.ipv4.tcp_rmem/tcp_wmem); benchmarks/relay_throughput.py compares both
+if os.environ.get("MESHRELAY_TCP_BUF") == "auto":
+    SOCKET_OPTIONS = tuple(o for o in SOCKET_OPTIONS if o[1] not in (socket.SO_RCVBUF, socket.SO_SNDBUF))
 #: Asyncio write-buffer high-water mark on a relay connection, both ends: above it the peer counts as
 #: slow (the relay queues up to QUEUE_BYTES more, then drops the oldest; meshd drops new packets). It
 #: bounds process memory per connection, unlike SOCK_BUF (kernel memory, capped by net.core.wmem_max).
