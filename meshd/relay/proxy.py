@@ -28,7 +28,7 @@ from collections.abc import Callable, Collection
 
 log = logging.getLogger("meshd.relay")
 
-SOCK_BUF = 4 << 20  #: UDP buffers (the local leg; the TCP relay leg uses meshd.proto.relay.SOCK_BUF)
+SOCK_BUF = 4 << 20  #: UDP buffers (the local leg; the TCP relay leg autotunes: meshd.proto.relay.SOCK_BUF)
 SO_SNDBUFFORCE = 32  #: Linux socket(7)
 SO_RCVBUFFORCE = 33
 LOOPBACK = "127.0.0.1"
