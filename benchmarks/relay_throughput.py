@@ -407,7 +407,7 @@ def _stop_spies(spies: list[tuple[Any, str]]) -> None:
         stop_py_spy(proc, path)
 
 
-CAPACITY_SETUP = 900.0  #: seconds the capacity lab may take to come up at most (bounded, then it fails)
+CAPACITY_SETUP = 1800.0  #: seconds the capacity lab may take to come up (50 pairs: 22 min at load ~15)
 
 
 def capacity_part(pairs: int, seconds: float, which: str) -> None:
