@@ -7,7 +7,6 @@ global options on ``ctx.obj`` (:class:`Globals`); `--json` prints exactly one JS
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -24,7 +23,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from coordinator import adminclient
+from coordinator import adminclient, eventloop
 from coordinator.completion import node_names, user_names
 from coordinator.errors import CoordinatorError
 from coordinator.settings import DEFAULT_STATE_DIR, load_settings, parse_duration
@@ -233,7 +232,7 @@ def serve(
     settings = load_settings(flags, config_file=config)
     _setup_logging()
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run_server(settings))
+        eventloop.run(run_server(settings))  # uvloop when installed (the relay data path)
 
 
 # ------------------------------------------------------------------------------------------------- users
@@ -618,7 +617,7 @@ def relay_serve(
     _setup_logging()
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(run_relay(opts))
+            eventloop.run(run_relay(opts))
     except OSError as exc:
         fail(f"cannot serve the relay on {listen}: {exc.strerror}")
 
@@ -728,7 +727,7 @@ def secrets_rekey(
         fail("give the current key: --secrets-key-file FILE or $COORDINATOR_SECRETS_KEY")
     new = sharedsecrets.key_from(new_key_file)
     assert new is not None
-    count = asyncio.run(_rekey(settings.database_url, old, new))
+    count = eventloop.run(_rekey(settings.database_url, old, new))
     out.print(f"re-sealed {count} shared secret(s) with key {new.id}; restart each replica with the new key")
 
 

@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import time
 import weakref
+from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
@@ -242,8 +243,9 @@ def raw_writer(ws: WebSocket) -> RawWriter | None:
     proto = getattr(getattr(ws, "_send", None), "__self__", None)
     if type(proto).__name__ != "WebSocketsSansIOProtocol":
         return None
-    transport = getattr(proto, "transport", None)
-    if not isinstance(transport, asyncio.WriteTransport):
+    transport: Any = getattr(proto, "transport", None)
+    # duck-typed: uvloop's transports do not subclass asyncio.WriteTransport
+    if not callable(getattr(transport, "write", None)) or not hasattr(transport, "get_write_buffer_size"):
         return None
 
     def write(data: bytes) -> bool:

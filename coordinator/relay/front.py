@@ -23,7 +23,7 @@ import collections
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from coordinator.relay.hub import WRITE_HIGH, ClientConn, RelayHub
 from meshd.proto import relay
@@ -116,6 +116,9 @@ class TcpClient(ClientConn, asyncio.Protocol):
     def _write(self, data: bytes) -> None:
         self.transport.write(data)
 
+    def _write_parts(self, parts: list[bytes | memoryview]) -> None:
+        self.transport.writelines(parts)  # one send (uvloop: writev) for the whole batch
+
     def _close_transport(self) -> None:
         self.transport.close()
 
@@ -156,8 +159,7 @@ def front_protocol(hub: RelayHub | None, preauth: PreAuth | None = None) -> type
             self.client: TcpClient | None = None  #: after the upgrade, until its CLIENT_HELLO
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            assert isinstance(transport, asyncio.Transport)
-            self.transport = transport
+            self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
             peername = transport.get_extra_info("peername")
             source = str(peername[0]) if peername else "?"
             if not limits.admit(id(self), source, transport):

@@ -5,9 +5,14 @@ received bytes to :meth:`ClientConn.feed` and implements ``_write``/``_close``. 
 bounded queue used while its transport is paused (its socket buffer is full): when the queue is full
 the OLDEST frame is dropped and counted, so a slow client never stalls the sender or anyone else.
 
-Memory per client is bounded in bytes: the transport buffer up to WRITE_HIGH (256 KiB), then the queue
-up to QUEUE_BYTES (1 MiB) of frames no larger than relay.MAX_PACKET + 37 bytes each. N clients that never
-read cost the relay about N x 1.3 MiB (tests/hostile/test_relay_memory.py).
+Memory per client is bounded in bytes: the transport buffer up to WRITE_HIGH (256 KiB) plus one batch,
+then the queue up to QUEUE_BYTES (1 MiB) of frames no larger than relay.MAX_PACKET + 37 bytes each. N
+clients that never read cost the relay about N x 1.3 MiB (tests/hostile/test_relay_memory.py).
+
+The data path (issue 14): each read is split by :class:`meshd.proto.relaystream.PacketStream`, so a packet
+is a memoryview into the bytes read (no copy, no frame object); the RECV_PACKET frames a read yields for
+one client are handed to its transport as one ``writelines`` (one send for up to BATCH frames, not one
+per packet), and the counters are updated once per read.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from meshd.proto import relay, relayfeed, relayport
 from meshd.proto.relay import FrameType, RelayProtocolError
 from meshd.proto.relayfeed import SessionRecord
+from meshd.proto.relaystream import PacketStream
 from meshd.proto.ticket import TicketError, TicketPayload
 
 if TYPE_CHECKING:
@@ -49,6 +55,11 @@ HOLD_PER_PEER = 8
 HOLD_TOTAL = 4096
 HOLD_MAX_BYTES = 256  #: WireGuard handshake messages are 148, 92 and 64 bytes
 _RECV_HDR = relay.HEADER
+_RECV = FrameType.RECV_PACKET
+#: RECV_PACKET frames written to one client at once at most (~48 KiB at full size): a batch may take the
+#: transport buffer this far past WRITE_HIGH before the client counts as slow
+BATCH = 32
+Parts = list[bytes | memoryview]  #: frames as (header + key, packet) pairs of parts
 
 
 class RelayMetrics:
@@ -92,7 +103,7 @@ class ClientConn:
         self.node_id = -1
         self.home = False
         self.not_after = 0.0
-        self.decoder = relay.FrameDecoder()
+        self.decoder = PacketStream(FrameType.SEND_PACKET)
         #: frames waiting while the transport is paused: at most QUEUE_FRAMES and QUEUE_BYTES (``queued``
         #: is their size), then the oldest is dropped
         self.queue: collections.deque[bytes] = collections.deque()
@@ -120,14 +131,25 @@ class ClientConn:
         """Bytes from the client: decode and act; a protocol error closes this connection only."""
         if self.closed:
             return
+        batches: dict[ClientConn, Parts] = {}
         try:
-            for frame in self.decoder.feed(data):
-                self._frame(frame)
+            for item in self.decoder.feed(data):
+                if type(item) is tuple:
+                    self._packet(item[0], item[1], batches)
+                else:
+                    assert isinstance(item, relay.Frame)
+                    self._frame(item)
+                if self.closed:
+                    break
         except RelayProtocolError as exc:
             self.hub.metrics.closed.labels(self.hub.region).inc()
             self.close(f"protocol error: {exc}", tell=True)
         except TicketError as exc:
             self.close(f"refused: {exc}", tell=True)
+        finally:
+            for target, parts in batches.items():
+                if parts:
+                    target.send_parts(parts)
 
     def eof(self) -> None:
         try:
@@ -162,6 +184,20 @@ class ClientConn:
             self.drops += 1
             self.hub.metrics.drops.labels(self.hub.region, "queue").inc()
 
+    def send_parts(self, parts: Parts) -> None:
+        """Several frames at once, each as two parts (header + key, packet): one write while the
+        transport takes them, else frame by frame into the bounded queue."""
+        if self.closed:
+            return
+        if not self.paused:
+            self._write_parts(parts)
+            return
+        for i in range(0, len(parts), 2):
+            self.send(b"".join((parts[i], parts[i + 1])))
+
+    def _write_parts(self, parts: Parts) -> None:
+        self._write(b"".join(parts))
+
     def close(self, reason: str, tell: bool = False) -> None:
         if self.closed:
             return
@@ -175,22 +211,34 @@ class ClientConn:
         self._close_transport()
 
     # -- frames --------------------------------------------------------------------------------------
+    def _packet(self, dst: bytes, packet: memoryview, batches: dict[ClientConn, Parts]) -> None:
+        """SEND_PACKET: onto the batch for its destination (written when the read is done, or at BATCH)."""
+        if self.key is None:
+            raise RelayProtocolError("SEND_PACKET before CLIENT_HELLO")
+        n = len(packet)
+        self.rx_bytes += n
+        hub = self.hub
+        target = hub.clients.get(dst)
+        if target is None:
+            if not hub.hold(dst, self.key, bytes(packet)):
+                hub.metrics.drops.labels(hub.region, "no_peer").inc()
+            self.send(relay.peer_gone(dst))
+            return
+        target.tx_bytes += n
+        parts = batches.get(target)
+        if parts is None:
+            parts = batches[target] = []
+        parts.append(_RECV_HDR.pack(_RECV, relay.KEY_LEN + n) + self.key)
+        parts.append(packet)
+        if len(parts) >= 2 * BATCH:
+            target.send_parts(parts)
+            batches[target] = []
+        hub.count(n)
+
     def _frame(self, frame: relay.Frame) -> None:
         t = frame.type
-        if t == FrameType.SEND_PACKET and self.key is not None:
-            p = frame.payload
-            dst = p[:32]
-            n = len(p) - 32
-            self.rx_bytes += n
-            target = self.hub.clients.get(dst)
-            if target is None:
-                if not self.hub.hold(dst, self.key, p[32:]):
-                    self.hub.metrics.drops.labels(self.hub.region, "no_peer").inc()
-                self.send(relay.peer_gone(dst))
-                return
-            target.tx_bytes += n
-            target.send(_RECV_HDR.pack(FrameType.RECV_PACKET, len(p)) + self.key + p[32:])
-            self.hub.count(n)
+        if t == FrameType.SEND_PACKET:  # PacketStream hands these to _packet: never here
+            raise RelayProtocolError("SEND_PACKET outside the data path")
         elif t == FrameType.CLIENT_HELLO:
             self.hub.hello(self, relay.parse_hello(frame))
         elif self.key is None:

@@ -39,7 +39,6 @@ HEADER_LEN = len(MAGIC) + KEY_LEN + NONCE_LEN
 MAX_LEN = 256
 
 
-
 class DiscoError(ValueError):
     """Not a probe of ours, or one that does not open; the text says which."""
 

@@ -34,6 +34,7 @@ import collections
 import hashlib
 import json
 import math
+import os
 import socket
 import struct
 from dataclasses import dataclass, field
@@ -51,18 +52,28 @@ TICKET_PATH = "/api/v1/relay/ticket"  #: ``POST`` (signed node request): a relay
 UPGRADE_TOKEN = "meshrelay"
 #: Largest HTTP head either side reads before giving up (request on the server, 101 on the client)
 MAX_HEAD = 16384
-#: Socket buffers for relay sockets: the relay path is bulk WireGuard traffic and the ~208 KiB default
-#: overflows under load. Kernel memory: the process's own buffer is bounded by WRITE_HIGH below.
+#: Socket buffers of relay TCP sockets: NOT set by default, on purpose. An explicit SO_SNDBUF/SO_RCVBUF
+#: turns the kernel's autotuning off; 4 MiB (the kernel doubles it) in front of a path that carries
+#: 100-300 Mbit/s is 0.2-0.7 s of queue, and the inner TCP flows, whose packets ride in this stream,
+#: see that as RTT and answer every loss late (TCP inside TCP). Autotuning (net.ipv4.tcp_wmem/tcp_rmem,
+#: up to 4 and 6 MiB) sizes the buffers to the outer connection's bandwidth-delay product instead, which
+#: covers a 20 ms link as well. Measured in one run (benchmarks/relay_throughput.py --only "TCP relay",
+#: load ~11): 114 Mbit/s autotuned vs 86 with 4 MiB fixed. ``MESHRELAY_TCP_BUF=fixed`` in the
+#: environment when a process starts sets SOCK_BUF again (the benchmark's comparison row).
 SOCK_BUF = 4 << 20
 #: (level, option, value) both ends set on a relay TCP socket (best effort: a failure is not an error)
 SOCKET_OPTIONS: tuple[tuple[int, int, int], ...] = (
-    (socket.SOL_SOCKET, socket.SO_RCVBUF, SOCK_BUF),
-    (socket.SOL_SOCKET, socket.SO_SNDBUF, SOCK_BUF),
     (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),  # packets are latency-sensitive, never wait for Nagle
 )
+if os.environ.get("MESHRELAY_TCP_BUF") == "fixed":
+    SOCKET_OPTIONS = (
+        (socket.SOL_SOCKET, socket.SO_RCVBUF, SOCK_BUF),
+        (socket.SOL_SOCKET, socket.SO_SNDBUF, SOCK_BUF),
+        *SOCKET_OPTIONS,
+    )
 #: Asyncio write-buffer high-water mark on a relay connection, both ends: above it the peer counts as
 #: slow (the relay queues up to QUEUE_BYTES more, then drops the oldest; meshd drops new packets). It
-#: bounds process memory per connection, unlike SOCK_BUF (kernel memory, capped by net.core.wmem_max).
+#: bounds process memory per connection, unlike the socket buffers (kernel memory, capped by tcp_wmem).
 WRITE_HIGH = 256 << 10
 #: Bytes of frames queued for one slow peer (relay: per client; meshd: per relay link) beyond the
 #: transport buffer; past it the oldest (relay) or newest (meshd) packet is dropped and counted. 1 MiB is
@@ -413,6 +424,19 @@ def websocket_url(base: str, path: str) -> str:
     return "ws" + base[len("http") :] + path
 
 
+def check_header(t: int, length: int, pos: int) -> FrameType:
+    """The type of a frame header, or :class:`RelayProtocolError` for an unknown type or a length outside
+    the type's limits (``pos``: the header's stream offset, for the message)."""
+    try:
+        ftype = FrameType(t)
+    except ValueError:
+        raise RelayProtocolError(f"unknown frame type 0x{t:02x} at stream offset +{pos}") from None
+    lo, hi = _LIMITS[ftype]
+    if not lo <= length <= hi:
+        raise RelayProtocolError(f"{ftype.name} frame of {length} bytes outside [{lo}, {hi}]")
+    return ftype
+
+
 class FrameDecoder:
     """Incremental decoder for a byte stream: :meth:`feed` bytes as they arrive, get whole frames back.
 
@@ -435,13 +459,7 @@ class FrameDecoder:
         n = len(buf)
         while n - pos >= HEADER_LEN:
             t, length = HEADER.unpack_from(buf, pos)
-            try:
-                ftype = FrameType(t)
-            except ValueError:
-                raise RelayProtocolError(f"unknown frame type 0x{t:02x} at stream offset +{pos}") from None
-            lo, hi = _LIMITS[ftype]
-            if not lo <= length <= hi:
-                raise RelayProtocolError(f"{ftype.name} frame of {length} bytes outside [{lo}, {hi}]")
+            ftype = check_header(t, length, pos)
             end = pos + HEADER_LEN + length
             if end > n:
                 break

@@ -30,7 +30,6 @@ FINGERPRINT_XOR = 0x5354554E  # RFC 8489 §14.7
 MAX_MESSAGE = 1280  # larger datagrams are not STUN we will answer (keeps parsing bounded)
 
 
-
 class StunError(ValueError):
     """A datagram is not a well-formed STUN message; the text says what was wrong and where."""
 

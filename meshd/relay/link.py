@@ -10,6 +10,13 @@ buffer is above :data:`meshd.proto.relay.WRITE_HIGH` (256 KiB), or the WebSocket
 counted, as a congested network would; WireGuard recovers. Control frames (ping, ticket renewal, close)
 are never dropped: we send them on our own timers, so they cannot pile up. A packet over
 :data:`meshd.proto.relay.MAX_PACKET` is dropped too (the relay would close the link on it).
+
+The data path (issue 14): packets from the local proxies are written to the Upgrade transport in batches
+(what arrived in one event-loop iteration, at most :data:`BATCH`: one ``writelines``, one send, instead of
+one per packet; uvloop reads up to 32 datagrams per wake-up, so a batch fills under load and costs no
+latency when idle), and the relay's RECV_PACKET frames are split by
+:class:`meshd.proto.relaystream.PacketStream`, so a packet reaches the proxy socket as a memoryview into
+the bytes read, without a copy.
 """
 
 from __future__ import annotations
@@ -23,23 +30,26 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from meshd.proto import relay
 from meshd.proto.relay import Challenge, FrameType, RelayProtocolError, ServerHello
+from meshd.proto.relaystream import PacketStream
 
 log = logging.getLogger("meshd.relay")
 
 CONNECT_TIMEOUT = 5.0
 OUT_FRAMES = 2048  #: WebSocket frames queued for the writer task at most (then packets are dropped)
+#: packets written to the Upgrade transport at once at most (~42 KiB at the mesh MTU)
+BATCH = 32
 
 
 class RelayLinkError(Exception):
     """Connecting to or talking with a relay failed; the message says how."""
 
 
-PacketHandler = Callable[[bytes, bytes], None]  #: (src key, packet)
+PacketHandler = Callable[[bytes, memoryview], None]  #: (src key, packet: a view into the bytes read)
 Signer = Callable[[bytes], bytes]  #: signs a hello transcript with the node key
 
 
@@ -92,7 +102,7 @@ class _Base:
         self.on_port: Callable[[relay.Frame], None] = lambda f: None
         self.peer_ip: str | None = None  #: the relay's IPv4 address as connected (its UDP ports live there)
         self.me = hello
-        self.decoder = relay.FrameDecoder()
+        self.decoder = PacketStream(FrameType.RECV_PACKET)
         loop = asyncio.get_running_loop()
         self.hello: asyncio.Future[ServerHello] = loop.create_future()
         self.hello.add_done_callback(_retrieve)
@@ -105,6 +115,10 @@ class _Base:
     def write(self, data: bytes, droppable: bool = False) -> None:
         raise NotImplementedError
 
+    def packet(self, dst: bytes, packet: bytes) -> None:
+        """SEND_PACKET(dst, packet), dropped (and counted) while the relay does not keep up."""
+        self.write(relay.HEADER.pack(FrameType.SEND_PACKET, relay.KEY_LEN + len(packet)) + dst + packet, True)
+
     def close(self, reason: str) -> None:
         raise NotImplementedError
 
@@ -115,11 +129,14 @@ class _Base:
         except RelayProtocolError as exc:
             self.close(f"relay broke the framing: {exc}")
             return
+        on_packet = self.on_packet
         for f in frames:
+            if type(f) is tuple:  # RECV_PACKET
+                on_packet(f[0], f[1])
+                continue
+            assert isinstance(f, relay.Frame)
             t = f.type
-            if t == FrameType.RECV_PACKET:
-                self.on_packet(f.key, f.body)
-            elif t == FrameType.SERVER_CHALLENGE:
+            if t == FrameType.SERVER_CHALLENGE:
                 me = self.me
                 if me.challenge is not None:
                     self.close("relay sent a second SERVER_CHALLENGE")
@@ -177,10 +194,12 @@ class _UpgradeProtocol(_Base, asyncio.Protocol):
         self.head = bytearray()  #: the 101 answer so far: at most relay.MAX_HEAD bytes
         self.upgraded = False
         self.paused = False
+        #: packets for the next batch write, as (header + key, packet) pairs of parts
+        self.out: list[bytes] = []
+        self.flush_due = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
         transport.set_write_buffer_limits(high=relay.WRITE_HIGH)
         _tune(transport.get_extra_info("socket"))
         self.peer_ip = _peer_ip(transport)
@@ -219,10 +238,35 @@ class _UpgradeProtocol(_Base, asyncio.Protocol):
         if droppable and self.paused:
             self.dropped += 1
             return
+        if self.out:  # packets first: frames go out in the order they were written
+            self.flush()
         self.transport.write(data)
+
+    def packet(self, dst: bytes, packet: bytes) -> None:
+        if self.paused or self.transport is None:
+            self.dropped += 1
+            return
+        out = self.out
+        out.append(relay.HEADER.pack(FrameType.SEND_PACKET, relay.KEY_LEN + len(packet)) + dst)
+        out.append(packet)
+        if len(out) >= 2 * BATCH:
+            self.flush()
+        elif not self.flush_due:
+            self.flush_due = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write the batched packets (one send); called once per loop iteration while packets come."""
+        self.flush_due = False
+        if not self.out:
+            return
+        parts, self.out = self.out, []
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(parts)
 
     def close(self, reason: str) -> None:
         self._lost(reason)
+        self.out.clear()
         if self.transport is not None:
             self.transport.close()
 
@@ -321,9 +365,7 @@ class RelayLink:
             # sends one, so this is a misconfigured MTU: drop and count it like a congested network
             self._impl.dropped += 1
             return
-        # header + key + packet in one write; no intermediate Frame objects on the hot path
-        data = relay.HEADER.pack(FrameType.SEND_PACKET, relay.KEY_LEN + len(packet)) + dst + packet
-        self._impl.write(data, droppable=True)
+        self._impl.packet(dst, packet)
 
     @property
     def on_port(self) -> Callable[[relay.Frame], None]:

@@ -241,7 +241,7 @@ class RelayManager:
         if r is None or not r.send(dst, packet):
             self.dropped += 1
 
-    def _received(self, src: bytes, packet: bytes) -> None:
+    def _received(self, src: bytes, packet: bytes | memoryview) -> None:
         if (src in self.proxies or src in self.peer_home) and not self._closed:
             self.proxies.deliver(src, packet)
 

@@ -3,7 +3,19 @@
 WireGuard sends the peer's datagrams to this socket; we wrap each in SEND_PACKET(peer key). What the relay
 delivers as RECV_PACKET(src = peer key) we send from this socket to WireGuard's listen port, so WireGuard
 sees the peer at this address. Works with both backends (wireguard-go and the kernel listen on all
-addresses). Socket buffers are sized deliberately (the default ~208 KiB overflows under bulk traffic).
+addresses).
+
+The socket is read directly from the event loop's reader callback, up to :data:`READ_BATCH` datagrams per
+wake-up (asyncio's datagram transport reads one per loop iteration), so the packets WireGuard sent in a
+burst reach the relay link together and leave in one write (meshd/relay/link.py batches per iteration).
+Delivery to WireGuard is one ``sendto`` of the relay's bytes (a view into the read, no copy); a datagram
+the socket cannot take right now is dropped and counted, as a full queue on a UDP path would drop it.
+
+Socket buffers: 4 MiB each way, on purpose. The default (~208 KiB, net.core.rmem_default) holds ~150
+full-size packets: a burst from the relay (a TCP read of 64-256 KiB is delivered back to back) or a
+WireGuard burst while the loop is busy elsewhere overflows it, and every overflow is a loss the inner TCP
+flow answers by halving its window. 4 MiB is ~3000 packets: tens of milliseconds at the rates the relay
+path carries, and only kernel memory actually queued is used (loopback, per relayed peer).
 """
 
 from __future__ import annotations
@@ -13,49 +25,58 @@ import contextlib
 import logging
 import socket
 from collections.abc import Callable, Collection
-from typing import cast
 
 log = logging.getLogger("meshd.relay")
 
-SOCK_BUF = 4 << 20  #: UDP buffers (the local leg; the TCP relay leg uses meshd.proto.relay.SOCK_BUF)
+SOCK_BUF = 4 << 20  #: UDP buffers (the local leg; the TCP relay leg autotunes: meshd.proto.relay.SOCK_BUF)
 SO_SNDBUFFORCE = 32  #: Linux socket(7)
 SO_RCVBUFFORCE = 33
 LOOPBACK = "127.0.0.1"
+READ_BATCH = 64  #: datagrams read per wake-up at most (then the loop serves the others)
+MAX_DATAGRAM = 65535
 
 
-class PeerProxy(asyncio.DatagramProtocol):
+class PeerProxy:
     def __init__(self, peer_key: bytes, wg_port: int, forward: Callable[[bytes, bytes], None]) -> None:
         self.peer_key = peer_key
         self.wg_addr = (LOOPBACK, wg_port)
         self.forward = forward  #: (dst key, packet) -> the relay
-        self.transport: asyncio.DatagramTransport | None = None
         self.sent = 0  #: datagrams from WireGuard forwarded to the relay
         self.delivered = 0  #: datagrams from the relay handed to WireGuard
         self.refused = 0  #: datagrams from anyone but WireGuard
+        self.dropped = 0  #: datagrams for WireGuard the socket could not take
         self.bound: tuple[str, int] = (LOOPBACK, 0)
-        self.task: asyncio.Task[None] | None = None
         self.sock: socket.socket | None = None
         self.closed = False
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
-        if self.closed:
-            self.transport.close()
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        if addr[1] != self.wg_addr[1] or addr[0] != LOOPBACK:
-            self.refused += 1
+    def readable(self) -> None:
+        """The loop's reader callback: forward what WireGuard sent, a batch at a time."""
+        sock = self.sock
+        if sock is None:
             return
-        self.sent += 1
-        self.forward(self.peer_key, data)
+        wg_addr, forward, key = self.wg_addr, self.forward, self.peer_key
+        for _ in range(READ_BATCH):
+            try:
+                data, addr = sock.recvfrom(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. ECONNREFUSED from an ICMP error: nothing to read after all
+                log.debug("relay proxy %s:%d: %s", *self.bound, exc)
+                return
+            if addr != wg_addr:
+                self.refused += 1
+                continue
+            self.sent += 1
+            forward(key, data)
 
-    def deliver(self, packet: bytes) -> None:
+    def deliver(self, packet: bytes | memoryview) -> None:
         self.delivered += 1
-        if self.transport is not None:
-            self.transport.sendto(packet, self.wg_addr)
-        elif self.sock is not None:  # bound a moment ago, not attached to the loop yet
-            with contextlib.suppress(OSError):
-                self.sock.sendto(packet, self.wg_addr)
+        if self.sock is None:
+            return
+        try:
+            self.sock.sendto(packet, self.wg_addr)
+        except OSError:  # the socket buffer is full (or WireGuard is gone): a lost datagram, counted
+            self.dropped += 1
 
     @property
     def address(self) -> tuple[str, int]:
@@ -63,10 +84,11 @@ class PeerProxy(asyncio.DatagramProtocol):
 
     def close(self) -> None:
         self.closed = True
-        if self.transport is not None:
-            self.transport.close()
-        elif self.task is not None:
-            self.task.add_done_callback(lambda _: self.transport.close() if self.transport else None)
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            with contextlib.suppress(RuntimeError, ValueError):  # the loop is closed already
+                asyncio.get_running_loop().remove_reader(sock.fileno())
+            sock.close()
 
 
 def udp_socket(host: str, port: int) -> socket.socket:
@@ -88,22 +110,18 @@ def udp_socket(host: str, port: int) -> socket.socket:
 
 
 def open_proxy(peer_key: bytes, wg_port: int, forward: Callable[[bytes, bytes], None]) -> PeerProxy:
-    """Bind a proxy socket now (synchronously: the endpoint must exist the moment a peer appears)."""
+    """Bind a proxy socket now (synchronously: the endpoint must exist the moment a peer appears) and
+    read it from the running loop."""
     sock = udp_socket(LOOPBACK, 0)
     proto = PeerProxy(peer_key, wg_port, forward)
     proto.bound = (LOOPBACK, int(sock.getsockname()[1]))
     proto.sock = sock
-    # the endpoint exists from here on (datagrams wait in the socket buffer until the loop reads them)
-    proto.task = asyncio.get_running_loop().create_task(_attach(sock, proto))
-    return proto
-
-
-async def _attach(sock: socket.socket, proto: PeerProxy) -> None:
     try:
-        await asyncio.get_running_loop().create_datagram_endpoint(lambda: proto, sock=sock)
-    except OSError as exc:  # the peer's relayed packets go nowhere until the proxy is opened again
-        log.warning("relay proxy on %s:%d failed: %s", *proto.bound, exc)
+        asyncio.get_running_loop().add_reader(sock.fileno(), proto.readable)
+    except BaseException:
         sock.close()
+        raise
+    return proto
 
 
 class ProxyTable:
@@ -129,7 +147,7 @@ class ProxyTable:
             proxy = self._proxies[key] = open_proxy(key, self.wg_port, self.forward)
         return proxy
 
-    def deliver(self, src: bytes, packet: bytes) -> None:
+    def deliver(self, src: bytes, packet: bytes | memoryview) -> None:
         """A packet from the relay to WireGuard, from the peer's proxy."""
         try:
             proxy = self.open(src)

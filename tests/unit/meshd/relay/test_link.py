@@ -166,7 +166,29 @@ async def test_upgrade_link_drops_packets_while_the_relay_does_not_keep_up() -> 
     assert transport.buffered == [b"request", relay.client_hello(KEY, b"ticket", signature, home=True)]
     proto.resume_writing()
     link.send_packet(KEY, b"packet")
+    await asyncio.sleep(0)  # packets go out batched, once per loop iteration
     assert transport.buffered[-1] == relay.send_packet(KEY, b"packet")
+
+
+async def test_upgrade_link_writes_the_packets_of_one_loop_iteration_at_once_in_order() -> None:
+    proto = rlink._UpgradeProtocol(lambda s, p: None, lambda k: None, me(), b"request")
+    transport = StuckTransport()
+    proto.connection_made(transport)
+    link = rlink.RelayLink(proto, "upgrade", HELLO)
+    packets = [i.to_bytes(2, "big") * 600 for i in range(rlink.BATCH + 5)]
+    for p in packets[:3]:
+        link.send_packet(KEY, p)
+    assert transport.buffered == [b"request"]  # nothing yet: the batch closes at the end of the iteration
+    await asyncio.sleep(0)
+    assert transport.buffered[1:] == [b"".join(relay.send_packet(KEY, p) for p in packets[:3])]
+    for p in packets[3:]:  # more than BATCH in one iteration: a full batch goes at once, the rest after
+        link.send_packet(KEY, p)
+    link.renew(KEY, b"ticket", home=True)  # a control frame never overtakes the packets before it
+    await asyncio.sleep(0)
+    assert b"".join(transport.buffered[2:]) == b"".join(
+        [*(relay.send_packet(KEY, p) for p in packets[3:]), transport.buffered[-1]]
+    )
+    assert len(transport.buffered) == 5 and transport.buffered[-1][0] == relay.FrameType.CLIENT_HELLO
 
 
 class StuckWebSocket:
