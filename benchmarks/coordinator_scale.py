@@ -515,6 +515,10 @@ class Servers:
 
     def stop(self) -> None:
         self.current.send_signal(signal.SIGTERM)
+        self.wait()
+
+    def wait(self) -> None:
+        """Wait for the stopping process (a minute at most, then kill it)."""
         try:
             self.current.wait(60)
         except subprocess.TimeoutExpired:
@@ -551,11 +555,7 @@ class ReplicaSet(Servers):
         for r in self.replicas:
             r.current.send_signal(signal.SIGTERM)  # all at once, then wait for each
         for r in self.replicas:
-            try:
-                r.current.wait(60)
-            except subprocess.TimeoutExpired:
-                r.current.kill()
-                r.current.wait()
+            r.wait()
 
     def restart(self) -> None:
         self.stop()
