@@ -22,6 +22,17 @@ would. The JSON reports the simulator's own CPU seconds per phase next to the co
 
     .venv/bin/python benchmarks/coordinator_scale.py --nodes 1000
     .venv/bin/python benchmarks/coordinator_scale.py --nodes 10000 --full-maps 200 --max-seconds 1500
+    .venv/bin/python benchmarks/coordinator_scale.py --nodes 1000 --replicas 2 --postgres   # needs root
+
+`--replicas N --postgres` (issue 16): the same measurements against N replicas on a throw-away
+PostgreSQL (tests/coordinator/pg.py: fsync off) sharing their secrets (`--secrets-key-file`). The seeded
+nodes go into that PostgreSQL database the same way (before any replica starts); node i enrolls and
+streams to replica i mod N, changes are made on replica 0 (so the other nodes hear them through another
+replica), the restart storm restarts every replica, RSS and CPU are replica 0's.
+
+Streams ask for map format 2 (`?proto=2`); a long server message arrives as a binary frame of
+zlib-compressed text: `full_map_bytes_per_node` and `full_map_wire_bytes_per_peer` count bytes on the
+wire, `full_map_text_bytes_per_node` the inflated JSON text.
 
 Simulated nodes keep the raw text of the full map (they do not build dataclasses for thousands of peers:
 that is the daemon's cost, not the coordinator's); one node in 100 decodes every delta with
@@ -68,7 +79,8 @@ class SimNode:
     node_id: int = 0
     name: str = ""
     got_map: float | None = None
-    map_bytes: int = 0
+    map_bytes: int = 0  #: the first message's bytes on the wire (WebSocket payload)
+    map_text_bytes: int = 0  #: the same message as JSON text (a long one arrives zlib-compressed)
     received: dict[str, float] = field(default_factory=dict)  # new name -> arrival time
     messages: int = 0
     decode: bool = False
@@ -156,14 +168,17 @@ def pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
-async def seed_nodes(state: Path, nodes: list[SimNode], user: str, batch: int = 1000) -> float:
+async def seed_nodes(
+    state: Path, nodes: list[SimNode], user: str, extra: dict[str, object], batch: int = 1000
+) -> float:
     """Enroll `nodes` straight into the database of the coordinator about to serve `state`, with the
     nodes' real public keys and through the coordinator's own store pieces: the address pool, the node
     certificate issuer (signed by its key), the map change log ("added" per node) and the audit trail (one
     record per batch); rows go in with one multi-row INSERT per batch. What enrollment commits, without
     the HTTP round trips, proof-of-possession checks and per-node name look-ups that the enrolled sample
-    measures (create_node costs 15 ms a node here on a loaded machine: 10,000 would take minutes)."""
-    from sqlalchemy import func, insert, select
+    measures (create_node costs 15 ms a node here on a loaded machine: 10,000 would take minutes).
+    `extra`: more Settings (--postgres: the database URL and the secrets key file the replicas use)."""
+    from sqlalchemy import func, insert, select, text
 
     from coordinator.certs import issue_node_cert
     from coordinator.core import Core
@@ -172,7 +187,7 @@ async def seed_nodes(state: Path, nodes: list[SimNode], user: str, batch: int = 
     from coordinator.settings import Settings
 
     start = time.monotonic()
-    core = Core(Settings(state_dir=state, stun_port=0))
+    core = Core(Settings(state_dir=state, stun_port=0, **extra))  # type: ignore[arg-type]
     await core.start()
     try:
         user_id = (await create_user(core, user, "admin")).id
@@ -229,6 +244,11 @@ async def seed_nodes(state: Path, nodes: list[SimNode], user: str, batch: int = 
                     f"node:{rows[0]['name']}",
                     {"how": "benchmark seed", "nodes": len(rows), "last": rows[-1]["name"]},
                 )
+        if core.settings.database_url.startswith("postgresql"):  # explicit ids do not move the sequence
+            async with core.transaction() as tx:
+                await tx.session.execute(
+                    text("SELECT setval(pg_get_serial_sequence('nodes', 'id'), (SELECT max(id) FROM nodes))")
+                )
     finally:
         await core.stop()
     return time.monotonic() - start
@@ -246,8 +266,8 @@ async def enroll_all(url: str, key: str, nodes: list[SimNode], concurrency: int)
     for item in enumerate(nodes):
         queue.put_nowait(item)
 
-    async def worker() -> None:
-        async with ControlClient(url, NodeKeys.generate()) as client:
+    async def worker(w: int) -> None:  # worker w enrolls through replica w mod N
+        async with ControlClient(url_for(url, w), NodeKeys.generate()) as client:
             while not queue.empty():
                 i, n = queue.get_nowait()
                 client.keys = n.keys
@@ -263,7 +283,7 @@ async def enroll_all(url: str, key: str, nodes: list[SimNode], concurrency: int)
                 n.node_id, n.name = result.node_id, result.name
 
     start = time.monotonic()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
     return time.monotonic() - start
 
 
@@ -301,6 +321,7 @@ class LightStream(asyncio.Protocol):
         self.buf = bytearray()
         self.upgraded = False
         self.parts: list[bytes] = []  #: fragments of a message sent in several frames
+        self.opcode = 1  #: the message's opcode (its first fragment's: continuations carry 0)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -359,11 +380,16 @@ class LightStream(asyncio.Protocol):
 
     def frame(self, opcode: int, fin: bool, payload: bytes) -> None:
         if opcode in (0, 1, 2):
+            if opcode:
+                self.opcode = opcode
             self.parts.append(payload)
             if fin:
                 message = self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
                 self.parts = []
-                self.message(message)
+                wire = len(message)
+                if self.opcode == 2:  # a long message: zlib-compressed text (format 2)
+                    message = netmap.inflate_frame(message).encode()
+                self.message(message, wire)
         elif opcode == 8:  # close: answer it and report the code
             code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else None
             self.send(8, payload[:2])
@@ -374,12 +400,13 @@ class LightStream(asyncio.Protocol):
         elif opcode == 9:
             self.send(10, payload)
 
-    def message(self, data: bytes) -> None:
+    def message(self, data: bytes, wire: int) -> None:
         n = self.n
         now = time.monotonic()
         if not self.first.done():
             n.got_map = now
-            n.map_bytes = len(data)
+            n.map_bytes = wire
+            n.map_text_bytes = len(data)
             n.version = version_of(data)
             n.streams += 1
             # a resumed stream gets the delta since its version, or a full map when the coordinator
@@ -410,7 +437,7 @@ class LightStream(asyncio.Protocol):
 #: the newest map version any simulated node received: what a node resuming in the connect phase
 #: claims (as a node that was connected a moment ago would), with the admin API's version as a floor
 NEWEST = [0]
-EXPECTED_BYTES: list[bytes] = [b""]  #: '"name":"<EXPECTED[0]>"' as bytes
+EXPECTED_BYTES: list[bytes] = [b""]  #: '"n":"<EXPECTED[0]>"' as bytes (format 2 peer records)
 
 
 async def run_stream(
@@ -447,7 +474,7 @@ async def hold_stream(
     addr: tuple[str, int], i: int, n: SimNode, ready: asyncio.Event, since: int | None
 ) -> int | None:
     """One stream until it closes; returns the close code (None: the connection was lost)."""
-    path = "/api/v1/stream" + (f"?since={since}" if since is not None else "")
+    path = f"/api/v1/stream?proto={netmap.MAP_FORMAT}" + (f"&since={since}" if since is not None else "")
     headers = signing.sign_request(n.keys.node_private, str(n.node_id), "GET", path, b"", time.time())
     request = (
         f"GET {path} HTTP/1.1\r\nHost: {addr[0]}:{addr[1]}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -474,9 +501,10 @@ async def hold_stream(
 class Servers:
     """The coordinator process (`coordinator serve` on a fixed loopback port and state dir), restartable."""
 
-    def __init__(self, state: Path, port: int, log: IO[str]) -> None:
+    def __init__(self, state: Path, port: int, log: IO[str], extra: tuple[str, ...] = ()) -> None:
         self.cmd = [
-            str(BIN), "serve", "--listen", f"127.0.0.1:{port}", "--state-dir", str(state), "--stun-port", "0"
+            str(BIN), "serve", "--listen", f"127.0.0.1:{port}", "--state-dir", str(state), "--stun-port", "0",
+            *extra,
         ]  # fmt: skip
         self.log = log
         self.port = port
@@ -487,6 +515,10 @@ class Servers:
 
     def stop(self) -> None:
         self.current.send_signal(signal.SIGTERM)
+        self.wait()
+
+    def wait(self) -> None:
+        """Wait for the stopping process (a minute at most, then kill it)."""
         try:
             self.current.wait(60)
         except subprocess.TimeoutExpired:
@@ -496,6 +528,40 @@ class Servers:
     def restart(self) -> None:
         self.stop()
         self.current = self._start()
+
+
+PORTS: list[int] = []  #: --replicas: every replica's port; node i uses PORTS[i % len(PORTS)]
+
+
+def url_for(url: str, i: int) -> str:
+    return f"http://127.0.0.1:{PORTS[i % len(PORTS)]}" if PORTS else url
+
+
+def addr_for(addr: tuple[str, int], i: int) -> tuple[str, int]:
+    return ("127.0.0.1", PORTS[i % len(PORTS)]) if PORTS else addr
+
+
+class ReplicaSet(Servers):
+    """--replicas N: N `coordinator serve` on one database; `current` and `port` are replica 0's (the
+    admin socket, the RSS and CPU figures)."""
+
+    def __init__(self, servers: list[Servers]) -> None:
+        self.replicas = servers
+        self.log = servers[0].log
+        self.port = servers[0].port
+        self.current = servers[0].current
+
+    def stop(self) -> None:
+        for r in self.replicas:
+            r.current.send_signal(signal.SIGTERM)  # all at once, then wait for each
+        for r in self.replicas:
+            r.wait()
+
+    def restart(self) -> None:
+        self.stop()
+        for r in self.replicas:
+            r.current = r._start()
+        self.current = self.replicas[0].current
 
 
 async def until_listening(port: int, limit: float) -> float:
@@ -611,7 +677,7 @@ async def main_async(
             ready = asyncio.Event()
             since = None if i < args.full_maps else max(latest["version"], NEWEST[0])
             async with sem:
-                task = asyncio.create_task(run_stream(addr, i, n, ready, stop, since))
+                task = asyncio.create_task(run_stream(addr_for(addr, i), i, n, ready, stop, since))
                 tasks.append(task)
                 waiter = asyncio.ensure_future(ready.wait())
                 await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
@@ -629,6 +695,8 @@ async def main_async(
         results["connect_all_seconds"] = round(t_connect, 2)
         results["full_maps_sent"] = min(args.full_maps, args.nodes)
         results["full_map_bytes_per_node"] = nodes[0].map_bytes
+        results["full_map_text_bytes_per_node"] = nodes[0].map_text_bytes
+        results["full_map_wire_bytes_per_peer"] = round(nodes[0].map_bytes / max(1, args.nodes - 1), 1)
         results["connect_server_cpu_seconds"] = round(cpu2 - cpu1, 2)
         sim1 = cpu_self()
         results["connect_simulator_cpu_seconds"] = round(sim1 - sim0, 2)
@@ -648,7 +716,7 @@ async def main_async(
             target = nodes[round_no % len(nodes)]
             new_name = f"renamed{round_no}"
             EXPECTED[:] = [new_name]
-            EXPECTED_BYTES[0] = f'"name":"{new_name}"'.encode()
+            EXPECTED_BYTES[0] = f'"n":"{new_name}"'.encode()
             t0 = time.monotonic()
             await asyncio.to_thread(
                 admin.call, "POST", f"/admin/nodes/{target.name}/rename", {"new_name": new_name}
@@ -727,9 +795,17 @@ def main() -> None:
         help="restart the coordinator under all streams and wait this long for them all to be back "
         "(0: no restart)",
     )
+    parser.add_argument(
+        "--replicas", type=int, default=1, help="coordinator replicas on one database (2 or more: --postgres)"
+    )
+    parser.add_argument(
+        "--postgres", action="store_true", help="run on a throw-away PostgreSQL (needs root and postgresql)"
+    )
     args = parser.parse_args()
     if not 1 <= args.nodes <= 20000:
         parser.error("--nodes must be between 1 and 20000")
+    if not 1 <= args.replicas <= 4 or (args.replicas > 1 and not args.postgres):
+        parser.error("--replicas must be 1 to 4, and more than 1 needs --postgres")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # clean up the server on SIGTERM too
     # each process (this simulator, the coordinator, which inherits the limit) holds one descriptor per
     # stream plus some: raise the hard limit too where allowed (root); say so where it cannot be done
@@ -754,14 +830,47 @@ def main() -> None:
     results: dict[str, object] = {}
     nodes = [SimNode(NodeKeys.generate(), decode=i % 100 == 0) for i in range(args.nodes)]
     seeded = max(0, args.nodes - args.enroll_sample)
-    if seeded:
-        SEED_SECONDS[0] = round(asyncio.run(seed_nodes(state, nodes[:seeded], "bench")), 1)
-        print(f"seeded {seeded} nodes in {SEED_SECONDS[0]} s", flush=True)
-    servers = Servers(state, port, log)
+    pg = contextlib.ExitStack()
+    servers: Servers | None = None
     try:
-        results = asyncio.run(main_async(args, servers, state, f"http://127.0.0.1:{port}", nodes, seeded))
+        extra: tuple[str, ...] = ()
+        settings: dict[str, object] = {}
+        if args.postgres:
+            from tests.coordinator import pg as pgtest
+
+            if not pgtest.available():
+                parser.error("--postgres needs root and Debian's postgresql package")
+            key = state.with_suffix(".key")
+            key.write_text(base64.b64encode(os.urandom(32)).decode())
+            db = pgtest.create_database(pg.enter_context(pgtest.postgres_server()))
+            extra = ("--database", db, "--secrets-key-file", str(key))
+            settings = {"database": db, "secrets_key_file": key}
+            results["replicas"] = args.replicas
+        if seeded:
+            SEED_SECONDS[0] = round(asyncio.run(seed_nodes(state, nodes[:seeded], "bench", settings)), 1)
+            print(f"seeded {seeded} nodes in {SEED_SECONDS[0]} s", flush=True)
+        if args.replicas > 1:
+            replicas = [Servers(state, port, log, extra)]
+            PORTS.append(port)
+            for r in range(1, args.replicas):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", 0))
+                    other = s.getsockname()[1]
+                replicas.append(Servers(Path(f"{state}-r{r}"), other, log, extra))
+                PORTS.append(other)
+            servers = ReplicaSet(replicas)
+        else:
+            servers = Servers(state, port, log, extra)
+        results.update(
+            asyncio.run(main_async(args, servers, state, f"http://127.0.0.1:{port}", nodes, seeded))
+        )
     finally:
-        servers.stop()
+        if servers is not None:
+            servers.stop()
+        pg.close()
+        for extra_state in state.parent.glob(f"{state.name}-r*"):
+            shutil.rmtree(extra_state, ignore_errors=True)
+        state.with_suffix(".key").unlink(missing_ok=True)
         log.seek(0)
         lines = log.read().splitlines()
         errors = [line for line in lines if "Traceback" in line or "ERROR" in line or "Error" in line]
