@@ -127,6 +127,10 @@ async def stream(ws: WebSocket) -> None:
     try:
         await ws.accept()
         pending, frames = _resumption(core, since) if since is not None else (None, {})
+        if pending is not None:
+            # the relay map always comes along, shared or not: a node failing over from another replica
+            # (issue 16) holds that replica's relay map, whose embedded relay is gone with it
+            pending = dataclasses.replace(pending, relays=True)
         if pending is None:
             async with _full_map_slots.setdefault(core, asyncio.Semaphore(FULL_MAP_SLOTS)):
                 await _send_first(ws, sub, state, None)
@@ -135,9 +139,7 @@ async def stream(ws: WebSocket) -> None:
             if sub.version < state.version:
                 core.hub.notify()  # the changes after the cached entry go with the next push
         else:
-            # the relay map always comes along: a node failing over from another replica (issue 16) holds
-            # that replica's relay map, whose embedded relay is gone with it
-            await _send_first(ws, sub, state, dataclasses.replace(pending, relays=True))
+            await _send_first(ws, sub, state, pending)
         sub.raw = raw_writer(ws)  # from now on shared frames may go straight to the socket
         core.metrics.connected.set(core.hub.connected)
         sender = asyncio.create_task(_send_loop(ws, sub))

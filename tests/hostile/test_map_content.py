@@ -147,7 +147,7 @@ async def test_a_stun_port_of_65535_never_makes_port_65536() -> None:
     from meshd.mapapply import MapApplier
     from meshd.nat.rawport import RawPort, RawPortError
 
-    region = SimpleNamespace(stun_port=65535, url="https://relay.example", name="r1")
+    region = SimpleNamespace(stun_port=65535, url="https://relay.example", name="r1", ipv6=None)
     applier = SimpleNamespace(_resolved={"relay.example": "6.0.0.1"})
     got = await MapApplier._stun_servers(applier, SimpleNamespace(relays=[region]))  # type: ignore[arg-type]
     assert got == [("6.0.0.1", 65535)]
