@@ -618,7 +618,7 @@ async def main_async(
 ) -> dict[str, object]:
     server = servers.current
     deadline = time.monotonic() + args.max_seconds
-    results: dict[str, object] = {"nodes": args.nodes}
+    results: dict[str, object] = {"nodes": args.nodes + args.offline, "streams": args.nodes}
     tasks: list[asyncio.Task[None]] = []
     stop = asyncio.Event()
     addr = ("127.0.0.1", int(url.rsplit(":", 1)[1]))
@@ -632,7 +632,7 @@ async def main_async(
                 if server.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("coordinator did not start (see its log)") from None
                 await asyncio.sleep(0.1)
-        if not seeded:
+        if not seeded and not args.offline:  # seeding made the user
             admin.call("POST", "/admin/users", {"name": "bench"})
         key = admin.call("POST", "/admin/keys", {"user": "bench", "reusable": True, "expiration": 86400})[
             "key"
@@ -652,6 +652,7 @@ async def main_async(
         results["enroll_retries"] = len(RETRIES)
         results["enrolled_through_api"] = len(sample)
         results["seeded_nodes"] = seeded
+        results["offline_nodes"] = args.offline
         results["seed_seconds"] = SEED_SECONDS[0]
         print(
             f"enrolled {len(sample)} nodes through the API in {t_enroll:.1f} s "
@@ -696,7 +697,8 @@ async def main_async(
         results["full_maps_sent"] = min(args.full_maps, args.nodes)
         results["full_map_bytes_per_node"] = nodes[0].map_bytes
         results["full_map_text_bytes_per_node"] = nodes[0].map_text_bytes
-        results["full_map_wire_bytes_per_peer"] = round(nodes[0].map_bytes / max(1, args.nodes - 1), 1)
+        peers = args.nodes + args.offline - 1
+        results["full_map_wire_bytes_per_peer"] = round(nodes[0].map_bytes / max(1, peers), 1)
         results["connect_server_cpu_seconds"] = round(cpu2 - cpu1, 2)
         sim1 = cpu_self()
         results["connect_simulator_cpu_seconds"] = round(sim1 - sim0, 2)
@@ -776,6 +778,14 @@ def main() -> None:
         help="enroll K nodes through the real API (the enrollment figures); seed the others straight into "
         "the database with the coordinator's store code before it starts (K >= --nodes: enroll all)",
     )
+    parser.add_argument(
+        "--offline",
+        type=int,
+        default=0,
+        metavar="M",
+        help="M more nodes seeded into the map that never connect (a mesh larger than one process's open "
+        "file limit lets the coordinator hold streams for: every map counts them, no stream is theirs)",
+    )
     parser.add_argument("--changes", type=int, default=5)
     parser.add_argument("--max-seconds", type=float, default=900)
     parser.add_argument(
@@ -826,10 +836,11 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = open(state.with_suffix(".log"), "w+")  # noqa: SIM115 - closed below
-    MESH_SIZE[0] = args.nodes
+    MESH_SIZE[0] = args.nodes + args.offline
     results: dict[str, object] = {}
     nodes = [SimNode(NodeKeys.generate(), decode=i % 100 == 0) for i in range(args.nodes)]
     seeded = max(0, args.nodes - args.enroll_sample)
+    offline = [SimNode(NodeKeys.generate()) for _ in range(args.offline)]  # in the map, never connected
     pg = contextlib.ExitStack()
     servers: Servers | None = None
     try:
@@ -846,9 +857,11 @@ def main() -> None:
             extra = ("--database", db, "--secrets-key-file", str(key))
             settings = {"database": db, "secrets_key_file": key}
             results["replicas"] = args.replicas
-        if seeded:
-            SEED_SECONDS[0] = round(asyncio.run(seed_nodes(state, nodes[:seeded], "bench", settings)), 1)
-            print(f"seeded {seeded} nodes in {SEED_SECONDS[0]} s", flush=True)
+        if seeded or offline:
+            to_seed = nodes[:seeded] + offline
+            SEED_SECONDS[0] = round(asyncio.run(seed_nodes(state, to_seed, "bench", settings)), 1)
+            never = f"{len(offline)} never connect"
+            print(f"seeded {len(to_seed)} nodes in {SEED_SECONDS[0]} s ({never})", flush=True)
         if args.replicas > 1:
             replicas = [Servers(state, port, log, extra)]
             PORTS.append(port)
