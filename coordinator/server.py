@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import uvicorn
 
-from coordinator import peerrelays
+from coordinator import gcpolicy, peerrelays
 from coordinator.app import create_admin_app, create_app, create_metrics_app
 from coordinator.core import Core
 from coordinator.errors import CoordinatorError
@@ -157,6 +157,8 @@ async def serve(settings: Settings) -> None:
         servers = [node_server, admin_server]
         # peer relays (issue 14): a background planner; its failures are logged and it restarts
         planner = asyncio.create_task(supervise("peer-relays", lambda: peerrelays.run(core)))
+        # long-lived state out of the full collections' way (coordinator/gcpolicy.py: 1 s pauses at 10k)
+        gc_policy = asyncio.create_task(supervise("gc-policy", gcpolicy.run))
         if metrics_tcp is not None:
             metrics_config = uvicorn.Config(
                 create_metrics_app(core), log_level="warning", lifespan="off", timeout_graceful_shutdown=2
@@ -178,9 +180,10 @@ async def serve(settings: Settings) -> None:
         sdnotify.stopping()
         for server in servers:
             server.should_exit = True
-        planner.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await planner
+        for background in (planner, gc_policy):
+            background.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await background
         await relay.stop()
         # close streams so graceful shutdown doesn't wait on them
         await core.hub.stop()
