@@ -4,7 +4,10 @@ A LAN host that runs no meshd sits behind a NAT router, next to two mesh nodes t
 Once the admin approves the route, a client elsewhere reaches the LAN host by ping and ssh through the
 router (masqueraded: the LAN host needs no route back); a node the policy does not allow cannot, though
 it sees the router; removing the approval cuts the path within 1 s; and with both routers approved,
-stopping the primary moves the prefix to the other one.
+stopping the primary moves the prefix to the other one. A third router on a second LAN runs with
+``--snat-subnet-routes=false``: its LAN host routes the overlay back through it and sees the client's own
+mesh address. Every node runs the default ``--dns auto`` (the resolver's address is scope host on the
+mesh interface, never a source address: baabd50).
 """
 
 from __future__ import annotations
@@ -20,9 +23,7 @@ from tests.netns.mesh import Mesh, Node
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
-#: the resolver's address would be the first one on the mesh interface and the kernel's source choice
-#: for routes via it; these tests are about routing, names play no part
-NO_DNS = ("--dns", "off")
+OVERLAY = "100.64.0.0/10"  #: the coordinator's default address pool (coordinator/settings.py)
 
 
 def ping_ok(node: Node, ip: str) -> bool:
@@ -40,13 +41,13 @@ def becomes(node: Node, ip: str, ok: bool, within: float) -> float:
     return time.monotonic() - t0
 
 
-def set_policy(mesh: Mesh, prefix: str, *routers: str) -> None:
-    """a may use the LAN and reach the routers; c may reach the routers themselves, not the LAN."""
+def set_policy(mesh: Mesh, prefixes: tuple[str, ...], *routers: str) -> None:
+    """a may use the LANs and reach the routers; c may reach the routers themselves, not the LANs."""
     gws = ", ".join(f'"node:{r}:*"' for r in routers)
+    lans = ", ".join(f'"{p}:*"' for p in prefixes)
     policy = mesh.dir / "policy.toml"
     policy.write_text(
-        f'[[rules]]\nsrc = ["node:a"]\ndst = ["{prefix}:*", {gws}]\n\n'
-        f'[[rules]]\nsrc = ["node:c"]\ndst = [{gws}]\n'
+        f'[[rules]]\nsrc = ["node:a"]\ndst = [{lans}, {gws}]\n\n[[rules]]\nsrc = ["node:c"]\ndst = [{gws}]\n'
     )
     mesh.admin("policy", "set", str(policy))
 
@@ -59,10 +60,18 @@ def test_lan_host_reached_through_subnet_router_policy_removal_and_failover(lab:
     mesh.start_coordinator(lab.server())
     lan = lab.router("eim")
     prefix = str(lan.lan_net)
-    gw1 = mesh.up(lab.host(router=lan), "gw1", extra=(*NO_DNS, "--advertise-routes", prefix))
+    gw1 = mesh.up(lab.host(router=lan), "gw1", extra=("--advertise-routes", prefix))
     lanhost = lab.host(router=lan)  # no meshd
-    a = mesh.up(lab.host(nat="eim"), "a", extra=NO_DNS)
-    c = mesh.up(lab.host(nat="eim"), "c", extra=NO_DNS)
+    # a second LAN whose router keeps the mesh source addresses: its host routes the overlay back via gw3
+    lan2 = lab.router("eim")
+    prefix2 = str(lan2.lan_net)
+    gw3 = mesh.up(
+        lab.host(router=lan2), "gw3", extra=("--advertise-routes", prefix2, "--snat-subnet-routes", "false")
+    )
+    lanhost2 = lab.host(router=lan2)  # no meshd
+    lanhost2.run(["ip", "route", "add", OVERLAY, "via", gw3.host.ip], check=True)
+    a = mesh.up(lab.host(nat="eim"), "a")
+    c = mesh.up(lab.host(nat="eim"), "c")
     mesh.wait_peer(a, "gw1")
     mesh.wait_peer(c, "gw1")
     mesh.wait_ping(a, gw1)
@@ -72,8 +81,9 @@ def test_lan_host_reached_through_subnet_router_policy_removal_and_failover(lab:
     assert mesh.status(gw1)["self"]["routes"] == {"advertised": [prefix], "approved": []}
     assert not ping_ok(a, lanhost.ip)
 
-    set_policy(mesh, prefix, "gw1")
+    set_policy(mesh, (prefix, prefix2), "gw1", "gw3")
     mesh.admin("routes", "approve", "gw1", prefix)
+    mesh.admin("routes", "approve", "gw3", prefix2)
     becomes(a, lanhost.ip, ok=True, within=5.0)
     assert mesh.peer(a, "gw1")["routes"] == [prefix]  # type: ignore[index]
     assert mesh.status(gw1)["self"]["routes"]["approved"] == [prefix]
@@ -81,11 +91,18 @@ def test_lan_host_reached_through_subnet_router_policy_removal_and_failover(lab:
     r = mesh.ssh(a, lanhost.ip, "echo $SSH_CLIENT", key)
     assert r.returncode == 0 and r.stdout.split()[0] == gw1.host.ip, r.stderr  # masqueraded by gw1
 
+    # --snat-subnet-routes=false: gw3 forwards without masquerading, the LAN host sees a's mesh address
+    becomes(a, lanhost2.ip, ok=True, within=5.0)
+    key2 = mesh.start_sshd(lanhost2)
+    r = mesh.ssh(a, lanhost2.ip, "echo $SSH_CLIENT", key2)
+    assert r.returncode == 0 and r.stdout.split()[0] == mesh.overlay_ip(a), (r.stdout, r.stderr)
+
     # c sees gw1 (it may reach gw1 itself) but the policy gives it no part of the LAN
     assert mesh.peer(c, "gw1") is not None
     mesh.wait_ping(c, gw1)
     assert not ping_ok(c, lanhost.ip)
     assert mesh.ssh(c, lanhost.ip, "true", key).returncode != 0
+    assert not ping_ok(c, lanhost2.ip)
 
     # removing the approval: within 1 s the path is gone
     mesh.admin("routes", "remove", "gw1", prefix)
@@ -94,8 +111,8 @@ def test_lan_host_reached_through_subnet_router_policy_removal_and_failover(lab:
     assert took < 1.0
 
     # two routers for the prefix: the primary (lowest node id, online) carries it; it goes, gw2 takes over
-    gw2 = mesh.up(lab.host(router=lan), "gw2", extra=(*NO_DNS, "--advertise-routes", prefix))
-    set_policy(mesh, prefix, "gw1", "gw2")
+    gw2 = mesh.up(lab.host(router=lan), "gw2", extra=("--advertise-routes", prefix))
+    set_policy(mesh, (prefix,), "gw1", "gw2")
     mesh.admin("routes", "approve", "gw1", prefix)
     mesh.admin("routes", "approve", "gw2", prefix)
     becomes(a, lanhost.ip, ok=True, within=5.0)

@@ -95,9 +95,10 @@ def test_meshd_registers_split_dns_with_systemd_resolved_under_resolved_and_auto
     status = c.run(["resolvectl", "status", "mesh0"]).stdout
     assert "100.100.100.100" in status and "~mesh" in status, status
     assert "-DefaultRoute" in status or "Default Route: no" in status, status
-    # no names in the hosts file in this mode (meshd still writes its empty BEGIN/END markers at start)
+    # names come from the resolver in this mode: no names in the hosts file, and no (empty) block either
     hosts_now = c.run(["cat", "/etc/hosts"]).stdout
     assert not any(ip in hosts_now for ip in beta_ips), hosts_now
+    assert "BEGIN meshd" not in hosts_now and "END meshd" not in hosts_now, hosts_now
 
     # a real client: glibc through nss-resolve, and through nss-dns to the stub in /etc/resolv.conf
     assert (
@@ -145,6 +146,7 @@ def test_meshd_registers_split_dns_with_systemd_resolved_under_resolved_and_auto
         within=10, what="beta.mesh resolves again under --dns auto",
     )  # fmt: skip
     assert again == want, (again, want)
+    assert "BEGIN meshd" not in c.run(["cat", "/etc/hosts"]).stdout  # auto chose resolved: no block
     c.run(["systemctl", "stop", "meshd"], timeout=60)
     journal = c.run(["journalctl", "--no-pager", "-o", "cat", "-u", "meshd"]).stdout
     assert journal.count("answers ~mesh on mesh0") == 2, journal[-3000:]
