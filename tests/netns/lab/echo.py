@@ -1,7 +1,9 @@
 """Tiny UDP/TCP tools run inside lab namespaces (a standalone script: stdlib only).
 
-    echo.py serve [--udp PORT] [--tcp PORT]      reply to every datagram / connection with "ip:port\\n"
-                                                  (the source address the server observed), forever
+    echo.py serve [--udp PORT] [--tcp PORT] [--tcp6 PORT]
+                                                  reply to every datagram / connection with "ip:port\\n"
+                                                  (the source address the server observed), forever;
+                                                  --tcp6: also TCP over IPv6 (a listener of its own)
     echo.py ask --port P HOST:PORT...            from local UDP port P, ask each server in turn; print one
                                                   observed "ip:port" per line ("-" if no answer in time)
     echo.py ask-tcp HOST:PORT                    the same over one TCP connection
@@ -39,14 +41,18 @@ def _udp(port: int) -> socket.socket:
     return s
 
 
-def serve(udp_port: int | None, tcp_port: int | None) -> int:
+def serve(udp_port: int | None, tcp_port: int | None, tcp6_port: int | None = None) -> int:
     sel = selectors.DefaultSelector()
     if udp_port is not None:
         sel.register(_udp(udp_port), selectors.EVENT_READ, "udp")
-    if tcp_port is not None:
-        t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    for family, any_addr, port in ((socket.AF_INET, "0.0.0.0", tcp_port), (socket.AF_INET6, "::", tcp6_port)):
+        if port is None:
+            continue
+        t = socket.socket(family, socket.SOCK_STREAM)
         t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        t.bind(("0.0.0.0", tcp_port))
+        if family == socket.AF_INET6:  # IPv6 only: IPv4 clients keep their plain "a.b.c.d" on --tcp
+            t.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        t.bind((any_addr, port))
         t.listen(16)
         sel.register(t, selectors.EVENT_READ, "tcp")
     print("ready", flush=True)
@@ -132,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     sp = sub.add_parser("serve")
     sp.add_argument("--udp", type=int)
     sp.add_argument("--tcp", type=int)
+    sp.add_argument("--tcp6", type=int)
     ap = sub.add_parser("ask")
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--timeout", type=float, default=3.0)
@@ -150,9 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     np.add_argument("payload", nargs="?", default="hello")
     a = p.parse_args(argv)
     if a.cmd == "serve":
-        if a.udp is None and a.tcp is None:
-            p.error("serve needs --udp and/or --tcp")
-        return serve(a.udp, a.tcp)
+        if a.udp is None and a.tcp is None and a.tcp6 is None:
+            p.error("serve needs --udp, --tcp and/or --tcp6")
+        return serve(a.udp, a.tcp, a.tcp6)
     if a.cmd == "ask":
         return ask(a.port, a.servers, a.timeout, max(1, a.tries))
     if a.cmd == "ask-tcp":

@@ -221,13 +221,18 @@ class Host(Node):
         """The address servers see when this host talks to them."""
         return self.router.public_ip if self.router is not None else self.ip
 
-    def start_echo(self, udp: int | None = ECHO_PORT, tcp: int | None = None) -> subprocess.Popen[bytes]:
-        """Start ``echo.py serve`` here (replies with the observed source ip:port); waits until it listens."""
+    def start_echo(
+        self, udp: int | None = ECHO_PORT, tcp: int | None = None, tcp6: int | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start ``echo.py serve`` here (replies with the observed source ip:port); waits until it listens.
+        ``tcp6``: a TCP port on IPv6 too (its own listener)."""
         args = [_python(), str(ECHO_SCRIPT), "serve"]
         if udp is not None:
             args += ["--udp", str(udp)]
         if tcp is not None:
             args += ["--tcp", str(tcp)]
+        if tcp6 is not None:
+            args += ["--tcp6", str(tcp6)]
         proc = self.popen(args, stdout=subprocess.PIPE)
         _wait_ready(proc, f"echo server on {self.name}", 10.0)
         return proc
