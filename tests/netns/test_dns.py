@@ -57,10 +57,13 @@ def test_names_reverse_lookups_and_changes_through_the_resolver(lab: Lab, mesh: 
     r = mesh.ssh(alpha, "beta", "ip netns identify", key)
     assert r.returncode == 0 and r.stdout.strip() == beta.host.ns, r.stderr
 
-    # join: a new node answers as soon as alpha has it
+    # join: counted from when the new node is enrolled (mesh.up returns once its daemon answers)
     gamma = mesh.up(lab.host(nat="public"), "gamma")
-    gamma_v4 = mesh.overlay_ip(gamma)
-    eventually(lambda: dig(alpha, "gamma.mesh") == gamma_v4, within=5, what="gamma.mesh after its join")
+    t0 = time.monotonic()
+    answer = eventually(lambda: dig(alpha, "gamma.mesh"), within=5, interval=0.02, what="gamma.mesh joined")
+    joined = time.monotonic() - t0
+    gamma_v4 = mesh.overlay_ip(gamma)  # after the clock: `meshd status` is a Python start-up of its own
+    assert answer == gamma_v4
 
     # rename and removal: counted from when the admin command returned
     mesh.admin("nodes", "rename", "gamma", "delta")
@@ -90,8 +93,9 @@ def test_names_reverse_lookups_and_changes_through_the_resolver(lab: Lab, mesh: 
     eventually(
         lambda: rcode(alpha, "printer.mesh") == "NXDOMAIN", within=5, interval=0.02, what="record gone"
     )
-    print(f"resolver follows: rename {renamed:.2f} s, removal {removed:.2f} s, dns set {recorded:.2f} s")
-    assert max(renamed, removed, recorded) < 1.0, f"{renamed:.2f} s, {removed:.2f} s, {recorded:.2f} s"
+    took = f"join {joined:.2f} s, rename {renamed:.2f} s, removal {removed:.2f} s, dns set {recorded:.2f} s"
+    print(f"resolver follows: {took}")
+    assert max(joined, renamed, removed, recorded) < 1.0, took
 
 
 def test_dns_off_runs_no_resolver_and_writes_no_hosts_block(lab: Lab, mesh: Mesh) -> None:
