@@ -25,9 +25,9 @@ from multiprocessing.connection import Connection
 
 from prometheus_client import CollectorRegistry
 
-from coordinator import eventloop
 from coordinator.relay.hub import ClientConn, RelayHub, RelayMetrics
 from coordinator.relay.udp import UdpPorts
+from meshd import eventloop
 from meshd.proto import relay, relayport
 
 A, B = b"\x0a" * 32, b"\x0b" * 32
