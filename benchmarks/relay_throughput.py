@@ -64,9 +64,9 @@ from fastapi import FastAPI
 from nacl.signing import SigningKey
 from prometheus_client import CollectorRegistry
 
-from coordinator import eventloop
 from coordinator.relay.front import install
 from coordinator.relay.hub import RelayHub, RelayMetrics
+from meshd import eventloop
 from meshd.proto import ticket
 from meshd.proto.encoding import b64encode
 from meshd.relay import link as rlink

@@ -23,10 +23,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from coordinator import adminclient, eventloop
+from coordinator import adminclient
 from coordinator.completion import node_names, user_names
 from coordinator.errors import CoordinatorError
 from coordinator.settings import DEFAULT_STATE_DIR, load_settings, parse_duration
+from meshd import eventloop
 from meshd.clikit import fail, options, run
 from meshd.logfmt import EscapingFormatter
 

@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from meshd import api, hosts
+from meshd import api, eventloop, hosts
 from meshd import status as st
 from meshd.clikit import fail, options, run
 from meshd.completion import peer_names
@@ -174,7 +174,7 @@ def up(
     )
     daemon = Daemon(opts)
     try:
-        asyncio.run(daemon.run())
+        eventloop.run(daemon.run())  # uvloop when installed (meshd/eventloop.py)
     except DaemonError as e:
         fail(str(e))
     except KeyboardInterrupt:

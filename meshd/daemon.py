@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from meshd import api, firewall, hosts, localnet, pathreport, rotation, runtime, sdnotify
+from meshd import api, eventloop, firewall, hosts, localnet, pathreport, rotation, runtime, sdnotify
 from meshd.control import ControlClient
 from meshd.credentials import CredentialError, Credentials, default_hostname
 from meshd.dns.service import DnsConfigError, MeshDns
@@ -161,7 +161,7 @@ class Daemon:
 
     async def run(self, *, on_ready: Callable[[], None] | None = None) -> None:
         # the first line: Python start-up and imports are behind us (benchmarks/time_to_direct.py)
-        log.info("starting (pid %d)", os.getpid())
+        log.info("starting (pid %d, %s loop)", os.getpid(), eventloop.running_name())
         if os.geteuid() != 0:
             raise DaemonError("meshd up must run as root (it configures network interfaces); use sudo")
         loop = asyncio.get_running_loop()

@@ -24,6 +24,8 @@ from collections.abc import Iterable
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from meshd.netlink import netlink_call
+
 log = logging.getLogger("meshd.exitnode")
 
 TABLE = 51820  #: routing table and fwmark (wg-quick's number)
@@ -42,6 +44,7 @@ async def _quiet(request: object) -> None:
             raise
 
 
+@netlink_call
 async def clear() -> None:
     """Remove our rules and table (whatever is there; never raises for what is already gone)."""
     async with AsyncIPRoute() as ipr:
@@ -62,6 +65,7 @@ async def clear() -> None:
                     )
 
 
+@netlink_call
 async def install(ifname: str, keep: Iterable[str], ipv6: bool) -> None:
     """Route everything but `keep` (addresses), the main table's non-default routes and WireGuard's own
     packets through `ifname`. `ipv6`: the exit node carries ::/0 (else IPv6 to the internet is refused)."""

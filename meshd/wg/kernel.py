@@ -18,6 +18,7 @@ from typing import Any
 from pyroute2 import AsyncWireGuard
 from pyroute2.netlink.exceptions import NetlinkError
 
+from meshd.netlink import netlink_call
 from meshd.proto.endpoint import Endpoint
 from meshd.wg import link
 from meshd.wg.base import ReconcilingBackend
@@ -58,6 +59,7 @@ class KernelBackend(ReconcilingBackend):
     async def close(self) -> None:
         await link.delete_link(self._name)
 
+    @netlink_call
     async def _read(self) -> InterfaceState:
         try:
             async with AsyncWireGuard() as wg:
@@ -67,6 +69,7 @@ class KernelBackend(ReconcilingBackend):
             raise _failure(f"reading {self._name}", e) from None
         return _decode_device(self._name, msgs)
 
+    @netlink_call
     async def _write(self, ops: list[DeviceOp]) -> None:
         try:
             async with AsyncWireGuard() as wg:

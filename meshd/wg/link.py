@@ -17,6 +17,7 @@ from typing import Any
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from meshd.netlink import netlink_call
 from meshd.wg.diff import plan_set
 from meshd.wg.errors import BackendUnavailable, InterfaceInUse, NetlinkFailure
 
@@ -28,6 +29,7 @@ def _fail(what: str, err: NetlinkError) -> NetlinkFailure:
     return NetlinkFailure(f"{what}: {err.args[1] if len(err.args) > 1 else err}")
 
 
+@netlink_call
 async def link_index(ifname: str) -> int | None:
     """Index of the link named `ifname` in this namespace, or None."""
     async with AsyncIPRoute() as ipr:
@@ -35,6 +37,7 @@ async def link_index(ifname: str) -> int | None:
     return found[0] if found else None
 
 
+@netlink_call
 async def link_kind(ifname: str) -> str | None:
     """The rtnetlink kind ("wireguard", "tun", "veth", ...) of a link, "" when it has none, None if absent."""
     async with AsyncIPRoute() as ipr:
@@ -46,6 +49,7 @@ async def link_kind(ifname: str) -> str | None:
     return str(kind) if kind else ""
 
 
+@netlink_call
 async def create_wireguard_link(ifname: str) -> None:
     """Create a kernel WireGuard link; BackendUnavailable when the kernel has no WireGuard."""
     try:
@@ -61,6 +65,7 @@ async def create_wireguard_link(ifname: str) -> None:
         raise _fail(f"creating wireguard link {ifname}", e) from None
 
 
+@netlink_call
 async def delete_link(ifname: str) -> None:
     """Delete a link if it exists."""
     async with AsyncIPRoute() as ipr:
@@ -74,6 +79,7 @@ async def delete_link(ifname: str) -> None:
                 raise _fail(f"deleting {ifname}", e) from None
 
 
+@netlink_call
 async def set_up(ifname: str, up: bool = True) -> None:
     async with AsyncIPRoute() as ipr:
         index = await _index(ipr, ifname)
@@ -83,6 +89,7 @@ async def set_up(ifname: str, up: bool = True) -> None:
             raise _fail(f"setting {ifname} {'up' if up else 'down'}", e) from None
 
 
+@netlink_call
 async def sync_link(
     ifname: str,
     addresses: Iterable[str],
