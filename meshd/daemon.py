@@ -65,7 +65,8 @@ LEAVE_WITHIN = 1.0  #: on `meshd down`, how long to wait for the coordinator to 
 
 def coordinator_urls(text: str) -> tuple[str, ...]:
     """``--coordinator`` (or the saved URL): one URL or several, comma-separated, without trailing /."""
-    return tuple(dict.fromkeys(u.strip().rstrip("/") for u in text.split(",") if u.strip()))
+    cleaned = (u.strip().rstrip("/").strip() for u in text.split(","))  # "x /" is "x", "/" is nothing
+    return tuple(dict.fromkeys(u for u in cleaned if u))
 
 
 class DaemonError(Exception):

@@ -13,6 +13,7 @@ def test_one_url_stays_one_url_and_several_keep_their_order_without_duplicates()
     assert coordinator_urls("http://c:8080/") == ("http://c:8080",)
     assert coordinator_urls("http://a:1, http://b:2/,http://a:1,") == ("http://a:1", "http://b:2")
     assert coordinator_urls("") == () and coordinator_urls(" , ") == ()
+    assert coordinator_urls("/") == () and coordinator_urls("x /, //") == ("x",)  # found by hypothesis
 
 
 @given(st.text(max_size=200))
