@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -11,6 +13,7 @@ import pytest
 from coordinator import tokens
 from coordinator.api.adminhttp import PER_SOURCE
 from coordinator.app import create_app
+from coordinator.db.models import AdminToken
 from coordinator.settings import Settings
 from tests.coordinator.conftest import Coord
 from tests.eventually import eventually_async
@@ -158,6 +161,31 @@ async def test_a_token_never_appears_in_logs_or_audit(coord: Coord, caplog: pyte
     for text in (caplog.text, audit):
         assert token not in text and token[8:] not in text and token[-20:] not in text
     assert "refused an admin token" in caplog.text  # failures are logged (without the token)
+
+
+async def test_only_the_tokens_hash_is_stored(coord: Coord, settings: Settings) -> None:
+    token_id, token = await make_token(coord, "read")
+    assert (await call(coord, token, "GET", "/admin/nodes")).status_code == 200  # used: the row is written
+    secret = token[len(tokens.TOKEN_PREFIX) :]
+    async with coord.core.read() as s:
+        row = await s.get(AdminToken, token_id)
+        assert row is not None
+        values = {c.name: getattr(row, c.name) for c in AdminToken.__table__.columns}
+    assert values["token_hash"] == hashlib.sha256(token.encode()).hexdigest()
+    assert values["last_used_at"] is not None
+    for column, value in values.items():  # the prefix column holds its first 6 characters, no more
+        assert secret[6:] not in str(value) and token not in str(value), column
+    assert values["prefix"] == token[: len(tokens.TOKEN_PREFIX) + 6]
+    if not settings.database.startswith("sqlite"):
+        return
+    # nowhere in the database file either (nor its write-ahead log): not in any other table, row or page
+    db = Path(settings.database.split("///", 1)[1])
+    files = [f for f in (db, Path(f"{db}-wal")) if f.exists()]
+    assert db in files
+    for f in files:
+        data = f.read_bytes()
+        assert secret[6:].encode() not in data and secret[-16:].encode() not in data, f
+    assert values["token_hash"].encode() in b"".join(f.read_bytes() for f in files)  # positive control
 
 
 async def test_openapi_schema_and_docs_are_served(coord: Coord) -> None:
