@@ -24,7 +24,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from sqlalchemy import select
 
-from coordinator import audit, enrollment, nodes, tokens
+from coordinator import approvals, audit, enrollment, nodes, tokens
 from coordinator import policy as access
 from coordinator.api import adminhttp
 from coordinator.api.paths import path_rows
@@ -299,20 +299,7 @@ def router() -> APIRouter:
         if refused:
             return refused
         assert v is not None
-        async with request.app.state.core.read() as s:
-            rows = (
-                (
-                    await s.execute(
-                        select(PendingEnrollment)
-                        .where(
-                            PendingEnrollment.node_id.is_(None), PendingEnrollment.expires_at > time.time()
-                        )
-                        .order_by(PendingEnrollment.created_at)
-                    )
-                )
-                .scalars()
-                .all()
-            )
+        rows = await approvals.list_pending(request.app.state.core)
         return _render(
             "pending.html", v=v, page="pending", rows=rows, may_approve=v.may("approve"), notice=notice[:200]
         )
