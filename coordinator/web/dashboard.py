@@ -31,6 +31,7 @@ from coordinator.api.paths import path_rows
 from coordinator.core import Core
 from coordinator.db.models import AuditRecord, PendingEnrollment
 from coordinator.errors import CoordinatorError, Unauthorized
+from coordinator.web import relayusage
 from coordinator.web.sessions import Session, Sessions, same
 
 HERE = Path(__file__).parent
@@ -333,26 +334,9 @@ def router() -> APIRouter:
         if refused:
             return refused
         core: Core = request.app.state.core
-        registry = core.metrics.registry
-        service = getattr(core, "relay_service", None)
-        hub = getattr(service, "hub", None)
-        feeds = getattr(service, "feed_regions", {})
-        rows = []
-        for rg in core.state.relays:
-            homed = [p.name for p in core.state.peers.values() if p.relay_home == rg.id]
-            embedded = hub is not None and hub.region_id == rg.id
-            rows.append(
-                {
-                    "region": rg,
-                    "kind": "embedded" if embedded else "standalone",
-                    "up": embedded or rg.id in feeds,
-                    "homed": homed,
-                    "clients": len(hub.clients) if embedded and hub else None,
-                    "packets": registry.get_sample_value("relay_packets_total", {"region": rg.name}),
-                    "bytes": registry.get_sample_value("relay_bytes_total", {"region": rg.name}),
-                }
-            )
-        return _render("relays.html", v=v, page="relays", rows=rows, refresh=REFRESH)
+        serving = relayusage.peer_relay_rows(core)
+        rows = relayusage.region_rows(core, serving)
+        return _render("relays.html", v=v, page="relays", rows=rows, peer_relays=serving, refresh=REFRESH)
 
     # --------------------------------------------------------------------------------------- policy
     @r.get("/policy")
