@@ -22,7 +22,7 @@ import pytest
 
 from meshd import pathreport
 from meshd.control import ControlClient, Enrollment, NodeKeys, PendingApproval
-from meshd.pathreport import PathEntry
+from meshd.pathreport import Facts, PathEntry
 from tests.coordinator.test_cli import cli, free_port, start_server, stop_server
 from tests.eventually import eventually
 
@@ -56,8 +56,8 @@ deny = ["node:laptop:80"]
 class StreamingNode:
     """An enrolled node holding its map stream open in a thread of its own until :meth:`stop`."""
 
-    def __init__(self, url: str, key: str, hostname: str) -> None:
-        self.url, self.key, self.hostname = url, key, hostname
+    def __init__(self, url: str, key: str, hostname: str, facts: Facts | None = None) -> None:
+        self.url, self.key, self.hostname, self.facts = url, key, hostname, facts
         self.connected = threading.Event()
         self._loop = asyncio.new_event_loop()
         self._stop: asyncio.Event | None = None
@@ -75,6 +75,8 @@ class StreamingNode:
         self._stop = asyncio.Event()
         async with ControlClient(self.url, NodeKeys.generate()) as client:
             assert isinstance(await client.register(self.hostname, auth_key=self.key), Enrollment)
+            if self.facts is not None:  # its netcheck facts, as meshd's path report sends them
+                await pathreport.send(client, (), self.facts)
             async with client.stream() as stream:
                 await stream.next_map(within=10)
                 self.connected.set()
@@ -166,7 +168,8 @@ def test_log_in_approve_and_watch_a_node_go_offline(tmp_path: Path, browser: obj
         made = cli(state, "tokens", "create", "--scope", "admin", "--description", "dashboard test")
         assert made.returncode == 0, made.stderr
         token = made.stdout.split()[-1]
-        node = StreamingNode(url, key, "laptop")
+        # both ends of the relayed pair behind endpoint-dependent NATs: the nodes page says why it is relayed
+        node = StreamingNode(url, key, "laptop", Facts(True, "EDM", None))
         assert node.connected.wait(20), "the node's map stream did not open"
         policy = tmp_path / "policy.toml"
         policy.write_text(POLICY)
@@ -185,7 +188,8 @@ def test_log_in_approve_and_watch_a_node_go_offline(tmp_path: Path, browser: obj
             laptop_id = next(int(n["id"]) for n in listed if n["name"] == "laptop")
             async with ControlClient(url, NodeKeys.generate()) as c:
                 assert isinstance(await c.register("phone", auth_key=key), Enrollment)
-                assert await pathreport.send(c, (PathEntry(laptop_id, "relay", "tcp", 41.0),)) == 1
+                entry = PathEntry(laptop_id, "relay", "tcp", 41.0)
+                assert await pathreport.send(c, (entry,), Facts(True, "EDM", None)) == 1
 
         asyncio.run(phone_reports_its_path())
 
@@ -204,8 +208,12 @@ def test_log_in_approve_and_watch_a_node_go_offline(tmp_path: Path, browser: obj
         assert token not in cookie["value"]
         eventually(lambda: row_state("laptop") == "online", within=10, what="laptop shown online")
         path = driver.find_element(By.CSS_SELECTOR, '#node-phone .path[data-peer="laptop"]')
-        assert path.get_attribute("data-path") == "relay" and path.text == "laptop: relay (tcp) 41 ms"
-        assert "not reported" in driver.find_element(By.ID, "node-laptop").text
+        assert path.get_attribute("data-path") == "relay" and path.text.startswith(
+            "laptop: relay (tcp) 41 ms"
+        )
+        why = path.find_element(By.CLASS_NAME, "why").text
+        assert why.startswith("(why: ") and "EDM" in why and "port" in why, why
+        assert "no peers" in driver.find_element(By.ID, "node-laptop").text  # facts only, no peer yet
         shot("nodes")
 
         # approve the waiting machine, after a confirmation page
@@ -222,6 +230,7 @@ def test_log_in_approve_and_watch_a_node_go_offline(tmp_path: Path, browser: obj
         # the node goes offline: the page (reloading itself every 2 s) shows it within a few seconds
         follow(By.ID, "nav-nodes")
         assert row_state("newbox") == "offline"  # approved, never connected
+        assert "not reported" in driver.find_element(By.ID, "node-newbox").text
         node.stop()
         node = None
         went = time.monotonic()
