@@ -15,14 +15,16 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from nacl.signing import SigningKey
 
 from meshd import pathreport
 from meshd.control import ControlClient, Enrollment, NodeKeys, PendingApproval
 from meshd.pathreport import Facts, PathEntry
+from meshd.relay import link as rlink
 from tests.coordinator.test_cli import cli, free_port, start_server, stop_server
 from tests.eventually import eventually
 
@@ -37,6 +39,8 @@ pytestmark = [
         reason="needs Debian's chromium and chromium-driver (scripts/setup)",
     ),
 ]
+
+RELAYED = 20  #: packets of 1200 bytes relayed between two nodes, for the relays page
 
 POLICY = """
 [groups]
@@ -193,6 +197,41 @@ def test_log_in_approve_and_watch_a_node_go_offline(tmp_path: Path, browser: obj
 
         asyncio.run(phone_reports_its_path())
 
+        async def relay_through_the_embedded_region() -> None:  # real traffic for the relays page
+            async with (
+                ControlClient(url, NodeKeys.generate()) as a,
+                ControlClient(url, NodeKeys.generate()) as b,
+            ):
+                for c, name in ((a, "tablet"), (b, "desktop")):
+                    assert isinstance(await c.register(name, auth_key=key), Enrollment)
+                got: asyncio.Queue[bytes] = asyncio.Queue()
+
+                async def link(c: ControlClient, on: Callable[[bytes, bytes], None]) -> rlink.RelayLink:
+                    ticket = (await c.relay_ticket(1)).ticket.encode()
+                    sign = SigningKey(c.keys.node_private).sign
+                    return await rlink.connect(
+                        url,
+                        c.keys.wg_public,
+                        ticket,
+                        sign=lambda m: sign(m).signature,
+                        region_id=1,
+                        home=True,
+                        on_packet=on,
+                    )
+
+                la = await link(a, lambda s, p: None)
+                lb = await link(b, lambda s, p: got.put_nowait(p))
+                try:
+                    for _ in range(RELAYED):
+                        la.send_packet(b.keys.wg_public, b"r" * 1200)
+                    for _ in range(RELAYED):
+                        assert await asyncio.wait_for(got.get(), 5) == b"r" * 1200
+                finally:
+                    la.close()
+                    lb.close()
+
+        asyncio.run(relay_through_the_embedded_region())
+
         # log in: the dashboard sends an anonymous visitor to the log-in page
         driver.get(url + "/admin")
         assert driver.current_url.endswith("/admin/login")
@@ -239,7 +278,15 @@ def test_log_in_approve_and_watch_a_node_go_offline(tmp_path: Path, browser: obj
         shot("nodes-offline")
 
         follow(By.ID, "nav-relays")
-        assert driver.find_elements(By.ID, "region-1")
+        figures = {
+            cls: driver.find_element(By.CSS_SELECTOR, f"#region-1 td.{cls}").get_attribute("data-value")
+            for cls in ("tcp-packets", "tcp-bytes", "udp-allocations")
+        }
+        assert figures == {
+            "tcp-packets": str(RELAYED),
+            "tcp-bytes": str(RELAYED * 1200),
+            "udp-allocations": "0",
+        }
         shot("relays")
 
         follow(By.ID, "nav-policy")
