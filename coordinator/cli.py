@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape as markup_escape
 from rich.table import Table
 
 from coordinator import adminclient
@@ -404,6 +405,24 @@ def nodes_approve(ctx: typer.Context, code: str, as_json: JsonOpt = False) -> No
         _json(node)
     else:
         out.print(f"approved node {node['name']} ({' '.join(node['ips'])})")
+
+
+@nodes_app.command("pending")
+def nodes_pending(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """List machines waiting for approval (approve one with `nodes approve CODE`)."""
+    waiting = _admin(ctx, "GET", "/admin/pending")
+    if as_json:
+        _json(waiting)
+        return
+    table = Table("CODE", "HOSTNAME", "WAITING SINCE", "EXPIRES")
+    for w in waiting:
+        table.add_row(
+            markup_escape(str(w["code"])),
+            markup_escape(str(w["hostname"])),
+            _when(w["created_at"]),
+            _when(w["expires_at"]),
+        )
+    out.print(table)
 
 
 @nodes_app.command("tag")

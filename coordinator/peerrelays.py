@@ -26,6 +26,7 @@ import asyncio
 import logging
 import os
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -262,9 +263,22 @@ async def step(core: Core, planner: Planner) -> None:
             _tell(core, plan, servers, key, on=True)
 
 
+#: each core's running planner, for the dashboard's view of who serves whom (:func:`serving`)
+_planners: weakref.WeakKeyDictionary[Core, Planner] = weakref.WeakKeyDictionary()
+
+
+def serving(core: Core) -> dict[int, list[tuple[int, int]]]:
+    """Peer relay node id -> the node pairs it serves now (empty when no planner runs)."""
+    planner = _planners.get(core)
+    out: dict[int, list[tuple[int, int]]] = {}
+    for pair, plan in sorted(planner.plans.items()) if planner is not None else ():
+        out.setdefault(plan.relay, []).append(pair)
+    return out
+
+
 async def run(core: Core) -> None:
     """The planner loop (run it supervised)."""
-    planner = Planner()
+    planner = _planners[core] = Planner()
     while True:
         await step(core, planner)
         await asyncio.sleep(TICK)

@@ -47,7 +47,23 @@ ROUTE_SCOPES: dict[tuple[str, str], frozenset[str]] = {
     ("POST", "/admin/nodes/{name}/routes/approve"): frozenset({"nodes"}),
     ("POST", "/admin/nodes/{name}/routes/remove"): frozenset({"nodes"}),
     ("GET", "/admin/paths"): frozenset({"read", "nodes"}),
+    ("GET", "/admin/dns"): frozenset({"read", "nodes"}),  # admin-defined DNS records (issue 17)
 }
+
+#: Admin routes decided to need ``admin`` (users, the records every node resolves, the signing key, tokens
+#: themselves). Every admin route is either in :data:`ROUTE_SCOPES` or here
+#: (tests/coordinator/test_admin_tokens.py checks it), so a new route is a decision, not an accident.
+ADMIN_ONLY: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("POST", "/admin/users"),
+        ("PUT", "/admin/dns/{name}"),
+        ("DELETE", "/admin/dns/{name}"),
+        ("POST", "/admin/signing-key/rotate"),
+        ("POST", "/admin/tokens"),
+        ("GET", "/admin/tokens"),
+        ("DELETE", "/admin/tokens/{token_id}"),
+    }
+)
 
 
 def allowed(scope: str, method: str, route: str) -> bool:

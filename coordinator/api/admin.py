@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from coordinator import audit, auditexport, dnsrecords, enrollment, identity, nodes, rotation
+from coordinator import approvals, audit, auditexport, dnsrecords, enrollment, identity, nodes, rotation
 from coordinator import routes as subnet_routes
 from coordinator.api.deps import CoreDep
 from coordinator.api.schemas import (
@@ -138,6 +138,31 @@ class PeerRelayBody(BaseModel):
 async def peer_relay_node(name: str, body: PeerRelayBody, core: CoreDep) -> PeerRelayBody:
     """Turn a node's peer relay on or off (issue 14)."""
     return PeerRelayBody(on=await nodes.set_peer_relay(core, name, body.on, ACTOR))
+
+
+class PendingPublic(BaseModel):
+    """A machine waiting for `coordinator nodes approve CODE`."""
+
+    code: str
+    hostname: str  #: as asked for, made DNS-label-safe (an unauthenticated client chose it)
+    node_public_key: str
+    created_at: float
+    expires_at: float
+
+
+@router.get("/pending", response_model=list[PendingPublic])
+async def list_pending(core: CoreDep) -> list[PendingPublic]:
+    """Enrollments waiting for approval (not expired), oldest first."""
+    return [
+        PendingPublic(
+            code=w.code,
+            hostname=w.hostname,
+            node_public_key=w.node_public_key,
+            created_at=w.created_at,
+            expires_at=w.expires_at,
+        )
+        for w in await approvals.list_pending(core)
+    ]
 
 
 @router.post("/approve", response_model=NodePublic)

@@ -39,6 +39,7 @@ from coordinator.core import Core
 from coordinator.errors import BadRequest, Forbidden, NotFound
 from coordinator.relay import secret as relay_secret
 from coordinator.relay.hub import ClientConn, RelayHub, RelayMetrics
+from coordinator.relay.usage import FeedUsage
 from coordinator.relay.ws import serve_websocket
 from meshd.proto import relay, relayfeed, ticket
 from meshd.proto.encoding import b64decode
@@ -94,6 +95,8 @@ class RelayService:
         self.feeds: set[WebSocket] = set()
         #: region id -> the live feed connection that announced it (one feed per region)
         self.feed_regions: dict[int, WebSocket] = {}
+        #: what the standalone regions reported of their sessions (the dashboard's relays page)
+        self.feed_usage = FeedUsage()
         #: node id -> WireGuard key as last seen, and the map version it was read at (rotation watch)
         self._wg_keys: dict[int, bytes] | None = None
         self._seen_version = 0
@@ -405,8 +408,10 @@ class RelayService:
         elif isinstance(msg, relayfeed.Attach):
             await self.attach(msg.node_id, msg.region_id)
         elif isinstance(msg, relayfeed.SessionOpen):
+            self.feed_usage.note(msg)
             await self.audit_open(msg.node_id, msg.region, msg.transport)
         else:
+            self.feed_usage.note(msg)
             await self.audit_session(msg)
 
 

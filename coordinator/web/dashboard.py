@@ -24,13 +24,14 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from sqlalchemy import select
 
-from coordinator import audit, enrollment, nodes, tokens
+from coordinator import approvals, audit, enrollment, nodes, tokens
 from coordinator import policy as access
 from coordinator.api import adminhttp
 from coordinator.api.paths import path_rows
 from coordinator.core import Core
 from coordinator.db.models import AuditRecord, PendingEnrollment
 from coordinator.errors import CoordinatorError, Unauthorized
+from coordinator.web import relayusage
 from coordinator.web.sessions import Session, Sessions, same
 
 HERE = Path(__file__).parent
@@ -299,20 +300,7 @@ def router() -> APIRouter:
         if refused:
             return refused
         assert v is not None
-        async with request.app.state.core.read() as s:
-            rows = (
-                (
-                    await s.execute(
-                        select(PendingEnrollment)
-                        .where(
-                            PendingEnrollment.node_id.is_(None), PendingEnrollment.expires_at > time.time()
-                        )
-                        .order_by(PendingEnrollment.created_at)
-                    )
-                )
-                .scalars()
-                .all()
-            )
+        rows = await approvals.list_pending(request.app.state.core)
         return _render(
             "pending.html", v=v, page="pending", rows=rows, may_approve=v.may("approve"), notice=notice[:200]
         )
@@ -346,26 +334,9 @@ def router() -> APIRouter:
         if refused:
             return refused
         core: Core = request.app.state.core
-        registry = core.metrics.registry
-        service = getattr(core, "relay_service", None)
-        hub = getattr(service, "hub", None)
-        feeds = getattr(service, "feed_regions", {})
-        rows = []
-        for rg in core.state.relays:
-            homed = [p.name for p in core.state.peers.values() if p.relay_home == rg.id]
-            embedded = hub is not None and hub.region_id == rg.id
-            rows.append(
-                {
-                    "region": rg,
-                    "kind": "embedded" if embedded else "standalone",
-                    "up": embedded or rg.id in feeds,
-                    "homed": homed,
-                    "clients": len(hub.clients) if embedded and hub else None,
-                    "packets": registry.get_sample_value("relay_packets_total", {"region": rg.name}),
-                    "bytes": registry.get_sample_value("relay_bytes_total", {"region": rg.name}),
-                }
-            )
-        return _render("relays.html", v=v, page="relays", rows=rows, refresh=REFRESH)
+        serving = relayusage.peer_relay_rows(core)
+        rows = relayusage.region_rows(core, serving)
+        return _render("relays.html", v=v, page="relays", rows=rows, peer_relays=serving, refresh=REFRESH)
 
     # --------------------------------------------------------------------------------------- policy
     @r.get("/policy")

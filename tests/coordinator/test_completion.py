@@ -29,6 +29,53 @@ def test_show_completion_prints_the_script(prog: str, shell: str) -> None:
     assert f"_{prog.upper()}_COMPLETE" in r.stdout and f"complete_{shell}" in r.stdout
 
 
+def install_bash_completion(home: Path, prog: str = "coordinator") -> Path:
+    """`PROG --install-completion bash` with HOME=home; the script it wrote."""
+    env = dict(os.environ, HOME=str(home), _TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION="1")
+    r = subprocess.run(
+        [str(BIN / prog), "--install-completion", "bash"], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert r.returncode == 0, r.stderr
+    script = home / ".bash_completions" / f"{prog}.sh"
+    assert str(script) in r.stdout
+    return script
+
+
+def bash_tab(script: Path, words: list[str]) -> list[str]:
+    """Press TAB in a real bash: source the installed script and run its completion function on
+    ``words`` (the last one is being typed); the candidates it offers."""
+    run = (
+        'source "$1"; shift; COMP_WORDS=("$@"); COMP_CWORD=$(($# - 1)); '
+        '_coordinator_completion coordinator; printf "%s\\n" "${COMPREPLY[@]}"'
+    )
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ.get('PATH', '')}")
+    r = subprocess.run(
+        ["bash", "-c", run, "tab", str(script), *words], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert r.returncode == 0, r.stderr
+    return r.stdout.split()
+
+
+@pytest.mark.parametrize("prog", ["coordinator", "meshd"])
+def test_install_completion_bash_writes_the_script_and_sources_it(tmp_path: Path, prog: str) -> None:
+    script = install_bash_completion(tmp_path, prog)
+    text = script.read_text()
+    assert (
+        f"_{prog.upper()}_COMPLETE=complete_bash" in text
+        and f"complete -o default -F _{prog}_completion {prog}" in text
+    )
+    assert f"source '{script}'" in (tmp_path / ".bashrc").read_text()
+    # a login shell reading that .bashrc has the completion registered
+    r = subprocess.run(
+        ["bash", "-c", f"source {tmp_path / '.bashrc'}; complete -p {prog}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, HOME=str(tmp_path)),
+    )
+    assert r.returncode == 0 and f"_{prog}_completion" in r.stdout, r.stderr
+
+
 def complete(prog: str, words: str, shell: str = "bash") -> subprocess.CompletedProcess[str]:
     """What the installed script does on TAB: run the CLI with the completion variables set."""
     env = dict(os.environ, **{f"_{prog.upper()}_COMPLETE": f"complete_{shell}"})

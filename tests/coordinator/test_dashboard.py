@@ -138,3 +138,21 @@ def test_sessions_expire_when_idle_and_are_bounded() -> None:
     d, _ = s.open(3, "read", now=32)
     assert s.get(b, now=33) is None and s.get(c, now=33) and s.get(d, now=33)  # the oldest made room
     assert s.get(None, now=33) is None and s.get("forged", now=33) is None
+
+
+async def test_log_in_is_audited_and_page_views_are_not(coord: Coord, settings: Settings) -> None:
+    """docs/design.md §3.11: the 2 s reloads would bury the actions; the log-in records who may look."""
+    token = await token_of(coord, "read")
+    listed = (await coord.admin.get("/admin/tokens")).json()
+    token_id = listed[-1]["id"]
+    async with browser(coord, settings) as client:
+        assert (await log_in(client, token)).status_code == 303
+        for _ in range(5):
+            for path in ("/admin/nodes", "/admin/relays", "/admin/pending", "/admin/policy"):
+                assert (await client.get(path)).status_code == 200
+    uses = [
+        (r["action"], r["object"], r["details"]["via"])
+        for r in (await coord.admin.get("/admin/audit")).json()
+        if r["actor"] == f"token:{token_id}"
+    ]
+    assert uses == [("token.used", "POST /admin/login", "dashboard")]

@@ -15,14 +15,16 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from nacl.signing import SigningKey
 
 from meshd import pathreport
 from meshd.control import ControlClient, Enrollment, NodeKeys, PendingApproval
-from meshd.pathreport import PathEntry
+from meshd.pathreport import Facts, PathEntry
+from meshd.relay import link as rlink
 from tests.coordinator.test_cli import cli, free_port, start_server, stop_server
 from tests.eventually import eventually
 
@@ -37,6 +39,8 @@ pytestmark = [
         reason="needs Debian's chromium and chromium-driver (scripts/setup)",
     ),
 ]
+
+RELAYED = 20  #: packets of 1200 bytes relayed between two nodes, for the relays page
 
 POLICY = """
 [groups]
@@ -56,8 +60,8 @@ deny = ["node:laptop:80"]
 class StreamingNode:
     """An enrolled node holding its map stream open in a thread of its own until :meth:`stop`."""
 
-    def __init__(self, url: str, key: str, hostname: str) -> None:
-        self.url, self.key, self.hostname = url, key, hostname
+    def __init__(self, url: str, key: str, hostname: str, facts: Facts | None = None) -> None:
+        self.url, self.key, self.hostname, self.facts = url, key, hostname, facts
         self.connected = threading.Event()
         self._loop = asyncio.new_event_loop()
         self._stop: asyncio.Event | None = None
@@ -75,6 +79,8 @@ class StreamingNode:
         self._stop = asyncio.Event()
         async with ControlClient(self.url, NodeKeys.generate()) as client:
             assert isinstance(await client.register(self.hostname, auth_key=self.key), Enrollment)
+            if self.facts is not None:  # its netcheck facts, as meshd's path report sends them
+                await pathreport.send(client, (), self.facts)
             async with client.stream() as stream:
                 await stream.next_map(within=10)
                 self.connected.set()
@@ -166,7 +172,8 @@ def test_log_in_approve_and_watch_a_node_go_offline(tmp_path: Path, browser: obj
         made = cli(state, "tokens", "create", "--scope", "admin", "--description", "dashboard test")
         assert made.returncode == 0, made.stderr
         token = made.stdout.split()[-1]
-        node = StreamingNode(url, key, "laptop")
+        # both ends of the relayed pair behind endpoint-dependent NATs: the nodes page says why it is relayed
+        node = StreamingNode(url, key, "laptop", Facts(True, "EDM", None))
         assert node.connected.wait(20), "the node's map stream did not open"
         policy = tmp_path / "policy.toml"
         policy.write_text(POLICY)
@@ -185,9 +192,45 @@ def test_log_in_approve_and_watch_a_node_go_offline(tmp_path: Path, browser: obj
             laptop_id = next(int(n["id"]) for n in listed if n["name"] == "laptop")
             async with ControlClient(url, NodeKeys.generate()) as c:
                 assert isinstance(await c.register("phone", auth_key=key), Enrollment)
-                assert await pathreport.send(c, (PathEntry(laptop_id, "relay", "tcp", 41.0),)) == 1
+                entry = PathEntry(laptop_id, "relay", "tcp", 41.0)
+                assert await pathreport.send(c, (entry,), Facts(True, "EDM", None)) == 1
 
         asyncio.run(phone_reports_its_path())
+
+        async def relay_through_the_embedded_region() -> None:  # real traffic for the relays page
+            async with (
+                ControlClient(url, NodeKeys.generate()) as a,
+                ControlClient(url, NodeKeys.generate()) as b,
+            ):
+                for c, name in ((a, "tablet"), (b, "desktop")):
+                    assert isinstance(await c.register(name, auth_key=key), Enrollment)
+                got: asyncio.Queue[bytes] = asyncio.Queue()
+
+                async def link(c: ControlClient, on: Callable[[bytes, bytes], None]) -> rlink.RelayLink:
+                    ticket = (await c.relay_ticket(1)).ticket.encode()
+                    sign = SigningKey(c.keys.node_private).sign
+                    return await rlink.connect(
+                        url,
+                        c.keys.wg_public,
+                        ticket,
+                        sign=lambda m: sign(m).signature,
+                        region_id=1,
+                        home=True,
+                        on_packet=on,
+                    )
+
+                la = await link(a, lambda s, p: None)
+                lb = await link(b, lambda s, p: got.put_nowait(p))
+                try:
+                    for _ in range(RELAYED):
+                        la.send_packet(b.keys.wg_public, b"r" * 1200)
+                    for _ in range(RELAYED):
+                        assert await asyncio.wait_for(got.get(), 5) == b"r" * 1200
+                finally:
+                    la.close()
+                    lb.close()
+
+        asyncio.run(relay_through_the_embedded_region())
 
         # log in: the dashboard sends an anonymous visitor to the log-in page
         driver.get(url + "/admin")
@@ -204,8 +247,12 @@ def test_log_in_approve_and_watch_a_node_go_offline(tmp_path: Path, browser: obj
         assert token not in cookie["value"]
         eventually(lambda: row_state("laptop") == "online", within=10, what="laptop shown online")
         path = driver.find_element(By.CSS_SELECTOR, '#node-phone .path[data-peer="laptop"]')
-        assert path.get_attribute("data-path") == "relay" and path.text == "laptop: relay (tcp) 41 ms"
-        assert "not reported" in driver.find_element(By.ID, "node-laptop").text
+        assert path.get_attribute("data-path") == "relay" and path.text.startswith(
+            "laptop: relay (tcp) 41 ms"
+        )
+        why = path.find_element(By.CLASS_NAME, "why").text
+        assert why.startswith("(why: ") and "EDM" in why and "port" in why, why
+        assert "no peers" in driver.find_element(By.ID, "node-laptop").text  # facts only, no peer yet
         shot("nodes")
 
         # approve the waiting machine, after a confirmation page
@@ -222,6 +269,7 @@ def test_log_in_approve_and_watch_a_node_go_offline(tmp_path: Path, browser: obj
         # the node goes offline: the page (reloading itself every 2 s) shows it within a few seconds
         follow(By.ID, "nav-nodes")
         assert row_state("newbox") == "offline"  # approved, never connected
+        assert "not reported" in driver.find_element(By.ID, "node-newbox").text
         node.stop()
         node = None
         went = time.monotonic()
@@ -230,7 +278,15 @@ def test_log_in_approve_and_watch_a_node_go_offline(tmp_path: Path, browser: obj
         shot("nodes-offline")
 
         follow(By.ID, "nav-relays")
-        assert driver.find_elements(By.ID, "region-1")
+        figures = {
+            cls: driver.find_element(By.CSS_SELECTOR, f"#region-1 td.{cls}").get_attribute("data-value")
+            for cls in ("tcp-packets", "tcp-bytes", "udp-allocations")
+        }
+        assert figures == {
+            "tcp-packets": str(RELAYED),
+            "tcp-bytes": str(RELAYED * 1200),
+            "udp-allocations": "0",
+        }
         shot("relays")
 
         follow(By.ID, "nav-policy")

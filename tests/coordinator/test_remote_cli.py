@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from meshd.control import ControlClient, Enrollment, NodeKeys
+from meshd.control import ControlClient, Enrollment, NodeKeys, PendingApproval
 from tests.coordinator.test_cli import BIN, cli, free_port, start_server_args, stop_server
+from tests.coordinator.test_completion import bash_tab, install_bash_completion
 
 pytestmark = pytest.mark.skipif(
     shutil.which("openssl") is None, reason="needs openssl for a test certificate"
@@ -62,11 +63,37 @@ def test_remote_cli_over_https_with_scoped_tokens(tmp_path: Path) -> None:
             async with ControlClient(url, NodeKeys.generate(), verify=str(cert)) as c:
                 assert isinstance(await c.register("db1", auth_key=authkey), Enrollment)
 
+        async def wait() -> str:
+            async with ControlClient(url, NodeKeys.generate(), verify=str(cert)) as c:
+                pending = await c.register("desk")
+                assert isinstance(pending, PendingApproval)
+                return pending.code
+
         asyncio.run(enroll())
+        code = asyncio.run(wait())
 
         listed = remote(url, files["read"], cert, "nodes", "list", "--json")
         assert listed.returncode == 0, listed.stderr
         assert [n["name"] for n in json.loads(listed.stdout)] == ["db1"]
+
+        # pending approvals are listed remotely too (a read token may list them, not approve them)
+        waiting = remote(url, files["read"], cert, "nodes", "pending", "--json")
+        assert waiting.returncode == 0, waiting.stderr
+        assert [(w["code"], w["hostname"]) for w in json.loads(waiting.stdout)] == [(code, "desk")]
+        table = remote(url, files["read"], cert, "nodes", "pending")
+        assert code in table.stdout and "desk" in table.stdout
+        assert remote(url, files["read"], cert, "nodes", "approve", code).returncode == 1
+
+        # TAB in a real bash with the installed script completes node names from the remote coordinator,
+        # through --url / --token-file / --ca-cert as typed on the command line
+        script = install_bash_completion(tmp_path / "home")
+        typed = ["coordinator", "--url", url, "--token-file", str(files["read"]), "--ca-cert", str(cert)]
+        assert bash_tab(script, [*typed, "nodes", "remove", "d"]) == ["db1"]
+        assert bash_tab(script, [*typed, "keys", "create", "--user", "a"]) == ["alice"]
+        assert (
+            bash_tab(script, [*typed[:3], "--token-file", str(tmp_path / "none"), "nodes", "remove", ""])
+            == []
+        )
 
         # a read token cannot remove a node; a nodes token can
         refused = remote(url, files["read"], cert, "nodes", "remove", "db1")

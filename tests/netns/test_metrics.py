@@ -36,6 +36,15 @@ def scrape(node: Node) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
+def tcp_listeners(node: Node) -> set[int]:
+    """The TCP ports this node's meshd process listens on (ss in its namespace, by the process id)."""
+    assert node.proc is not None
+    r = node.host.run(["ss", "-Hltnp"], timeout=20)
+    assert r.returncode == 0, r.stderr
+    mine = [line.split() for line in r.stdout.splitlines() if f"pid={node.proc.pid}," in line]
+    return {int(cols[3].rsplit(":", 1)[1]) for cols in mine}
+
+
 def test_metrics_follow_the_mesh(lab: Lab, mesh: Mesh) -> None:
     mesh.start_coordinator(lab.server())
     alpha = mesh.up(lab.host(nat="upnp"), "alpha", extra=("--metrics-listen", f"127.0.0.1:{PORT}"))
@@ -52,6 +61,10 @@ def test_metrics_follow_the_mesh(lab: Lab, mesh: Mesh) -> None:
         return m if ok else None
 
     m = eventually(settled, within=20, what="alpha's metrics show beta direct and a port map")
+    # metrics are off by default: beta (no --metrics-listen) listens on no TCP port but its DNS resolver's
+    assert PORT in tcp_listeners(alpha)  # positive control: the same check sees alpha's listener
+    assert tcp_listeners(beta) <= {53}, tcp_listeners(beta)
+    assert f":{PORT} " not in beta.host.run(["ss", "-Hltn"], timeout=20).stdout
     assert m["meshd_peers", (("path", "relay"),)] == 0 and m["meshd_peers", (("path", "none"),)] == 0
     assert m["meshd_coordinator_connected", ()] == 1
     assert m["meshd_map_version", ()] >= 1 and m["meshd_map_version_lag", ()] == 0
