@@ -1,12 +1,12 @@
 """Hostile: a node cannot take over an admin DNS record's name (issue 12, "names of the mesh domain's own
 records"; the records came with issue 17).
 
-``coordinator dns set printer 10.1.2.3`` makes ``printer.<domain>`` the printer on every node. Nodes choose
-their own names at enrollment, so mallory's machine enrolled with ``--hostname printer`` must not become
-``printer``: it gets a suffix (``printer-1``), like a user's or a reserved name, and an admin rename onto
-the record's name is refused. Should a map carry both anyway (an older coordinator, a race between
-``dns set`` and an enrollment), meshd's resolver answers the record and the hosts block leaves the node
-out: the printer's name keeps pointing at the printer.
+``coordinator dns set printer 10.1.2.3`` makes ``printer.<domain>`` the printer on every node. Nodes
+choose their own names at enrollment, so mallory's machine enrolled with ``--hostname printer`` must not
+become ``printer``: it gets a suffix (``printer-1``), like a user's or a reserved name, and an admin
+rename onto the record's name is refused. Should a map carry both anyway (a database written by an older
+version, a coordinator that does not check), meshd's resolver answers the record and the hosts block
+leaves the node out: the printer's name keeps pointing at the printer.
 """
 
 from __future__ import annotations
