@@ -1,11 +1,16 @@
 """Admin-defined DNS records (issue 17): ``coordinator dns set NAME IP | dns list | dns remove NAME``.
 
-Names for services that do not run meshd (a printer, a database behind a subnet router): every node's
-map carries them (``dns`` in meshd.proto.netmap) and meshd's resolver answers ``NAME.<domain>`` with the
+Names for services that do not run meshd (a printer, a database behind a subnet router): every node's map
+carries them (``dns`` in meshd.proto.netmap) and meshd's resolver answers ``NAME.<domain>`` with the
 address (meshd/dns/zone.py), A or AAAA by the address's family. One address per name (``set`` replaces);
-a name is one or more DNS labels (``printer``, ``db.prod``). A name a node holds is refused, and should a
-node later take a record's name, the node wins in the resolver. Every change is audited and published to
-every node as a map-wide change (kind ``dns``), like the relay map.
+a name is one or more DNS labels (``printer``, ``db.prod``). A name a node holds is refused (409), and a
+node never takes a record's name: enrollment gives it a suffix (``printer-1``, coordinator/nodes.py
+``_held_names``) and an admin rename onto it is refused (issue 12: nodes choose their own names, records
+are the admin's word). Both checks run in the serialised write transaction (on PostgreSQL under the
+cluster-wide lock), so they cannot race; should a map carry both anyway (a database written by an older
+version), the record wins: meshd's resolver answers it and the hosts block leaves the node out
+(meshd/dns/zone.py, meshd/hosts.py ``peer_entries``). Every change is audited and published to every node
+as a map-wide change (kind ``dns``), like the relay map.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from coordinator import policy as access
 from coordinator.certs import issue_node_cert
 from coordinator.coalesce import Coalescer, HeldWrites
 from coordinator.core import Core, Tx, peer_of
-from coordinator.db.models import Meta, Node, Quarantine, User
+from coordinator.db.models import DnsRecord, Meta, Node, Quarantine, User
 from coordinator.errors import BadRequest, Conflict, Forbidden, NotFound
 from coordinator.identity import check_tags
 from coordinator.ipam import IpamError, dns_label, is_dns_label, reserved_names, unique_name
@@ -88,8 +88,9 @@ _HELD = "create_node.held"  #: session.info key: the quarantine and user names r
 
 async def _held_names(tx: Tx, now: float) -> tuple[list[tuple[str, str | None]], set[str]]:
     """The quarantined (name, ipv4) pairs, and every name a new node may not take as it is (quarantined,
-    users', reserved), read once per transaction: enrollments that share one (coordinator/groupcommit.py)
-    only add nodes, and nothing that writes quarantine or users shares a transaction with create_node."""
+    users', reserved, admin DNS records'), read once per transaction: enrollments that share one
+    (coordinator/groupcommit.py) only add nodes, and nothing that writes quarantine, users or DNS records
+    shares a transaction with create_node."""
     cached: tuple[list[tuple[str, str | None]], set[str]] | None = tx.session.info.get(_HELD)
     if cached is not None:
         return cached
@@ -99,6 +100,7 @@ async def _held_names(tx: Tx, now: float) -> tuple[list[tuple[str, str | None]],
     names = {name for name, _ in held}
     names |= {u.lower() for u in (await s.execute(select(User.name))).scalars().all()}
     names |= reserved_names(tx.core.settings.domain)
+    names |= set((await s.execute(select(DnsRecord.name))).scalars().all())  # printer.<domain> is the printer
     tx.session.info[_HELD] = (held, names)
     return held, names
 
@@ -132,7 +134,8 @@ async def create_node(
     # Names that would make the node look like someone else get a suffix, like a taken name: a removed
     # node's name still in quarantine (policy or peers' hosts files may still mean the old node), a user's
     # name (a node named "alice" is not user alice, but it would read as her machine), and reserved names
-    # (localhost, wpad, gateway, the mesh domain's own labels...).
+    # (localhost, wpad, gateway, the mesh domain's own labels...) and admin DNS records' names (`dns set
+    # printer IP`: a node enrolled as "printer" would otherwise answer for the printer on some hosts).
     held, others = await _held_names(tx, now)
     taken |= others
     name = unique_name(base, taken)
@@ -331,6 +334,8 @@ async def rename_node(core: Core, old: str, new: str, actor: str) -> None:
             raise Conflict(f"node name {new!r} is taken")
         if new in reserved_names(core.settings.domain):
             raise BadRequest(f"node name {new!r} is reserved (it means something else to resolvers)")
+        if (await tx.session.execute(select(DnsRecord.id).where(DnsRecord.name == new))).first() is not None:
+            raise Conflict(f"node name {new!r} is a DNS record's name (coordinator dns remove {new} first)")
         # the old name may still be in peers' hosts files and in node:OLD rules: no new node takes it
         _quarantine(tx, node, old, None)
         node.name = new

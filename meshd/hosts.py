@@ -87,6 +87,17 @@ class HostEntry:
         return cls(str(addrs[0]), name)
 
 
+def peer_entries(
+    peers: Iterable[tuple[str, Iterable[str]]], records: Iterable[tuple[str, str]] = ()
+) -> list[HostEntry]:
+    """The block's entries for (name, overlay addresses) peers, leaving out a peer whose name is an admin
+    DNS record's (the map's ``dns``): the record is the admin's word and the peer chose its name, so
+    ``printer.<domain>`` must never point at a peer (issue 12; the coordinator gives such a peer a suffix,
+    this is the defence in depth). The peer stays reachable by its address."""
+    held = {name.strip().lower().rstrip(".") for name, _ in records}
+    return [HostEntry.for_peer(name, ips) for name, ips in peers if name.lower() not in held]
+
+
 def _markers(tag: str) -> tuple[str, str]:
     if not _TAG.fullmatch(tag):
         raise HostsError(f"invalid hosts block tag {tag!r} (letters, digits and ._@:/+- only)")

@@ -114,7 +114,7 @@ class MapApplier:
         if not self.write_hosts:
             return
         try:
-            self.hosts.update([hosts.HostEntry.for_peer(v.name, v.ips) for v in good])
+            self.hosts.update(hosts.peer_entries(((v.name, v.ips) for v in good), new.dns_records))
         except hosts.HostsError as e:
             log.error("hosts file: %s", e)
 

@@ -70,12 +70,25 @@ def build(
     """A zone for `domain` from (node name, addresses or interfaces such as ``100.64.0.2/32``) pairs,
     admin records (name, address) and the overlay prefixes.
 
-    Node names win over admin records of the same name (the coordinator refuses such a record when it is
-    set; a node enrolled later must not be shadowed by it either); names are compared case-insensitively.
-    Entries that are not a valid name or address are skipped: they came from the network."""
+    Admin records win over nodes of the same name, this node included (issue 12: nodes choose their own
+    names, so a node must never answer for ``printer``; the coordinator gives such a node a suffix and
+    refuses a record on a node's name, this is the defence in depth); the node that lost its name gets
+    no PTR name either. Names are compared case-insensitively. Entries that are not a valid name or
+    address are skipped: they came from the network."""
     origin = dns.name.from_text(domain or "mesh")
     names: dict[str, tuple[IPAddress, ...]] = {}
     reverse: dict[IPAddress, str] = {}
+    admin: dict[str, list[IPAddress]] = {}
+    for name, ip in extra:
+        key, addr = _key(name), _address(ip)
+        if key is None or addr is None:
+            continue
+        admin.setdefault(key, []).append(addr)
+    for key, more in admin.items():
+        names[key] = tuple(dict.fromkeys(more))
+        for a in more:
+            reverse.setdefault(a, key)
+    held: dict[IPAddress, str] = {}  #: overlay address -> node: its PTR name, whatever a record says
     for name, ips in nodes:
         key = _key(name)
         addrs = tuple(a for a in (_address(ip) for ip in ips) if a is not None)
@@ -83,17 +96,8 @@ def build(
             continue
         names[key] = addrs
         for a in addrs:
-            reverse.setdefault(a, key)
-    admin: dict[str, list[IPAddress]] = {}
-    for name, ip in extra:
-        key, addr = _key(name), _address(ip)
-        if key is None or addr is None or key in names:
-            continue
-        admin.setdefault(key, []).append(addr)
-    for key, more in admin.items():
-        names[key] = tuple(dict.fromkeys(more))
-        for a in more:
-            reverse.setdefault(a, key)
+            held.setdefault(a, key)
+    reverse.update(held)
     nets: list[IPNetwork] = []
     for n in networks:
         try:

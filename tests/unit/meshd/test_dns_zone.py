@@ -56,15 +56,18 @@ def test_a_type_the_name_lacks_is_nodata_and_an_unknown_name_nxdomain() -> None:
     assert ask("mesh", "SOA").rcode() == dns.rcode.NOERROR
 
 
-def test_admin_records_answer_and_never_shadow_a_node() -> None:
+def test_admin_records_answer_and_win_over_a_node_of_the_same_name() -> None:
     assert values(ask("printer.mesh", "A")) == ["10.1.0.5"]
     assert values(ask("db.prod.mesh", "AAAA")) == ["fd00:2::7"]
-    assert values(ask("b.mesh", "A")) == ["100.64.0.2"]  # the node "b", not the admin record "b"
+    # the admin record "b", not the node "b" (nodes choose their names; the coordinator never lets a
+    # node take a record's name, this is the defence in depth: issue 12)
+    assert values(ask("b.mesh", "A")) == ["10.9.9.9"]
+    assert ask(dns.reversename.from_address("100.64.0.2").to_text(), "PTR").rcode() == dns.rcode.NXDOMAIN
 
 
 def test_reverse_lookups_of_overlay_addresses() -> None:
-    r = ask(dns.reversename.from_address("100.64.0.2").to_text(), "PTR")
-    assert values(r) == ["b.mesh."]
+    r = ask(dns.reversename.from_address("100.64.0.1").to_text(), "PTR")
+    assert values(r) == ["a.mesh."]
     assert values(ask(dns.reversename.from_address("fd00:1::1").to_text(), "PTR")) == ["a.mesh."]
     assert values(ask(dns.reversename.from_address("10.1.0.5").to_text(), "PTR")) == ["printer.mesh."]
     r = ask(dns.reversename.from_address("100.64.0.99").to_text(), "PTR")
