@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import secrets
 import time
@@ -24,7 +23,7 @@ from nacl.exceptions import CryptoError
 from nacl.public import Box, PrivateKey, PublicKey
 from sqlalchemy import delete, func, select
 
-from coordinator import groupcommit
+from coordinator import challenges, groupcommit
 from coordinator.core import Core, Tx
 from coordinator.db.models import Challenge, Node, PendingEnrollment
 from coordinator.errors import BadRequest, Conflict, CoordinatorError, Gone, NotFound, Unauthorized
@@ -103,21 +102,53 @@ def normalize_code(code: str) -> str:
 
 
 async def issue_challenge(core: Core) -> IssuedChallenge:
-    challenge = os.urandom(32)
-    ephemeral = PrivateKey.generate()
-    expires = time.time() + core.settings.challenge_lifetime
-
-    async def unit(tx: Tx) -> None:  # the row is made here: a unit may run twice (coordinator/groupcommit.py)
-        tx.session.add(
-            Challenge(
-                challenge=_challenge_id(challenge),
-                ephemeral_private=b64encode(bytes(ephemeral)),
-                expires_at=expires,
-            )
-        )
-
-    await groupcommit.of(core).run(unit)  # shares its commit with the enrollments arriving with it
+    """A stateless challenge (coordinator/challenges.py): no database work until it is used."""
+    key = challenges.keys_of(core).current(core.keys.active_seed)
+    challenge, ephemeral, expires = challenges.issue(key, core.settings.challenge_lifetime)
     return IssuedChallenge(b64encode(challenge), b64encode(bytes(ephemeral.public_key)), expires)
+
+
+def open_challenge(core: Core, challenge: bytes, now: float) -> challenges.Opened | None:
+    """Check a stateless challenge before any database work; None when it is not one (it may be a legacy
+    row, see :func:`take_challenge`). Raises Unauthorized when it expired."""
+    keys = challenges.keys_of(core).accepted(core.keys.active_seed, now)
+    try:
+        return challenges.open_challenge(keys, challenge, now)
+    except challenges.Expired:
+        raise Unauthorized("challenge expired: request a new one") from None
+    except challenges.ChallengeError:
+        return None
+
+
+async def take_challenge(
+    tx: Tx, opened: challenges.Opened | None, challenge: bytes, now: float
+) -> PrivateKey | Unauthorized:
+    """Use `challenge` up inside `tx` (`opened`: :func:`open_challenge`'s answer): the server's ephemeral
+    key for it, or Unauthorized to return (an expired legacy challenge is consumed, and that must be
+    committed before the caller complains). Raises Unauthorized for one unknown or already used.
+
+    Single use: a stateless challenge's used marker is inserted here. A challenge from before the
+    stateless ones (a row with its ephemeral key, written by an older coordinator in the minute before an
+    upgrade) is still accepted once."""
+    if opened is not None:
+        if not await challenges.mark_used(tx.session, opened):
+            raise Unauthorized("unknown or already used challenge: request a new one")
+        return opened.ephemeral
+    row = await tx.session.get(Challenge, _challenge_id(challenge))
+    if row is None or not row.ephemeral_private:  # "": a stateless challenge's used marker
+        raise Unauthorized("unknown or already used challenge: request a new one")
+    await tx.session.delete(row)
+    if row.expires_at <= now:
+        return Unauthorized("challenge expired: request a new one")
+    return PrivateKey(b64decode(row.ephemeral_private))
+
+
+def proves_key(ephemeral: PrivateKey, wg: bytes, challenge: bytes, box: bytes) -> bool:
+    """Does `box` open, with the server's ephemeral key and the node's WireGuard key, to the challenge?"""
+    try:
+        return bool(Box(ephemeral, PublicKey(wg)).decrypt(box) == challenge)
+    except (CryptoError, ValueError, TypeError):
+        return False
 
 
 def _keys(reg: Registration) -> tuple[bytes, bytes, bytes, bytes, bytes]:
@@ -150,8 +181,13 @@ async def register(core: Core, reg: Registration, source: str | None = None) -> 
     except signing.SignatureError as exc:
         raise Unauthorized(f"{exc}: the node key did not sign this enrollment") from None
 
+    # a stateless challenge and its box are checked before the group: a bad one costs the others nothing
+    opened = open_challenge(core, challenge, now)
+    if opened is not None and not proves_key(opened.ephemeral, wg, challenge, box):
+        raise Unauthorized("bad proof of the WireGuard key: the box does not open to the challenge")
+
     async def unit(tx: Tx) -> Enrolled | Pending | Unauthorized:
-        return await _register(tx, reg, wg, challenge, box, now)
+        return await _register(tx, reg, wg, opened, challenge, box, now)
 
     result = await groupcommit.of(core).run(unit)  # one commit (fsync) for the enrollments arriving together
     if isinstance(result, Unauthorized):
@@ -160,21 +196,20 @@ async def register(core: Core, reg: Registration, source: str | None = None) -> 
 
 
 async def _register(
-    tx: Tx, reg: Registration, wg: bytes, challenge: bytes, box: bytes, now: float
+    tx: Tx,
+    reg: Registration,
+    wg: bytes,
+    opened: challenges.Opened | None,
+    challenge: bytes,
+    box: bytes,
+    now: float,
 ) -> Enrolled | Pending | Unauthorized:
     """The transactional part of :func:`register` (a group-commit unit: every effect goes through `tx`)."""
     core = tx.core
-    row = await tx.session.get(Challenge, _challenge_id(challenge))
-    if row is None:
-        raise Unauthorized("unknown or already used challenge: request a new one")
-    await tx.session.delete(row)
-    if row.expires_at <= now:
-        return Unauthorized("challenge expired: request a new one")
-    try:
-        opened = Box(PrivateKey(b64decode(row.ephemeral_private)), PublicKey(wg)).decrypt(box)
-    except (CryptoError, ValueError, TypeError):
-        opened = b""
-    if opened != challenge:
+    ephemeral = await take_challenge(tx, opened, challenge, now)
+    if isinstance(ephemeral, Unauthorized):
+        return ephemeral
+    if opened is None and not proves_key(ephemeral, wg, challenge, box):
         raise Unauthorized("bad proof of the WireGuard key: the box does not open to the challenge")
     if reg.auth_key is not None:
         key = await redeem_key(tx, reg.auth_key, now)
