@@ -641,6 +641,7 @@ async def main_async(
         sample = nodes[seeded:]
 
         spy = start_py_spy(args.py_spy and args.py_spy + ".enroll", server.pid)
+        sim_enroll0 = cpu_self()
         t_enroll = await asyncio.wait_for(
             enroll_all(url, key, sample, args.concurrency), deadline - time.monotonic()
         )
@@ -649,6 +650,8 @@ async def main_async(
         results["enroll_seconds"] = round(t_enroll, 2)
         results["enroll_per_second"] = round(len(sample) / t_enroll, 1) if sample else None
         results["enroll_server_cpu_seconds"] = round(cpu1 - cpu0, 2)
+        results["enroll_simulator_cpu_seconds"] = round(cpu_self() - sim_enroll0, 2)
+        results["load_average_1min_after_enroll"] = round(os.getloadavg()[0], 2)
         results["enroll_retries"] = len(RETRIES)
         results["enrolled_through_api"] = len(sample)
         results["seeded_nodes"] = seeded
