@@ -154,16 +154,37 @@ def keys_of(core: Core) -> Keys:
     return found
 
 
+def _insert(session: AsyncSession) -> sqlite.Insert | postgresql.Insert:
+    if session.get_bind().dialect.name == "postgresql":
+        return postgresql.insert(Challenge)
+    return sqlite.insert(Challenge)
+
+
 async def mark_used(session: AsyncSession, opened: Opened) -> bool:
     """Insert the challenge's used marker in the caller's transaction; False when it was used already
     (by this replica or another: the marker is a primary key). One statement, no autoflush: the group's
     pending rows (coordinator/groupcommit.py) go to the database together at its commit."""
-    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
     stmt = (
-        dialect.insert(Challenge)
+        _insert(session)
         .values(challenge=opened.id, ephemeral_private="", expires_at=opened.expires_at)
         .on_conflict_do_nothing(index_elements=["challenge"])
     )
     with session.no_autoflush:
         result = await session.execute(stmt)
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+async def mark_many_used(session: AsyncSession, many: list[Opened]) -> set[str]:
+    """:func:`mark_used` for many challenges in one statement: the ids of those that were not used
+    before (a challenge given twice counts once: the caller hands it to the first that asks)."""
+    rows = {o.id: {"challenge": o.id, "ephemeral_private": "", "expires_at": o.expires_at} for o in many}
+    if not rows:
+        return set()
+    stmt = (
+        _insert(session)
+        .values(list(rows.values()))
+        .on_conflict_do_nothing(index_elements=["challenge"])
+        .returning(Challenge.challenge)
+    )
+    with session.no_autoflush:
+        return set((await session.execute(stmt)).scalars().all())

@@ -28,7 +28,7 @@ from coordinator.core import Core, Tx
 from coordinator.db.models import Challenge, Node, PendingEnrollment
 from coordinator.errors import BadRequest, Conflict, CoordinatorError, Gone, NotFound, Unauthorized
 from coordinator.identity import redeem_key
-from coordinator.nodes import Enrolled, create_node
+from coordinator.nodes import Enrolled, create_node, prefetch_clashes
 from coordinator.ratelimit import TokenBuckets
 from meshd.proto import signing
 from meshd.proto.encoding import b64decode, b64encode
@@ -131,7 +131,10 @@ async def take_challenge(
     stateless ones (a row with its ephemeral key, written by an older coordinator in the minute before an
     upgrade) is still accepted once."""
     if opened is not None:
-        if not await challenges.mark_used(tx.session, opened):
+        fresh: set[str] | None = tx.session.info.get(_FRESH)  # marked for the whole group by _prepare
+        if fresh is not None and opened.id in fresh:
+            fresh.discard(opened.id)  # the first unit with this challenge has it; a second is a replay
+        elif fresh is not None or not await challenges.mark_used(tx.session, opened):
             raise Unauthorized("unknown or already used challenge: request a new one")
         return opened.ephemeral
     row = await tx.session.get(Challenge, _challenge_id(challenge))
@@ -141,6 +144,26 @@ async def take_challenge(
     if row.expires_at <= now:
         return Unauthorized("challenge expired: request a new one")
     return PrivateKey(b64decode(row.ephemeral_private))
+
+
+_FRESH = "enrollment.fresh_challenges"  #: session.info: challenge ids _prepare marked used, not yet taken
+
+
+@dataclass(frozen=True, slots=True)
+class _Ahead:
+    """What a registration with a pre-auth key will look up, for the group's batched look-ups."""
+
+    opened: challenges.Opened
+    hostname: str
+    wg_public_key: str
+    node_public_key: str
+
+
+async def _prepare(tx: Tx, items: list[_Ahead]) -> None:
+    """The group's look-ups in two statements instead of two per enrollment: every challenge's used
+    marker (one INSERT ... RETURNING) and every key clash and taken name (one SELECT)."""
+    tx.session.info[_FRESH] = await challenges.mark_many_used(tx.session, [i.opened for i in items])
+    await prefetch_clashes(tx, [(i.hostname, i.wg_public_key, i.node_public_key) for i in items])
 
 
 def proves_key(ephemeral: PrivateKey, wg: bytes, challenge: bytes, box: bytes) -> bool:
@@ -189,7 +212,11 @@ async def register(core: Core, reg: Registration, source: str | None = None) -> 
     async def unit(tx: Tx) -> Enrolled | Pending | Unauthorized:
         return await _register(tx, reg, wg, opened, challenge, box, now)
 
-    result = await groupcommit.of(core).run(unit)  # one commit (fsync) for the enrollments arriving together
+    ahead = None
+    if opened is not None and reg.auth_key is not None:
+        ahead = (_prepare, _Ahead(opened, reg.hostname, reg.wg_public_key, reg.node_public_key))
+    # one commit (fsync) for the enrollments arriving together
+    result = await groupcommit.of(core).run(unit, ahead)
     if isinstance(result, Unauthorized):
         raise result  # the consumed expired challenge is committed before we complain
     return result

@@ -9,7 +9,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sqlalchemy import delete, func, or_, select, text
+from sqlalchemy import ColumnElement, Select, delete, func, or_, select, text
 
 from coordinator import onlineflags
 from coordinator import policy as access
@@ -142,6 +142,43 @@ async def _next_node_id(tx: Tx) -> int:
     return next_id
 
 
+def _similar(base: str) -> ColumnElement[bool]:
+    """Names `base` and `base-...` (a range, not LIKE: the name index serves it)."""
+    return or_(Node.name == base, (Node.name > f"{base}-") & (Node.name < f"{base}."))
+
+
+def _clash_query(bases: list[str], wgs: list[str], nks: list[str]) -> Select[str, str, str]:
+    keys = or_(Node.wg_public_key.in_(wgs), Node.node_public_key.in_(nks))
+    return select(Node.name, Node.wg_public_key, Node.node_public_key).where(
+        or_(keys, *(_similar(b) for b in dict.fromkeys(bases)))
+    )
+
+
+_FOUND = "create_node.found"  #: session.info: (candidates, rows) of :func:`prefetch_clashes`
+
+
+async def prefetch_clashes(tx: Tx, candidates: list[tuple[str, str, str]]) -> None:
+    """One query for the key clashes and taken names of many nodes about to be made in `tx` (hostname,
+    WireGuard key, node key each): a group-commit `prepare` step (coordinator/groupcommit.py)."""
+    bases = [dns_label(h) for h, _, _ in candidates]
+    with tx.session.no_autoflush:
+        rows = (
+            await tx.session.execute(
+                _clash_query(bases, [wg for _, wg, _ in candidates], [nk for _, _, nk in candidates])
+            )
+        ).all()
+    covered = set(zip(bases, (wg for _, wg, _ in candidates), (nk for _, _, nk in candidates), strict=True))
+    tx.session.info[_FOUND] = (covered, [(name, wg, nk) for name, wg, nk in rows])
+
+
+def _prefetched(tx: Tx, base: str, wg: str, nk: str) -> list[tuple[str, str, str]] | None:
+    """This node's share of :func:`prefetch_clashes`' rows, or None when it was not among them."""
+    got: tuple[set[tuple[str, str, str]], list[tuple[str, str, str]]] | None = tx.session.info.get(_FOUND)
+    if got is None or (base, wg, nk) not in got[0]:
+        return None
+    return [r for r in got[1] if r[1] == wg or r[2] == nk or r[0] == base or r[0].startswith(f"{base}-")]
+
+
 async def create_node(
     tx: Tx,
     *,
@@ -157,18 +194,16 @@ async def create_node(
     s = tx.session
     base = dns_label(hostname)
     now = time.time()
-    # one query for the key clash and the names like `base`; the nodes this transaction made are not in
+    # one query for the key clash and the names like `base` (or its share of the one query for the whole
+    # group: prefetch_clashes); the nodes this transaction made are not in
     # the database yet (no flush per node: the group's rows go in together at its commit), so they are
     # checked in memory. `base-...` as a range, not LIKE: the name index serves it.
     made = _made_here(tx)
-    similar = or_(Node.name == base, (Node.name > f"{base}-") & (Node.name < f"{base}."))
-    keys = or_(Node.wg_public_key == wg_public_key, Node.node_public_key == node_public_key)
-    with s.no_autoflush:
-        found = (
-            await s.execute(
-                select(Node.name, Node.wg_public_key, Node.node_public_key).where(or_(keys, similar))
-            )
-        ).all()
+    found = _prefetched(tx, base, wg_public_key, node_public_key)
+    if found is None:
+        with s.no_autoflush:
+            rows = (await s.execute(_clash_query([base], [wg_public_key], [node_public_key]))).all()
+        found = [(name, wg, nk) for name, wg, nk in rows]
     if (
         wg_public_key in made.keys
         or node_public_key in made.keys
@@ -177,6 +212,9 @@ async def create_node(
         raise Conflict("this WireGuard or node key is already enrolled")
     taken = {name for name, _, _ in found} | made.names
     # Names that would make the node look like someone else get a suffix, like a taken name: a removed
+    # node's name still in quarantine (policy or peers' hosts files may still mean the old node), a user's
+    # name (a node named "alice" is not user alice, but it would read as her machine), and reserved names
+    # (localhost, wpad, gateway, the mesh domain's own labels...).
     held, others = await _held_names(tx, now)
     taken |= others
     name = unique_name(base, taken)
