@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from coordinator import acting
 from coordinator.api import admin, adminhttp, health, node, paths, register, stream
 from coordinator.api import tokens as tokens_api
 from coordinator.core import Core
@@ -104,7 +105,8 @@ class Timing:
             return
         start = time.perf_counter()
         try:
-            await self.app(scope, receive, send)
+            with acting.request_scope():
+                await self.app(scope, receive, send)
         finally:
             route = scope.get("route")
             label = getattr(route, "path", "unmatched")
