@@ -6,7 +6,8 @@ Starts a real `coordinator serve` (SQLite, temp state dir, random loopback port)
 1. seeds N - K nodes straight into the database through the coordinator's own store code
    (coordinator.nodes.create_node, real keys and certificates) before the server starts, then enrolls
    the other K (--enroll-sample) through the real API with a reusable pre-auth key (proof of possession,
-   real crypto) -> enrollment rate, measured on the sample;
+   real crypto; meshd's two requests over raw keep-alive HTTP/1.1, so the simulator's CPU stays small) ->
+   enrollment rate, measured on the sample;
 2. opens N signed map WebSockets and waits until every node has its first map -> connect time;
 3. makes admin changes (`nodes rename` over the admin socket) and records, per node, when the delta
    naming the change arrives -> p50/p99/max from the admin call to the node, and to the LAST node;
