@@ -117,3 +117,24 @@ async def test_a_used_challenge_stays_used_across_a_restart(settings: Settings, 
             assert not await challenges.mark_used(tx.session, again)
     finally:
         await second.stop()
+
+
+async def test_one_challenge_raced_by_many_registrations_enrolls_one_node(coord: Coord) -> None:  # noqa: F811
+    """The same challenge in many registrations at once (a replay race; they share group-commit
+    transactions, where the used markers are inserted for the whole group at once): exactly one wins."""
+    import asyncio
+
+    from coordinator import groupcommit
+    from coordinator.db.models import Node
+
+    key = await coord.user_and_key(reusable=True)
+    ch = (await coord.api.post("/api/v1/register/challenge")).json()
+    challenge, server = b64decode(ch["challenge"]), b64decode(ch["server_ephemeral_x25519_pub"])
+    bodies = [_body(key, challenge, server, f"racer{i}") for i in range(8)]
+    answers = await asyncio.gather(*(coord.api.post("/api/v1/register", json=b) for b in bodies))
+    codes = sorted(r.status_code for r in answers)
+    assert codes == [200] + [401] * 7, [r.text for r in answers]
+    assert all("already used" in r.json()["detail"] for r in answers if r.status_code == 401)
+    async with coord.core.read() as s:
+        assert int((await s.execute(select(func.count()).select_from(Node))).scalar_one()) == 1
+    assert groupcommit.of(coord.core).failed > 0  # they did share a transaction
