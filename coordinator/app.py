@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from coordinator import acting
 from coordinator.api import admin, adminhttp, health, node, paths, register, stream
 from coordinator.api import tokens as tokens_api
 from coordinator.core import Core
@@ -87,14 +88,29 @@ def _install_common(app: FastAPI, core: Core) -> None:
         message = f"invalid request: {where}: {first.get('msg', 'malformed')}" if where else "invalid request"
         return JSONResponse({"detail": message}, status_code=422)
 
-    @app.middleware("http")
-    async def _timing(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
+    app.add_middleware(Timing, core=core)
+
+
+class Timing:
+    """Request latency per route into the metrics; a plain ASGI middleware (Starlette's
+    BaseHTTPMiddleware costs a task group and a streamed response per request: issue 16's enrollment)."""
+
+    def __init__(self, app: ASGIApp, core: Core) -> None:
+        self.app = app
+        self.core = core
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
         start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        label = getattr(route, "path", "unmatched")
-        core.metrics.latency.labels(label).observe(time.perf_counter() - start)
-        return response
+        try:
+            with acting.request_scope():
+                await self.app(scope, receive, send)
+        finally:
+            route = scope.get("route")
+            label = getattr(route, "path", "unmatched")
+            self.core.metrics.latency.labels(label).observe(time.perf_counter() - start)
 
 
 def create_app(settings: Settings, core: Core | None = None) -> FastAPI:

@@ -44,6 +44,7 @@ _HEAD = "audit_head"
 BASE = "audit_base"
 PRUNED = "audit.pruned"
 _ADVISORY_LOCK = 0x6D657368  # "mesh"
+_LOCKED = "audit.locked"  #: session.info: this transaction holds the audit chain's advisory lock
 
 _SECRET_WORDS = ("key", "secret", "token", "password", "private")
 
@@ -126,8 +127,10 @@ async def append(
     seed) also the signed checkpoint when this record is due one."""
     details = details or {}
     _check_no_secrets(details)
-    if session.get_bind().dialect.name == "postgresql":
+    # the lock is the transaction's: once is enough (a group-commit transaction appends many records)
+    if session.get_bind().dialect.name == "postgresql" and not session.info.get(_LOCKED):
         await session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ADVISORY_LOCK})
+        session.info[_LOCKED] = True
     head = await session.get(Meta, _HEAD)
     if head is None:
         last_id, prev = 0, GENESIS

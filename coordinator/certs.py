@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -29,11 +30,16 @@ class SigningKeys:
 
     @property
     def active_public(self) -> bytes:
-        return bytes(SigningKey(self.active_seed).verify_key)
+        return _public_of(self.active_seed)  # every enrollment's answer names it: derived once per seed
 
     @property
     def active_id(self) -> str:
         return certfmt.key_id(self.active_public)
+
+
+@functools.lru_cache(maxsize=8)
+def _public_of(seed: bytes) -> bytes:
+    return bytes(SigningKey(seed).verify_key)
 
 
 def load_or_create(state_dir: Path) -> SigningKeys:

@@ -12,7 +12,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,6 +67,9 @@ class Tx:
     after: list[Callable[[], None]] = field(default_factory=list)
     changes: list[Change] = field(default_factory=list)
     undo: list[Callable[[], None]] = field(default_factory=list)
+    #: run (in order) after the caller's work and before the commit, inside the transaction: writes that
+    #: many units of one group-commit transaction add up (e.g. a reusable pre-auth key's use count)
+    before: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     def change(self, kind: str, node_id: int | None = None) -> int:
         version = self.core.state.version + len(self.changes) + 1
@@ -79,6 +82,9 @@ class Tx:
 
     def on_rollback(self, fn: Callable[[], None]) -> None:
         self.undo.append(fn)
+
+    def before_commit(self, fn: Callable[[], Awaitable[None]]) -> None:
+        self.before.append(fn)
 
     async def audit(self, actor: str, action: str, obj: str, details: dict[str, Any] | None = None) -> None:
         actor = acting.actor(actor)  # `admin` through a token is `token:ID` (coordinator/acting.py)
@@ -322,6 +328,8 @@ class Core:
                         if self._started:
                             await self._catch_up(session)
                     yield tx
+                    for hook in tx.before:
+                        await hook()
                     if self.is_postgres and tx.changes:
                         await session.execute(
                             text("SELECT pg_notify(:c, :v)"),

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import secrets
 import time
@@ -24,12 +23,12 @@ from nacl.exceptions import CryptoError
 from nacl.public import Box, PrivateKey, PublicKey
 from sqlalchemy import delete, func, select
 
-from coordinator import groupcommit
+from coordinator import challenges, groupcommit
 from coordinator.core import Core, Tx
 from coordinator.db.models import Challenge, Node, PendingEnrollment
 from coordinator.errors import BadRequest, Conflict, CoordinatorError, Gone, NotFound, Unauthorized
 from coordinator.identity import redeem_key
-from coordinator.nodes import Enrolled, create_node
+from coordinator.nodes import Enrolled, create_node, prefetch_clashes
 from coordinator.ratelimit import TokenBuckets
 from meshd.proto import signing
 from meshd.proto.encoding import b64decode, b64encode
@@ -103,21 +102,76 @@ def normalize_code(code: str) -> str:
 
 
 async def issue_challenge(core: Core) -> IssuedChallenge:
-    challenge = os.urandom(32)
-    ephemeral = PrivateKey.generate()
-    expires = time.time() + core.settings.challenge_lifetime
-
-    async def unit(tx: Tx) -> None:  # the row is made here: a unit may run twice (coordinator/groupcommit.py)
-        tx.session.add(
-            Challenge(
-                challenge=_challenge_id(challenge),
-                ephemeral_private=b64encode(bytes(ephemeral)),
-                expires_at=expires,
-            )
-        )
-
-    await groupcommit.of(core).run(unit)  # shares its commit with the enrollments arriving with it
+    """A stateless challenge (coordinator/challenges.py): no database work until it is used."""
+    key = challenges.keys_of(core).current(core.keys.active_seed)
+    challenge, ephemeral, expires = challenges.issue(key, core.settings.challenge_lifetime)
     return IssuedChallenge(b64encode(challenge), b64encode(bytes(ephemeral.public_key)), expires)
+
+
+def open_challenge(core: Core, challenge: bytes, now: float) -> challenges.Opened | None:
+    """Check a stateless challenge before any database work; None when it is not one (it may be a legacy
+    row, see :func:`take_challenge`). Raises Unauthorized when it expired."""
+    keys = challenges.keys_of(core).accepted(core.keys.active_seed, now)
+    try:
+        return challenges.open_challenge(keys, challenge, now)
+    except challenges.Expired:
+        raise Unauthorized("challenge expired: request a new one") from None
+    except challenges.ChallengeError:
+        return None
+
+
+async def take_challenge(
+    tx: Tx, opened: challenges.Opened | None, challenge: bytes, now: float
+) -> PrivateKey | Unauthorized:
+    """Use `challenge` up inside `tx` (`opened`: :func:`open_challenge`'s answer): the server's ephemeral
+    key for it, or Unauthorized to return (an expired legacy challenge is consumed, and that must be
+    committed before the caller complains). Raises Unauthorized for one unknown or already used.
+
+    Single use: a stateless challenge's used marker is inserted here. A challenge from before the
+    stateless ones (a row with its ephemeral key, written by an older coordinator in the minute before an
+    upgrade) is still accepted once."""
+    if opened is not None:
+        fresh: set[str] | None = tx.session.info.get(_FRESH)  # marked for the whole group by _prepare
+        if fresh is not None and opened.id in fresh:
+            fresh.discard(opened.id)  # the first unit with this challenge has it; a second is a replay
+        elif fresh is not None or not await challenges.mark_used(tx.session, opened):
+            raise Unauthorized("unknown or already used challenge: request a new one")
+        return opened.ephemeral
+    row = await tx.session.get(Challenge, _challenge_id(challenge))
+    if row is None or not row.ephemeral_private:  # "": a stateless challenge's used marker
+        raise Unauthorized("unknown or already used challenge: request a new one")
+    await tx.session.delete(row)
+    if row.expires_at <= now:
+        return Unauthorized("challenge expired: request a new one")
+    return PrivateKey(b64decode(row.ephemeral_private))
+
+
+_FRESH = "enrollment.fresh_challenges"  #: session.info: challenge ids _prepare marked used, not yet taken
+
+
+@dataclass(frozen=True, slots=True)
+class _Ahead:
+    """What a registration with a pre-auth key will look up, for the group's batched look-ups."""
+
+    opened: challenges.Opened
+    hostname: str
+    wg_public_key: str
+    node_public_key: str
+
+
+async def _prepare(tx: Tx, items: list[_Ahead]) -> None:
+    """The group's look-ups in two statements instead of two per enrollment: every challenge's used
+    marker (one INSERT ... RETURNING) and every key clash and taken name (one SELECT)."""
+    tx.session.info[_FRESH] = await challenges.mark_many_used(tx.session, [i.opened for i in items])
+    await prefetch_clashes(tx, [(i.hostname, i.wg_public_key, i.node_public_key) for i in items])
+
+
+def proves_key(ephemeral: PrivateKey, wg: bytes, challenge: bytes, box: bytes) -> bool:
+    """Does `box` open, with the server's ephemeral key and the node's WireGuard key, to the challenge?"""
+    try:
+        return bool(Box(ephemeral, PublicKey(wg)).decrypt(box) == challenge)
+    except (CryptoError, ValueError, TypeError):
+        return False
 
 
 def _keys(reg: Registration) -> tuple[bytes, bytes, bytes, bytes, bytes]:
@@ -150,31 +204,39 @@ async def register(core: Core, reg: Registration, source: str | None = None) -> 
     except signing.SignatureError as exc:
         raise Unauthorized(f"{exc}: the node key did not sign this enrollment") from None
 
-    async def unit(tx: Tx) -> Enrolled | Pending | Unauthorized:
-        return await _register(tx, reg, wg, challenge, box, now)
+    # a stateless challenge and its box are checked before the group: a bad one costs the others nothing
+    opened = open_challenge(core, challenge, now)
+    if opened is not None and not proves_key(opened.ephemeral, wg, challenge, box):
+        raise Unauthorized("bad proof of the WireGuard key: the box does not open to the challenge")
 
-    result = await groupcommit.of(core).run(unit)  # one commit (fsync) for the enrollments arriving together
+    async def unit(tx: Tx) -> Enrolled | Pending | Unauthorized:
+        return await _register(tx, reg, wg, opened, challenge, box, now)
+
+    ahead = None
+    if opened is not None and reg.auth_key is not None:
+        ahead = (_prepare, _Ahead(opened, reg.hostname, reg.wg_public_key, reg.node_public_key))
+    # one commit (fsync) for the enrollments arriving together
+    result = await groupcommit.of(core).run(unit, ahead)
     if isinstance(result, Unauthorized):
         raise result  # the consumed expired challenge is committed before we complain
     return result
 
 
 async def _register(
-    tx: Tx, reg: Registration, wg: bytes, challenge: bytes, box: bytes, now: float
+    tx: Tx,
+    reg: Registration,
+    wg: bytes,
+    opened: challenges.Opened | None,
+    challenge: bytes,
+    box: bytes,
+    now: float,
 ) -> Enrolled | Pending | Unauthorized:
     """The transactional part of :func:`register` (a group-commit unit: every effect goes through `tx`)."""
     core = tx.core
-    row = await tx.session.get(Challenge, _challenge_id(challenge))
-    if row is None:
-        raise Unauthorized("unknown or already used challenge: request a new one")
-    await tx.session.delete(row)
-    if row.expires_at <= now:
-        return Unauthorized("challenge expired: request a new one")
-    try:
-        opened = Box(PrivateKey(b64decode(row.ephemeral_private)), PublicKey(wg)).decrypt(box)
-    except (CryptoError, ValueError, TypeError):
-        opened = b""
-    if opened != challenge:
+    ephemeral = await take_challenge(tx, opened, challenge, now)
+    if isinstance(ephemeral, Unauthorized):
+        return ephemeral
+    if opened is None and not proves_key(ephemeral, wg, challenge, box):
         raise Unauthorized("bad proof of the WireGuard key: the box does not open to the challenge")
     if reg.auth_key is not None:
         key = await redeem_key(tx, reg.auth_key, now)

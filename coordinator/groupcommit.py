@@ -41,11 +41,15 @@ T = TypeVar("T")
 MAX_GROUP = 64
 
 Unit = Callable[[Tx], Awaitable[Any]]
+#: look-ups many units of a group need, done once for all of them at the start of the shared transaction
+#: (called with the items of every waiting unit that named the same function); units run alone get none
+Prepare = Callable[[Tx, list[Any]], Awaitable[None]]
 
 
 @dataclass
 class _Waiting:
     unit: Unit
+    prepare: tuple[Prepare, Any] | None = None
     done: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -70,9 +74,13 @@ class GroupCommit:
         self.alone = 0  #: units run in a transaction of their own (a group of one, or after a failure)
         self.failed = 0  #: units that raised inside a group (each then ran alone)
 
-    async def run(self, unit: Callable[[Tx], Awaitable[T]]) -> T:
-        """Run `unit` in a transaction shared with the other units waiting now; its result or exception."""
-        waiting = _Waiting(unit)
+    async def run(self, unit: Callable[[Tx], Awaitable[T]], prepare: tuple[Prepare, Any] | None = None) -> T:
+        """Run `unit` in a transaction shared with the other units waiting now; its result or exception.
+
+        `prepare` = (function, item): in a shared transaction, before any unit runs, each distinct function
+        is awaited once with the items of all the group's units that gave it (batched look-ups; the unit
+        finds their answers in ``tx.session.info`` and must work without them, as it runs alone)."""
+        waiting = _Waiting(unit, prepare)
         # a caller that went away (cancelled) leaves its outcome unread: read it here, no warning
         waiting.done.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._queue.append(waiting)
@@ -101,6 +109,12 @@ class GroupCommit:
             try:
                 async with self.core.transaction() as tx:
                     _hold_rows(tx, [])
+                    batches: dict[Prepare, list[Any]] = {}
+                    for w in group:
+                        if w.prepare is not None:
+                            batches.setdefault(w.prepare[0], []).append(w.prepare[1])
+                    for prepare, items in batches.items():
+                        await prepare(tx, items)
                     for i, w in enumerate(group):
                         try:
                             results.append(await w.unit(tx))

@@ -135,26 +135,74 @@ async def create_key(
     return NewKey(key, row.prefix, user, reusable, row.expires_at, clean_tags, ephemeral)
 
 
+@dataclass(frozen=True, slots=True)
+class _KeyRow:
+    id: int
+    user_id: int
+    expires_at: float
+    reusable: bool
+    tags: tuple[str, ...]
+    prefix: str
+    ephemeral: bool
+
+
+_KEY_ROWS = "redeem_key.rows"  #: session.info: key hash -> _KeyRow, read once per transaction
+_USES = "redeem_key.uses"  #: session.info: reusable key id -> uses to add at the commit
+
+
 async def redeem_key(tx: Tx, key: str, now: float) -> RedeemedKey:
-    """Use a key inside the enrollment transaction; a single-use key is consumed by one atomic UPDATE."""
-    row = (
-        await tx.session.execute(select(PreAuthKey).where(PreAuthKey.key_hash == hash_key(key)))
-    ).scalar_one_or_none()
+    """Use a key inside the enrollment transaction; a single-use key is consumed by one atomic UPDATE.
+
+    Many enrollments share one transaction (coordinator/groupcommit.py): the key's row is read once per
+    transaction, and a reusable key's use count is added up and written once, just before the commit.
+    Nothing here autoflushes: the group's rows go to the database together at the commit."""
+    s = tx.session
+    digest = hash_key(key)
+    rows: dict[str, _KeyRow] = s.info.setdefault(_KEY_ROWS, {})
+    row = rows.get(digest)
     if row is None:
-        raise Forbidden("unknown pre-auth key")
+        with s.no_autoflush:
+            found = (
+                await s.execute(select(PreAuthKey).where(PreAuthKey.key_hash == digest))
+            ).scalar_one_or_none()
+        if found is None:
+            raise Forbidden("unknown pre-auth key")
+        row = rows[digest] = _KeyRow(
+            found.id,
+            found.user_id,
+            found.expires_at,
+            bool(found.reusable),
+            tuple(json.loads(found.tags)),
+            found.prefix,
+            bool(found.ephemeral),
+        )
     if row.expires_at <= now:
         raise Forbidden("pre-auth key expired")
-    stmt = update(PreAuthKey).where(PreAuthKey.id == row.id)
-    if not row.reusable:
-        stmt = stmt.where(PreAuthKey.used_count == 0)
-    result = await tx.session.execute(
-        stmt.values(used_count=PreAuthKey.used_count + 1).execution_options(synchronize_session=False)
-    )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
-        raise Forbidden("pre-auth key already used")
-    owner = await tx.session.get(User, row.user_id)
+    if row.reusable:
+        uses: dict[int, int] = s.info.setdefault(_USES, {})
+        if not uses:
+            tx.before_commit(lambda: _count_uses(tx, uses))
+        uses[row.id] = uses.get(row.id, 0) + 1
+    else:
+        stmt = update(PreAuthKey).where(PreAuthKey.id == row.id, PreAuthKey.used_count == 0)
+        with s.no_autoflush:
+            result = await s.execute(
+                stmt.values(used_count=PreAuthKey.used_count + 1).execution_options(synchronize_session=False)
+            )
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            raise Forbidden("pre-auth key already used")
+    with s.no_autoflush:
+        owner = await s.get(User, row.user_id)
     assert owner is not None
     await tx.audit(f"key:{row.id}", "key.used", f"key:{row.id}", {"user": owner.name})
-    return RedeemedKey(
-        row.id, owner.id, owner.name, tuple(json.loads(row.tags)), row.prefix, bool(row.ephemeral)
-    )
+    return RedeemedKey(row.id, owner.id, owner.name, row.tags, row.prefix, row.ephemeral)
+
+
+async def _count_uses(tx: Tx, uses: dict[int, int]) -> None:
+    for key_id, n in uses.items():
+        await tx.session.execute(
+            update(PreAuthKey)
+            .where(PreAuthKey.id == key_id)
+            .values(used_count=PreAuthKey.used_count + n)
+            .execution_options(synchronize_session=False)
+        )

@@ -7,9 +7,9 @@ import logging
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from sqlalchemy import delete, or_, select
+from sqlalchemy import ColumnElement, Select, delete, func, or_, select, text
 
 from coordinator import onlineflags
 from coordinator import policy as access
@@ -105,6 +105,82 @@ async def _held_names(tx: Tx, now: float) -> tuple[list[tuple[str, str | None]],
     return held, names
 
 
+@dataclass
+class _Made:
+    """Names and keys of the nodes made in this transaction, not flushed yet."""
+
+    names: set[str] = field(default_factory=set)
+    keys: set[str] = field(default_factory=set)
+
+
+_MADE = "create_node.made"  #: session.info key of the transaction's _Made
+_NEXT_ID = "create_node.next_id"  #: session.info key: the id the next node made in this transaction gets
+
+
+def _made_here(tx: Tx) -> _Made:
+    made: _Made | None = tx.session.info.get(_MADE)
+    if made is None:
+        made = tx.session.info[_MADE] = _Made()
+    return made
+
+
+async def _next_node_id(tx: Tx) -> int:
+    """Node ids are given here, not by the database at a flush (there is none per node): the highest id
+    plus one, as SQLite's rowid does; on PostgreSQL the id sequence is moved past them before the commit
+    (writers are serialised by the core's write lock, across replicas too)."""
+    s = tx.session
+    next_id: int | None = s.info.get(_NEXT_ID)
+    if next_id is None:
+        with s.no_autoflush:
+            next_id = int((await s.execute(select(func.max(Node.id)))).scalar() or 0) + 1
+        if tx.core.is_postgres:
+
+            async def move_sequence() -> None:
+                last = s.info[_NEXT_ID] - 1
+                await s.execute(text("SELECT setval(pg_get_serial_sequence('nodes', 'id'), :v)"), {"v": last})
+
+            tx.before_commit(move_sequence)
+    s.info[_NEXT_ID] = next_id + 1
+    return next_id
+
+
+def _similar(base: str) -> ColumnElement[bool]:
+    """Names `base` and `base-...` (a range, not LIKE: the name index serves it)."""
+    return or_(Node.name == base, (Node.name > f"{base}-") & (Node.name < f"{base}."))
+
+
+def _clash_query(bases: list[str], wgs: list[str], nks: list[str]) -> Select[str, str, str]:
+    keys = or_(Node.wg_public_key.in_(wgs), Node.node_public_key.in_(nks))
+    return select(Node.name, Node.wg_public_key, Node.node_public_key).where(
+        or_(keys, *(_similar(b) for b in dict.fromkeys(bases)))
+    )
+
+
+_FOUND = "create_node.found"  #: session.info: (candidates, rows) of :func:`prefetch_clashes`
+
+
+async def prefetch_clashes(tx: Tx, candidates: list[tuple[str, str, str]]) -> None:
+    """One query for the key clashes and taken names of many nodes about to be made in `tx` (hostname,
+    WireGuard key, node key each): a group-commit `prepare` step (coordinator/groupcommit.py)."""
+    bases = [dns_label(h) for h, _, _ in candidates]
+    with tx.session.no_autoflush:
+        rows = (
+            await tx.session.execute(
+                _clash_query(bases, [wg for _, wg, _ in candidates], [nk for _, _, nk in candidates])
+            )
+        ).all()
+    covered = set(zip(bases, (wg for _, wg, _ in candidates), (nk for _, _, nk in candidates), strict=True))
+    tx.session.info[_FOUND] = (covered, [(name, wg, nk) for name, wg, nk in rows])
+
+
+def _prefetched(tx: Tx, base: str, wg: str, nk: str) -> list[tuple[str, str, str]] | None:
+    """This node's share of :func:`prefetch_clashes`' rows, or None when it was not among them."""
+    got: tuple[set[tuple[str, str, str]], list[tuple[str, str, str]]] | None = tx.session.info.get(_FOUND)
+    if got is None or (base, wg, nk) not in got[0]:
+        return None
+    return [r for r in got[1] if r[1] == wg or r[2] == nk or r[0] == base or r[0].startswith(f"{base}-")]
+
+
 async def create_node(
     tx: Tx,
     *,
@@ -118,19 +194,25 @@ async def create_node(
     ephemeral: bool = False,
 ) -> Enrolled:
     s = tx.session
-    clash = (
-        await s.execute(
-            select(Node.id).where(
-                or_(Node.wg_public_key == wg_public_key, Node.node_public_key == node_public_key)
-            )
-        )
-    ).first()
-    if clash is not None:
-        raise Conflict("this WireGuard or node key is already enrolled")
     base = dns_label(hostname)
     now = time.time()
-    similar = or_(Node.name == base, Node.name.like(f"{base}-%"))
-    taken = set((await s.execute(select(Node.name).where(similar))).scalars().all())
+    # one query for the key clash and the names like `base` (or its share of the one query for the whole
+    # group: prefetch_clashes); the nodes this transaction made are not in
+    # the database yet (no flush per node: the group's rows go in together at its commit), so they are
+    # checked in memory. `base-...` as a range, not LIKE: the name index serves it.
+    made = _made_here(tx)
+    found = _prefetched(tx, base, wg_public_key, node_public_key)
+    if found is None:
+        with s.no_autoflush:
+            rows = (await s.execute(_clash_query([base], [wg_public_key], [node_public_key]))).all()
+        found = [(name, wg, nk) for name, wg, nk in rows]
+    if (
+        wg_public_key in made.keys
+        or node_public_key in made.keys
+        or any(wg == wg_public_key or nk == node_public_key for _, wg, nk in found)
+    ):
+        raise Conflict("this WireGuard or node key is already enrolled")
+    taken = {name for name, _, _ in found} | made.names
     # Names that would make the node look like someone else get a suffix, like a taken name: a removed
     # node's name still in quarantine (policy or peers' hosts files may still mean the old node), a user's
     # name (a node named "alice" is not user alice, but it would read as her machine), and reserved names
@@ -139,12 +221,14 @@ async def create_node(
     held, others = await _held_names(tx, now)
     taken |= others
     name = unique_name(base, taken)
+    node_id = await _next_node_id(tx)
     try:
         ipv4, ipv6 = tx.core.pool.allocate(avoid=[ip for _, ip in held if ip is not None])
     except IpamError as exc:
         raise Conflict(str(exc)) from None
     tx.on_rollback(lambda: tx.core.pool.release(ipv4))
     node = Node(
+        id=node_id,
         name=name,
         user_id=user_id,
         ipv4=ipv4,
@@ -159,7 +243,8 @@ async def create_node(
         ephemeral=ephemeral,
     )
     s.add(node)
-    await s.flush()
+    made.names.add(name)
+    made.keys.update((wg_public_key, node_public_key))
     cert = await _issue(tx, node, now)
     tx.change("added", node.id)
     await tx.audit(
@@ -179,7 +264,8 @@ async def create_node(
     core = tx.core
     peer = peer_of(node)
     node_key = b64decode(node_public_key)
-    owner = (await s.get(User, user_id)) if user_id is not None else None
+    with s.no_autoflush:
+        owner = (await s.get(User, user_id)) if user_id is not None else None
     owner_name = owner.name if owner is not None else ""
 
     def commit() -> None:

@@ -17,14 +17,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from nacl.exceptions import CryptoError
-from nacl.public import Box, PrivateKey, PublicKey
 from sqlalchemy import select
 
 from coordinator import certs
 from coordinator.core import Core
-from coordinator.db.models import Challenge, Node
-from coordinator.enrollment import _challenge_id
+from coordinator.db.models import Node
+from coordinator.enrollment import open_challenge, proves_key, take_challenge
 from coordinator.errors import BadRequest, Conflict, Forbidden, Unauthorized
 from coordinator.nodes import _reissue_and_publish
 from meshd.proto.encoding import b64decode
@@ -48,18 +46,11 @@ async def rotate_wg_key(core: Core, node_id: int, req: KeyRotation) -> str:
     except ValueError as exc:
         raise BadRequest(str(exc)) from None
     now = time.time()
+    opened = open_challenge(core, challenge, now)  # stateless (coordinator/challenges.py), or a legacy row
     async with core.transaction() as tx:
-        row = await tx.session.get(Challenge, _challenge_id(challenge))
-        if row is None:
-            raise Unauthorized("unknown or already used challenge: request a new one")
-        await tx.session.delete(row)
-        expired = row.expires_at <= now
-        if not expired:
-            try:
-                opened = Box(PrivateKey(b64decode(row.ephemeral_private)), PublicKey(wg)).decrypt(box)
-            except (CryptoError, ValueError, TypeError):
-                opened = b""
-            if opened != challenge:
+        ephemeral = await take_challenge(tx, opened, challenge, now)
+        if not isinstance(ephemeral, Unauthorized):
+            if not proves_key(ephemeral, wg, challenge, box):
                 raise Unauthorized(
                     "bad proof of the new WireGuard key: the box does not open to the challenge"
                 )

@@ -10,7 +10,8 @@ from coordinator.api.auth import authenticate_node
 from coordinator.core import Core
 
 
-def get_core(request: Request) -> Core:
+async def get_core(request: Request) -> Core:
+    # async: FastAPI runs a plain `def` dependency in a worker thread, a thread hand-off per request
     core: Core = request.app.state.core
     return core
 

@@ -86,7 +86,9 @@ class DnsRecord(Base):
 
 
 class Challenge(Base):
-    """A single-use enrollment challenge and the server's ephemeral X25519 private key for it."""
+    """A used enrollment challenge's marker (SHA-256; `ephemeral_private` empty: challenges are stateless
+    since issue 16, coordinator/challenges.py), or a challenge an older coordinator issued with its ephemeral
+    X25519 private key. Purged after `expires_at`."""
 
     __tablename__ = "challenges"
     challenge: Mapped[str] = mapped_column(String(64), primary_key=True)
