@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from sqlalchemy import delete, func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from coordinator import acting, audit, auditexport, certs, sharedsecrets
+from coordinator import acting, audit, auditexport, certs, presence, resumption, sharedsecrets
 from coordinator.db.engine import make_engine, migrate
 from coordinator.db.models import MapChange, Meta, Node, User
 from coordinator.hub import Hub
@@ -163,7 +163,9 @@ class Core:
         async with self.transaction() as tx:
             s = tx.session
             online: set[int] = set()
+            orphans: set[int] = set()  #: nodes online on a replica that died (a crash of every replica)
             if self.presence is not None:
+                orphans = await self.presence.drop_dead(s, await presence.db_now(s))
                 await self.presence.register(s)
                 online = await self.presence.online_among(s)  # nodes streaming to the other replicas
             ula = await s.get(Meta, "ula48")
@@ -208,8 +210,12 @@ class Core:
                     was_online = node.id in online or (restored is not None and node.id in restored)
                     self.state.put_peer(peer_of(node, online=was_online))
             # streams from before this start get a full map, unless the last stop was graceful and left the
-            # online flags (coordinator/onlineflags.py): then they resume with the delta since their version
-            tx.change("restart" if restored is None else "resume")
+            # online flags (coordinator/onlineflags.py): then they resume with the delta since their version.
+            # PostgreSQL: the database holds all of the map, presence rows included, and every change to it is
+            # in the change log, so streams always resume (coordinator/resumption.py)
+            if self.is_postgres:
+                resumption.orphans_offline(tx, orphans, online)
+            tx.change("restart" if restored is None and not self.is_postgres else "resume")
             signed = await audit.checkpoint(s, self.keys.active_seed)  # also anchors a trail from before them
             if signed is not None:
                 tx.on_commit(lambda: self.anchor_audit(*signed))

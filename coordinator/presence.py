@@ -129,19 +129,7 @@ class Presence:
                 for i in mine:
                     s.add(NodePresence(node_id=i, replica_id=self.id, since=time.time()))
                 touched.update(mine)
-            dead = list(
-                (await s.execute(select(Replica.id).where(Replica.last_seen < now - self.timeout))).scalars()
-            )
-            if dead:
-                orphans = (
-                    await s.execute(select(NodePresence.node_id).where(NodePresence.replica_id.in_(dead)))
-                ).scalars()
-                touched.update(orphans)
-                await s.execute(delete(NodePresence).where(NodePresence.replica_id.in_(dead)))
-                await s.execute(delete(Replica).where(Replica.id.in_(dead)))
-                log.info(
-                    "replica(s) %s missed their heartbeat: their nodes' presence dropped", ", ".join(dead)
-                )
+            touched.update(await self.drop_dead(s, now))
             await s.flush()
             online = await self.online_among(s, touched)
             for i in sorted(touched):
@@ -150,6 +138,21 @@ class Presence:
                 if peer is not None and peer.online != up:
                     tx.change("presence", i)
                     tx.on_commit(nodes.presence_applier(core, i, up))
+
+    async def drop_dead(self, s: AsyncSession, now: float) -> set[int]:
+        """Delete the rows of replicas not seen for the timeout; the nodes whose presence went with them."""
+        dead = list(
+            (await s.execute(select(Replica.id).where(Replica.last_seen < now - self.timeout))).scalars()
+        )
+        if not dead:
+            return set()
+        orphans = set(
+            (await s.execute(select(NodePresence.node_id).where(NodePresence.replica_id.in_(dead)))).scalars()
+        )
+        await s.execute(delete(NodePresence).where(NodePresence.replica_id.in_(dead)))
+        await s.execute(delete(Replica).where(Replica.id.in_(dead)))
+        log.info("replica(s) %s missed their heartbeat: their nodes' presence dropped", ", ".join(dead))
+        return orphans
 
     async def leave(self) -> None:
         """At a clean stop: drop our rows at once (our nodes reconnect elsewhere; the rest go offline)."""
