@@ -182,11 +182,14 @@ def test_nodes_homed_on_different_replicas_relay_to_each_other_and_after_one_die
         assert mesh.coord_proc is not None
         killed = time.monotonic()
         mesh.coord_proc.send_signal(signal.SIGKILL)  # replica 1 and its relay region die
-        eventually(lambda: _on(mesh, a, url2), within=20, interval=0.2, what="a on replica 2")
-        eventually(lambda: _relay(mesh, a) == REGION2, within=30, interval=0.2, what="a homed on replica 2")
         mesh.wait_ping(a, b, within=30)
         mesh.wait_ping(b, a, within=10)
         print(f"a and b reach each other again {time.monotonic() - killed:.1f} s after replica 1 was killed")
+        eventually(lambda: _on(mesh, a, url2), within=20, interval=0.2, what="a on replica 2")
+        eventually(lambda: _relay(mesh, a) == REGION2, within=30, interval=0.2, what="a homed on replica 2")
+        mesh.wait_ping(a, b, within=10)  # through a's new home region too
+        mesh.wait_ping(b, a, within=10)
+        print(f"a homed on {REGION2}, both ways pinging: {time.monotonic() - killed:.1f} s after the kill")
     finally:
         replica2.terminate()
         try:
