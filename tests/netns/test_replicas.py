@@ -62,6 +62,24 @@ def _replica(mesh: Mesh, host: Host, state: Path, extra: tuple[str, ...]) -> sub
     return proc
 
 
+def _shared_database(mesh: Mesh, pg_socket: Path) -> tuple[str, ...]:
+    """`coordinator serve` flags of the replicas: a fresh database and the secrets' at-rest key."""
+    db = pg.create_database(pg_socket)
+    key = mesh.dir / "secrets.key"
+    key.write_text(sharedsecrets.new_key_text() + "\n")
+    key.chmod(0o600)
+    return ("--database", db, "--secrets-key-file", str(key))
+
+
+def _terminate(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
 def _admin(state: Path, *args: str) -> str:
     r = subprocess.run(
         [COORDINATOR, "--state-dir", str(state), *args], capture_output=True, text=True, timeout=30
@@ -88,11 +106,7 @@ def _on(mesh: Mesh, node: Node, url: str) -> bool:
 def test_nodes_fail_over_to_the_surviving_replica_and_tunnels_keep_working(
     lab: Lab, mesh: Mesh, pg_socket: Path
 ) -> None:
-    db = pg.create_database(pg_socket)
-    key = mesh.dir / "secrets.key"
-    key.write_text(sharedsecrets.new_key_text() + "\n")
-    key.chmod(0o600)
-    common = ("--database", db, "--secrets-key-file", str(key))
+    common = _shared_database(mesh, pg_socket)
     url1 = mesh.start_coordinator(lab.server(name="r1"), extra=common)
     s2 = lab.server(name="r2")
     state2 = mesh.dir / "coordinator2"
@@ -134,12 +148,7 @@ def test_nodes_fail_over_to_the_surviving_replica_and_tunnels_keep_working(
         assert mesh.ping(a, b) and mesh.ping(b, a)  # the tunnel never depended on the coordinator
         assert _online(state2) == {"a": True, "bee": True}
     finally:
-        replica2.terminate()
-        try:
-            replica2.wait(10)
-        except subprocess.TimeoutExpired:
-            replica2.kill()
-            replica2.wait(5)
+        _terminate(replica2)
 
 
 def _relay(mesh: Mesh, node: Node) -> str | None:
@@ -153,11 +162,7 @@ def test_nodes_homed_on_different_replicas_relay_to_each_other_and_after_one_die
     one homed on replica 2's, both behind EDM NATs (every packet relayed), streaming to different
     replicas, reach each other through each other's home region; replica 1 is killed, and they reach
     each other again once the node homed there moved to replica 2's region."""
-    db = pg.create_database(pg_socket)
-    key = mesh.dir / "secrets.key"
-    key.write_text(sharedsecrets.new_key_text() + "\n")
-    key.chmod(0o600)
-    common = ("--database", db, "--secrets-key-file", str(key))
+    common = _shared_database(mesh, pg_socket)
     # replica 1's region is 60 ms away: a node choosing between the two regions picks replica 2's
     url1 = mesh.start_coordinator(lab.server(name="r1", delay_ms=30), extra=common)
     s2 = lab.server(name="r2")
@@ -191,9 +196,4 @@ def test_nodes_homed_on_different_replicas_relay_to_each_other_and_after_one_die
         mesh.wait_ping(b, a, within=10)
         print(f"a homed on {REGION2}, both ways pinging: {time.monotonic() - killed:.1f} s after the kill")
     finally:
-        replica2.terminate()
-        try:
-            replica2.wait(10)
-        except subprocess.TimeoutExpired:
-            replica2.kill()
-            replica2.wait(5)
+        _terminate(replica2)
