@@ -13,9 +13,10 @@ import pytest
 from coordinator import replicarelays
 from coordinator.app import create_admin_app, create_app
 from coordinator.core import Core
-from coordinator.relay.service import RelayService
+from coordinator.relay.service import FeedRefused, RelayService
 from coordinator.settings import Settings
 from meshd.control import ControlClient, Enrollment, NodeKeys
+from meshd.proto.netmap import RelayRegion
 from tests.coordinator.test_restart_presence import add_nodes, started
 from tests.eventually import eventually_async
 
@@ -169,3 +170,18 @@ async def _user_key(core: Core) -> str:
         r = await admin.post("/admin/keys", json={"user": "alice"})
         assert r.status_code == 201, r.text
         return str(r.json()["key"])
+
+
+async def test_a_standalone_relay_may_not_announce_a_replicas_region(tmp_path: Path, db_url: str) -> None:
+    one = await started(replica_settings(tmp_path, db_url, 1))
+    two = await started(replica_settings(tmp_path, db_url, 2))
+    try:
+        await caught_up(one)
+        service = RelayService.for_core(one)
+        for rid in (1, 1001):  # its own embedded relay's, and the other replica's
+            with pytest.raises(FeedRefused, match="replica"):
+                await service.add_region(RelayRegion(rid, "evil", "http://198.51.100.9:8443", 0))
+        assert regions(one) == regions(two)
+    finally:
+        await two.stop()
+        await one.stop()
