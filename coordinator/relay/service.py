@@ -337,7 +337,7 @@ class RelayService:
         problem = relay.region_problem(region.id, region.name, region.url, region.stun_port)
         if problem is not None or region.id in self._reserved():
             raise FeedRefused(
-                f"region {region.id}: {problem or 'a coordinator replica embedded relay holds it'}"
+                f"region {region.id}: {problem or 'the embedded relay of a coordinator replica holds it'}"
             )
         state = self.core.state
         current = {r.id: r for r in state.relays}
