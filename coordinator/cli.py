@@ -167,6 +167,13 @@ def serve(
             "--relay-udp-ports", help="UDP relay port range LOW-HIGH (0: none; default 40000-40999)."
         ),
     ] = None,
+    relay_region_id: Annotated[
+        int | None,
+        typer.Option(
+            "--relay-region-id",
+            help="Region id of the embedded relay: one per replica (default 1; automatic on PostgreSQL).",
+        ),
+    ] = None,
     cert_lifetime: Annotated[
         str | None, typer.Option("--cert-lifetime", help="Node certificate lifetime.")
     ] = None,
@@ -219,6 +226,7 @@ def serve(
         "stun_port": stun_port,
         "relay": False if no_relay else None,
         "relay_udp_ports": relay_udp_ports,
+        "relay_region_id": relay_region_id,
         "cert_lifetime": cert_lifetime,
         "public_url": public_url,
         "listen_ipv6": listen_ipv6,

@@ -14,14 +14,23 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from sqlalchemy import delete, func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from coordinator import acting, audit, auditexport, certs, sharedsecrets
+from coordinator import (
+    acting,
+    audit,
+    auditexport,
+    certs,
+    presence,
+    replicarelays,
+    resumption,
+    sharedsecrets,
+)
 from coordinator.db.engine import make_engine, migrate
 from coordinator.db.models import MapChange, Meta, Node, User
 from coordinator.hub import Hub
@@ -115,9 +124,17 @@ class Core:
             },
         )
         self.keys: certs.SigningKeys
+        region_id = settings.relay_region_id or 1  # PostgreSQL, automatic (0): chosen at start
         embedded = RelayRegion(
-            1, "default", settings.url, settings.stun_port, settings.listen_ipv6_addr or ""
+            region_id,
+            replicarelays.region_name(region_id),
+            settings.url,
+            settings.stun_port,
+            settings.listen_ipv6_addr or "",
         )
+        #: the embedded relay's region (coordinator/replicarelays.py); the other live replicas' regions
+        self.relay_region = embedded if settings.relay else None
+        self.replica_regions: dict[int, RelayRegion] = {}
         self.state = MapState(
             domain=settings.domain,
             relays=(embedded,) if settings.relay else (),
@@ -169,7 +186,10 @@ class Core:
         async with self.transaction() as tx:
             s = tx.session
             online: set[int] = set()
+            orphans: set[int] = set()  #: nodes online on a replica that died (a crash of every replica)
             if self.presence is not None:
+                _, orphans = await self.presence.drop_dead(s, await presence.db_now(s))
+                await self._choose_relay_region(s)
                 await self.presence.register(s)
                 online = await self.presence.online_among(s)  # nodes streaming to the other replicas
             ula = await s.get(Meta, "ula48")
@@ -212,10 +232,15 @@ class Core:
                 self.node_keys[node.id] = (b64decode(node.node_public_key), node.expired)
                 if not node.expired:
                     was_online = node.id in online or (restored is not None and node.id in restored)
-                    self.state.put_peer(peer_of(node, online=was_online))
+                    self.state.put_peer(peer_of(node, online=was_online, relay_home=node.relay_home))
             # streams from before this start get a full map, unless the last stop was graceful and left the
-            # online flags (coordinator/onlineflags.py): then they resume with the delta since their version
-            tx.change("restart" if restored is None else "resume")
+            # online flags (coordinator/onlineflags.py): then they resume with the delta since their version.
+            # PostgreSQL: the database holds all of the map, presence rows included, and every change to it is
+            # in the change log, so streams always resume (coordinator/resumption.py)
+            if self.is_postgres:
+                resumption.orphans_offline(tx, orphans, online)
+                tx.change("relays")  # our relay region joins the other replicas' relay maps
+            tx.change("restart" if restored is None and not self.is_postgres else "resume")
             signed = await audit.checkpoint(s, self.keys.active_seed)  # also anchors a trail from before them
             if signed is not None:
                 tx.on_commit(lambda: self.anchor_audit(*signed))
@@ -389,6 +414,8 @@ class Core:
             from coordinator import dnsrecords
 
             self.state.dns_records = await dnsrecords.load(session)
+        if any(r.kind == "relays" for r in rows) and self.presence is not None:
+            (await replicarelays.refresh(self, session))()  # a replica's relay region came or went
         if any(r.kind == "secrets" for r in rows) and self.secrets_key is not None:
             # another replica rotated the signing key: take the shared one before signing anything more
             sharedsecrets.write_all(
@@ -403,8 +430,7 @@ class Core:
             if node is not None and not node.expired:
                 self.pool.mark(node.ipv4)
                 self.node_keys[i] = (b64decode(node.node_public_key), False)
-                home = old.relay_home if old is not None else 1
-                self.state.put_peer(peer_of(node, online=node.id in online, relay_home=home))
+                self.state.put_peer(peer_of(node, online=node.id in online, relay_home=node.relay_home))
                 continue
             if node is None:
                 self.node_keys.pop(i, None)
@@ -418,6 +444,26 @@ class Core:
         self.metrics.version.set(self.state.version)
         self.hub.notify(self.hub.delay_for({r.kind for r in rows}))
         return True
+
+    async def _choose_relay_region(self, session: AsyncSession) -> None:
+        """PostgreSQL: this replica's relay region id (coordinator/replicarelays.py), written into its
+        row; the other live replicas' regions join the relay map."""
+        assert self.presence is not None
+        floor = await presence.db_now(session) - self.presence.timeout
+        held = await replicarelays.live_regions(session, floor)
+        mine = self.relay_region
+        if mine is not None:
+            rid = replicarelays.choose_id(
+                self.settings.relay_region_id, self.settings.state_dir, mine.url, held
+            )
+            self.relay_region = replace(mine, id=rid, name=replicarelays.region_name(rid))
+            self.presence.relay = replicarelays.encode(self.relay_region)
+            held.pop(rid, None)  # our own previous life (a crash less than the timeout ago)
+            own = tuple(self.relay_region if r == mine else r for r in self.state.relays)
+        else:
+            own = self.state.relays
+        self.state.relays = replicarelays.merged(own, (), held)
+        self.replica_regions = held
 
     async def forward_signal(self, node_id: int, text_: str) -> bool:
         """Hand a signal to the other replicas (the one `node_id` streams to sends it); False when it is

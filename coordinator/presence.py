@@ -34,6 +34,7 @@ from sqlalchemy import delete, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from coordinator import replicarelays
 from coordinator.db.models import NodePresence, Replica
 
 if TYPE_CHECKING:
@@ -59,10 +60,12 @@ class Presence:
         self.name = f"{socket.gethostname()}:{os.getpid()}"[:255]
         self.timeout = REPLICA_TIMEOUT
         self.heartbeat = HEARTBEAT
+        #: this replica's relay region as written into its row (coordinator/replicarelays.py)
+        self.relay: str | None = None
 
     async def register(self, session: AsyncSession) -> None:
         now = await db_now(session)
-        session.add(Replica(id=self.id, name=self.name, started_at=now, last_seen=now))
+        session.add(Replica(id=self.id, name=self.name, started_at=now, last_seen=now, relay=self.relay))
 
     async def online_among(self, session: AsyncSession, ids: Iterable[int] | None = None) -> set[int]:
         """Node ids (of `ids`, or all) with a presence row on a replica that is not late."""
@@ -123,26 +126,19 @@ class Presence:
                     "this replica was taken for dead (no heartbeat for %.0f s): re-registering", self.timeout
                 )
                 await s.execute(delete(NodePresence).where(NodePresence.replica_id == self.id))
-                s.add(Replica(id=self.id, name=self.name, started_at=now, last_seen=now))
+                s.add(Replica(id=self.id, name=self.name, started_at=now, last_seen=now, relay=self.relay))
                 await s.flush()
                 mine = [i for i, subs in core.hub.subscribers.items() if subs and i in core.state.peers]
                 for i in mine:
                     s.add(NodePresence(node_id=i, replica_id=self.id, since=time.time()))
                 touched.update(mine)
-            dead = list(
-                (await s.execute(select(Replica.id).where(Replica.last_seen < now - self.timeout))).scalars()
-            )
-            if dead:
-                orphans = (
-                    await s.execute(select(NodePresence.node_id).where(NodePresence.replica_id.in_(dead)))
-                ).scalars()
-                touched.update(orphans)
-                await s.execute(delete(NodePresence).where(NodePresence.replica_id.in_(dead)))
-                await s.execute(delete(Replica).where(Replica.id.in_(dead)))
-                log.info(
-                    "replica(s) %s missed their heartbeat: their nodes' presence dropped", ", ".join(dead)
-                )
+            dead, orphans = await self.drop_dead(s, now)
+            touched.update(orphans)
             await s.flush()
+            if dead or not alive:
+                # a replica's relay region left (or ours came back): every replica re-reads the regions
+                tx.change("relays")
+                tx.on_commit(await replicarelays.refresh(core, s))
             online = await self.online_among(s, touched)
             for i in sorted(touched):
                 peer = core.state.peers.get(i)
@@ -150,6 +146,22 @@ class Presence:
                 if peer is not None and peer.online != up:
                     tx.change("presence", i)
                     tx.on_commit(nodes.presence_applier(core, i, up))
+
+    async def drop_dead(self, s: AsyncSession, now: float) -> tuple[list[str], set[int]]:
+        """Delete the rows of replicas not seen for the timeout; their ids, and the nodes whose presence
+        went with them."""
+        dead = list(
+            (await s.execute(select(Replica.id).where(Replica.last_seen < now - self.timeout))).scalars()
+        )
+        if not dead:
+            return [], set()
+        orphans = set(
+            (await s.execute(select(NodePresence.node_id).where(NodePresence.replica_id.in_(dead)))).scalars()
+        )
+        await s.execute(delete(NodePresence).where(NodePresence.replica_id.in_(dead)))
+        await s.execute(delete(Replica).where(Replica.id.in_(dead)))
+        log.info("replica(s) %s missed their heartbeat: their nodes' presence dropped", ", ".join(dead))
+        return dead, orphans
 
     async def leave(self) -> None:
         """At a clean stop: drop our rows at once (our nodes reconnect elsewhere; the rest go offline)."""
@@ -165,6 +177,8 @@ class Presence:
             )
             await s.execute(delete(NodePresence).where(NodePresence.replica_id == self.id))
             await s.execute(delete(Replica).where(Replica.id == self.id))
+            if self.relay is not None:
+                tx.change("relays")  # the others drop our relay region from their relay maps
             online = await self.online_among(s, mine)
             for i in sorted(set(mine) - online):
                 if (peer := core.state.peers.get(i)) is not None and peer.online:

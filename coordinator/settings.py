@@ -52,6 +52,9 @@ class Settings:
     relay: bool = True
     #: UDP relay ports of the embedded relay (issue 14): "LOW-HIGH", or "0" for none (TCP relay only)
     relay_udp_ports: str = "40000-40999"
+    #: the embedded relay's region id (issue 16: a region per replica, coordinator/replicarelays.py); 0:
+    #: region 1 on SQLite, chosen at the first start and kept in the state dir on PostgreSQL
+    relay_region_id: int = 0
     max_body: int = 64 * 1024
     change_log_keep: int = 100_000
     websocket_impl: str = "websockets-sansio"  #: uvicorn's WebSocket protocol implementation
@@ -157,6 +160,7 @@ _CONVERT: dict[str, Any] = {
     "endpoint_write_interval": float,
     "stun_port": int,
     "relay_udp_ports": str,
+    "relay_region_id": int,
     "max_body": int,
     "change_log_keep": int,
     "preauth_timeout": parse_duration,
@@ -237,6 +241,8 @@ def validate(settings: Settings) -> None:
         raise SettingsError("preauth_max and preauth_max_per_source must be at least 1")
     if (settings.tls_cert is None) != (settings.tls_key is None):
         raise SettingsError("--tls-cert and --tls-key go together")
+    if not 0 <= settings.relay_region_id < 1 << 31:
+        raise SettingsError("--relay-region-id must be from 1 to 2^31-1 (0: automatic)")
 
 
 def prepare_state_dir(path: Path) -> None:

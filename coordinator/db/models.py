@@ -60,6 +60,8 @@ class Node(Base):
     ephemeral: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())  #: issue 17
     #: serves UDP relay ports for other nodes (`coordinator nodes relay NAME on`, issue 14)
     peer_relay: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    #: the relay region the node made its home (coordinator/replicarelays.py; None: no home)
+    relay_home: Mapped[int | None] = mapped_column(Integer, nullable=True, default=1, server_default="1")
 
 
 class Quarantine(Base):
@@ -203,6 +205,8 @@ class Replica(Base):
     name: Mapped[str] = mapped_column(String(255))
     started_at: Mapped[float] = mapped_column(Float)
     last_seen: Mapped[float] = mapped_column(Float, index=True)
+    #: its embedded relay's relay map entry, JSON (coordinator/replicarelays.py); None: no embedded relay
+    relay: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class NodePresence(Base):

@@ -31,11 +31,13 @@ from typing import Any
 
 from fastapi import APIRouter, WebSocket
 from pydantic import BaseModel
+from sqlalchemy import update
 from starlette.websockets import WebSocketDisconnect
 
 from coordinator.api.deps import CoreDep, NodeDep
 from coordinator.coalesce import Coalescer, HeldWrites
 from coordinator.core import Core
+from coordinator.db.models import Node
 from coordinator.errors import BadRequest, Forbidden, NotFound
 from coordinator.relay import secret as relay_secret
 from coordinator.relay.hub import ClientConn, RelayHub, RelayMetrics
@@ -90,8 +92,9 @@ class RelayService:
                 self.metrics,
                 on_session=self._session,
                 on_open=self._open,
-                on_home=lambda c: self._spawn(self.attach(c.node_id, 1)),
+                on_home=lambda c: self._spawn(self.attach(c.node_id, self._region_id())),
             )
+            self._take_region()
         self.feeds: set[WebSocket] = set()
         #: region id -> the live feed connection that announced it (one feed per region)
         self.feed_regions: dict[int, WebSocket] = {}
@@ -125,7 +128,23 @@ class RelayService:
         return svc
 
     # -- life cycle ----------------------------------------------------------------------------------------
+    def _take_region(self) -> None:
+        """The embedded hub serves the core's relay region: a region per replica on PostgreSQL, chosen
+        when the core starts (coordinator/replicarelays.py)."""
+        region = self.core.relay_region
+        if self.hub is not None and region is not None:
+            self.hub.region, self.hub.region_id = region.name, region.id
+
+    def _region_id(self) -> int:
+        return self.hub.region_id if self.hub is not None else 1
+
+    def _reserved(self) -> set[int]:
+        """Region ids no standalone relay may announce: 1 and every replica's embedded relay's."""
+        mine = self.core.relay_region
+        return {1, *self.core.replica_regions, *((mine.id,) if mine is not None else ())}
+
     def start(self) -> None:
+        self._take_region()
         if self._ticker is not None and not self._ticker.done():
             return
         # supervised: a failing tick must not silently stop ticket expiry or the rotation watch for good
@@ -231,9 +250,10 @@ class RelayService:
 
     # -- effects -------------------------------------------------------------------------------------------
     def _open(self, conn: ClientConn) -> None:
-        self._spawn(self.audit_open(conn.node_id, "default", conn.transport_name))
+        region = self.hub.region if self.hub is not None else "default"
+        self._spawn(self.audit_open(conn.node_id, region, conn.transport_name))
         if conn.home:
-            self._spawn(self.attach(conn.node_id, 1))
+            self._spawn(self.attach(conn.node_id, self._region_id()))
 
     def _session(self, rec: SessionRecord) -> None:
         self._spawn(self.audit_session(rec))
@@ -302,6 +322,8 @@ class RelayService:
         try:
             async with self.core.transaction() as tx:
                 tx.change("changed", node_id)
+                # in the database: every replica (and this one after a restart) publishes the same home
+                await tx.session.execute(update(Node).where(Node.id == node_id).values(relay_home=region_id))
 
                 def commit() -> None:
                     current = state.peers.get(node_id)
@@ -316,8 +338,10 @@ class RelayService:
         """A standalone relay announced itself: it joins (or updates) the relay map. Region 1 is the
         embedded relay's and never comes from a feed (the feed checks that too)."""
         problem = relay.region_problem(region.id, region.name, region.url, region.stun_port)
-        if problem is not None or region.id == 1:
-            raise FeedRefused(f"region {region.id}: {problem or 'region 1 is the embedded relay'}")
+        if problem is not None or region.id in self._reserved():
+            raise FeedRefused(
+                f"region {region.id}: {problem or 'the embedded relay of a coordinator replica holds it'}"
+            )
         state = self.core.state
         current = {r.id: r for r in state.relays}
         if current.get(region.id) == region:
@@ -383,8 +407,8 @@ class RelayService:
             if not isinstance(msg, relayfeed.Region):
                 raise FeedRefused(f"the first message must be the region, not {type(msg).__name__}")
             rid = msg.region.id
-            if rid == 1:
-                raise FeedRefused("region 1 is the coordinator's embedded relay")
+            if rid in self._reserved():
+                raise FeedRefused(f"region {rid} is a coordinator replica's embedded relay")
             holder = self.feed_regions.get(rid)
             if holder is not None and holder is not ws:
                 raise FeedRefused(f"region {rid} is held by another connected relay")
