@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+from collections.abc import Callable
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from coordinator.relay.front import PREAUTH_TIMEOUT
+from coordinator.relay.front import PREAUTH_TIMEOUT, WS_PREAUTH_DONE
 from coordinator.relay.hub import QUEUE_FRAMES, ClientConn, RelayHub
 from meshd.proto import relay
 
@@ -56,6 +57,25 @@ class WsClient(ClientConn):
 
 async def serve_websocket(ws: WebSocket, hub: RelayHub) -> None:
     """Run one WebSocket relay client until it or we close."""
+    # the front counts this connection as pre-auth (caps, and a backstop deadline) until told: see
+    # coordinator.relay.front.guarded_protocol
+    preauth_done = ws.scope.get("state", {}).get(WS_PREAUTH_DONE)
+    told = False
+
+    def authenticated() -> None:
+        nonlocal told
+        if preauth_done is not None and not told:
+            told = True
+            preauth_done(True)
+
+    try:
+        await _serve(ws, hub, authenticated)
+    finally:
+        if preauth_done is not None and not told:
+            preauth_done(False)
+
+
+async def _serve(ws: WebSocket, hub: RelayHub, authenticated: Callable[[], None]) -> None:
     await ws.accept()
     client = ws.client
     conn = WsClient(hub, ws, f"{client.host}:{client.port}" if client else "?")
@@ -81,6 +101,8 @@ async def serve_websocket(ws: WebSocket, hub: RelayHub) -> None:
                 conn.close("protocol error: text message on the relay websocket", tell=True)
                 break
             conn.feed(data)
+            if conn.key is not None:
+                authenticated()
     except WebSocketDisconnect:
         conn.close("websocket closed")
     finally:
