@@ -70,30 +70,56 @@ class PreAuth:
         #: insertion-ordered, so the first entry is the oldest pre-auth connection
         self.conns: dict[int, tuple[str, asyncio.BaseTransport]] = {}
         self.per_source: collections.Counter[str] = collections.Counter()
+        #: per source, its spare connections (see admit), oldest first
+        self.spare: dict[str, dict[int, None]] = {}
         self.refused = 0  #: connections closed because a cap was reached
         self.timed_out = 0  #: connections closed by the deadline
 
-    def admit(self, key: int, source: str, transport: asyncio.BaseTransport) -> bool:
-        """Count a new connection; False (and nothing counted) when its source is at its cap."""
+    def admit(self, key: int, source: str, transport: asyncio.BaseTransport, spare: bool = False) -> bool:
+        """Count a new connection; False (and nothing counted) when its source is at its cap. A `spare`
+        connection (a keep-alive connection that has not begun its next request) is closed first when its
+        source reaches the cap: a client just opens a new one, and many clients behind one NAT, each with an
+        idle keep-alive connection, must not lock each other out."""
         if self.per_source[source] >= self.max_per_source:
-            self.refused += 1
-            return False
+            spares = self.spare.get(source)
+            if not spares:
+                self.refused += 1
+                return False
+            self._close(next(iter(spares)))
         while len(self.conns) >= self.max_total:
             # the oldest is the likeliest to be idle; a legitimate client is done within the deadline
-            oldest = next(iter(self.conns))
-            _, victim = self.conns[oldest]
-            self.release(oldest)
+            self._close(next(iter(self.conns)))
             self.refused += 1
-            victim.close()
         self.conns[key] = (source, transport)
         self.per_source[source] += 1
+        if spare:
+            self.spare.setdefault(source, {})[key] = None
         return True
+
+    def _close(self, key: int) -> None:
+        _, victim = self.conns[key]
+        self.release(key)
+        victim.close()
+
+    def busy(self, key: int) -> None:
+        """A spare connection began a request: it counts fully now."""
+        entry = self.conns.get(key)
+        if entry is not None:
+            self._unspare(entry[0], key)
+
+    def _unspare(self, source: str, key: int) -> None:
+        spares = self.spare.get(source)
+        if spares is not None:
+            spares.pop(key, None)
+            if not spares:
+                del self.spare[source]
 
     def release(self, key: int) -> None:
         entry = self.conns.pop(key, None)
         if entry is None:
             return
         source = entry[0]
+        self._unspare(source, key)
         self.per_source[source] -= 1
         if self.per_source[source] <= 0:
             del self.per_source[source]
@@ -220,6 +246,7 @@ def guarded_protocol(inner_cls: type[Any], limits: PreAuth) -> type[Any]:
         _pa_upgraded = False
 
         def data_received(self, data: bytes) -> None:
+            limits.busy(id(self))  # a spare keep-alive connection began its next request
             super().data_received(data)
             self._pa_update(rearm=False)
 
@@ -237,6 +264,7 @@ def guarded_protocol(inner_cls: type[Any], limits: PreAuth) -> type[Any]:
                 # the WebSocket protocol copies app_state into its scope's state: a per-connection copy
                 state: dict[str, Any] = self.app_state  # type: ignore[has-type]
                 self.app_state = {**state, WS_PREAUTH_DONE: self._pa_ws_done}
+                tune_socket(self.transport)  # a relay connection like an Upgrade one
                 self._pa_hold("ws", limits.timeout + BACKSTOP, rearm=True)
             else:
                 self._pa_release()  # a map stream authenticates in its handshake
@@ -255,16 +283,18 @@ def guarded_protocol(inner_cls: type[Any], limits: PreAuth) -> type[Any]:
                 return
             cycle = self.cycle
             if cycle is None or cycle.response_complete:
-                self._pa_hold("head", limits.timeout, rearm)
+                # spare while nothing of the next request came (rearm: right after a response)
+                self._pa_hold("head", limits.timeout, rearm, spare=rearm)
             elif cycle.more_body:
                 self._pa_hold("body", limits.timeout + BACKSTOP, rearm=False)
             else:
                 self._pa_release()  # a whole request in: the app has it
 
-        def _pa_hold(self, phase: str, timeout: float, rearm: bool) -> None:
+        def _pa_hold(self, phase: str, timeout: float, rearm: bool, spare: bool = False) -> None:
             if id(self) not in limits.conns:
                 peername = self.transport.get_extra_info("peername")
-                if not limits.admit(id(self), str(peername[0]) if peername else "?", self.transport):
+                source = str(peername[0]) if peername else "?"
+                if not limits.admit(id(self), source, self.transport, spare):
                     self._pa_phase = None
                     self.transport.close()  # over its source's cap: between requests, a clean close
                     return

@@ -9,8 +9,9 @@ from collections.abc import Callable
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from coordinator.relay import hub as relay_hub
 from coordinator.relay.front import PREAUTH_TIMEOUT, WS_PREAUTH_DONE
-from coordinator.relay.hub import QUEUE_FRAMES, ClientConn, RelayHub
+from coordinator.relay.hub import ClientConn, RelayHub
 from meshd.proto import relay
 
 #: a relay WebSocket that has not authenticated (CLIENT_HELLO) this long after its upgrade is closed: the
@@ -24,14 +25,19 @@ class WsClient(ClientConn):
     def __init__(self, hub: RelayHub, ws: WebSocket, peer: str) -> None:
         super().__init__(hub, peer)
         self.ws = ws
-        #: frames the writer task has not sent yet: at most QUEUE_FRAMES (then the oldest is dropped)
+        #: frames the writer task has not sent yet: at most QUEUE_FRAMES and QUEUE_BYTES, like the Upgrade
+        #: transport's queue (then the oldest is dropped); ``out_bytes`` is their size
         self.out: collections.deque[bytes] = collections.deque()
+        self.out_bytes = 0
         self.wake = asyncio.Event()
 
     def _write(self, data: bytes) -> None:
-        self.out.append(data)
-        if len(self.out) > QUEUE_FRAMES:  # the writer task is behind: drop oldest
-            self.out.popleft()
+        out = self.out
+        out.append(data)
+        self.out_bytes += len(data)
+        # the writer task is behind (uvicorn's send waits while the transport is over its high-water mark)
+        while len(out) > relay_hub.QUEUE_FRAMES or self.out_bytes > relay_hub.QUEUE_BYTES:
+            self.out_bytes -= len(out.popleft())
             self.drops += 1
             self.hub.metrics.drops.labels(self.hub.region, "queue").inc()
         self.wake.set()
@@ -50,7 +56,9 @@ class WsClient(ClientConn):
             await self.wake.wait()
             self.wake.clear()
             while self.out:
-                await self.ws.send_bytes(relay.take_batch(self.out))
+                batch = relay.take_batch(self.out)
+                self.out_bytes -= len(batch)
+                await self.ws.send_bytes(batch)
             if self.closed:
                 return
 
