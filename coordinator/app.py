@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -28,11 +29,15 @@ ASGIApp = Callable[
 
 
 class BodyLimit:
-    """Reject request bodies above `limit` bytes with 413 before the app parses them."""
+    """Reject request bodies above `limit` bytes with 413 before the app parses them; with `timeout`, a
+    body not complete that many seconds after the request began is answered 408 and the connection closed
+    (issue 13: uvicorn has no body timeout, so a ``Content-Length`` and silence held a connection and a
+    task forever; the front's pre-auth caps count the connection meanwhile)."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, timeout: float | None = None) -> None:
         self.app = app
         self.limit = limit
+        self.timeout = timeout
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -43,34 +48,62 @@ class BodyLimit:
                 await _too_large(send, self.limit)
                 return
         seen = 0
+        loop = asyncio.get_running_loop()
+        deadline = None if self.timeout is None else loop.time() + self.timeout
+        body_done = False
+        answered = False  #: our 408 went out: whatever the app sends after it is dropped
 
         async def limited() -> dict[str, Any]:
-            nonlocal seen
-            message: dict[str, Any] = await receive()
+            nonlocal seen, body_done, answered
+            if body_done or deadline is None:
+                message: dict[str, Any] = await receive()  # after the body: a disconnect, no deadline
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
+                except TimeoutError:
+                    answered = True
+                    await _status(send, 408, "request body not received in time", close=True)
+                    raise _BodyTimeout from None
+                body_done = not message.get("more_body", False)
             seen += len(message.get("body", b""))
             if seen > self.limit:
                 raise _BodyTooLarge
             return message
 
+        async def guarded_send(message: dict[str, Any]) -> None:
+            if not answered:
+                await send(message)
+
         try:
-            await self.app(scope, limited, send)
+            await self.app(scope, limited, guarded_send)
         except _BodyTooLarge:
             await _too_large(send, self.limit)
+        except _BodyTimeout:
+            pass  # answered already
+        except Exception:
+            if not answered:
+                raise
+            # the app turned our _BodyTimeout into an error of its own (FastAPI: "error parsing the body")
 
 
 class _BodyTooLarge(Exception):
     pass
 
 
+class _BodyTimeout(Exception):
+    pass
+
+
 async def _too_large(send: Any, limit: int) -> None:
-    body = f'{{"detail":"request body larger than {limit} bytes"}}'.encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        }
-    )
+    await _status(send, 413, f"request body larger than {limit} bytes")
+
+
+async def _status(send: Any, status: int, detail: str, close: bool = False) -> None:
+    body = f'{{"detail":"{detail}"}}'.encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -143,7 +176,7 @@ def create_app(settings: Settings, core: Core | None = None) -> FastAPI:
     # every admin.sock route again under /api/v1, behind scoped tokens; the dashboard under /admin
     adminhttp.install(app, create_admin_app(the_core))
     dashboard.install(app)
-    app.add_middleware(BodyLimit, limit=settings.max_body)
+    app.add_middleware(BodyLimit, limit=settings.max_body, timeout=settings.preauth_timeout)
     return app
 
 

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 from collections.abc import Iterator
 
 import uvicorn
@@ -18,7 +19,7 @@ from coordinator.core import Core
 from coordinator.errors import CoordinatorError
 from coordinator.relay import secret as relay_secret
 from coordinator.relay import udp as relay_udp
-from coordinator.relay.front import PreAuth
+from coordinator.relay.front import PreAuth, server_tls
 from coordinator.relay.front import install as install_front
 from coordinator.relay.service import RelayService
 from coordinator.settings import Settings, parse_listen, prepare_state_dir
@@ -80,6 +81,15 @@ def _tcp_socket(settings: Settings, listen: str | None = None) -> socket.socket:
     return sock
 
 
+def _tls(settings: Settings) -> ssl.SSLContext | None:
+    if not settings.tls_cert:
+        return None
+    try:
+        return server_tls(str(settings.tls_cert), str(settings.tls_key or settings.tls_cert))
+    except (OSError, ssl.SSLError) as exc:
+        raise ServeError(f"cannot load --tls-cert/--tls-key: {exc}") from None
+
+
 async def serve(settings: Settings) -> None:
     prepare_state_dir(settings.state_dir)  # 0700 before the database, keys and socket appear in it
     # fail closed before anything listens: an empty or short relay.secret is refused, never used
@@ -136,12 +146,11 @@ async def serve(settings: Settings) -> None:
             # an idle keep-alive connection (after a first request, so past the front's pre-auth deadline)
             # is closed after this long; uvicorn's default, stated because the limits rely on it
             timeout_keep_alive=5,
-            ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
-            ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
+            # no ssl_certfile: the front does TLS itself, so the handshake is under its deadline and caps
         )
         preauth = PreAuth(settings.preauth_timeout, settings.preauth_max, settings.preauth_max_per_source)
         # the relay Upgrade on the API port, and the pre-auth deadline and caps also without a relay
-        install_front(node_config, relay.hub, preauth)
+        install_front(node_config, relay.hub, preauth, _tls(settings))
         node_server = _Server(node_config)
         admin_server = _Server(
             uvicorn.Config(admin_app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2)

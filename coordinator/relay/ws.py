@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+from collections.abc import Callable
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from coordinator.relay.front import PREAUTH_TIMEOUT
-from coordinator.relay.hub import QUEUE_FRAMES, ClientConn, RelayHub
+from coordinator.relay import hub as relay_hub
+from coordinator.relay.front import PREAUTH_TIMEOUT, WS_PREAUTH_DONE
+from coordinator.relay.hub import ClientConn, RelayHub
 from meshd.proto import relay
 
 #: a relay WebSocket that has not authenticated (CLIENT_HELLO) this long after its upgrade is closed: the
@@ -23,14 +25,19 @@ class WsClient(ClientConn):
     def __init__(self, hub: RelayHub, ws: WebSocket, peer: str) -> None:
         super().__init__(hub, peer)
         self.ws = ws
-        #: frames the writer task has not sent yet: at most QUEUE_FRAMES (then the oldest is dropped)
+        #: frames the writer task has not sent yet: at most QUEUE_FRAMES and QUEUE_BYTES, like the Upgrade
+        #: transport's queue (then the oldest is dropped); ``out_bytes`` is their size
         self.out: collections.deque[bytes] = collections.deque()
+        self.out_bytes = 0
         self.wake = asyncio.Event()
 
     def _write(self, data: bytes) -> None:
-        self.out.append(data)
-        if len(self.out) > QUEUE_FRAMES:  # the writer task is behind: drop oldest
-            self.out.popleft()
+        out = self.out
+        out.append(data)
+        self.out_bytes += len(data)
+        # the writer task is behind (uvicorn's send waits while the transport is over its high-water mark)
+        while len(out) > relay_hub.QUEUE_FRAMES or self.out_bytes > relay_hub.QUEUE_BYTES:
+            self.out_bytes -= len(out.popleft())
             self.drops += 1
             self.hub.metrics.drops.labels(self.hub.region, "queue").inc()
         self.wake.set()
@@ -49,13 +56,34 @@ class WsClient(ClientConn):
             await self.wake.wait()
             self.wake.clear()
             while self.out:
-                await self.ws.send_bytes(relay.take_batch(self.out))
+                batch = relay.take_batch(self.out)
+                self.out_bytes -= len(batch)
+                await self.ws.send_bytes(batch)
             if self.closed:
                 return
 
 
 async def serve_websocket(ws: WebSocket, hub: RelayHub) -> None:
     """Run one WebSocket relay client until it or we close."""
+    # the front counts this connection as pre-auth (caps, and a backstop deadline) until told: see
+    # coordinator.relay.front.guarded_protocol
+    preauth_done = ws.scope.get("state", {}).get(WS_PREAUTH_DONE)
+    told = False
+
+    def authenticated() -> None:
+        nonlocal told
+        if preauth_done is not None and not told:
+            told = True
+            preauth_done(True)
+
+    try:
+        await _serve(ws, hub, authenticated)
+    finally:
+        if preauth_done is not None and not told:
+            preauth_done(False)
+
+
+async def _serve(ws: WebSocket, hub: RelayHub, authenticated: Callable[[], None]) -> None:
     await ws.accept()
     client = ws.client
     conn = WsClient(hub, ws, f"{client.host}:{client.port}" if client else "?")
@@ -81,6 +109,8 @@ async def serve_websocket(ws: WebSocket, hub: RelayHub) -> None:
                 conn.close("protocol error: text message on the relay websocket", tell=True)
                 break
             conn.feed(data)
+            if conn.key is not None:
+                authenticated()
     except WebSocketDisconnect:
         conn.close("websocket closed")
     finally:

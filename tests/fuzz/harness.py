@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 import schemathesis
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from starlette.requests import Request
@@ -51,6 +52,8 @@ BROKEN_MODES = (
     "malformed",  # envelope headers that do not parse
     "partial",  # one of the four headers missing
 )
+#: No signature envelope but ``Authorization: Bearer`` with an admin-scoped API token (Harness.admin_token)
+ADMIN_TOKEN = "admin-token"
 MODE_HEADER = "x-fuzz-sign-mode"
 #: A long poll may wait up to 120 s by contract; the fuzzer caps it so one example cannot hang the run.
 MAX_WAIT = 0.05
@@ -94,13 +97,16 @@ class SigningApp:
     used_nonce: str = ""
     used_at: float = 0.0  #: the timestamp signed with ``used_nonce``
     stranger_key: bytes = field(default_factory=lambda: os.urandom(32))
+    admin_token: str = ""  #: for the ADMIN_TOKEN mode
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = [(k, v) for k, v in scope["headers"] if k != MODE_HEADER.encode()]
         mode = next((v.decode() for k, v in scope["headers"] if k == MODE_HEADER.encode()), "absent")
+        # with our token, the one schemathesis may have generated for the bearer scheme goes
+        drop = {MODE_HEADER.encode(), b"authorization"} if mode == ADMIN_TOKEN else {MODE_HEADER.encode()}
+        headers = [(k, v) for k, v in scope["headers"] if k not in drop]
         chunks: list[bytes] = []
         more = True
         while more:
@@ -124,6 +130,9 @@ class SigningApp:
     def envelope(self, mode: str, method: str, target: str, body: bytes) -> list[tuple[str, str]]:
         if mode == "absent":
             return []
+        if mode == ADMIN_TOKEN:
+            assert self.admin_token, "Harness.admin_token() first"
+            return [("authorization", f"Bearer {self.admin_token}")]
         now = time.time()
         key, node, nonce = self.node_key, str(self.node_id), None
         if mode == "wrong-key":
@@ -224,6 +233,22 @@ class Harness:
         self.signer.node_key = keys.node_private
         return result
 
+    def admin_token(self) -> str:
+        """An ``admin``-scoped API token (made on admin.sock) for the ADMIN_TOKEN mode: the token-gated
+        ``/api/v1/admin/*`` routes past their gate."""
+
+        async def create() -> str:
+            admin = httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=create_admin_app(self.core)), base_url="http://a"
+            )
+            async with admin:
+                r = await admin.post("/admin/tokens", json={"scope": "admin", "description": "fuzz"})
+                assert r.status_code == 201, r.text
+                return str(r.json()["token"])
+
+        self.signer.admin_token = self.loop.run_until_complete(create())
+        return self.signer.admin_token
+
     def close(self) -> None:
         logging.getLogger().removeHandler(self.logs)
         self.loop.run_until_complete(self.client.aclose())
@@ -287,17 +312,45 @@ class Harness:
             assert isinstance(document, dict) and set(document) == {"detail"}, f"not {{detail}}: {where}"
             detail = document["detail"]
             assert isinstance(detail, str) and detail, f"detail not a string: {where}"
-            assert "\n" not in detail and "\r" not in detail, f"multi-line detail: {where}"
+            if label in MULTI_LINE_DETAIL:  # one line per finding, by contract: each line printable
+                assert all(line.isprintable() and line for line in detail.split("\n")), f"bad lines: {where}"
+            else:
+                assert "\n" not in detail and "\r" not in detail, f"multi-line detail: {where}"
         if signed_route and sign_mode != VALID:
             assert 400 <= response.status_code < 500, f"broken signature accepted: {where}"
         if response.status_code < 300:
             self.accepted[label] = self.accepted.get(label, 0) + 1
         return Outcome(label, sign_mode, response.status_code, detail)
 
+    def fuzz(self, label: str, mode: GenerationMode, sign_mode: str, examples: int) -> None:
+        """`examples` generated cases of `label` sent in `sign_mode`, each checked (no signature rules)."""
+
+        @bounded(examples)
+        @given(case=self.strategy(label, mode))
+        def run(case: Any) -> None:
+            self.check(case, sign_mode, self.send(case, sign_mode), signed_route=False)
+
+        run()
+
     def is_signed(self, label: str) -> bool:
         """Signed routes answer 401 to a request without an envelope."""
         return label not in UNSIGNED
 
+
+def bounded(examples: int) -> Any:
+    """Hypothesis settings of a bounded, reproducible fuzz run."""
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+
+
+#: Rejections that list one finding per line by contract (tests/coordinator/test_policy_api.py: a bad
+#: policy's errors with their line numbers), reached only with an admin token (test_admin_token_fuzz.py)
+MULTI_LINE_DETAIL = frozenset({"PUT /api/v1/admin/policy"})
 
 #: Routes that need no signature (health, metrics, enrollment start). The status poll is signed by the
 #: pending key, not the node's, so for it every mode counts as "broken" except that it may 404 first.

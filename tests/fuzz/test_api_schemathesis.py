@@ -9,11 +9,10 @@ operation and mode. The longer run is benchmarks/fuzz_api.py.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
@@ -23,6 +22,7 @@ from tests.fuzz.harness import (
     UNSIGNED,
     VALID,
     Harness,
+    bounded,
     harness,
     operation_labels,
 )
@@ -37,13 +37,7 @@ CASES = [(label, GenerationMode.POSITIVE) for label in LABELS] + [
 EXAMPLES = 25
 #: Signed routes whose every schema-valid request succeeds: the positive control for the signing hook.
 ACCEPTS_ANY_VALID = {"POST /api/v1/cert/renew", "GET /api/v1/signing-keys", "GET /api/v1/map"}
-BOUNDED = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=list(HealthCheck),
-)
+BOUNDED = bounded(EXAMPLES)
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +57,7 @@ def test_schema_lists_every_public_route(coordinator: Harness) -> None:
 def test_valid_signature(coordinator: Harness, label: str, mode: GenerationMode) -> None:
     """Signed for the enrolled node: whatever the parameters and body, no 5xx and a clean rejection."""
 
-    @BOUNDED
-    @given(case=coordinator.strategy(label, mode))
-    def run(case: Any) -> None:
-        response = coordinator.send(case, VALID)
-        coordinator.check(case, VALID, response, signed_route=False)
-
-    run()
+    coordinator.fuzz(label, mode, VALID, EXAMPLES)
     if mode is GenerationMode.POSITIVE and label in ACCEPTS_ANY_VALID:
         # Positive control: the signing hook works, so the broken runs below cannot pass by accident.
         assert coordinator.accepted.get(label), f"no valid example of {label} was accepted"

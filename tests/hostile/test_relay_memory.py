@@ -10,6 +10,9 @@ sends one anyway.
 Kernel socket buffers are not process memory; the test shrinks them (relay.SOCKET_OPTIONS) so that the
 few seconds of sending reach the relay's own buffers instead of filling 8 MiB of kernel buffer per socket.
 
+The clients that never read are on the Upgrade transport or on the WebSocket fallback (its writer's queue
+is capped in bytes too; before, in frames only: 1024 frames of up to 1.5 KiB each, about 1.5 MiB a client).
+
 ``MESHVPN_RELAY_MEMORY_OLD=1`` runs the same test with the limits of before (2048 frames of up to 64 KiB,
 a 4 MiB transport buffer, no byte cap): it fails, which shows the test measures the limits.
 """
@@ -22,11 +25,13 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from coordinator.relay import front as relay_front
 from coordinator.relay import hub as relay_hub
+from coordinator.relay import ws as relay_ws
 from meshd.proto import relay
 from tests.coordinator.conftest import Coord, coord, core, settings  # noqa: F401 - fixtures
 from tests.coordinator.test_relay import Node, enroll, relayed  # noqa: F401 - fixture
@@ -60,9 +65,30 @@ def per_client_bound() -> int:
     return relay_hub.WRITE_HIGH + relay_hub.QUEUE_BYTES + relay_hub.QUEUE_FRAMES * 64 + relay.MAX_FRAME
 
 
+def _held(c: relay_hub.ClientConn) -> int:
+    """Bytes the relay holds for one client: its queue and transport buffer (Upgrade), or its writer's
+    queue (WebSocket: uvicorn's transport buffer is behind the ASGI interface, bounded by its high-water
+    mark as uvicorn's send waits while the transport is paused)."""
+    if isinstance(c, relay_ws.WsClient):
+        return sum(len(frame) for frame in c.out)
+    return c.queued + c.transport.get_write_buffer_size()  # type: ignore[attr-defined]
+
+
+def _stop_reading(lk: Any) -> None:
+    impl = lk._impl
+    if hasattr(
+        impl, "ws"
+    ):  # WebSocket: its reader task gone, websockets stops reading once its queue is full
+        impl.tasks[0].cancel()
+    else:
+        impl.transport.pause_reading()
+
+
+@pytest.mark.parametrize("transport", ["upgrade", "websocket"])
 async def test_clients_that_never_read_cost_the_relay_bounded_memory(
     relayed: Coord,  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
+    transport: str,
 ) -> None:
     small = 16 << 10  # kernel buffers: not what this measures (see module doc)
     monkeypatch.setattr(
@@ -87,13 +113,12 @@ async def test_clients_that_never_read_cost_the_relay_bounded_memory(
     t0 = time.monotonic()
     nodes: list[Node] = list(await asyncio.gather(*(enroll(relayed, f"n{i}") for i in range(N + SENDERS))))
     sinks, senders = nodes[:N], nodes[N:]
-    sink_links = list(await asyncio.gather(*(n.connect(relayed.url) for n in sinks)))
+    sink_links = list(await asyncio.gather(*(n.connect(relayed.url, transports=(transport,)) for n in sinks)))
     send_links = list(await asyncio.gather(*(n.connect(relayed.url) for n in senders)))
     hub = relayed.relay.hub  # type: ignore[attr-defined]
     assert all(n.key in hub.clients for n in nodes)
     for lk in sink_links:
-        tr = lk._impl.transport  # type: ignore[attr-defined]
-        tr.pause_reading()  # this client never reads again
+        _stop_reading(lk)  # this client never reads again
     print(f"\n{N + SENDERS} clients enrolled and connected in {time.monotonic() - t0:.1f} s")
 
     gc.collect()
@@ -126,11 +151,12 @@ async def test_clients_that_never_read_cost_the_relay_bounded_memory(
 
     slow = hub_sinks
     elapsed = time.monotonic() - start
-    held = sum(c.queued + c.transport.get_write_buffer_size() for c in slow)
+    held = sum(_held(c) for c in slow)
     drops = sum(c.drops for c in slow)
     growth = peak - base
     print(
-        f"{N} clients that never read, {SENDERS} senders x {elapsed:.1f} s of {packet_size}-byte packets: "
+        f"{N} {transport} clients that never read, {SENDERS} senders x {elapsed:.1f} s of {packet_size}-byte "
+        "packets: "
         f"{sent} sent ({sent * packet_size / MIB:.0f} MiB), {drops} dropped at the relay; relay holds "
         f"{held / MIB:.1f} MiB for them ({held / N / 1024:.0f} KiB each); RSS grew {growth / MIB:.1f} MiB "
         f"(bound {bound / MIB:.1f} MiB = {N} x {per_client / MIB:.2f} MiB + {SLACK // MIB} MiB)"

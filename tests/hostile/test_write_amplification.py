@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import time
 
+import httpx
 import pytest
 from sqlalchemy import func, select, update
 
@@ -18,7 +19,7 @@ from coordinator import enrollment, nodes
 from coordinator.db.models import AuditRecord, PendingEnrollment
 from coordinator.hub import MAX_STREAMS_PER_NODE
 from coordinator.relay import service as relay_service
-from meshd.control import ControlError, MapStream, PendingApproval
+from meshd.control import ControlClient, ControlError, MapStream, NodeKeys, PendingApproval
 from meshd.proto import netmap
 from tests.coordinator.conftest import Coord, coord, core, db_url, live, pg_socket, settings  # noqa: F401 - fixtures
 from tests.coordinator.test_relay import enroll, relayed  # noqa: F401  (the fixture)
@@ -37,6 +38,37 @@ async def _audit(coord: Coord, action: str) -> int:  # noqa: F811
     return await _count(
         coord, select(func.count()).select_from(AuditRecord).where(AuditRecord.action == action)
     )
+
+
+class _DeltaCount:
+    """Counts the deltas a peer's stream gets from now on (what it got before is drained first)."""
+
+    def __init__(self, stream: MapStream) -> None:
+        self.stream = stream
+        self.n = 0
+        self.task: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def start(cls, stream: MapStream) -> _DeltaCount:
+        while True:
+            try:
+                await stream.recv(within=0.3)
+            except TimeoutError:
+                break
+        counter = cls(stream)
+        counter.task = asyncio.create_task(counter._count())
+        return counter
+
+    async def _count(self) -> None:
+        while True:
+            if isinstance(await self.stream.recv(), netmap.DeltaMessage):
+                self.n += 1
+
+    async def stop(self) -> None:
+        assert self.task is not None
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
 
 
 async def test_anonymous_registration_flood_is_rate_limited_capped_and_purged(coord: Coord) -> None:  # noqa: F811
@@ -120,20 +152,7 @@ async def test_flapping_endpoints_are_coalesced_before_write_and_fan_out(live: C
         await sa.next_map(within=5)
         await sb.next_map(within=5)
         await asyncio.sleep(2.5)  # the online flags' windows pass and their pushes are out
-        while True:  # drain what b got so far
-            try:
-                await sb.recv(within=0.3)
-            except TimeoutError:
-                break
-        deltas = 0
-
-        async def count_deltas() -> None:
-            nonlocal deltas
-            while True:
-                if isinstance(await sb.recv(), netmap.DeltaMessage):
-                    deltas += 1
-
-        counter = asyncio.create_task(count_deltas())
+        deltas = await _DeltaCount.start(sb)
         version = live.core.state.version
         start = time.monotonic()
         for i in range(200):
@@ -148,17 +167,15 @@ async def test_flapping_endpoints_are_coalesced_before_write_and_fan_out(live: C
             what="the last value won",
         )
         await asyncio.sleep(1.0)  # the last push reaches b
-        counter.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await counter
+        await deltas.stop()
         writes = live.core.state.version - version
         print(
-            f"\n200 endpoint flaps in {flapped:.1f} s: {writes} map writes, {deltas} deltas to the one peer "
-            f"(window {live.core.settings.endpoint_write_interval} s)"
+            f"\n200 endpoint flaps in {flapped:.1f} s: {writes} map writes, {deltas.n} deltas to the one "
+            f"peer (window {live.core.settings.endpoint_write_interval} s)"
         )
         # the burst at once, then one per interval, and the held last value
         assert writes <= nodes.WRITE_BURST + flapped / live.core.settings.endpoint_write_interval + 1
-        assert deltas <= writes + 1
+        assert deltas.n <= writes + 1
         assert sb.map is not None and sb.map.peers[0].endpoints == last
     await a.aclose()
     await b.aclose()
@@ -210,3 +227,77 @@ async def test_a_flapping_relay_home_is_coalesced_before_write_and_fan_out(relay
     writes = state.version - before
     print(f"\n{flaps} relay_home flaps in {took:.1f} s: {writes} changes written and fanned out")
     assert writes <= relay_service.HOME_BURST + took / relay_service.HOME_INTERVAL + 1
+
+
+async def test_pending_enrollments_are_capped_in_total_across_sources(
+    coord: Coord,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Anonymous registrations from many sources (each within its own per-source bucket) park at most
+    MAX_PENDING rows in total; past it every source gets 429 until codes are approved or expire."""
+    cap = 20
+    monkeypatch.setattr(enrollment, "MAX_PENDING", cap)
+    sources = 3 * cap
+    accepted = 0
+    refusals: list[str] = []
+    start = time.monotonic()
+    for i in range(sources):
+        # a client address of its own for each registration: the per-source bucket never refuses
+        transport = httpx.ASGITransport(
+            app=coord.transport.app, client=(f"10.9.{i // 250}.{i % 250 + 1}", 4000)
+        )
+        client = ControlClient(coord.url, NodeKeys.generate(), None, transport=transport)
+        try:
+            result = await client.register(f"anon{i}")
+        except ControlError as exc:
+            assert exc.status == 429, exc
+            refusals.append(str(exc))
+        else:
+            assert isinstance(result, PendingApproval)
+            accepted += 1
+        finally:
+            await client.aclose()
+    took = time.monotonic() - start
+    pending = await _count(coord, select(func.count()).select_from(PendingEnrollment))
+    print(
+        f"\n{sources} anonymous registrations from {sources} sources in {took:.1f} s (cap patched to {cap}): "
+        f"{accepted} accepted, {len(refusals)} refused (429), pending rows {pending}"
+    )
+    assert accepted == cap and pending == cap
+    assert len(refusals) == sources - cap
+    assert all("wait for approval" in r for r in refusals), refusals[:1]
+
+
+async def test_online_state_flapping_is_coalesced_before_write_and_fan_out(live: Coord) -> None:  # noqa: F811
+    """A node opening and closing its map stream over and over flips its online flag each time; the flag
+    is written and pushed to its peers in a burst of WRITE_BURST, then at most once per interval."""
+    key = await live.user_and_key(reusable=True)
+    a, b = await enroll_live(live, "a", key), await enroll_live(live, "b", key)
+    assert a.node_id is not None
+    async with b.stream() as sb:
+        await sb.next_map(within=5)
+        await asyncio.sleep(2.5)  # b's own online flag and its push are out
+        deltas = await _DeltaCount.start(sb)
+        version = live.core.state.version
+        start = time.monotonic()
+        flaps = 100
+        for _ in range(flaps):
+            async with a.stream() as sa:
+                await sa.next_map(within=5)
+        flapped = time.monotonic() - start
+        await eventually_async(
+            lambda: not live.core.state.peers[a.node_id].online,  # type: ignore[index]
+            within=5,
+            what="the last value (offline) won",
+        )
+        await asyncio.sleep(2.5)  # presence pushes wait up to 2 s (hub.delay_for): the last one reaches b
+        await deltas.stop()
+        writes = live.core.state.version - version
+        interval = live.core.settings.endpoint_write_interval
+        print(
+            f"\n{flaps} stream open/close cycles in {flapped:.1f} s ({2 * flaps} online flips): {writes} map "
+            f"writes, {deltas.n} deltas to the one peer (burst {nodes.WRITE_BURST:.0f}, window {interval} s)"
+        )
+        assert writes <= nodes.WRITE_BURST + flapped / interval + 2  # + the held last value
+        assert deltas.n <= writes + 1
+    await a.aclose()
