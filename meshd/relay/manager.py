@@ -25,6 +25,7 @@ from typing import Any
 
 from meshd.proto import peerrelay, relay
 from meshd.proto.encoding import b64decode, b64encode
+from meshd.proto.endpoint import Endpoint
 from meshd.proto.netmap import RelayRegion
 from meshd.relay import home as choose
 from meshd.relay import link as rlink
@@ -131,7 +132,7 @@ class RelayManager:
             if r.link is not None:
                 r.link.close("wireguard key rotated")
 
-    def endpoint(self, wg_key: str) -> tuple[str, int] | None:
+    def endpoint(self, wg_key: str) -> Endpoint | None:
         """Where WireGuard should send this peer's packets while it is relayed: the UDP relay port once
         both sides are bound, else the 127.0.0.1 proxy of the TCP relay."""
         if self._closed:
@@ -163,7 +164,7 @@ class RelayManager:
         if body.peer in self._relayed:
             self.udp.want(body.peer, self._pair_region(body.peer), True)
 
-    def is_relay_address(self, wg_key: str, endpoint: tuple[str, int] | None) -> bool:
+    def is_relay_address(self, wg_key: str, endpoint: Endpoint | None) -> bool:
         """``endpoint`` is one of the peer's relay addresses (its TCP relay proxy or a UDP relay port it
         has had: WireGuard may roam onto one after we stopped using it)."""
         if endpoint is None or self._closed:

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Protocol, cast
 
 from meshd.proto import relayport
+from meshd.proto.endpoint import Endpoint
 from meshd.proto.relayport import Allocation, Allocations, Grant, PortFlags, Side
 from meshd.relay.proxy import udp_socket  # 4 MiB buffers: bulk WireGuard overflows the default
 
@@ -74,7 +75,7 @@ class _PortProtocol(asyncio.DatagramProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
 
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+    def datagram_received(self, data: bytes, addr: Endpoint) -> None:
         side = self.side
         if (
             addr == side.addr
@@ -134,7 +135,7 @@ class PortServer:
         """An allocation ended and its ports are closed (``opened``: wall clock at creation)."""
 
     # -- inputs ---------------------------------------------------------------------------------------
-    def bind(self, port: int, src: tuple[str, int], data: bytes) -> None:
+    def bind(self, port: int, src: Endpoint, data: bytes) -> None:
         self.core.bind(port, src, data, self.clock())
         self._run()
 
