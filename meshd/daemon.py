@@ -125,6 +125,9 @@ class Daemon:
                 if not main.cancelled() and (err := main.exception()) is not None:
                     log.info("start-up interrupted by the stop: %s", err)
             else:
+                if not main.cancelled() and (err := main.exception()) is not None:
+                    # logged before the tear-down: a signal handled after this line did not cause it
+                    log.error("start-up failed: %s", err)
                 main.result()  # DaemonError from start-up
         finally:
             stopped.cancel()
