@@ -65,7 +65,8 @@ class Settings:
     ephemeral_timeout: float = 180.0
     #: unauthenticated connections (issue 13): a request head or a relay CLIENT_HELLO must arrive within
     #: `preauth_timeout` seconds of accept (a TLS handshake too; later a request body, the next keep-alive
-    #: request head and a relay WebSocket's hello: coordinator/relay/front.py); at most `preauth_max` are held (then the oldest is closed) and
+    #: request head and a relay WebSocket's hello: coordinator/relay/front.py); at most `preauth_max` are
+    #: held (then the oldest is closed) and
     #: `preauth_max_per_source` per source address (then new ones are refused). With the unit's
     #: LimitNOFILE=65536 the caps leave most descriptors to authenticated nodes and the database.
     preauth_timeout: float = 5.0

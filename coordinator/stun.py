@@ -15,13 +15,14 @@ import socket
 from typing import cast
 
 from meshd.proto import stun
+from meshd.proto.endpoint import Endpoint
 
 log = logging.getLogger("coordinator.stun")
 SOFTWARE = "meshvpn coordinator"
 
 
 class StunProtocol(asyncio.DatagramProtocol):
-    def __init__(self, other: tuple[str, int] | None) -> None:
+    def __init__(self, other: Endpoint | None) -> None:
         self.other = other
         self.transport: asyncio.DatagramTransport | None = None
         self.answered = 0
@@ -29,7 +30,7 @@ class StunProtocol(asyncio.DatagramProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)  # selector transports don't subclass it
 
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+    def datagram_received(self, data: bytes, addr: Endpoint) -> None:
         reply = stun.answer(data, (addr[0], addr[1]), software=SOFTWARE, other_address=self.other)
         if reply is not None and self.transport is not None:
             self.transport.sendto(reply, addr)

@@ -5,6 +5,8 @@ clock or task: the daemon feeds it what happened (a probe was answered, candidat
 came up, WireGuard's last handshake) together with ``now`` and drains the decisions it makes with
 :meth:`PeerPath.next_event`; it sleeps until :meth:`PeerPath.next_timer` and then calls
 :meth:`PeerPath.handle_timer`. ``now`` is any monotonic clock in seconds (tests use a virtual one).
+Its upgrade attempts and sequenced rounds are a sans-IO piece of their own (:mod:`meshd.attempts`); the
+configuration and decision types are in :mod:`meshd.pathevents` (re-exported here).
 
 The rules (docs/design.md §2.5 "Then direct"):
 
@@ -76,6 +78,15 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from meshd.attempts import Attempts
+from meshd.pathevents import (
+    PathConfig,
+    PathEvent,
+    SendKeepalives,
+    SendProbes,
+    UseDirect,
+    UseRelay,
+)
 from meshd.proto.endpoint import Endpoint
 
 
@@ -101,75 +112,6 @@ class Candidate:
 
     addr: Endpoint
     kind: CandidateKind
-
-
-@dataclass(frozen=True, slots=True)
-class PathConfig:
-    """Timing of the path machine, in seconds."""
-
-    probe_interval: float = 0.5
-    attempt_duration: float = 3.0
-    backoff_initial: float = 1.0
-    backoff_max: float = 60.0
-    heartbeat_interval: float = 1.0
-    dead_after: float = 3.0
-    discovery_interval: float = 30.0
-    late_after: float = 2.0
-    handshake_stall: float = 185.0
-    stall_penalty: float = 600.0
-    switch_ratio: float = 0.7
-    seq_rounds: int = 2
-    seq_wait: float = 32.0  #: > Linux's nf_conntrack_udp_timeout (30 s) for unreplied flows
-    seq_keepalive: float = 5.0
-    seq_grace: float = 3.0
-
-
-# --- decisions (drained with next_event) ---------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class UseRelay:
-    """Point the peer's WireGuard endpoint at the local relay proxy."""
-
-    peer: str
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class UseDirect:
-    """Point the peer's WireGuard endpoint at ``endpoint``."""
-
-    peer: str
-    endpoint: Endpoint
-    rtt: float
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class SendProbes:
-    """Send one authenticated probe to each of ``endpoints`` now (from the WireGuard port).
-
-    ``immediate``: the peer's NAT is open to us already (its probe arrived): no call-me-maybe first.
-    ``first``: the first probes of a new attempt (the one moment a call-me-maybe is worth sending).
-    """
-
-    peer: str
-    endpoints: tuple[Endpoint, ...]
-    immediate: bool = False
-    first: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class SendKeepalives:
-    """Send a probe with a TTL of 1 to each of ``endpoints``: it refreshes our router's mapping towards the
-    peer, or makes the router forget an expired one, and dies there, so it never reaches the peer's router
-    (sequenced rounds, module docstring)."""
-
-    peer: str
-    endpoints: tuple[Endpoint, ...]
-
-
-PathEvent = UseRelay | UseDirect | SendProbes | SendKeepalives
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,20 +155,17 @@ class PeerPath:
         self._direct_since = 0.0
         self._handshake_known = False
         self._last_handshake: float | None = None
-        self._backoff = self.config.backoff_initial
-        self._attempt_until: float | None = None
-        self._next_probe: float | None = None
-        self._next_attempt: float | None = None
         self._next_heartbeat: float | None = None
         self._next_discovery: float | None = None
-        self._seq_round = 0  #: sequenced rounds run since the last fresh start
-        self._attempt_synced = False  #: a call-me-maybe went either way during this attempt: both probed
-        self._attempt_immediate = False  #: this attempt's probes need no call-me-maybe (module docstring)
-        self._attempt_anchor: float | None = None  #: the moment agreed with the peer for this attempt
-        self._seq_keep = False
-        self._seq_until: float | None = None  #: the current round ends (keeper) or probes (quiet side)
-        self._next_keepalive: float | None = None
         self._events: deque[PathEvent] = deque()
+        self._attempts = Attempts(
+            peer,
+            self.config,
+            leads=leads,
+            targets=self._probe_targets,
+            public=self._public_targets,
+            events=self._events,
+        )
         self._events.append(UseRelay(peer, "start"))
 
     # --- inputs ----------------------------------------------------------------------------------------
@@ -237,10 +176,10 @@ class PeerPath:
         if self._direct is not None and self._direct not in self._candidates:
             self._candidates[self._direct] = CandidateKind.PEER_REFLEXIVE
         self._avoid.clear()
-        self._backoff = self.config.backoff_initial
-        self._end_rounds()
+        self._attempts.fresh()
+        self._attempts.end_rounds()
         if self._direct is None:
-            self._start_attempt(now)
+            self._attempts.start(now)
         else:
             self._discover(now)
 
@@ -260,10 +199,10 @@ class PeerPath:
         """The peer's probe arrived from ``src``: its NAT is open to us, so without a direct path probe
         back at once (ending a sequenced round); a new ``src`` becomes a candidate (peer-reflexive)."""
         self._learn(src, now)
-        if self._direct is None and self._attempt_until is None:
-            self._end_rounds()
-            self._backoff = self.config.backoff_initial
-            self._start_attempt(now, immediate=True)
+        if self._direct is None and not self._attempts.running:
+            self._attempts.end_rounds()
+            self._attempts.fresh()
+            self._attempts.start(now, immediate=True)
 
     def handshake(self, last_handshake: float | None, now: float) -> None:
         """WireGuard's last handshake with this peer, converted by the caller to the clock of ``now``.
@@ -276,7 +215,7 @@ class PeerPath:
         self._handshake_known = True
         self._last_handshake = last_handshake
         if advanced and self._direct is not None and (last_handshake or 0.0) >= self._direct_since:
-            self._backoff = self.config.backoff_initial  # the direct path proved itself
+            self._attempts.fresh()  # the direct path proved itself
         self._check_stall(now)
 
     def peer_asked(self, now: float, at: float | None = None) -> None:
@@ -287,31 +226,21 @@ class PeerPath:
         out without a call), so this one is not in it (it restarted, or missed the attempt before); an
         attempt both sides ran puts them into the same round when it fails.
         """
-        if self._seq_until is not None:
-            self._end_rounds()
+        if self._attempts.in_round:
+            self._attempts.end_rounds()
         self.retry_now(now)
-        self._synchronise(now if at is None else at)
+        self._attempts.synchronise(now if at is None else at)
 
     def calling(self, now: float, at: float) -> None:
         """Our call-me-maybe went out, proposing to probe at ``at``: the peer probes in this attempt too."""
-        self._synchronise(at)
-
-    def _synchronise(self, at: float) -> None:
-        """A call-me-maybe went either way for the running attempt: both sides probe from ``at`` on, and
-        both end the attempt ``attempt_duration`` after the latest such moment, so that when it fails they
-        start the same sequenced round at the same moment."""
-        if self._attempt_until is None:
-            return
-        self._attempt_anchor = at if self._attempt_anchor is None else max(self._attempt_anchor, at)
-        self._attempt_until = self._attempt_anchor + self.config.attempt_duration
-        self._attempt_synced = True
+        self._attempts.synchronise(at)
 
     def retry_now(self, now: float) -> None:
         """Our own addresses changed: start an attempt at once (as :meth:`peer_asked`, which the peer
         did not), unless one or a sequenced round runs."""
-        if self._direct is None and self._attempt_until is None and self._seq_until is None:
-            self._backoff = self.config.backoff_initial
-            self._start_attempt(now)
+        if self._direct is None and not self._attempts.running and not self._attempts.in_round:
+            self._attempts.fresh()
+            self._attempts.start(now)
 
     def relay_up(self, now: float) -> None:
         """The relay connection is up."""
@@ -321,9 +250,9 @@ class PeerPath:
         """The relay connection is down: without a direct path the peer is unreachable, so try at once."""
         self._relay_up = False
         if self._direct is None:
-            self._backoff = self.config.backoff_initial
-            self._end_rounds()
-            self._start_attempt(now)
+            self._attempts.fresh()
+            self._attempts.end_rounds()
+            self._attempts.start(now)
 
     # --- timers ----------------------------------------------------------------------------------------
 
@@ -332,13 +261,9 @@ class PeerPath:
         times = [
             t
             for t in (
-                self._next_probe,
-                self._attempt_until,
-                self._next_attempt,
+                *self._attempts.timers(),
                 self._next_heartbeat,
                 self._next_discovery,
-                self._seq_until,
-                self._next_keepalive,
                 self._dead_at(),
                 self._stall_at(),
             )
@@ -353,17 +278,7 @@ class PeerPath:
         self._check_stall(now)
         self._reselect(now)
         if self._direct is None:
-            if self._attempt_until is not None and now >= self._attempt_until:
-                self._attempt_until = self._next_probe = None
-                if not self._start_round(now):
-                    self._next_attempt = now + self._backoff
-                    self._backoff = min(self._backoff * 2, cfg.backoff_max)
-            elif self._next_probe is not None and now >= self._next_probe:
-                self._send_probes(self._probe_targets(), immediate=self._attempt_immediate)
-                self._next_probe = now + cfg.probe_interval
-            if self._next_attempt is not None and now >= self._next_attempt:
-                self._start_attempt(now)
-            self._round_timers(now)
+            self._attempts.handle_timer(now)
         else:
             if self._next_heartbeat is not None and now >= self._next_heartbeat:
                 quiet = now - self._answers[self._direct].at > 1.5 * cfg.heartbeat_interval
@@ -382,7 +297,8 @@ class PeerPath:
     @property
     def seq_round(self) -> tuple[int, bool] | None:
         """The sequenced round running (its number, whether we keep), None outside rounds (for the log)."""
-        return (self._seq_round, self._seq_keep) if self._seq_until is not None else None
+        a = self._attempts
+        return (a.round, a.keep) if a.in_round else None
 
     @property
     def status(self) -> PathStatus:
@@ -409,65 +325,8 @@ class PeerPath:
         if targets:
             self._events.append(SendProbes(self.peer, targets, immediate, first))
 
-    def _start_attempt(self, now: float, *, immediate: bool = False) -> None:
-        self._next_attempt = None
-        self._attempt_synced = False
-        self._attempt_immediate = immediate
-        self._attempt_anchor = None
-        self._seq_until = self._next_keepalive = None
-        targets = self._probe_targets()
-        if not targets:
-            self._attempt_until = self._next_probe = None
-            return  # nothing to try until candidates arrive
-        self._send_probes(targets, immediate=immediate, first=not immediate)
-        self._attempt_until = now + self.config.attempt_duration
-        self._next_probe = now + self.config.probe_interval
-
     def _public_targets(self) -> tuple[Endpoint, ...]:
         return tuple(a for a in self._probe_targets() if self._candidates[a] is not CandidateKind.LAN)
-
-    def _start_round(self, now: float) -> bool:
-        """An attempt got no answer: start the next sequenced round, if any is left (module docstring)."""
-        cfg = self.config
-        if not self._attempt_synced and self._seq_round == 0:
-            return False  # no call-me-maybe either way: the peer may not know us yet, a plain retry
-        if self._seq_round >= cfg.seq_rounds or not self._public_targets():
-            return False
-        self._seq_round += 1
-        self._seq_keep = self.leads == (self._seq_round % 2 == 1)
-        if self._seq_keep:
-            self._seq_until = now + cfg.seq_wait + cfg.attempt_duration + cfg.seq_grace
-            self._keepalive(now)
-        else:
-            self._seq_until = now + cfg.seq_wait
-        return True
-
-    def _keepalive(self, now: float) -> None:
-        if targets := self._public_targets():
-            self._events.append(SendKeepalives(self.peer, targets))
-        self._next_keepalive = now + self.config.seq_keepalive
-
-    def _round_timers(self, now: float) -> None:
-        if self._seq_until is None:
-            return
-        if self._next_keepalive is not None and now >= self._next_keepalive:
-            self._keepalive(now)
-        if now >= self._seq_until:
-            keeper = self._seq_keep
-            self._seq_until = self._next_keepalive = None
-            if not keeper:
-                # our old flows expired, the peer kept its mapping: make our router forget the stale flows
-                # (TTL-1), then probe it without a call-me-maybe (module docstring)
-                if targets := self._probe_targets():
-                    self._events.append(SendKeepalives(self.peer, targets))
-                self._start_attempt(now, immediate=True)
-            elif not self._start_round(now):
-                self._next_attempt = now + self._backoff
-                self._backoff = min(self._backoff * 2, self.config.backoff_max)
-
-    def _end_rounds(self) -> None:
-        self._seq_round = 0
-        self._seq_until = self._next_keepalive = None
 
     def _discover(self, now: float) -> None:
         self._send_probes(self._probe_targets())
@@ -506,9 +365,8 @@ class PeerPath:
         if self._direct is None:
             self._direct_since = now
             self._next_discovery = now + self.config.discovery_interval
-        self._end_rounds()
+        self._attempts.stop()
         self._direct = addr
-        self._attempt_until = self._next_probe = self._next_attempt = None
         self._next_heartbeat = now + self.config.heartbeat_interval
         self._events.append(UseDirect(self.peer, addr, ans.rtt, reason))
 
@@ -516,9 +374,7 @@ class PeerPath:
         self._direct = None
         self._next_heartbeat = self._next_discovery = None
         self._events.append(UseRelay(self.peer, reason))
-        self._attempt_until = self._next_probe = None
-        self._next_attempt = now + self._backoff
-        self._backoff = min(self._backoff * 2, self.config.backoff_max)
+        self._attempts.retry_later(now)
 
     def _dead_at(self) -> float | None:
         if self._direct is None:

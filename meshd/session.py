@@ -33,7 +33,7 @@ RECONNECT_MAX = 30.0
 RECONNECT_RATE = 700.0
 RESTART_SPREAD = 15.0
 #: close codes after which reconnects are spread (RFC 6455: 1012 service restart, 1013 try again later)
-SPREAD_AFTER = frozenset({netmap.CloseCode.RESTART, 1013})
+SPREAD_AFTER = frozenset({netmap.CloseCode.RESTART, netmap.CloseCode.TOO_MANY_STREAMS})
 
 
 #: after a restart close the coordinator is expected back soon: this many failed attempts back off to at

@@ -5,7 +5,8 @@ helper polls, returns the predicate's first truthy value (so a test can use what
 when time runs out, fails with the description and the last value or exception seen, which is what
 a reader of a red test needs.
 
-``eventually`` is for synchronous predicates (subprocesses, namespaces, files); ``eventually_async``
+``never(predicate, for_=...)`` is its mirror, for what must not happen during a time that is itself the
+spec. ``eventually`` is for synchronous predicates (subprocesses, namespaces, files); ``eventually_async``
 takes a predicate that may be a coroutine function (in-process servers, ASGI clients).
 """
 
@@ -65,6 +66,22 @@ def eventually(
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise _fail(what or getattr(predicate, "__name__", "predicate"), within, last, error)
+        time.sleep(min(interval, remaining))
+
+
+def never(predicate: Callable[[], object], *, for_: float, interval: float = 0.2, what: str = "") -> None:
+    """The mirror of :func:`eventually`, for specs like "nothing changes during 4 s": call ``predicate``
+    for ``for_`` seconds (at the end too) and fail at once, with its value, the first time it is truthy."""
+    _check(for_, interval)
+    deadline = time.monotonic() + for_
+    while True:
+        value = predicate()
+        if value:
+            name = what or getattr(predicate, "__name__", "predicate")
+            raise AssertionError(f"within {for_:g} s: {name} ({value!r})")
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
         time.sleep(min(interval, remaining))
 
 

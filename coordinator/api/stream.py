@@ -9,8 +9,8 @@ them before use); the node sends ``endpoints`` and ``signal`` messages (format: 
 Close codes (:class:`meshd.proto.netmap.CloseCode`): REVOKED (4403) the node was removed or expired (also
 sent instead of accepting, as HTTP 403, when a revoked node connects); POLICY (1008) the handshake
 signature was refused; RESTART (1012) the coordinator is restarting; TOO_SLOW (4408) the node fell behind
-(its queue filled). After RESTART/TOO_SLOW/network loss, reconnect with ``since=<last version>`` to
-receive only what was missed.
+(its queue filled); TOO_MANY_STREAMS (1013) the node has MAX_STREAMS_PER_NODE open already. After
+RESTART/TOO_SLOW/network loss, reconnect with ``since=<last version>`` to receive only what was missed.
 """
 
 from __future__ import annotations
@@ -44,9 +44,6 @@ log = logging.getLogger(__name__)
 #: flood would cost the coordinator a queue push and a target's stream per signal.
 SIGNAL_RATE = 20.0
 SIGNAL_BURST = 40.0
-#: close code for a stream past the node's MAX_STREAMS_PER_NODE: 1013 "try again later" (RFC 6455), so meshd
-#: backs off and retries as after any network error, rather than 4403 which would make it think it was removed
-TOO_MANY_STREAMS = 1013
 #: why a stream that did not ask for this map format is closed (CloseCode.OUTDATED; meshd logs it)
 OUTDATED_REASON = f"meshd too old: this coordinator sends map format {netmap.MAP_FORMAT}; upgrade meshd"
 #: messages at least this long are compressed off the event loop (_send)
@@ -119,7 +116,7 @@ async def stream(ws: WebSocket) -> None:
     if not core.hub.add(sub):
         await ws.accept()
         await ws.close(
-            code=TOO_MANY_STREAMS,
+            code=CloseCode.TOO_MANY_STREAMS,
             reason=f"too many map streams for this node (at most {MAX_STREAMS_PER_NODE})",
         )
         return

@@ -112,7 +112,7 @@ class _Udp(asyncio.DatagramProtocol):
     def __init__(self, on_data: Callable[[bytes, Endpoint], None]) -> None:
         self.on_data = on_data
 
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+    def datagram_received(self, data: bytes, addr: Endpoint) -> None:
         self.on_data(data, (addr[0], addr[1]))
 
 

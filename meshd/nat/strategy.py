@@ -109,6 +109,18 @@ class PathStrategy(Protocol):
 
     def set_portmap(self, protocol: str | None, external: Endpoint | None) -> None: ...
 
+    def relay_ports(
+        self, use: Callable[[str, bool], None], is_relay: Callable[[str, Endpoint | None], bool]
+    ) -> None:
+        """UDP relay ports (issue 14): tell ``use`` which peers are relayed; ``is_relay`` names a peer's
+        relay addresses. A strategy that cannot send from the WireGuard port ignores it (its relayed
+        peers stay on the TCP relay's proxy)."""
+        ...
+
+    def relay_moved(self, wg_key: str) -> None:
+        """A relayed peer's relay endpoint changed (its UDP relay port became usable, or stopped)."""
+        ...
+
     def candidates(self) -> list[str]:
         """Every address a peer may reach us at, ``host:port`` strings, best first."""
         ...
@@ -202,6 +214,14 @@ class StaticPaths:
 
     def set_portmap(self, protocol: str | None, external: Endpoint | None) -> None:
         self.nat.portmap, self.nat.portmapped = protocol, external
+
+    def relay_ports(
+        self, use: Callable[[str, bool], None], is_relay: Callable[[str, Endpoint | None], bool]
+    ) -> None:
+        return None  # binding a UDP relay port needs the raw socket on the WireGuard port
+
+    def relay_moved(self, wg_key: str) -> None:
+        return None  # never asked for a UDP relay port, so none moves
 
     def candidates(self) -> list[str]:
         out = []

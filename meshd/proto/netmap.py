@@ -96,6 +96,9 @@ class CloseCode(enum.IntEnum):
 
     POLICY = 1008  #: the handshake signature was refused
     RESTART = 1012  #: the coordinator is shutting down: reconnect later with since=V
+    #: the node has MAX_STREAMS_PER_NODE streams open already: "try again later" (RFC 6455), so meshd backs
+    #: off and retries as after any network error (4403 would make it think it was removed)
+    TOO_MANY_STREAMS = 1013
     UNAUTHORIZED = 4401  #: the request was not authenticated
     REVOKED = 4403  #: the node was removed or expired: do not reconnect
     TOO_SLOW = 4408  #: the node did not keep up with its stream: reconnect with since=V

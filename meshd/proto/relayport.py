@@ -41,6 +41,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntFlag
 
+from meshd.proto.endpoint import Endpoint
+
 KEY_LEN = 32
 SECRET_LEN = 16
 MAC_LEN = 16
@@ -181,7 +183,6 @@ def decode_state(payload: bytes) -> tuple[bytes, PortFlags]:
 
 
 # -- the relay's side ---------------------------------------------------------------------------------------
-Addr = tuple[str, int]
 
 
 @dataclass(eq=False)
@@ -193,7 +194,7 @@ class Side:
     port: int
     secret: bytes = field(repr=False)
     counter: int = 0  #: the last accepted bind's counter
-    addr: Addr | None = None  #: the bound address: packets from anywhere else are dropped
+    addr: Endpoint | None = None  #: the bound address: packets from anywhere else are dropped
     packets: int = 0  #: packets received at this port from ``addr`` and forwarded
     bytes: int = 0
     #: the other side (set right after both are made)
@@ -404,7 +405,7 @@ class Allocations:
         """The shell could not open the ports of ``alloc``: it ends (the nodes stay on the TCP relay)."""
         self._end(alloc, reason)
 
-    def bind(self, port: int, src: Addr, data: bytes, now: float) -> bool:
+    def bind(self, port: int, src: Endpoint, data: bytes, now: float) -> bool:
         """A datagram that looks like a bind arrived at ``port`` from ``src``: True if it was accepted."""
         side = self.by_port.get(port)
         try:

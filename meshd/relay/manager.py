@@ -1,5 +1,6 @@
 """meshd's relay client: a home region chosen by latency, on-demand links to peers' home regions, the
-per-peer local proxies, tickets renewed over the open links, reconnect with backoff and jitter.
+per-peer local proxies, tickets renewed over the open links, reconnect with backoff and jitter
+(:mod:`meshd.relay.connect`).
 
 ``endpoint(wg_key)`` returns the peer's proxy address at once (the proxy socket is bound on demand, even
 before any relay link is up: packets wait in a small per-region queue until the link connects), which is
@@ -9,7 +10,7 @@ Every background task (one per region link, the keepalive/renewal loop, the home
 :func:`meshd.supervise.supervise`: an unexpected error is logged with its traceback and the loop starts
 again, so none dies silently. :meth:`RelayManager.close` stops them all at once; after it nothing
 reconnects and every input is ignored. The decisions (home, routing, fail-over) are
-:mod:`meshd.relay.home`.
+:mod:`meshd.relay.home`; choosing home and failing over, :mod:`meshd.relay.homing`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import random
 import ssl
 import time
 from collections.abc import Callable, Coroutine, Iterable
@@ -25,10 +25,11 @@ from typing import Any
 
 from meshd.proto import peerrelay, relay
 from meshd.proto.encoding import b64decode, b64encode
+from meshd.proto.endpoint import Endpoint
 from meshd.proto.netmap import RelayRegion
+from meshd.relay import connect, homing
 from meshd.relay import home as choose
-from meshd.relay import link as rlink
-from meshd.relay.dualstack import relay_urls
+from meshd.relay.connect import BACKOFF_MAX, BACKOFF_MIN
 from meshd.relay.proxy import ProxyTable
 from meshd.relay.region import RegionLink, RegionStatus
 from meshd.relay.tickets import TicketCache, TicketSource
@@ -37,12 +38,9 @@ from meshd.supervise import supervise
 
 log = logging.getLogger("meshd.relay")
 
-BACKOFF_MIN = 0.2
-BACKOFF_MAX = 3.0
 KEEPALIVE = 10.0  #: ping every link this often...
 DEAD_AFTER = 25.0  #: ...and call it dead when nothing came back for this long
 CLOSE_WITHIN = 0.8  #: close() waits at most this long for its tasks to finish
-PROBE_INTERVAL = 0.05  #: choosing home: how often the open links are measured
 
 
 class RelayManager:
@@ -73,10 +71,10 @@ class RelayManager:
         self.dropped = 0
         self.reconnects: dict[int, int] = {}  #: region id -> links made again after one was lost (metrics)
         self._up = False
-        self._closed = False
+        self.closed = False  #: close() was called: nothing reconnects, every input is ignored
         self._tasks: set[asyncio.Task[None]] = set()  #: every live task, for close()
         self._probe: asyncio.Task[None] | None = None
-        self._home_down_since: float | None = None
+        self.home_down_since: float | None = None  #: the home link went down then (fail-over)
 
     # -- inputs --------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -85,7 +83,7 @@ class RelayManager:
 
     def set_regions(self, regions: Iterable[RelayRegion]) -> None:
         """The relay map changed: start links for new regions, stop removed ones, (re)choose home."""
-        if self._closed:
+        if self.closed:
             return
         new: dict[int, RelayRegion] = {}
         for r in regions:
@@ -108,19 +106,19 @@ class RelayManager:
         if self.home is None and len(self.regions) == 1:
             self.home = next(iter(self.regions))
         elif self.home is None and self.regions:
-            self._start_probe()
-        self._reconcile_links()
+            self.start_probe()
+        self.reconcile_links()
 
     def set_peers(self, peers: Iterable[tuple[str, int | None]]) -> None:
         """(WireGuard key base64, relay_home) of every peer; proxies of peers that left are closed."""
-        if self._closed:
+        if self.closed:
             return
         homes = {b64decode(k, length=32): h for k, h in peers}
         self.proxies.keep_only(homes)
         self.udp.forget_others(set(homes))
         self._relayed &= set(homes)
         self.peer_home = homes
-        self._reconcile_links()
+        self.reconcile_links()
 
     def rekey(self, wg_key: bytes) -> None:
         """Our WireGuard key was rotated: the relay addresses us by it, so every link reconnects under the
@@ -131,10 +129,10 @@ class RelayManager:
             if r.link is not None:
                 r.link.close("wireguard key rotated")
 
-    def endpoint(self, wg_key: str) -> tuple[str, int] | None:
+    def endpoint(self, wg_key: str) -> Endpoint | None:
         """Where WireGuard should send this peer's packets while it is relayed: the UDP relay port once
         both sides are bound, else the 127.0.0.1 proxy of the TCP relay."""
-        if self._closed:
+        if self.closed:
             return None
         key = b64decode(wg_key, length=32)
         return self.udp.endpoint(key) or self.proxies.open(key).address
@@ -142,7 +140,7 @@ class RelayManager:
     def use(self, wg_key: str, relayed: bool) -> None:
         """The path machines put this peer on the relay (or took it off): ask for (or stop binding) its
         UDP relay port."""
-        if self._closed:
+        if self.closed:
             return
         key = b64decode(wg_key, length=32)
         if relayed:
@@ -154,7 +152,7 @@ class RelayManager:
     def peer_relay(self, body: peerrelay.Use | peerrelay.Drop) -> None:
         """The coordinator offered (``use``) or withdrew (``drop``) a peer relay for a peer (issue 14): a
         relayed peer moves to it (or back to its region's ports) at once."""
-        if self._closed:
+        if self.closed:
             return
         if isinstance(body, peerrelay.Use):
             self.udp.offer(body)
@@ -163,10 +161,10 @@ class RelayManager:
         if body.peer in self._relayed:
             self.udp.want(body.peer, self._pair_region(body.peer), True)
 
-    def is_relay_address(self, wg_key: str, endpoint: tuple[str, int] | None) -> bool:
+    def is_relay_address(self, wg_key: str, endpoint: Endpoint | None) -> bool:
         """``endpoint`` is one of the peer's relay addresses (its TCP relay proxy or a UDP relay port it
         has had: WireGuard may roam onto one after we stopped using it)."""
-        if endpoint is None or self._closed:
+        if endpoint is None or self.closed:
             return False
         key = b64decode(wg_key, length=32)
         proxy = self.proxies.get(key)
@@ -221,7 +219,7 @@ class RelayManager:
 
     async def close(self) -> None:
         """Stop every task, link and proxy now (within CLOSE_WITHIN s); nothing reconnects afterwards."""
-        self._closed = True
+        self.closed = True
         tasks = [t for t in self._tasks if not t.done()]
         for t in tasks:
             t.cancel()
@@ -241,8 +239,8 @@ class RelayManager:
         if r is None or not r.send(dst, packet):
             self.dropped += 1
 
-    def _received(self, src: bytes, packet: bytes | memoryview) -> None:
-        if (src in self.proxies or src in self.peer_home) and not self._closed:
+    def received(self, src: bytes, packet: bytes | memoryview) -> None:
+        if (src in self.proxies or src in self.peer_home) and not self.closed:
             self.proxies.deliver(src, packet)
 
     def _is_open(self, rid: int) -> bool:
@@ -253,7 +251,7 @@ class RelayManager:
         self, name: str, factory: Callable[[], Coroutine[Any, Any, None]]
     ) -> asyncio.Task[None] | None:
         """Start a supervised task (restarted with backoff and a logged traceback if it raises)."""
-        if self._closed:
+        if self.closed:
             return None
         task = asyncio.create_task(
             supervise(name, factory, backoff_min=BACKOFF_MIN, backoff_max=BACKOFF_MAX), name=name
@@ -262,15 +260,21 @@ class RelayManager:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _start_probe(self) -> None:
-        if self._probe is None or self._probe.done():
-            self._probe = self._spawn("relay-probe", self._choose_home)
+    @property
+    def choosing(self) -> bool:
+        """The home region is being chosen (links to every region are measured)."""
+        return self._probe is not None and not self._probe.done()
 
-    def _reconcile_links(self) -> None:
+    def start_probe(self) -> None:
+        if self._probe is None or self._probe.done():
+            self._probe = self._spawn("relay-probe", functools.partial(homing.choose_home, self))
+
+    def reconcile_links(self) -> None:
         want = choose.wanted(self.home, self.regions, self.peer_home.values())
         for rid, r in self.regions.items():
             if rid in want and (r.task is None or r.task.done()):
-                r.task = self._spawn(f"relay-{r.region.name}", functools.partial(self._run_region, rid, r))
+                run = functools.partial(connect.run_region, self, rid, r)
+                r.task = self._spawn(f"relay-{r.region.name}", run)
             elif rid not in want and r.task is not None:
                 self._stop_region(rid, keep=True)
 
@@ -279,114 +283,13 @@ class RelayManager:
         if r is not None:
             r.stop("region no longer needed")
 
-    async def _run_region(self, rid: int, r: RegionLink) -> None:
-        """Keep one region's link up: connect, serve until it drops, reconnect with backoff and jitter."""
-        delay = BACKOFF_MIN
-        linked_before = False
-        while not self._closed:
-            try:
-                grant = await self.tickets.get(rid)
-                urls = relay_urls(r.region)  # its IPv6 address last (issue 15: IPv6-only nodes)
-                for i, url in enumerate(urls):
-                    try:
-                        link = await rlink.connect(
-                            url,
-                            self.wg_key,
-                            grant.ticket.encode("ascii"),
-                            sign=grant.sign,
-                            region_id=rid,
-                            home=rid == self.home,
-                            on_packet=self._received,
-                            ssl_context=self.ssl_context,
-                        )
-                        break
-                    except rlink.RelayLinkError as exc:
-                        if i == len(urls) - 1:
-                            raise
-                        log.debug("relay %s: %s; trying %s", r.name, exc, urls[i + 1])
-            except Exception as exc:  # expected: network trouble, refused ticket, coordinator down, bad URL
-                r.error = str(exc)
-                log.warning("relay %s: %s; retrying in %.1f s", r.name, exc, delay)
-                if rid == self.home:
-                    self._home_down_since = self._home_down_since or time.monotonic()
-                    if self._maybe_fail_over():
-                        return
-                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-                delay = min(BACKOFF_MAX, delay * 2)
-                continue
-            if self._closed or self.regions.get(rid) is not r:
-                link.close("relay client stopped")  # stopped while connecting: keep nothing open
-                return
-            delay = BACKOFF_MIN
-            if linked_before:
-                self.reconnects[rid] = self.reconnects.get(rid, 0) + 1
-            linked_before = True
-            await self._serve(rid, r, link)
-
-    async def _serve(self, rid: int, r: RegionLink, link: rlink.RelayLink) -> None:
-        r.attach(link)
-        self.udp.session_up(rid, link)
-        if rid == self.home:
-            self._home_down_since = None
-            self._set_up(True)
-        try:
-            reason = await r.wait_closed(link)
-        finally:
-            self.udp.session_lost(rid)
-        if rid == self.home:
-            self._set_up(False)
-            self._home_down_since = time.monotonic()
-        if "ticket" in reason or "removed" in reason or "rotated" in reason:
-            self.tickets.forget(rid)
-
-    def _maybe_fail_over(self) -> bool:
-        """The home region has been unreachable for HOME_FAILOVER seconds and there are others: choose the
-        home again among those that answer (the old one is probed too and wins back if it returns)."""
-        if not choose.fail_over_due(self._home_down_since, time.monotonic(), len(self.regions)):
-            return False
-        if self._closed or (self._probe is not None and not self._probe.done()):
-            return False
-        log.warning("relay home region unreachable for %.0f s: choosing another", choose.HOME_FAILOVER)
-        self.home = None
-        self._home_down_since = None
-        self._start_probe()
-        return True
-
-    def _set_up(self, up: bool) -> None:
-        if up != self._up and not self._closed:
+    def set_up(self, up: bool) -> None:
+        if up != self._up and not self.closed:
             self._up = up
             try:
                 self.on_state(up)
             except Exception:  # the callback's bug must not take the relay link down with it
                 log.exception("relay state callback failed")
-
-    async def _choose_home(self) -> None:
-        """Connect to every region, measure relay PING round trips, make the fastest the home region."""
-        self._reconcile_links()
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        best: int | None = None
-        while best is None and self.regions:
-            await asyncio.sleep(PROBE_INTERVAL)
-            rtts: dict[int, float] = {}
-            for rid, r in list(self.regions.items()):
-                if (rtt := await r.measure(tries=3)) is not None:
-                    rtts[rid] = rtt
-            best = choose.pick_home(rtts, self.regions, loop.time() - started)
-        if best is None or best not in self.regions:
-            return
-        self.home = best
-        r = self.regions[best]
-        log.info("relay home region: %s (%s ms)", r.name, f"{r.rtt * 1000:.1f}" if r.rtt is not None else "?")
-        link = r.open_link
-        if link is not None:
-            try:
-                grant = await self.tickets.get(best)
-                link.renew(self.wg_key, grant.ticket.encode("ascii"), home=True)
-            except Exception as exc:  # the relay learns it is home at the next renewal instead
-                log.warning("relay: telling %s it is home failed: %s", r.region.name, exc)
-            self._set_up(True)
-        self._reconcile_links()
 
     async def _maintain(self) -> None:
         """Keepalive pings, dead-link detection, and ticket renewal over the open links."""

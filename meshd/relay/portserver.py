@@ -26,13 +26,13 @@ from collections.abc import Callable
 from typing import Protocol
 
 from meshd.proto import relayport
+from meshd.proto.endpoint import Endpoint
 from meshd.proto.relayport import Allocation, Allocations, Grant, PortFlags, Side
 from meshd.relay.proxy import udp_socket  # 4 MiB buffers: bulk WireGuard overflows the default
 
 log = logging.getLogger("meshd.relay.ports")
 
 _WG_TYPES = frozenset((1, 2, 3, 4))
-_ZERO3 = b"\x00\x00\x00"
 
 
 def parse_range(text: str) -> range | None:
@@ -175,7 +175,7 @@ class PortServer:
         """An allocation ended and its ports are closed (``opened``: wall clock at creation)."""
 
     # -- inputs ---------------------------------------------------------------------------------------
-    def bind(self, port: int, src: tuple[str, int], data: bytes) -> None:
+    def bind(self, port: int, src: Endpoint, data: bytes) -> None:
         self.core.bind(port, src, data, self.clock())
         self._run()
 

@@ -26,6 +26,8 @@ import logging
 import socket
 from collections.abc import Callable, Collection
 
+from meshd.proto.endpoint import Endpoint
+
 log = logging.getLogger("meshd.relay")
 
 SOCK_BUF = 4 << 20  #: UDP buffers (the local leg; the TCP relay leg autotunes: meshd.proto.relay.SOCK_BUF)
@@ -45,7 +47,7 @@ class PeerProxy:
         self.delivered = 0  #: datagrams from the relay handed to WireGuard
         self.refused = 0  #: datagrams from anyone but WireGuard
         self.dropped = 0  #: datagrams for WireGuard the socket could not take
-        self.bound: tuple[str, int] = (LOOPBACK, 0)
+        self.bound: Endpoint = (LOOPBACK, 0)
         self.sock: socket.socket | None = None
         self.closed = False
 
@@ -79,7 +81,7 @@ class PeerProxy:
             self.dropped += 1
 
     @property
-    def address(self) -> tuple[str, int]:
+    def address(self) -> Endpoint:
         return self.bound
 
     def close(self) -> None:

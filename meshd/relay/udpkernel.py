@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from meshd.proto.endpoint import Endpoint
 from meshd.proto.relayport import Allocation
 
 log = logging.getLogger("meshd.relay.ports")
@@ -62,7 +63,7 @@ def _run(argv: list[str], stdin: str | None = None) -> str:
 class _Rules:
     handles: list[tuple[str, int]] = field(default_factory=list)  #: (chain, handle)
     ports: tuple[int, int] = (0, 0)
-    addrs: tuple[tuple[str, int], tuple[str, int]] | None = None
+    addrs: tuple[Endpoint, Endpoint] | None = None
 
 
 class NftForwarder:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import re
 import subprocess
-import time
 
 import pytest
 
+from tests.eventually import eventually
 from tests.netns.lab import Lab
 
 pytestmark = pytest.mark.netns
@@ -33,6 +33,8 @@ def test_tcp_crosses_a_delayed_link(lab: Lab) -> None:
     s = lab.server(delay_ms=5)
     a = lab.host(nat="eim", wan_delay_ms=5)
     s.popen(["iperf3", "-s", "-1"], stdout=subprocess.DEVNULL)
-    time.sleep(0.3)
+    eventually(
+        lambda: s.run(["ss", "-Hltn", "sport = :5201"]).stdout.strip(), within=5, what="iperf3 listens"
+    )
     r = a.run(["timeout", "10", "iperf3", "-c", s.ip, "-t", "1"], timeout=20)
     assert r.returncode == 0 and "receiver" in r.stdout, r.stdout + r.stderr

@@ -83,12 +83,15 @@ class Cycle:
     stacks: str = ""  #: py-spy's dump of a meshd that did not stop in time
     fresh: bool = False  #: started from an empty state dir: enrols first
     exited_early: bool = False  #: meshd had exited before the signal (e.g. enrolment without coordinator)
+    #: meshd had failed on its own before it handled the signal (its start-up failure is logged first: the
+    #: coordinator was gone during enrolment) and was still tearing down when the signal came
+    failed_first: bool = False
 
     @property
     def clean_exit(self) -> bool:
         """A stop is not a failure: exit 0, or death by the SIGTERM itself when it came before meshd had its
         handlers (then it had made nothing yet); systemd counts both as a clean stop, exit 1 as a failure."""
-        return self.exited_early or self.exit_code in (0, -signal.SIGTERM)
+        return self.exited_early or self.failed_first or self.exit_code in (0, -signal.SIGTERM)
 
     @property
     def ok(self) -> bool:
@@ -347,7 +350,15 @@ def run_cycle(world: World, scenario: str, index: int, rng: random.Random) -> Cy
     with node.log.open("rb") as f:
         f.seek(log_start)
         cycle.log = f.read().decode(errors="replace")
-    cycle.phase = "exited before the signal" if cycle.exited_early else phase_of(cycle.log, cycle.fresh)
+    failed_at, stopped_at = cycle.log.find('msg="start-up failed'), cycle.log.find('msg="stopping: signal')
+    cycle.failed_first = failed_at >= 0 and (stopped_at < 0 or failed_at < stopped_at)
+    cycle.phase = (
+        "exited before the signal"
+        if cycle.exited_early
+        else "failed before the signal"
+        if cycle.failed_first
+        else phase_of(cycle.log, cycle.fresh)
+    )
     if "meshd up:" in cycle.log or "enrolled as" in cycle.log:
         world.unenrolled.discard(node.name)
     elif key is not None:

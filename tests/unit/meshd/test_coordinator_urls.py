@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meshd.control import ControlClient, NodeKeys
-from meshd.daemon import coordinator_urls
+from meshd.options import coordinator_urls
 
 
 def test_one_url_stays_one_url_and_several_keep_their_order_without_duplicates() -> None:

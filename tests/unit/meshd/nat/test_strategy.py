@@ -125,6 +125,12 @@ async def test_without_a_raw_socket_open_paths_falls_back_to_static_paths_with_a
         assert paths.endpoint_for("wg-c", LAN_PEER.candidates) == ("192.168.1.7", 41641)
         paths.relay_changed(False)
         assert paths.path("wg-d").path is PathKind.NONE
+        # the same calls as on traversal (the daemon never branches): without the raw socket no UDP relay
+        # port is ever asked for, so relayed peers stay on the TCP relay's proxy
+        asked: list[tuple[str, bool]] = []
+        paths.relay_ports(lambda key, relayed: asked.append((key, relayed)), lambda key, ep: False)
+        paths.relay_moved("wg-d")
+        assert asked == [] and paths.endpoint_for("wg-d", HIDDEN_PEER.candidates) == ("127.0.0.1", 40000)
     finally:
         await paths.close()
 
