@@ -24,6 +24,11 @@ log = logging.getLogger("meshd.supervise")
 LoopFactory = Callable[[], Coroutine[Any, Any, None]]
 
 
+class Transient(Exception):
+    """A failure a loop expects and recovers from by being restarted (an address not there yet, e.g. a
+    bind on an interface that is being made or torn down): logged as one line, without a traceback."""
+
+
 async def supervise(
     name: str,
     factory: LoopFactory,
@@ -50,7 +55,12 @@ async def supervise(
             if loop.time() - started > healthy_after:
                 delay, failures = backoff_min, 0
             failures += 1
-            log.error("task %s failed (%d in a row); restarting in %.1f s", name, failures, delay, exc_info=e)
+            if isinstance(e, Transient):
+                log.warning("task %s: %s (%d in a row); restarting in %.1f s", name, e, failures, delay)
+            else:
+                log.error(
+                    "task %s failed (%d in a row); restarting in %.1f s", name, failures, delay, exc_info=e
+                )
             if give_up_after is not None and failures >= give_up_after:
                 if on_fatal is not None:
                     on_fatal(name, e)

@@ -20,6 +20,7 @@ import socket
 from typing import cast
 
 from meshd.dns import zone as dnszone
+from meshd.supervise import Transient
 
 log = logging.getLogger("meshd.dns")
 
@@ -44,6 +45,10 @@ class _Udp(asyncio.DatagramProtocol):
         log.debug("dns udp: %s", exc)
 
 
+class ResolverBindError(Transient):
+    """The resolver's address cannot be bound (yet, or any more): the supervisor retries, one log line."""
+
+
 class Resolver:
     """Answers for the mesh on ``host:port`` over UDP and TCP."""
 
@@ -57,13 +62,20 @@ class Resolver:
     async def serve(self) -> None:
         """Bind UDP and TCP and answer until cancelled (OSError when a bind fails: the supervisor retries)."""
         loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: _Udp(self), local_addr=(self.host, self.port), family=socket.AF_INET
-        )
+        try:
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: _Udp(self), local_addr=(self.host, self.port), family=socket.AF_INET
+            )
+        except OSError as e:  # the mesh interface (with our address) is being made or torn down
+            raise ResolverBindError(f"resolver cannot bind {self.host}:{self.port}: {e.strerror or e}") from e
         try:
             server = await asyncio.start_server(
                 self._tcp, self.host, self.port, family=socket.AF_INET, reuse_address=True
             )
+        except OSError as e:
+            transport.close()
+            what = f"resolver cannot bind TCP {self.host}:{self.port}"
+            raise ResolverBindError(f"{what}: {e.strerror or e}") from e
         except BaseException:
             transport.close()
             raise

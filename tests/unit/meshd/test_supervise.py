@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from meshd.supervise import TaskGroup, supervise
+from meshd.supervise import TaskGroup, Transient, supervise
 from tests.eventually import eventually_async
 
 
@@ -100,3 +100,28 @@ async def test_task_group_stop_is_bounded_even_when_a_task_ignores_cancellation(
     assert loop.time() - t0 < 1.0
     release.set()  # let the stubborn one end so the test leaves nothing behind
     await asyncio.sleep(0)
+
+
+async def test_a_transient_failure_is_one_line_without_a_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    # the resolver's bind while the mesh interface is being torn down (seen in the stop stress test)
+    from meshd.dns.server import Resolver, ResolverBindError
+    from meshd.dns.zone import build
+
+    runs = 0
+
+    async def loop() -> None:
+        nonlocal runs
+        runs += 1
+        if runs == 1:
+            await Resolver("192.0.2.77", 53, build("mesh", ())).serve()  # not an address of this host
+
+    async def no_sleep(d: float) -> None:
+        pass
+
+    with caplog.at_level(logging.WARNING, "meshd.supervise"):
+        await supervise("dns", loop, sleep=no_sleep)
+    assert runs == 2
+    [line] = [r for r in caplog.records if "task dns" in r.getMessage()]
+    assert line.levelno == logging.WARNING and not line.exc_info
+    assert "resolver cannot bind 192.0.2.77:53" in line.getMessage()
+    assert issubclass(ResolverBindError, Transient)
