@@ -11,6 +11,14 @@ and WireGuard would only retry after REKEY_TIMEOUT (5 s). So only the side with 
 starts; the other turns keepalive on once a handshake happened (or after ``KEEPALIVE_FALLBACK``
 seconds without one).
 
+Keepalive is not the only trigger: any packet to the peer (the user's first ping) makes WireGuard send an
+initiation too, and wireguard-go keeps only the last handshake state, so an initiation of the higher key
+that crosses the lower key's one still leaves both as responders (issue 15: 1 run in 2 lost 2-5 s). So
+the higher key's WireGuard gets *no endpoint at all* until the first handshake (or the fallback): an
+initiation it makes then cannot leave, the lower key's initiation arrives, WireGuard answers it at the
+address it came from (it roams there), and the packets that triggered its own attempt go out once the
+lower key confirms the session. Only then does it get the endpoint decided meanwhile (``held``).
+
 WireGuard roams: any authenticated packet from a new address becomes the peer's endpoint. While the two
 sides switch to a direct path one after the other, a packet the peer still sent through the relay
 arrives from our local relay proxy and points WireGuard back at it; if the peer did the same with ours,
@@ -46,6 +54,7 @@ class _Applied:
     direct: bool = False  #: ``endpoint`` is a direct path (not the relay proxy)
     name: str = ""  #: the peer's name, for the log
     keepalive_on: bool = False  #: persistent keepalive enabled on this peer
+    held: bool = False  #: ``endpoint`` is decided but not given to WireGuard yet (higher key, no handshake)
 
 
 class WgEndpoints:
@@ -114,6 +123,9 @@ class WgEndpoints:
         target = self.relay_endpoint(peer)
         if target is None or target == a.endpoint:
             return
+        if a.held:  # WireGuard gets it with the first handshake
+            a.endpoint = target
+            return
         try:
             await self.backend.set_endpoint(peer, target, KEEPALIVE_SECONDS if a.keepalive_on else None)
         except WgError as e:
@@ -136,6 +148,12 @@ class WgEndpoints:
             out.append((ps.public_key, lh))
             a = self._applied.get(ps.public_key)
             if a is None or a.endpoint is None:
+                continue
+            if a.held:
+                if lh is not None or (
+                    a.endpoint_at is not None and mono - a.endpoint_at >= KEEPALIVE_FALLBACK
+                ):
+                    await self._release(ps.public_key, a)
                 continue
             if (
                 ps.endpoint != a.endpoint
@@ -165,6 +183,12 @@ class WgEndpoints:
             return
         a = self._applied.setdefault(peer, _Applied())
         initiate = a.keepalive_on or self.own_key() < peer
+        if not initiate and (a.held or a.endpoint is None):
+            # higher key, no handshake yet: no endpoint for WireGuard (module docstring)
+            if a.endpoint is None:
+                a.endpoint_at = self.clock()
+            a.endpoint, a.direct, a.name, a.held = target, isinstance(ev, UseDirect), name, True
+            return
         try:
             await self.backend.set_endpoint(peer, target, KEEPALIVE_SECONDS if initiate else None)
         except WgError as e:
@@ -176,3 +200,14 @@ class WgEndpoints:
         a.direct = isinstance(ev, UseDirect)
         a.name = name
         a.keepalive_on = a.keepalive_on or initiate
+
+    async def _release(self, peer: str, a: _Applied) -> None:
+        """The first handshake happened (or the lower key is late): give WireGuard the endpoint decided
+        meanwhile, with keepalive."""
+        assert a.endpoint is not None
+        try:
+            await self.backend.set_endpoint(peer, a.endpoint, KEEPALIVE_SECONDS)
+        except WgError as e:
+            log.debug("%s: setting endpoint %s: %s", a.name, format_endpoint(a.endpoint), e)
+            return
+        a.held, a.keepalive_on = False, True
