@@ -289,7 +289,13 @@ class PeerPath:
         """
         if self._seq_until is not None:
             self._end_rounds()
-        self.retry_now(now)
+        if self._direct is None and self._attempt_until is None:
+            self._backoff = self.config.backoff_initial
+            self._start_attempt(now)
+        elif self._direct is None:
+            # an attempt runs already: probe at the agreed moment (the punch holds these until then),
+            # not at its next tick, up to ``probe_interval`` later (issue 15)
+            self._send_probes(self._probe_targets())
         self._synchronise(now if at is None else at)
 
     def calling(self, now: float, at: float) -> None:
@@ -309,7 +315,9 @@ class PeerPath:
     def retry_now(self, now: float) -> None:
         """Our own addresses changed: start an attempt at once (as :meth:`peer_asked`, which the peer
         did not), unless one or a sequenced round runs."""
-        if self._direct is None and self._attempt_until is None and self._seq_until is None:
+        if self._direct is not None or self._seq_until is not None:
+            return
+        if self._attempt_until is None:
             self._backoff = self.config.backoff_initial
             self._start_attempt(now)
 

@@ -133,12 +133,8 @@ class Punch:
             s.held.update(targets)
             return
         if not self._is_direct(peer) and s.need_call and now - s.last_cmm >= CMM_MIN_INTERVAL:
-            s.last_cmm = now
-            s.need_call = False
-            s.hold_until = now + PUNCH_DELAY + s.lag
-            s.my_at = now + PUNCH_DELAY
             s.held.update(targets)
-            self._events.append(Call(peer, s.my_at))
+            self._call(peer, s, now)
             return
         self._events.append(Probe(peer, targets))
 
@@ -167,12 +163,19 @@ class Punch:
         """Our own addresses changed: every peer without a direct path hears them at once, with a moment."""
         self._reask()
 
-    def gathered(self) -> None:
-        """Every STUN server answered or gave up: our candidates are as complete as they will get soon."""
+    def gathered(self, now: float | None = None) -> None:
+        """Every STUN server answered or gave up: our candidates are as complete as they will get soon.
+
+        With ``now``, a peer whose probes were held for this is called at once with a moment to probe,
+        not at its path machine's next probe tick, up to ``probe_interval`` later (issue 15)."""
         if not self._gathered:
             self._gathered = True
             self._gather_deadline = None
             self._reask()
+            if now is not None:
+                for peer, s in self._peers.items():
+                    if s.held and not self._is_direct(peer) and s.hold_until is None:
+                        self._call(peer, s, now)
 
     @property
     def is_gathered(self) -> bool:
@@ -188,7 +191,7 @@ class Punch:
 
     def handle_timer(self, now: float) -> None:
         if self._gather_deadline is not None and now >= self._gather_deadline:
-            self.gathered()  # STUN is slow or absent: go with what we have
+            self.gathered(now)  # STUN is slow or absent: go with what we have
         for peer, s in self._peers.items():
             if s.hold_until is not None and now >= s.hold_until:
                 s.hold_until = None
@@ -202,6 +205,14 @@ class Punch:
         return self._events.popleft() if self._events else None
 
     # --- internals -------------------------------------------------------------------------------------
+
+    def _call(self, peer: str, s: _State, now: float) -> None:
+        """Hold the probes and ask the peer to probe with us ``PUNCH_DELAY`` from now."""
+        s.last_cmm = now
+        s.need_call = False
+        s.hold_until = now + PUNCH_DELAY + s.lag
+        s.my_at = now + PUNCH_DELAY
+        self._events.append(Call(peer, s.my_at))
 
     def _reask(self) -> None:
         for peer, s in self._peers.items():

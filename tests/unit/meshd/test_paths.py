@@ -406,7 +406,19 @@ def test_call_me_maybe_starts_an_attempt_at_once_deep_in_backoff() -> None:
     assert lab.path.status.endpoint == PUB
 
 
-def test_call_me_maybe_during_an_attempt_or_on_direct_sends_nothing_extra() -> None:
+def test_call_me_maybe_during_an_attempt_probes_every_candidate_at_once() -> None:
+    """Issue 15: not at the attempt's next tick (up to probe_interval later); the punch (meshd.nat.punch)
+    holds these probes until the moment agreed with the peer."""
+    lab = make({}, [Candidate(PUB, CandidateKind.PUBLIC), Candidate(LAN, CandidateKind.LAN)])
+    lab.run(0.2)  # the attempt's first probes went out at 0.0, the next tick is at 0.5
+    before = len(lab.probes)
+    lab.path.peer_asked(0.2, at=0.45)
+    lab.drain()
+    assert sorted(e for _, e in lab.probes[before:]) == sorted([PUB, LAN])
+    assert all(t == 0.2 for t, _ in lab.probes[before:])
+
+
+def test_call_me_maybe_on_direct_sends_nothing_extra() -> None:
     lab = make({PUB: Route(rtt=0.01)}, [Candidate(PUB, CandidateKind.PUBLIC)])
     lab.run(0.5)
     assert lab.path.status.path is PathKind.DIRECT

@@ -179,8 +179,27 @@ def test_without_stun_answers_probing_starts_after_the_gather_timeout() -> None:
     clock = Clock(punch, now=10.0)
     punch.probe("p", [A], now=10.0)
     assert punch.next_timer() == 10.0 + GATHER_TIMEOUT
-    assert clock.run_until(10.0 + GATHER_TIMEOUT) == [Restart("p")]
+    # the probes held for gathering: the peer is called at once, not at the path machine's next tick
+    assert clock.run_until(10.0 + GATHER_TIMEOUT) == [Restart("p"), Call("p", 12.0 + PUNCH_DELAY)]
     assert punch.is_gathered
+    assert clock.run_until(13.0) == [Probe("p", (A,))]
+    assert clock.events[-1][0] == approx(12.0 + PUNCH_DELAY)
+
+
+def test_probes_held_for_stun_answers_are_called_for_the_moment_the_answers_arrive() -> None:
+    """Issue 15: gathering ends, the peer hears a moment at once; held probes leave PUNCH_DELAY later."""
+    punch = Punch(lambda peer: False)
+    punch.add("p")
+    punch.add("q")
+    punch.start(0.0)
+    clock = Clock(punch)
+    punch.probe("p", [A, B], now=0.1)
+    assert clock.drain() == []
+    clock.run_until(0.4)
+    punch.gathered(0.4)  # the STUN answer arrived
+    assert clock.drain() == [Restart("p"), Restart("q"), Call("p", 0.4 + PUNCH_DELAY)], "q held nothing"
+    assert clock.run_until(1.0) == [Probe("p", (A, B))]
+    assert clock.events[-1][0] == approx(0.4 + PUNCH_DELAY)
 
 
 def test_our_new_addresses_reach_every_peer_without_a_direct_path_with_a_fresh_call() -> None:
