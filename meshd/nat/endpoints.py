@@ -19,6 +19,13 @@ initiation it makes then cannot leave, the lower key's initiation arrives, WireG
 address it came from (it roams there), and the packets that triggered its own attempt go out once the
 lower key confirms the session. Only then does it get the endpoint decided meanwhile (``held``).
 
+Should a first handshake still cross (the higher key's fallback meeting a late initiation of the lower
+key) or the lower key's first initiation be lost (the peer did not know us yet), the lower key does not
+wait for WireGuard's 5 s retry: with no handshake ``RESTART_AFTER`` seconds after its keepalive went on,
+it removes the peer and adds it back (``restart_handshake``), which initiates again at once (at most
+``MAX_RESTARTS`` times). The higher key falls back only while nothing at all came from the peer (a
+received initiation means the lower key is at work: initiating now would be the crossing).
+
 WireGuard roams: any authenticated packet from a new address becomes the peer's endpoint. While the two
 sides switch to a direct path one after the other, a packet the peer still sent through the relay
 arrives from our local relay proxy and points WireGuard back at it; if the peer did the same with ours,
@@ -45,6 +52,8 @@ from meshd.wg.errors import WgError
 log = logging.getLogger("meshd.nat")
 
 KEEPALIVE_FALLBACK = 1.0  #: the higher-key side turns keepalive on after this long without a handshake
+RESTART_AFTER = 1.0  #: the lower key initiates afresh after this long without a first handshake
+MAX_RESTARTS = 2  #: ... at most this often per peer (then WireGuard's own retries carry on)
 
 
 @dataclass
@@ -55,6 +64,8 @@ class _Applied:
     name: str = ""  #: the peer's name, for the log
     keepalive_on: bool = False  #: persistent keepalive enabled on this peer
     held: bool = False  #: ``endpoint`` is decided but not given to WireGuard yet (higher key, no handshake)
+    kept_at: float | None = None  #: when keepalive went on (or the handshake was last restarted)
+    restarts: int = 0  #: first handshakes restarted (lower key, module docstring)
 
 
 class WgEndpoints:
@@ -150,10 +161,9 @@ class WgEndpoints:
             if a is None or a.endpoint is None:
                 continue
             if a.held:
-                if lh is not None or (
-                    a.endpoint_at is not None and mono - a.endpoint_at >= KEEPALIVE_FALLBACK
-                ):
-                    await self._release(ps.public_key, a)
+                late = a.endpoint_at is not None and mono - a.endpoint_at >= KEEPALIVE_FALLBACK
+                if lh is not None or (late and ps.rx_bytes == 0):
+                    await self._release(ps.public_key, a, mono)
                 continue
             if (
                 ps.endpoint != a.endpoint
@@ -168,12 +178,14 @@ class WgEndpoints:
                 with contextlib.suppress(WgError):
                     await self.backend.set_endpoint(ps.public_key, a.endpoint)
             if a.keepalive_on:
+                if lh is None and self._restart_due(ps.public_key, a, mono):
+                    await self._restart(ps.public_key, a, mono)
                 continue
             late = a.endpoint_at is not None and mono - a.endpoint_at >= KEEPALIVE_FALLBACK
             if lh is not None or late:
                 with contextlib.suppress(WgError):
                     await self.backend.set_endpoint(ps.public_key, a.endpoint, KEEPALIVE_SECONDS)
-                    a.keepalive_on = True
+                    a.keepalive_on, a.kept_at = True, mono
         return out
 
     async def _apply(self, peer: str, name: str, ev: UseDirect | UseRelay) -> None:
@@ -199,9 +211,32 @@ class WgEndpoints:
         a.endpoint = target
         a.direct = isinstance(ev, UseDirect)
         a.name = name
+        if initiate and not a.keepalive_on:
+            a.kept_at = self.clock()
         a.keepalive_on = a.keepalive_on or initiate
 
-    async def _release(self, peer: str, a: _Applied) -> None:
+    def _restart_due(self, peer: str, a: _Applied, now: float) -> bool:
+        return (
+            self.own_key() < peer
+            and a.kept_at is not None
+            and a.restarts < MAX_RESTARTS
+            and now - a.kept_at >= RESTART_AFTER
+        )
+
+    async def _restart(self, peer: str, a: _Applied, now: float) -> None:
+        """No first handshake yet (crossed, or our initiation was lost): initiate afresh, now."""
+        a.restarts += 1
+        a.kept_at = now
+        try:
+            await self.backend.restart_handshake(peer)
+        except WgError as e:
+            log.debug("%s: restarting the handshake: %s", a.name, e)
+            return
+        log.info(
+            "%s: no WireGuard handshake %.1f s after starting one: initiating again", a.name, RESTART_AFTER
+        )
+
+    async def _release(self, peer: str, a: _Applied, now: float) -> None:
         """The first handshake happened (or the lower key is late): give WireGuard the endpoint decided
         meanwhile, with keepalive."""
         assert a.endpoint is not None
@@ -210,4 +245,4 @@ class WgEndpoints:
         except WgError as e:
             log.debug("%s: setting endpoint %s: %s", a.name, format_endpoint(a.endpoint), e)
             return
-        a.held, a.keepalive_on = False, True
+        a.held, a.keepalive_on, a.kept_at = False, True, now

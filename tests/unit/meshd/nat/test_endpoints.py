@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import cast
 
-from meshd.nat.endpoints import KEEPALIVE_FALLBACK, WgEndpoints
+from meshd.nat.endpoints import KEEPALIVE_FALLBACK, MAX_RESTARTS, RESTART_AFTER, WgEndpoints
 from meshd.paths import UseDirect, UseRelay
 from meshd.peerset import KEEPALIVE_SECONDS
 from meshd.proto.endpoint import Endpoint
@@ -26,12 +26,14 @@ class RoamingBackend:
         self.sets: list[Endpoint] = []
         self.keepalive: int | None = None
         self.last_handshake: float | None = 1000.0
+        self.rx_bytes = 0
+        self.restarts = 0
 
     def roam(self, src: Endpoint) -> None:
         self.endpoint = src
 
     async def state(self) -> InterfaceState:
-        peer = PeerState(PEER, self.endpoint, ("100.64.0.2/32",), self.last_handshake, 0, 0, 25)
+        peer = PeerState(PEER, self.endpoint, ("100.64.0.2/32",), self.last_handshake, self.rx_bytes, 0, 25)
         return InterfaceState("mesh0", None, 41641, 0, (peer,))
 
     async def set_endpoint(
@@ -42,6 +44,10 @@ class RoamingBackend:
         self.sets.append(endpoint)
         if persistent_keepalive is not None:
             self.keepalive = persistent_keepalive
+
+    async def restart_handshake(self, public_key: str) -> None:
+        assert public_key == PEER
+        self.restarts += 1
 
 
 async def _applied(wg: WgEndpoints) -> None:
@@ -144,3 +150,45 @@ async def test_the_higher_key_starts_itself_when_the_lower_key_stays_silent() ->
     clock[0] += 0.02
     await wg.handshakes()
     assert backend.sets == [PROXY] and backend.keepalive == KEEPALIVE_SECONDS
+
+
+async def test_the_higher_key_does_not_fall_back_while_the_lower_keys_initiation_is_being_answered() -> None:
+    backend = RoamingBackend()
+    backend.last_handshake = None
+    clock = [2000.0]
+    wg = _endpoints(backend, own_key="wg-z", clock=clock)
+    wg.decide(PEER, "b", UseRelay(PEER, "start"))
+    await _applied(wg)
+    backend.rx_bytes = 148  # the lower key's initiation arrived (answered, not yet confirmed)
+    clock[0] += KEEPALIVE_FALLBACK + 0.5
+    await wg.handshakes()
+    assert backend.sets == [], "initiating now would cross the lower key's handshake"
+
+
+async def test_the_lower_key_initiates_again_when_no_first_handshake_follows() -> None:
+    """A crossed or lost first initiation: initiate afresh after RESTART_AFTER, not WireGuard's 5 s."""
+    backend = RoamingBackend()
+    backend.last_handshake = None
+    clock = [2000.0]
+    wg = _endpoints(backend, own_key="wg-a", clock=clock)
+    wg.decide(PEER, "b", UseRelay(PEER, "start"))
+    await _applied(wg)
+    clock[0] += RESTART_AFTER - 0.01
+    await wg.handshakes()
+    assert backend.restarts == 0
+    for _ in range(MAX_RESTARTS + 2):
+        clock[0] += RESTART_AFTER
+        await wg.handshakes()
+    assert backend.restarts == MAX_RESTARTS, "bounded: then WireGuard's own retries carry on"
+
+
+async def test_no_restart_once_the_first_handshake_happened() -> None:
+    backend = RoamingBackend()
+    clock = [2000.0]
+    wg = _endpoints(backend, own_key="wg-a", clock=clock)
+    wg.decide(PEER, "b", UseRelay(PEER, "start"))
+    await _applied(wg)
+    backend.last_handshake = 2000.1
+    clock[0] += 3 * RESTART_AFTER
+    await wg.handshakes()
+    assert backend.restarts == 0
