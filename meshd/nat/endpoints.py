@@ -9,7 +9,7 @@ Turning keepalive on makes WireGuard start a handshake at once. If both sides di
 moment the two initiations would cross, both would end as responders (which may not send data first)
 and WireGuard would only retry after REKEY_TIMEOUT (5 s). So only the side with the lower WireGuard key
 starts; the other turns keepalive on once a handshake happened (or after ``KEEPALIVE_FALLBACK``
-seconds without one).
+seconds without one and nothing received from the peer).
 
 Keepalive is not the only trigger: any packet to the peer (the user's first ping) makes WireGuard send an
 initiation too, and wireguard-go keeps only the last handshake state, so an initiation of the higher key
@@ -51,7 +51,10 @@ from meshd.wg.errors import WgError
 
 log = logging.getLogger("meshd.nat")
 
-KEEPALIVE_FALLBACK = 1.0  #: the higher-key side turns keepalive on after this long without a handshake
+#: the higher-key side turns keepalive on after this long without a handshake (not sooner: on a busy
+#: machine the lower key's first initiation may take over a second, and meeting it would be the crossing;
+#: a lost one the lower key sends again after RESTART_AFTER)
+KEEPALIVE_FALLBACK = 3.0
 RESTART_AFTER = 1.0  #: the lower key initiates afresh after this long without a first handshake
 MAX_RESTARTS = 2  #: ... at most this often per peer (then WireGuard's own retries carry on)
 
@@ -163,6 +166,8 @@ class WgEndpoints:
             if a.held:
                 late = a.endpoint_at is not None and mono - a.endpoint_at >= KEEPALIVE_FALLBACK
                 if lh is not None or (late and ps.rx_bytes == 0):
+                    if lh is None:
+                        log.info("%s: no WireGuard handshake from the peer yet: starting one", a.name)
                     await self._release(ps.public_key, a, mono)
                 continue
             if (
