@@ -148,6 +148,7 @@ class TraversalCore:
                 continue
             p.info = info
             if info.candidates != p.candidates:
+                log.debug("%s: candidates from the map: %d", info.name, len(info.candidates))
                 p.candidates = info.candidates
                 self._punch.peer_candidates_changed(key)
                 p.path.set_candidates(self._gather.classify(info.candidates), now)
@@ -165,6 +166,7 @@ class TraversalCore:
         if key is None:
             return
         p = self._peers[key]
+        log.debug("%s: call-me-maybe received (%d candidates)", p.info.name, len(cmm.candidates))
         if cmm.candidates and set(cmm.candidates) != set(p.candidates):
             p.candidates = cmm.candidates
             p.path.set_candidates(self._gather.classify(cmm.candidates), now)
