@@ -222,6 +222,7 @@ class PeerPath:
         self._seq_round = 0  #: sequenced rounds run since the last fresh start
         self._attempt_synced = False  #: a call-me-maybe went either way during this attempt: both probed
         self._attempt_immediate = False  #: this attempt's probes need no call-me-maybe (module docstring)
+        self._echoed: set[Endpoint] = set()  #: probed at once this attempt because the peer's probe came
         self._attempt_anchor: float | None = None  #: the moment agreed with the peer for this attempt
         self._seq_keep = False
         self._seq_until: float | None = None  #: the current round ends (keeper) or probes (quiet side)
@@ -259,11 +260,18 @@ class PeerPath:
     def probe_received(self, src: Endpoint, now: float) -> None:
         """The peer's probe arrived from ``src``: its NAT is open to us, so without a direct path probe
         back at once (ending a sequenced round); a new ``src`` becomes a candidate (peer-reflexive)."""
+        known = src in self._candidates
         self._learn(src, now)
         if self._direct is None and self._attempt_until is None:
             self._end_rounds()
             self._backoff = self.config.backoff_initial
             self._start_attempt(now, immediate=True)
+        elif self._direct is None and known and src not in self._echoed:
+            # an attempt runs, but our probe to src may have hit the peer's NAT before the peer's own
+            # probe opened it (the two cannot cross on fast links): answer it now, not at the next tick
+            # (up to probe_interval later; issue 15). Once per address per attempt: no probe ping-pong.
+            self._echoed.add(src)
+            self._send_probes((src,), immediate=True)
 
     def handshake(self, last_handshake: float | None, now: float) -> None:
         """WireGuard's last handshake with this peer, converted by the caller to the clock of ``now``.
@@ -419,6 +427,7 @@ class PeerPath:
 
     def _start_attempt(self, now: float, *, immediate: bool = False) -> None:
         self._next_attempt = None
+        self._echoed.clear()
         self._attempt_synced = False
         self._attempt_immediate = immediate
         self._attempt_anchor = None

@@ -543,3 +543,17 @@ def test_the_quiet_side_first_makes_its_router_forget_every_stale_flow_then_prob
     lab.run(end + 1.01)
     later = [e for t, e in lab.log if t > end and isinstance(e, SendProbes)]
     assert later and all(e.immediate for e in later), "no call-me-maybe: the keeper must not probe back"
+
+
+def test_a_probe_from_the_peer_during_an_attempt_is_answered_with_a_probe_at_once_and_only_once() -> None:
+    """Issue 15: our first probe may have hit the peer's NAT before the peer's own probe opened it; its
+    probe arriving says the NAT is open now: probe back at once, not at the next tick (0.5 s later)."""
+    lab = make({}, [Candidate(PUB, CandidateKind.PUBLIC)])
+    lab.run(0.1)  # the attempt's first probe went out at 0.0 and was lost
+    assert [t for t, _ in lab.probes] == [0.0]
+    lab.routes[PUB] = Route(rtt=0.01)
+    lab.path.probe_received(PUB, 0.1)
+    lab.path.probe_received(PUB, 0.12)  # once per address per attempt: no probe ping-pong
+    lab.run(0.2)
+    assert lab.probes == [(0.0, PUB), (0.1, PUB)]
+    assert lab.path.status.path is PathKind.DIRECT and lab.decisions()[-1][0] == approx(0.11)
