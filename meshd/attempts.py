@@ -50,6 +50,7 @@ class Attempts:
         self.synced = False  #: a call-me-maybe went either way during this attempt: both probed
         self.immediate = False  #: this attempt's probes need no call-me-maybe
         self.anchor: float | None = None  #: the moment agreed with the peer for this attempt
+        self.echoed: set[Endpoint] = set()  #: probed at once this attempt because the peer's probe came
         self.round = 0  #: sequenced rounds run since the last fresh start
         self.keep = False  #: we keep (rather than wait quietly) in the current round
         self.round_until: float | None = None  #: the current round ends (keeper) or probes (quiet side)
@@ -75,6 +76,7 @@ class Attempts:
     def start(self, now: float, *, immediate: bool = False) -> None:
         """Start an attempt: its first probes now (``immediate``: without a call-me-maybe)."""
         self.next_attempt = None
+        self.echoed.clear()
         self.synced = False
         self.immediate = immediate
         self.anchor = None

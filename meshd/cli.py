@@ -21,6 +21,7 @@ from meshd import status as st
 from meshd.clikit import fail, options, run
 from meshd.completion import peer_names
 from meshd.logfmt import setup_logging
+from meshd.startup import skip_unused_imports
 from meshd.state import DEFAULT_STATE_DIR, StateDir
 
 app = typer.Typer(
@@ -152,6 +153,7 @@ def up(
     except ValueError as e:
         fail(f"--peer-relay-ports: {e}")
     setup_logging(log_level.upper())
+    skip_unused_imports()
     from meshd.daemon import Daemon, DaemonError, Options  # after the checks: a bad flag needs no daemon
 
     opts = Options(

@@ -198,11 +198,18 @@ class PeerPath:
     def probe_received(self, src: Endpoint, now: float) -> None:
         """The peer's probe arrived from ``src``: its NAT is open to us, so without a direct path probe
         back at once (ending a sequenced round); a new ``src`` becomes a candidate (peer-reflexive)."""
+        known = src in self._candidates
         self._learn(src, now)
         if self._direct is None and not self._attempts.running:
             self._attempts.end_rounds()
             self._attempts.fresh()
             self._attempts.start(now, immediate=True)
+        elif self._direct is None and known and src not in self._attempts.echoed:
+            # an attempt runs, but our probe to src may have hit the peer's NAT before the peer's own
+            # probe opened it (the two cannot cross on fast links): answer it now, not at the next tick
+            # (up to probe_interval later; issue 15). Once per address per attempt: no probe ping-pong.
+            self._attempts.echoed.add(src)
+            self._send_probes((src,), immediate=True)
 
     def handshake(self, last_handshake: float | None, now: float) -> None:
         """WireGuard's last handshake with this peer, converted by the caller to the clock of ``now``.
@@ -228,7 +235,13 @@ class PeerPath:
         """
         if self._attempts.in_round:
             self._attempts.end_rounds()
-        self.retry_now(now)
+        if self._direct is None and not self._attempts.running:
+            self._attempts.fresh()
+            self._attempts.start(now)
+        elif self._direct is None:
+            # an attempt runs already: probe at the agreed moment (the punch holds these until then),
+            # not at its next tick, up to ``probe_interval`` later (issue 15)
+            self._send_probes(self._probe_targets())
         self._attempts.synchronise(now if at is None else at)
 
     def calling(self, now: float, at: float) -> None:

@@ -125,7 +125,7 @@ class TraversalCore:
 
     def set_stun_servers(self, servers: Iterable[Endpoint], now: float) -> None:
         if self._gather.set_servers(servers, now) and not self._gather.servers:
-            self._punch.gathered()  # nobody to ask: our candidates are what they are
+            self._punch.gathered(now)  # nobody to ask: our candidates are what they are
         self._drain(now)
 
     def set_portmap(self, protocol: str | None, external: Endpoint | None, now: float) -> None:
@@ -148,6 +148,7 @@ class TraversalCore:
                 continue
             p.info = info
             if info.candidates != p.candidates:
+                log.debug("%s: candidates from the map: %d", info.name, len(info.candidates))
                 p.candidates = info.candidates
                 self._punch.peer_candidates_changed(key)
                 p.path.set_candidates(self._gather.classify(info.candidates), now)
@@ -165,6 +166,7 @@ class TraversalCore:
         if key is None:
             return
         p = self._peers[key]
+        log.debug("%s: call-me-maybe received (%d candidates)", p.info.name, len(cmm.candidates))
         if cmm.candidates and set(cmm.candidates) != set(p.candidates):
             p.candidates = cmm.candidates
             p.path.set_candidates(self._gather.classify(cmm.candidates), now)
@@ -248,7 +250,7 @@ class TraversalCore:
     def _stun_results(self, now: float) -> None:
         changed = self._gather.results()
         if self._gather.idle and self._gather.servers:
-            self._punch.gathered()
+            self._punch.gathered(now)
         if changed:
             self._candidates_changed(now)
 
@@ -264,7 +266,12 @@ class TraversalCore:
                         if self._probing and ev.immediate:
                             self._send_probes(p, ev.endpoints, now)
                         elif self._probing:
-                            self._punch.probe(key, ev.endpoints, now, first=ev.first)
+                            # on-link addresses at once: no router to open, so no STUN to wait for nor
+                            # moment to agree (same LAN direct in one round trip, issue 15)
+                            near = [e for e in ev.endpoints if self._gather.on_link(e)]
+                            self._send_probes(p, near, now)
+                            far = [e for e in ev.endpoints if e not in near]
+                            self._punch.probe(key, far, now, first=ev.first)
                     elif isinstance(ev, SendKeepalives):
                         if self._probing:
                             self._send_probes(p, ev.endpoints, now, ttl=KEEPALIVE_TTL)

@@ -9,7 +9,22 @@ Turning keepalive on makes WireGuard start a handshake at once. If both sides di
 moment the two initiations would cross, both would end as responders (which may not send data first)
 and WireGuard would only retry after REKEY_TIMEOUT (5 s). So only the side with the lower WireGuard key
 starts; the other turns keepalive on once a handshake happened (or after ``KEEPALIVE_FALLBACK``
-seconds without one).
+seconds without one and nothing received from the peer).
+
+Keepalive is not the only trigger: any packet to the peer (the user's first ping) makes WireGuard send an
+initiation too, and wireguard-go keeps only the last handshake state, so an initiation of the higher key
+that crosses the lower key's one still leaves both as responders (issue 15: 1 run in 2 lost 2-5 s). So
+the higher key's WireGuard gets *no endpoint at all* until the first handshake (or the fallback): an
+initiation it makes then cannot leave, the lower key's initiation arrives, WireGuard answers it at the
+address it came from (it roams there), and the packets that triggered its own attempt go out once the
+lower key confirms the session. Only then does it get the endpoint decided meanwhile (``held``).
+
+Should a first handshake still cross (the higher key's fallback meeting a late initiation of the lower
+key) or the lower key's first initiation be lost (the peer did not know us yet), the lower key does not
+wait for WireGuard's 5 s retry: with no handshake ``RESTART_AFTER`` seconds after its keepalive went on,
+it removes the peer and adds it back (``restart_handshake``), which initiates again at once (at most
+``MAX_RESTARTS`` times). The higher key falls back only while nothing at all came from the peer (a
+received initiation means the lower key is at work: initiating now would be the crossing).
 
 WireGuard roams: any authenticated packet from a new address becomes the peer's endpoint. While the two
 sides switch to a direct path one after the other, a packet the peer still sent through the relay
@@ -36,7 +51,12 @@ from meshd.wg.errors import WgError
 
 log = logging.getLogger("meshd.nat")
 
-KEEPALIVE_FALLBACK = 1.0  #: the higher-key side turns keepalive on after this long without a handshake
+#: the higher-key side turns keepalive on after this long without a handshake (not sooner: on a busy
+#: machine the lower key's first initiation may take over a second, and meeting it would be the crossing;
+#: a lost one the lower key sends again after RESTART_AFTER)
+KEEPALIVE_FALLBACK = 3.0
+RESTART_AFTER = 1.0  #: the lower key initiates afresh after this long without a first handshake
+MAX_RESTARTS = 2  #: ... at most this often per peer (then WireGuard's own retries carry on)
 
 
 @dataclass
@@ -46,6 +66,9 @@ class _Applied:
     direct: bool = False  #: ``endpoint`` is a direct path (not the relay proxy)
     name: str = ""  #: the peer's name, for the log
     keepalive_on: bool = False  #: persistent keepalive enabled on this peer
+    held: bool = False  #: ``endpoint`` is decided but not given to WireGuard yet (higher key, no handshake)
+    kept_at: float | None = None  #: when keepalive went on (or the handshake was last restarted)
+    restarts: int = 0  #: first handshakes restarted (lower key, module docstring)
 
 
 class WgEndpoints:
@@ -114,6 +137,9 @@ class WgEndpoints:
         target = self.relay_endpoint(peer)
         if target is None or target == a.endpoint:
             return
+        if a.held:  # WireGuard gets it with the first handshake
+            a.endpoint = target
+            return
         try:
             await self.backend.set_endpoint(peer, target, KEEPALIVE_SECONDS if a.keepalive_on else None)
         except WgError as e:
@@ -137,6 +163,13 @@ class WgEndpoints:
             a = self._applied.get(ps.public_key)
             if a is None or a.endpoint is None:
                 continue
+            if a.held:
+                late = a.endpoint_at is not None and mono - a.endpoint_at >= KEEPALIVE_FALLBACK
+                if lh is not None or (late and ps.rx_bytes == 0):
+                    if lh is None:
+                        log.info("%s: no WireGuard handshake from the peer yet: starting one", a.name)
+                    await self._release(ps.public_key, a, mono)
+                continue
             if (
                 ps.endpoint != a.endpoint
                 and self.is_relay(ps.public_key, ps.endpoint)
@@ -150,12 +183,14 @@ class WgEndpoints:
                 with contextlib.suppress(WgError):
                     await self.backend.set_endpoint(ps.public_key, a.endpoint)
             if a.keepalive_on:
+                if lh is None and self._restart_due(ps.public_key, a, mono):
+                    await self._restart(ps.public_key, a, mono)
                 continue
             late = a.endpoint_at is not None and mono - a.endpoint_at >= KEEPALIVE_FALLBACK
             if lh is not None or late:
                 with contextlib.suppress(WgError):
                     await self.backend.set_endpoint(ps.public_key, a.endpoint, KEEPALIVE_SECONDS)
-                    a.keepalive_on = True
+                    a.keepalive_on, a.kept_at = True, mono
         return out
 
     async def _apply(self, peer: str, name: str, ev: UseDirect | UseRelay) -> None:
@@ -165,6 +200,12 @@ class WgEndpoints:
             return
         a = self._applied.setdefault(peer, _Applied())
         initiate = a.keepalive_on or self.own_key() < peer
+        if not initiate and (a.held or a.endpoint is None):
+            # higher key, no handshake yet: no endpoint for WireGuard (module docstring)
+            if a.endpoint is None:
+                a.endpoint_at = self.clock()
+            a.endpoint, a.direct, a.name, a.held = target, isinstance(ev, UseDirect), name, True
+            return
         try:
             await self.backend.set_endpoint(peer, target, KEEPALIVE_SECONDS if initiate else None)
         except WgError as e:
@@ -175,4 +216,38 @@ class WgEndpoints:
         a.endpoint = target
         a.direct = isinstance(ev, UseDirect)
         a.name = name
+        if initiate and not a.keepalive_on:
+            a.kept_at = self.clock()
         a.keepalive_on = a.keepalive_on or initiate
+
+    def _restart_due(self, peer: str, a: _Applied, now: float) -> bool:
+        return (
+            self.own_key() < peer
+            and a.kept_at is not None
+            and a.restarts < MAX_RESTARTS
+            and now - a.kept_at >= RESTART_AFTER
+        )
+
+    async def _restart(self, peer: str, a: _Applied, now: float) -> None:
+        """No first handshake yet (crossed, or our initiation was lost): initiate afresh, now."""
+        a.restarts += 1
+        a.kept_at = now
+        try:
+            await self.backend.restart_handshake(peer)
+        except WgError as e:
+            log.debug("%s: restarting the handshake: %s", a.name, e)
+            return
+        log.info(
+            "%s: no WireGuard handshake %.1f s after starting one: initiating again", a.name, RESTART_AFTER
+        )
+
+    async def _release(self, peer: str, a: _Applied, now: float) -> None:
+        """The first handshake happened (or the lower key is late): give WireGuard the endpoint decided
+        meanwhile, with keepalive."""
+        assert a.endpoint is not None
+        try:
+            await self.backend.set_endpoint(peer, a.endpoint, KEEPALIVE_SECONDS)
+        except WgError as e:
+            log.debug("%s: setting endpoint %s: %s", a.name, format_endpoint(a.endpoint), e)
+            return
+        a.held, a.keepalive_on, a.kept_at = False, True, now

@@ -171,6 +171,14 @@ class Gatherer:
         out += (m for m in self.reflexive6.values() if ipv6_scope(m[0]) is not None)
         return list(dict.fromkeys(out))
 
+    def on_link(self, addr: Endpoint) -> bool:
+        """``addr`` is on one of our own IPv4 networks: a probe to it never passes a router (issue 15)."""
+        try:
+            ip = ipaddress.ip_address(addr[0])
+        except ValueError:
+            return False
+        return ip.version == 4 and any(ip in n for n in self._networks if n.version == 4)
+
     def classify(self, cands: Iterable[Endpoint]) -> list[Candidate]:
         """A peer's candidates: LAN when on one of our networks, public otherwise. IPv6 addresses that
         can never be a path are dropped, and so is a unique local address off our segments."""

@@ -89,6 +89,7 @@ class _State:
     held: set[Endpoint] = field(default_factory=set)
     lag: float = 0.0  #: FOLLOW_LAG for the follower, 0 for the leader
     need_call: bool = True  #: no call-me-maybe went either way for the current attempt yet
+    told: bool = False  #: we sent the peer a call-me-maybe (our candidates) since our STUN answers came
 
 
 class Punch:
@@ -133,12 +134,8 @@ class Punch:
             s.held.update(targets)
             return
         if not self._is_direct(peer) and s.need_call and now - s.last_cmm >= CMM_MIN_INTERVAL:
-            s.last_cmm = now
-            s.need_call = False
-            s.hold_until = now + PUNCH_DELAY + s.lag
-            s.my_at = now + PUNCH_DELAY
             s.held.update(targets)
-            self._events.append(Call(peer, s.my_at))
+            self._call(peer, s, now)
             return
         self._events.append(Probe(peer, targets))
 
@@ -153,9 +150,14 @@ class Punch:
             moment = max(moment, s.my_at)
         agreed = now + min(max(0.0, moment - now), MAX_PUNCH_WAIT)
         s.hold_until = agreed + s.lag
-        s.last_cmm = now  # the peer is already asking: no call-me-maybe back
+        s.last_cmm = now  # the peer is already asking: no call-me-maybe back ...
         s.need_call = False
         self._events.append(Restart(peer, by_peer=True, at=agreed))
+        if self._gathered and not s.told:
+            # ... except once, when the peer may not know our addresses yet (the map brings them up to
+            # 0.4 s later): the agreed moment itself, which moves nothing on either side (issue 15)
+            s.told = True
+            self._events.append(Call(peer, agreed))
 
     def peer_candidates_changed(self, peer: str) -> None:
         """New addresses for the peer: agree on a new moment with it before probing them."""
@@ -167,12 +169,26 @@ class Punch:
         """Our own addresses changed: every peer without a direct path hears them at once, with a moment."""
         self._reask()
 
-    def gathered(self) -> None:
-        """Every STUN server answered or gave up: our candidates are as complete as they will get soon."""
+    def gathered(self, now: float | None = None) -> None:
+        """Every STUN server answered or gave up: our candidates are as complete as they will get soon.
+
+        With ``now``, a peer whose probes were held for this is called at once with a moment to probe,
+        not at its path machine's next probe tick, up to ``probe_interval`` later (issue 15)."""
         if not self._gathered:
             self._gathered = True
             self._gather_deadline = None
             self._reask()
+            if now is not None:
+                for peer, s in self._peers.items():
+                    if self._is_direct(peer) or s.told:
+                        continue
+                    if s.hold_until is None:
+                        # probes held for this, or none yet: the peer hears our addresses and a moment
+                        # now (it may not know our public address for another 0.4 s, issue 15)
+                        self._call(peer, s, now)
+                    else:  # the peer called first, before our STUN answers: tell it, same moment
+                        s.told = True
+                        self._events.append(Call(peer, s.hold_until - s.lag))
 
     @property
     def is_gathered(self) -> bool:
@@ -188,7 +204,7 @@ class Punch:
 
     def handle_timer(self, now: float) -> None:
         if self._gather_deadline is not None and now >= self._gather_deadline:
-            self.gathered()  # STUN is slow or absent: go with what we have
+            self.gathered(now)  # STUN is slow or absent: go with what we have
         for peer, s in self._peers.items():
             if s.hold_until is not None and now >= s.hold_until:
                 s.hold_until = None
@@ -202,6 +218,15 @@ class Punch:
         return self._events.popleft() if self._events else None
 
     # --- internals -------------------------------------------------------------------------------------
+
+    def _call(self, peer: str, s: _State, now: float) -> None:
+        """Hold the probes and ask the peer to probe with us ``PUNCH_DELAY`` from now."""
+        s.last_cmm = now
+        s.need_call = False
+        s.told = True
+        s.hold_until = now + PUNCH_DELAY + s.lag
+        s.my_at = now + PUNCH_DELAY
+        self._events.append(Call(peer, s.my_at))
 
     def _reask(self) -> None:
         for peer, s in self._peers.items():

@@ -21,10 +21,10 @@ from typing import Protocol, runtime_checkable
 
 from meshd.proto.endpoint import Endpoint
 from meshd.wg import link
-from meshd.wg.diff import DeviceOp, UpdatePeer, desired_routes, plan_device
+from meshd.wg.diff import AddPeer, DeviceOp, RemovePeer, UpdatePeer, desired_routes, plan_device
 from meshd.wg.errors import WgConfigError
 from meshd.wg.keys import canonical_key
-from meshd.wg.model import InterfaceConfig, InterfaceState, canonical_endpoint
+from meshd.wg.model import InterfaceConfig, InterfaceState, PeerConfig, canonical_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,14 @@ class WireGuardBackend(Protocol):
         send at once, so a session is set up right away on the new path. (A peer added without an
         endpoint must not have keepalive on: WireGuard would try a handshake it cannot send and then wait
         REKEY_TIMEOUT, 5 s, before trying again.)
+        """
+        ...
+
+    async def restart_handshake(self, public_key: str) -> None:
+        """Remove one peer and add it back as it is (allowed IPs, endpoint, keepalive, preshared key).
+
+        The new peer has no handshake state, so with keepalive on WireGuard initiates at once instead of
+        after REKEY_TIMEOUT (5 s): the way out of a crossed first handshake (meshd.nat.endpoints).
         """
         ...
 
@@ -141,3 +149,13 @@ class ReconcilingBackend(abc.ABC):
         await self._write(
             [UpdatePeer(key, endpoint=canonical_endpoint(endpoint), persistent_keepalive=keepalive)]
         )
+
+    async def restart_handshake(self, public_key: str) -> None:
+        key = canonical_key(public_key, "peer public key")
+        have = (await self._read()).peer(key)
+        if have is None:
+            raise WgConfigError(f"peer {key} is not configured on {self._name}")
+        again = PeerConfig(
+            key, have.allowed_ips, have.endpoint, have.persistent_keepalive, have.preshared_key
+        )
+        await self._write([RemovePeer(key), AddPeer(again)])

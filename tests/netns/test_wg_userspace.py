@@ -19,6 +19,7 @@ import select
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,10 @@ async def _driver(ifname: str, kind: str, sock: socket.socket) -> None:
             elif op == "set_endpoint":
                 assert backend is not None
                 await backend.set_endpoint(req["public_key"], tuple(req["endpoint"]))  # type: ignore[arg-type]
+                result = None
+            elif op == "restart_handshake":
+                assert backend is not None
+                await backend.restart_handshake(req["public_key"])
                 result = None
             elif op == "listen_port":
                 assert backend is not None
@@ -448,6 +453,27 @@ def test_set_endpoint_switches_only_the_endpoint(lab: Lab) -> None:
     a.call("set_endpoint", public_key=b.public_key, endpoint=["192.168.77.2", pb])
     assert a.ping(b.overlay4, within=5.0)
     r = a.try_call("set_endpoint", public_key=public_key(generate_private_key()), endpoint=["10.0.0.1", 1])
+    assert not r["ok"] and "is not configured" in r["error"]
+
+
+def test_restart_handshake_keeps_the_peer_and_handshakes_again_at_once(lab: Lab) -> None:
+    """The way out of a crossed first handshake (meshd/nat/endpoints.py): the peer is removed and added
+    back as it was, and with keepalive on WireGuard initiates at once (not after REKEY_TIMEOUT, 5 s)."""
+    a, b = lab.pair()
+    connect(a, b, keepalive=7)
+    before = _peer(a.call("state"), b.public_key)
+    t0 = time.time()
+    a.call("restart_handshake", public_key=b.public_key)
+    again = _peer(a.call("state"), b.public_key)
+    for field in ("endpoint", "persistent_keepalive", "allowed_ips", "preshared_key"):
+        assert again[field] == before[field], field
+    eventually(
+        lambda: (_peer(a.call("state"), b.public_key)["last_handshake"] or 0) >= int(t0),
+        within=2.0,
+        what="a fresh handshake within 2 s",
+    )
+    assert a.ping(b.overlay4, within=2.0)
+    r = a.try_call("restart_handshake", public_key=public_key(generate_private_key()))
     assert not r["ok"] and "is not configured" in r["error"]
 
 

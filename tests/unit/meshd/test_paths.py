@@ -406,7 +406,19 @@ def test_call_me_maybe_starts_an_attempt_at_once_deep_in_backoff() -> None:
     assert lab.path.status.endpoint == PUB
 
 
-def test_call_me_maybe_during_an_attempt_or_on_direct_sends_nothing_extra() -> None:
+def test_call_me_maybe_during_an_attempt_probes_every_candidate_at_once() -> None:
+    """Issue 15: not at the attempt's next tick (up to probe_interval later); the punch (meshd.nat.punch)
+    holds these probes until the moment agreed with the peer."""
+    lab = make({}, [Candidate(PUB, CandidateKind.PUBLIC), Candidate(LAN, CandidateKind.LAN)])
+    lab.run(0.2)  # the attempt's first probes went out at 0.0, the next tick is at 0.5
+    before = len(lab.probes)
+    lab.path.peer_asked(0.2, at=0.45)
+    lab.drain()
+    assert sorted(e for _, e in lab.probes[before:]) == sorted([PUB, LAN])
+    assert all(t == 0.2 for t, _ in lab.probes[before:])
+
+
+def test_call_me_maybe_on_direct_sends_nothing_extra() -> None:
     lab = make({PUB: Route(rtt=0.01)}, [Candidate(PUB, CandidateKind.PUBLIC)])
     lab.run(0.5)
     assert lab.path.status.path is PathKind.DIRECT
@@ -531,3 +543,17 @@ def test_the_quiet_side_first_makes_its_router_forget_every_stale_flow_then_prob
     lab.run(end + 1.01)
     later = [e for t, e in lab.log if t > end and isinstance(e, SendProbes)]
     assert later and all(e.immediate for e in later), "no call-me-maybe: the keeper must not probe back"
+
+
+def test_a_probe_from_the_peer_during_an_attempt_is_answered_with_a_probe_at_once_and_only_once() -> None:
+    """Issue 15: our first probe may have hit the peer's NAT before the peer's own probe opened it; its
+    probe arriving says the NAT is open now: probe back at once, not at the next tick (0.5 s later)."""
+    lab = make({}, [Candidate(PUB, CandidateKind.PUBLIC)])
+    lab.run(0.1)  # the attempt's first probe went out at 0.0 and was lost
+    assert [t for t, _ in lab.probes] == [0.0]
+    lab.routes[PUB] = Route(rtt=0.01)
+    lab.path.probe_received(PUB, 0.1)
+    lab.path.probe_received(PUB, 0.12)  # once per address per attempt: no probe ping-pong
+    lab.run(0.2)
+    assert lab.probes == [(0.0, PUB), (0.1, PUB)]
+    assert lab.path.status.path is PathKind.DIRECT and lab.decisions()[-1][0] == approx(0.11)

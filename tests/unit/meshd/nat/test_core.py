@@ -223,3 +223,37 @@ def test_pending_probe_ids_are_capped_and_expire() -> None:
     assert isinstance(got, Answered) and got.sent_to == ("6.0.0.2", 1004) and got.rtt == 0.1
     probes.expire(10.0)
     assert probes.pending == 0
+
+
+def test_peers_on_our_lan_go_direct_at_once_without_waiting_for_stun_or_a_moment() -> None:
+    """Issue 15 (same LAN ≤ 0.5 s): a probe to an address on one of our own networks passes no router,
+    so it leaves before our STUN answers (GATHER_TIMEOUT away here: no servers answer) and without a
+    call-me-maybe; the two probes are answered one round trip later."""
+    net = Internet(filtering=False)
+    a, b = net.nodes
+    a.addr, b.addr = ("192.168.1.10", 41641), ("192.168.1.20", 41641)
+    lan = {"eth0/192.168.1.{}": ipaddress.ip_network("192.168.1.0/24")}
+    for n in (a, b):
+        n.core.set_local({k.format(n.addr[0].rsplit(".", 1)[1]): v for k, v in lan.items()}, 0.0)
+        n.core.set_stun_servers([("7.0.0.1", 3478)], 0.0)  # asked, never answers within the test
+    net.start()
+    net.run_until(0.2)
+    assert a.first_probe == 0.0 and b.first_probe == 0.0
+    for n, peer in ((a, b), (b, a)):
+        assert n.core.path(peer.info.wg_key).path is PathKind.DIRECT
+        assert n.core.path(peer.info.wg_key).endpoint == peer.addr
+        assert n.decisions[-1][0] <= 2 * LATENCY + 1e-9
+    assert a.calls == b.calls == []
+
+
+def test_public_candidates_still_wait_for_our_stun_answers() -> None:
+    net = Internet()
+    a, b = net.nodes
+    a.core.set_local({"eth0/192.168.1.10": ipaddress.ip_network("192.168.1.0/24")}, 0.0)
+    a.core.set_stun_servers([("7.0.0.1", 3478)], 0.0)
+    net.carry_out(a)
+    first = a.first_probe  # STUN is no probe
+    a.core.start(0.0)
+    a.core.set_peers([b.info], 0.0)
+    net.carry_out(a)
+    assert first is None and a.first_probe is None, "b's public address: held until gathered"

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 from typing import cast
 
-from meshd.nat.endpoints import WgEndpoints
+from meshd.nat.endpoints import KEEPALIVE_FALLBACK, MAX_RESTARTS, RESTART_AFTER, WgEndpoints
 from meshd.paths import UseDirect, UseRelay
+from meshd.peerset import KEEPALIVE_SECONDS
 from meshd.proto.endpoint import Endpoint
 from meshd.wg.base import WireGuardBackend
 from meshd.wg.model import InterfaceState, PeerState
@@ -23,12 +24,16 @@ class RoamingBackend:
     def __init__(self) -> None:
         self.endpoint: Endpoint | None = None
         self.sets: list[Endpoint] = []
+        self.keepalive: int | None = None
+        self.last_handshake: float | None = 1000.0
+        self.rx_bytes = 0
+        self.restarts = 0
 
     def roam(self, src: Endpoint) -> None:
         self.endpoint = src
 
     async def state(self) -> InterfaceState:
-        peer = PeerState(PEER, self.endpoint, ("100.64.0.2/32",), 1000.0, 0, 0, 25)
+        peer = PeerState(PEER, self.endpoint, ("100.64.0.2/32",), self.last_handshake, self.rx_bytes, 0, 25)
         return InterfaceState("mesh0", None, 41641, 0, (peer,))
 
     async def set_endpoint(
@@ -37,6 +42,12 @@ class RoamingBackend:
         assert public_key == PEER
         self.endpoint = endpoint
         self.sets.append(endpoint)
+        if persistent_keepalive is not None:
+            self.keepalive = persistent_keepalive
+
+    async def restart_handshake(self, public_key: str) -> None:
+        assert public_key == PEER
+        self.restarts += 1
 
 
 async def _applied(wg: WgEndpoints) -> None:
@@ -46,13 +57,16 @@ async def _applied(wg: WgEndpoints) -> None:
     task.cancel()
 
 
-def _endpoints(backend: RoamingBackend) -> WgEndpoints:
+def _endpoints(
+    backend: RoamingBackend, own_key: str = "wg-a", clock: list[float] | None = None
+) -> WgEndpoints:
+    now = clock or [2000.0]
     return WgEndpoints(
         cast(WireGuardBackend, backend),
         relay_endpoint=lambda key: PROXY if key == PEER else None,
-        own_key=lambda: "wg-a",
-        clock=lambda: 2000.0,
-        wall=lambda: 2000.0,
+        own_key=lambda: own_key,
+        clock=lambda: now[0],
+        wall=lambda: now[0],
     )
 
 
@@ -84,3 +98,97 @@ async def test_roaming_to_another_address_or_while_relayed_is_left_to_wireguard(
     backend.roam(DIRECT)  # the peer went direct first: its packets work from there
     await wg.handshakes()
     assert backend.endpoint == DIRECT
+
+
+async def test_the_lower_key_gets_its_endpoint_and_keepalive_at_once() -> None:
+    backend = RoamingBackend()
+    wg = _endpoints(backend, own_key="wg-a")  # "wg-a" < "wg-b": we start the first handshake
+    wg.decide(PEER, "b", UseRelay(PEER, "start"))
+    await _applied(wg)
+    assert backend.sets == [PROXY] and backend.keepalive == KEEPALIVE_SECONDS
+
+
+async def test_the_higher_key_gives_wireguard_no_endpoint_until_the_first_handshake() -> None:
+    """Issue 15: a packet to the peer (the first ping) makes WireGuard initiate too; with no endpoint that
+    initiation cannot leave, so it cannot cross the lower key's one (both would end as responders and wait
+    5 s). The endpoint decided meanwhile (here: direct) is set once the lower key's handshake is done."""
+    backend = RoamingBackend()
+    backend.last_handshake = None
+    clock = [2000.0]
+    wg = _endpoints(backend, own_key="wg-z", clock=clock)
+    wg.decide(PEER, "b", UseRelay(PEER, "start"))
+    await _applied(wg)
+    wg.relay_moved(PEER)  # a UDP relay port came up meanwhile: still nothing for WireGuard
+    await _applied(wg)
+    wg.decide(PEER, "b", UseDirect(PEER, DIRECT, 0.001, "probe answered"))
+    await _applied(wg)
+    clock[0] += 0.5
+    await wg.handshakes()
+    assert backend.sets == [] and backend.endpoint is None, "no endpoint before the first handshake"
+    assert not wg.keepalive_on(PEER)
+    # the lower key's initiation arrives through the relay: WireGuard answers and roams there
+    backend.roam(PROXY)
+    backend.last_handshake = 2000.4
+    await wg.handshakes()
+    assert backend.endpoint == DIRECT and backend.keepalive == KEEPALIVE_SECONDS
+    assert wg.keepalive_on(PEER)
+    wg.decide(PEER, "b", UseRelay(PEER, "heartbeat lost"))  # from now on decisions apply at once
+    await _applied(wg)
+    assert backend.endpoint == PROXY
+
+
+async def test_the_higher_key_starts_itself_when_the_lower_key_stays_silent() -> None:
+    backend = RoamingBackend()
+    backend.last_handshake = None
+    clock = [2000.0]
+    wg = _endpoints(backend, own_key="wg-z", clock=clock)
+    wg.decide(PEER, "b", UseRelay(PEER, "start"))
+    await _applied(wg)
+    clock[0] += KEEPALIVE_FALLBACK - 0.01
+    await wg.handshakes()
+    assert backend.sets == []
+    clock[0] += 0.02
+    await wg.handshakes()
+    assert backend.sets == [PROXY] and backend.keepalive == KEEPALIVE_SECONDS
+
+
+async def test_the_higher_key_does_not_fall_back_while_the_lower_keys_initiation_is_being_answered() -> None:
+    backend = RoamingBackend()
+    backend.last_handshake = None
+    clock = [2000.0]
+    wg = _endpoints(backend, own_key="wg-z", clock=clock)
+    wg.decide(PEER, "b", UseRelay(PEER, "start"))
+    await _applied(wg)
+    backend.rx_bytes = 148  # the lower key's initiation arrived (answered, not yet confirmed)
+    clock[0] += KEEPALIVE_FALLBACK + 0.5
+    await wg.handshakes()
+    assert backend.sets == [], "initiating now would cross the lower key's handshake"
+
+
+async def test_the_lower_key_initiates_again_when_no_first_handshake_follows() -> None:
+    """A crossed or lost first initiation: initiate afresh after RESTART_AFTER, not WireGuard's 5 s."""
+    backend = RoamingBackend()
+    backend.last_handshake = None
+    clock = [2000.0]
+    wg = _endpoints(backend, own_key="wg-a", clock=clock)
+    wg.decide(PEER, "b", UseRelay(PEER, "start"))
+    await _applied(wg)
+    clock[0] += RESTART_AFTER - 0.01
+    await wg.handshakes()
+    assert backend.restarts == 0
+    for _ in range(MAX_RESTARTS + 2):
+        clock[0] += RESTART_AFTER
+        await wg.handshakes()
+    assert backend.restarts == MAX_RESTARTS, "bounded: then WireGuard's own retries carry on"
+
+
+async def test_no_restart_once_the_first_handshake_happened() -> None:
+    backend = RoamingBackend()
+    clock = [2000.0]
+    wg = _endpoints(backend, own_key="wg-a", clock=clock)
+    wg.decide(PEER, "b", UseRelay(PEER, "start"))
+    await _applied(wg)
+    backend.last_handshake = 2000.1
+    clock[0] += 3 * RESTART_AFTER
+    await wg.handshakes()
+    assert backend.restarts == 0

@@ -97,7 +97,10 @@ def test_the_peers_call_suppresses_ours_and_its_moment_is_used() -> None:
     punch, clock = gathered("p")
     clock.now = 5.0
     punch.called("p", at=WALL + 5.0 + 0.4, now=5.0, wall=WALL + 5.0)
-    assert clock.drain() == [Restart("p", by_peer=True, at=approx(5.4))]
+    # the peer may not know our addresses yet: told once, with the moment it proposed (issue 15)
+    assert clock.drain() == [Restart("p", by_peer=True, at=approx(5.4)), Call("p", approx(5.4))]
+    punch.called("p", at=WALL + 5.0 + 0.4, now=5.0, wall=WALL + 5.0)
+    assert clock.drain() == [Restart("p", by_peer=True, at=approx(5.4))], "only once"
     punch.probe("p", [A], now=5.0, first=True)  # the attempt the Restart started
     assert clock.drain() == []  # held for the peer's moment, and no call back
     assert clock.run_until(6.0) == [Probe("p", (A,))]
@@ -179,8 +182,33 @@ def test_without_stun_answers_probing_starts_after_the_gather_timeout() -> None:
     clock = Clock(punch, now=10.0)
     punch.probe("p", [A], now=10.0)
     assert punch.next_timer() == 10.0 + GATHER_TIMEOUT
-    assert clock.run_until(10.0 + GATHER_TIMEOUT) == [Restart("p")]
+    # the probes held for gathering: the peer is called at once, not at the path machine's next tick
+    assert clock.run_until(10.0 + GATHER_TIMEOUT) == [Restart("p"), Call("p", 12.0 + PUNCH_DELAY)]
     assert punch.is_gathered
+    assert clock.run_until(13.0) == [Probe("p", (A,))]
+    assert clock.events[-1][0] == approx(12.0 + PUNCH_DELAY)
+
+
+def test_probes_held_for_stun_answers_are_called_for_the_moment_the_answers_arrive() -> None:
+    """Issue 15: gathering ends, the peer hears a moment at once; held probes leave PUNCH_DELAY later."""
+    punch = Punch(lambda peer: False)
+    punch.add("p")
+    punch.add("q")
+    punch.start(0.0)
+    clock = Clock(punch)
+    punch.probe("p", [A, B], now=0.1)
+    assert clock.drain() == []
+    clock.run_until(0.4)
+    punch.gathered(0.4)  # the STUN answer arrived
+    # q held nothing (its candidates are not known yet): it hears ours at once all the same
+    assert clock.drain() == [
+        Restart("p"),
+        Restart("q"),
+        Call("p", 0.4 + PUNCH_DELAY),
+        Call("q", 0.4 + PUNCH_DELAY),
+    ]
+    assert clock.run_until(1.0) == [Probe("p", (A, B))]
+    assert clock.events[-1][0] == approx(0.4 + PUNCH_DELAY)
 
 
 def test_our_new_addresses_reach_every_peer_without_a_direct_path_with_a_fresh_call() -> None:
@@ -212,3 +240,16 @@ def test_a_peer_that_left_is_forgotten() -> None:
     punch.probe("p", [A], now=1.0)
     punch.called("p", WALL, now=1.0, wall=WALL)
     assert clock.run_until(5.0) == []
+
+
+def test_a_peer_that_called_before_our_stun_answers_hears_our_addresses_with_its_moment() -> None:
+    punch = Punch(lambda peer: False)
+    punch.add("p")
+    punch.start(0.0)
+    clock = Clock(punch)
+    punch.called("p", at=WALL + 0.3, now=0.1, wall=WALL + 0.1)  # moment 0.3, our STUN not answered yet
+    assert clock.drain() == [Restart("p", by_peer=True, at=approx(0.3))], "no addresses worth sending yet"
+    punch.gathered(0.2)
+    assert clock.drain() == [Restart("p"), Call("p", approx(0.3))], "the agreed moment: nothing moves"
+    punch.called("p", at=WALL + 0.3, now=0.21, wall=WALL + 0.21)  # its answer to ours: no third call
+    assert [e for e in clock.drain() if isinstance(e, Call)] == []
