@@ -701,6 +701,17 @@ async def main_async(
                 if server.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("coordinator did not start (see its log)") from None
                 await asyncio.sleep(0.1)
+        for other in PORTS[1:]:  # every replica listens before nodes enroll through it (a replica
+            # that loads a large seeded map starts later than replica 0, whose admin socket answered)
+            while True:
+                try:
+                    _r, w = await asyncio.open_connection("127.0.0.1", other)
+                    w.close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"replica on port {other} did not start (see its log)") from None
+                    await asyncio.sleep(0.2)
         if not seeded and not args.offline:  # seeding made the user
             admin.call("POST", "/admin/users", {"name": "bench"})
         key = admin.call("POST", "/admin/keys", {"user": "bench", "reusable": True, "expiration": 86400})[
