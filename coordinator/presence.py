@@ -7,7 +7,8 @@ node is online while it has a presence row; the presence rows of a replica not s
 are deleted by whichever live replica notices first, and its nodes go offline (a "presence" change every
 replica applies) unless they already reconnected elsewhere. So a dead replica's nodes are offline on every
 replica's admin API and map within REPLICA_TIMEOUT + HEARTBEAT seconds (12 s), or online again as soon as
-they reconnect to a surviving replica (meshd fails over within 5 s).
+they reconnect to a surviving replica (meshd fails over within 5 s). A replica that stops cleanly keeps
+its rows for LEAVE_GRACE seconds (Presence.leave): a restart storm's reconnects are no map changes.
 
 Why heartbeat rows and not session advisory locks (a lock held by a replica's connection is released the
 moment PostgreSQL sees the connection die): a replica whose machine or network vanished leaves a half-open
@@ -44,6 +45,9 @@ log = logging.getLogger("coordinator")
 
 HEARTBEAT = 2.0  #: seconds between a replica's heartbeats
 REPLICA_TIMEOUT = 10.0  #: a replica not seen this long is dead: its nodes' presence is dropped
+#: seconds the nodes of a replica that stopped cleanly stay online without a stream (as on SQLite,
+#: coordinator/onlineflags.py: meshd comes back within 15 s of a restart close, then retries every 3 s)
+LEAVE_GRACE = 60.0
 
 
 async def db_now(session: AsyncSession) -> float:
@@ -60,6 +64,7 @@ class Presence:
         self.name = f"{socket.gethostname()}:{os.getpid()}"[:255]
         self.timeout = REPLICA_TIMEOUT
         self.heartbeat = HEARTBEAT
+        self.grace = LEAVE_GRACE  #: seconds our nodes stay online after a clean stop (leave)
         #: this replica's relay region as written into its row (coordinator/replicarelays.py)
         self.relay: str | None = None
 
@@ -164,26 +169,25 @@ class Presence:
         return dead, orphans
 
     async def leave(self) -> None:
-        """At a clean stop: drop our rows at once (our nodes reconnect elsewhere; the rest go offline)."""
-        from coordinator import nodes
+        """At a clean stop: our nodes stay online for `grace` seconds (they reconnect to another replica,
+        or to this one restarted, within it); then a live replica's heartbeat reaps our row as a dead
+        replica's (Presence.reap), and those not streaming elsewhere go offline, in one change (a
+        starting replica does the same if none is live then).
 
-        core = self.core
-        async with core.transaction() as tx:
+        Why not drop the rows at once: a restart of every replica closes every stream at once. Dropping
+        them made each node offline (a change touching every node) and each reconnect online again (one
+        more change per node), so every resuming stream needed a delta naming thousands of nodes, built
+        and signed for it alone: O(N) each, O(N^2) for the storm (10,000 nodes did not come back in a
+        minute). Kept, a reconnect only adds a presence row: no map change, and the streams resuming
+        from one version share a signed frame per view (coordinator/api/stream.py). SQLite keeps the
+        flags over a graceful restart the same way (coordinator/onlineflags.py, the same 60 s)."""
+        async with self.core.transaction() as tx:
             s = tx.session
-            mine = list(
-                (
-                    await s.execute(select(NodePresence.node_id).where(NodePresence.replica_id == self.id))
-                ).scalars()
-            )
-            await s.execute(delete(NodePresence).where(NodePresence.replica_id == self.id))
-            await s.execute(delete(Replica).where(Replica.id == self.id))
+            # late by `timeout` once `grace` has passed; no relay region any more (our relay is gone)
+            until = await db_now(s) + self.grace - self.timeout
+            await s.execute(update(Replica).where(Replica.id == self.id).values(last_seen=until, relay=None))
             if self.relay is not None:
                 tx.change("relays")  # the others drop our relay region from their relay maps
-            online = await self.online_among(s, mine)
-            for i in sorted(set(mine) - online):
-                if (peer := core.state.peers.get(i)) is not None and peer.online:
-                    tx.change("presence", i)
-                    tx.on_commit(nodes.presence_applier(core, i, False))
 
     async def run(self) -> None:
         """The heartbeat, every `heartbeat` seconds whatever else is going on: it takes no write lock (a

@@ -118,22 +118,27 @@ async def test_a_dead_replicas_nodes_go_offline_on_the_survivor_within_the_bound
     await a.aclose()
 
 
-async def test_a_clean_stop_takes_its_nodes_offline_at_once(
+async def test_a_clean_stop_takes_its_nodes_offline_once_the_grace_has_passed(
     live: Coord, settings: Settings, replica: tuple[Core, httpx.AsyncClient]
 ) -> None:
-    _, other_admin = replica
+    other, other_admin = replica
+    assert live.core.presence is not None and other.presence is not None
+    live.core.presence.grace = 1.5  # 60 s in production: a restarted replica's nodes are back by then
+    other.presence.heartbeat = 0.2
     a, _ = await live.enroll("a")
     async with a.stream() as sa:
         await sa.next_map(within=5)
         await eventually_async(lambda: online(other_admin, "a"), within=5, what="a online on replica 2")
         start = time.monotonic()
+        assert live.core._heartbeat is not None
+        live.core._heartbeat.cancel()  # as Core.stop does first
         await live.core.hub.stop()
-        assert live.core.presence is not None
         await live.core.presence.leave()
+        assert await online(other_admin, "a"), "online for the grace: a reconnect then changes no map"
         await eventually_async(
-            lambda: not_(online(other_admin, "a")), within=3, what="a offline on replica 2"
+            lambda: not_(online(other_admin, "a")), within=5, what="a offline on replica 2"
         )
-        assert time.monotonic() - start < 3
+        assert 1.5 <= time.monotonic() - start < 1.5 + 0.2 + 3
     await a.aclose()
 
 

@@ -15,6 +15,7 @@ from coordinator.core import Core
 from coordinator.db.models import Replica
 from coordinator.settings import Settings
 from tests.coordinator.test_restart_presence import add_nodes, started
+from tests.eventually import eventually_async
 
 pytestmark = pytest.mark.postgres
 
@@ -51,22 +52,72 @@ async def crash(core: Core) -> None:
     await core.engine.dispose()
 
 
-async def test_a_restart_of_the_only_replica_resumes_with_a_delta(tmp_path: Path, db_url: str) -> None:
+async def test_a_restart_of_every_replica_keeps_its_nodes_online_so_reconnects_change_no_map(
+    tmp_path: Path, db_url: str
+) -> None:
+    """The restart storm (issue 16): a clean stop keeps its presence rows for the grace, so the streams
+    resume with an empty delta that every view shares, and each reconnect is no map version (before,
+    the stop made every node offline and each reconnect online again: a delta naming every node, built
+    and signed per stream, O(N^2) for the storm)."""
+    one = await started(replica_settings(tmp_path, db_url, "r1"))
+    two = await started(replica_settings(tmp_path, db_url, "r2"))
+    a, b, c = await add_nodes(one, 3)
+    await nodes.set_endpoints(one, a, None, True)
+    async with two.transaction():
+        pass  # replica 2 catches up with replica 1's writes
+    await nodes.set_endpoints(two, b, None, True)
+    async with one.transaction():
+        pass
+    held = one.state.version
+    await one.stop()
+    await two.stop()
+
+    one = await started(replica_settings(tmp_path, db_url, "r1"))
+    two = await started(replica_settings(tmp_path, db_url, "r2"))
+    try:
+        for core in (one, two):
+            assert core.state.peers[a].online and core.state.peers[b].online, "online for the grace"
+            assert not core.state.peers[c].online
+            pending = core.state.pending_since(held)
+            assert pending is not None and not pending.touched and not pending.policy, pending
+            assert core.state.shareable(pending, a) and core.state.shareable(pending, b)
+        async with one.transaction():
+            pass  # replica 1 catches up with replica 2's start
+        version = one.state.version
+        await nodes.set_endpoints(two, a, None, True)  # the storm: a and b come back, to the other replica
+        await nodes.set_endpoints(one, b, None, True)
+        async with one.transaction():
+            pass
+        assert one.state.version == version, "a reconnect within the grace is no map change"
+        assert [x.kind for x in one.state.log if x.version > held and x.node_id is not None] == []
+    finally:
+        await one.stop()
+        await two.stop()
+
+
+async def test_a_node_not_back_within_the_grace_goes_offline(tmp_path: Path, db_url: str) -> None:
     settings = replica_settings(tmp_path, db_url, "r1")
     core = await started(settings)
     a, b = await add_nodes(core, 2)
     await nodes.set_endpoints(core, a, None, True)
+    await nodes.set_endpoints(core, b, None, True)
+    assert core.presence is not None
+    core.presence.grace = 1.0
     held = core.state.version
-    await core.stop()  # a's presence row goes: one "presence" change
+    await core.stop()
 
     core = await started(settings)
     try:
+        assert core.presence is not None
+        core.presence.heartbeat = 0.2
+        assert core.state.peers[a].online and core.state.peers[b].online
+        await nodes.set_endpoints(core, a, None, True)  # a is back; b is not
+        await eventually_async(
+            lambda: not core.state.peers[b].online, within=10, what="b offline once the grace passed"
+        )
+        assert core.state.peers[a].online, "a streams to the restarted replica"
         pending = core.state.pending_since(held)
-        assert pending is not None, "a stream resuming with since=V gets a delta, not a full map"
-        assert pending.endpoints == (a,) and not (pending.added or pending.changed or pending.removed)
-        assert not core.state.peers[a].online and not core.state.peers[b].online
-        current = core.state.pending_since(core.state.version)
-        assert current is not None and not current.touched, "since = the current version: an empty delta"
+        assert pending is not None and pending.endpoints == (b,), "one change: b went offline"
     finally:
         await core.stop()
 
