@@ -12,6 +12,9 @@ them gets the delta since V computed from that log (a full map only when V is ol
 The one thing a crash leaves behind is presence rows of the dead replicas: their nodes were online in
 the maps the nodes hold. A starting replica drops those rows and records a "presence" change for each
 such node that is not online elsewhere, so the resumed delta says it is offline.
+
+A clean stop leaves its rows on purpose, for presence.LEAVE_GRACE seconds: the restarted replicas take
+its nodes as online, so their reconnects are no map changes (coordinator/presence.py, Presence.leave).
 """
 
 from __future__ import annotations
