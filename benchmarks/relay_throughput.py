@@ -215,6 +215,7 @@ VARIANTS: tuple[Variant, ...] = (
     ),
 )
 
+
 def _peer_relay_pair(lab: Any, mesh: Any, delay: float) -> tuple[Any, Any]:
     """An EDM-EDM pair and a third, public node turned into a peer relay (issue 14, "peer relays"); the
     coordinator (and its region relay) sits behind a 20 ms wire (`_relayed_pair`), so the peer relay is
@@ -357,23 +358,30 @@ def transports_part(
         sys.exit(f"error: {str(e).splitlines()[0]}")
     print(
         f"\nrelay paths, iperf3 TCP, {seconds:g} s x {rounds} (interleaved), EDM-EDM pairs; relay: "
-        f"coordinator on {'uvloop' if _has_uvloop() else 'asyncio'} (except the asyncio-loop row), meshd on "
-        f"asyncio; {os.cpu_count()} CPUs shared; load average {load0[0]:.2f} at start"
+        f"coordinator and meshd on {'uvloop' if _has_uvloop() else 'asyncio'} (except the asyncio-loop row's "
+        f"relay); {os.cpu_count()} CPUs shared; load average {load0[0]:.2f} at start; 'vs meshd direct': the "
+        "direct path meshd makes through the same two NAT routers (what a user's direct path is)"
     )
-    print("| path | link delay | Mbit/s p50 | runs | vs direct | relay CPU s/GB | meshd CPU s/GB | load |")
-    print("|---|---:|---:|---|---:|---:|---:|---:|")
+    print(
+        "| path | link delay | Mbit/s p50 | runs | vs direct | vs meshd direct | relay CPU s/GB "
+        "| meshd CPU s/GB | load |"
+    )
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|")
     for delay in delays:
         direct = statistics.median(results[(delay, "direct (bare wireguard-go)")].mbit)
+        own = results.get((delay, "direct, meshd via 2 NAT routers"))
+        meshd_direct = statistics.median(own.mbit) if own is not None and own.mbit else None
         for name in ["direct (bare wireguard-go)", *(v.name for v in variants)]:
             m = results[(delay, name)]
             p50 = statistics.median(m.mbit)
             print(
                 f"| {name} | {delay:g} ms | {p50:.0f} | {', '.join(f'{x:.0f}' for x in m.mbit)} | "
-                f"{p50 / direct:.2f} | {m.cpu_per_gb('coordinator')} | {m.cpu_per_gb('meshd')} | "
+                f"{p50 / direct:.2f} | {f'{p50 / meshd_direct:.2f}' if meshd_direct else '-'} | "
+                f"{m.cpu_per_gb('coordinator')} | {m.cpu_per_gb('meshd')} | "
                 f"{statistics.mean(m.load):.1f} |"
             )
         if PEER_RELAY is None:
-            print(f"| peer relay | {delay:g} ms | n/a | - | - | - | - | - |")
+            print(f"| peer relay | {delay:g} ms | n/a | - | - | - | - | - | - |")
     print(f"load average {os.getloadavg()[0]:.2f} at the end; {time.monotonic() - t0:.0f} s in all")
 
 
