@@ -70,6 +70,17 @@ def _endpoints(
     )
 
 
+async def _started(own_key: str) -> tuple[RoamingBackend, list[float], WgEndpoints]:
+    """A new peer put on the relay before any WireGuard handshake: the first-handshake rules apply."""
+    backend = RoamingBackend()
+    backend.last_handshake = None
+    clock = [2000.0]
+    wg = _endpoints(backend, own_key=own_key, clock=clock)
+    wg.decide(PEER, "b", UseRelay(PEER, "start"))
+    await _applied(wg)
+    return backend, clock, wg
+
+
 async def test_a_direct_peer_that_roamed_back_onto_the_relay_is_pointed_at_the_direct_path_again() -> None:
     backend = RoamingBackend()
     wg = _endpoints(backend)
@@ -112,12 +123,7 @@ async def test_the_higher_key_gives_wireguard_no_endpoint_until_the_first_handsh
     """Issue 15: a packet to the peer (the first ping) makes WireGuard initiate too; with no endpoint that
     initiation cannot leave, so it cannot cross the lower key's one (both would end as responders and wait
     5 s). The endpoint decided meanwhile (here: direct) is set once the lower key's handshake is done."""
-    backend = RoamingBackend()
-    backend.last_handshake = None
-    clock = [2000.0]
-    wg = _endpoints(backend, own_key="wg-z", clock=clock)
-    wg.decide(PEER, "b", UseRelay(PEER, "start"))
-    await _applied(wg)
+    backend, clock, wg = await _started("wg-z")
     wg.relay_moved(PEER)  # a UDP relay port came up meanwhile: still nothing for WireGuard
     await _applied(wg)
     wg.decide(PEER, "b", UseDirect(PEER, DIRECT, 0.001, "probe answered"))
@@ -138,12 +144,7 @@ async def test_the_higher_key_gives_wireguard_no_endpoint_until_the_first_handsh
 
 
 async def test_the_higher_key_starts_itself_when_the_lower_key_stays_silent() -> None:
-    backend = RoamingBackend()
-    backend.last_handshake = None
-    clock = [2000.0]
-    wg = _endpoints(backend, own_key="wg-z", clock=clock)
-    wg.decide(PEER, "b", UseRelay(PEER, "start"))
-    await _applied(wg)
+    backend, clock, wg = await _started("wg-z")
     clock[0] += KEEPALIVE_FALLBACK - 0.01
     await wg.handshakes()
     assert backend.sets == []
@@ -153,12 +154,7 @@ async def test_the_higher_key_starts_itself_when_the_lower_key_stays_silent() ->
 
 
 async def test_the_higher_key_does_not_fall_back_while_the_lower_keys_initiation_is_being_answered() -> None:
-    backend = RoamingBackend()
-    backend.last_handshake = None
-    clock = [2000.0]
-    wg = _endpoints(backend, own_key="wg-z", clock=clock)
-    wg.decide(PEER, "b", UseRelay(PEER, "start"))
-    await _applied(wg)
+    backend, clock, wg = await _started("wg-z")
     backend.rx_bytes = 148  # the lower key's initiation arrived (answered, not yet confirmed)
     clock[0] += KEEPALIVE_FALLBACK + 0.5
     await wg.handshakes()
@@ -167,12 +163,7 @@ async def test_the_higher_key_does_not_fall_back_while_the_lower_keys_initiation
 
 async def test_the_lower_key_initiates_again_when_no_first_handshake_follows() -> None:
     """A crossed or lost first initiation: initiate afresh after RESTART_AFTER, not WireGuard's 5 s."""
-    backend = RoamingBackend()
-    backend.last_handshake = None
-    clock = [2000.0]
-    wg = _endpoints(backend, own_key="wg-a", clock=clock)
-    wg.decide(PEER, "b", UseRelay(PEER, "start"))
-    await _applied(wg)
+    backend, clock, wg = await _started("wg-a")
     clock[0] += RESTART_AFTER - 0.01
     await wg.handshakes()
     assert backend.restarts == 0
