@@ -15,6 +15,10 @@ hosts behind the scenario's routers), two pre-auth keys created beforehand, then
   handshake initiation before the other's arrived. Then both answer as responders, neither may send data
   first, and the first ping waits for WireGuard's REKEY_TIMEOUT (5 s): the "ping > 4 s" column.
 
+CPU: what the daemons had used when the first ping was answered ("meshd CPU", the larger of the two), the
+joining daemon's CPU at its first log line ("CPU at start": imports), and the coordinator's (its whole
+life); figures that a busy shared machine disturbs far less than wall times.
+
 Also prints where the time goes (phases from the daemons' own log lines, later of the two daemons, p50
 over runs: "start" is meshd's first line, ``starting (pid N)``, once Python is up and every module is
 imported; then enrollment, stream open, STUN answered, call-me-maybe sent and first probe answered (these
@@ -151,6 +155,10 @@ class Run:
     wrong: bool = False  #: a relay-only pair went direct
     crossed: bool | None = None  #: both sides' first handshake initiations crossed (None: not captured)
     phases: dict[str, float] = field(default_factory=dict)
+    #: CPU seconds (user + system) each process had used when the first ping was answered: a figure that a
+    #: busy shared machine disturbs far less than wall time ("meshd" is the later daemon's)
+    cpu: dict[str, float] = field(default_factory=dict)
+    cpu_trace: list[tuple[float, float]] = field(default_factory=list)  #: (s after start, CPU s) of alpha
     error: str = ""
 
 
@@ -300,9 +308,18 @@ def one_run(sc: Scenario, hold: float, capture: bool = True, debug_logs: bool = 
                 )
                 if r.returncode == 0:
                     run.ping = time.monotonic() - t0
+                    run.cpu = _cpu_now(a, b if not sc.join else None, mesh)
                     return
                 time.sleep(max(0.0, 0.05 - (time.monotonic() - t)))  # an instant failure: don't spin
 
+        def sampler() -> None:  # the joining daemon's CPU every 10 ms: how much of it was start-up
+            pid = a.proc.pid if a.proc is not None else None
+            while pid is not None and not stop.is_set() and time.monotonic() < deadline:
+                if (c := _cpu_seconds(pid)) is not None:
+                    run.cpu_trace.append((time.time() - t0_wall, c))
+                time.sleep(0.01)
+
+        threading.Thread(target=sampler, daemon=True).start()
         th = threading.Thread(target=pinger, daemon=True)
         th.start()
         reached = {"a": False, "b": False}
@@ -338,6 +355,10 @@ def one_run(sc: Scenario, hold: float, capture: bool = True, debug_logs: bool = 
             run.phases = {k: (max(pa[k], pb[k]) if k in pb and pb[k] > 0 else pa[k]) for k in pa}
         else:
             run.phases = {k: max(pa[k], pb[k]) for k in pa.keys() & pb.keys()}
+        if "start" in pa and run.cpu_trace:  # alpha's CPU when it logged its first line (imports done)
+            before = [c for t, c in run.cpu_trace if t <= pa["start"]]
+            if before:
+                run.cpu["meshd at start"] = before[-1]
         for proc in tcpdumps:
             proc.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -350,6 +371,29 @@ def one_run(sc: Scenario, hold: float, capture: bool = True, debug_logs: bool = 
         if run.ping is None or run.path is None:
             run.error = f"alpha log:\n{a.log_tail(12)}\nbeta log:\n{b.log_tail(12)}"
     return run
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a process (its own, not its children's), from /proc/PID/stat."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def _cpu_now(a: Node, b: Node | None, mesh: Mesh) -> dict[str, float]:
+    """CPU used so far by the daemons (the larger of the two) and the coordinator."""
+    out: dict[str, float] = {}
+    daemons = [c for n in (a, b) if n is not None and n.proc is not None if (c := _cpu_seconds(n.proc.pid))]
+    if daemons:
+        out["meshd"] = max(daemons)
+    if mesh.coord_proc is not None and (c := _cpu_seconds(mesh.coord_proc.pid)) is not None:
+        out["coordinator"] = c
+    return out
 
 
 def _fmt(values: list[float], target: float | None) -> tuple[str, str]:
@@ -520,7 +564,7 @@ def main() -> None:
     console.print(table)
     phase_table = Table(title="where the time goes (s after start, later daemon, p50)")
     names = [*(n for n, _ in PHASES), "wg hs"]
-    for col in ("scenario", *names, "hosts entry", "first ping"):
+    for col in ("scenario", *names, "hosts entry", "first ping", "CPU at start", "meshd CPU", "coord CPU"):
         phase_table.add_column(col, justify="left" if col == "scenario" else "right")
     for sc in scenarios:
         rs = results[sc.name]
@@ -532,6 +576,10 @@ def main() -> None:
         pv = [r.ping for r in rs if r.ping is not None]
         cells.append(f"{statistics.median(hv):.2f}" if hv else "-")
         cells.append(f"{statistics.median(pv):.2f}" if pv else "-")
+        # CPU by the first ping, ms (join: the coordinator's whole life, the joining daemon's)
+        for who in ("meshd at start", "meshd", "coordinator"):
+            cv = [r.cpu[who] for r in rs if who in r.cpu]
+            cells.append(f"{statistics.median(cv) * 1000:.0f} ms" if cv else "-")
         phase_table.add_row(sc.name, *cells)
     console.print(phase_table)
     for line in startup_cost():

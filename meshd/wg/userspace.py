@@ -171,7 +171,7 @@ class UserspaceBackend(ReconcilingBackend):
                     await asyncio.wait([reader], timeout=1.0)
                     said = " / ".join(self._output) or "no output"
                     raise WgError(f"wireguard-go did not start for {self._name}: {said}")
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(0.005)  # the socket comes ~10-30 ms after exec; each ms counts (issue 15)
         except asyncio.CancelledError:
             # cancelled half-way (the daemon stops): no await here, the process must not outlive this
             with contextlib.suppress(ProcessLookupError):
