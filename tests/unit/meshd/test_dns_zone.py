@@ -154,3 +154,35 @@ def test_any_question_name_gets_a_well_formed_answer(raw: bytes, rdtype: str) ->
     wire = answer(q.to_wire(), ZONE)
     assert wire is not None
     assert dns.message.from_wire(wire).rcode() in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN)
+
+
+# names are read without dnspython when they are plain labels (issue 15: no dnspython at start-up);
+# these hold the shortcut to what dnspython itself makes of any text
+name_text = st.text(alphabet="aZ09-.\\ _@*é\t", max_size=70) | st.builds(
+    lambda n, size: ".".join(["x" * size] * n), st.integers(1, 6), st.integers(40, 70)
+)
+
+
+@given(name_text)
+def test_a_name_is_read_as_dnspython_reads_it(text: str) -> None:
+    from meshd.dns import wire, zone
+
+    assert zone._key(text) == wire.key(text.strip().rstrip("."))
+
+
+@given(name_text)
+def test_a_domain_is_taken_or_refused_as_dnspython_does(text: str) -> None:
+    import dns.exception
+    import dns.name
+
+    from meshd.dns import wire
+
+    try:
+        want: dns.name.Name | None = dns.name.from_text(text or "mesh")
+    except (dns.exception.DNSException, ValueError):
+        want = None
+    try:
+        got: dns.name.Name | None = wire.origin(build(text, []).domain)
+    except (dns.exception.DNSException, ValueError):
+        got = None
+    assert got == want
