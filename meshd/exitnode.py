@@ -21,7 +21,7 @@ import errno
 import logging
 from collections.abc import Iterable
 
-from pyroute2 import AsyncIPRoute
+from pyroute2.iproute.linux import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from meshd.netlink import netlink_call

@@ -15,8 +15,8 @@ import errno
 import logging
 from typing import Any
 
-from pyroute2 import AsyncWireGuard
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.generic.wireguard import AsyncWireGuard
 
 from meshd.netlink import netlink_call
 from meshd.proto.endpoint import Endpoint

@@ -14,7 +14,7 @@ import ipaddress
 from collections.abc import Iterable
 from typing import Any
 
-from pyroute2 import AsyncIPRoute
+from pyroute2.iproute.linux import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from meshd.netlink import netlink_call
