@@ -68,13 +68,29 @@ def test_skipping_leaves_an_already_imported_module_alone() -> None:
             del sys.modules[UNUSED[0]]
 
 
-#: in a fresh process, as `meshd up` does: skip, then import what the daemon uses of pyroute2
+#: what `meshd up` imports before its first netlink call, enrollment and the first DNS query
+STARTUP_CODE = """
+import sys
+import meshd.cli, meshd.daemon
+print(" ".join(sorted({m.split(".")[0] for m in sys.modules})))
+"""
+
+
+def test_the_daemon_starts_without_pyroute2_dnspython_or_websockets() -> None:
+    """Imported where first used (issue 15): the interface (after enrollment), the first DNS query (or a
+    thread after start-up: meshd.dns.server), the map stream."""
+    out = subprocess.run([sys.executable, "-c", STARTUP_CODE], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert not {"pyroute2", "dns", "websockets", "prometheus_client"} & set(out.stdout.split())
+
+
+#: in a fresh process, as `meshd up` does: skip, then what the daemon's netlink calls import
 LEAN_CODE = """
 import sys
 from meshd.startup import skip_unused_imports
 skip_unused_imports()
-import meshd.cli, meshd.daemon, meshd.exitnode, meshd.localnet, meshd.nat.mapper
-import meshd.wg.kernel, meshd.wg.link
+import meshd.cli, meshd.daemon
+import pyroute2.iproute.linux, pyroute2.netlink.exceptions, pyroute2.netlink.generic.wireguard
 print(" ".join(sorted({m.split(".")[1] for m in sys.modules if m.startswith("pyroute2.")})))
 from pyroute2 import NDB, IPRoute  # a name that is no submodule: the whole package, as without the skip
 from pyroute2.iproute.linux import IPRoute as Linux
