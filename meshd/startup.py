@@ -20,6 +20,7 @@ The first name asked of the package that is no submodule (``from pyroute2 import
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import sys
 
@@ -28,6 +29,16 @@ UNUSED = ("trio",)
 
 #: packages whose ``__init__`` the daemon's process skips (module docstring)
 LEAN = ("pyroute2",)
+
+#: what the daemon imports where first used, after enrollment (netlink calls, the map stream, the first
+#: DNS query): not at start-up, so that a thread can import them while enrollment waits on the network
+DEFERRED = (
+    "pyroute2.iproute.linux",
+    "pyroute2.netlink.exceptions",
+    "pyroute2.netlink.generic.wireguard",
+    "websockets.asyncio.client",
+    "meshd.dns.wire",
+)
 
 
 def skip_unused_imports() -> None:
@@ -61,3 +72,10 @@ def lean_package(name: str) -> None:
 
     package.__dict__["__getattr__"] = __getattr__
     sys.modules[name] = package
+
+
+def import_deferred() -> None:
+    """Import :data:`DEFERRED` now (meant for a thread: ``loop.run_in_executor``); each import is done
+    once, so the first netlink call, stream or query finds it in ``sys.modules``."""
+    for name in DEFERRED:
+        importlib.import_module(name)

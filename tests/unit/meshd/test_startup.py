@@ -84,6 +84,13 @@ def test_the_daemon_starts_without_pyroute2_dnspython_or_websockets() -> None:
     assert not {"pyroute2", "dns", "websockets", "prometheus_client"} & set(out.stdout.split())
 
 
+def test_what_start_up_leaves_out_can_be_imported_ahead() -> None:
+    code = "from meshd.startup import DEFERRED, import_deferred; import_deferred(); print(*DEFERRED)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert {"pyroute2.iproute.linux", "meshd.dns.wire"} <= set(out.stdout.split())
+
+
 #: in a fresh process, as `meshd up` does: skip, then what the daemon's netlink calls import
 LEAN_CODE = """
 import sys
