@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+import threading
 
 #: optional imports of our dependencies that the daemon never uses
 UNUSED = ("trio",)
@@ -60,14 +61,28 @@ def lean_package(name: str) -> None:
         return
     package = importlib.util.module_from_spec(spec)  # __path__, __spec__, __file__: not executed
     loader = spec.loader
+    # the netlink thread (meshd.netlink) imports too: another thread waits while the real __init__ runs;
+    # that __init__ itself (the same thread) sees a package being initialised, as in a normal import
+    lock = threading.RLock()
+    running = False
 
     def __getattr__(attr: str) -> object:
+        nonlocal running
         if not (attr.startswith("__") and attr.endswith("__")) and importlib.util.find_spec(f"{name}.{attr}"):
             # a submodule that is not imported yet (`from pyroute2 import config`): the import system
             # imports it once this says it is no attribute
             raise AttributeError(attr)
-        del package.__dict__["__getattr__"]  # the real __init__ runs once, and may ask for its own names
-        loader.exec_module(package)
+        with lock:
+            if package.__dict__.get("__getattr__") is __getattr__:
+                if running:
+                    raise AttributeError(attr)
+                running = True
+                try:
+                    loader.exec_module(package)
+                finally:
+                    running = False
+                if package.__dict__.get("__getattr__") is __getattr__:
+                    del package.__dict__["__getattr__"]
         return getattr(package, attr)
 
     package.__dict__["__getattr__"] = __getattr__

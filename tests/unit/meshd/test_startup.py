@@ -99,9 +99,18 @@ skip_unused_imports()
 import meshd.cli, meshd.daemon
 import pyroute2.iproute.linux, pyroute2.netlink.exceptions, pyroute2.netlink.generic.wireguard
 print(" ".join(sorted({m.split(".")[1] for m in sys.modules if m.startswith("pyroute2.")})))
-from pyroute2 import NDB, IPRoute  # a name that is no submodule: the whole package, as without the skip
+import threading
 from pyroute2.iproute.linux import IPRoute as Linux
-print(IPRoute is Linux, "pyroute2.ndb" in sys.modules)
+seen = []
+def ask():  # a name that is no submodule: the whole package, as without the skip, in every thread at once
+    from pyroute2 import NDB, IPRoute
+    seen.append(IPRoute is Linux)
+threads = [threading.Thread(target=ask) for _ in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(seen == [True] * 4, "pyroute2.ndb" in sys.modules)
 """
 
 
