@@ -10,7 +10,7 @@ import dns.opcode
 import dns.rcode
 import dns.rdatatype
 import dns.reversename
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from meshd.dns.zone import Zone, answer, build
@@ -164,6 +164,12 @@ name_text = st.text(alphabet="aZ09-.\\ _@*é\t", max_size=70) | st.builds(
 
 
 @given(name_text)
+@example("\\065b.C")  # an escape dnspython decodes to a plain name: "ab.c"
+@example("b\u00fccher")  # IDNA: "xn--bcher-kva"
+@example("x" * 64)  # a label too long
+@example(".".join(["x" * 63] * 3 + ["x" * 62]))  # 255 bytes: the longest relative name
+@example(".".join(["x" * 63] * 4))
+@example("a..b")
 def test_a_name_is_read_as_dnspython_reads_it(text: str) -> None:
     from meshd.dns import wire, zone
 
@@ -171,6 +177,11 @@ def test_a_name_is_read_as_dnspython_reads_it(text: str) -> None:
 
 
 @given(name_text)
+@example("Corp.Example.")
+@example("b\u00fccher")
+@example("a..b")
+@example(".".join(["x" * 63] * 3 + ["x" * 61]))  # 255 bytes with the root label: the longest name
+@example(".".join(["x" * 63] * 3 + ["x" * 62]))
 def test_a_domain_is_taken_or_refused_as_dnspython_does(text: str) -> None:
     import dns.exception
     import dns.name
