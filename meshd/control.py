@@ -21,16 +21,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from nacl.public import Box, PrivateKey, PublicKey
 from nacl.signing import SigningKey
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
 from meshd.proto import netmap, relay, signing, ticket, trust
 from meshd.proto.encoding import b64decode, b64encode
+
+if TYPE_CHECKING:  # websockets is imported when the map stream opens: not on `meshd up`'s start-up (issue 15)
+    from websockets.asyncio.client import ClientConnection
 
 
 class ControlError(Exception):
@@ -347,6 +348,9 @@ class ControlClient:
         ws_url = "ws" + self.url[len("http") :] + path
         headers = signing.sign_request(self.keys.node_private, self._need_id(), "GET", path, b"", time.time())
         context = self._ssl if ws_url.startswith("wss") else None
+        from websockets.asyncio.client import connect
+        from websockets.exceptions import InvalidStatus, WebSocketException
+
         try:
             ws = await connect(
                 ws_url,
@@ -405,6 +409,8 @@ class MapStream:
 
     async def recv(self, within: float | None = None) -> netmap.ServerMessage:
         """Next message; raises ControlError when the coordinator closed the stream (e.g. node removed)."""
+        from websockets.exceptions import ConnectionClosed  # imported with the stream: a look-up
+
         try:
             async with asyncio.timeout(within):
                 text = await self.ws.recv()

@@ -21,10 +21,10 @@ import errno
 import logging
 from collections.abc import Iterable
 
-from pyroute2 import AsyncIPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-
 from meshd.netlink import netlink_call
+
+# pyroute2 is imported by the calls, not with meshd: `meshd up` imports it when it first reaches netlink,
+# after enrollment (meshd.wg.link, issue 15)
 
 log = logging.getLogger("meshd.exitnode")
 
@@ -37,6 +37,8 @@ _FAMILIES = (2, 10)  #: AF_INET, AF_INET6
 
 
 async def _quiet(request: object) -> None:
+    from pyroute2.netlink.exceptions import NetlinkError
+
     try:
         await request  # type: ignore[misc]
     except NetlinkError as e:
@@ -47,6 +49,8 @@ async def _quiet(request: object) -> None:
 @netlink_call
 async def clear() -> None:
     """Remove our rules and table (whatever is there; never raises for what is already gone)."""
+    from pyroute2.iproute.linux import AsyncIPRoute
+
     async with AsyncIPRoute() as ipr:
         for family in _FAMILIES:
             async for rule in await ipr.rule("dump", family=family):
@@ -69,6 +73,8 @@ async def clear() -> None:
 async def install(ifname: str, keep: Iterable[str], ipv6: bool) -> None:
     """Route everything but `keep` (addresses), the main table's non-default routes and WireGuard's own
     packets through `ifname`. `ipv6`: the exit node carries ::/0 (else IPv6 to the internet is refused)."""
+    from pyroute2.iproute.linux import AsyncIPRoute
+
     await clear()
     async with AsyncIPRoute() as ipr:
         found: list[int] = await ipr.link_lookup(ifname=ifname)

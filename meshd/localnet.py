@@ -16,7 +16,7 @@ WATCH_INTERVAL = 5.0
 
 def local_networks(exclude: str) -> dict[str, Network]:
     """``{"ifname/addr": network}`` of this host's interfaces (not loopback, not ``exclude``)."""
-    from pyroute2 import IPRoute
+    from pyroute2.iproute.linux import IPRoute
 
     out: dict[str, Network] = {}
     with IPRoute() as ipr:

@@ -13,8 +13,6 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pyroute2.netlink.exceptions import NetlinkError
-
 from meshd import exitnode, firewall, forwarding, hosts
 from meshd.state import SOCKET_FILE
 from meshd.wg import link
@@ -83,6 +81,8 @@ async def clean_leftovers(state_dir: Path) -> Runtime | None:
         hosts.HostsFile(Path(rt.hosts_file), tag=rt.interface).remove()
     firewall.remove_table(rt.interface)
     forwarding.remove_table(rt.interface)  # masquerading for routes we carried (issue 17)
+    from pyroute2.netlink.exceptions import NetlinkError  # here: pyroute2 only when there are leftovers
+
     with contextlib.suppress(OSError, NetlinkError):
         await exitnode.clear()  # policy routing towards an exit node (issue 17)
     # sockets of a process that died by SIGKILL (wireguard-go removes its own when it stops cleanly)

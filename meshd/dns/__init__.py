@@ -1,6 +1,7 @@
 """meshd's resolver for mesh names (issue 17).
 
 - :mod:`meshd.dns.zone`: the records (peers, this node, admin records) and the sans-IO answer function;
+- :mod:`meshd.dns.wire`: that answer with dnspython, imported on the first query or after start-up;
 - :mod:`meshd.dns.server`: the thin asyncio UDP + TCP shell on the resolver address;
 - :mod:`meshd.dns.system`: how the host is told about it (systemd-resolved split DNS, or the hosts block).
 

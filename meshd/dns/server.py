@@ -26,6 +26,10 @@ log = logging.getLogger("meshd.dns")
 
 MAX_TCP = 32
 TCP_IDLE = 10.0
+#: seconds after the resolver first answers before dnspython is imported in a thread: past the first
+#: map and handshakes of a start-up, which it would slow down (~40 ms of CPU, issue 15); a query that
+#: comes sooner imports it itself
+WARM_AFTER = 3.0
 
 
 class _Udp(asyncio.DatagramProtocol):
@@ -83,6 +87,9 @@ class Resolver:
         log.info("resolver answering on %s", self.address)
         try:
             async with server:
+                if not dnszone.warmed():
+                    await asyncio.sleep(WARM_AFTER)
+                    await loop.run_in_executor(None, dnszone.warm)
                 await asyncio.Event().wait()
         finally:
             self.address = None

@@ -92,7 +92,7 @@ async def wait_set(event: asyncio.Event, within: float) -> None:
 
 def default_gateway() -> tuple[str, str] | None:
     """(gateway, our source address towards it) of the IPv4 default route, or None."""
-    from pyroute2 import IPRoute
+    from pyroute2.iproute.linux import IPRoute
 
     with IPRoute() as ipr:
         for r in ipr.get_default_routes(family=2):

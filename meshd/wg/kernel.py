@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from typing import Any
-
-from pyroute2 import AsyncWireGuard
-from pyroute2.netlink.exceptions import NetlinkError
+from typing import TYPE_CHECKING, Any
 
 from meshd.netlink import netlink_call
 from meshd.proto.endpoint import Endpoint
@@ -32,6 +29,9 @@ from meshd.wg.model import (
     canonical_networks,
     check_ifname,
 )
+
+if TYPE_CHECKING:  # pyroute2 is imported by the calls, not with meshd (meshd.wg.link, issue 15)
+    from pyroute2.netlink.exceptions import NetlinkError
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,9 @@ class KernelBackend(ReconcilingBackend):
 
     @netlink_call
     async def _read(self) -> InterfaceState:
+        from pyroute2.netlink.exceptions import NetlinkError
+        from pyroute2.netlink.generic.wireguard import AsyncWireGuard
+
         try:
             async with AsyncWireGuard() as wg:
                 await wg.setup_endpoint()  # binds the "wireguard" genl family (ENOENT: no module)
@@ -71,6 +74,9 @@ class KernelBackend(ReconcilingBackend):
 
     @netlink_call
     async def _write(self, ops: list[DeviceOp]) -> None:
+        from pyroute2.netlink.exceptions import NetlinkError
+        from pyroute2.netlink.generic.wireguard import AsyncWireGuard
+
         try:
             async with AsyncWireGuard() as wg:
                 await wg.setup_endpoint()

@@ -12,14 +12,17 @@ from __future__ import annotations
 import errno
 import ipaddress
 from collections.abc import Iterable
-from typing import Any
-
-from pyroute2 import AsyncIPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+from typing import TYPE_CHECKING, Any
 
 from meshd.netlink import netlink_call
 from meshd.wg.diff import plan_set
 from meshd.wg.errors import BackendUnavailable, InterfaceInUse, NetlinkFailure
+
+# pyroute2 is imported by each call, not with this module: importing it is ~30-65 ms of CPU that `meshd
+# up` spends only when it reaches the interface, after enrollment (issue 15); later calls: a look-up
+if TYPE_CHECKING:
+    from pyroute2.iproute.linux import AsyncIPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
 
 ROUTE_PROTO = 77  #: rtm_protocol of the per-peer routes (shows as "proto 77" in `ip route`)
 _MAIN_TABLE = 254
@@ -32,6 +35,8 @@ def _fail(what: str, err: NetlinkError) -> NetlinkFailure:
 @netlink_call
 async def link_index(ifname: str) -> int | None:
     """Index of the link named `ifname` in this namespace, or None."""
+    from pyroute2.iproute.linux import AsyncIPRoute
+
     async with AsyncIPRoute() as ipr:
         found: list[int] = await ipr.link_lookup(ifname=ifname)
     return found[0] if found else None
@@ -40,6 +45,8 @@ async def link_index(ifname: str) -> int | None:
 @netlink_call
 async def link_kind(ifname: str) -> str | None:
     """The rtnetlink kind ("wireguard", "tun", "veth", ...) of a link, "" when it has none, None if absent."""
+    from pyroute2.iproute.linux import AsyncIPRoute
+
     async with AsyncIPRoute() as ipr:
         found: list[int] = await ipr.link_lookup(ifname=ifname)
         if not found:
@@ -52,6 +59,9 @@ async def link_kind(ifname: str) -> str | None:
 @netlink_call
 async def create_wireguard_link(ifname: str) -> None:
     """Create a kernel WireGuard link; BackendUnavailable when the kernel has no WireGuard."""
+    from pyroute2.iproute.linux import AsyncIPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
     try:
         async with AsyncIPRoute() as ipr:
             await ipr.link("add", ifname=ifname, kind="wireguard")
@@ -68,6 +78,9 @@ async def create_wireguard_link(ifname: str) -> None:
 @netlink_call
 async def delete_link(ifname: str) -> None:
     """Delete a link if it exists."""
+    from pyroute2.iproute.linux import AsyncIPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
     async with AsyncIPRoute() as ipr:
         found: list[int] = await ipr.link_lookup(ifname=ifname)
         if not found:
@@ -81,6 +94,9 @@ async def delete_link(ifname: str) -> None:
 
 @netlink_call
 async def set_up(ifname: str, up: bool = True) -> None:
+    from pyroute2.iproute.linux import AsyncIPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
     async with AsyncIPRoute() as ipr:
         index = await _index(ipr, ifname)
         try:
@@ -102,6 +118,9 @@ async def sync_link(
     """Make the link match: exactly these addresses (IPv6 link-local ones are left alone) plus the
     ``local`` ones with scope host (never chosen as a source address), MTU (None = leave), up/down, and
     exactly these routes (our ROUTE_PROTO ones) via the link. Works by diff."""
+    from pyroute2.iproute.linux import AsyncIPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
     async with AsyncIPRoute() as ipr:
         index = await _index(ipr, ifname)
         msgs: list[Any] = await ipr.link("get", index=index)
@@ -166,6 +185,8 @@ async def _index(ipr: AsyncIPRoute, ifname: str) -> int:
 
 async def _quiet(request: Any) -> None:
     """Await a delete; the thing already being gone is fine."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
     try:
         await request
     except NetlinkError as e:

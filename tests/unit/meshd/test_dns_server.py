@@ -92,3 +92,20 @@ async def test_tcp_connections_are_bounded_and_idle_ones_closed(monkeypatch: pyt
         assert r._tcp_open == 0
         for _, w in idle:
             w.close()
+
+
+async def test_dnspython_is_imported_in_a_thread_after_the_resolver_answers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import threading
+
+    from meshd.dns import server, zone
+
+    threads: list[threading.Thread] = []
+    monkeypatch.setattr(server, "WARM_AFTER", 0.0)
+    monkeypatch.setattr(zone, "warmed", lambda: False)
+    monkeypatch.setattr(zone, "warm", lambda: threads.append(threading.current_thread()))
+    r = Resolver("127.0.0.1", free_port(), build("mesh", []))
+    async with running(r):
+        await eventually_async(lambda: threads, within=2)
+    assert threads[0] is not threading.main_thread()  # off the event loop (issue 15)

@@ -10,7 +10,7 @@ import dns.opcode
 import dns.rcode
 import dns.rdatatype
 import dns.reversename
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from meshd.dns.zone import Zone, answer, build
@@ -154,3 +154,46 @@ def test_any_question_name_gets_a_well_formed_answer(raw: bytes, rdtype: str) ->
     wire = answer(q.to_wire(), ZONE)
     assert wire is not None
     assert dns.message.from_wire(wire).rcode() in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN)
+
+
+# names are read without dnspython when they are plain labels (issue 15: no dnspython at start-up);
+# these hold the shortcut to what dnspython itself makes of any text
+name_text = st.text(alphabet="aZ09-.\\ _@*é\t", max_size=70) | st.builds(
+    lambda n, size: ".".join(["x" * size] * n), st.integers(1, 6), st.integers(40, 70)
+)
+
+
+@given(name_text)
+@example("\\065b.C")  # an escape dnspython decodes to a plain name: "ab.c"
+@example("b\u00fccher")  # IDNA: "xn--bcher-kva"
+@example("x" * 64)  # a label too long
+@example(".".join(["x" * 63] * 3 + ["x" * 62]))  # 255 bytes: the longest relative name
+@example(".".join(["x" * 63] * 4))
+@example("a..b")
+def test_a_name_is_read_as_dnspython_reads_it(text: str) -> None:
+    from meshd.dns import wire, zone
+
+    assert zone._key(text) == wire.key(text.strip().rstrip("."))
+
+
+@given(name_text)
+@example("Corp.Example.")
+@example("b\u00fccher")
+@example("a..b")
+@example(".".join(["x" * 63] * 3 + ["x" * 61]))  # 255 bytes with the root label: the longest name
+@example(".".join(["x" * 63] * 3 + ["x" * 62]))
+def test_a_domain_is_taken_or_refused_as_dnspython_does(text: str) -> None:
+    import dns.exception
+    import dns.name
+
+    from meshd.dns import wire
+
+    try:
+        want: dns.name.Name | None = dns.name.from_text(text or "mesh")
+    except (dns.exception.DNSException, ValueError):
+        want = None
+    try:
+        got: dns.name.Name | None = wire.origin(build(text, []).domain)
+    except (dns.exception.DNSException, ValueError):
+        got = None
+    assert got == want

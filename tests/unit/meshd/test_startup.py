@@ -5,8 +5,22 @@ from __future__ import annotations
 import subprocess
 import sys
 import types
+from collections.abc import Iterator
 
-from meshd.startup import UNUSED, skip_unused_imports
+import pytest
+
+from meshd.startup import LEAN, UNUSED, skip_unused_imports
+
+
+@pytest.fixture
+def modules() -> Iterator[None]:
+    """skip_unused_imports() in this process: what it registers goes again after the test."""
+    saved = {name: sys.modules[name] for name in UNUSED + LEAN if name in sys.modules}
+    yield
+    for name in UNUSED + LEAN:
+        sys.modules.pop(name, None)
+    sys.modules.update(saved)
+
 
 #: in a fresh process: skip, then one real HTTP request through httpx/httpcore on asyncio (loopback)
 CODE = """
@@ -38,6 +52,7 @@ def test_the_coordinator_client_works_without_importing_trio() -> None:
     assert out.stdout.split() == ["200", "ok", "False"]
 
 
+@pytest.mark.usefixtures("modules")
 def test_skipping_leaves_an_already_imported_module_alone() -> None:
     fake = types.ModuleType(UNUSED[0])
     saved = sys.modules.get(UNUSED[0])
@@ -51,3 +66,68 @@ def test_skipping_leaves_an_already_imported_module_alone() -> None:
             sys.modules[UNUSED[0]] = saved  # type: ignore[assignment]
         else:
             del sys.modules[UNUSED[0]]
+
+
+#: what `meshd up` imports before its first netlink call, enrollment and the first DNS query
+STARTUP_CODE = """
+import sys
+import meshd.cli, meshd.daemon
+print(" ".join(sorted({m.split(".")[0] for m in sys.modules})))
+"""
+
+
+def test_the_daemon_starts_without_pyroute2_dnspython_or_websockets() -> None:
+    """Imported where first used (issue 15): the interface (after enrollment), the first DNS query (or a
+    thread after start-up: meshd.dns.server), the map stream."""
+    out = subprocess.run([sys.executable, "-c", STARTUP_CODE], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert not {"pyroute2", "dns", "websockets", "prometheus_client"} & set(out.stdout.split())
+
+
+def test_what_start_up_leaves_out_can_be_imported_ahead() -> None:
+    code = "from meshd.startup import DEFERRED, import_deferred; import_deferred(); print(*DEFERRED)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert {"pyroute2.iproute.linux", "meshd.dns.wire"} <= set(out.stdout.split())
+
+
+#: in a fresh process, as `meshd up` does: skip, then what the daemon's netlink calls import
+LEAN_CODE = """
+import sys
+from meshd.startup import skip_unused_imports
+skip_unused_imports()
+import meshd.cli, meshd.daemon
+import pyroute2.iproute.linux, pyroute2.netlink.exceptions, pyroute2.netlink.generic.wireguard
+print(" ".join(sorted({m.split(".")[1] for m in sys.modules if m.startswith("pyroute2.")})))
+import threading
+from pyroute2.iproute.linux import IPRoute as Linux
+seen = []
+def ask():  # a name that is no submodule: the whole package, as without the skip, in every thread at once
+    from pyroute2 import NDB, IPRoute
+    seen.append(IPRoute is Linux)
+threads = [threading.Thread(target=ask) for _ in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(seen == [True] * 4, "pyroute2.ndb" in sys.modules)
+"""
+
+
+def test_the_daemon_imports_the_pyroute2_submodules_it_uses_and_not_the_package() -> None:
+    out = subprocess.run([sys.executable, "-c", LEAN_CODE], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    used, whole = out.stdout.splitlines()
+    assert "iproute" in used.split() and "netlink" in used.split()
+    assert not {"ndb", "ipdb", "conntrack", "ipset", "nftables", "plan9", "ethtool", "iwutil"} & set(
+        used.split()
+    )
+    assert whole == "True True"
+
+
+@pytest.mark.usefixtures("modules")
+def test_an_imported_pyroute2_is_left_alone() -> None:
+    import pyroute2
+
+    skip_unused_imports()
+    assert sys.modules["pyroute2"] is pyroute2 and "__getattr__" not in vars(pyroute2)
