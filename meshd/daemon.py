@@ -25,11 +25,24 @@ import contextlib
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from meshd import api, enrollment, eventloop, firewall, hosts, localnet, runtime, sdnotify, services, teardown
+from meshd import (
+    api,
+    enrollment,
+    eventloop,
+    firewall,
+    hosts,
+    localnet,
+    runtime,
+    sdnotify,
+    services,
+    startup,
+    teardown,
+)
 from meshd.control import ControlClient
 from meshd.credentials import CredentialError, Credentials
 from meshd.dns.service import DnsConfigError, MeshDns
@@ -160,6 +173,11 @@ class Daemon:
             raise DaemonError(str(e)) from None
         creds = self.creds = enrollment.open_credentials(self.opts, self.store, self.clock)
         self._client = creds.client
+        # what start-up left out and the first ping needs (pyroute2, websockets) is imported by a thread
+        # while enrollment waits on the network, not by the loop when first used
+        threading.Thread(
+            target=startup.import_deferred, args=(startup.NEEDED_FIRST,), name="meshd-imports", daemon=True
+        ).start()
         # the interface needs nothing from the coordinator: wireguard-go starts while enrollment waits on
         # the network (issue 15: ~40 ms off the first ping). Errors keep their order: enrollment's first.
         interface = asyncio.create_task(self._create_interface(), name="meshd-interface")

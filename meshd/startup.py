@@ -40,6 +40,9 @@ DEFERRED = (
     "websockets.asyncio.client",
     "meshd.dns.wire",
 )
+#: the part of DEFERRED that the first ping waits for (the interface, the map stream, the relay link);
+#: the DNS answer code (~30 ms of CPU) is left to the resolver, which imports it later (meshd.dns.server)
+NEEDED_FIRST = DEFERRED[:4]
 
 
 def skip_unused_imports() -> None:
@@ -89,8 +92,12 @@ def lean_package(name: str) -> None:
     sys.modules[name] = package
 
 
-def import_deferred() -> None:
-    """Import :data:`DEFERRED` now (meant for a thread: ``loop.run_in_executor``); each import is done
-    once, so the first netlink call, stream or query finds it in ``sys.modules``."""
-    for name in DEFERRED:
-        importlib.import_module(name)
+def import_deferred(names: tuple[str, ...] = DEFERRED) -> None:
+    """Import `names` now (meant for a thread: meshd.daemon starts one with :data:`NEEDED_FIRST`); each
+    import is done once, so the first netlink call, stream or query finds it in ``sys.modules``. A module
+    that fails here is left to its first real use, which reports the error where it matters."""
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            continue
