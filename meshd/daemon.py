@@ -25,7 +25,6 @@ import contextlib
 import logging
 import os
 import signal
-import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -40,7 +39,6 @@ from meshd import (
     runtime,
     sdnotify,
     services,
-    startup,
     teardown,
 )
 from meshd.control import ControlClient
@@ -173,11 +171,10 @@ class Daemon:
             raise DaemonError(str(e)) from None
         creds = self.creds = enrollment.open_credentials(self.opts, self.store, self.clock)
         self._client = creds.client
-        # what start-up left out and the first ping needs (pyroute2, websockets) is imported by a thread
-        # while enrollment waits on the network, not by the loop when first used
-        threading.Thread(
-            target=startup.import_deferred, args=(startup.NEEDED_FIRST,), name="meshd-imports", daemon=True
-        ).start()
+        # No thread imports what start-up left out (meshd.startup.DEFERRED) "while enrollment waits": tried,
+        # the import thread held the GIL whenever the loop's I/O came back, and enrollment took 150-250 ms
+        # instead of 83-118, bringing the interface up 73-127 ms instead of 14-28 (issue 15). pyroute2
+        # comes in with the first netlink call, on the netlink thread, concurrently with enrollment.
         # the interface needs nothing from the coordinator: wireguard-go starts while enrollment waits on
         # the network (issue 15: ~40 ms off the first ping). Errors keep their order: enrollment's first.
         interface = asyncio.create_task(self._create_interface(), name="meshd-interface")

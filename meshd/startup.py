@@ -40,9 +40,6 @@ DEFERRED = (
     "websockets.asyncio.client",
     "meshd.dns.wire",
 )
-#: the part of DEFERRED that the first ping waits for (the interface, the map stream, the relay link);
-#: the DNS answer code (~30 ms of CPU) is left to the resolver, which imports it later (meshd.dns.server)
-NEEDED_FIRST = DEFERRED[:4]
 
 
 def skip_unused_imports() -> None:
@@ -93,9 +90,9 @@ def lean_package(name: str) -> None:
 
 
 def import_deferred(names: tuple[str, ...] = DEFERRED) -> None:
-    """Import `names` now (meant for a thread: meshd.daemon starts one with :data:`NEEDED_FIRST`); each
-    import is done once, so the first netlink call, stream or query finds it in ``sys.modules``. A module
-    that fails here is left to its first real use, which reports the error where it matters."""
+    """Import `names` now (benchmarks/startup_imports.py measures them so). A module that fails here is
+    left to its first real use, which reports the error where it matters. The daemon does not call this
+    from a thread during enrollment: that slowed enrollment down (meshd.daemon, Daemon._main)."""
     for name in names:
         try:
             importlib.import_module(name)
