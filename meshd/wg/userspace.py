@@ -134,7 +134,7 @@ class UserspaceBackend(ReconcilingBackend):
                 f"interface name {self._name} is in use by another wireguard-go ({self._sock} answers; "
                 "that directory is shared by all network namespaces): choose another --interface"
             )
-        if await link.link_index(self._name) is not None:
+        if link.exists(self._name):
             raise InterfaceInUse(
                 f"interface {self._name} already exists; choose another --interface or delete it"
             )

@@ -542,3 +542,14 @@ def _peer(state: dict[str, Any], key: str) -> dict[str, Any]:
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--fork-server"]:
     _fork_server()
+
+
+@pytest.mark.skipif(BACKEND != "userspace", reason="the userspace backend's own check")
+def test_a_link_of_that_name_that_exists_already_is_refused_and_left_alone(lab: Lab) -> None:
+    a, _ = lab.pair()
+    sh("ip", "link", "add", a.ifname, "type", "bridge", ns=a.ns)
+    a.call("open")
+    r = a.try_call("create")
+    assert not r["ok"] and r["type"] == "InterfaceInUse", r
+    assert "already exists" in r["error"] and "\n" not in r["error"]
+    assert "bridge" in sh("ip", "-d", "link", "show", a.ifname, ns=a.ns).stdout  # still the user's link
