@@ -49,6 +49,7 @@ from meshd.mapapply import MapApplier
 from meshd.nat.mapper import PortMapShell
 from meshd.nat.strategy import PathStrategy, open_paths
 from meshd.options import DaemonError, Options
+from meshd.proto import netmap
 from meshd.relay.manager import RelayManager
 from meshd.relay.peersignals import PeerRelaySignals
 from meshd.router import RouteService
@@ -171,21 +172,15 @@ class Daemon:
             raise DaemonError(str(e)) from None
         creds = self.creds = enrollment.open_credentials(self.opts, self.store, self.clock)
         self._client = creds.client
-        # No thread imports what start-up left out (meshd.startup.DEFERRED) "while enrollment waits": tried,
-        # the import thread held the GIL whenever the loop's I/O came back, and enrollment took 150-250 ms
-        # instead of 83-118, bringing the interface up 73-127 ms instead of 14-28 (issue 15). pyroute2
-        # comes in with the first netlink call, on the netlink thread, concurrently with enrollment.
-        # the interface needs nothing from the coordinator: wireguard-go starts while enrollment waits on
-        # the network (issue 15: ~40 ms off the first ping). Errors keep their order: enrollment's first.
+        # The interface needs nothing from the coordinator: wireguard-go starts while enrollment waits on the
+        # network (issue 15). (No thread imports the deferred modules meanwhile: measured, its GIL held up
+        # the loop; enrollment took 150-250 ms instead of 83-118.)
         interface = asyncio.create_task(self._create_interface(), name="meshd-interface")
-        try:
-            await enrollment.enroll_if_needed(creds, self.opts)
-        except BaseException:
-            interface.cancel()
-            await asyncio.wait({interface})
-            if not interface.cancelled():
-                interface.exception()  # retrieved: the enrollment's error is the one to report
-            raise
+        await enrollment.enroll_alongside(creds, self.opts, interface)
+        # the map stream opens while the interface is configured; maps wait for `ready` (issue 15: the
+        # stream's handshake and first map took 100-200 ms after "meshd up" when opened last)
+        ready = asyncio.Event()
+        self._start_session(ready)
         await interface
         await self._bring_up(creds)
         await self._start_paths(creds)
@@ -196,6 +191,7 @@ class Daemon:
             raise DaemonError(str(e)) from None
         self._metrics = await services.start_metrics(self)
         self._start_loops(creds)
+        ready.set()
         sdnotify.notify("READY=1")
         name = creds.enrollment.name
         log.info("meshd up: %s on %s (%s)", name, self.opts.interface, self.kind())
@@ -287,20 +283,30 @@ class Daemon:
             except OSError as e:
                 log.warning("no port maps: %s", e)
 
-    def _start_loops(self, creds: Credentials) -> None:
-        assert self.applier is not None and self._client is not None
-        applier = self.applier
+    def _start_session(self, ready: asyncio.Event) -> None:
+        """The map stream, held open from now on; each map is applied once ``ready`` is set."""
+        assert self._client is not None
+
+        async def apply(m: netmap.NetMap) -> None:
+            await ready.wait()
+            assert self.applier is not None
+            await self.applier.apply(m)
+
         self.session = ControlSession(
             self._client,
-            on_map=applier.apply,
+            on_map=apply,
             on_signal=self._on_signal,
             on_revoked=self._revoked,
             candidates=lambda: self.paths.candidates() if self.paths else [],
-            current_map=lambda: applier.map,
+            current_map=lambda: self.applier.map if self.applier else None,
         )
+        self.tasks.start("stream", self.session.run, give_up_after=GIVE_UP_AFTER)
+
+    def _start_loops(self, creds: Credentials) -> None:
+        assert self.applier is not None and self._client is not None
+        applier = self.applier
         creds.on_rekey = self._rekey
         kw: dict[str, Any] = {"give_up_after": GIVE_UP_AFTER}
-        self.tasks.start("stream", self.session.run, **kw)
         self.tasks.start("renew", lambda: creds.renew_loop(lambda: applier.map), **kw)
         self.tasks.start("watch", lambda: localnet.watch(self.opts.interface, self._local_changed), **kw)
         services.start_loops(self, self._client, GIVE_UP_AFTER)

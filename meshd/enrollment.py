@@ -59,3 +59,17 @@ async def enroll_if_needed(creds: Credentials, opts: Options) -> None:
                 await creds.recover_pending_key()
         except (CredentialError, TimeoutError) as e:
             log.warning("%s; the first map will settle it", e or "no answer about the pending key")
+
+
+async def enroll_alongside(creds: Credentials, opts: Options, alongside: asyncio.Task[None]) -> None:
+    """:func:`enroll_if_needed` while `alongside` (the interface coming up) runs on. When enrollment fails,
+    `alongside` is cancelled and enrollment's error is the one raised, as when the two ran one after the
+    other; `alongside`'s own outcome is left to the caller to await."""
+    try:
+        await enroll_if_needed(creds, opts)
+    except BaseException:
+        # cancel() also marks an error it already ended with as seen (no "never retrieved" in the log):
+        # enrollment's error is the news
+        alongside.cancel()
+        await asyncio.wait({alongside})
+        raise
