@@ -3,15 +3,16 @@
 Life of ``meshd up`` (docs/design.md):
 
 1. Load or create the state dir (keys are made here and never leave the host) and enroll if needed
-   (meshd.enrollment; the options and DaemonError: meshd.options).
-2. Bring up the WireGuard interface, remove what a crashed daemon left (meshd.runtime), start the relay
-   client (meshd.relay) and the path strategy (meshd.nat.strategy: traversal, or LAN/relay only when no
-   raw socket can be opened), ask the router for a port map, open the local control socket (meshd.api).
-3. Supervised loops (meshd.supervise): the control session (meshd.session: map stream, candidates),
-   certificate renewal and key rotation (meshd.credentials), the local address watch (meshd.localnet),
-   and the optional services (meshd.services: metrics, DNS, advertised routes, path reports, peer relay;
-   its signals: meshd.relay.peersignals). Every map goes through meshd.mapapply; status and netcheck
-   documents are built by meshd.status.
+   (meshd.enrollment; the options and DaemonError: meshd.options). Meanwhile, what a crashed daemon left
+   is removed (meshd.runtime) and the WireGuard interface is created (wireguard-go started).
+2. Right after enrollment the control session (meshd.session: map stream, candidates) opens; its maps
+   wait until step 3 is done. Configure the interface, start the relay client (meshd.relay) and the path
+   strategy (meshd.nat.strategy: traversal, or LAN/relay only when no raw socket can be opened), ask the
+   router for a port map, open the local control socket (meshd.api).
+3. Supervised loops (meshd.supervise): certificate renewal and key rotation (meshd.credentials), the
+   local address watch (meshd.localnet), and the optional services (meshd.services: metrics, DNS,
+   advertised routes, path reports, peer relay; its signals: meshd.relay.peersignals). Every map goes
+   through meshd.mapapply; status and netcheck documents are built by meshd.status.
 4. On SIGTERM/SIGINT, ``meshd down``, revocation, or a loop that keeps failing: cancel everything, then
    remove port maps, relay links, the interface, the firewall table and our hosts block, each step
    bounded in time so that meshd is gone within 5 s whatever the network or the coordinator does
