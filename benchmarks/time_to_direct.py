@@ -65,6 +65,8 @@ TARGET_DIRECT = 1.0
 TARGET_LAN = 0.5  #: direct on a shared LAN
 RUN_TIMEOUT = 30.0  #: seconds per run, from starting the daemons
 SLOW_PING = 1.5  #: --dump-slow keeps runs whose first ping took longer (or whose handshakes crossed)
+#: a daemon's log line that says a first handshake needed help (meshd.nat.endpoints): --dump-slow keeps it
+HELPED = ("initiating again", "no WireGuard handshake from the peer yet")
 
 
 @dataclass(frozen=True)
@@ -267,6 +269,16 @@ def wg_handshakes(path: Path, kind: int = 1) -> tuple[list[float], list[float]]:
 _KINDS = {1: "init", 2: "resp", 3: "cookie", 4: "data"}
 
 
+def _helped(*nodes: Node) -> bool:
+    """A daemon's log says a first handshake had to be started again (``HELPED``)."""
+    for node in nodes:
+        with contextlib.suppress(OSError):
+            text = node.log.read_text(errors="replace")
+            if any(line in text for line in HELPED):
+                return True
+    return False
+
+
 def dump_run(where: Path, mesh: Mesh, nodes: tuple[Node, Node], caps: list[Path], t0_wall: float) -> None:
     """Keep a slow or crossed run's evidence: both daemons' logs, the coordinator's, the captures and
     a timeline of the WireGuard messages each host sent and received (s after start; the first 30 data
@@ -307,14 +319,17 @@ def crossed(a: tuple[list[float], list[float]], b: tuple[list[float], list[float
 def one_run(
     sc: Scenario, hold: float, capture: bool = True, debug_logs: bool = False, dump: Path | None = None
 ) -> Run:
-    """One run; with ``dump``, a run with crossed first handshakes or a first ping later than
-    ``SLOW_PING`` s (or none) leaves its evidence there (:func:`dump_run`)."""
+    """One run; with ``dump``, a run with crossed first handshakes, a first ping later than ``SLOW_PING``
+    s (or none) or a first handshake meshd had to start again (``HELPED``) leaves its evidence there
+    (:func:`dump_run`)."""
     run = Run()
     with Lab() as lab, Mesh(lab) as mesh:
         mesh.start_coordinator(lab.server(name="coord"))
         hosts = sc.build(lab)
         # call-me-maybe and probe answers are logged at debug level (which costs time: opt-in)
         debug = ("--log-level", "debug") if debug_logs else ()
+        if debug_logs:  # wireguard-go's own account of every handshake message, in the daemons' logs
+            os.environ["MESHD_WG_LOG_LEVEL"] = "verbose"
         if sc.join:  # alpha joins a mesh of beta and gamma (beta: the one it pings)
             ha, hb, hc = hosts
             b = mesh.up(hb, "beta", extra=debug)
@@ -398,7 +413,8 @@ def one_run(
             answers = [t for cap in caps for t in wg_handshakes(cap, kind=2)[1]]  # responses received
             if answers:
                 run.phases["wg hs"] = min(answers) - t0_wall
-        if dump is not None and capture and (run.crossed or run.ping is None or run.ping > SLOW_PING):
+        slow = run.crossed or run.ping is None or run.ping > SLOW_PING
+        if dump is not None and capture and (slow or _helped(a, b)):
             dump_run(dump / f"{sc.name}-{datetime.now():%H%M%S}", mesh, (a, b), caps, t0_wall)
         if run.ping is None or run.path is None:
             run.error = f"alpha log:\n{a.log_tail(12)}\nbeta log:\n{b.log_tail(12)}"
@@ -496,8 +512,8 @@ def main() -> None:
         "--dump-slow",
         type=Path,
         metavar="DIR",
-        help=f"keep logs, captures and a WireGuard message timeline of runs that crossed or pinged "
-        f"later than {SLOW_PING:g} s in DIR/<scenario>-<time>/",
+        help=f"keep logs, captures and a WireGuard message timeline of runs that crossed, pinged later "
+        f"than {SLOW_PING:g} s or restarted a first handshake in DIR/<scenario>-<time>/",
     )
     ap.add_argument(
         "--bytecode",
