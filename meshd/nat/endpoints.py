@@ -28,8 +28,11 @@ later sent nothing, and the first handshake waited for the restart below, about 
 slow first ping of the time_to_direct runs). The same stamp is why the higher key's fallback restarts the
 handshake rather than only turning keepalive on: its own packets burned attempts while it had no endpoint.
 
+An initiation that reaches the peer through the relay before the peer's WireGuard has us is not lost:
+the peer's relay client holds it until its map's reconcile added us (meshd.relay.waiting).
+
 Should a first handshake still cross (the higher key's fallback meeting a late initiation of the lower
-key) or the lower key's first initiation be lost (the peer did not know us yet), the lower key does not
+key) or the lower key's first initiation be lost (e.g. on a direct path), the lower key does not
 wait for WireGuard's 5 s retry: with no handshake ``RESTART_AFTER`` seconds after its keepalive went on,
 it removes the peer and adds it back (``restart_handshake``), which initiates again at once (at most
 ``MAX_RESTARTS`` times). The higher key falls back only while nothing at all came from the peer (a
