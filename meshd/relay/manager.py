@@ -265,8 +265,11 @@ class RelayManager:
             return
         now = time.monotonic()
         for key in self._wg_peers:
-            for packet in self.waiting.take(key, now):
+            held = self.waiting.take(key, now)
+            for packet in held:
                 self.proxies.deliver(key, packet)
+            if held:
+                log.debug("relay: %d packet(s) from %s waited for WireGuard", len(held), key.hex()[:8])
 
     def _is_open(self, rid: int) -> bool:
         return self.regions[rid].open_link is not None  # route() asks only about known regions
