@@ -68,6 +68,9 @@ TARGET_JOIN_PING = 0.7  #: a third node joining a mesh of two
 TARGET_DIRECT = 1.0
 TARGET_LAN = 0.5  #: direct on a shared LAN
 RUN_TIMEOUT = 30.0  #: seconds per run, from starting the daemons
+SLOW_PING = 1.5  #: --dump-slow keeps runs whose first ping took longer (or whose handshakes crossed)
+#: a daemon's log line that says a first handshake needed help (meshd.nat.endpoints): --dump-slow keeps it
+HELPED = ("initiating again", "no WireGuard handshake from the peer yet")
 
 
 @dataclass(frozen=True)
@@ -202,7 +205,8 @@ def _phases(node: Node, t0_wall: float) -> dict[str, float]:
 
 WG_PORT = 41641  #: meshd's default WireGuard listen port (Mesh.up keeps it)
 _PKT = re.compile(
-    r"^(?P<ts>\d+\.\d+) .* IP (?P<src>[\d.]+)\.(?P<sport>\d+) > (?P<dst>[\d.]+)\.(?P<dport>\d+): UDP"
+    r"^(?P<ts>\d+\.\d+) (?P<pre>.*?)\bIP "
+    r"(?P<src>[\d.]+)\.(?P<sport>\d+) > (?P<dst>[\d.]+)\.(?P<dport>\d+): UDP"
 )
 
 
@@ -221,18 +225,18 @@ def start_capture(host: Host, path: Path) -> subprocess.Popen[bytes]:
     return proc
 
 
-def wg_handshakes(path: Path, kind: int = 1) -> tuple[list[float], list[float]]:
-    """(times WireGuard on this host sent a handshake initiation, times it received one), from a capture
-    (``kind=2``: handshake responses).
+def wg_packets(path: Path) -> list[tuple[float, str, int, str, int, int, bool]]:
+    """Every WireGuard message in a capture: (time, src, sport, dst, dport, type, sent) where either
+    port is WireGuard's (type byte: 1 initiation, 2 response, 3 cookie, 4 data; whitepaper §5.4).
 
-    WireGuard messages (type byte 1 = initiation, 148 bytes; whitepaper §5.4.2) sent by WireGuard have its
-    port as source, received ones as destination, on eth0 and on lo (relay proxy) alike.
-    """
+    ``sent``: this host's WireGuard sent it. Not "the source port is WireGuard's": the NATs of the lab
+    keep port 41641, so on a direct path the peer's messages come from that port too. The capture (``-i
+    any``) says which way a packet went, except on lo, where both ways show as "In": there WireGuard's
+    own port (the relay proxies bind others) tells."""
     out = subprocess.run(
         ["tcpdump", "-r", str(path), "-n", "-tt", "-x"], capture_output=True, text=True, timeout=30
     ).stdout
-    sent: list[float] = []
-    received: list[float] = []
+    pkts: list[tuple[float, str, int, str, int, int, bool]] = []
     head: re.Match[str] | None = None
     hexdump: list[str] = []
 
@@ -242,11 +246,12 @@ def wg_handshakes(path: Path, kind: int = 1) -> tuple[list[float], list[float]]:
         data = bytes.fromhex("".join(hexdump))
         ihl = (data[0] & 0x0F) * 4 if data else 20
         payload = data[ihl + 8 : ihl + 12]
-        if payload == bytes([kind, 0, 0, 0]) and len(data) >= ihl + 8 + 4:
-            if int(head["sport"]) == WG_PORT:
-                sent.append(float(head["ts"]))
-            elif int(head["dport"]) == WG_PORT:
-                received.append(float(head["ts"]))
+        sport, dport = int(head["sport"]), int(head["dport"])
+        wg = len(payload) == 4 and payload[0] in (1, 2, 3, 4) and payload[1:] == bytes(3)
+        words = head["pre"].split()
+        sent = "Out" in words or (words[:1] == ["lo"] and sport == WG_PORT)
+        if wg and (sport if sent else dport) == WG_PORT:
+            pkts.append((float(head["ts"]), head["src"], sport, head["dst"], dport, payload[0], sent))
 
     for line in out.splitlines():
         if line[:1].isdigit():
@@ -255,7 +260,61 @@ def wg_handshakes(path: Path, kind: int = 1) -> tuple[list[float], list[float]]:
         elif line.strip().startswith("0x") and head is not None:
             hexdump.append("".join(line.split(":", 1)[1].split()))
     flush()
-    return sent, received
+    return pkts
+
+
+def wg_handshakes(path: Path, kind: int = 1) -> tuple[list[float], list[float]]:
+    """(times WireGuard on this host sent a handshake initiation, times it received one), from a capture
+    (``kind=2``: handshake responses).
+
+    WireGuard messages (type byte 1 = initiation, 148 bytes; whitepaper §5.4.2) on the uplink and on lo
+    (relay proxy) alike; which way each went: :func:`wg_packets`.
+    """
+    pkts = [p for p in wg_packets(path) if p[5] == kind]
+    return [p[0] for p in pkts if p[6]], [p[0] for p in pkts if not p[6]]
+
+
+_KINDS = {1: "init", 2: "resp", 3: "cookie", 4: "data"}
+
+
+def _helped(*nodes: Node) -> bool:
+    """A daemon's log says a first handshake had to be started again (``HELPED``)."""
+    for node in nodes:
+        with contextlib.suppress(OSError):
+            text = node.log.read_text(errors="replace")
+            if any(line in text for line in HELPED):
+                return True
+    return False
+
+
+def dump_run(where: Path, mesh: Mesh, nodes: tuple[Node, Node], caps: list[Path], t0_wall: float) -> None:
+    """Keep a slow or crossed run's evidence: both daemons' logs, the coordinator's, the captures and
+    a timeline of the WireGuard messages each host sent and received (s after start; the first 30 data
+    messages per host, every handshake message)."""
+    where.mkdir(parents=True, exist_ok=True)
+    for node in nodes:
+        with contextlib.suppress(OSError):
+            shutil.copy(node.log, where / f"{node.name}.log")
+    with contextlib.suppress(OSError):
+        shutil.copy(mesh.dir / "coordinator.log", where / "coordinator.log")
+    lines = []
+    for node, cap in zip(nodes, caps, strict=True):
+        with contextlib.suppress(OSError):
+            shutil.copy(cap, where / f"{node.name}.pcap")
+        data = 0
+        for ts, src, sport, dst, dport, kind, sent in wg_packets(cap):
+            if kind == 4:
+                data += 1
+                if data > 30:
+                    continue
+            way = "sent" if sent else "recv"
+            lines.append(
+                (
+                    ts,
+                    f"{ts - t0_wall:8.3f} {node.name:6} {way} {_KINDS[kind]:6} {src}:{sport} > {dst}:{dport}",
+                )
+            )
+    (where / "timeline.txt").write_text("".join(text + "\n" for _, text in sorted(lines)))
 
 
 def crossed(a: tuple[list[float], list[float]], b: tuple[list[float], list[float]]) -> bool:
@@ -265,13 +324,20 @@ def crossed(a: tuple[list[float], list[float]], b: tuple[list[float], list[float
     return bool(sa and sb and (not ra or sa[0] < ra[0]) and (not rb or sb[0] < rb[0]))
 
 
-def one_run(sc: Scenario, hold: float, capture: bool = True, debug_logs: bool = False) -> Run:
+def one_run(
+    sc: Scenario, hold: float, capture: bool = True, debug_logs: bool = False, dump: Path | None = None
+) -> Run:
+    """One run; with ``dump``, a run with crossed first handshakes, a first ping later than ``SLOW_PING``
+    s (or none) or a first handshake meshd had to start again (``HELPED``) leaves its evidence there
+    (:func:`dump_run`)."""
     run = Run()
     with Lab() as lab, Mesh(lab) as mesh:
         mesh.start_coordinator(lab.server(name="coord"))
         hosts = sc.build(lab)
         # call-me-maybe and probe answers are logged at debug level (which costs time: opt-in)
         debug = ("--log-level", "debug") if debug_logs else ()
+        if debug_logs:  # wireguard-go's own account of every handshake message, in the daemons' logs
+            os.environ["MESHD_WG_LOG_LEVEL"] = "verbose"
         if sc.join:  # alpha joins a mesh of beta and gamma (beta: the one it pings)
             ha, hb, hc = hosts
             b = mesh.up(hb, "beta", extra=debug)
@@ -372,6 +438,9 @@ def one_run(sc: Scenario, hold: float, capture: bool = True, debug_logs: bool = 
             answers = [t for cap in caps for t in wg_handshakes(cap, kind=2)[1]]  # responses received
             if answers:
                 run.phases["wg hs"] = min(answers) - t0_wall
+        slow = run.crossed or run.ping is None or run.ping > SLOW_PING
+        if dump is not None and capture and (slow or _helped(a, b)):
+            dump_run(dump / f"{sc.name}-{datetime.now():%H%M%S}", mesh, (a, b), caps, t0_wall)
         if run.ping is None or run.path is None:
             run.error = f"alpha log:\n{a.log_tail(12)}\nbeta log:\n{b.log_tail(12)}"
     return run
@@ -488,6 +557,13 @@ def main() -> None:
         help="daemons log at debug level: adds the call-me-maybe and first-probe-answered phases (slower)",
     )
     ap.add_argument(
+        "--dump-slow",
+        type=Path,
+        metavar="DIR",
+        help=f"keep logs, captures and a WireGuard message timeline of runs that crossed, pinged later "
+        f"than {SLOW_PING:g} s or restarted a first handshake in DIR/<scenario>-<time>/",
+    )
+    ap.add_argument(
         "--bytecode",
         choices=("compiled", "source"),
         default="compiled",
@@ -517,7 +593,9 @@ def main() -> None:
         results[sc.name] = []
         for i in range(runs):
             try:
-                r = one_run(sc, hold, capture=not args.no_capture, debug_logs=args.debug_logs)
+                r = one_run(
+                    sc, hold, capture=not args.no_capture, debug_logs=args.debug_logs, dump=args.dump_slow
+                )
             except (LabError, MeshError) as e:
                 r = Run(error=str(e).splitlines()[0])
             results[sc.name].append(r)

@@ -7,7 +7,8 @@
 2. the firewall (policy layer 2) first, so that a newly visible peer never finds an open door; if nft
    fails, no peer is configured at all (fail closed) and ``firewall_error`` says why;
 3. relay regions and peers' home regions (the relay is every new peer's first path);
-4. WireGuard, reconciled by diff (an unchanged peer keeps its session);
+4. WireGuard, reconciled by diff (an unchanged peer keeps its session); then the relay is told which
+   peers WireGuard has (what a new peer sent through it meanwhile was held: meshd.relay.waiting);
 5. the path strategy's STUN servers and peers (meshd.nat.strategy);
 6. our block of the hosts file.
 
@@ -147,6 +148,8 @@ class MapApplier:
             ops = await self.backend.apply(desired)
             if self.routes is not None:  # exit node: policy routing once WireGuard has the routes
                 await self.routes.settle(self.routed)
+        if self.relay is not None:  # relayed handshakes from a new peer waited for this (meshd.relay.waiting)
+            self.relay.configured(p.public_key for p in desired.peers)
         if ops:
             log.info("wireguard: %d change(s)", len(ops))
 

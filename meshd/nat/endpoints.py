@@ -19,8 +19,20 @@ initiation it makes then cannot leave, the lower key's initiation arrives, WireG
 address it came from (it roams there), and the packets that triggered its own attempt go out once the
 lower key confirms the session. Only then does it get the endpoint decided meanwhile (``held``).
 
+The lower key's WireGuard gets its endpoint in the very operation that adds the peer (``first_endpoint``,
+through the map's reconcile), not a moment later when the relay decision is carried out. wireguard-go
+stamps a handshake attempt *before* sending it and makes at most one per REKEY_TIMEOUT (5 s): a packet to
+the peer in between (the user's first ping, as soon as the hosts file names it) made an attempt that
+failed ("no known endpoint for peer") and silenced the peer, so turning keepalive on a few milliseconds
+later sent nothing, and the first handshake waited for the restart below, about 2 s (issue 15: every
+slow first ping of the time_to_direct runs). The same stamp is why the higher key's fallback restarts the
+handshake rather than only turning keepalive on: its own packets burned attempts while it had no endpoint.
+
+An initiation that reaches the peer through the relay before the peer's WireGuard has us is not lost:
+the peer's relay client holds it until its map's reconcile added us (meshd.relay.waiting).
+
 Should a first handshake still cross (the higher key's fallback meeting a late initiation of the lower
-key) or the lower key's first initiation be lost (the peer did not know us yet), the lower key does not
+key) or the lower key's first initiation be lost (e.g. on a direct path), the lower key does not
 wait for WireGuard's 5 s retry: with no handshake ``RESTART_AFTER`` seconds after its keepalive went on,
 it removes the peer and adds it back (``restart_handshake``), which initiates again at once (at most
 ``MAX_RESTARTS`` times). The higher key falls back only while nothing at all came from the peer (a
@@ -118,6 +130,16 @@ class WgEndpoints:
         a = self._applied.get(peer)
         return bool(a and a.keepalive_on)
 
+    def first_endpoint(self, peer: str) -> Endpoint | None:
+        """The endpoint WireGuard adds ``peer`` with: the relay proxy if we have the lower key and no
+        endpoint was set yet (so keepalive is on from the start, ``peerset.wg_peers``), else None (keep
+        what WireGuard has). See the module docstring: a peer without an endpoint loses its first
+        handshake to the first packet sent to it."""
+        a = self._applied.get(peer)
+        if (a is not None and a.endpoint is not None) or not self.own_key() < peer:
+            return None
+        return self.relay_endpoint(peer)
+
     async def apply_loop(self) -> None:
         """Carry out decisions as they come (run it as a supervised task)."""
         while True:
@@ -168,7 +190,7 @@ class WgEndpoints:
                 if lh is not None or (late and ps.rx_bytes == 0):
                     if lh is None:
                         log.info("%s: no WireGuard handshake from the peer yet: starting one", a.name)
-                    await self._release(ps.public_key, a, mono)
+                    await self._release(ps.public_key, a, mono, handshake=lh is not None)
                 continue
             if (
                 ps.endpoint != a.endpoint
@@ -241,12 +263,14 @@ class WgEndpoints:
             "%s: no WireGuard handshake %.1f s after starting one: initiating again", a.name, RESTART_AFTER
         )
 
-    async def _release(self, peer: str, a: _Applied, now: float) -> None:
-        """The first handshake happened (or the lower key is late): give WireGuard the endpoint decided
-        meanwhile, with keepalive."""
+    async def _release(self, peer: str, a: _Applied, now: float, handshake: bool) -> None:
+        """The first handshake happened (or the lower key is late: ``handshake`` False): give WireGuard
+        the endpoint decided meanwhile, with keepalive (and a fresh handshake when there was none)."""
         assert a.endpoint is not None
         try:
             await self.backend.set_endpoint(peer, a.endpoint, KEEPALIVE_SECONDS)
+            if not handshake:  # our own packets may have burned the attempt keepalive would make
+                await self.backend.restart_handshake(peer)
         except WgError as e:
             log.debug("%s: setting endpoint %s: %s", a.name, format_endpoint(a.endpoint), e)
             return

@@ -178,7 +178,9 @@ class Traversal:
         return self._core.path(wg_key)
 
     def endpoint_for(self, wg_key: str, candidates: Iterable[Endpoint]) -> Endpoint | None:
-        return None  # endpoints are set here, once a probe was answered (or the relay proxy)
+        # endpoints are set here, once a probe was answered (or the relay proxy); only the lower key's
+        # new peer is added with its relay proxy (meshd.nat.endpoints: no packet may find it without one)
+        return self._wg.first_endpoint(wg_key)
 
     def keepalive_on(self, wg_key: str) -> bool:
         return self._wg.keepalive_on(wg_key)

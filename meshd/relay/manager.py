@@ -34,6 +34,7 @@ from meshd.relay.proxy import ProxyTable
 from meshd.relay.region import RegionLink, RegionStatus
 from meshd.relay.tickets import TicketCache, TicketSource
 from meshd.relay.udpports import UdpPorts
+from meshd.relay.waiting import Waiting
 from meshd.supervise import supervise
 
 log = logging.getLogger("meshd.relay")
@@ -68,6 +69,10 @@ class RelayManager:
         self.udp = UdpPorts(wg_port, on_moved=lambda k: self.on_moved(b64encode(k)))
         self.peer_home: dict[bytes, int | None] = {}  #: from the map
         self._relayed: set[bytes] = set()  #: peers the path machines put on the relay
+        #: peers WireGuard has (:meth:`configured`; None until told: then every map peer counts), and
+        #: the handshake messages of senders it does not have yet (meshd.relay.waiting)
+        self._wg_peers: set[bytes] | None = None
+        self.waiting = Waiting()
         self.dropped = 0
         self.reconnects: dict[int, int] = {}  #: region id -> links made again after one was lost (metrics)
         self._up = False
@@ -240,8 +245,31 @@ class RelayManager:
             self.dropped += 1
 
     def received(self, src: bytes, packet: bytes | memoryview) -> None:
-        if (src in self.proxies or src in self.peer_home) and not self.closed:
+        if self.closed:
+            return
+        if self._wg_peers is None:
+            if src in self.proxies or src in self.peer_home:
+                self.proxies.deliver(src, packet)
+        elif src in self._wg_peers:
             self.proxies.deliver(src, packet)
+        else:  # a peer's first initiation may come before our WireGuard has the peer: it waits
+            self.waiting.hold(src, packet, time.monotonic())
+
+    def configured(self, wg_keys: Iterable[str]) -> None:
+        """WireGuard has exactly these peers now (MapApplier, after each reconcile): their relayed
+        packets go to it, and what the ones just added sent meanwhile is delivered now."""
+        if self.closed:
+            return
+        self._wg_peers = {b64decode(k, length=32) for k in wg_keys}
+        if not self.waiting:
+            return
+        now = time.monotonic()
+        for key in self._wg_peers:
+            held = self.waiting.take(key, now)
+            for packet in held:
+                self.proxies.deliver(key, packet)
+            if held:
+                log.debug("relay: %d packet(s) from %s waited for WireGuard", len(held), key.hex()[:8])
 
     def _is_open(self, rid: int) -> bool:
         return self.regions[rid].open_link is not None  # route() asks only about known regions

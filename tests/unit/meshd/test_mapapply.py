@@ -198,3 +198,30 @@ async def test_a_map_from_a_newly_endorsed_key_is_verified_after_one_fetch(tmp_p
         with pytest.raises(MapRefused, match="unknown key"):
             await check_map(rogue, 1, client.map_keys)
     assert asked == [1, 1], "an unknown key is asked about once"
+
+
+async def test_the_relay_is_told_which_peers_wireguard_has_only_once_it_has_them(setup: Any) -> None:
+    """A new peer's relayed handshake waits in the relay client until WireGuard has the peer
+    (meshd.relay.waiting): so the relay hears it after the reconcile, and not at all when it failed."""
+    applier, rec, calls, _ = setup
+
+    class Relay:
+        def set_regions(self, regions: object) -> None:
+            calls.append("relay regions")
+
+        def set_peers(self, peers: object) -> None:
+            calls.append("relay peers")
+
+        def configured(self, keys: Any) -> None:
+            calls.append(f"relay: wireguard has {sorted(keys)}")
+
+    b = peer(2, "b")
+    applier.relay = Relay()
+    await applier.apply(a_map(1, b))
+    has_b = f"relay: wireguard has {[b.wg_public_key]}"
+    assert calls == ["firewall", "relay regions", "relay peers", "wireguard", has_b, "hosts"]
+    calls.clear()
+    rec.fail_wg = True
+    with pytest.raises(WgError):
+        await applier.apply(a_map(2, b, peer(3, "c")))
+    assert not [c for c in calls if c.startswith("relay: wireguard has")]

@@ -50,6 +50,50 @@ class RoamingBackend:
         self.restarts += 1
 
 
+class WireGuardGo(RoamingBackend):
+    """RoamingBackend that also follows wireguard-go's rule for starting a handshake (device/send.go,
+    SendHandshakeInitiation): at most one attempt per REKEY_TIMEOUT, stamped *before* it is sent, so an
+    attempt without an endpoint ("no known endpoint for peer") silences the peer for 5 s. A packet to
+    the peer and turning keepalive on each make an attempt; removing and adding the peer forgets it."""
+
+    REKEY_TIMEOUT = 5.0
+
+    def __init__(self, clock: list[float], endpoint: Endpoint | None, keepalive: int) -> None:
+        super().__init__()  # AddPeer(endpoint, keepalive), as the map's reconcile does
+        self.clock, self.endpoint, self.keepalive = clock, endpoint, keepalive
+        self.last_handshake = None
+        self.attempted_at: float | None = None
+        self.initiations: list[tuple[float, Endpoint]] = []  #: (when, where) initiations left
+        if keepalive:
+            self.attempt()
+
+    def attempt(self) -> None:
+        now = self.clock[0]
+        if self.attempted_at is not None and now - self.attempted_at < self.REKEY_TIMEOUT:
+            return
+        self.attempted_at = now
+        if self.endpoint is not None:
+            self.initiations.append((now, self.endpoint))
+
+    def packet(self) -> None:
+        """The user sends the peer something (no session yet)."""
+        self.attempt()
+
+    async def set_endpoint(
+        self, public_key: str, endpoint: Endpoint, persistent_keepalive: int | None = None
+    ) -> None:
+        was = self.keepalive
+        await super().set_endpoint(public_key, endpoint, persistent_keepalive)
+        if not was and self.keepalive:
+            self.attempt()
+
+    async def restart_handshake(self, public_key: str) -> None:
+        await super().restart_handshake(public_key)
+        self.attempted_at = None
+        if self.keepalive:
+            self.attempt()
+
+
 async def _applied(wg: WgEndpoints) -> None:
     task = asyncio.create_task(wg.apply_loop())
     for _ in range(5):
@@ -183,3 +227,42 @@ async def test_no_restart_once_the_first_handshake_happened() -> None:
     clock[0] += 3 * RESTART_AFTER
     await wg.handshakes()
     assert backend.restarts == 0
+
+
+async def test_a_packet_before_the_first_decision_cannot_silence_the_lower_keys_first_initiation() -> None:
+    """Issue 15, seen in every slow first ping of time_to_direct: the map added the peer to WireGuard
+    without an endpoint, the first ping (the hosts file named the peer already) made wireguard-go try a
+    handshake it could not send, and keepalive turned on with the relay endpoint a few ms later sent
+    nothing for 5 s: the first handshake waited ~2 s for the restart. Now the lower key's peer is added
+    with its relay endpoint, so the first initiation leaves with the peer, whatever comes next."""
+    clock = [2000.0]
+    wg = _endpoints(RoamingBackend(), own_key="wg-a", clock=clock)
+    first = wg.first_endpoint(PEER)
+    backend = WireGuardGo(clock, first, KEEPALIVE_SECONDS if first is not None else 0)
+    wg.backend = cast(WireGuardBackend, backend)
+    clock[0] += 0.01
+    backend.packet()  # the first ping, before the relay decision is carried out
+    wg.decide(PEER, "b", UseRelay(PEER, "start"))
+    await _applied(wg)
+    assert backend.initiations == [(2000.0, PROXY)], "the first initiation left at once, to the relay"
+    assert backend.keepalive == KEEPALIVE_SECONDS and wg.keepalive_on(PEER)
+    assert wg.first_endpoint(PEER) is None, "set once: later maps keep what WireGuard has"
+
+
+async def test_only_the_lower_key_adds_its_new_peer_with_an_endpoint() -> None:
+    wg = _endpoints(RoamingBackend(), own_key="wg-z")
+    assert wg.first_endpoint(PEER) is None, "the higher key's WireGuard has no endpoint until a handshake"
+
+
+async def test_the_higher_keys_fallback_initiates_even_after_its_own_packets_burned_the_attempt() -> None:
+    """The higher key's WireGuard has no endpoint, so a packet to the peer burns its attempt; turning
+    keepalive on within 5 s of that would send nothing: the fallback restarts the handshake."""
+    _, clock, wg = await _started("wg-z")
+    wireguard = WireGuardGo(clock, None, 0)
+    wg.backend = cast(WireGuardBackend, wireguard)
+    clock[0] += KEEPALIVE_FALLBACK - 1.0
+    wireguard.packet()
+    assert wireguard.initiations == []
+    clock[0] += 1.0
+    await wg.handshakes()
+    assert wireguard.initiations == [(clock[0], PROXY)]

@@ -156,7 +156,10 @@ async def test_with_a_raw_socket_open_paths_gives_the_probing_traversal(fake_raw
     paths = await _open(FakeBackend(), relay_up=False)
     try:
         assert isinstance(paths, Traversal) and paths.probing
-        assert paths.endpoint_for("wg-b", PEER.candidates) is None, "the engine sets endpoints itself"
+        # the engine sets endpoints itself, except the relay proxy a new peer of the lower key ("wg-a" <
+        # "wg-b") is added with (meshd.nat.endpoints); a higher key than ours gets none
+        assert paths.endpoint_for("wg-b", PEER.candidates) == ("127.0.0.1", 40000)
+        assert paths.endpoint_for("wg-0", ()) is None
     finally:
         await paths.close()
     assert fake_raw[0].closed and not paths.probing
@@ -175,6 +178,7 @@ async def test_a_new_peer_is_none_while_the_relay_is_down_then_relay(fake_raw: l
         await eventually_async(lambda: backend.endpoints, within=2.0, what="relay endpoint set")
         assert backend.endpoints[0] == ("wg-b", ("127.0.0.1", 40000), 25)
         assert paths.keepalive_on("wg-b")
+        assert paths.endpoint_for("wg-b", PEER.candidates) is None, "from now on WireGuard keeps its own"
     finally:
         await paths.close()
 
