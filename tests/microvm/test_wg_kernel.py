@@ -38,6 +38,7 @@ KERNEL = Path(os.environ.get("MESHD_TEST_KERNEL") or _default_kernel())
 KERNEL_ONLY_SKIPS = {  # in-VM tests that exercise wireguard-go only and skip by design under the kernel
     "test_same_name_in_another_namespace_is_refused_with_a_clear_error",
     "test_wireguard_go_is_restarted_and_reconfigured_when_it_dies",
+    "test_a_link_of_that_name_that_exists_already_is_refused_and_left_alone",
 }
 
 pytestmark = [pytest.mark.microvm, pytest.mark.slow, pytest.mark.timeout(900)]
