@@ -553,3 +553,42 @@ def test_a_link_of_that_name_that_exists_already_is_refused_and_left_alone(lab: 
     assert not r["ok"] and r["type"] == "InterfaceInUse", r
     assert "already exists" in r["error"] and "\n" not in r["error"]
     assert "bridge" in sh("ip", "-d", "link", "show", a.ifname, ns=a.ns).stdout  # still the user's link
+
+
+LEAN_BACKEND = """
+import asyncio, json, sys
+from meshd.startup import skip_unused_imports
+skip_unused_imports()  # as `meshd up` does: pyroute2 registered without its package __init__ (issue 15)
+from meshd import eventloop
+from meshd.wg.keys import generate_private_key, public_key
+from meshd.wg.model import InterfaceConfig, PeerConfig
+from meshd.wg.select import open_backend
+
+async def main(kind, ifname):
+    b = await open_backend(kind, ifname)
+    await b.create()
+    peer = PeerConfig(public_key=public_key(generate_private_key()), allowed_ips=("100.64.0.3/32",),
+                      endpoint=("192.168.77.2", 41641))
+    cfg = InterfaceConfig(name=ifname, private_key=generate_private_key(), listen_port=41641,
+                          addresses=("100.64.0.2/32",), peers=(peer,))
+    first = await b.apply(cfg)
+    state = await b.state()
+    again = await b.apply(cfg)
+    await b.close()
+    print(json.dumps({"kind": b.kind, "first": len(first), "again": len(again), "port": state.listen_port,
+                      "peers": len(state.peers), "init_ran": "pyroute2.ndb" in sys.modules}))
+
+eventloop.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+def test_the_backend_works_in_a_process_that_skips_pyroute2s_package_init(lab: Lab) -> None:
+    """`meshd up` imports only the pyroute2 submodules it uses (meshd.startup.lean_package); the backend
+    (kernel in the microVM, wireguard-go on the host) creates, configures, reads and removes its link so."""
+    a, _ = lab.pair()
+    r = sh("ip", "netns", "exec", a.ns, sys.executable, "-c", LEAN_BACKEND, BACKEND, a.ifname)
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out == {"kind": BACKEND, "first": out["first"], "again": 0, "port": 41641, "peers": 1,
+                   "init_ran": False}, out  # fmt: skip
+    assert out["first"] >= 1
+    assert sh("ip", "link", "show", a.ifname, ns=a.ns, check=False).returncode != 0  # removed again
