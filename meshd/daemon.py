@@ -30,18 +30,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from meshd import (
-    api,
-    enrollment,
-    eventloop,
-    firewall,
-    hosts,
-    localnet,
-    runtime,
-    sdnotify,
-    services,
-    teardown,
-)
+from meshd import api, enrollment, eventloop, firewall, hosts, localnet, runtime, sdnotify, services, teardown
 from meshd.control import ControlClient
 from meshd.credentials import CredentialError, Credentials
 from meshd.dns.service import DnsConfigError, MeshDns
