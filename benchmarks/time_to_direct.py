@@ -59,6 +59,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.direct_throughput import cpu_seconds
 from meshd import api
 from tests.netns.lab import Host, Lab, LabError
 from tests.netns.mesh import MESHD, Mesh, MeshError, Node
@@ -351,7 +352,7 @@ def one_run(
         tcpdumps = [start_capture(h, c) for h, c in zip((ha, hb), caps, strict=True)] if capture else []
         stop = threading.Event()
         coord_pid = mesh.coord_proc.pid if mesh.coord_proc is not None else None
-        coord0 = _cpu_seconds(coord_pid) if coord_pid is not None else None
+        coord0 = cpu_seconds(coord_pid) if coord_pid is not None else None
         t0 = time.monotonic()
         t0_wall = time.time()
         a = mesh.up(ha, "alpha", key=keys[0], wait=False, extra=debug)
@@ -385,7 +386,7 @@ def one_run(
         def sampler() -> None:  # the joining daemon's CPU every 10 ms: how much of it was start-up
             pid = a.proc.pid if a.proc is not None else None
             while pid is not None and not stop.is_set() and time.monotonic() < deadline:
-                if (c := _cpu_seconds(pid)) is not None:
+                if (c := cpu_seconds(pid)) > 0:  # 0: the process is gone
                     run.cpu_trace.append((time.time() - t0_wall, c))
                 time.sleep(0.01)
 
@@ -446,26 +447,14 @@ def one_run(
     return run
 
 
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _cpu_seconds(pid: int) -> float | None:
-    """utime + stime of a process (its own, not its children's), from /proc/PID/stat."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / _TICK
-
-
 def _cpu_now(a: Node, b: Node | None, mesh: Mesh) -> dict[str, float]:
     """CPU used so far by the daemons (the larger of the two) and the coordinator."""
     out: dict[str, float] = {}
-    daemons = [c for n in (a, b) if n is not None and n.proc is not None if (c := _cpu_seconds(n.proc.pid))]
+    daemons = [c for n in (a, b) if n is not None and n.proc is not None if (c := cpu_seconds(n.proc.pid))]
     if daemons:
         out["meshd"] = max(daemons)
-    if mesh.coord_proc is not None and (c := _cpu_seconds(mesh.coord_proc.pid)) is not None:
-        out["coordinator"] = c
+    if mesh.coord_proc is not None:
+        out["coordinator"] = cpu_seconds(mesh.coord_proc.pid)
     return out
 
 

@@ -11,7 +11,7 @@ next to its own trio code is left alone.
 pyroute2's package ``__init__`` imports every part of the library (~160 modules: NDB, IPDB, conntrack,
 ipset, nl80211, plan9 ...) whichever one is asked for; meshd uses three classes of two submodules
 (``pyroute2.iproute.linux``, ``pyroute2.netlink.generic.wireguard``) and ``NetlinkError``. The ``meshd
-up`` process registers the package without running that ``__init__`` (:func:`lean_pyroute2`): its
+up`` process registers the package without running that ``__init__`` (:func:`lean_package`): its
 submodules import what they need themselves (``from pyroute2 import config``: submodules, found by the
 import system) and set nothing up in the package. Importing them is ~30 ms of CPU instead of ~65 ms.
 The first name asked of the package that is no submodule (``from pyroute2 import NDB``) runs the real
@@ -89,11 +89,11 @@ def lean_package(name: str) -> None:
     sys.modules[name] = package
 
 
-def import_deferred(names: tuple[str, ...] = DEFERRED) -> None:
-    """Import `names` now (benchmarks/startup_imports.py measures them so). A module that fails here is
-    left to its first real use, which reports the error where it matters. The daemon does not call this
-    from a thread during enrollment: that slowed enrollment down (meshd.daemon, Daemon._main)."""
-    for name in names:
+def import_deferred() -> None:
+    """Import :data:`DEFERRED` now (benchmarks/startup_imports.py measures them so). A module that fails
+    here is left to its first real use, which reports the error where it matters. The daemon does not call
+    this from a thread during enrollment: that slowed enrollment down (meshd.daemon, Daemon._main)."""
+    for name in DEFERRED:
         try:
             importlib.import_module(name)
         except ImportError:
