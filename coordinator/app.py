@@ -59,7 +59,8 @@ class BodyLimit:
                 message: dict[str, Any] = await receive()  # after the body: a disconnect, no deadline
             else:
                 try:
-                    message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
+                    async with asyncio.timeout_at(deadline):  # keeps a cancellation (wait_for may not)
+                        message = await receive()
                 except TimeoutError:
                     answered = True
                     await _status(send, 408, "request body not received in time", close=True)

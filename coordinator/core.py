@@ -504,8 +504,11 @@ class Core:
                     )
                     await conn.add_listener(NOTIFY_CHANNEL, lambda *_: woken.set())
                     await conn.add_listener(SIGNAL_CHANNEL, lambda *a: self._deliver_signal(str(a[-1])))
+                # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation that comes
+                # with a NOTIFY, and stop() then waited for this loop forever (a CI hang)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(woken.wait(), 5.0)
+                    async with asyncio.timeout(5.0):
+                        await woken.wait()
                 woken.clear()
                 async with self._lock, self.sessions() as session, session.begin():
                     await self._catch_up(session)

@@ -197,7 +197,8 @@ async def serve(settings: Settings) -> None:
         # close streams so graceful shutdown doesn't wait on them
         await core.hub.stop()
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
+            async with asyncio.timeout(5):
+                await asyncio.gather(*tasks, return_exceptions=True)
     finally:
         for t in stun_transports:
             t.close()

@@ -234,7 +234,8 @@ async def serve(opts: RelayOptions) -> None:
         for t in tasks[1:]:
             t.cancel()
         with contextlib.suppress(Exception):  # uvicorn's own shutdown trouble: we exit anyway
-            await asyncio.wait_for(tasks[0], 3)
+            async with asyncio.timeout(3):
+                await tasks[0]
         for st in stun:
             st.close()
         sock.close()

@@ -95,7 +95,8 @@ async def _serve(ws: WebSocket, hub: RelayHub, authenticated: Callable[[], None]
             if conn.key is None:
                 left = deadline - asyncio.get_running_loop().time()
                 try:
-                    msg = await asyncio.wait_for(ws.receive(), max(left, 0.0))
+                    async with asyncio.timeout(max(left, 0.0)):  # keeps a cancellation (wait_for may not)
+                        msg = await ws.receive()
                 except TimeoutError:
                     conn.close("no CLIENT_HELLO in time", tell=True)
                     break
