@@ -70,6 +70,7 @@ TARGET_DIRECT = 1.0
 TARGET_LAN = 0.5  #: direct on a shared LAN
 RUN_TIMEOUT = 30.0  #: seconds per run, from starting the daemons
 SLOW_PING = 1.5  #: --dump-slow keeps runs whose first ping took longer (or whose handshakes crossed)
+SLOW_DIRECT = 1.0  #: ... or whose expected direct path came later than the target
 #: a daemon's log line that says a first handshake needed help (meshd.nat.endpoints): --dump-slow keeps it
 HELPED = ("initiating again", "no WireGuard handshake from the peer yet")
 
@@ -440,6 +441,7 @@ def one_run(
             if answers:
                 run.phases["wg hs"] = min(answers) - t0_wall
         slow = run.crossed or run.ping is None or run.ping > SLOW_PING
+        slow = slow or (sc.expect == "direct" and (run.path is None or run.path > SLOW_DIRECT))
         if dump is not None and capture and (slow or _helped(a, b)):
             dump_run(dump / f"{sc.name}-{datetime.now():%H%M%S}", mesh, (a, b), caps, t0_wall)
         if run.ping is None or run.path is None:
@@ -550,7 +552,8 @@ def main() -> None:
         type=Path,
         metavar="DIR",
         help=f"keep logs, captures and a WireGuard message timeline of runs that crossed, pinged later "
-        f"than {SLOW_PING:g} s or restarted a first handshake in DIR/<scenario>-<time>/",
+        f"than {SLOW_PING:g} s, went direct later than {SLOW_DIRECT:g} s or restarted a first handshake "
+        "in DIR/<scenario>-<time>/",
     )
     ap.add_argument(
         "--bytecode",

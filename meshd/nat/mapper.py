@@ -142,6 +142,7 @@ class PortMapShell:
         self._wake = asyncio.Event()
         self._closed = False
         self.upnp_seen = False
+        self.gateway: str | None = None  #: the IPv4 default gateway (UPnP searches it directly too)
         self._upnp_expires: float | None = None  #: when the UPnP lease ends (self.clock)
 
     async def start(self) -> None:
@@ -152,6 +153,7 @@ class PortMapShell:
         if self._closed:
             return
         gateway, src = gw
+        self.gateway = gateway
         # the same nonce after a restart: a PCP server refuses to renew our mapping with another one
         nonce = hashlib.sha256(f"meshd-pcp {self.tag} {self.port}".encode()).digest()[:12]
         self._pm = PortMapper(gateway, src, self.port, lifetime=self.lease, nonce=nonce)
@@ -293,7 +295,8 @@ class PortMapShell:
         """Discover an IGD in parallel; map only if NAT-PMP/PCP have not already; renew at half-lease."""
         while True:
             try:
-                igd = await blocking(upnp.Igd.discover, within=UPNP_CALL_TIMEOUT, name="upnp-discover")
+                discover = functools.partial(upnp.Igd.discover, gateway=self.gateway)
+                igd = await blocking(discover, within=UPNP_CALL_TIMEOUT, name="upnp-discover")
                 await blocking(igd.external_ip, within=UPNP_CALL_TIMEOUT, name="upnp-probe")
                 self.upnp_seen = True  # maps nothing: tells netcheck the router speaks UPnP
             except (upnp.UpnpError, TimeoutError) as e:

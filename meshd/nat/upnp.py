@@ -7,9 +7,14 @@ replaces its own stale maps (and never touches anyone else's).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
+import time
 from dataclasses import dataclass
 from typing import Any
+
+from meshd.proto import ssdp
 
 log = logging.getLogger("meshd.nat.upnp")
 
@@ -38,7 +43,15 @@ class Igd:
         self._u = client
 
     @classmethod
-    def discover(cls, *, discover_ms: int = 300) -> Igd:
+    def discover(cls, *, gateway: str | None = None, discover_ms: int = 300) -> Igd:
+        """Our own SSDP search first (meshd.proto.ssdp: the first answer ends it, ~50 ms against
+        miniupnpc's full second); miniupnpc's discovery when it finds nothing usable."""
+        location = find_location(gateway, within=SEARCH_WITHIN)
+        if location is not None:
+            try:
+                return cls(_client_at(location))
+            except UpnpError as e:
+                log.debug("UPnP: the device at %s: %s; trying miniupnpc's discovery", location, e)
         return cls(_client(discover_ms))
 
     def external_ip(self) -> str:
@@ -57,7 +70,51 @@ class Igd:
             raise UpnpError(f"deleting UDP {external_port}: {e}") from None
 
 
-def _client(discover_ms: int) -> Any:
+SEARCH_WITHIN = 0.4  #: seconds our SSDP search waits for a gateway's answer (miniupnpd: ~50 ms)
+
+
+def find_location(gateway: str | None, *, within: float) -> str | None:
+    """The description URL of the first IGD that answers an SSDP search within ``within`` s (blocking).
+
+    The search goes to the SSDP multicast group and, when we know the gateway, to its port 1900 as well
+    (UDA 1.1 §1.3.2 unicast search), twice for each IGD version: a lost datagram costs no full second."""
+    deadline = time.monotonic() + within
+    requests = [ssdp.search(t) for t in ssdp.TARGETS]
+    destinations = [ssdp.MULTICAST] + ([(gateway, ssdp.PORT)] if gateway else [])
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 2)  # as miniupnpc: the LAN only
+
+        def send_all() -> None:
+            for dst in destinations:
+                for req in requests:
+                    with contextlib.suppress(OSError):  # no route to one of them: the other may do
+                        sock.sendto(req, dst)
+
+        send_all()
+        again = True  # once more half-way through, for a lost datagram
+        while (left := deadline - time.monotonic()) > 0:
+            if again and left <= within / 2:
+                send_all()
+                again = False
+            sock.settimeout(max(0.001, left - within / 2 if again else left))
+            try:
+                data, src = sock.recvfrom(ssdp.MAX_ANSWER + 1)
+            except TimeoutError:
+                continue
+            except OSError:
+                return None
+            answer = ssdp.parse_answer(data, src[0])
+            if answer is not None:
+                return answer.location
+    return None
+
+
+def _client_at(location: str) -> Any:
+    """A miniupnpc client for the IGD described at ``location`` (no discovery)."""
+    return _client(0, location)
+
+
+def _client(discover_ms: int, location: str | None = None) -> Any:
     try:
         import miniupnpc
     except ImportError as e:  # pragma: no cover - a dependency of the project
@@ -65,9 +122,12 @@ def _client(discover_ms: int) -> Any:
     u = miniupnpc.UPnP()
     u.discoverdelay = discover_ms
     try:
-        if u.discover() == 0:
+        if location is not None:
+            u.selectigd(location)  # reads the description there: UPNP_GetIGDFromUrl
+        elif u.discover() == 0:
             raise UpnpError("no UPnP device answered")
-        u.selectigd()
+        else:
+            u.selectigd()
     except Exception as e:  # miniupnpc raises plain Exception
         raise UpnpError(f"no UPnP IGD: {e}") from None
     return u

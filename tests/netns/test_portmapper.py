@@ -110,3 +110,32 @@ def test_router_speaking_one_protocol_is_mapped_with_it(
         assert any("lost" in e for e in events) or events[-1] == {"closed": True}
     else:
         assert grants and all(g["granted"] == expect for g in grants), events
+
+
+# Finds the IGD with meshd's own SSDP search (no miniupnpc discovery), maps through it and deletes.
+UPNP_SEARCH = textwrap.dedent(
+    """
+    import json, sys, time
+    from meshd.nat import upnp
+    gw = sys.argv[1]
+    t = time.monotonic()
+    where = upnp.find_location(gw, within=2.0)
+    found = time.monotonic() - t
+    igd = upnp.Igd(upnp._client_at(where))
+    m = igd.add_mapping(41641, 60, "search-test")
+    igd.delete_mapping(m.external_port)
+    print(json.dumps({"location": where, "found_s": found, "external": [m.external_ip, m.external_port]}))
+    """
+)
+
+
+def test_our_ssdp_search_finds_miniupnpd_and_maps_through_it(lab: Lab) -> None:
+    """UPnP-only router: the search answers with the router's description URL on its LAN address, and the
+    client made from it maps (miniupnpc's own discovery would have waited a full second)."""
+    a = lab.host(nat="upnp", portmap=("upnp",))
+    router = a.router
+    assert router is not None
+    got = json.loads(a.python(UPNP_SEARCH, router.lan_ip, timeout=30))
+    assert got["location"].startswith(f"http://{router.lan_ip}:")
+    assert got["external"] == [router.wan_ip, INTERNAL]
+    assert got["found_s"] < 2.0, "an answer, not the end of the window"

@@ -25,7 +25,7 @@ class FakeIgd:
     maps: set[int] = set()
 
     @classmethod
-    def discover(cls, *, discover_ms: int = 300) -> FakeIgd:
+    def discover(cls, *, gateway: str | None = None, discover_ms: int = 300) -> FakeIgd:
         return cls()
 
     def external_ip(self) -> str:
