@@ -44,6 +44,7 @@ from meshd.relay.manager import RelayManager
 from meshd.relay.peersignals import PeerRelaySignals
 from meshd.router import RouteService
 from meshd.session import ControlSession
+from meshd.startup import GC_AFTER_UP, GC_PAUSE_MAX, resume_gc
 from meshd.state import StateDir, StateError, StateLock
 from meshd.supervise import TaskGroup
 from meshd.wg.base import WireGuardBackend
@@ -107,6 +108,7 @@ class Daemon:
         if os.geteuid() != 0:
             raise DaemonError("meshd up must run as root (it configures network interfaces); use sudo")
         loop = asyncio.get_running_loop()
+        loop.call_later(GC_PAUSE_MAX, resume_gc)  # off since the command began (startup.main)
         for sig in (signal.SIGTERM, signal.SIGINT):  # from the first moment: a stop during start-up cleans up
             loop.add_signal_handler(sig, self.stop, f"signal {sig.name}")
         main = asyncio.create_task(self._main(on_ready), name="meshd-main")
@@ -185,6 +187,7 @@ class Daemon:
         sdnotify.notify("READY=1")
         name = creds.enrollment.name
         log.info("meshd up: %s on %s (%s)", name, self.opts.interface, self.kind())
+        asyncio.get_running_loop().call_later(GC_AFTER_UP, resume_gc)
         if on_ready is not None:
             on_ready()
         await asyncio.Event().wait()  # until cancelled by run()

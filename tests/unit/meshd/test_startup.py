@@ -131,3 +131,35 @@ def test_an_imported_pyroute2_is_left_alone() -> None:
 
     skip_unused_imports()
     assert sys.modules["pyroute2"] is pyroute2 and "__getattr__" not in vars(pyroute2)
+
+
+#: the console script's main() in a fresh process, with the CLI replaced by a probe of the collector
+GC_CODE = """
+import gc, sys
+import meshd.cli
+from meshd import startup
+meshd.cli.main = lambda: print(gc.isenabled(), gc.get_freeze_count() > 0)
+sys.argv = ["meshd", *sys.argv[1:]]
+startup.main()
+"""
+
+
+@pytest.mark.parametrize(("argv", "on"), [(["status"], "True True"), (["up", "--help"], "False False")])
+def test_the_collector_is_off_while_meshd_up_starts_and_on_for_other_commands(
+    argv: list[str], on: str
+) -> None:
+    """Module docstring of meshd/startup.py: ``meshd up`` turns it on itself (Daemon.run/_main)."""
+    out = subprocess.run(
+        [sys.executable, "-c", GC_CODE, *argv], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == on
+
+
+def test_resuming_the_collector_freezes_once_and_turns_it_on() -> None:
+    code = (
+        "import gc; from meshd import startup; gc.disable(); startup.resume_gc(); n = gc.get_freeze_count();"
+        "[object() for _ in range(10)]; startup.resume_gc();"
+        "print(gc.isenabled(), n > 0, gc.get_freeze_count() == n)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split() == ["True", "True", "True"]
