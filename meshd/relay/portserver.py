@@ -9,6 +9,10 @@ else is dropped and counted). The hot path is a tuple comparison, a 4-byte check
 With a kernel forwarder (:mod:`meshd.relay.udpkernel`, when the process has CAP_NET_ADMIN) the
 bound pair is also installed as nftables DNAT/SNAT rules, so WireGuard packets stop reaching Python;
 binds still do (they come from the node's WireGuard port, so they match the rule; see udpkernel).
+The install runs on the forwarder's own thread (meshd.relay.forwarderthread: it takes tens of ms of
+processes); until it is done the pair's ports forward nothing in userspace (a packet sent from a port
+then would leave a conntrack entry that moves the kernel's masquerade to another port) and the "bound"
+state the nodes wait for is held back, so they stay on the TCP relay until the kernel path is ready.
 
 What the core asks to tell a node (grants, states) and what an ended allocation leaves (audit records)
 differ between the two programs: subclasses implement :meth:`PortServer._send_grant`,
@@ -23,6 +27,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from meshd.proto import relayport
@@ -53,7 +58,10 @@ def parse_range(text: str) -> range | None:
 class KernelForwarder(Protocol):
     """The fast path: install/remove the forwarding of one bound allocation (udpkernel.NftForwarder)."""
 
-    def install(self, alloc: Allocation) -> None: ...
+    def install(self, alloc: Allocation, done: Callable[[], None]) -> None:
+        """Start installing; ``done()`` follows from any thread, whether it worked or not."""
+        ...
+
     def remove(self, alloc: Allocation) -> None: ...
     def counters(self, alloc: Allocation) -> tuple[int, int, int, int] | None: ...
     def close(self) -> None: ...
@@ -80,7 +88,7 @@ class _Port:
     60 % of the packets (6 us on uvloop).
     """
 
-    __slots__ = ("_buf", "_view", "closed", "dropped", "out", "owner", "side", "sock")
+    __slots__ = ("_buf", "_view", "closed", "dropped", "out", "owner", "paused", "side", "sock")
 
     def __init__(self, owner: PortServer, side: Side, sock: socket.socket) -> None:
         self.owner = owner
@@ -89,6 +97,7 @@ class _Port:
         self.out: _Port | None = None
         self.dropped = 0  #: datagrams neither forwarded nor a bind (spoofed, unbound, not WireGuard)
         self.closed = False
+        self.paused = False  #: the kernel forwarding of our pair is being installed: forward nothing
         self._buf = bytearray(READ_MAX)
         self._view = memoryview(self._buf)
 
@@ -122,7 +131,7 @@ class _Port:
                 and buf[3] == 0
             ):
                 other, out = side.other, self.out
-                if other.addr is not None and out is not None and not out.closed:
+                if other.addr is not None and out is not None and not out.closed and not self.paused:
                     try:
                         out.sock.sendto(view[:n], other.addr)
                     except OSError:  # the send buffer is full (UDP may drop) or the route went away
@@ -138,6 +147,12 @@ class _Port:
                     return
                 continue
             self.dropped += 1
+
+
+@dataclass
+class _Installing:
+    count: int = 0  #: kernel installs of the pair under way (a rebind may start one more)
+    held: list[relayport.SendState] = field(default_factory=list)  #: states told when the last is done
 
 
 class PortServer:
@@ -157,6 +172,7 @@ class PortServer:
         self.clock = clock
         self.protos: dict[int, _Port] = {}
         self._opened_wall: dict[int, float] = {}  #: allocation id -> wall clock at creation (audit)
+        self._installing: dict[int, _Installing] = {}  #: id(alloc) -> its kernel installs under way
         self._loop: asyncio.AbstractEventLoop | None = None
         self.closed = False
 
@@ -204,17 +220,48 @@ class PortServer:
             if isinstance(ev, relayport.SendGrant):
                 self._send_grant(ev.to, ev.grant)
             elif isinstance(ev, relayport.SendState):
-                self._send_state(ev.to, ev.peer, ev.flags, ev.node)
+                pending = self._installing.get(id(self.core.by_pair.get(frozenset((ev.to, ev.peer)))))
+                if pending is not None and ev.flags != PortFlags.CLOSED:
+                    pending.held.append(ev)  # told once the kernel forwards the pair
+                else:
+                    self._send_state(ev.to, ev.peer, ev.flags, ev.node)
             elif isinstance(ev, relayport.Opened):
                 self._open(ev.alloc)
             elif isinstance(ev, relayport.Bound):
                 if self.kernel is not None and ev.alloc.a.addr and ev.alloc.b.addr:
-                    try:
-                        self.kernel.install(ev.alloc)
-                    except Exception as exc:  # nft refused: userspace keeps forwarding
-                        log.warning("relay ports: kernel forwarding not installed: %s", exc)
+                    self._install(ev.alloc, self.kernel)
             else:
                 self._ended(ev.alloc, ev.reason)
+
+    def _install(self, alloc: Allocation, kernel: KernelForwarder) -> None:
+        self._installing.setdefault(id(alloc), _Installing()).count += 1
+        self._pause(alloc, True)
+        loop = asyncio.get_running_loop()
+
+        def done() -> None:  # on the forwarder's thread
+            with contextlib.suppress(RuntimeError):  # the loop is gone: so is the pair
+                loop.call_soon_threadsafe(self._installed, alloc)
+
+        kernel.install(alloc, done)
+
+    def _installed(self, alloc: Allocation) -> None:
+        """One install of ``alloc`` is done (on the loop): after the last, forward and tell the nodes."""
+        pending = self._installing.get(id(alloc))
+        if pending is None or self.core.by_pair.get(frozenset((alloc.a.key, alloc.b.key))) is not alloc:
+            return  # ended meanwhile
+        pending.count -= 1
+        if pending.count > 0:
+            return
+        del self._installing[id(alloc)]
+        self._pause(alloc, False)
+        for ev in pending.held:
+            self._send_state(ev.to, ev.peer, ev.flags, ev.node)
+
+    def _pause(self, alloc: Allocation, paused: bool) -> None:
+        for s in alloc.sides():
+            port = self.protos.get(s.port)
+            if port is not None:
+                port.paused = paused
 
     def _open(self, alloc: Allocation) -> None:
         if self.closed:
@@ -247,6 +294,7 @@ class PortServer:
         )
 
     def _ended(self, alloc: Allocation, reason: str) -> None:
+        self._installing.pop(id(alloc), None)  # its held states go: the nodes are told it closed
         if self.kernel is not None:
             with contextlib.suppress(Exception):  # logged inside; nothing else to do
                 self.kernel.remove(alloc)

@@ -33,9 +33,13 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from meshd.proto.endpoint import Endpoint
 from meshd.proto.relayport import Allocation
+
+if TYPE_CHECKING:
+    from meshd.relay.forwarderthread import ForwarderThread
 
 log = logging.getLogger("meshd.relay.ports")
 
@@ -210,6 +214,11 @@ class NftForwarder:
                 log.debug("relay ports: reading counters: %s", exc)
         return self._counters.get(id(alloc))
 
+    def read_all(self) -> dict[int, tuple[int, int, int, int]]:
+        """Every installed pair's counters, read now: id(alloc) -> as :meth:`counters` gives them."""
+        self._read_counters()
+        return dict(self._counters)
+
     # -- internals ------------------------------------------------------------------------------------
     def _add(self, chain: str, rule: str, insert: bool = False) -> tuple[str, int]:
         verb = "insert" if insert else "add"
@@ -249,9 +258,12 @@ class NftForwarder:
 
 def kernel_forwarder(
     region_id: int, table: str | None = None, mesh_if: str | None = None
-) -> NftForwarder | None:
+) -> ForwarderThread | None:
     """The kernel fast path when we may use it (root or CAP_NET_ADMIN, nft and conntrack), else None.
-    A peer relay (meshd) passes region 0 and its own ``table``."""
+    A peer relay (meshd) passes region 0 and its own ``table``. Its nft and conntrack calls run on a
+    thread of their own (meshd.relay.forwarderthread), never on the caller's event loop."""
+    from meshd.relay.forwarderthread import ForwarderThread  # it imports this module
+
     if os.environ.get("MESHRELAY_USERSPACE") == "1":  # the benchmark's userspace column, and for debugging
         return None
     if shutil.which("nft") is None or shutil.which("conntrack") is None:
@@ -262,4 +274,4 @@ def kernel_forwarder(
     except (NftError, OSError) as exc:
         log.info("relay ports: forwarding in userspace (no kernel fast path: %s)", exc)
         return None
-    return fw
+    return ForwarderThread(fw)
