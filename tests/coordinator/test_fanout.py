@@ -71,10 +71,13 @@ async def test_a_rename_is_encoded_once_and_the_same_bytes_reach_every_other_nod
             await wait_until(s, lambda m: "aa" in {p.name for p in m.peers}, 5, "a peer saw the rename")
         others = {t for ts in texts[1:] for t in ts}
         assert len(others) == 1, "b, c and d got byte-identical deltas"
-        shared = json.loads(next(iter(others)))
+        text = others.pop()
+        shared = json.loads(text)
         assert shared["type"] == "delta" and shared["view"] == streams[1].map.view  # type: ignore[union-attr]
         assert "self" not in shared["delta"]
-        assert encoded == [others.pop()], "encoded once for the view, not once per stream"
+        # counted per text: the connects' online-flag deltas may also be shared frames, encoded while the
+        # streams settled (before the recording started)
+        assert encoded.count(text) == 1, "encoded once for the view, not once per stream"
         (own,) = texts[0]
         mine = json.loads(own)
         assert "view" not in mine and mine["delta"]["self"]["n"] == "aa", "a's delta is signed for a"
