@@ -8,9 +8,12 @@ and a hundred pairs bound at once would have stalled the coordinator for seconds
 the pair's "bound" state back until the rules are in (meshd.relay.portserver), so the nodes go on over
 the TCP relay meanwhile and no packet is forwarded in userspace while the kernel takes over.
 
-One worker, so installs, removals and counter reads happen in the order they were asked for; ``counters``
-answers from the last read and asks for a new one at most every ``COUNTER_EVERY`` s; ``close`` waits for
-what is queued (the table goes after the last rule), bounded by the processes' own timeouts.
+One worker, so installs and counter reads happen in the order they were asked for; ``counters`` answers
+from the last read and asks for a new one at most every ``COUNTER_EVERY`` s. A removal is not queued: it
+runs at once on the caller's thread (waiting for the worker's current step, if any), as it always did. A
+removed node's traffic must stop now, and only the removal's conntrack delete stops it: established flows
+keep their NAT without any rule. An install still queued for that pair is dropped. ``close`` waits for what
+is queued (the table goes after the last rule), bounded by the processes' own timeouts.
 """
 
 from __future__ import annotations
@@ -28,32 +31,53 @@ log = logging.getLogger("meshd.relay.ports")
 
 
 class ForwarderThread:
-    """A :class:`~meshd.relay.portserver.KernelForwarder` that hands the work to one worker thread."""
+    """A :class:`~meshd.relay.portserver.KernelForwarder` that hands installs to one worker thread."""
 
     def __init__(self, forwarder: NftForwarder, *, counter_every: float = COUNTER_EVERY) -> None:
         self.forwarder = forwarder
         self.counter_every = counter_every
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-nft")
-        self._lock = threading.Lock()
+        self._nft = threading.Lock()  #: held through every step of the forwarder (nft, conntrack, its state)
+        self._lock = threading.Lock()  #: guards the fields below
         self._counters: dict[int, tuple[int, int, int, int]] = {}  #: id(alloc) -> last read
+        self._queued: dict[int, int] = {}  #: id(alloc) -> installs queued and not begun
+        self._dropped: set[int] = set()  #: id(alloc) of removed pairs whose queued installs must not run
         self._read_at = 0.0
         self._reading: Future[None] | None = None
         self._closed = False
 
     def install(self, alloc: Allocation, done: Callable[[], None]) -> None:
         """Install ``alloc``'s forwarding; ``done()`` follows on the worker thread, also when nft refused
-        (the pair then stays in userspace) or when closed before it ran."""
-        if self._submit(self._install, alloc, done) is None:
+        (the pair then stays in userspace), when the pair was removed first, or when closed before."""
+        if self._closed:
             done()
+            return
+        with self._lock:
+            self._queued[id(alloc)] = self._queued.get(id(alloc), 0) + 1
+        self._pool.submit(self._guarded, self._install, alloc, done)
 
     def remove(self, alloc: Allocation) -> None:
-        self._submit(self._remove, alloc)
+        """Remove ``alloc``'s forwarding now (module docstring); errors are logged."""
+        with self._nft:
+            with self._lock:
+                if self._queued.get(id(alloc)):
+                    self._dropped.add(id(alloc))
+                self._counters.pop(id(alloc), None)
+            try:
+                self.forwarder.remove(alloc)
+            except Exception as exc:  # logged; the table goes at close whatever happens
+                log.warning("relay ports: removing kernel forwarding: %s", exc)
 
     def counters(self, alloc: Allocation) -> tuple[int, int, int, int] | None:
         now = time.monotonic()
-        if now - self._read_at >= self.counter_every and (self._reading is None or self._reading.done()):
+        reading = self._reading
+        if (
+            not self._closed
+            and now - self._read_at >= self.counter_every
+            and (reading is None or reading.done())
+        ):
             self._read_at = now
-            self._reading = self._submit(self._read, alloc)
+            self._reading = self._pool.submit(self._guarded, self._read, alloc, None)
         with self._lock:
             return self._counters.get(id(alloc))
 
@@ -61,20 +85,14 @@ class ForwarderThread:
         if self._closed:
             return
         self._closed = True
-        self._pool.submit(self.forwarder.close)
         self._pool.shutdown(wait=True)
+        with self._nft:
+            self.forwarder.close()
 
     def drain(self) -> None:
         """Until everything asked so far was done (tests)."""
         if not self._closed:
             self._pool.submit(lambda: None).result()
-
-    def _submit(
-        self, job: Callable[[Allocation], None], alloc: Allocation, done: Callable[[], None] | None = None
-    ) -> Future[None] | None:
-        if self._closed:
-            return None
-        return self._pool.submit(self._guarded, job, alloc, done)
 
     # -- on the worker ----------------------------------------------------------------------------------
     @staticmethod
@@ -90,18 +108,23 @@ class ForwarderThread:
                 done()
 
     def _install(self, alloc: Allocation) -> None:
-        self.forwarder.install(alloc)
-
-    def _remove(self, alloc: Allocation) -> None:
-        self.forwarder.remove(alloc)
-        with self._lock:
-            self._counters.pop(id(alloc), None)
+        with self._nft:  # a removal either comes before (and drops this) or after (and undoes it)
+            with self._lock:
+                left = self._queued.pop(id(alloc), 1) - 1
+                if left:
+                    self._queued[id(alloc)] = left
+                dropped = id(alloc) in self._dropped
+                if not left:
+                    self._dropped.discard(id(alloc))
+            if not dropped:
+                self.forwarder.install(alloc)
 
     def _read(self, alloc: Allocation) -> None:
-        try:
-            got = self.forwarder.read_all()
-        except (NftError, ValueError, KeyError) as exc:
-            log.debug("relay ports: reading counters: %s", exc)
-            return
-        with self._lock:
-            self._counters = got
+        with self._nft:  # no removal between the read and its use
+            try:
+                got = self.forwarder.read_all()
+            except (NftError, ValueError, KeyError) as exc:
+                log.debug("relay ports: reading counters: %s", exc)
+                return
+            with self._lock:
+                self._counters = got
