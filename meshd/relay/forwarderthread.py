@@ -1,4 +1,4 @@
-"""The kernel fast path's ``nft``/``conntrack`` runs on a thread of its own, never on the event loop.
+"""The kernel fast path's installs (``nft``/``conntrack``) run on a thread of their own, off the event loop.
 
 Installing one pair's forwarding is a dozen short processes (the table, six rules, the old flows of both
 ports: ``conntrack -D`` alone is ~14 ms each): 50-150 ms during which a relay's event loop did nothing

@@ -260,8 +260,8 @@ def kernel_forwarder(
     region_id: int, table: str | None = None, mesh_if: str | None = None
 ) -> ForwarderThread | None:
     """The kernel fast path when we may use it (root or CAP_NET_ADMIN, nft and conntrack), else None.
-    A peer relay (meshd) passes region 0 and its own ``table``. Its nft and conntrack calls run on a
-    thread of their own (meshd.relay.forwarderthread), never on the caller's event loop."""
+    A peer relay (meshd) passes region 0 and its own ``table``. Its installs run on a thread of their
+    own (meshd.relay.forwarderthread), not on the caller's event loop."""
     from meshd.relay.forwarderthread import ForwarderThread  # it imports this module
 
     if os.environ.get("MESHRELAY_USERSPACE") == "1":  # the benchmark's userspace column, and for debugging
