@@ -358,5 +358,7 @@ class Daemon:
                 await self.applier.reconcile()
             except WgError as e:
                 raise CredentialError(f"new key registered but WireGuard refused it: {e}") from None
+            if self.paths is not None:
+                self.paths.rekeyed()
         if self.relay is not None:
             self.relay.rekey(self.creds.keys.wg_public)

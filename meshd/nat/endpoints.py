@@ -38,6 +38,13 @@ it removes the peer and adds it back (``restart_handshake``), which initiates ag
 ``MAX_RESTARTS`` times). The higher key falls back only while nothing at all came from the peer (a
 received initiation means the lower key is at work: initiating now would be the crossing).
 
+A rotation of our own WireGuard key (``meshd rotate-keys``) starts every session over, and a peer learns
+the new key only from its next map, some 100-200 ms later. Our first initiation with the new key (the
+next ping makes one at once) reaches a peer that drops it, and wireguard-go tries again only after 5 s:
+beta->alpha lost 3.2-3.6 s of pings in ``tests/netns/test_rotation.py`` (a flaky failure of the suite).
+So after :meth:`WgEndpoints.rekeyed` a handshake from before the rotation counts as none: the lower key
+initiates afresh ``RESTART_AFTER`` seconds later (the higher key's peer, new to it, initiates itself).
+
 WireGuard roams: any authenticated packet from a new address becomes the peer's endpoint. While the two
 sides switch to a direct path one after the other, a packet the peer still sent through the relay
 arrives from our local relay proxy and points WireGuard back at it; if the peer did the same with ours,
@@ -81,6 +88,7 @@ class _Applied:
     held: bool = False  #: ``endpoint`` is decided but not given to WireGuard yet (higher key, no handshake)
     kept_at: float | None = None  #: when keepalive went on (or the handshake was last restarted)
     restarts: int = 0  #: first handshakes restarted (lower key, module docstring)
+    rekeyed_at: float | None = None  #: our key rotated then: an older handshake counts as none
 
 
 class WgEndpoints:
@@ -125,6 +133,12 @@ class WgEndpoints:
         """Only these peers remain: forget the others' state."""
         self._decided = {k: v for k, v in self._decided.items() if k in peers}
         self._applied = {k: v for k, v in self._applied.items() if k in peers}
+
+    def rekeyed(self) -> None:
+        """Our WireGuard key was rotated (module docstring): every peer needs a handshake with it."""
+        now = self.clock()
+        for a in self._applied.values():
+            a.rekeyed_at, a.kept_at, a.restarts = now, now, 0
 
     def keepalive_on(self, peer: str) -> bool:
         a = self._applied.get(peer)
@@ -205,6 +219,8 @@ class WgEndpoints:
                 with contextlib.suppress(WgError):
                     await self.backend.set_endpoint(ps.public_key, a.endpoint)
             if a.keepalive_on:
+                if a.rekeyed_at is not None and lh is not None and lh < a.rekeyed_at:
+                    lh = None  # a session of the old key (module docstring)
                 if lh is None and self._restart_due(ps.public_key, a, mono):
                     await self._restart(ps.public_key, a, mono)
                 continue

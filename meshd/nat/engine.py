@@ -155,6 +155,10 @@ class Traversal:
         """A relayed peer's relay endpoint changed (its UDP relay port became usable, or stopped)."""
         self._wg.relay_moved(wg_key)
 
+    def rekeyed(self) -> None:
+        """Our WireGuard key was rotated (meshd.nat.endpoints: handshakes of the old key count as none)."""
+        self._wg.rekeyed()
+
     def set_portmap(self, protocol: str | None, external: Endpoint | None) -> None:
         self._core.set_portmap(protocol, external, self.clock())
         self._carry_out()

@@ -121,6 +121,10 @@ class PathStrategy(Protocol):
         """A relayed peer's relay endpoint changed (its UDP relay port became usable, or stopped)."""
         ...
 
+    def rekeyed(self) -> None:
+        """Our WireGuard key was rotated: every peer needs a first handshake with the new one."""
+        ...
+
     def candidates(self) -> list[str]:
         """Every address a peer may reach us at, ``host:port`` strings, best first."""
         ...
@@ -222,6 +226,9 @@ class StaticPaths:
 
     def relay_moved(self, wg_key: str) -> None:
         return None  # never asked for a UDP relay port, so none moves
+
+    def rekeyed(self) -> None:
+        return None  # endpoints are static: WireGuard's own retries carry the new key's handshakes
 
     def candidates(self) -> list[str]:
         out = []

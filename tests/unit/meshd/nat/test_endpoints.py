@@ -266,3 +266,42 @@ async def test_the_higher_keys_fallback_initiates_even_after_its_own_packets_bur
     clock[0] += 1.0
     await wg.handshakes()
     assert wireguard.initiations == [(clock[0], PROXY)]
+
+
+async def test_after_our_key_rotated_the_lower_key_initiates_again_when_no_new_handshake_follows() -> None:
+    """tests/netns/test_rotation.py lost 3.2-3.6 s of pings now and then: our first initiation with the new
+    key reached the peer before its map had the key, and wireguard-go retried only after 5 s."""
+    backend = RoamingBackend()
+    clock = [2000.0]
+    wg = _endpoints(backend, own_key="wg-a", clock=clock)
+    wg.decide(PEER, "b", UseDirect(PEER, DIRECT, 0.001, "probe answered"))
+    await _applied(wg)
+    backend.last_handshake = 2000.5  # a session with the old key
+    clock[0] = 2010.0
+    await wg.handshakes()
+    assert backend.restarts == 0, "no rotation: that session counts"
+    wg.rekeyed()
+    clock[0] += RESTART_AFTER - 0.01
+    await wg.handshakes()
+    assert backend.restarts == 0
+    clock[0] += 0.02
+    await wg.handshakes()
+    assert backend.restarts == 1, "the old key's handshake counts as none: initiate afresh"
+    backend.last_handshake = clock[0] + 0.1  # the new key's first handshake
+    clock[0] += 3 * RESTART_AFTER
+    await wg.handshakes()
+    assert backend.restarts == 1
+
+
+async def test_after_our_key_rotated_the_higher_key_leaves_the_first_initiation_to_the_peer() -> None:
+    backend = RoamingBackend()
+    clock = [2000.0]
+    wg = _endpoints(backend, own_key="wg-z", clock=clock)
+    wg.decide(PEER, "b", UseDirect(PEER, DIRECT, 0.001, "probe answered"))
+    backend.last_handshake = 2000.5
+    await _applied(wg)
+    await wg.handshakes()  # the handshake happened: keepalive on, as for any peer
+    wg.rekeyed()
+    clock[0] += 3 * RESTART_AFTER
+    await wg.handshakes()
+    assert backend.restarts == 0, "the peer has a new peer (us): it initiates, ours would cross it"
