@@ -127,12 +127,16 @@ def browser() -> Iterator[object]:
 
 
 def _stale(element: object) -> bool:
-    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 
     try:
         element.is_enabled()  # type: ignore[attr-defined]
     except StaleElementReferenceException:
         return True
+    except WebDriverException as e:  # chromium may say this of an element whose page went (1 suite run)
+        if "does not belong to the document" in str(e):
+            return True
+        raise
     return False
 
 
