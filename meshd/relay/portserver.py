@@ -247,8 +247,8 @@ class PortServer:
     def _installed(self, alloc: Allocation) -> None:
         """One install of ``alloc`` is done (on the loop): after the last, forward and tell the nodes."""
         pending = self._installing.get(id(alloc))
-        if pending is None or self.core.by_pair.get(frozenset((alloc.a.key, alloc.b.key))) is not alloc:
-            return  # ended meanwhile
+        if pending is None:
+            return  # ended meanwhile (_ended dropped it; the closure keeps alloc, so its id is not reused)
         pending.count -= 1
         if pending.count > 0:
             return
